@@ -1,0 +1,5 @@
+"""``python -m cached`` runs the daemon."""
+
+from cached.daemon import main
+
+main()

@@ -1,0 +1,411 @@
+"""The local control API (``/v1``), ``/metrics``, ``/healthz`` and ``/readyz``.
+
+JSON in and out. Every failure is ``{"error": code, "message": text}`` with a 4xx/5xx status
+chosen here (``STATUS``) from the ``CachedError`` subclass; a malformed body, parameter or ref is
+a 400 and never a 500. Handlers parse strings into types at this edge and call the components;
+they hold no logic of their own beyond shaping answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from cached import __version__
+from cached.errors import (
+    CachedError,
+    ConflictError,
+    FetchCancelled,
+    NotFoundError,
+    OriginChanged,
+    OriginDenied,
+    OriginError,
+    OriginNotFound,
+    RefError,
+    RequestError,
+    StoreFullError,
+)
+from cached.jobs import Job, Jobs
+from cached.metrics import Metrics
+from cached.store import Store
+from cached.transfer.model import ModelFetcher
+from cached.types import JobState, ModelRef, Priority
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1 << 20
+
+STATUS: list[tuple[type[CachedError], int]] = [
+    (RefError, 400),
+    (RequestError, 400),
+    (NotFoundError, 404),
+    (ConflictError, 409),
+    (FetchCancelled, 409),
+    (StoreFullError, 507),
+    (OriginNotFound, 404),
+    (OriginDenied, 403),
+    (OriginChanged, 409),
+    (OriginError, 502),
+]
+
+
+def status_for(e: CachedError) -> int:
+    for cls, status in STATUS:
+        if isinstance(e, cls):
+            return status
+    return 500
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status)
+
+
+class LocalApi:
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        store: Store,
+        jobs: Jobs,
+        fetcher: ModelFetcher,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._node_id = node_id
+        self._store = store
+        self._jobs = jobs
+        self._fetcher = fetcher
+        self._metrics = metrics
+        self._clock = clock
+        self.ready = False
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._errors])
+        r = app.router
+        r.add_post("/v1/prefetch", self.prefetch)
+        r.add_get("/v1/models", self.models)
+        r.add_get("/v1/models/status", self.status)
+        r.add_post("/v1/evict", self.evict)
+        r.add_post("/v1/pin", self.pin)
+        r.add_post("/v1/unpin", self.unpin)
+        r.add_get("/v1/leases", self.leases)
+        r.add_post("/v1/leases", self.take_lease)
+        r.add_delete("/v1/leases/{lease_id}", self.release_lease)
+        r.add_post("/v1/verify", self.verify)
+        r.add_post("/v1/gc", self.gc)
+        r.add_get("/v1/node", self.node)
+        r.add_get("/v1/peers", self.peers)
+        r.add_get("/v1/locate", self.locate)
+        r.add_get("/v1/events", self.events)
+        r.add_get("/metrics", self.metrics)
+        r.add_get("/healthz", self.healthz)
+        r.add_get("/readyz", self.readyz)
+        return app
+
+    # --- plumbing ------------------------------------------------------------------------------
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except CachedError as e:
+            status = status_for(e)
+            self._metrics.api_errors.labels(e.code).inc()
+            if status >= 500 and not isinstance(e, (OriginError, StoreFullError)):
+                log.error("request failed path=%s error=%s", request.path, e)
+            return error_response(status, e.code, e.message)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(e.status, "bad_request")
+            self._metrics.api_errors.labels(code).inc()
+            return error_response(e.status, code, e.reason if e.status != 404 else f"no route {request.method} {request.path}")
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a bug answers 500 with no traceback, and is logged
+            log.exception("unhandled error path=%s", request.path)
+            self._metrics.api_errors.labels("internal").inc()
+            return error_response(500, "internal", f"internal error ({type(e).__name__}); see the daemon log")
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        raw = await request.read()
+        if not raw:
+            raise RequestError("request body must be a JSON object")
+        try:
+            body = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise RequestError(f"request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise RequestError("request body must be a JSON object")
+        return body
+
+    @staticmethod
+    def _ref(value: Any) -> ModelRef:
+        if value is None:
+            raise RequestError("missing 'ref'")
+        if not isinstance(value, str):
+            raise RequestError("'ref' must be a string")
+        return ModelRef.parse(value)
+
+    @staticmethod
+    def _opt(body: dict[str, Any], key: str, typ: type | tuple[type, ...], default: Any) -> Any:
+        value = body.get(key, default)
+        if value is default:
+            return value
+        if isinstance(value, bool) and bool not in (typ if isinstance(typ, tuple) else (typ,)):
+            raise RequestError(f"'{key}' has the wrong type")
+        if not isinstance(value, typ):
+            raise RequestError(f"'{key}' has the wrong type")
+        return value
+
+    def model_object(self, ref: ModelRef) -> dict[str, Any]:
+        job = self._jobs.get(ref)
+        rec = self._store.model(ref)
+        if job is not None and job.active:
+            state = job.state
+        elif rec is not None:
+            state = JobState.READY
+        elif job is not None:
+            state = job.state
+        else:
+            state = JobState.ABSENT
+        claims = self._store.claims
+        obj: dict[str, Any] = {
+            "ref": ref.canonical,
+            "state": state.value,
+            "bytes_total": 0,
+            "bytes_done": 0,
+            "path": None,
+            "hf_path": None,
+            "manifest": None,
+            "pinned": claims.is_pinned(ref.canonical),
+            "leases": [lease.to_json() for lease in claims.leases_for(ref.canonical)],
+            "error": None,
+            "sources": {"peer": 0, "origin": 0},
+        }
+        if job is not None:
+            obj["bytes_total"] = job.progress.bytes_total
+            obj["bytes_done"] = job.progress.bytes_done
+            obj["sources"] = {"peer": job.progress.sources["peer"], "origin": job.progress.sources["origin"]}
+            obj["rate_bps"] = round(job.rate_bps(self._clock()))
+            if state is JobState.FAILED:
+                obj["error"] = job.error
+                obj["error_code"] = job.error_code
+        if rec is not None and state is JobState.READY:
+            obj["bytes_total"] = obj["bytes_done"] = rec.manifest.total_bytes
+            obj["path"] = str(rec.path)
+            obj["manifest"] = f"blake3:{rec.manifest.digest}"
+            obj["revision"] = rec.manifest.revision
+            obj["files"] = len(rec.manifest.files)
+            obj["last_used"] = rec.last_used
+        return obj
+
+    def _known_refs(self) -> list[ModelRef]:
+        refs = {r.ref for r in self._store.models()} | {j.ref.canonical for j in self._jobs.all()}
+        return [ModelRef.parse(r) for r in sorted(refs)]
+
+    # --- models --------------------------------------------------------------------------------
+
+    async def prefetch(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        ref = self._ref(body.get("ref"))
+        wait = self._opt(body, "wait", bool, False)
+        try:
+            priority = Priority.parse(self._opt(body, "priority", str, "normal"))
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        timeout_s = self._opt(body, "timeout_s", (int, float), None)
+        if timeout_s is not None and not 0 < timeout_s <= 86400:
+            raise RequestError("'timeout_s' must be between 0 and 86400")
+        job = self._jobs.submit(ref, priority if not wait else min(priority, Priority.HIGH))
+        if not wait:
+            return web.json_response(self.model_object(ref), status=202)
+        finished = await self._jobs.wait(job, timeout_s)
+        if finished and job.state is JobState.FAILED and self._store.model(ref) is None:
+            obj = self.model_object(ref)
+            status = 409 if job.error_code == FetchCancelled.code else _status_for_code(job.error_code)
+            return web.json_response({"error": job.error_code, "message": job.error, "model": obj}, status=status)
+        return web.json_response(self.model_object(ref), status=200 if finished else 202)
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response([self.model_object(r) for r in self._known_refs()])
+
+    async def status(self, request: web.Request) -> web.Response:
+        ref = self._ref(request.query.get("ref"))
+        return web.json_response(self.model_object(ref))
+
+    async def evict(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        ref = self._ref(body.get("ref"))
+        force = self._opt(body, "force", bool, False)
+        freed = await self._jobs.evict(ref, force=force)
+        return web.json_response({**self.model_object(ref), "freed_bytes": freed})
+
+    async def pin(self, request: web.Request) -> web.Response:
+        ref = self._ref((await self._body(request)).get("ref"))
+        await self._store.claims.pin(ref)
+        return web.json_response(self.model_object(ref))
+
+    async def unpin(self, request: web.Request) -> web.Response:
+        ref = self._ref((await self._body(request)).get("ref"))
+        await self._store.claims.unpin(ref)
+        return web.json_response(self.model_object(ref))
+
+    # --- leases --------------------------------------------------------------------------------
+
+    async def leases(self, request: web.Request) -> web.Response:
+        return web.json_response([lease.to_json() for lease in self._store.claims.active_leases()])
+
+    async def take_lease(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        ref = self._ref(body.get("ref"))
+        holder = self._opt(body, "holder", str, "")
+        if not holder or len(holder) > 256:
+            raise RequestError("'holder' must be a non-empty string (who runs the model, e.g. 'vllm@pod-1')")
+        ttl_s = self._opt(body, "ttl_s", (int, float), 3600)
+        rec = self._store.model(ref)
+        if rec is None:
+            raise ConflictError(f"{ref} is not ready on this node; prefetch it first")
+        lease = await self._store.claims.take_lease(ref, holder, float(ttl_s))
+        await self._store.touch(ref)
+        self._metrics.leases.set(len(self._store.claims.active_leases()))
+        return web.json_response({**lease.to_json(), "path": str(rec.path)}, status=201)
+
+    async def release_lease(self, request: web.Request) -> web.Response:
+        lease = await self._store.claims.release(request.match_info["lease_id"])
+        self._metrics.leases.set(len(self._store.claims.active_leases()))
+        return web.json_response(lease.to_json())
+
+    # --- maintenance ---------------------------------------------------------------------------
+
+    async def verify(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        ref = None
+        if raw.strip():
+            body = await self._body(request)
+            if body.get("ref") is not None:
+                ref = self._ref(body["ref"])
+                if self._store.model(ref) is None:
+                    raise NotFoundError(f"{ref} is not ready on this node")
+        report = await self._fetcher.verify(ref)
+        return web.json_response(
+            {
+                "checked_bytes": report.checked_bytes,
+                "bad_pieces": report.bad_pieces,
+                "repaired_blobs": report.repaired_blobs,
+                "errors": list(report.errors),
+            }
+        )
+
+    async def gc(self, request: web.Request) -> web.Response:
+        freed, evicted = await self._store.gc()
+        self._metrics.evictions.inc(len(evicted))
+        return web.json_response({"freed_bytes": freed, "evicted": evicted})
+
+    # --- node ----------------------------------------------------------------------------------
+
+    def node_object(self) -> dict[str, Any]:
+        now = self._clock()
+        by_state: dict[str, int] = {s.value: 0 for s in JobState if s is not JobState.ABSENT}
+        for ref in self._known_refs():
+            by_state[self.model_object(ref)["state"]] += 1
+        return {
+            "node_id": self._node_id,
+            "version": __version__,
+            "pid": os.getpid(),
+            "cache_dir": str(self._store.root),
+            "used_bytes": self._store.used_bytes,
+            "capacity_bytes": self._store.capacity_bytes,
+            "reserved_bytes": self._store.reserved_bytes,
+            "blobs": self._store.blob_count(),
+            "models": by_state,
+            "transfers": [
+                {
+                    "ref": j.ref.canonical,
+                    "state": j.state.value,
+                    "bytes_done": j.progress.bytes_done,
+                    "bytes_total": j.progress.bytes_total,
+                    "rate_bps": round(j.rate_bps(now)),
+                }
+                for j in self._jobs.active()
+            ],
+            "pins": sum(1 for r in self._known_refs() if self._store.claims.is_pinned(r.canonical)),
+            "leases": len(self._store.claims.active_leases()),
+            "peers": [],
+        }
+
+    async def node(self, request: web.Request) -> web.Response:
+        return web.json_response(self.node_object())
+
+    async def peers(self, request: web.Request) -> web.Response:
+        # Single-node build: no other member is known. The peers component fills this in.
+        return web.json_response([])
+
+    async def locate(self, request: web.Request) -> web.Response:
+        ref = self._ref(request.query.get("ref"))
+        obj = self.model_object(ref)
+        nodes = []
+        if obj["state"] in ("ready", "fetching", "queued"):
+            job = self._jobs.get(ref)
+            remaining = obj["bytes_total"] - obj["bytes_done"]
+            rate = job.rate_bps(self._clock()) if job is not None else 0
+            eta = 0 if obj["state"] == "ready" else (round(remaining / rate, 1) if rate > 0 else None)
+            nodes.append({"node_id": self._node_id, "state": obj["state"], "bytes_done": obj["bytes_done"], "bytes_total": obj["bytes_total"], "eta_s": eta})
+        return web.json_response({"ref": ref.canonical, "nodes": nodes})
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """NDJSON: one event per line; ``?ref=`` filters to one model."""
+        only = self._ref(request.query["ref"]).canonical if "ref" in request.query else None
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        async with self._jobs.events.subscribe() as queue:
+            if only is not None:
+                first = self.model_object(ModelRef.parse(only))
+                await resp.write(json.dumps({"event": "snapshot", **first}).encode() + b"\n")
+            while True:
+                event = await queue.get()
+                if only is None or event.get("ref") == only:
+                    await resp.write(json.dumps(event).encode() + b"\n")
+        return resp  # pragma: no cover - the loop ends when the client goes away
+
+    # --- health and metrics --------------------------------------------------------------------
+
+    def refresh_gauges(self) -> None:
+        m = self._metrics
+        m.store_bytes.set(self._store.used_bytes)
+        m.store_capacity.set(self._store.capacity_bytes)
+        counts = {s: 0 for s in ("queued", "fetching", "ready", "failed")}
+        for ref in self._known_refs():
+            state = self.model_object(ref)["state"]
+            if state in counts:
+                counts[state] += 1
+        for state, n in counts.items():
+            m.models.labels(state).set(n)
+        m.leases.set(len(self._store.claims.active_leases()))
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        self.refresh_gauges()
+        body = generate_latest(self._metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        if not self.ready:
+            return web.json_response({"status": "starting"}, status=503)
+        return web.json_response({"status": "ready"})
+
+
+_CODE_STATUS = {cls.code: status for cls, status in STATUS}
+
+
+def _status_for_code(code: str | None) -> int:
+    return _CODE_STATUS.get(code or "", 500)

@@ -1,0 +1,326 @@
+"""Daemon configuration: defaults < TOML file < command-line flags, validated once and frozen.
+
+Each component receives only its own section. Every error names the offending key
+(``store.max_bytes: not a size: '12Q'``) so the daemon can exit 78 with one clear line.
+Nothing here reads the environment at import time; ``load`` is handed what it needs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from cached.errors import ConfigError
+from cached.types import DEFAULT_PIECE_SIZE, MAX_PIECE_SIZE, MIN_PIECE_SIZE, parse_size
+
+DEFAULT_CONFIG_FILE = Path("/etc/cached/config.toml")
+DEFAULT_API_LISTEN = "127.0.0.1:7470"
+DEFAULT_PEER_LISTEN = "0.0.0.0:7471"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Listen:
+    """A TCP ``host:port`` or a ``unix:/path`` socket."""
+
+    host: str = ""
+    port: int = 0
+    unix_path: str = ""
+
+    @classmethod
+    def parse(cls, value: str, key: str) -> "Listen":
+        if not isinstance(value, str) or not value:
+            raise ConfigError(key, "expected HOST:PORT or unix:/path")
+        if value.startswith("unix:"):
+            path = value[len("unix:"):]
+            if not path.startswith("/"):
+                raise ConfigError(key, f"unix socket path must be absolute: {value!r}")
+            return cls(unix_path=path)
+        host, sep, port = value.rpartition(":")
+        if not sep or not host:
+            raise ConfigError(key, f"expected HOST:PORT or unix:/path, got {value!r}")
+        host = host.strip("[]")
+        try:
+            port_n = int(port)
+        except ValueError:
+            raise ConfigError(key, f"port must be a number, got {port!r}") from None
+        if not 0 <= port_n <= 65535:
+            raise ConfigError(key, f"port out of range: {port_n}")
+        return cls(host=host, port=port_n)
+
+    def __str__(self) -> str:
+        return f"unix:{self.unix_path}" if self.unix_path else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ApiConfig:
+    listen: Listen
+    socket_mode: int = 0o660
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerConfig:
+    listen: Listen
+    advertise: str = ""
+    seeds: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClusterConfig:
+    name: str = "default"
+    token_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DiscoveryConfig:
+    mdns: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HttpOriginConfig:
+    connections: int = 8
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 30.0
+    retries: int = 5
+    backoff_s: float = 0.5
+    backoff_max_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HfOriginConfig:
+    endpoint: str = "https://huggingface.co"
+    token_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OriginsConfig:
+    http: HttpOriginConfig = field(default_factory=HttpOriginConfig)
+    hf: HfOriginConfig = field(default_factory=HfOriginConfig)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoreConfig:
+    cache_dir: Path
+    max_bytes: int | None = None  # None: 90% of the filesystem holding cache_dir
+    piece_size_bytes: int = DEFAULT_PIECE_SIZE
+    high_watermark: float = 0.95
+    low_watermark: float = 0.85
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobsConfig:
+    max_concurrent: int = 4
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogConfig:
+    format: str = "text"
+    level: str = "info"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    node_id: str
+    api: ApiConfig
+    peer: PeerConfig
+    cluster: ClusterConfig
+    discovery: DiscoveryConfig
+    origins: OriginsConfig
+    store: StoreConfig
+    jobs: JobsConfig
+    log: LogConfig
+
+
+# Every key the file may contain, with its default. Anything else is a typo and an error.
+_DEFAULTS: dict[str, Any] = {
+    "node_id": None,
+    "cache_dir": "/var/cache/cached",
+    "api": {"listen": DEFAULT_API_LISTEN, "socket_mode": "0660"},
+    "peer": {"listen": DEFAULT_PEER_LISTEN, "advertise": "", "seeds": []},
+    "cluster": {"name": "default", "token_file": None},
+    "discovery": {"mdns": True},
+    "origins": {
+        "hf": {"endpoint": "https://huggingface.co", "token_file": None},
+        "http": {
+            "connections": 8,
+            "connect_timeout_s": 10.0,
+            "read_timeout_s": 30.0,
+            "retries": 5,
+            "backoff_s": 0.5,
+            "backoff_max_s": 10.0,
+        },
+    },
+    "store": {"max_bytes": None, "piece_size_bytes": DEFAULT_PIECE_SIZE, "high_watermark": 0.95, "low_watermark": 0.85},
+    "jobs": {"max_concurrent": 4},
+    "log": {"format": "text", "level": "info"},
+}
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any], prefix: str = "") -> None:
+    for key, value in over.items():
+        dotted = f"{prefix}{key}"
+        if key not in base:
+            raise ConfigError(dotted, "unknown key")
+        if isinstance(base[key], dict):
+            if not isinstance(value, Mapping):
+                raise ConfigError(dotted, "expected a table")
+            _merge(base[key], value, dotted + ".")
+        else:
+            base[key] = value
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError("--config", f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("--config", f"{path}: not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError("--config", f"{path}: {e.strerror}") from None
+
+
+def load(file: Path | None, flags: Mapping[str, Any], *, default_file: Path = DEFAULT_CONFIG_FILE) -> Config:
+    """Build the frozen Config. ``flags`` maps dotted keys (``store.max_bytes``) to values."""
+    tree: dict[str, Any] = _deep_copy(_DEFAULTS)
+    path = file if file is not None else (default_file if default_file.exists() else None)
+    if path is not None:
+        _merge(tree, read_file(path))
+    for dotted, value in flags.items():
+        if value is not None:
+            _set_dotted(tree, dotted, value)
+    return _build(tree)
+
+
+def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (_deep_copy(v) if isinstance(v, dict) else (list(v) if isinstance(v, list) else v)) for k, v in d.items()}
+
+
+def _typed(value: Any, typ: type | tuple[type, ...], key: str, what: str) -> Any:
+    if isinstance(value, bool) and bool not in (typ if isinstance(typ, tuple) else (typ,)):
+        raise ConfigError(key, f"expected {what}, got {value!r}")
+    if not isinstance(value, typ):
+        raise ConfigError(key, f"expected {what}, got {value!r}")
+    return value
+
+
+def _number(value: Any, key: str, *, lo: float, hi: float, integer: bool = False) -> Any:
+    if isinstance(value, str):
+        try:
+            value = int(value) if integer else float(value)
+        except ValueError:
+            raise ConfigError(key, f"expected a number, got {value!r}") from None
+    _typed(value, int if integer else (int, float), key, "an integer" if integer else "a number")
+    if not lo <= value <= hi:
+        raise ConfigError(key, f"must be between {lo:g} and {hi:g}, got {value}")
+    return value
+
+
+def _size(value: Any, key: str) -> int:
+    try:
+        return parse_size(value)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(key, str(e)) from None
+
+
+def _optional_path(value: Any, key: str) -> Path | None:
+    if value in (None, ""):
+        return None
+    _typed(value, str, key, "a path")
+    return Path(value)
+
+
+def _build(t: dict[str, Any]) -> Config:
+    node_id = t["node_id"] or socket.gethostname()
+    _typed(node_id, str, "node_id", "a string")
+    if not node_id or len(node_id) > 253 or any(c.isspace() or ord(c) < 0x20 for c in node_id):
+        raise ConfigError("node_id", f"must be a non-empty name without spaces, got {node_id!r}")
+
+    cache_dir = _typed(t["cache_dir"], str, "cache_dir", "a path")
+    if not os.path.isabs(cache_dir):
+        raise ConfigError("cache_dir", f"must be an absolute path, got {cache_dir!r}")
+
+    mode = t["api"]["socket_mode"]
+    try:
+        socket_mode = int(mode, 8) if isinstance(mode, str) else int(mode)
+    except (ValueError, TypeError):
+        raise ConfigError("api.socket_mode", f"expected an octal mode like '0660', got {mode!r}") from None
+
+    seeds = t["peer"]["seeds"]
+    if isinstance(seeds, str):
+        seeds = [seeds]
+    _typed(seeds, (list, tuple), "peer.seeds", "a list of HOST:PORT")
+    for s in seeds:
+        Listen.parse(s, "peer.seeds")
+
+    cluster_name = _typed(t["cluster"]["name"], str, "cluster.name", "a string")
+    if not cluster_name or len(cluster_name) > 63:
+        raise ConfigError("cluster.name", "must be 1..63 characters")
+
+    endpoint = _typed(t["origins"]["hf"]["endpoint"], str, "origins.hf.endpoint", "a URL")
+    if not endpoint.startswith(("http://", "https://")):
+        raise ConfigError("origins.hf.endpoint", f"must be an http(s) URL, got {endpoint!r}")
+
+    h = t["origins"]["http"]
+    http = HttpOriginConfig(
+        connections=_number(h["connections"], "origins.http.connections", lo=1, hi=64, integer=True),
+        connect_timeout_s=_number(h["connect_timeout_s"], "origins.http.connect_timeout_s", lo=0.1, hi=600),
+        read_timeout_s=_number(h["read_timeout_s"], "origins.http.read_timeout_s", lo=0.1, hi=3600),
+        retries=_number(h["retries"], "origins.http.retries", lo=0, hi=100, integer=True),
+        backoff_s=_number(h["backoff_s"], "origins.http.backoff_s", lo=0, hi=600),
+        backoff_max_s=_number(h["backoff_max_s"], "origins.http.backoff_max_s", lo=0, hi=3600),
+    )
+
+    s = t["store"]
+    max_bytes = None if s["max_bytes"] in (None, "", 0) else _size(s["max_bytes"], "store.max_bytes")
+    piece = _size(s["piece_size_bytes"], "store.piece_size_bytes")
+    if not MIN_PIECE_SIZE <= piece <= MAX_PIECE_SIZE:
+        raise ConfigError("store.piece_size_bytes", f"must be between {MIN_PIECE_SIZE} and {MAX_PIECE_SIZE}")
+    high = _number(s["high_watermark"], "store.high_watermark", lo=0.1, hi=1.0)
+    low = _number(s["low_watermark"], "store.low_watermark", lo=0.05, hi=1.0)
+    if low > high:
+        raise ConfigError("store.low_watermark", f"must not exceed store.high_watermark ({low} > {high})")
+
+    fmt = t["log"]["format"]
+    if fmt not in ("text", "json"):
+        raise ConfigError("log.format", f"must be text or json, got {fmt!r}")
+    level = str(t["log"]["level"]).lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise ConfigError("log.level", f"must be debug, info, warning or error, got {level!r}")
+
+    return Config(
+        node_id=node_id,
+        api=ApiConfig(listen=Listen.parse(t["api"]["listen"], "api.listen"), socket_mode=socket_mode),
+        peer=PeerConfig(
+            listen=Listen.parse(t["peer"]["listen"], "peer.listen"),
+            advertise=_typed(t["peer"]["advertise"], str, "peer.advertise", "HOST:PORT"),
+            seeds=tuple(seeds),
+        ),
+        cluster=ClusterConfig(name=cluster_name, token_file=_optional_path(t["cluster"]["token_file"], "cluster.token_file")),
+        discovery=DiscoveryConfig(mdns=_typed(t["discovery"]["mdns"], bool, "discovery.mdns", "true or false")),
+        origins=OriginsConfig(
+            http=http,
+            hf=HfOriginConfig(endpoint=endpoint.rstrip("/"), token_file=_optional_path(t["origins"]["hf"]["token_file"], "origins.hf.token_file")),
+        ),
+        store=StoreConfig(
+            cache_dir=Path(cache_dir),
+            max_bytes=max_bytes,
+            piece_size_bytes=piece,
+            high_watermark=high,
+            low_watermark=low,
+        ),
+        jobs=JobsConfig(max_concurrent=_number(t["jobs"]["max_concurrent"], "jobs.max_concurrent", lo=1, hi=64, integer=True)),
+        log=LogConfig(format=fmt, level=level),
+    )

@@ -1,0 +1,248 @@
+"""Composition root: parse flags, build every component, start them in order, stop in reverse.
+
+This is the only module that wires components together. Start order: store (indexed) -> HTTP
+client session -> origins -> jobs -> local API listening -> READY=1. Stop order is the reverse:
+stop accepting, cancel jobs (verified pieces are already on disk), close sessions. A bad config or
+flag exits 78 (EX_CONFIG) with one line on stderr, which systemd's RestartPreventExitStatus honours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import aiohttp
+from aiohttp import web
+
+from cached import __version__
+from cached.api.local import LocalApi
+from cached.config import Config, load
+from cached.errors import CachedError, ConfigError
+from cached.jobs import Jobs
+from cached.metrics import Metrics
+from cached.origins import Origins
+from cached.origins.http import HttpOrigin
+from cached.origins.local import LocalOrigin
+from cached.store import Store
+from cached.transfer.model import ModelFetcher
+from cached.transfer.scheduler import Scheduler
+from cached.types import RefKind
+
+log = logging.getLogger("cached")
+
+EX_CONFIG = 78
+HOUSEKEEPING_INTERVAL_S = 10.0
+
+
+class Daemon:
+    """One node. Several can run in one process (tests): each owns its registry, session, store."""
+
+    def __init__(self, cfg: Config, *, clock: Any = time.time) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.metrics = Metrics()
+        self.store = Store(cfg.store, clock=clock)
+        self._stack = contextlib.AsyncExitStack()
+        self._runner: web.AppRunner | None = None
+        self._stopping = asyncio.Event()
+        self._tg: asyncio.TaskGroup | None = None
+        self.jobs: Jobs
+        self.api: LocalApi
+        self.fetcher: ModelFetcher
+
+    async def __aenter__(self) -> "Daemon":
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        notify("STOPPING=1")
+        await self._stack.aclose()
+        log.info("stopped node=%s", self.cfg.node_id)
+
+    async def _start(self) -> None:
+        cfg = self.cfg
+        await self.store.open()
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=cfg.origins.http.connections * 4, ttl_dns_cache=60),
+            auto_decompress=False,
+            headers={"User-Agent": f"cached/{__version__}"},
+        )
+        self._stack.push_async_callback(session.close)
+        origins = Origins({RefKind.FILE: LocalOrigin(), RefKind.HTTP: HttpOrigin(session, cfg.origins.http)})
+        scheduler = Scheduler(cfg.origins.http, self.metrics)
+        self.fetcher = ModelFetcher(self.store, origins, scheduler, self.metrics)
+        self.jobs = await self._stack.enter_async_context(Jobs(self.fetcher, self.store, self.metrics, cfg.jobs, clock=self.clock))
+
+        self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
+        self._stack.callback(self._stopping.set)  # runs before the TaskGroup joins: loops end
+        self._tg.create_task(self._housekeeping(), name="store.housekeeping")
+
+        self.api = LocalApi(node_id=cfg.node_id, store=self.store, jobs=self.jobs, fetcher=self.fetcher, metrics=self.metrics, clock=self.clock)
+        self._runner = web.AppRunner(self.api.app(), handle_signals=False, access_log=None, shutdown_timeout=2.0)
+        await self._runner.setup()
+        self._stack.push_async_callback(self._runner.cleanup)
+        listen = cfg.api.listen
+        if listen.unix_path:
+            Path(listen.unix_path).parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(listen.unix_path)
+            site: web.BaseSite = web.UnixSite(self._runner, listen.unix_path)
+            await site.start()
+            os.chmod(listen.unix_path, cfg.api.socket_mode)
+        else:
+            site = web.TCPSite(self._runner, listen.host, listen.port, reuse_address=True)
+            await site.start()
+        self.api.ready = True
+        log.info("listening node=%s api=%s cache_dir=%s version=%s", cfg.node_id, self.api_address, cfg.store.cache_dir, __version__)
+        notify("READY=1", f"STATUS=serving api={self.api_address}")
+
+    @property
+    def api_address(self) -> str:
+        """``http://HOST:PORT`` (the real port when configured with 0) or ``unix:/path``."""
+        if self.cfg.api.listen.unix_path:
+            return f"unix:{self.cfg.api.listen.unix_path}"
+        assert self._runner is not None
+        host, port = self._runner.addresses[0][:2]
+        return f"http://{host}:{port}"
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopping.wait()
+
+    async def _housekeeping(self) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), HOUSEKEEPING_INTERVAL_S)
+            if self._stopping.is_set():
+                return
+            try:
+                for lease in await self.store.claims.expire():
+                    log.info("lease expired lease=%s ref=%s holder=%s", lease.lease_id, lease.ref, lease.holder)
+                freed, evicted = await self.store.gc()
+                if evicted:
+                    self.metrics.evictions.inc(len(evicted))
+                    log.info("evicted under pressure models=%d freed_bytes=%d", len(evicted), freed)
+            except CachedError as e:
+                log.warning("housekeeping failed error=%s", e)
+
+
+# --- systemd ------------------------------------------------------------------------------------
+
+
+def notify(*lines: str) -> None:
+    """sd_notify without libsystemd: one datagram to $NOTIFY_SOCKET (no-op when unset)."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall("\n".join(lines).encode())
+    except OSError as e:
+        log.warning("sd_notify failed socket=%s error=%s", addr, e)
+
+
+# --- logging ------------------------------------------------------------------------------------
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(fmt: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        # Under systemd the journal adds its own timestamp.
+        stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
+        handler.setFormatter(logging.Formatter(f"{stamp}%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+# --- entry point --------------------------------------------------------------------------------
+
+
+class _FlagParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError("flags", message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _FlagParser(prog="cached", description="Node-local model cache daemon.")
+    p.add_argument("--version", action="version", version=f"cached {__version__}")
+    p.add_argument("--config", type=Path, help="TOML file (default /etc/cached/config.toml if it exists)")
+    p.add_argument("--node-id", dest="node_id")
+    p.add_argument("--cache-dir", dest="cache_dir")
+    p.add_argument("--api-listen", dest="api.listen", metavar="ADDR")
+    p.add_argument("--peer-listen", dest="peer.listen", metavar="HOST:PORT")
+    p.add_argument("--advertise", dest="peer.advertise", metavar="HOST:PORT")
+    p.add_argument("--seed", dest="peer.seeds", action="append", metavar="HOST:PORT")
+    p.add_argument("--cluster", dest="cluster.name", metavar="NAME")
+    p.add_argument("--cluster-token-file", dest="cluster.token_file", metavar="FILE")
+    p.add_argument("--mdns", dest="discovery.mdns", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--hf-endpoint", dest="origins.hf.endpoint", metavar="URL")
+    p.add_argument("--max-cache-bytes", dest="store.max_bytes", metavar="N")
+    p.add_argument("--piece-size", dest="store.piece_size_bytes", metavar="N")
+    p.add_argument("--log-format", dest="log.format", choices=None, metavar="text|json")
+    p.add_argument("--log-level", dest="log.level", metavar="LEVEL")
+    return p
+
+
+def parse_config(argv: list[str]) -> Config:
+    args = vars(build_parser().parse_args(argv))
+    file = args.pop("config")
+    return load(file, args)
+
+
+async def run(cfg: Config) -> None:
+    loop = asyncio.get_running_loop()
+    async with Daemon(cfg) as daemon:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, daemon.stop)
+        await daemon.wait_stopped()
+        log.info("stopping node=%s", cfg.node_id)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        print(f"cached: config error: {e.message}", file=sys.stderr)
+        sys.exit(EX_CONFIG)
+    setup_logging(cfg.log.format, cfg.log.level)
+    try:
+        asyncio.run(run(cfg))
+    except CachedError as e:
+        log.error("cannot start: %s", e)
+        sys.exit(1)

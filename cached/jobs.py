@@ -1,0 +1,281 @@
+"""Prefetch jobs: one per ref, queued by priority, with progress, events and cancellation.
+
+A second prefetch of a ref that is queued or fetching joins the existing job (and may raise its
+priority); the origin is therefore read once however many launchers ask at the same time. At most
+``max_concurrent`` jobs fetch at once; the rest wait in priority order. A failed job is remembered
+(state and error) until the ref is prefetched again or evicted. Every job task is owned by this
+component's TaskGroup and catches its own failures: one bad model never stops the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+from cached.config import JobsConfig
+from cached.errors import CachedError, ConflictError, FetchCancelled, NotFoundError
+from cached.metrics import Metrics
+from cached.store import Store
+from cached.transfer.model import ModelFetcher, Progress
+from cached.types import JobState, ModelRef, Priority
+
+log = logging.getLogger(__name__)
+
+EVENT_QUEUE_SIZE = 1024
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    id: int
+    ref: ModelRef
+    priority: Priority
+    created_at: float
+    state: JobState = JobState.QUEUED
+    progress: Progress = field(default_factory=Progress)
+    error: str | None = None
+    error_code: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.state in (JobState.QUEUED, JobState.FETCHING)
+
+    def rate_bps(self, now: float) -> float:
+        if self.started_at is None:
+            return 0.0
+        end = self.finished_at or now
+        elapsed = end - self.started_at
+        fetched = self.progress.bytes_done - self.progress.resumed
+        return fetched / elapsed if elapsed > 0.05 and fetched > 0 else 0.0
+
+
+class Events:
+    """Fan-out of job events to subscribers (``GET /v1/events``); a slow subscriber loses events."""
+
+    def __init__(self) -> None:
+        self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
+
+    def publish(self, event: dict[str, Any]) -> None:
+        for q in self._subscribers:
+            with contextlib.suppress(asyncio.QueueFull):
+                q.put_nowait(event)
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self) -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
+        q: asyncio.Queue[dict[str, Any]] = asyncio.Queue(EVENT_QUEUE_SIZE)
+        self._subscribers.add(q)
+        try:
+            yield q
+        finally:
+            self._subscribers.discard(q)
+
+
+class Jobs:
+    def __init__(
+        self,
+        fetcher: ModelFetcher,
+        store: Store,
+        metrics: Metrics,
+        cfg: JobsConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        progress_interval_s: float = 0.5,
+    ) -> None:
+        self._fetcher = fetcher
+        self._store = store
+        self._metrics = metrics
+        self._cfg = cfg
+        self._clock = clock
+        self._progress_interval_s = progress_interval_s
+        self._jobs: dict[str, Job] = {}  # canonical ref -> latest job
+        self._waiting: list[tuple[int, int, Job]] = []
+        self._seq = itertools.count(1)
+        self._running = 0
+        self._tg: asyncio.TaskGroup | None = None
+        self.events = Events()
+
+    async def __aenter__(self) -> "Jobs":
+        self._tg = asyncio.TaskGroup()
+        await self._tg.__aenter__()
+        self._ticker = self._tg.create_task(self._progress_loop(), name="jobs.progress")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._tg is not None
+        self._ticker.cancel()
+        self._waiting.clear()
+        for job in self.active():
+            if job.task is not None:
+                job.task.cancel("daemon stopping")
+        tg, self._tg = self._tg, None
+        await tg.__aexit__(None, None, None)
+
+    # --- queries -------------------------------------------------------------------------------
+
+    def get(self, ref: ModelRef) -> Job | None:
+        return self._jobs.get(ref.canonical)
+
+    def all(self) -> list[Job]:
+        return list(self._jobs.values())
+
+    def active(self) -> list[Job]:
+        return [j for j in self._jobs.values() if j.active]
+
+    # --- commands ------------------------------------------------------------------------------
+
+    def submit(self, ref: ModelRef, priority: Priority = Priority.NORMAL) -> Job:
+        job = self._jobs.get(ref.canonical)
+        if job is not None and job.active:
+            if priority < job.priority:
+                job.priority = priority
+                if job.state is JobState.QUEUED:
+                    self._waiting = [(p if j is not job else int(priority), s, j) for p, s, j in self._waiting]
+                    heapq.heapify(self._waiting)
+            return job
+        job = Job(id=next(self._seq), ref=ref, priority=priority, created_at=self._clock())
+        self._jobs[ref.canonical] = job
+        heapq.heappush(self._waiting, (int(priority), job.id, job))
+        self._emit(job, "queued")
+        self._pump()
+        return job
+
+    async def wait(self, job: Job, timeout_s: float | None = None) -> bool:
+        """True when the job finished (ready or failed) within the timeout."""
+        try:
+            await asyncio.wait_for(job.done.wait(), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def cancel(self, ref: ModelRef, reason: str = "cancelled") -> bool:
+        job = self._jobs.get(ref.canonical)
+        if job is None or not job.active:
+            return False
+        if job.task is None:
+            self._waiting = [e for e in self._waiting if e[2] is not job]
+            heapq.heapify(self._waiting)
+            self._finish(job, JobState.FAILED, FetchCancelled(reason))
+        else:
+            job.task.cancel(reason)
+            await asyncio.gather(job.task, return_exceptions=True)
+        return True
+
+    async def evict(self, ref: ModelRef, *, force: bool = False) -> int:
+        """Cancel any fetch of ``ref``, drop its partial and published bytes. Returns bytes freed."""
+        claims = self._store.claims
+        if not force:
+            if claims.is_pinned(ref.canonical):
+                raise ConflictError(f"{ref} is pinned; unpin it or use --force")
+            if claims.leases_for(ref.canonical):
+                holders = ", ".join(sorted({lease.holder for lease in claims.leases_for(ref.canonical)}))
+                raise ConflictError(f"{ref} is leased by {holders}; release the lease or use --force")
+        job = self._jobs.get(ref.canonical)
+        cancelled = await self.cancel(ref, "evicted")
+        freed = 0
+        if job is not None:
+            for key in job.progress.partial_keys:
+                if self._store.has_partial(key):
+                    await self._store.discard_partial(key)
+            del self._jobs[ref.canonical]
+        if self._store.model(ref) is not None:
+            freed = await self._store.remove_model(ref)
+            self._metrics.evictions.inc()
+        elif not cancelled and job is None:
+            raise NotFoundError(f"{ref} is not on this node")
+        if force:
+            await claims.unpin(ref)
+            for lease in claims.leases_for(ref.canonical):
+                await claims.release(lease.lease_id)
+        log.info("evicted ref=%s freed_bytes=%d", ref, freed)
+        return freed
+
+    # --- running -------------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        if self._tg is None:
+            raise RuntimeError("Jobs used before it was started")
+        while self._waiting and self._running < self._cfg.max_concurrent:
+            _, _, job = heapq.heappop(self._waiting)
+            self._running += 1
+            job.task = self._tg.create_task(self._run(job), name=f"job:{job.id}")
+
+    async def _run(self, job: Job) -> None:
+        job.state = JobState.FETCHING
+        job.started_at = self._clock()
+        self._emit(job, "fetching")
+        started = time.monotonic()
+        try:
+            await self._fetcher.fetch(job.ref, job.progress)
+        except asyncio.CancelledError:
+            self._finish(job, JobState.FAILED, FetchCancelled("cancelled (the model was evicted or the daemon is stopping)"))
+            self._metrics.fetch_duration.labels("cancelled").observe(time.monotonic() - started)
+        except CachedError as e:
+            log.warning("prefetch failed ref=%s error=%s", job.ref, e)
+            self._finish(job, JobState.FAILED, e)
+            self._metrics.fetch_duration.labels("failed").observe(time.monotonic() - started)
+        except Exception as e:  # noqa: BLE001 - one model's bug must not take the daemon down
+            log.exception("prefetch crashed ref=%s", job.ref)
+            self._finish(job, JobState.FAILED, CachedError(f"internal error: {type(e).__name__}: {e}"))
+            self._metrics.fetch_duration.labels("failed").observe(time.monotonic() - started)
+        else:
+            self._finish(job, JobState.READY, None)
+            self._metrics.fetch_duration.labels("ok").observe(time.monotonic() - started)
+            log.info(
+                "model ready ref=%s bytes=%d origin_bytes=%d peer_bytes=%d seconds=%.2f",
+                job.ref, job.progress.bytes_total, job.progress.sources["origin"], job.progress.sources["peer"],
+                time.monotonic() - started,
+            )
+        finally:
+            self._running -= 1
+            with contextlib.suppress(RuntimeError):
+                self._pump()
+
+    def _finish(self, job: Job, state: JobState, error: CachedError | None) -> None:
+        job.state = state
+        job.finished_at = self._clock()
+        if error is not None:
+            job.error, job.error_code = error.message, error.code
+        result = "ok" if state is JobState.READY else ("cancelled" if isinstance(error, FetchCancelled) else "failed")
+        self._metrics.prefetch_jobs.labels(result).inc()
+        self._emit(job, state.value)
+        job.done.set()
+
+    def _emit(self, job: Job, kind: str) -> None:
+        event: dict[str, Any] = {
+            "event": kind,
+            "ref": job.ref.canonical,
+            "state": job.state.value,
+            "bytes_total": job.progress.bytes_total,
+            "bytes_done": job.progress.bytes_done,
+            "time": self._clock(),
+        }
+        if job.error:
+            event["error"] = job.error
+        self.events.publish(event)
+
+    async def _progress_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._progress_interval_s)
+            now = self._clock()
+            for job in self.active():
+                if job.state is JobState.FETCHING:
+                    self.events.publish(
+                        {
+                            "event": "progress",
+                            "ref": job.ref.canonical,
+                            "state": job.state.value,
+                            "bytes_total": job.progress.bytes_total,
+                            "bytes_done": job.progress.bytes_done,
+                            "rate_bps": round(job.rate_bps(now)),
+                            "time": now,
+                        }
+                    )

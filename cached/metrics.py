@@ -1,0 +1,55 @@
+"""Every Prometheus collector of one daemon, bound to the registry it is handed.
+
+Each daemon owns its registry, so several daemons can run in one test process. Labels never carry
+model names or digests (unbounded cardinality); per-model figures live in the API.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.fetched_bytes = Counter(
+            "cached_fetched_bytes", "Bytes fetched into the store, by source.", ["source"], registry=r
+        )
+        self.served_bytes = Counter("cached_served_bytes", "Bytes this node uploaded to peers.", registry=r)
+        self.piece_verify_failures = Counter(
+            "cached_piece_verify_failures", "Pieces whose BLAKE3 did not match, by source.", ["source"], registry=r
+        )
+        self.store_bytes = Gauge("cached_store_bytes", "Bytes held in the store (blobs and partials).", registry=r)
+        self.store_capacity = Gauge("cached_store_capacity_bytes", "Capacity of the store in bytes.", registry=r)
+        self.models = Gauge("cached_models", "Models known on this node, by state.", ["state"], registry=r)
+        self.evictions = Counter("cached_evictions", "Models evicted from this node.", registry=r)
+        self.peers = Gauge("cached_peers", "Cluster members as this node sees them, by state.", ["state"], registry=r)
+        self.fetch_duration = Histogram(
+            "cached_fetch_duration_seconds",
+            "Duration of one model fetch, by result.",
+            ["result"],
+            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+            registry=r,
+        )
+        self.prefetch_jobs = Counter("cached_prefetch_jobs", "Prefetch jobs finished, by result.", ["result"], registry=r)
+        self.origin_errors = Counter(
+            "cached_origin_errors", "Failed origin requests, by kind of failure.", ["kind"], registry=r
+        )
+        self.api_errors = Counter(
+            "cached_api_errors", "Local API requests answered with an error, by error code.", ["code"], registry=r
+        )
+        self.bad_pieces_found = Counter(
+            "cached_verify_bad_pieces", "Pieces of stored blobs found corrupt by verify or scrub.", registry=r
+        )
+        self.leases = Gauge("cached_leases", "Active launcher leases.", registry=r)
+        # Pre-create label values so dashboards see zeros rather than absent series.
+        for source in ("origin", "peer"):
+            self.fetched_bytes.labels(source)
+            self.piece_verify_failures.labels(source)
+        for state in ("queued", "fetching", "ready", "failed"):
+            self.models.labels(state)
+        for state in ("alive", "suspect", "dead"):
+            self.peers.labels(state)
+        for result in ("ok", "failed", "cancelled"):
+            self.prefetch_jobs.labels(result)

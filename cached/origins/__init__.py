@@ -1,0 +1,54 @@
+"""Origins: where a ref's bytes come from first. One module per kind (file, http; hf later).
+
+An origin resolves a ref into a ``Resolution`` (files with sizes and exact content identities) and
+reads byte ranges of those files. It does not write to the store, verify digests or retry: the
+transfer layer does that. Errors are ``OriginError`` subclasses with ``retryable`` set honestly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import AsyncIterator, Mapping, Protocol
+
+from cached.errors import RefError
+from cached.types import ModelRef, OriginFile, RefKind
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Resolution:
+    files: tuple[OriginFile, ...]
+    revision: str | None = None
+
+
+class Origin(Protocol):
+    async def resolve(self, ref: ModelRef) -> Resolution: ...
+
+    def supports_ranges(self, file: OriginFile) -> bool: ...
+
+    async def read_range(self, file: OriginFile, offset: int, length: int) -> bytes: ...
+
+    def stream(self, file: OriginFile) -> AsyncIterator[bytes]: ...
+
+    def local_path(self, file: OriginFile) -> str | None:
+        """A path on this machine holding the file (file origin), so the store may reflink it."""
+        ...
+
+    async def check_unchanged(self, file: OriginFile) -> None:
+        """Raise OriginChanged if the file changed since it was resolved."""
+        ...
+
+
+class Origins:
+    """The origins of one daemon, chosen by ref kind."""
+
+    def __init__(self, by_kind: Mapping[RefKind, Origin]) -> None:
+        self._by_kind = dict(by_kind)
+
+    def for_ref(self, ref: ModelRef) -> Origin:
+        origin = self._by_kind.get(ref.kind)
+        if origin is None:
+            raise RefError(ref.canonical, f"{ref.kind}:// refs are not supported by this daemon yet")
+        return origin
+
+    def for_kind(self, kind: RefKind) -> Origin | None:
+        return self._by_kind.get(kind)

@@ -1,0 +1,165 @@
+"""``http(s)://`` origin: one file on any HTTP server, read as byte ranges.
+
+``resolve`` learns the size, the validator (ETag, else Last-Modified) and whether the server
+honours ``Range``. Every ranged read carries ``If-Range`` with that validator: if the file changed
+under the same URL, the server answers 200 instead of 206 and the read fails with
+``OriginChanged`` -- pieces of two versions are never mixed. Statuses become typed errors with
+``retryable`` set; retries and backoff belong to the transfer layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import AsyncIterator
+
+import aiohttp
+
+from cached.config import HttpOriginConfig
+from cached.errors import OriginChanged, OriginDenied, OriginError, OriginNotFound
+from cached.origins import Resolution
+from cached.types import ModelRef, OriginFile
+from yarl import URL
+
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_STREAM_CHUNK = 1 << 20
+
+
+def status_error(status: int, url: str, reason: str = "") -> OriginError:
+    where = f"{url}: HTTP {status}{' ' + reason if reason else ''}"
+    if status == 404 or status == 410:
+        return OriginNotFound(f"{where} (not found at the origin)", status=status)
+    if status in (401, 403):
+        return OriginDenied(f"{where} (access denied by the origin)", status=status)
+    if status == 416:
+        return OriginChanged(f"{where} (range not satisfiable: the file changed size)", status=status)
+    retryable = status in (408, 425, 429) or status >= 500
+    return OriginError(where, status=status, retryable=retryable)
+
+
+def client_error(e: BaseException, url: str) -> OriginError:
+    u = URL(url)
+    host = f"{u.host}:{u.port}"
+    if isinstance(e, aiohttp.ClientConnectorError):
+        return OriginError(f"{url}: cannot connect to {host}: {e.os_error.strerror or e}", retryable=True)
+    if isinstance(e, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+        return OriginError(f"{url}: timed out waiting for the origin", retryable=True)
+    if isinstance(e, asyncio.IncompleteReadError):
+        return OriginError(f"{url}: body ended early ({len(e.partial)} of {e.expected} bytes)", retryable=True)
+    return OriginError(f"{url}: {type(e).__name__}: {e}", retryable=True)
+
+
+class HttpOrigin:
+    def __init__(self, session: aiohttp.ClientSession, cfg: HttpOriginConfig) -> None:
+        self._session = session
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=cfg.connect_timeout_s, sock_read=cfg.read_timeout_s)
+
+    async def resolve(self, ref: ModelRef) -> Resolution:
+        url = ref.url
+        try:
+            async with self._session.head(url, allow_redirects=True, timeout=self._timeout, headers={"Accept-Encoding": "identity"}) as resp:
+                if resp.status in (405, 501):
+                    return Resolution(files=(await self._probe_with_get(url, ref),))
+                if resp.status != 200:
+                    raise status_error(resp.status, url, resp.reason or "")
+                size = resp.content_length
+                etag = resp.headers.get("ETag", "")
+                last_modified = resp.headers.get("Last-Modified", "")
+                ranges = resp.headers.get("Accept-Ranges", "").lower() == "bytes"
+            if size is None or not ranges:
+                # Some servers omit Content-Length or Accept-Ranges on HEAD; a one-byte GET tells.
+                return Resolution(files=(await self._probe_with_get(url, ref),))
+        except OriginError:
+            raise
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            raise client_error(e, url) from None
+        return Resolution(files=(self._file(ref, url, size, etag, last_modified, ranges),))
+
+    async def _probe_with_get(self, url: str, ref: ModelRef) -> OriginFile:
+        try:
+            async with self._session.get(url, headers={"Range": "bytes=0-0", "Accept-Encoding": "identity"}, timeout=self._timeout) as resp:
+                etag = resp.headers.get("ETag", "")
+                last_modified = resp.headers.get("Last-Modified", "")
+                if resp.status == 206:
+                    m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+                    if not m or m.group(3) == "*":
+                        raise OriginError(f"{url}: malformed Content-Range {resp.headers.get('Content-Range')!r}")
+                    return self._file(ref, url, int(m.group(3)), etag, last_modified, True)
+                if resp.status == 200 and resp.content_length is not None:
+                    return self._file(ref, url, resp.content_length, etag, last_modified, False)
+                if resp.status == 200:
+                    raise OriginError(f"{url}: the server sends no Content-Length; the file size cannot be known")
+                raise status_error(resp.status, url, resp.reason or "")
+        except OriginError:
+            raise
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            raise client_error(e, url) from None
+
+    @staticmethod
+    def _file(ref: ModelRef, url: str, size: int, etag: str, last_modified: str, ranges: bool) -> OriginFile:
+        checksums = {"etag": etag} if etag else {}
+        if last_modified:
+            checksums["last_modified"] = last_modified
+        checksums["ranges"] = "1" if ranges else "0"
+        validator = etag or last_modified
+        return OriginFile(
+            path=URL(url).name,
+            size=size,
+            identity=f"http|{url}|{validator}|{size}",
+            checksums=checksums,
+            locator=url,
+        )
+
+    def supports_ranges(self, file: OriginFile) -> bool:
+        return file.checksums.get("ranges") == "1"
+
+    def local_path(self, file: OriginFile) -> str | None:
+        return None
+
+    def _if_range(self, file: OriginFile) -> dict[str, str]:
+        etag = file.checksums.get("etag", "")
+        if etag and not etag.startswith("W/"):  # If-Range needs a strong validator
+            return {"If-Range": etag}
+        if file.checksums.get("last_modified"):
+            return {"If-Range": file.checksums["last_modified"]}
+        return {}
+
+    async def read_range(self, file: OriginFile, offset: int, length: int) -> bytes:
+        url = file.locator
+        headers = {"Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity", **self._if_range(file)}
+        try:
+            async with self._session.get(url, headers=headers, timeout=self._timeout) as resp:
+                if resp.status == 200:
+                    raise OriginChanged(f"{url}: the file changed at the origin (validator no longer matches)", status=200)
+                if resp.status != 206:
+                    raise status_error(resp.status, url, resp.reason or "")
+                m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+                if not m or int(m.group(1)) != offset or int(m.group(2)) != offset + length - 1:
+                    raise OriginError(f"{url}: server answered a different range ({resp.headers.get('Content-Range')!r})", retryable=True)
+                if m.group(3) != "*" and int(m.group(3)) != file.size:
+                    raise OriginChanged(f"{url}: the file changed size at the origin ({file.size} -> {m.group(3)})")
+                return await resp.content.readexactly(length)
+        except OriginError:
+            raise
+        except (aiohttp.ClientError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
+            raise client_error(e, url) from None
+
+    async def stream(self, file: OriginFile) -> AsyncIterator[bytes]:
+        url = file.locator
+        try:
+            async with self._session.get(url, headers={"Accept-Encoding": "identity"}, timeout=self._timeout) as resp:
+                if resp.status != 200:
+                    raise status_error(resp.status, url, resp.reason or "")
+                etag = resp.headers.get("ETag", "")
+                if resp.content_length not in (None, file.size) or (file.checksums.get("etag") and etag != file.checksums["etag"]):
+                    raise OriginChanged(f"{url}: the file changed at the origin")
+                async for chunk in resp.content.iter_chunked(_STREAM_CHUNK):
+                    yield chunk
+        except OriginError:
+            raise
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            raise client_error(e, url) from None
+
+    async def check_unchanged(self, file: OriginFile) -> None:
+        # Every read carried If-Range (or was checked against the ETag), so a change was caught there.
+        return None

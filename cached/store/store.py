@@ -1,0 +1,560 @@
+"""The node's store: blobs, partial blobs, manifests, refs, launcher views, usage and eviction.
+
+The filesystem is the source of truth; the in-memory index is rebuilt by ``open``. Publishing goes
+blob -> manifest -> view -> ref (last); deletion goes view -> ref -> manifest -> blobs. A crash at
+any point therefore leaves either the old model or the new one, and ``open`` sweeps the debris.
+
+What this module does not do: decide where bytes come from (``cached.transfer``), run jobs
+(``cached.jobs``), or decide which node should hold what (``cached.cluster``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from cached.config import StoreConfig
+from cached.errors import IntegrityError, NotFoundError, StoreError, StoreFullError
+from cached.store import durable
+from cached.store.claims import Claims
+from cached.store.eviction import Debris, EvictionPlan, ModelUsage, plan_eviction, reclaimable_bytes
+from cached.store.partial import PartialBlob, PieceLogHeader, read_piece_log
+from cached.types import BlobId, Manifest, ModelRef, format_size, hash_piece, piece_span
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelRecord:
+    ref: str
+    manifest: Manifest
+    last_used: float
+    path: Path
+
+
+class Reservation:
+    """Space promised to a fetch before its partial files exist; shrinks as they are created."""
+
+    def __init__(self, store: "Store", nbytes: int) -> None:
+        self._store = store
+        self.remaining = nbytes
+
+    def consume(self, nbytes: int) -> None:
+        self.remaining = max(0, self.remaining - nbytes)
+
+    def release(self) -> None:
+        self._store._reservations.discard(self)
+
+
+class Store:
+    def __init__(self, cfg: StoreConfig, *, clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.root = cfg.cache_dir
+        self.blobs_dir = self.root / "blobs"
+        self.partial_dir = self.root / "partial"
+        self.manifests_dir = self.root / "manifests"
+        self.refs_dir = self.root / "refs"
+        self.models_dir = self.root / "models"
+        self.hf_dir = self.root / "hf"
+        self.tmp_dir = self.root / "tmp"
+        self.claims = Claims(self.root / "claims", clock=clock)
+        self._clock = clock
+        self._blobs: dict[str, int] = {}  # blob hex -> size
+        self._blob_by_identity: dict[str, str] = {}  # origin identity key -> blob hex
+        self._manifests: dict[str, Manifest] = {}  # digest hex -> manifest
+        self._refs: dict[str, tuple[str, float]] = {}  # canonical ref -> (manifest digest, last used)
+        self._partial_sizes: dict[str, int] = {}  # partial key -> bytes on disk
+        self._open_partials: dict[str, tuple[PartialBlob, int]] = {}  # key -> (partial, users)
+        self._partial_locks: dict[str, asyncio.Lock] = {}
+        self._busy: Counter[str] = Counter()  # refs a job is working on: never evicted
+        self._reservations: set[Reservation] = set()
+        # Blobs finalized by a running fetch whose manifest is not published yet: not debris.
+        self._pending: Counter[str] = Counter()
+        self._evict_lock = asyncio.Lock()
+        self.capacity_bytes = 0
+        self.extra_protected: Callable[[str], bool] = lambda ref: False
+
+    # --- start ---------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        await asyncio.to_thread(self._open_sync)
+        log.info(
+            "store indexed dir=%s blobs=%d models=%d partials=%d used=%s capacity=%s",
+            self.root, len(self._blobs), len(self._refs), len(self._partial_sizes),
+            format_size(self.used_bytes), format_size(self.capacity_bytes),
+        )
+
+    def _open_sync(self) -> None:
+        for d in (self.blobs_dir, self.partial_dir, self.manifests_dir, self.refs_dir, self.models_dir, self.tmp_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        for entry in self.tmp_dir.iterdir():  # per-attempt files of a previous run
+            durable.remove_tree(entry)
+        self.claims.load_sync()
+        if self.cfg.max_bytes:
+            self.capacity_bytes = self.cfg.max_bytes
+        else:
+            st = os.statvfs(self.root)
+            self.capacity_bytes = int(st.f_blocks * st.f_frsize * 0.9)
+        self._index_blobs()
+        self._index_partials()
+        self._index_manifests()
+        self._index_refs()
+        self._sweep_views()
+
+    def _index_blobs(self) -> None:
+        for sub in self.blobs_dir.iterdir():
+            if not sub.is_dir():
+                sub.unlink(missing_ok=True)
+                continue
+            for p in sub.iterdir():
+                if p.name.startswith("."):  # temp file of an interrupted publish
+                    p.unlink(missing_ok=True)
+                elif p.name.endswith(".pieces"):
+                    if not (sub / p.name.removesuffix(".pieces")).exists():
+                        p.unlink(missing_ok=True)  # crash between sidecar and blob rename
+                else:
+                    sidecar = sub / (p.name + ".pieces")
+                    try:
+                        header, _ = read_piece_log(sidecar)
+                        BlobId.parse(p.name)
+                        if p.stat().st_size != header.size:
+                            raise StoreError("size differs from sidecar")
+                    except (StoreError, ValueError) as e:
+                        log.warning("removing blob without a valid sidecar blob=%s reason=%s", p.name, e)
+                        durable.remove_tree(p)
+                        sidecar.unlink(missing_ok=True)
+                        continue
+                    self._blobs[p.name] = header.size
+                    if header.identity_key:
+                        self._blob_by_identity[header.identity_key] = p.name
+
+    def _index_partials(self) -> None:
+        for p in self.partial_dir.iterdir():
+            if p.name.startswith("."):
+                p.unlink(missing_ok=True)
+            elif p.name.endswith(".pieces"):
+                if not (self.partial_dir / p.name.removesuffix(".pieces")).exists():
+                    p.unlink(missing_ok=True)
+            elif not (self.partial_dir / (p.name + ".pieces")).exists():
+                p.unlink(missing_ok=True)  # bytes with no record of which pieces verified
+            else:
+                self._partial_sizes[p.name] = p.stat().st_size
+
+    def _index_manifests(self) -> None:
+        for p in self.manifests_dir.iterdir():
+            digest = p.name.removesuffix(".json")
+            try:
+                self._manifests[digest] = Manifest.from_bytes(p.read_bytes(), expect_digest=digest)
+            except (IntegrityError, OSError) as e:
+                log.warning("removing bad manifest file=%s reason=%s", p.name, e)
+                p.unlink(missing_ok=True)
+
+    def _index_refs(self) -> None:
+        used_manifests: set[str] = set()
+        for p in self.refs_dir.iterdir():
+            if p.name.startswith("."):
+                p.unlink(missing_ok=True)
+                continue
+            try:
+                canonical, digest = p.read_text().split("\n")[:2]
+                ref = ModelRef.parse(canonical)
+                digest = digest.removeprefix("blake3:")
+                manifest = self._manifests[digest]
+                missing = [f.path for f in manifest.files if f.blob.hex not in self._blobs]
+                if missing or ref.escaped != p.name:
+                    raise StoreError(f"blobs missing for {missing[:3]}")
+            except (ValueError, KeyError, StoreError, OSError) as e:
+                log.warning("dropping broken ref file=%s reason=%s", p.name, e)
+                p.unlink(missing_ok=True)
+                continue
+            self._refs[ref.canonical] = (digest, p.stat().st_mtime)
+            used_manifests.add(digest)
+        for digest in set(self._manifests) - used_manifests:
+            # Written before a crash that came before its ref: nothing points at it.
+            (self.manifests_dir / f"{digest}.json").unlink(missing_ok=True)
+            del self._manifests[digest]
+
+    def _sweep_views(self) -> None:
+        wanted = {ModelRef.parse(r).escaped: r for r in self._refs}
+        for p in self.models_dir.iterdir():
+            if p.name not in wanted:
+                durable.remove_tree(p)
+        for escaped, ref in wanted.items():
+            digest, _ = self._refs[ref]
+            manifest = self._manifests[digest]
+            view = self.models_dir / escaped
+            if not all(self._view_entry_ok(view / f.path, f.blob.hex) for f in manifest.files):
+                self._build_view_sync(ModelRef.parse(ref), manifest)
+
+    def _view_entry_ok(self, path: Path, blob_hex: str) -> bool:
+        try:
+            return os.path.samefile(path, self.blob_path(blob_hex))
+        except OSError:
+            return False
+
+    # --- paths and queries ---------------------------------------------------------------------
+
+    def blob_path(self, blob_hex: str) -> Path:
+        return self.blobs_dir / blob_hex[:2] / blob_hex
+
+    def sidecar_path(self, blob_hex: str) -> Path:
+        return self.blobs_dir / blob_hex[:2] / f"{blob_hex}.pieces"
+
+    def view_path(self, ref: ModelRef) -> Path:
+        return self.models_dir / ref.escaped
+
+    def has_blob(self, blob_hex: str) -> bool:
+        return blob_hex in self._blobs
+
+    def has_partial(self, key: str) -> bool:
+        return key in self._partial_sizes
+
+    def blob_for_identity(self, identity_key: str) -> str | None:
+        hex_ = self._blob_by_identity.get(identity_key)
+        return hex_ if hex_ in self._blobs else None
+
+    def model(self, ref: ModelRef) -> ModelRecord | None:
+        entry = self._refs.get(ref.canonical)
+        if entry is None:
+            return None
+        digest, last_used = entry
+        return ModelRecord(ref=ref.canonical, manifest=self._manifests[digest], last_used=last_used, path=self.view_path(ref))
+
+    def models(self) -> list[ModelRecord]:
+        out = []
+        for canonical in sorted(self._refs):
+            rec = self.model(ModelRef.parse(canonical))
+            if rec is not None:
+                out.append(rec)
+        return out
+
+    def manifest(self, digest: str) -> Manifest | None:
+        return self._manifests.get(digest)
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(self._blobs.values()) + sum(self._partial_sizes.values())
+
+    @property
+    def reserved_bytes(self) -> int:
+        return sum(r.remaining for r in self._reservations)
+
+    def blob_count(self) -> int:
+        return len(self._blobs)
+
+    async def touch(self, ref: ModelRef) -> None:
+        entry = self._refs.get(ref.canonical)
+        if entry is None:
+            return
+        now = self._clock()
+        self._refs[ref.canonical] = (entry[0], now)
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(os.utime, self.refs_dir / ref.escaped, (now, now))
+
+    @contextlib.contextmanager
+    def busy(self, ref: ModelRef) -> Iterator[None]:
+        """Mark a ref as being worked on (fetch, repair): eviction leaves it alone meanwhile."""
+        self._busy[ref.canonical] += 1
+        try:
+            yield
+        finally:
+            self._busy[ref.canonical] -= 1
+            if not self._busy[ref.canonical]:
+                del self._busy[ref.canonical]
+
+    def is_protected(self, ref: str) -> bool:
+        return (
+            self.claims.is_pinned(ref)
+            or bool(self.claims.leases_for(ref))
+            or ref in self._busy
+            or self.extra_protected(ref)
+        )
+
+    # --- partial blobs -------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def partial(self, *, key: str, size: int, piece_size: int, identity_key: str, reservation: Reservation | None = None):
+        """Open (or join) the partial blob ``key``; every user of one key shares one object."""
+        lock = self._partial_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            entry = self._open_partials.get(key)
+            if entry is None:
+                header = PieceLogHeader(size=size, piece_size=piece_size, identity_key=identity_key)
+                partial = PartialBlob(key=key, header=header, data_path=self.partial_dir / key, log_path=self.partial_dir / f"{key}.pieces")
+                fresh = key not in self._partial_sizes
+                kept = await asyncio.to_thread(partial.open_sync)
+                if kept:
+                    log.info("resuming partial blob key=%s verified_pieces=%d of=%d", key[:16], kept, partial.pieces)
+                if fresh and reservation is not None:
+                    reservation.consume(size)
+                self._partial_sizes[key] = size
+                entry = (partial, 0)
+            self._open_partials[key] = (entry[0], entry[1] + 1)
+        try:
+            yield entry[0]
+        finally:
+            partial, users = self._open_partials[key]
+            if users <= 1:
+                del self._open_partials[key]
+                self._partial_locks.pop(key, None)
+                partial.close_sync()
+            else:
+                self._open_partials[key] = (partial, users - 1)
+
+    async def finalize(self, partial: PartialBlob, *, replace: bool = False) -> BlobId:
+        """Publish a complete partial as a blob. An identical blob already present wins (dedupe)."""
+        digests = [partial.done[i] for i in range(partial.pieces)]
+        blob_id = BlobId.compute(partial.size, partial.piece_size, digests)
+        if blob_id.hex in self._blobs and not replace:
+            await asyncio.to_thread(partial.discard_sync)
+        else:
+            await asyncio.to_thread(partial.finalize_sync, self.blob_path(blob_id.hex), self.sidecar_path(blob_id.hex))
+            self._blobs[blob_id.hex] = partial.size
+        self._partial_sizes.pop(partial.key, None)
+        if partial.header.identity_key:
+            self._blob_by_identity[partial.header.identity_key] = blob_id.hex
+        return blob_id
+
+    async def discard_partial(self, key: str) -> None:
+        entry = self._open_partials.get(key)
+        if entry is not None:
+            await asyncio.to_thread(entry[0].discard_sync)
+        else:
+            await asyncio.to_thread(_unlink_partial, self.partial_dir, key)
+        self._partial_sizes.pop(key, None)
+
+    # --- blobs ---------------------------------------------------------------------------------
+
+    async def piece_digests(self, blob_hex: str) -> list[bytes]:
+        header, records = await asyncio.to_thread(read_piece_log, self.sidecar_path(blob_hex))
+        n = len(records)
+        if sorted(records) != list(range(n)) or BlobId.compute(header.size, header.piece_size, [records[i] for i in range(n)]).hex != blob_hex:
+            raise IntegrityError(f"piece table of blob blake3:{blob_hex} does not match its id")
+        return [records[i] for i in range(n)]
+
+    async def blob_piece_size(self, blob_hex: str) -> int:
+        header, _ = await asyncio.to_thread(read_piece_log, self.sidecar_path(blob_hex))
+        return header.piece_size
+
+    async def verify_blob(self, blob_hex: str) -> tuple[int, list[int]]:
+        """Re-hash every piece of a stored blob: (bytes checked, indices of bad pieces)."""
+        digests = await self.piece_digests(blob_hex)
+        piece_size = await self.blob_piece_size(blob_hex)
+        size = self._blobs[blob_hex]
+        return await asyncio.to_thread(_verify_sync, self.blob_path(blob_hex), size, piece_size, digests)
+
+    async def read_piece(self, blob_hex: str, index: int, piece_size: int) -> bytes:
+        off, length = piece_span(index, self._blobs[blob_hex], piece_size)
+        return await asyncio.to_thread(_pread_file, self.blob_path(blob_hex), off, length)
+
+    # --- publishing ----------------------------------------------------------------------------
+
+    async def commit_model(self, ref: ModelRef, manifest: Manifest) -> ModelRecord:
+        """Manifest, then view, then ref (last): the model is visible only once all is in place."""
+        missing = [f.path for f in manifest.files if f.blob.hex not in self._blobs]
+        if missing:
+            raise StoreError(f"cannot publish {ref}: blobs missing for {missing[:3]}")
+        digest = manifest.digest
+        await asyncio.to_thread(self._commit_sync, ref, manifest, digest)
+        self._manifests[digest] = manifest
+        old = self._refs.get(ref.canonical)
+        now = self._clock()
+        self._refs[ref.canonical] = (digest, now)
+        if old is not None and old[0] != digest:
+            await self._drop_manifest_if_unused(old[0])
+        return ModelRecord(ref=ref.canonical, manifest=manifest, last_used=now, path=self.view_path(ref))
+
+    def _commit_sync(self, ref: ModelRef, manifest: Manifest, digest: str) -> None:
+        mpath = self.manifests_dir / f"{digest}.json"
+        if not mpath.exists():
+            durable.atomic_write(mpath, manifest.canonical_bytes(), mode=0o444)
+        self._build_view_sync(ref, manifest)
+        durable.atomic_write(self.refs_dir / ref.escaped, f"{ref.canonical}\nblake3:{digest}\n".encode())
+
+    def _build_view_sync(self, ref: ModelRef, manifest: Manifest) -> None:
+        staging = self.tmp_dir / f"view-{secrets.token_hex(6)}"
+        try:
+            staging.mkdir(parents=True)
+            for f in manifest.files:
+                dest = staging / f.path
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                # Hardlink: a 100 GB model is never stored twice, and the 0444 inode keeps a
+                # launcher from changing the cache through its view.
+                os.link(self.blob_path(f.blob.hex), dest)
+            self._swap_dir(staging, self.view_path(ref))
+        except OSError as e:
+            durable.remove_tree(staging)
+            raise durable.wrap_os_error(e, f"building the view of {ref}") from e
+
+    def _swap_dir(self, new: Path, target: Path) -> None:
+        old = None
+        if target.exists():
+            old = self.tmp_dir / f"old-{secrets.token_hex(6)}"
+            os.replace(target, old)
+        os.replace(new, target)
+        durable.fsync_dir(target.parent)
+        if old is not None:
+            durable.remove_tree(old)
+
+    async def rebuild_views_for_blob(self, blob_hex: str) -> None:
+        """After a blob was replaced (repair), re-point every view at the new inode."""
+        for canonical, (digest, _) in list(self._refs.items()):
+            manifest = self._manifests[digest]
+            if any(f.blob.hex == blob_hex for f in manifest.files):
+                await asyncio.to_thread(self._build_view_sync, ModelRef.parse(canonical), manifest)
+
+    # --- removal -------------------------------------------------------------------------------
+
+    async def remove_model(self, ref: ModelRef) -> int:
+        """Views, ref, manifest, then blobs no other manifest uses. Returns bytes freed."""
+        entry = self._refs.get(ref.canonical)
+        if entry is None:
+            raise NotFoundError(f"{ref} is not in the store")
+        digest, _ = entry
+        await asyncio.to_thread(durable.remove_tree, self.view_path(ref))
+        await asyncio.to_thread((self.refs_dir / ref.escaped).unlink, True)
+        del self._refs[ref.canonical]
+        return await self._drop_manifest_if_unused(digest)
+
+    async def _drop_manifest_if_unused(self, digest: str) -> int:
+        if any(d == digest for d, _ in self._refs.values()):
+            return 0
+        manifest = self._manifests.pop(digest, None)
+        await asyncio.to_thread((self.manifests_dir / f"{digest}.json").unlink, True)
+        if manifest is None:
+            return 0
+        still_used = self._blobs_in_use()
+        freed = 0
+        for f in manifest.files:
+            if f.blob.hex not in still_used and f.blob.hex in self._blobs:
+                freed += await self._remove_blob(f.blob.hex)
+        return freed
+
+    async def _remove_blob(self, blob_hex: str) -> int:
+        size = self._blobs.pop(blob_hex, 0)
+        await asyncio.to_thread(durable.remove_tree, self.blob_path(blob_hex))
+        await asyncio.to_thread(self.sidecar_path(blob_hex).unlink, True)
+        for k, v in list(self._blob_by_identity.items()):
+            if v == blob_hex:
+                del self._blob_by_identity[k]
+        return size
+
+    def _blobs_in_use(self) -> set[str]:
+        return {f.blob.hex for d, _ in self._refs.values() for f in self._manifests[d].files}
+
+    # --- space ---------------------------------------------------------------------------------
+
+    def _usage(self) -> tuple[list[ModelUsage], list[Debris]]:
+        models = [
+            ModelUsage(
+                ref=canonical,
+                last_used=last_used,
+                blobs=frozenset(f.blob.hex for f in self._manifests[digest].files),
+                protected=self.is_protected(canonical),
+            )
+            for canonical, (digest, last_used) in self._refs.items()
+        ]
+        in_use = self._blobs_in_use()
+        debris = [Debris(kind="blob", key=b, size=s) for b, s in self._blobs.items() if b not in in_use and b not in self._pending]
+        debris += [Debris(kind="partial", key=k, size=s) for k, s in self._partial_sizes.items() if k not in self._open_partials]
+        return models, debris
+
+    def hold_blob(self, blob_hex: str) -> None:
+        self._pending[blob_hex] += 1
+
+    def unhold_blob(self, blob_hex: str) -> None:
+        if self._pending[blob_hex] > 0:
+            self._pending[blob_hex] -= 1
+        if not self._pending[blob_hex]:
+            del self._pending[blob_hex]
+
+    def plan(self, target_bytes: int) -> EvictionPlan:
+        models, debris = self._usage()
+        return plan_eviction(
+            models=models, blob_sizes=self._blobs, debris=debris,
+            used_bytes=self.used_bytes + self.reserved_bytes, target_bytes=target_bytes,
+        )
+
+    async def evict_to(self, target_bytes: int) -> tuple[int, list[str]]:
+        """Run one eviction plan down to ``target_bytes``. Returns (bytes freed, refs evicted)."""
+        async with self._evict_lock:
+            plan = self.plan(target_bytes)
+            freed = 0
+            for d in plan.debris:
+                if d.kind == "blob" and d.key in self._blobs and d.key not in self._blobs_in_use():
+                    freed += await self._remove_blob(d.key)
+                elif d.kind == "partial" and d.key not in self._open_partials:
+                    await self.discard_partial(d.key)
+                    freed += d.size
+            evicted = []
+            for canonical in plan.models:
+                if canonical in self._refs and not self.is_protected(canonical):
+                    freed += await self.remove_model(ModelRef.parse(canonical))
+                    evicted.append(canonical)
+                    log.info("evicted model ref=%s", canonical)
+            return freed, evicted
+
+    async def gc(self) -> tuple[int, list[str]]:
+        """Bring usage under the low watermark if it is above the high one; always drop debris."""
+        freed, evicted = 0, []
+        if self.used_bytes > self.capacity_bytes * self.cfg.high_watermark:
+            freed, evicted = await self.evict_to(int(self.capacity_bytes * self.cfg.low_watermark))
+        models, debris = self._usage()
+        for d in debris:
+            if d.kind == "blob" and d.key in self._blobs and d.key not in self._blobs_in_use():
+                freed += await self._remove_blob(d.key)
+        return freed, evicted
+
+    async def reserve(self, nbytes: int) -> Reservation:
+        """Promise ``nbytes`` to a fetch, evicting LRU models if needed; StoreFullError if impossible."""
+        limit = self.capacity_bytes - nbytes
+        if self.used_bytes + self.reserved_bytes > limit:
+            await self.evict_to(max(0, limit))
+        if self.used_bytes + self.reserved_bytes > limit:
+            models, debris = self._usage()
+            free = self.capacity_bytes - self.used_bytes - self.reserved_bytes
+            raise StoreFullError(
+                f"not enough cache space: needs {format_size(nbytes)}, {format_size(max(0, free))} free of "
+                f"{format_size(self.capacity_bytes)} after evicting everything evictable "
+                f"(pinned, leased and in-use models are kept)",
+                needed_bytes=nbytes,
+                available_bytes=max(0, free),
+            )
+        r = Reservation(self, nbytes)
+        self._reservations.add(r)
+        return r
+
+    def reclaimable(self) -> int:
+        models, debris = self._usage()
+        return reclaimable_bytes(models=models, blob_sizes=self._blobs, debris=debris)
+
+
+def _unlink_partial(partial_dir: Path, key: str) -> None:
+    (partial_dir / key).unlink(missing_ok=True)
+    (partial_dir / f"{key}.pieces").unlink(missing_ok=True)
+
+
+def _pread_file(path: Path, off: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        return os.pread(f.fileno(), length, off)
+
+
+def _verify_sync(path: Path, size: int, piece_size: int, digests: list[bytes]) -> tuple[int, list[int]]:
+    bad: list[int] = []
+    checked = 0
+    with open(path, "rb") as f:
+        for i, expected in enumerate(digests):
+            off, length = piece_span(i, size, piece_size)
+            data = os.pread(f.fileno(), length, off)
+            checked += len(data)
+            if len(data) != length or hash_piece(data) != expected:
+                bad.append(i)
+    return checked, bad

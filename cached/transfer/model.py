@@ -1,0 +1,189 @@
+"""Turns a ref into a published model: resolve, reserve space, fetch each blob, commit.
+
+Also verifies stored blobs and repairs bad pieces from the origin, checked against the digests
+recorded when the blob was first made. A fetch that fails for lack of space leaves no partial files
+behind; one that fails on the network keeps its verified pieces for the next attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+from cached.errors import OriginError, StoreError, StoreFullError
+from cached.metrics import Metrics
+from cached.origins import Origins, Resolution
+from cached.store import ModelRecord, Store
+from cached.transfer.scheduler import Scheduler
+from cached.types import BlobId, FileEntry, Manifest, ModelRef, OriginFile
+
+log = logging.getLogger(__name__)
+
+FILES_AT_ONCE = 4
+
+
+@dataclass(slots=True)
+class Progress:
+    """Live figures of one fetch, written by the fetcher, read by jobs and the API."""
+
+    bytes_total: int = 0
+    bytes_done: int = 0
+    resumed: int = 0  # bytes already on disk when the fetch started (not fetched now)
+    sources: Counter[str] = field(default_factory=Counter)
+    partial_keys: list[str] = field(default_factory=list)  # so an evict can drop them
+
+    def add(self, source: str, nbytes: int) -> None:
+        self.bytes_done += nbytes
+        self.sources[source] += nbytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VerifyReport:
+    checked_bytes: int
+    bad_pieces: int
+    repaired_blobs: int
+    errors: tuple[str, ...] = ()
+
+
+class ModelFetcher:
+    def __init__(self, store: Store, origins: Origins, scheduler: Scheduler, metrics: Metrics) -> None:
+        self._store = store
+        self._origins = origins
+        self._scheduler = scheduler
+        self._metrics = metrics
+
+    async def resolve(self, ref: ModelRef) -> Resolution:
+        origin = self._origins.for_ref(ref)
+        attempt = 0
+        while True:
+            try:
+                return await origin.resolve(ref)
+            except OriginError as e:
+                if not e.retryable or attempt >= 2:
+                    raise
+                await asyncio.sleep(self._scheduler.backoff_s(attempt))
+                attempt += 1
+
+    async def fetch(self, ref: ModelRef, progress: Progress) -> ModelRecord:
+        existing = self._store.model(ref)
+        if existing is not None:
+            await self._store.touch(ref)
+            progress.bytes_total = progress.bytes_done = existing.manifest.total_bytes
+            return existing
+        origin = self._origins.for_ref(ref)
+        resolution = await self.resolve(ref)
+        piece_size = self._store.cfg.piece_size_bytes
+        progress.bytes_total = sum(f.size for f in resolution.files)
+
+        have: dict[str, str] = {}
+        need: list[OriginFile] = []
+        for f in resolution.files:
+            blob = self._store.blob_for_identity(f.key)
+            if blob is not None:
+                have[f.path] = blob
+                self._store.hold_blob(blob)
+            else:
+                need.append(f)
+        progress.bytes_done = progress.resumed = sum(f.size for f in resolution.files if f.path in have)
+
+        progress.partial_keys = [f.key for f in need]
+        reservation = await self._store.reserve(sum(f.size for f in need if not self._store.has_partial(f.key)))
+        fetched: dict[str, BlobId] = {}
+        sem = asyncio.Semaphore(FILES_AT_ONCE)
+
+        async def one(f: OriginFile) -> None:
+            async with sem:
+                async with self._store.partial(
+                    key=f.key, size=f.size, piece_size=piece_size, identity_key=f.key, reservation=reservation
+                ) as partial:
+                    progress.bytes_done += partial.bytes_done
+                    progress.resumed += partial.bytes_done
+                    await self._scheduler.fetch_blob(partial, f, origin, on_bytes=progress.add)
+                    blob_id = await self._store.finalize(partial)
+                self._store.hold_blob(blob_id.hex)
+                fetched[f.path] = blob_id
+
+        try:
+            tasks = [asyncio.create_task(one(f), name=f"file:{f.path}") for f in need]
+            try:
+                for t in asyncio.as_completed(tasks):
+                    await t
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            entries = []
+            for f in resolution.files:
+                blob = BlobId(have[f.path]) if f.path in have else fetched[f.path]
+                entries.append(FileEntry(path=f.path, size=f.size, blob=blob, origin=_origin_meta(f)))
+            manifest = Manifest(ref=ref.canonical, revision=resolution.revision, piece_size=piece_size, files=tuple(entries))
+            return await self._store.commit_model(ref, manifest)
+        except StoreFullError:
+            # The issue's promise: a prefetch that cannot fit leaves no partial files behind.
+            for f in need:
+                await self._store.discard_partial(f.key)
+            raise
+        finally:
+            reservation.release()
+            for blob in list(have.values()) + [b.hex for b in fetched.values()]:
+                self._store.unhold_blob(blob)
+
+    # --- verify and repair ---------------------------------------------------------------------
+
+    async def verify(self, ref: ModelRef | None = None) -> VerifyReport:
+        records = [self._store.model(ref)] if ref is not None else self._store.models()
+        blobs: dict[str, tuple[ModelRef, FileEntry]] = {}
+        for rec in records:
+            if rec is None:
+                continue
+            for f in rec.manifest.files:
+                blobs.setdefault(f.blob.hex, (ModelRef.parse(rec.ref), f))
+        checked = bad_total = repaired = 0
+        errors: list[str] = []
+        for blob_hex, (owner, entry) in blobs.items():
+            with self._store.busy(owner):
+                n, bad = await self._store.verify_blob(blob_hex)
+                checked += n
+                if not bad:
+                    continue
+                bad_total += len(bad)
+                self._metrics.bad_pieces_found.inc(len(bad))
+                log.warning("bad pieces found blob=blake3:%s pieces=%s ref=%s", blob_hex, bad[:10], owner)
+                try:
+                    await self.repair_blob(owner, entry, bad)
+                    repaired += 1
+                except (OriginError, StoreError) as e:
+                    errors.append(f"{owner} {entry.path}: {e}")
+        return VerifyReport(checked_bytes=checked, bad_pieces=bad_total, repaired_blobs=repaired, errors=tuple(errors))
+
+    async def repair_blob(self, ref: ModelRef, entry: FileEntry, bad: list[int]) -> None:
+        """Rebuild a blob from its good pieces plus the bad ones re-read from the origin."""
+        blob_hex = entry.blob.hex
+        digests = await self._store.piece_digests(blob_hex)
+        piece_size = await self._store.blob_piece_size(blob_hex)
+        ofile = _origin_file(entry)
+        origin = self._origins.for_ref(ref)
+        bad_set = set(bad)
+        async with self._store.partial(key=blob_hex, size=entry.size, piece_size=piece_size, identity_key=ofile.key) as partial:
+            for i in range(partial.pieces):
+                if i in bad_set or i in partial.done:
+                    continue
+                data = await self._store.read_piece(blob_hex, i, piece_size)
+                await asyncio.to_thread(partial.write_piece_sync, i, data, digests[i])
+            await self._scheduler.fetch_blob(partial, ofile, origin, on_bytes=lambda s, n: None, expected=digests)
+            await self._store.finalize(partial, replace=True)
+        await self._store.rebuild_views_for_blob(blob_hex)
+        log.info("repaired blob blob=blake3:%s pieces=%d ref=%s", blob_hex, len(bad), ref)
+
+
+def _origin_meta(f: OriginFile) -> dict[str, str]:
+    return {"identity": f.identity, "locator": f.locator, **f.checksums}
+
+
+def _origin_file(entry: FileEntry) -> OriginFile:
+    meta = dict(entry.origin)
+    identity = meta.pop("identity", "")
+    locator = meta.pop("locator", "")
+    return OriginFile(path=entry.path, size=entry.size, identity=identity, checksums=meta, locator=locator)

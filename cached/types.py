@@ -1,0 +1,345 @@
+"""Value types shared by every layer: refs, blob ids, manifests, job states.
+
+Parsing of user-supplied strings into these types happens here, once; code below the edges
+(cli, api, config) only ever sees parsed values. Canonical JSON and digests are defined here so
+that two nodes always agree on a manifest's digest. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import posixpath
+import re
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+from urllib.parse import quote, unquote
+
+import blake3
+from yarl import URL
+
+from cached.errors import RefError, IntegrityError
+
+DEFAULT_PIECE_SIZE = 16 * 1024 * 1024
+MIN_PIECE_SIZE = 64 * 1024
+MAX_PIECE_SIZE = 256 * 1024 * 1024
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HF_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_HF_REVISION = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._/-]{0,254}$")
+
+
+def _digest_hex(value: str, what: str) -> str:
+    hex_ = value.removeprefix("blake3:")
+    if not _HEX64.match(hex_):
+        raise ValueError(f"{what} must be blake3:<64 hex>, got {value!r}")
+    return hex_
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class BlobId:
+    """BLAKE3 over (length, piece size, piece digests): names a blob, verifiable piece by piece."""
+
+    hex: str
+
+    def __post_init__(self) -> None:
+        _digest_hex(self.hex, "blob id")
+
+    @classmethod
+    def parse(cls, value: str) -> "BlobId":
+        return cls(_digest_hex(value, "blob id"))
+
+    @classmethod
+    def compute(cls, size: int, piece_size: int, piece_digests: Iterable[bytes]) -> "BlobId":
+        h = blake3.blake3(b"cached-blob-v1\0")
+        h.update(struct.pack("<QQ", size, piece_size))
+        for d in piece_digests:
+            h.update(d)
+        return cls(h.hexdigest())
+
+    def __str__(self) -> str:
+        return f"blake3:{self.hex}"
+
+
+def piece_count(size: int, piece_size: int) -> int:
+    return (size + piece_size - 1) // piece_size
+
+
+def piece_span(index: int, size: int, piece_size: int) -> tuple[int, int]:
+    """(offset, length) of piece ``index``; the last piece is short."""
+    offset = index * piece_size
+    return offset, min(piece_size, size - offset)
+
+
+def hash_piece(data: bytes | bytearray | memoryview) -> bytes:
+    # blake3 releases the GIL for large inputs; callers run this in a worker thread.
+    return blake3.blake3(data, max_threads=blake3.blake3.AUTO if len(data) >= 4 << 20 else 1).digest()
+
+
+class RefKind(enum.StrEnum):
+    HF = "hf"
+    HTTP = "http"
+    FILE = "file"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRef:
+    """What a user names. ``canonical`` is the one spelling used as a key everywhere."""
+
+    kind: RefKind
+    canonical: str
+    # hf
+    repo: str = ""
+    revision: str = ""
+    # http / file
+    url: str = ""
+    path: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> "ModelRef":
+        if not isinstance(text, str):
+            raise RefError(repr(text), "a ref must be a string")
+        raw = text.strip()
+        if not raw:
+            raise RefError(text, "empty ref")
+        if len(raw) > 4096:
+            raise RefError(raw[:64] + "...", "longer than 4096 characters")
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in raw):
+            raise RefError(raw, "contains control characters")
+        scheme, sep, _ = raw.partition("://")
+        if not sep:
+            raise RefError(raw, "expected hf://org/name[@revision], http(s)://host/file or file:///path")
+        scheme = scheme.lower()
+        if scheme == "hf":
+            return cls._parse_hf(raw)
+        if scheme in ("http", "https"):
+            return cls._parse_http(raw)
+        if scheme == "file":
+            return cls._parse_file(raw)
+        raise RefError(raw, f"unknown scheme {scheme!r} (use hf://, http://, https:// or file://)")
+
+    @classmethod
+    def _parse_hf(cls, raw: str) -> "ModelRef":
+        body = raw[len("hf://"):]
+        repo, at, revision = body.partition("@")
+        if at and not revision:
+            raise RefError(raw, "empty revision after '@'")
+        revision = revision or "main"
+        parts = repo.split("/")
+        if len(parts) not in (1, 2) or not all(parts):
+            raise RefError(raw, "repo must be 'org/name' or 'name'")
+        for part in parts:
+            if not _HF_PART.match(part) or ".." in part or part.endswith("."):
+                raise RefError(raw, f"invalid repo name part {part!r}")
+        if not _HF_REVISION.match(revision) or ".." in revision or "//" in revision or revision.endswith("/"):
+            raise RefError(raw, f"invalid revision {revision!r}")
+        return cls(kind=RefKind.HF, canonical=f"hf://{repo}@{revision}", repo=repo, revision=revision)
+
+    @classmethod
+    def _parse_http(cls, raw: str) -> "ModelRef":
+        try:
+            url = URL(raw)
+        except (ValueError, TypeError) as e:
+            raise RefError(raw, f"bad URL: {e}") from None
+        if not url.host:
+            raise RefError(raw, "URL has no host")
+        name = url.name
+        if not name or name in (".", ".."):
+            raise RefError(raw, "URL must name a file (its last path segment is the file name)")
+        if "/" in name or "\0" in name:
+            raise RefError(raw, "file name in URL is not a plain name")
+        url = url.with_fragment(None)
+        return cls(kind=RefKind.HTTP, canonical=str(url), url=str(url))
+
+    @classmethod
+    def _parse_file(cls, raw: str) -> "ModelRef":
+        rest = raw[len("file://"):]
+        host, slash, path = rest.partition("/")
+        if host not in ("", "localhost"):
+            raise RefError(raw, "file refs must be file:///absolute/path (no host)")
+        if not slash:
+            raise RefError(raw, "file refs must be file:///absolute/path")
+        path = unquote("/" + path)
+        if "\0" in path:
+            raise RefError(raw, "path contains NUL")
+        segments = [s for s in path.split("/") if s]
+        if any(s in (".", "..") for s in segments):
+            raise RefError(raw, "path must not contain '.' or '..' segments")
+        if not segments:
+            raise RefError(raw, "path must name a file or directory below /")
+        norm = "/" + "/".join(segments)
+        return cls(kind=RefKind.FILE, canonical="file://" + quote(norm), path=norm)
+
+    @property
+    def escaped(self) -> str:
+        """A single safe file-name component for this ref (injective)."""
+        esc = quote(self.canonical, safe="")
+        if len(esc) > 200:
+            esc = esc[:150] + "~" + blake3.blake3(self.canonical.encode()).hexdigest()[:40]
+        return esc
+
+    def __str__(self) -> str:
+        return self.canonical
+
+
+def validate_file_path(path: str) -> str:
+    """A manifest file path: relative, POSIX, no '.', '..' or empty segments."""
+    if not isinstance(path, str) or not path or len(path) > 1024:
+        raise ValueError(f"bad file path {path!r}")
+    if path.startswith("/") or "\\" in path or "\0" in path:
+        raise ValueError(f"bad file path {path!r}")
+    parts = path.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"bad file path {path!r}")
+    if posixpath.normpath(path) != path:
+        raise ValueError(f"bad file path {path!r}")
+    return path
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OriginFile:
+    """One file as the origin describes it, before its blob id is known.
+
+    ``identity`` pins the exact content version (URL + ETag + size, path + mtime, HF commit + path +
+    sha256); an in-progress download is keyed by it, so a changed origin file never resumes into a
+    partial written from the old one.
+    """
+
+    path: str
+    size: int
+    identity: str
+    checksums: Mapping[str, str] = field(default_factory=dict)  # e.g. {"sha256": hex, "etag": ...}
+    locator: str = ""  # origin-specific address (URL, absolute path)
+
+    @property
+    def key(self) -> str:
+        return blake3.blake3(self.identity.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FileEntry:
+    path: str
+    size: int
+    blob: BlobId
+    origin: Mapping[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "blob": str(self.blob), "origin": dict(self.origin)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "FileEntry":
+        size = d["size"]
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ValueError(f"bad size {size!r}")
+        origin = d.get("origin") or {}
+        if not isinstance(origin, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in origin.items()):
+            raise ValueError("origin must map strings to strings")
+        return cls(path=validate_file_path(d["path"]), size=size, blob=BlobId.parse(d["blob"]), origin=origin)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Manifest:
+    """The resolved content of a ref. Its digest is BLAKE3 over its canonical JSON."""
+
+    ref: str
+    piece_size: int
+    files: tuple[FileEntry, ...]
+    revision: str | None = None
+
+    def __post_init__(self) -> None:
+        paths = [f.path for f in self.files]
+        if len(set(paths)) != len(paths):
+            raise ValueError("duplicate file paths in manifest")
+        if not MIN_PIECE_SIZE <= self.piece_size <= MAX_PIECE_SIZE:
+            raise ValueError(f"piece size {self.piece_size} out of range")
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "ref": self.ref,
+            "revision": self.revision,
+            "piece_size": self.piece_size,
+            "files": [f.to_json() for f in sorted(self.files, key=lambda f: f.path)],
+        }
+
+    def canonical_bytes(self) -> bytes:
+        return canonical_json(self.to_json())
+
+    @property
+    def digest(self) -> str:
+        return blake3.blake3(self.canonical_bytes()).hexdigest()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, expect_digest: str | None = None) -> "Manifest":
+        if expect_digest is not None and blake3.blake3(data).hexdigest() != expect_digest:
+            raise IntegrityError(f"manifest does not match digest blake3:{expect_digest}")
+        try:
+            d = json.loads(data)
+            if d.get("version") != 1:
+                raise ValueError(f"unknown manifest version {d.get('version')!r}")
+            return cls(
+                ref=str(d["ref"]),
+                revision=d.get("revision"),
+                piece_size=int(d["piece_size"]),
+                files=tuple(FileEntry.from_json(f) for f in d["files"]),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise IntegrityError(f"malformed manifest: {e}") from None
+
+
+def canonical_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class JobState(enum.StrEnum):
+    ABSENT = "absent"
+    QUEUED = "queued"
+    FETCHING = "fetching"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class Priority(enum.IntEnum):
+    """Lower value runs first."""
+
+    HIGH = 0
+    NORMAL = 1
+    LOW = 2
+
+    @classmethod
+    def parse(cls, value: str) -> "Priority":
+        try:
+            return cls[value.upper()]
+        except (KeyError, AttributeError):
+            raise ValueError(f"priority must be high, normal or low, not {value!r}") from None
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTP]?)(?:i?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: str | int) -> int:
+    """'500G', '1.5T', '1024' -> bytes (binary units, as operators size disks)."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a size: {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"size must not be negative: {value}")
+        return value
+    m = _SIZE_RE.match(str(value))
+    if not m:
+        raise ValueError(f"not a size: {value!r} (examples: 500G, 1.5T, 1048576)")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+
+
+def format_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
