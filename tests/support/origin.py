@@ -34,6 +34,8 @@ class Faults:
     truncate_times: int = 0  # how many bodies to truncate (then serve normally)
     delay_s: float = 0.0  # sleep before sending any body
     no_head: bool = False  # HEAD answers 405
+    rate_bps: int | None = None  # throttle each body to about this many bytes per second
+    change_after_gets: int | None = None  # after N GETs, pretend the file changed (new ETag)
 
 
 @dataclass
@@ -111,6 +113,8 @@ class Origin:
             return web.Response(status=404, text="not found\n")
         size = path.stat().st_size
         etag = self.etag_of(path)
+        if f.change_after_gets is not None and c.gets > f.change_after_gets:
+            etag = etag[:-1] + '-v2"'
         headers = {"ETag": etag, "Last-Modified": "Sun, 29 Nov 2026 00:00:00 GMT"}
         if not f.no_ranges:
             headers["Accept-Ranges"] = "bytes"
@@ -145,11 +149,14 @@ class Origin:
         if truncate:
             f.truncate_times -= 1
             limit = min(length, f.truncate_after or 0)
+        step = CHUNK if not f.rate_bps else max(1024, min(CHUNK, f.rate_bps // 20))
         with open(path, "rb") as fh:
             fh.seek(start)
             sent = 0
             while sent < limit:
-                chunk = fh.read(min(CHUNK, limit - sent))
+                if f.rate_bps:
+                    await asyncio.sleep(step / f.rate_bps)
+                chunk = fh.read(min(step, limit - sent))
                 if not chunk:
                     break
                 await resp.write(chunk)
