@@ -61,13 +61,14 @@ def remove_tree(path: Path) -> None:
         path.unlink(missing_ok=True)
         return
 
-    def onexc(func, p, exc):  # noqa: ANN001 - shutil's callback signature
-        if isinstance(exc, FileNotFoundError):
+    def onerror(func, p, exc_info):  # noqa: ANN001 - shutil's callback signature
+        if isinstance(exc_info[1], FileNotFoundError):
             return
         os.chmod(os.path.dirname(p), 0o755)
         func(p)
 
-    shutil.rmtree(path, onexc=onexc)
+    # onerror rather than onexc: the latter only exists from Python 3.12.
+    shutil.rmtree(path, onerror=onerror)
 
 
 def try_reflink(src_fd: int, dst_fd: int) -> bool:

@@ -67,6 +67,7 @@ class Origin:
 
     async def start(self, port: int = 0) -> "Origin":
         app = web.Application()
+        app.router.add_get("/__counters", self._counters)
         app.router.add_route("*", "/{path:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
@@ -90,6 +91,11 @@ class Origin:
     def etag_of(path: Path) -> str:
         st = path.stat()
         return '"' + hashlib.sha1(f"{st.st_size}-{st.st_mtime_ns}-{st.st_ino}".encode()).hexdigest()[:20] + '"'
+
+    async def _counters(self, request: web.Request) -> web.Response:
+        """For the demo: what this origin has sent so far (not counted in the counters)."""
+        c = self.counters
+        return web.json_response({"requests": c.requests, "gets": c.gets, "heads": c.heads, "bytes_sent": c.bytes_sent})
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         c, f = self.counters, self.faults
