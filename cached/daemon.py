@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -42,6 +43,20 @@ log = logging.getLogger("cached")
 
 EX_CONFIG = 78
 HOUSEKEEPING_INTERVAL_S = 10.0
+# Keys SIGHUP applies in place; any other change is reported as needing a restart.
+RELOADABLE = frozenset(
+    {"log.level", "store.max_bytes", "store.high_watermark", "store.low_watermark", "jobs.max_concurrent"}
+)
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A config dataclass as dotted keys (``store.max_bytes``), to diff two configs."""
+    if not dataclasses.is_dataclass(value):
+        return {prefix.rstrip("."): value}
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(value):
+        out.update(flatten(getattr(value, f.name), f"{prefix}{f.name}."))
+    return out
 
 
 class Daemon:
@@ -90,6 +105,9 @@ class Daemon:
         self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
         self._stack.callback(self._stopping.set)  # runs before the TaskGroup joins: loops end
         self._tg.create_task(self._housekeeping(), name="store.housekeeping")
+        watchdog_s = watchdog_interval_s()
+        if watchdog_s is not None:
+            self._tg.create_task(self._watchdog(watchdog_s), name="systemd.watchdog")
 
         self.api = LocalApi(node_id=cfg.node_id, store=self.store, jobs=self.jobs, fetcher=self.fetcher, metrics=self.metrics, clock=self.clock)
         self._runner = web.AppRunner(self.api.app(), handle_signals=False, access_log=None, shutdown_timeout=2.0)
@@ -125,6 +143,38 @@ class Daemon:
     async def wait_stopped(self) -> None:
         await self._stopping.wait()
 
+    async def _watchdog(self, interval_s: float) -> None:
+        # Pinged from the event loop itself: if the loop is stuck, systemd stops hearing from us
+        # and restarts the service.
+        while not self._stopping.is_set():
+            notify("WATCHDOG=1")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), interval_s)
+
+    def reload(self, new: Config) -> list[str]:
+        """SIGHUP: apply what can change at run time; return the keys that need a restart."""
+        changed = {k for k, v in flatten(new).items() if flatten(self.cfg)[k] != v}
+        restart = sorted(changed - RELOADABLE)
+        applied = sorted(changed & RELOADABLE)
+        if "log.level" in changed:
+            logging.getLogger().setLevel(new.log.level.upper())
+        store = dataclasses.replace(
+            self.cfg.store,
+            max_bytes=new.store.max_bytes,
+            high_watermark=new.store.high_watermark,
+            low_watermark=new.store.low_watermark,
+        )
+        if store != self.cfg.store:
+            self.store.reconfigure(store)
+        if new.jobs != self.cfg.jobs:
+            self.jobs.reconfigure(new.jobs)
+        self.cfg = dataclasses.replace(
+            self.cfg, store=store, jobs=new.jobs, log=dataclasses.replace(self.cfg.log, level=new.log.level)
+        )
+        log.info("configuration reloaded applied=%s needs_restart=%s", ",".join(applied) or "-", ",".join(restart) or "-")
+        notify(f"STATUS=reloaded; restart needed for: {', '.join(restart)}" if restart else "STATUS=reloaded")
+        return restart
+
     async def _housekeeping(self) -> None:
         while not self._stopping.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
@@ -143,6 +193,18 @@ class Daemon:
 
 
 # --- systemd ------------------------------------------------------------------------------------
+
+
+def watchdog_interval_s() -> float | None:
+    """Half of $WATCHDOG_USEC when the watchdog is meant for this process, else None."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return max(0.05, int(usec) / 2e6)
+    except ValueError:
+        return None
 
 
 def notify(*lines: str) -> None:
@@ -225,24 +287,35 @@ def parse_config(argv: list[str]) -> Config:
     return load(file, args)
 
 
-async def run(cfg: Config) -> None:
+async def run(cfg: Config, argv: list[str]) -> None:
     loop = asyncio.get_running_loop()
     async with Daemon(cfg) as daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, daemon.stop)
+
+        def on_hup() -> None:
+            notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+            try:
+                daemon.reload(parse_config(argv))
+            except ConfigError as e:
+                log.error("reload refused, keeping the running configuration: %s", e.message)
+            notify("READY=1")
+
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
         await daemon.wait_stopped()
         log.info("stopping node=%s", cfg.node_id)
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        cfg = parse_config(sys.argv[1:] if argv is None else argv)
+        cfg = parse_config(argv)
     except ConfigError as e:
         print(f"cached: config error: {e.message}", file=sys.stderr)
         sys.exit(EX_CONFIG)
     setup_logging(cfg.log.format, cfg.log.level)
     try:
-        asyncio.run(run(cfg))
+        asyncio.run(run(cfg, argv))
     except CachedError as e:
         log.error("cannot start: %s", e)
         sys.exit(1)

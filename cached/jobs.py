@@ -119,6 +119,10 @@ class Jobs:
         tg, self._tg = self._tg, None
         await tg.__aexit__(None, None, None)
 
+    def reconfigure(self, cfg: JobsConfig) -> None:
+        self._cfg = cfg
+        self._pump()
+
     # --- queries -------------------------------------------------------------------------------
 
     def get(self, ref: ModelRef) -> Job | None:

@@ -172,10 +172,12 @@ class LocalApi:
             state = job.state
         elif rec is not None:
             state = JobState.READY
-        elif job is not None:
-            state = job.state
+        elif job is not None and job.state is JobState.FAILED:
+            state = JobState.FAILED
         else:
+            # Never fetched, or fetched and since evicted (a finished job says nothing now).
             state = JobState.ABSENT
+            job = None
         claims = self._store.claims
         obj: dict[str, Any] = {
             "ref": ref.canonical,
@@ -200,6 +202,8 @@ class LocalApi:
                 obj["error_code"] = job.error_code
         if rec is not None and state is JobState.READY:
             obj["bytes_total"] = obj["bytes_done"] = rec.manifest.total_bytes
+            # What was fetched to make this copy, not what a later no-op prefetch fetched (nothing).
+            obj["sources"] = {"peer": rec.sources.get("peer", 0), "origin": rec.sources.get("origin", 0)}
             obj["path"] = str(rec.path)
             obj["manifest"] = f"blake3:{rec.manifest.digest}"
             obj["revision"] = rec.manifest.revision
@@ -208,7 +212,9 @@ class LocalApi:
         return obj
 
     def _known_refs(self) -> list[ModelRef]:
-        refs = {r.ref for r in self._store.models()} | {j.ref.canonical for j in self._jobs.all()}
+        refs = {r.ref for r in self._store.models()} | {
+            j.ref.canonical for j in self._jobs.all() if j.active or j.state is JobState.FAILED
+        }
         return [ModelRef.parse(r) for r in sorted(refs)]
 
     # --- models --------------------------------------------------------------------------------
@@ -315,7 +321,9 @@ class LocalApi:
         now = self._clock()
         by_state: dict[str, int] = {s.value: 0 for s in JobState if s is not JobState.ABSENT}
         for ref in self._known_refs():
-            by_state[self.model_object(ref)["state"]] += 1
+            state = self.model_object(ref)["state"]
+            if state in by_state:
+                by_state[state] += 1
         return {
             "node_id": self._node_id,
             "version": __version__,

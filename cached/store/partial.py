@@ -12,11 +12,13 @@ This module does not decide where bytes come from; ``cached.transfer`` does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
 import threading
 from dataclasses import dataclass
+from typing import Iterator
 from pathlib import Path
 
 from cached.errors import IntegrityError, StoreError
@@ -80,6 +82,25 @@ class PartialBlob:
         self._fd = -1
         self._log_fd = -1
         self._log_lock = threading.Lock()
+        # Worker threads may still be writing when the coroutine that started them is cancelled;
+        # closing the fds under them could let a reused fd number receive their bytes. So every
+        # blocking operation is counted, and close waits for the count to drop to zero.
+        self._ops = 0
+        self._closing = False
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def _op(self) -> Iterator[None]:
+        with self._cond:
+            if self._closing or self._fd < 0:
+                raise StoreError(f"partial {self.key[:16]} is closed")
+            self._ops += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._ops -= 1
+                self._cond.notify_all()
 
     @property
     def size(self) -> int:
@@ -152,17 +173,19 @@ class PartialBlob:
         digest = hash_piece(data)
         if expected is not None and digest != expected:
             raise IntegrityError(f"piece {index}: BLAKE3 mismatch")
-        self._pwrite_all(data, off)
-        self._record(index, digest)
+        with self._op():
+            self._pwrite_all(data, off)
+            self._record(index, digest)
         return digest
 
     def adopt_piece_sync(self, index: int, expected: bytes | None = None) -> bytes:
         """Hash a piece already present in the data file (after a reflink clone) and record it."""
         off, length = piece_span(index, self.size, self.piece_size)
-        digest = hash_piece(os.pread(self._fd, length, off))
-        if expected is not None and digest != expected:
-            raise IntegrityError(f"piece {index}: BLAKE3 mismatch")
-        self._record(index, digest)
+        with self._op():
+            digest = hash_piece(os.pread(self._fd, length, off))
+            if expected is not None and digest != expected:
+                raise IntegrityError(f"piece {index}: BLAKE3 mismatch")
+            self._record(index, digest)
         return digest
 
     def _pwrite_all(self, data: bytes | bytearray | memoryview, off: int) -> None:
@@ -182,7 +205,8 @@ class PartialBlob:
             self.done[index] = digest
 
     def clone_from_sync(self, src_fd: int) -> bool:
-        return durable.try_reflink(src_fd, self._fd)
+        with self._op():
+            return durable.try_reflink(src_fd, self._fd)
 
     def finalize_sync(self, blob_path: Path, sidecar_path: Path) -> BlobId:
         """fsync, name by piece root, publish sidecar then blob (0444). The partial is gone after."""
@@ -206,6 +230,9 @@ class PartialBlob:
         return blob_id
 
     def close_sync(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.wait_for(lambda: self._ops == 0)
         for attr in ("_fd", "_log_fd"):
             fd = getattr(self, attr)
             if fd >= 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -38,6 +39,7 @@ class ModelRecord:
     manifest: Manifest
     last_used: float
     path: Path
+    sources: dict[str, int]  # bytes fetched for it on this node, by source ("origin", "peer")
 
 
 class Reservation:
@@ -71,6 +73,7 @@ class Store:
         self._blob_by_identity: dict[str, str] = {}  # origin identity key -> blob hex
         self._manifests: dict[str, Manifest] = {}  # digest hex -> manifest
         self._refs: dict[str, tuple[str, float]] = {}  # canonical ref -> (manifest digest, last used)
+        self._sources: dict[str, dict[str, int]] = {}  # canonical ref -> bytes fetched by source
         self._partial_sizes: dict[str, int] = {}  # partial key -> bytes on disk
         self._open_partials: dict[str, tuple[PartialBlob, int]] = {}  # key -> (partial, users)
         self._partial_locks: dict[str, asyncio.Lock] = {}
@@ -98,11 +101,7 @@ class Store:
         for entry in self.tmp_dir.iterdir():  # per-attempt files of a previous run
             durable.remove_tree(entry)
         self.claims.load_sync()
-        if self.cfg.max_bytes:
-            self.capacity_bytes = self.cfg.max_bytes
-        else:
-            st = os.statvfs(self.root)
-            self.capacity_bytes = int(st.f_blocks * st.f_frsize * 0.9)
+        self.capacity_bytes = self._capacity()
         self._index_blobs()
         self._index_partials()
         self._index_manifests()
@@ -164,8 +163,10 @@ class Store:
                 p.unlink(missing_ok=True)
                 continue
             try:
-                canonical, digest = p.read_text().split("\n")[:2]
+                lines = p.read_text().split("\n")
+                canonical, digest = lines[:2]
                 ref = ModelRef.parse(canonical)
+                sources = _parse_sources(lines[2] if len(lines) > 2 else "")
                 digest = digest.removeprefix("blake3:")
                 manifest = self._manifests[digest]
                 missing = [f.path for f in manifest.files if f.blob.hex not in self._blobs]
@@ -176,6 +177,7 @@ class Store:
                 p.unlink(missing_ok=True)
                 continue
             self._refs[ref.canonical] = (digest, p.stat().st_mtime)
+            self._sources[ref.canonical] = sources
             used_manifests.add(digest)
         for digest in set(self._manifests) - used_manifests:
             # Written before a crash that came before its ref: nothing points at it.
@@ -199,6 +201,17 @@ class Store:
             return os.path.samefile(path, self.blob_path(blob_hex))
         except OSError:
             return False
+
+    def reconfigure(self, cfg: StoreConfig) -> None:
+        """SIGHUP: new capacity and watermarks (the directory and piece size need a restart)."""
+        self.cfg = cfg
+        self.capacity_bytes = self._capacity()
+
+    def _capacity(self) -> int:
+        if self.cfg.max_bytes:
+            return self.cfg.max_bytes
+        st = os.statvfs(self.root)
+        return int(st.f_blocks * st.f_frsize * 0.9)
 
     # --- paths and queries ---------------------------------------------------------------------
 
@@ -226,7 +239,10 @@ class Store:
         if entry is None:
             return None
         digest, last_used = entry
-        return ModelRecord(ref=ref.canonical, manifest=self._manifests[digest], last_used=last_used, path=self.view_path(ref))
+        return ModelRecord(
+            ref=ref.canonical, manifest=self._manifests[digest], last_used=last_used, path=self.view_path(ref),
+            sources=dict(self._sources.get(ref.canonical, {})),
+        )
 
     def models(self) -> list[ModelRecord]:
         out = []
@@ -305,7 +321,7 @@ class Store:
             if users <= 1:
                 del self._open_partials[key]
                 self._partial_locks.pop(key, None)
-                partial.close_sync()
+                await asyncio.shield(asyncio.to_thread(partial.close_sync))
             else:
                 self._open_partials[key] = (partial, users - 1)
 
@@ -357,27 +373,31 @@ class Store:
 
     # --- publishing ----------------------------------------------------------------------------
 
-    async def commit_model(self, ref: ModelRef, manifest: Manifest) -> ModelRecord:
+    async def commit_model(self, ref: ModelRef, manifest: Manifest, *, sources: dict[str, int] | None = None) -> ModelRecord:
         """Manifest, then view, then ref (last): the model is visible only once all is in place."""
         missing = [f.path for f in manifest.files if f.blob.hex not in self._blobs]
         if missing:
             raise StoreError(f"cannot publish {ref}: blobs missing for {missing[:3]}")
         digest = manifest.digest
-        await asyncio.to_thread(self._commit_sync, ref, manifest, digest)
+        sources = {k: int(v) for k, v in (sources or {}).items()}
+        await asyncio.to_thread(self._commit_sync, ref, manifest, digest, sources)
         self._manifests[digest] = manifest
         old = self._refs.get(ref.canonical)
-        now = self._clock()
-        self._refs[ref.canonical] = (digest, now)
+        self._refs[ref.canonical] = (digest, self._clock())
+        self._sources[ref.canonical] = sources
         if old is not None and old[0] != digest:
             await self._drop_manifest_if_unused(old[0])
-        return ModelRecord(ref=ref.canonical, manifest=manifest, last_used=now, path=self.view_path(ref))
+        rec = self.model(ref)
+        assert rec is not None
+        return rec
 
-    def _commit_sync(self, ref: ModelRef, manifest: Manifest, digest: str) -> None:
+    def _commit_sync(self, ref: ModelRef, manifest: Manifest, digest: str, sources: dict[str, int]) -> None:
         mpath = self.manifests_dir / f"{digest}.json"
         if not mpath.exists():
             durable.atomic_write(mpath, manifest.canonical_bytes(), mode=0o444)
         self._build_view_sync(ref, manifest)
-        durable.atomic_write(self.refs_dir / ref.escaped, f"{ref.canonical}\nblake3:{digest}\n".encode())
+        record = f"{ref.canonical}\nblake3:{digest}\n{json.dumps(sources, sort_keys=True)}\n"
+        durable.atomic_write(self.refs_dir / ref.escaped, record.encode())
 
     def _build_view_sync(self, ref: ModelRef, manifest: Manifest) -> None:
         staging = self.tmp_dir / f"view-{secrets.token_hex(6)}"
@@ -422,6 +442,7 @@ class Store:
         await asyncio.to_thread(durable.remove_tree, self.view_path(ref))
         await asyncio.to_thread((self.refs_dir / ref.escaped).unlink, True)
         del self._refs[ref.canonical]
+        self._sources.pop(ref.canonical, None)
         return await self._drop_manifest_if_unused(digest)
 
     async def _drop_manifest_if_unused(self, digest: str) -> int:
@@ -516,10 +537,12 @@ class Store:
     async def reserve(self, nbytes: int) -> Reservation:
         """Promise ``nbytes`` to a fetch, evicting LRU models if needed; StoreFullError if impossible."""
         limit = self.capacity_bytes - nbytes
+        over = self.used_bytes + self.reserved_bytes - limit
+        # Evict only when that can make the fetch fit: a model that can never fit must not
+        # empty the cache on its way to failing.
+        if over > 0 and over <= self.reclaimable():
+            await self.evict_to(limit)
         if self.used_bytes + self.reserved_bytes > limit:
-            await self.evict_to(max(0, limit))
-        if self.used_bytes + self.reserved_bytes > limit:
-            models, debris = self._usage()
             free = self.capacity_bytes - self.used_bytes - self.reserved_bytes
             raise StoreFullError(
                 f"not enough cache space: needs {format_size(nbytes)}, {format_size(max(0, free))} free of "
@@ -535,6 +558,15 @@ class Store:
     def reclaimable(self) -> int:
         models, debris = self._usage()
         return reclaimable_bytes(models=models, blob_sizes=self._blobs, debris=debris)
+
+
+def _parse_sources(line: str) -> dict[str, int]:
+    """The optional third line of a ref file; an unreadable one just means "unknown"."""
+    try:
+        d = json.loads(line) if line.strip() else {}
+        return {str(k): int(v) for k, v in d.items()} if isinstance(d, dict) else {}
+    except (ValueError, TypeError):
+        return {}
 
 
 def _unlink_partial(partial_dir: Path, key: str) -> None:

@@ -8,9 +8,11 @@ behind; one that fails on the network keeps its verified pieces for the next att
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import AsyncIterator
 
 from cached.errors import OriginError, StoreError, StoreFullError
 from cached.metrics import Metrics
@@ -53,6 +55,22 @@ class ModelFetcher:
         self._origins = origins
         self._scheduler = scheduler
         self._metrics = metrics
+        self._key_locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def _key_lock(self, key: str) -> AsyncIterator[None]:
+        """One fetch per origin file at a time, even across refs that name the same file."""
+        lock, users = self._key_locks.get(key, (asyncio.Lock(), 0))
+        self._key_locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._key_locks[key]
+            if users <= 1:
+                del self._key_locks[key]
+            else:
+                self._key_locks[key] = (lock, users - 1)
 
     async def resolve(self, ref: ModelRef) -> Resolution:
         origin = self._origins.for_ref(ref)
@@ -94,7 +112,15 @@ class ModelFetcher:
         sem = asyncio.Semaphore(FILES_AT_ONCE)
 
         async def one(f: OriginFile) -> None:
-            async with sem:
+            async with sem, self._key_lock(f.key):
+                # Another job may have finished this very file while we waited for the lock.
+                done = self._store.blob_for_identity(f.key)
+                if done is not None:
+                    self._store.hold_blob(done)
+                    fetched[f.path] = BlobId(done)
+                    progress.bytes_done += f.size
+                    progress.resumed += f.size
+                    return
                 async with self._store.partial(
                     key=f.key, size=f.size, piece_size=piece_size, identity_key=f.key, reservation=reservation
                 ) as partial:
@@ -119,7 +145,7 @@ class ModelFetcher:
                 blob = BlobId(have[f.path]) if f.path in have else fetched[f.path]
                 entries.append(FileEntry(path=f.path, size=f.size, blob=blob, origin=_origin_meta(f)))
             manifest = Manifest(ref=ref.canonical, revision=resolution.revision, piece_size=piece_size, files=tuple(entries))
-            return await self._store.commit_model(ref, manifest)
+            return await self._store.commit_model(ref, manifest, sources=dict(progress.sources))
         except StoreFullError:
             # The issue's promise: a prefetch that cannot fit leaves no partial files behind.
             for f in need:

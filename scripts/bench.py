@@ -1,0 +1,499 @@
+"""Benchmark: ``cachectl prefetch --wait`` of one large file vs ``curl -o`` of the same file.
+
+Everything runs on 127.0.0.1: a static file server (nginx if installed, else aiohttp's
+``web.static``, which answers with sendfile and honours Range), one ``cached`` daemon per
+configuration (``--no-mdns``, API on a unix socket), and curl. Runs alternate between curl and
+the daemon(s) and the medians are reported, since the page cache cannot be reliably dropped.
+
+The primary figure is throughput(cached) / throughput(curl + fsync of its output): the daemon's
+number includes BLAKE3 verification of every piece and the fsync of the blob, so curl is charged
+the fsync too. The ratio against curl alone is printed as well. Target: >= 0.8.
+
+Run through ``scripts/bench`` (it creates the venv when missing). ``--help`` for options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import select
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FILE_NAME = "file.bin"
+TARGET = 0.8
+SWEEP = ("4M:8", "64M:8", "16M:2", "16M:4", "16M:16")
+
+
+# --- small helpers ------------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    from cached.types import parse_size as _parse
+
+    return _parse(text)
+
+
+def fmt_size(n: int) -> str:
+    for unit, k in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= k and n % k == 0:
+            return f"{n // k}{unit}"
+    return str(n)
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def blake3_file(path: Path) -> str:
+    import blake3
+
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    h.update_mmap(str(path))
+    return h.hexdigest()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(pred, timeout_s: float, what: str, proc: subprocess.Popen | None = None, logfile: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = logfile.read_text(errors="replace")[-2000:] if logfile and logfile.exists() else ""
+            raise RuntimeError(f"{what}: process exited with {proc.returncode}\n{tail}")
+        if pred():
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what}: not ready after {timeout_s:.0f}s")
+
+
+def stop_proc(proc: subprocess.Popen | None, timeout_s: float = 15.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout_s)
+
+
+# --- the source file ----------------------------------------------------------------------------
+
+
+def make_source(path: Path, size: int) -> str:
+    """Random bytes (incompressible, no repeated pieces); returns their BLAKE3 hex."""
+    import blake3
+
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    chunk = 16 << 20
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            data = os.urandom(min(chunk, left))
+            h.update(data)
+            f.write(data)
+            left -= len(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return h.hexdigest()
+
+
+def warm(path: Path) -> None:
+    """Read the source once so that both contenders are served from the page cache."""
+    with open(path, "rb", buffering=0) as f:
+        while f.read(16 << 20):
+            pass
+
+
+# --- static servers -----------------------------------------------------------------------------
+
+
+def serve_aiohttp(root: str) -> None:
+    """``bench.py _serve ROOT``: aiohttp static server on 127.0.0.1:0; prints the port; runs until SIGTERM."""
+    from aiohttp import web
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_static("/", root, show_index=False, follow_symlinks=False)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        print(port, flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await runner.cleanup()
+
+    asyncio.run(main())
+
+
+@dataclass
+class Server:
+    kind: str
+    port: int
+    proc: subprocess.Popen
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/{FILE_NAME}"
+
+    def stop(self) -> None:
+        stop_proc(self.proc)
+
+
+def start_aiohttp(work: Path, root: Path) -> Server:
+    logf = open(work / "server.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "_serve", str(root)],
+        stdout=subprocess.PIPE, stderr=logf, cwd=work,
+    )
+    logf.close()
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 20.0)
+    line = proc.stdout.readline() if ready else b""
+    if not line.strip().isdigit():
+        stop_proc(proc)
+        raise RuntimeError(f"aiohttp static server did not start: {(work / 'server.log').read_text()[-2000:]}")
+    return Server("aiohttp web.static (sendfile)", int(line), proc)
+
+
+def start_nginx(work: Path, root: Path, nginx: str) -> Server:
+    port = free_port()
+    ndir = work / "nginx"
+    ndir.mkdir()
+    user = "user root root;" if os.geteuid() == 0 else ""
+    temps = "\n".join(f"    {k}_temp_path {ndir}/{k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    conf = ndir / "nginx.conf"
+    conf.write_text(
+        f"""{user}
+worker_processes 1;
+daemon off;
+pid {ndir}/nginx.pid;
+error_log {ndir}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 100000;
+{temps}
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        location / {{ }}
+    }}
+}}
+"""
+    )
+    logf = open(work / "server.log", "wb")
+    proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(ndir), "-e", str(ndir / "error.log")], stdout=logf, stderr=logf)
+    logf.close()
+
+    def up() -> bool:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+        return False
+
+    try:
+        wait_for(up, 20.0, "nginx", proc, work / "server.log")
+    except RuntimeError:
+        stop_proc(proc)
+        raise
+    return Server("nginx (sendfile)", port, proc)
+
+
+# --- contenders ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Variant:
+    label: str
+    piece: int | None  # None: the daemon's default
+    connections: int | None
+
+    @classmethod
+    def parse(cls, spec: str) -> "Variant":
+        piece_s, _, conn_s = spec.partition(":")
+        piece = parse_size(piece_s) if piece_s else None
+        conn = int(conn_s) if conn_s else None
+        return cls(f"cached piece={fmt_size(piece) if piece else 'default'} conn={conn or 'default'}", piece, conn)
+
+
+@dataclass
+class Daemon:
+    variant: Variant
+    work: Path
+    proc: subprocess.Popen | None = None
+    times: list[float] = field(default_factory=list)
+
+    @property
+    def sock(self) -> Path:
+        return self.work / "api.sock"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.work / "cache"
+
+    @property
+    def log_path(self) -> Path:
+        return self.work / "daemon.log"
+
+    def start(self) -> None:
+        self.work.mkdir(parents=True)
+        cfg = self.work / "config.toml"
+        # An explicit file, so that a host's /etc/cached/config.toml never leaks into the numbers.
+        cfg.write_text(f"[origins.http]\nconnections = {self.variant.connections}\n" if self.variant.connections else "# defaults\n")
+        argv = [
+            sys.executable, "-m", "cached",
+            "--config", str(cfg),
+            "--node-id", "bench",
+            "--cache-dir", str(self.cache_dir),
+            "--api-listen", f"unix:{self.sock}",
+            "--peer-listen", "127.0.0.1:0",
+            "--no-mdns",
+            "--hf-endpoint", "http://127.0.0.1:9",
+        ]
+        if self.variant.piece:
+            argv += ["--piece-size", str(self.variant.piece)]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env.pop("NOTIFY_SOCKET", None)
+        logf = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(argv, stdout=logf, stderr=logf, env=env, cwd=self.work)
+        logf.close()
+        wait_for(lambda: self.sock.exists() and self.cachectl("status", check=False, timeout_s=10).returncode == 0,
+                 30.0, f"daemon {self.variant.label}", self.proc, self.log_path)
+
+    def cachectl(self, *args: str, check: bool = True, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        r = subprocess.run([sys.executable, "-m", "cached.cli", "--api", f"unix:{self.sock}", *args],
+                           capture_output=True, text=True, env=env, timeout=timeout_s, stdin=subprocess.DEVNULL)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"cachectl {' '.join(args)} exited {r.returncode}: {r.stderr.strip()}\n"
+                               f"daemon log tail:\n{self.log_path.read_text(errors='replace')[-2000:]}")
+        return r
+
+    def stop(self) -> None:
+        stop_proc(self.proc)
+
+
+def run_curl(url: str, out: Path, timeout_s: float) -> tuple[float, float]:
+    """(seconds for curl alone, seconds for curl + fsync of the output)."""
+    out.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    subprocess.run(["curl", "-s", "-S", "-f", "--max-time", str(int(timeout_s)), "-o", str(out), url],
+                   check=True, timeout=timeout_s + 10, stdin=subprocess.DEVNULL)
+    t1 = time.perf_counter()
+    fsync_path(out)
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t0
+
+
+def run_cached(d: Daemon, url: str, timeout_s: float, py_spy: str | None, profile_out: Path | None) -> tuple[float, Path]:
+    spy = None
+    if py_spy and profile_out and d.proc is not None:
+        spy = subprocess.Popen([py_spy, "record", "--pid", str(d.proc.pid), "--rate", "200", "--threads", "--idle",
+                                "--format", "raw", "-o", str(profile_out)],
+                               stdout=subprocess.DEVNULL, stderr=open(d.work / "py-spy.log", "wb"))
+        time.sleep(1.0)  # let py-spy attach before the clock starts
+    try:
+        t0 = time.perf_counter()
+        r = d.cachectl("prefetch", "--wait", "--timeout", str(int(timeout_s)), url, timeout_s=timeout_s + 30)
+        t1 = time.perf_counter()
+    finally:
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            try:
+                spy.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+    return t1 - t0, Path(r.stdout.strip())
+
+
+def evict(d: Daemon, url: str) -> None:
+    d.cachectl("evict", url, "--force")
+    left = [p for p in (d.cache_dir / "blobs").rglob("*") if p.is_file()] if (d.cache_dir / "blobs").exists() else []
+    if left:
+        raise RuntimeError(f"evict left blobs behind: {left[:3]}")
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", default="2G", help="file size, binary units (default 2G)")
+    p.add_argument("--runs", type=int, default=3, help="runs per contender; medians are reported (default 3)")
+    p.add_argument("--keep", action="store_true", help="keep the work dir (source, logs, caches) and print its path")
+    p.add_argument("--server", choices=("auto", "aiohttp", "nginx"), default="auto",
+                   help="static server; auto = nginx if installed, else aiohttp (default auto)")
+    p.add_argument("--variant", action="append", default=[], metavar="PIECE:CONN",
+                   help="extra daemon setting to measure, e.g. 4M:8 (piece size : origins.http.connections); repeatable")
+    p.add_argument("--sweep", action="store_true", help=f"add the variants {' '.join(SWEEP)}")
+    p.add_argument("--tmpdir", default=os.environ.get("BENCH_TMPDIR") or str(REPO / "bench-out"),
+                   help="parent of the work dir; must be on the filesystem under test (default $REPO/bench-out)")
+    p.add_argument("--timeout", type=float, default=600.0, help="bound on any one transfer, seconds (default 600)")
+    p.add_argument("--py-spy", metavar="PATH", help="py-spy binary: record the daemon during its first run (raw stacks)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    args = p.parse_args(argv)
+
+    size = parse_size(args.size)
+    if size <= 0 or args.runs < 1:
+        p.error("--size and --runs must be positive")
+    variants = [Variant("cached (defaults)", None, None)]
+    for spec in [*(SWEEP if args.sweep else ()), *args.variant]:
+        try:
+            variants.append(Variant.parse(spec))
+        except ValueError as e:
+            p.error(f"--variant {spec!r}: {e}")
+
+    parent = Path(args.tmpdir)
+    parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-", dir=parent))
+    os.chmod(work, 0o755)  # nginx workers may run as another user
+    server: Server | None = None
+    daemons: list[Daemon] = []
+    started = dt.datetime.now(dt.timezone.utc)
+    try:
+        root = work / "www"
+        root.mkdir()
+        src = root / FILE_NAME
+        log(f"work dir {work}; writing {fmt_size(size)} of random bytes")
+        src_b3 = make_source(src, size)
+        warm(src)
+
+        nginx = shutil.which("nginx") or (shutil.which("nginx", path="/usr/sbin:/usr/local/sbin"))
+        if args.server == "nginx" or (args.server == "auto" and nginx):
+            if not nginx:
+                p.error("--server nginx: nginx is not installed")
+            server = start_nginx(work, root, nginx)
+        else:
+            server = start_aiohttp(work, root)
+        url = server.url
+        log(f"static server: {server.kind} at {url}")
+
+        for i, v in enumerate(variants):
+            d = Daemon(v, work / f"daemon-{i}")
+            daemons.append(d)
+            d.start()
+        log(f"{len(daemons)} daemon(s) ready")
+
+        # cachectl's own cost (interpreter start, imports, one RPC): part of every cached figure.
+        overhead = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            daemons[0].cachectl("status")
+            overhead.append(time.perf_counter() - t0)
+
+        curl_alone: list[float] = []
+        curl_sync: list[float] = []
+        verified = False
+        out = work / "curl.out"
+        for run in range(args.runs):
+            contenders: list[object] = ["curl", *daemons]
+            shift = run % len(contenders)  # rotate who goes first: no one always gets a cold or a warm start
+            for c in contenders[shift:] + contenders[:shift]:
+                if c == "curl":
+                    a, s = run_curl(url, out, args.timeout)
+                    if out.stat().st_size != size:
+                        raise RuntimeError(f"curl wrote {out.stat().st_size} bytes, expected {size}")
+                    out.unlink()
+                    curl_alone.append(a)
+                    curl_sync.append(s)
+                    log(f"run {run + 1}: curl {a:.2f}s, curl+fsync {s:.2f}s")
+                else:
+                    assert isinstance(c, Daemon)
+                    prof = work / f"py-spy-{daemons.index(c)}.txt" if run == 0 else None
+                    t, path = run_cached(c, url, args.timeout, args.py_spy, prof)
+                    if not verified:
+                        view = path / FILE_NAME if path.is_dir() else path
+                        got = blake3_file(view)
+                        if got != src_b3:
+                            raise RuntimeError(f"{view}: BLAKE3 {got} != source {src_b3}")
+                        verified = True
+                        log(f"verified: {view} has the source's BLAKE3 {src_b3[:16]}...")
+                    evict(c, url)
+                    c.times.append(t)
+                    log(f"run {run + 1}: {c.variant.label} {t:.2f}s")
+
+        # --- report -----------------------------------------------------------------------------
+        mb = size / 1e6
+        base_sync, base_alone = median(curl_sync), median(curl_alone)
+        rows = [("curl -o", base_alone, curl_alone), ("curl -o + fsync", base_sync, curl_sync)]
+        rows += [(d.variant.label, median(d.times), d.times) for d in daemons]
+        print()
+        print(f"file {fmt_size(size)} ({size} bytes), {args.runs} runs, medians; server: {server.kind}; "
+              f"{os.cpu_count()} CPUs; {platform.python_version()}")
+        print(f"{'method':<34} {'median s':>9} {'MB/s':>8} {'vs curl+fsync':>14} {'vs curl':>8}   runs (s)")
+        for name, t, raw in rows:
+            print(f"{name:<34} {t:>9.2f} {mb / t:>8.0f} {base_sync / t:>14.2f} {base_alone / t:>8.2f}   "
+                  + " ".join(f"{x:.2f}" for x in raw))
+        print(f"(cachectl start + one RPC, included in every cached figure: median {median(overhead):.2f}s)")
+        ratio = base_sync / median(daemons[0].times)
+        met = ratio >= TARGET
+        print(f"primary ratio (cached defaults vs curl+fsync): {ratio:.2f} -> "
+              f"{'target met' if met else 'target missed'} (target >= {TARGET})")
+
+        if args.json:
+            Path(args.json).write_text(json.dumps({
+                "date": started.isoformat(timespec="seconds"),
+                "command": " ".join(["scripts/bench", *(argv if argv is not None else sys.argv[1:])]),
+                "size_bytes": size, "runs": args.runs, "server": server.kind, "cpus": os.cpu_count(),
+                "curl_s": curl_alone, "curl_fsync_s": curl_sync, "cachectl_overhead_s": overhead,
+                "cached": {d.variant.label: d.times for d in daemons},
+                "ratio_vs_curl_fsync": ratio, "ratio_vs_curl": base_alone / median(daemons[0].times),
+                "target_met": met,
+            }, indent=2) + "\n")
+        return 0
+    finally:
+        for d in daemons:
+            d.stop()
+        if server is not None:
+            server.stop()
+        if args.keep:
+            log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                parent.rmdir()  # only if empty
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "_serve":
+        serve_aiohttp(sys.argv[2])
+    else:
+        sys.exit(main())

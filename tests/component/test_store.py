@@ -1,0 +1,399 @@
+"""Store on a real directory: publish and delete order, start-up sweep, space, eviction, verify."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from cached.config import StoreConfig
+from cached.errors import NotFoundError, StoreError, StoreFullError
+from cached.store import Store
+from cached.store import durable
+from cached.types import BlobId, FileEntry, Manifest, ModelRef, format_size, hash_piece, piece_span
+from tests.support.origin import write_random_file
+
+PIECE = 65536
+MiB = 1 << 20
+
+
+class Clock:
+    """An injected clock the test moves by hand."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_store(root: Path, *, max_bytes: int = 64 * MiB, clock: Clock | None = None) -> Store:
+    cfg = StoreConfig(cache_dir=root, piece_size_bytes=PIECE, max_bytes=max_bytes)
+    return Store(cfg, clock=clock or Clock())
+
+
+async def opened(root: Path, **kw) -> Store:
+    store = make_store(root, **kw)
+    await store.open()
+    return store
+
+
+def content(tmp_path: Path, size: int, seed: int) -> bytes:
+    return write_random_file(tmp_path / "src" / f"{seed}-{size}", size, seed=seed).read_bytes()
+
+
+async def add_blob(store: Store, data: bytes, key: str) -> BlobId:
+    async with store.partial(key=key, size=len(data), piece_size=PIECE, identity_key=f"test|{key}") as p:
+        for i in range(p.pieces):
+            off, length = piece_span(i, len(data), PIECE)
+            await asyncio.to_thread(p.write_piece_sync, i, data[off : off + length])
+        return await store.finalize(p)
+
+
+async def add_model(store: Store, ref_text: str, files: dict[str, bytes]) -> tuple[ModelRef, Manifest]:
+    ref = ModelRef.parse(ref_text)
+    entries = []
+    for path, data in files.items():
+        blob = await add_blob(store, data, key=f"{ref.escaped}-{path.replace('/', '_')}")
+        entries.append(FileEntry(path=path, size=len(data), blob=blob))
+    manifest = Manifest(ref=ref.canonical, piece_size=PIECE, files=tuple(entries))
+    await store.commit_model(ref, manifest)
+    return ref, manifest
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    mode = stat.S_IMODE(path.stat().st_mode)
+    os.chmod(path, 0o644)
+    try:
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            b = f.read(1)
+            f.seek(offset)
+            f.write(bytes([b[0] ^ 0xFF]))
+    finally:
+        os.chmod(path, mode)
+
+
+# --- publishing ----------------------------------------------------------------------------------
+
+
+async def test_commit_publishes_manifest_hardlink_view_and_ref(tmp_path: Path) -> None:
+    store = await opened(tmp_path / "cache")
+    a = content(tmp_path, 3 * PIECE + 5, seed=1)
+    b = content(tmp_path, PIECE // 2, seed=2)
+    ref, manifest = await add_model(store, "file:///models/m1", {"a.bin": a, "sub/dir/b.bin": b})
+
+    mpath = store.manifests_dir / f"{manifest.digest}.json"
+    assert mpath.read_bytes() == manifest.canonical_bytes()
+    assert stat.S_IMODE(mpath.stat().st_mode) == 0o444
+    assert (store.refs_dir / ref.escaped).read_text().split("\n")[:2] == [ref.canonical, f"blake3:{manifest.digest}"]
+
+    view = store.view_path(ref)
+    for entry, data in zip(manifest.files, (a, b)):
+        f = view / entry.path
+        blob = store.blob_path(entry.blob.hex)
+        assert f.read_bytes() == data
+        assert f.stat().st_ino == blob.stat().st_ino  # a hardlink, not a copy
+        assert stat.S_IMODE(f.stat().st_mode) == 0o444
+        assert f.stat().st_nlink == 2
+
+    rec = store.model(ref)
+    assert rec is not None and rec.manifest == manifest and rec.path == view
+    assert not list(store.tmp_dir.iterdir())  # view staging cleaned up
+
+
+async def test_commit_writes_the_ref_last(tmp_path: Path) -> None:
+    """A failure while building the view leaves the manifest written and no ref."""
+    store = await opened(tmp_path / "cache")
+    data = content(tmp_path, 2 * PIECE, seed=3)
+    ref = ModelRef.parse("file:///models/order")
+    blob = await add_blob(store, data, key="order")
+    manifest = Manifest(ref=ref.canonical, piece_size=PIECE, files=(FileEntry(path="w.bin", size=len(data), blob=blob),))
+
+    # Make the view impossible to publish: the models directory is replaced by a file.
+    durable.remove_tree(store.models_dir)
+    store.models_dir.write_bytes(b"not a directory")
+    with pytest.raises(StoreError, match="view"):
+        await store.commit_model(ref, manifest)
+    assert (store.manifests_dir / f"{manifest.digest}.json").exists()  # manifest came first
+    assert not (store.refs_dir / ref.escaped).exists()  # ref comes last
+    assert store.model(ref) is None
+    assert not list(store.tmp_dir.iterdir())
+
+    # After the "crash", a restart drops the orphan manifest; a retry then publishes fully.
+    store.models_dir.unlink()
+    store = await opened(tmp_path / "cache")
+    assert not (store.manifests_dir / f"{manifest.digest}.json").exists()
+    await store.commit_model(ref, manifest)
+    assert (store.view_path(ref) / "w.bin").read_bytes() == data
+
+
+async def test_commit_refuses_a_manifest_whose_blobs_are_missing(tmp_path: Path) -> None:
+    store = await opened(tmp_path / "cache")
+    ref = ModelRef.parse("file:///models/ghost")
+    ghost = BlobId.compute(10, PIECE, [hash_piece(b"0123456789")])
+    manifest = Manifest(ref=ref.canonical, piece_size=PIECE, files=(FileEntry(path="g.bin", size=10, blob=ghost),))
+    with pytest.raises(StoreError, match="blobs missing"):
+        await store.commit_model(ref, manifest)
+    assert not any(store.manifests_dir.iterdir()) and not any(store.refs_dir.iterdir())
+
+
+async def test_identical_content_is_stored_once(tmp_path: Path) -> None:
+    store = await opened(tmp_path / "cache")
+    data = content(tmp_path, 2 * PIECE + 1, seed=4)
+    first = await add_blob(store, data, key="one")
+    second = await add_blob(store, data, key="two")
+    assert first == second
+    assert store.blob_count() == 1
+    assert not any(store.partial_dir.iterdir())
+    assert store.used_bytes == len(data)
+
+
+# --- start-up sweep ------------------------------------------------------------------------------
+
+
+async def test_open_sweeps_debris_and_rebuilds_views(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    store = await opened(root)
+    keep_a = content(tmp_path, 2 * PIECE + 7, seed=10)
+    keep_b = content(tmp_path, PIECE, seed=11)
+    keep, keep_manifest = await add_model(store, "file:///models/keep", {"a.bin": keep_a, "d/b.bin": keep_b})
+    broken, broken_manifest = await add_model(store, "file:///models/broken", {"c.bin": content(tmp_path, PIECE, seed=12)})
+    no_sidecar = await add_blob(store, content(tmp_path, PIECE + 3, seed=13), key="no-sidecar")
+    no_blob = await add_blob(store, content(tmp_path, PIECE + 4, seed=14), key="no-blob")
+    async with store.partial(key="resumable", size=2 * PIECE, piece_size=PIECE, identity_key="test|resumable") as p:
+        await asyncio.to_thread(p.write_piece_sync, 0, keep_a[:PIECE])
+    del store  # "crash": nothing is closed or cleaned up beyond this point
+
+    # Debris of every kind a crash or an operator can leave.
+    (root / "tmp" / "view-dead").mkdir()
+    (root / "tmp" / "view-dead" / "x").write_bytes(b"x")
+    (root / "tmp" / "stray").write_bytes(b"y")
+    paths = make_store(root)  # path helpers only; never opened
+    paths.sidecar_path(no_sidecar.hex).unlink()
+    paths.blob_path(no_blob.hex).unlink()
+    orphan = Manifest(ref="file:///models/orphan", piece_size=PIECE, files=(FileEntry(path="o", size=len(keep_b), blob=keep_manifest.files[1].blob),))
+    durable.atomic_write(root / "manifests" / f"{orphan.digest}.json", orphan.canonical_bytes(), mode=0o444)
+    broken_blob = broken_manifest.files[0].blob.hex
+    paths.blob_path(broken_blob).unlink()
+    (root / "models" / "not-a-ref").mkdir()
+    (root / "models" / "not-a-ref" / "f").write_bytes(b"z")
+    (root / "partial" / "bytes-without-log").write_bytes(b"\0" * 100)
+    durable.remove_tree(root / "models" / keep.escaped)  # the view of a good model is gone
+
+    store = await opened(root)
+
+    assert not any((root / "tmp").iterdir())
+    assert not store.has_blob(no_sidecar.hex) and not paths.blob_path(no_sidecar.hex).exists()
+    assert not store.has_blob(no_blob.hex) and not paths.sidecar_path(no_blob.hex).exists()
+    assert not (root / "manifests" / f"{orphan.digest}.json").exists()
+    assert store.model(broken) is None
+    assert not (root / "refs" / broken.escaped).exists()
+    assert not (root / "manifests" / f"{broken_manifest.digest}.json").exists()
+    assert not (root / "models" / broken.escaped).exists()
+    assert not (root / "models" / "not-a-ref").exists()
+    assert not (root / "partial" / "bytes-without-log").exists()
+    assert store.has_partial("resumable")
+
+    rec = store.model(keep)
+    assert rec is not None and rec.manifest == keep_manifest
+    for entry, data in zip(keep_manifest.files, (keep_a, keep_b)):
+        f = store.view_path(keep) / entry.path
+        assert f.read_bytes() == data
+        assert os.path.samefile(f, store.blob_path(entry.blob.hex))
+    assert store.used_bytes == len(keep_a) + len(keep_b) + 2 * PIECE
+
+
+async def test_open_repoints_a_view_file_that_is_a_copy(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    store = await opened(root)
+    data = content(tmp_path, PIECE + 9, seed=20)
+    ref, manifest = await add_model(store, "file:///models/copy", {"w.bin": data})
+    view_file = store.view_path(ref) / "w.bin"
+    view_file.unlink()
+    view_file.write_bytes(data)  # same bytes, a separate inode: a second copy on disk
+    assert not os.path.samefile(view_file, store.blob_path(manifest.files[0].blob.hex))
+
+    store = await opened(root)
+    assert os.path.samefile(store.view_path(ref) / "w.bin", store.blob_path(manifest.files[0].blob.hex))
+
+
+async def test_open_drops_a_blob_whose_size_differs_from_its_sidecar(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    store = await opened(root)
+    blob = await add_blob(store, content(tmp_path, 2 * PIECE, seed=21), key="short")
+    path = store.blob_path(blob.hex)
+    os.chmod(path, 0o644)
+    os.truncate(path, PIECE)
+    store = await opened(root)
+    assert not store.has_blob(blob.hex)
+    assert not path.exists() and not store.sidecar_path(blob.hex).exists()
+
+
+# --- removal -------------------------------------------------------------------------------------
+
+
+async def test_remove_model_deletes_only_blobs_no_other_manifest_uses(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    store = await opened(root)
+    shared = content(tmp_path, 2 * PIECE, seed=30)
+    only_x = content(tmp_path, 3 * PIECE + 1, seed=31)
+    only_y = content(tmp_path, PIECE + 2, seed=32)
+    x, mx = await add_model(store, "file:///models/x", {"shared.bin": shared, "x.bin": only_x})
+    y, my = await add_model(store, "file:///models/y", {"shared.bin": shared, "y.bin": only_y})
+    shared_hex = mx.files[0].blob.hex
+    assert my.files[0].blob.hex == shared_hex
+    x_hex, y_hex = mx.files[1].blob.hex, my.files[1].blob.hex
+
+    freed = await store.remove_model(x)
+
+    assert freed == len(only_x)
+    assert not store.view_path(x).exists()
+    assert not (root / "refs" / x.escaped).exists()
+    assert not (root / "manifests" / f"{mx.digest}.json").exists()
+    assert not store.blob_path(x_hex).exists() and not store.sidecar_path(x_hex).exists()
+    assert store.has_blob(shared_hex) and store.blob_path(shared_hex).exists()
+    assert (store.view_path(y) / "shared.bin").read_bytes() == shared
+    assert store.model(x) is None and store.model(y) is not None
+    with pytest.raises(NotFoundError):
+        await store.remove_model(x)
+
+    # The on-disk state agrees after a restart: x stays gone, y stays whole.
+    store = await opened(root)
+    assert store.model(x) is None
+    assert (store.view_path(y) / "y.bin").read_bytes() == only_y
+
+    assert await store.remove_model(y) == len(shared) + len(only_y)
+    assert store.blob_count() == 0
+    assert not any(p for p in (root / "blobs").rglob("*") if p.is_file())
+    assert not any((root / "manifests").iterdir()) and not any((root / "refs").iterdir())
+    assert not any((root / "models").iterdir())
+
+
+# --- space and eviction --------------------------------------------------------------------------
+
+
+async def test_reserve_evicts_lru_models_to_make_room(tmp_path: Path) -> None:
+    clock = Clock()
+    store = await opened(tmp_path / "cache", max_bytes=16 * PIECE, clock=clock)
+    refs = []
+    for i in range(3):
+        clock.now += 10
+        ref, _ = await add_model(store, f"file:///models/r{i}", {"f": content(tmp_path, 4 * PIECE, seed=40 + i)})
+        refs.append(ref)
+    assert store.used_bytes == 12 * PIECE
+
+    r = await store.reserve(8 * PIECE)  # 4 free: one model (the oldest) must go
+
+    assert [store.model(ref) is None for ref in refs] == [True, False, False]
+    assert store.reserved_bytes == 8 * PIECE
+    # Reserved space counts: with the rest pinned, even one more piece does not fit...
+    for ref in refs[1:]:
+        await store.claims.pin(ref)
+    with pytest.raises(StoreFullError):
+        await store.reserve(PIECE)
+    # ...until the reservation is released.
+    r.release()
+    assert store.reserved_bytes == 0
+    (await store.reserve(PIECE)).release()
+    assert [store.model(ref) is None for ref in refs] == [True, False, False]
+
+
+async def test_reserve_raises_store_full_with_a_clear_message(tmp_path: Path) -> None:
+    store = await opened(tmp_path / "cache", max_bytes=16 * PIECE)
+    pinned, _ = await add_model(store, "file:///models/pinned", {"f": content(tmp_path, 10 * PIECE, seed=50)})
+    await store.claims.pin(pinned)
+    want = 8 * PIECE + 123
+
+    with pytest.raises(StoreFullError) as info:
+        await store.reserve(want)
+
+    e = info.value
+    assert e.needed_bytes == want
+    assert e.available_bytes == 6 * PIECE
+    assert format_size(want) in e.message and format_size(6 * PIECE) in e.message
+    assert "not enough cache space" in e.message and "pinned" in e.message
+    assert store.model(pinned) is not None
+    assert store.reserved_bytes == 0
+
+
+async def test_reserve_that_cannot_fit_evicts_nothing(tmp_path: Path) -> None:
+    """Evicting models for a reservation that fails anyway destroys cache for no gain."""
+    clock = Clock()
+    store = await opened(tmp_path / "cache", max_bytes=16 * PIECE, clock=clock)
+    pinned, _ = await add_model(store, "file:///models/pinned", {"f": content(tmp_path, 10 * PIECE, seed=51)})
+    await store.claims.pin(pinned)
+    clock.now += 10
+    bystander, _ = await add_model(store, "file:///models/bystander", {"f": content(tmp_path, 3 * PIECE, seed=52)})
+
+    with pytest.raises(StoreFullError):
+        await store.reserve(9 * PIECE)  # 3 free + 3 evictable < 9: cannot fit whatever is evicted
+
+    assert store.model(bystander) is not None, "a doomed reservation evicted an unprotected model"
+
+
+async def test_evict_to_spares_pinned_leased_and_busy_models_and_goes_lru(tmp_path: Path) -> None:
+    clock = Clock(1000.0)
+    store = await opened(tmp_path / "cache", max_bytes=64 * PIECE, clock=clock)
+    names = ["pinned", "leased", "busy", "old", "mid", "new"]
+    refs: dict[str, ModelRef] = {}
+    for i, name in enumerate(names):
+        clock.now = 1000.0 + i  # created oldest first: the protected ones are the least recently used
+        refs[name], _ = await add_model(store, f"file:///models/{name}", {"w": content(tmp_path, 2 * PIECE, seed=60 + i)})
+    await store.claims.pin(refs["pinned"])
+    lease = await store.claims.take_lease(refs["leased"], "launcher-1", ttl_s=3600)
+    clock.now = 2000.0
+    await store.touch(refs["old"])  # now the most recently used: "mid" is the oldest unprotected
+    # Debris: a partial nobody is writing goes before any model.
+    async with store.partial(key="stale", size=PIECE, piece_size=PIECE, identity_key="test|stale"):
+        pass
+    assert store.used_bytes == 13 * PIECE
+
+    with store.busy(refs["busy"]):
+        freed, evicted = await store.evict_to(store.used_bytes - PIECE - 1)
+        assert evicted == ["file:///models/mid"]
+        assert freed == 3 * PIECE  # the partial, then one model
+        assert not store.has_partial("stale") and not any(store.partial_dir.iterdir())
+
+        freed, evicted = await store.evict_to(0)
+        assert evicted == ["file:///models/new", "file:///models/old"]
+        assert freed == 4 * PIECE
+        assert {r.ref for r in store.models()} == {refs[n].canonical for n in ("pinned", "leased", "busy")}
+
+    # Once the claims end, the same models are evictable, least recently used first.
+    clock.now = lease.expires_at + 1
+    await store.claims.unpin(refs["pinned"])
+    freed, evicted = await store.evict_to(store.used_bytes - 1)
+    assert evicted == ["file:///models/pinned"]
+    freed, evicted = await store.evict_to(0)
+    assert evicted == ["file:///models/leased", "file:///models/busy"]
+    assert store.used_bytes == 0 and store.blob_count() == 0
+
+
+async def test_evict_to_under_target_does_nothing(tmp_path: Path) -> None:
+    store = await opened(tmp_path / "cache", max_bytes=64 * PIECE)
+    ref, _ = await add_model(store, "file:///models/small", {"w": content(tmp_path, PIECE, seed=70)})
+    assert await store.evict_to(store.used_bytes) == (0, [])
+    assert store.model(ref) is not None
+
+
+# --- verify --------------------------------------------------------------------------------------
+
+
+async def test_verify_blob_finds_the_piece_of_a_flipped_byte(tmp_path: Path) -> None:
+    store = await opened(tmp_path / "cache")
+    size = 6 * PIECE + 77
+    data = content(tmp_path, size, seed=80)
+    blob = await add_blob(store, data, key="v")
+
+    assert await store.verify_blob(blob.hex) == (size, [])
+    flip_byte(store.blob_path(blob.hex), 3 * PIECE + 12345)
+    flip_byte(store.blob_path(blob.hex), size - 1)  # in the short last piece
+    checked, bad = await store.verify_blob(blob.hex)
+    assert checked == size
+    assert bad == [3, 6]
+    assert await store.read_piece(blob.hex, 2, PIECE) == data[2 * PIECE : 3 * PIECE]
+    assert len(await store.piece_digests(blob.hex)) == 7

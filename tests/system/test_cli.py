@@ -1,0 +1,408 @@
+"""``cachectl`` as operators and scripts use it: exit codes, ``--json`` documents, ``--api`` forms.
+
+One daemon (a ``python -m cached`` subprocess on a unix socket) serves the whole module; each test
+works on refs of its own so the tests stay independent. Every ``cachectl`` is a real subprocess
+run without blocking the event loop (the HTTP origin of the 404 test lives in that loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from tests.support.node import REPO, DaemonProcess
+from tests.support.origin import Origin, write_random_file
+
+pytestmark = pytest.mark.system
+
+MODEL_KEYS = {"ref", "state", "bytes_total", "bytes_done", "path", "hf_path", "manifest", "pinned", "leases", "error", "sources"}
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+async def cachectl(*args: str, api: str | None, env: dict[str, str] | None = None, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run ``cachectl`` (stdin not a tty, like a script) without blocking the loop."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO)}
+    full_env.pop("CACHED_API", None)
+    full_env.update(env or {})
+    argv = [sys.executable, "-m", "cached.cli", *(["--api", api] if api is not None else []), *args]
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return subprocess.CompletedProcess(argv, proc.returncode, out.decode(), err.decode())
+
+
+def one_json(r: subprocess.CompletedProcess[str]) -> Any:
+    """stdout must be exactly one JSON document (json.loads rejects trailing data)."""
+    assert r.stdout.strip(), f"no JSON on stdout (exit {r.returncode}, stderr {r.stderr!r})"
+    return json.loads(r.stdout)
+
+
+def make_model_dir(root: Path, name: str, size: int = 300 * 1024 + 7) -> Path:
+    d = root / name
+    write_random_file(d / "weights.bin", size, seed=zlib.crc32(name.encode()))
+    (d / "config.json").write_text('{"model_type": "test"}\n')
+    return d
+
+
+def same_tree(src: Path, view: Path) -> bool:
+    files = sorted(p.relative_to(src) for p in src.rglob("*") if p.is_file())
+    viewed = sorted(p.relative_to(view) for p in view.rglob("*") if p.is_file())
+    return files == viewed and all((src / f).read_bytes() == (view / f).read_bytes() for f in files)
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TcpDaemon:
+    """``python -m cached`` with its API on 127.0.0.1:0; the real port is read from its log."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.log_path = workdir / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.address = ""
+
+    def start(self, timeout_s: float = 20.0) -> "TcpDaemon":
+        argv = [
+            sys.executable, "-m", "cached",
+            "--node-id", "tcp-node",
+            "--cache-dir", str(self.workdir / "cache"),
+            "--api-listen", "127.0.0.1:0",
+            "--peer-listen", "127.0.0.1:0",
+            "--no-mdns",
+            "--hf-endpoint", "http://127.0.0.1:9",
+        ]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=log, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
+            m = re.search(r"api=http://(127\.0\.0\.1:\d+)", self.log_path.read_text())
+            if m:
+                self.address = m.group(1)
+                return self
+            time.sleep(0.05)
+        raise RuntimeError(f"daemon did not start listening:\n{self.log_path.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# --- fixtures -------------------------------------------------------------------------------------
+# Module-scoped fixtures are set up before the per-test loop guard starts, so their blocking
+# start-up (subprocess polling) does not count as blocking the test's event loop.
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+    d = DaemonProcess(tmp_path_factory.mktemp("cli-node"))
+    try:
+        d.start()
+        yield d
+    finally:
+        d.stop()
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cli-sources")
+
+
+@pytest.fixture(scope="module")
+def ready_model(node: DaemonProcess, sources: Path) -> tuple[str, Path]:
+    """A model made ready once for the read-only checks: (ref, source dir)."""
+    src = make_model_dir(sources, "shared-model")
+    ref = f"file://{src}"
+    node.cachectl("prefetch", ref, "--wait")
+    return ref, src
+
+
+@pytest.fixture(scope="module")
+def tcp_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TcpDaemon]:
+    d = TcpDaemon(tmp_path_factory.mktemp("cli-tcp-node"))
+    try:
+        d.start()
+        yield d
+    finally:
+        d.stop()
+
+
+# --- success paths --------------------------------------------------------------------------------
+
+
+async def test_prefetch_wait_prints_the_path_of_an_identical_view(node: DaemonProcess, sources: Path) -> None:
+    src = await asyncio.to_thread(make_model_dir, sources, "wait-model")
+    ref = f"file://{src}"
+    r = await cachectl("prefetch", ref, "--wait", api=node.api)
+    assert r.returncode == 0, r.stderr
+    printed = r.stdout.strip()
+    assert "\n" not in printed, f"not a tty: expected only the path, got {r.stdout!r}"
+    view = Path(printed)
+    assert view.is_dir() and view.is_relative_to(node.cache_dir)
+    assert await asyncio.to_thread(same_tree, src, view)
+
+    again = await cachectl("path", ref, api=node.api)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == printed
+
+
+async def test_status_without_ref_prints_the_node_summary(node: DaemonProcess) -> None:
+    human = await cachectl("status", api=node.api)
+    assert human.returncode == 0, human.stderr
+    assert "proc-node" in human.stdout
+    assert str(node.cache_dir) in human.stdout
+
+    as_json = one_json(await cachectl("--json", "status", api=node.api))
+    assert isinstance(as_json, dict)
+    assert as_json["node_id"] == "proc-node"
+    assert as_json["cache_dir"] == str(node.cache_dir)
+
+
+async def test_status_of_an_unknown_model_is_absent_and_exits_0(node: DaemonProcess, sources: Path) -> None:
+    r = await cachectl("status", f"file://{sources}/never-fetched", "--json", api=node.api)
+    assert r.returncode == 0, r.stderr
+    model = one_json(r)
+    assert model["state"] == "absent"
+    assert MODEL_KEYS <= model.keys()
+
+
+def check_model(doc: Any, ref: str, **expect: Any) -> None:
+    assert isinstance(doc, dict) and MODEL_KEYS <= doc.keys(), doc
+    assert doc["ref"] == ref, doc
+    for k, v in expect.items():
+        assert doc[k] == v, (k, doc)
+
+
+def check_node(doc: Any, ref: str, cache: Path) -> None:
+    assert isinstance(doc, dict) and doc["node_id"] == "proc-node", doc
+
+
+def check_ls(doc: Any, ref: str, cache: Path) -> None:
+    assert isinstance(doc, list), doc
+    assert any(isinstance(m, dict) and m.get("ref") == ref and MODEL_KEYS <= m.keys() for m in doc), doc
+
+
+def check_path(doc: Any, ref: str, cache: Path) -> None:
+    assert isinstance(doc, dict) and set(doc) == {"ref", "path", "hf_path"}, doc
+    assert doc["ref"] == ref and Path(doc["path"]).is_dir() and Path(doc["path"]).is_relative_to(cache), doc
+
+
+def check_verify(doc: Any, ref: str, cache: Path) -> None:
+    assert isinstance(doc, dict) and {"checked_bytes", "bad_pieces"} <= doc.keys(), doc
+    assert doc["checked_bytes"] > 300 * 1024 and doc["bad_pieces"] == 0, doc
+
+
+def check_gc(doc: Any, ref: str, cache: Path) -> None:
+    assert isinstance(doc, dict) and {"freed_bytes", "evicted"} <= doc.keys(), doc
+    assert isinstance(doc["freed_bytes"], int) and isinstance(doc["evicted"], list), doc
+
+
+def check_peers(doc: Any, ref: str, cache: Path) -> None:
+    assert isinstance(doc, list), doc
+    assert all({"node_id", "address", "state"} <= p.keys() for p in doc), doc
+
+
+def model_is(**expect: Any) -> Callable[[Any, str, Path], None]:
+    return lambda doc, ref, cache: check_model(doc, ref, **expect)
+
+
+# argv (REF is replaced by the ready model's ref; --json goes before or after the command) and the
+# check of the one document it prints.
+JSON_CASES: dict[str, tuple[list[str], Callable[[Any, str, Path], None]]] = {
+    "status-node": (["--json", "status"], check_node),
+    "status-ref": (["status", "REF", "--json"], model_is(state="ready")),
+    "ls": (["--json", "ls"], check_ls),
+    "prefetch": (["prefetch", "REF", "--json"], model_is()),
+    "prefetch-wait": (["--json", "prefetch", "REF", "--wait"], model_is(state="ready")),
+    "path": (["path", "REF", "--json"], check_path),
+    "pin": (["--json", "pin", "REF"], model_is(pinned=True)),
+    "unpin": (["unpin", "REF", "--json"], model_is(pinned=False)),
+    "verify-all": (["--json", "verify"], check_verify),
+    "verify-ref": (["verify", "REF", "--json"], check_verify),
+    "gc": (["gc", "--json"], check_gc),
+    "peers": (["--json", "peers"], check_peers),
+}
+
+
+@pytest.mark.parametrize("case", list(JSON_CASES))
+async def test_json_prints_exactly_one_document(case: str, node: DaemonProcess, ready_model: tuple[str, Path]) -> None:
+    ref, _ = ready_model
+    argv, check = JSON_CASES[case]
+    r = await cachectl(*[ref if a == "REF" else a for a in argv], api=node.api)
+    assert r.returncode == 0, r.stderr
+    check(one_json(r), ref, node.cache_dir)
+
+
+async def test_evict_json_removes_the_model_and_its_view(node: DaemonProcess, sources: Path) -> None:
+    src = await asyncio.to_thread(make_model_dir, sources, "evict-model")
+    ref = f"file://{src}"
+    view = Path((await cachectl("prefetch", ref, "--wait", api=node.api)).stdout.strip())
+    assert view.is_dir()
+
+    r = await cachectl("evict", ref, "--json", api=node.api)
+    assert r.returncode == 0, f"evict of an unpinned ready model failed: {r.stderr}"
+    check_model(one_json(r), ref, state="absent")
+    assert not view.exists()
+    assert (await cachectl("path", ref, api=node.api)).returncode == 1
+
+
+async def test_evict_force_removes_a_pinned_model(node: DaemonProcess, sources: Path) -> None:
+    src = await asyncio.to_thread(make_model_dir, sources, "force-evict-model")
+    ref = f"file://{src}"
+    assert (await cachectl("prefetch", ref, "--wait", api=node.api)).returncode == 0
+    assert (await cachectl("pin", ref, api=node.api)).returncode == 0
+
+    r = await cachectl("--json", "evict", ref, "--force", api=node.api)
+    assert r.returncode == 0, f"evict --force of a pinned model failed: {r.stderr}"
+    check_model(one_json(r), ref, state="absent", pinned=False)
+
+
+# --- exit 1: the operation failed -----------------------------------------------------------------
+
+
+async def test_path_of_an_absent_model_exits_1(node: DaemonProcess, sources: Path) -> None:
+    r = await cachectl("path", f"file://{sources}/not-here", api=node.api)
+    assert r.returncode == 1
+    assert r.stdout == ""
+    assert "not ready" in r.stderr
+
+
+async def test_prefetch_wait_of_a_404_url_exits_1(node: DaemonProcess, tmp_path: Path) -> None:
+    (tmp_path / "origin").mkdir()
+    async with Origin(tmp_path / "origin") as origin:
+        ref = origin.file_url("missing.gguf")
+        r = await cachectl("prefetch", ref, "--wait", api=node.api)
+        assert r.returncode == 1, (r.returncode, r.stderr)
+        assert r.stdout == ""
+        assert "404" in r.stderr or "not found" in r.stderr.lower(), r.stderr
+
+        status = one_json(await cachectl("status", ref, "--json", api=node.api))
+        assert status["state"] == "failed" and status["error"], status
+
+        # With --json a failure still leaves stdout parseable: nothing, or one document.
+        j = await cachectl("--json", "prefetch", ref, "--wait", api=node.api)
+        assert j.returncode == 1
+        if j.stdout.strip():
+            one_json(j)
+
+
+async def test_evict_of_a_pinned_model_without_force_exits_1(node: DaemonProcess, sources: Path) -> None:
+    src = await asyncio.to_thread(make_model_dir, sources, "pinned-model")
+    ref = f"file://{src}"
+    view = Path((await cachectl("prefetch", ref, "--wait", api=node.api)).stdout.strip())
+    assert (await cachectl("pin", ref, api=node.api)).returncode == 0
+
+    r = await cachectl("evict", ref, api=node.api)
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert "pinned" in r.stderr
+    model = one_json(await cachectl("status", ref, "--json", api=node.api))
+    assert model["state"] == "ready" and model["pinned"] is True
+    assert await asyncio.to_thread(same_tree, src, view)
+
+
+# --- exit 2: usage --------------------------------------------------------------------------------
+
+USAGE_CASES = {
+    "unknown-command": ["frobnicate"],
+    "missing-ref-path": ["path"],
+    "missing-ref-prefetch": ["prefetch"],
+    "hf-without-repo": ["path", "hf://"],
+    "file-dotdot": ["prefetch", "file:///../x"],
+    "status-bad-ref": ["status", "hf://"],
+    "unknown-scheme": ["prefetch", "ftp://example.invalid/m.gguf"],
+    "no-scheme": ["pin", "just-a-name"],
+    "bad-priority": ["prefetch", "hf://org/name", "--priority", "urgent"],
+    "unknown-option": ["status", "--frobnicate"],
+}
+
+
+@pytest.mark.parametrize("case", list(USAGE_CASES))
+async def test_usage_errors_exit_2(case: str, node: DaemonProcess) -> None:
+    r = await cachectl(*USAGE_CASES[case], api=node.api)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert r.stderr.strip(), "a usage error says what is wrong"
+
+
+@pytest.mark.parametrize("ref", ["hf://", "file:///../x", "file:///a/./b"])
+async def test_a_malformed_ref_is_rejected_before_any_io(ref: str, tmp_path: Path) -> None:
+    r = await cachectl("prefetch", ref, "--wait", api=f"unix:{tmp_path / 'no-daemon.sock'}")
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "invalid ref" in r.stderr
+
+
+async def test_an_api_address_that_does_not_parse_is_a_usage_error() -> None:
+    r = await cachectl("status", api="no-port-here")
+    assert r.returncode == 2, (r.returncode, r.stderr)
+
+
+# --- exit 3: daemon unreachable -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["unix", "host-port", "http"])
+@pytest.mark.parametrize("command", [["status"], ["prefetch", "hf://org/name", "--wait"]])
+async def test_unreachable_daemon_exits_3(form: str, command: list[str], tmp_path: Path) -> None:
+    port = closed_port()
+    api = {"unix": f"unix:{tmp_path / 'absent.sock'}", "host-port": f"127.0.0.1:{port}", "http": f"http://127.0.0.1:{port}"}[form]
+    r = await cachectl(*command, api=api)
+    assert r.returncode == 3, (r.returncode, r.stderr)
+    assert "cannot reach" in r.stderr
+
+
+# --- --api and CACHED_API -------------------------------------------------------------------------
+
+
+async def test_api_accepts_http_host_port_and_unix_forms(node: DaemonProcess, tcp_node: TcpDaemon) -> None:
+    for api, node_id in (
+        (f"http://{tcp_node.address}", "tcp-node"),
+        (tcp_node.address, "tcp-node"),
+        (node.api, "proc-node"),
+    ):
+        r = await cachectl("--json", "status", api=api)
+        assert r.returncode == 0, (api, r.stderr)
+        assert one_json(r)["node_id"] == node_id, api
+
+
+async def test_cached_api_environment_variable_is_used(node: DaemonProcess, tcp_node: TcpDaemon, tmp_path: Path) -> None:
+    for env_api, node_id in ((node.api, "proc-node"), (tcp_node.address, "tcp-node"), (f"http://{tcp_node.address}", "tcp-node")):
+        r = await cachectl("--json", "status", api=None, env={"CACHED_API": env_api})
+        assert r.returncode == 0, (env_api, r.stderr)
+        assert one_json(r)["node_id"] == node_id
+
+    # --api wins over the environment.
+    r = await cachectl("--json", "status", api=node.api, env={"CACHED_API": f"unix:{tmp_path / 'absent.sock'}"})
+    assert r.returncode == 0, r.stderr
+    assert one_json(r)["node_id"] == "proc-node"
+
+    # And the environment really is consulted: a dead address there is "unreachable".
+    r = await cachectl("status", api=None, env={"CACHED_API": f"unix:{tmp_path / 'absent.sock'}"})
+    assert r.returncode == 3, (r.returncode, r.stderr)
