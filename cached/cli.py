@@ -178,7 +178,10 @@ async def _prefetch_with_bar(api: ApiClient, args: argparse.Namespace, body: dic
     deadline = time.monotonic() + args.timeout if args.timeout else None
     await api.request("POST", "/v1/prefetch", body=body)
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=True) as bar:
+    from rich.console import Console
+
+    # The bar goes to stderr so that `P=$(cachectl prefetch --wait REF)` captures only the path.
+    with Progress(*columns, transient=True, console=Console(stderr=True)) as bar:
         task = bar.add_task(args.ref, total=None)
 
         async def follow() -> None:

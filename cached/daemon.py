@@ -110,9 +110,14 @@ class Daemon:
             self._tg.create_task(self._watchdog(watchdog_s), name="systemd.watchdog")
 
         self.api = LocalApi(node_id=cfg.node_id, store=self.store, jobs=self.jobs, fetcher=self.fetcher, metrics=self.metrics, clock=self.clock)
-        self._runner = web.AppRunner(self.api.app(), handle_signals=False, access_log=None, shutdown_timeout=2.0)
+        # handler_cancellation: a client that hangs up (a launcher killed while it waits for
+        # --wait, a closed event stream) must not leave its handler running.
+        self._runner = web.AppRunner(
+            self.api.app(), handle_signals=False, access_log=None, shutdown_timeout=2.0, handler_cancellation=True
+        )
         await self._runner.setup()
         self._stack.push_async_callback(self._runner.cleanup)
+        self._stack.callback(self.api.close)  # runs first: ends event streams so cleanup is quick
         listen = cfg.api.listen
         if listen.unix_path:
             Path(listen.unix_path).parent.mkdir(parents=True, exist_ok=True)

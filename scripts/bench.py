@@ -75,6 +75,12 @@ def blake3_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def settle() -> None:
+    """Flush dirty pages left by the previous contender so that its writeback is not billed to the next."""
+    os.sync()
+    time.sleep(0.5)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -358,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="2G", help="file size, binary units (default 2G)")
     p.add_argument("--runs", type=int, default=3, help="runs per contender; medians are reported (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds of every contender first (default 1)")
     p.add_argument("--keep", action="store_true", help="keep the work dir (source, logs, caches) and print its path")
     p.add_argument("--server", choices=("auto", "aiohttp", "nginx"), default="auto",
                    help="static server; auto = nginx if installed, else aiohttp (default auto)")
@@ -372,8 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     size = parse_size(args.size)
-    if size <= 0 or args.runs < 1:
-        p.error("--size and --runs must be positive")
+    if size <= 0 or args.runs < 1 or args.warmup < 0:
+        p.error("--size and --runs must be positive, --warmup not negative")
     variants = [Variant("cached (defaults)", None, None)]
     for spec in [*(SWEEP if args.sweep else ()), *args.variant]:
         try:
@@ -423,18 +430,22 @@ def main(argv: list[str] | None = None) -> int:
         curl_sync: list[float] = []
         verified = False
         out = work / "curl.out"
-        for run in range(args.runs):
+        for run in range(-args.warmup, args.runs):
+            warmup = run < 0
+            tag = "warm-up" if warmup else f"run {run + 1}"
             contenders: list[object] = ["curl", *daemons]
             shift = run % len(contenders)  # rotate who goes first: no one always gets a cold or a warm start
             for c in contenders[shift:] + contenders[:shift]:
+                settle()
                 if c == "curl":
                     a, s = run_curl(url, out, args.timeout)
                     if out.stat().st_size != size:
                         raise RuntimeError(f"curl wrote {out.stat().st_size} bytes, expected {size}")
                     out.unlink()
-                    curl_alone.append(a)
-                    curl_sync.append(s)
-                    log(f"run {run + 1}: curl {a:.2f}s, curl+fsync {s:.2f}s")
+                    if not warmup:
+                        curl_alone.append(a)
+                        curl_sync.append(s)
+                    log(f"{tag}: curl {a:.2f}s, curl+fsync {s:.2f}s")
                 else:
                     assert isinstance(c, Daemon)
                     prof = work / f"py-spy-{daemons.index(c)}.txt" if run == 0 else None
@@ -447,8 +458,9 @@ def main(argv: list[str] | None = None) -> int:
                         verified = True
                         log(f"verified: {view} has the source's BLAKE3 {src_b3[:16]}...")
                     evict(c, url)
-                    c.times.append(t)
-                    log(f"run {run + 1}: {c.variant.label} {t:.2f}s")
+                    if not warmup:
+                        c.times.append(t)
+                    log(f"{tag}: {c.variant.label} {t:.2f}s")
 
         # --- report -----------------------------------------------------------------------------
         mb = size / 1e6
@@ -456,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [("curl -o", base_alone, curl_alone), ("curl -o + fsync", base_sync, curl_sync)]
         rows += [(d.variant.label, median(d.times), d.times) for d in daemons]
         print()
-        print(f"file {fmt_size(size)} ({size} bytes), {args.runs} runs, medians; server: {server.kind}; "
+        print(f"file {fmt_size(size)} ({size} bytes), {args.runs} runs (+{args.warmup} warm-up), medians; server: {server.kind}; "
               f"{os.cpu_count()} CPUs; {platform.python_version()}")
         print(f"{'method':<34} {'median s':>9} {'MB/s':>8} {'vs curl+fsync':>14} {'vs curl':>8}   runs (s)")
         for name, t, raw in rows:
@@ -465,14 +477,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"(cachectl start + one RPC, included in every cached figure: median {median(overhead):.2f}s)")
         ratio = base_sync / median(daemons[0].times)
         met = ratio >= TARGET
-        print(f"primary ratio (cached defaults vs curl+fsync): {ratio:.2f} -> "
+        print(f"primary ratio (cached defaults vs curl+fsync): {ratio:.3f} -> "
               f"{'target met' if met else 'target missed'} (target >= {TARGET})")
 
         if args.json:
             Path(args.json).write_text(json.dumps({
                 "date": started.isoformat(timespec="seconds"),
                 "command": " ".join(["scripts/bench", *(argv if argv is not None else sys.argv[1:])]),
-                "size_bytes": size, "runs": args.runs, "server": server.kind, "cpus": os.cpu_count(),
+                "size_bytes": size, "runs": args.runs, "warmup": args.warmup, "server": server.kind, "cpus": os.cpu_count(),
                 "curl_s": curl_alone, "curl_fsync_s": curl_sync, "cachectl_overhead_s": overhead,
                 "cached": {d.variant.label: d.times for d in daemons},
                 "ratio_vs_curl_fsync": ratio, "ratio_vs_curl": base_alone / median(daemons[0].times),

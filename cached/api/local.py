@@ -41,6 +41,7 @@ from cached.types import JobState, ModelRef, Priority
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
+EVENTS_KEEPALIVE_S = 15.0
 
 STATUS: list[tuple[type[CachedError], int]] = [
     (RefError, 400),
@@ -84,6 +85,12 @@ class LocalApi:
         self._fetcher = fetcher
         self._metrics = metrics
         self._clock = clock
+        self._closing = asyncio.Event()
+        self.ready = False
+
+    def close(self) -> None:
+        """Before the server stops: end long-lived responses (event streams)."""
+        self._closing.set()
         self.ready = False
 
     def app(self) -> web.Application:
@@ -377,11 +384,25 @@ class LocalApi:
             if only is not None:
                 first = self.model_object(ModelRef.parse(only))
                 await resp.write(json.dumps({"event": "snapshot", **first}).encode() + b"\n")
-            while True:
-                event = await queue.get()
+            while not self._closing.is_set():
+                getter = asyncio.ensure_future(queue.get())
+                closing = asyncio.ensure_future(self._closing.wait())
+                try:
+                    await asyncio.wait({getter, closing}, timeout=EVENTS_KEEPALIVE_S, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    closing.cancel()
+                    if not getter.done():
+                        getter.cancel()
+                if not getter.done() or getter.cancelled():
+                    # Nothing happened for a while: an empty line keeps proxies from timing the
+                    # stream out and tells us when the client has gone.
+                    await resp.write(b"\n")
+                    continue
+                event = getter.result()
                 if only is None or event.get("ref") == only:
                     await resp.write(json.dumps(event).encode() + b"\n")
-        return resp  # pragma: no cover - the loop ends when the client goes away
+        await resp.write_eof()
+        return resp
 
     # --- health and metrics --------------------------------------------------------------------
 

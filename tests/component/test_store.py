@@ -373,6 +373,30 @@ async def test_evict_to_spares_pinned_leased_and_busy_models_and_goes_lru(tmp_pa
     assert store.used_bytes == 0 and store.blob_count() == 0
 
 
+async def test_eviction_keeps_a_blob_that_a_running_fetch_holds(tmp_path: Path) -> None:
+    """A fetch that reuses a stored blob holds it until its own manifest is published."""
+    clock = Clock()
+    store = await opened(tmp_path / "cache", max_bytes=64 * PIECE, clock=clock)
+    shared = content(tmp_path, 2 * PIECE, seed=90)
+    old, old_manifest = await add_model(store, "file:///models/old", {"shared.bin": shared, "o.bin": content(tmp_path, PIECE, seed=91)})
+    shared_blob = old_manifest.files[0].blob
+
+    store.hold_blob(shared_blob.hex)  # as ModelFetcher.fetch does for a file it already has
+    try:
+        clock.now += 10
+        freed, evicted = await store.evict_to(0)
+        assert evicted == [old.canonical]
+        assert store.has_blob(shared_blob.hex), "eviction deleted a blob a running fetch holds"
+        assert store.blob_path(shared_blob.hex).exists()
+        assert freed == PIECE  # only o.bin was freed
+        new = ModelRef.parse("file:///models/new")
+        manifest = Manifest(ref=new.canonical, piece_size=PIECE, files=(FileEntry(path="shared.bin", size=len(shared), blob=shared_blob),))
+        await store.commit_model(new, manifest)
+    finally:
+        store.unhold_blob(shared_blob.hex)
+    assert (store.view_path(new) / "shared.bin").read_bytes() == shared
+
+
 async def test_evict_to_under_target_does_nothing(tmp_path: Path) -> None:
     store = await opened(tmp_path / "cache", max_bytes=64 * PIECE)
     ref, _ = await add_model(store, "file:///models/small", {"w": content(tmp_path, PIECE, seed=70)})

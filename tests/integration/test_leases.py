@@ -70,7 +70,7 @@ async def test_lease_is_refused_for_a_model_that_is_not_ready_here(tmp_path: Pat
         assert await api.request("GET", "/v1/leases") == []
 
         # A model still being fetched is not ready either.
-        origin.faults.rate_bps = 128 * 1024
+        origin.faults.rate_bps = 32 * 1024  # a piece takes about two seconds
         fetching = origin.file_url("slow.bin")
         await api.request("POST", "/v1/prefetch", body={"ref": fetching})
         await wait_until(lambda: _state_is(api, fetching, "fetching"), timeout_s=10, what="fetching")

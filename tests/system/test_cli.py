@@ -368,8 +368,16 @@ async def test_an_api_address_that_does_not_parse_is_a_usage_error() -> None:
 # --- exit 3: daemon unreachable -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("form", ["unix", "host-port", "http"])
-@pytest.mark.parametrize("command", [["status"], ["prefetch", "hf://org/name", "--wait"]])
+@pytest.mark.parametrize(
+    ("form", "command"),
+    [
+        ("unix", ["status"]),
+        ("host-port", ["status"]),
+        ("http", ["status"]),
+        ("unix", ["prefetch", "hf://org/name", "--wait"]),
+        ("host-port", ["ls", "--json"]),
+    ],
+)
 async def test_unreachable_daemon_exits_3(form: str, command: list[str], tmp_path: Path) -> None:
     port = closed_port()
     api = {"unix": f"unix:{tmp_path / 'absent.sock'}", "host-port": f"127.0.0.1:{port}", "http": f"http://127.0.0.1:{port}"}[form]
