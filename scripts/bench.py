@@ -75,6 +75,34 @@ def blake3_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def cpu_busy(seconds: float = 2.0) -> float:
+    """Share of all CPUs that was busy over ``seconds`` (from /proc/stat); -1 where unavailable."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        idle = v[3] + (v[4] if len(v) > 4 else 0)
+        return sum(v[:8]), idle
+
+    try:
+        t0, i0 = sample()
+        time.sleep(seconds)
+        t1, i1 = sample()
+    except (OSError, ValueError, IndexError):
+        return -1.0
+    return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_idle(limit_s: float, threshold: float = 0.10) -> float:
+    """Wait (up to ``limit_s``) until other work on the machine leaves the CPUs idle; returns the busy share seen."""
+    deadline = time.monotonic() + limit_s
+    busy = cpu_busy()
+    while busy > threshold and time.monotonic() < deadline:
+        log(f"machine busy ({busy:.0%} of CPUs used by other work); waiting for it to quiet down")
+        time.sleep(10)
+        busy = cpu_busy()
+    return busy
+
+
 def settle() -> None:
     """Flush dirty pages left by the previous contender so that its writeback is not billed to the next."""
     os.sync()
@@ -328,7 +356,7 @@ def run_curl(url: str, out: Path, timeout_s: float) -> tuple[float, float]:
 def run_cached(d: Daemon, url: str, timeout_s: float, py_spy: str | None, profile_out: Path | None) -> tuple[float, Path]:
     spy = None
     if py_spy and profile_out and d.proc is not None:
-        spy = subprocess.Popen([py_spy, "record", "--pid", str(d.proc.pid), "--rate", "200", "--threads", "--idle",
+        spy = subprocess.Popen([py_spy, "record", "--pid", str(d.proc.pid), "--rate", "100", "--threads", "--nonblocking",
                                 "--format", "raw", "-o", str(profile_out)],
                                stdout=subprocess.DEVNULL, stderr=open(d.work / "py-spy.log", "wb"))
         time.sleep(1.0)  # let py-spy attach before the clock starts
@@ -375,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="parent of the work dir; must be on the filesystem under test (default $REPO/bench-out)")
     p.add_argument("--timeout", type=float, default=600.0, help="bound on any one transfer, seconds (default 600)")
     p.add_argument("--py-spy", metavar="PATH", help="py-spy binary: record the daemon during its first run (raw stacks)")
+    p.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
+                   help="before starting, wait up to S seconds for the CPUs to be idle (other work skews the figures)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args(argv)
 
@@ -418,6 +448,10 @@ def main(argv: list[str] | None = None) -> int:
             daemons.append(d)
             d.start()
         log(f"{len(daemons)} daemon(s) ready")
+
+        busy_before = wait_idle(args.wait_idle)
+        if busy_before > 0.10:
+            log(f"WARNING: {busy_before:.0%} of the CPUs are busy with other work; the figures will be skewed")
 
         # cachectl's own cost (interpreter start, imports, one RPC): part of every cached figure.
         overhead = []
@@ -474,6 +508,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, t, raw in rows:
             print(f"{name:<34} {t:>9.2f} {mb / t:>8.0f} {base_sync / t:>14.2f} {base_alone / t:>8.2f}   "
                   + " ".join(f"{x:.2f}" for x in raw))
+        busy_after = cpu_busy(1.0)
+        print(f"background CPU use: {busy_before:.0%} before the runs, {busy_after:.0%} after; "
+              f"loadavg {open('/proc/loadavg').read().split()[0]}"
+              + ("  <-- other work was running: figures are skewed" if max(busy_before, busy_after) > 0.10 else ""))
         print(f"(cachectl start + one RPC, included in every cached figure: median {median(overhead):.2f}s)")
         ratio = base_sync / median(daemons[0].times)
         met = ratio >= TARGET
@@ -485,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
                 "date": started.isoformat(timespec="seconds"),
                 "command": " ".join(["scripts/bench", *(argv if argv is not None else sys.argv[1:])]),
                 "size_bytes": size, "runs": args.runs, "warmup": args.warmup, "server": server.kind, "cpus": os.cpu_count(),
-                "curl_s": curl_alone, "curl_fsync_s": curl_sync, "cachectl_overhead_s": overhead,
+                "background_cpu_before": busy_before, "background_cpu_after": busy_after, "curl_s": curl_alone, "curl_fsync_s": curl_sync, "cachectl_overhead_s": overhead,
                 "cached": {d.variant.label: d.times for d in daemons},
                 "ratio_vs_curl_fsync": ratio, "ratio_vs_curl": base_alone / median(daemons[0].times),
                 "target_met": met,

@@ -51,7 +51,7 @@ class LocalOrigin:
         files: list[OriginFile] = []
         try:
             for dirpath, dirnames, filenames in os.walk(root, onerror=_raise):
-                dirnames[:] = sorted(d for d in dirnames if not os.path.islink(os.path.join(dirpath, d)))
+                dirnames.sort()  # os.walk does not descend into symlinked directories
                 for name in sorted(filenames):
                     full = os.path.join(dirpath, name)
                     try:

@@ -455,7 +455,7 @@ class Store:
         still_used = self._blobs_in_use()
         freed = 0
         for f in manifest.files:
-            if f.blob.hex not in still_used and f.blob.hex in self._blobs:
+            if f.blob.hex not in still_used and f.blob.hex not in self._pending and f.blob.hex in self._blobs:
                 freed += await self._remove_blob(f.blob.hex)
         return freed
 
@@ -483,6 +483,9 @@ class Store:
             )
             for canonical, (digest, last_used) in self._refs.items()
         ]
+        if self._pending:
+            # Blobs a running fetch holds count as held by a model nothing may evict.
+            models.append(ModelUsage(ref="", last_used=0.0, blobs=frozenset(self._pending), protected=True))
         in_use = self._blobs_in_use()
         debris = [Debris(kind="blob", key=b, size=s) for b, s in self._blobs.items() if b not in in_use and b not in self._pending]
         debris += [Debris(kind="partial", key=k, size=s) for k, s in self._partial_sizes.items() if k not in self._open_partials]

@@ -142,7 +142,7 @@ async def test_503s_are_retried_and_counted(env: Env) -> None:
     assert env.origin.counters.bytes_sent == SIZE
 
 
-async def test_retries_run_out(env: Env, tmp_path: Path) -> None:
+async def test_retries_run_out(env: Env) -> None:
     cfg = config(retries=2)
     scheduler = Scheduler(cfg, env.metrics)
     f = await env.resolve()

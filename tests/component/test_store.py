@@ -131,6 +131,26 @@ async def test_commit_writes_the_ref_last(tmp_path: Path) -> None:
     assert (store.view_path(ref) / "w.bin").read_bytes() == data
 
 
+async def test_recommit_swaps_the_view_and_drops_what_only_the_old_manifest_used(tmp_path: Path) -> None:
+    store = await opened(tmp_path / "cache")
+    keep = content(tmp_path, PIECE, seed=5)
+    v1, m1 = await add_model(store, "file:///models/rev", {"keep.bin": keep, "w.bin": content(tmp_path, 2 * PIECE, seed=6)})
+    v2_data = content(tmp_path, 2 * PIECE, seed=7)
+    blob = await add_blob(store, v2_data, key="rev-2")
+    m2 = Manifest(ref=v1.canonical, piece_size=PIECE, files=(m1.files[0], FileEntry(path="w2.bin", size=len(v2_data), blob=blob)))
+
+    await store.commit_model(v1, m2)
+
+    view = store.view_path(v1)
+    assert sorted(p.name for p in view.iterdir()) == ["keep.bin", "w2.bin"]
+    assert (view / "w2.bin").read_bytes() == v2_data
+    assert not (store.manifests_dir / f"{m1.digest}.json").exists()
+    assert not store.has_blob(m1.files[1].blob.hex) and not store.blob_path(m1.files[1].blob.hex).exists()
+    assert store.has_blob(m1.files[0].blob.hex)
+    assert store.used_bytes == len(keep) + len(v2_data)
+    assert not any(store.tmp_dir.iterdir())
+
+
 async def test_commit_refuses_a_manifest_whose_blobs_are_missing(tmp_path: Path) -> None:
     store = await opened(tmp_path / "cache")
     ref = ModelRef.parse("file:///models/ghost")

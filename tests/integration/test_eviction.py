@@ -199,9 +199,9 @@ async def test_evicting_an_in_progress_fetch_cancels_it_and_removes_partial_file
 
         async def fetching() -> bool:
             s = await api.request("GET", "/v1/models/status", params={"ref": ref})
-            return s["state"] == "fetching" and bool(partial_files(cache))
+            return s["state"] == "fetching" and s["bytes_done"] > 0 and bool(partial_files(cache))
 
-        await wait_until(fetching, timeout_s=10, what="fetch in progress with partial files")
+        await wait_until(fetching, timeout_s=10, what="fetch in progress with verified pieces on disk")
         evicted = await api.request("POST", "/v1/evict", body={"ref": ref})
         assert evicted["state"] == "absent"
 
@@ -235,3 +235,44 @@ async def test_a_model_evicted_under_pressure_reads_as_absent(tmp_path: Path) ->
         assert node["models"]["ready"] == 2
         listed = {m["ref"]: m["state"] for m in await api.request("GET", "/v1/models")}
         assert listed.get(a, "absent") == "absent" and listed[b] == listed[c] == "ready"
+
+
+async def test_evicting_a_fetch_just_as_its_partial_is_created_leaves_nothing_behind(tmp_path: Path) -> None:
+    """The evict lands while the partial file is being created (in a worker thread): no orphans.
+
+    The window is a few milliseconds, so the evict is tried a few times, each as soon as the
+    partial file appears; every attempt must leave neither files nor open descriptors behind.
+    """
+    write_random_file(tmp_path / "origin" / "slow.bin", 4 * MiB, seed=41)
+    cache = tmp_path / "cache"
+    async with Origin(tmp_path / "origin") as origin, running_daemon(cache, **FLAGS) as d, ApiClient(d.api_address) as api:
+        ref = origin.file_url("slow.bin")
+        origin.faults.rate_bps = 64 * 1024
+        for attempt in range(5):
+            await api.request("POST", "/v1/prefetch", body={"ref": ref})
+            await wait_until(lambda: partial_files(cache), timeout_s=10, interval_s=0.001, what="partial file created")
+            await api.request("POST", "/v1/evict", body={"ref": ref})
+
+            def settled() -> bool:
+                return partial_files(cache) == [] and open_fds_under(cache / "partial") == []
+
+            try:
+                await wait_until(settled, timeout_s=3, what="no partial files and no open fds under partial/")
+            except AssertionError:
+                pytest.fail(
+                    f"attempt {attempt}: left behind files={partial_files(cache)} "
+                    f"open fds={open_fds_under(cache / 'partial')}"
+                )
+            assert (await api.request("GET", "/v1/node"))["used_bytes"] == 0
+
+
+def open_fds_under(directory: Path) -> list[str]:
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(directory) + "/"):
+            out.append(target)
+    return out

@@ -100,10 +100,13 @@ async def test_sigkill_mid_download_resumes_with_verified_pieces(tmp_path: Path)
     async with Origin(tmp_path / "origin") as origin:
         ref = origin.file_url("big.gguf")
         origin.faults.rate_bps = RATE_BPS
+        waiter: asyncio.Task[subprocess.CompletedProcess[str]] | None = None
         try:
             await asyncio.to_thread(node.start)
             r = await cachectl(node, "prefetch", ref)
             assert r.returncode == 0, r.stderr
+            # A launcher waiting on the same job when the daemon dies must hear about it.
+            waiter = asyncio.create_task(cachectl(node, "prefetch", ref, "--wait"), name="cachectl-wait")
 
             async def far_enough() -> dict | None:
                 # Checked on every poll: during the download nothing under blobs/ or models/.
@@ -119,6 +122,8 @@ async def test_sigkill_mid_download_resumes_with_verified_pieces(tmp_path: Path)
 
             assert await asyncio.to_thread(node.kill, signal.SIGKILL) == -signal.SIGKILL
             sent_before_kill = origin.counters.bytes_sent
+            w = await asyncio.wait_for(waiter, 30)
+            assert w.returncode == 3, f"prefetch --wait across a daemon crash exited {w.returncode}: {w.stderr}"
 
             # On disk right after the kill: nothing published, no view, no ref.
             blobs, views = await asyncio.to_thread(assert_nothing_partial_published, cache, {SIZE})
@@ -142,6 +147,9 @@ async def test_sigkill_mid_download_resumes_with_verified_pieces(tmp_path: Path)
             view = Path(r.stdout.strip())
             assert view == cache / "models" / escaped(ref)
         finally:
+            if waiter is not None and not waiter.done():
+                waiter.cancel()
+                await asyncio.gather(waiter, return_exceptions=True)
             await asyncio.to_thread(node.stop)
 
         total_sent = origin.counters.bytes_sent

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -164,6 +165,29 @@ async def test_a_bad_config_file_exits_78_with_one_line_naming_the_key(case: str
     assert_one_config_line(r, *names)
 
 
+async def test_an_unusable_cache_dir_exits_78_with_one_line(tmp_path: Path) -> None:
+    """A cache_dir below a regular file can never work: a config error, not a crash to retry."""
+    (tmp_path / "a-file").write_text("not a directory\n")
+    flags = safe_flags(tmp_path)
+    flags[flags.index("--cache-dir") + 1] = str(tmp_path / "a-file" / "cache")
+    r = await run(cached("--config", str(write_config(tmp_path / "empty.toml", "")), *flags))
+    assert "Traceback" not in r.stderr, r.stderr
+    assert_one_config_line(r, "cache_dir", "--cache-dir")
+
+
+async def test_an_api_address_in_use_fails_with_a_clear_line(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        flags = safe_flags(tmp_path)
+        flags[flags.index("--api-listen") + 1] = f"127.0.0.1:{port}"
+        r = await run(cached("--config", str(write_config(tmp_path / "empty.toml", "")), *flags), timeout_s=20)
+    assert r.returncode not in (0, None), r.stderr
+    assert "Traceback" not in r.stderr, f"a start-up failure should be one clear line, not a traceback:\n{r.stderr}"
+    assert str(port) in r.stderr.strip().splitlines()[-1], r.stderr
+
+
 async def test_version() -> None:
     r = await run(cached("--version"))
     assert r.returncode == 0, r.stderr
@@ -207,59 +231,6 @@ format = "{log_format}"
     return cfg, cache, f"unix:{sock}"
 
 
-async def node_status(api: str) -> dict[str, Any]:
-    r = await cachectl(api, "--json", "status")
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
-
-
-async def test_a_valid_config_file_is_honoured(tmp_path: Path) -> None:
-    cfg, cache, api = good_config(tmp_path)
-    d = Daemon(tmp_path, cached("--config", str(cfg), "--no-mdns"))
-    try:
-        await d.start(api)
-        node = await node_status(api)
-        assert node["node_id"] == "node-from-file"
-        assert node["cache_dir"] == str(cache)
-        assert node["capacity_bytes"] == 1 * GiB
-        assert (cache / "blobs").is_dir()
-    finally:
-        assert await d.stop() == 0
-
-
-async def test_flags_override_the_config_file(tmp_path: Path) -> None:
-    cfg, file_cache, api = good_config(tmp_path)
-    flag_cache = tmp_path / "cache-from-flag"
-    d = Daemon(
-        tmp_path,
-        cached("--config", str(cfg), "--no-mdns", "--node-id", "node-from-flag", "--cache-dir", str(flag_cache), "--max-cache-bytes", "2G"),
-    )
-    try:
-        await d.start(api)  # api.listen is not overridden: still the file's socket
-        node = await node_status(api)
-        assert node["node_id"] == "node-from-flag"
-        assert node["cache_dir"] == str(flag_cache)
-        assert node["capacity_bytes"] == 2 * GiB
-        assert (flag_cache / "blobs").is_dir()
-        assert not file_cache.exists()
-    finally:
-        assert await d.stop() == 0
-
-
-async def test_an_api_listen_flag_overrides_the_file(tmp_path: Path) -> None:
-    cfg, _, file_api = good_config(tmp_path)
-    flag_sock = tmp_path / "from-flag.sock"
-    d = Daemon(tmp_path, cached("--config", str(cfg), "--no-mdns", "--api-listen", f"unix:{flag_sock}"))
-    try:
-        await d.start(f"unix:{flag_sock}")
-        assert not Path(file_api.removeprefix("unix:")).exists()
-    finally:
-        assert await d.stop() == 0
-
-
-# --- --log-format json ----------------------------------------------------------------------------
-
-
 def assert_every_line_is_a_json_object(text: str) -> list[dict[str, Any]]:
     records = []
     for line in text.splitlines():
@@ -272,6 +243,63 @@ def assert_every_line_is_a_json_object(text: str) -> list[dict[str, Any]]:
     return records
 
 
+async def node_status(api: str) -> dict[str, Any]:
+    r = await cachectl(api, "--json", "status")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+async def test_a_valid_config_file_is_honoured(tmp_path: Path) -> None:
+    cfg, cache, api = good_config(tmp_path, log_format="json")
+    d = Daemon(tmp_path, cached("--config", str(cfg), "--no-mdns"))
+    try:
+        await d.start(api)  # api.listen from the file: its unix socket answers
+        node = await node_status(api)
+        assert node["node_id"] == "node-from-file"
+        assert node["cache_dir"] == str(cache)
+        assert node["capacity_bytes"] == 1 * GiB
+        assert (cache / "blobs").is_dir()
+    finally:
+        rc = await d.stop()
+    assert rc == 0, f"SIGTERM should stop the daemon cleanly:\n{d.stderr_path.read_text()}"
+    records = assert_every_line_is_a_json_object(d.stderr_path.read_text())  # log.format from the file
+    assert any("listening" in str(r.get("msg", "")) for r in records), records
+
+
+async def test_flags_override_the_config_file(tmp_path: Path) -> None:
+    cfg, file_cache, file_api = good_config(tmp_path)
+    flag_cache = tmp_path / "cache-from-flag"
+    flag_api = f"unix:{tmp_path / 'from-flag.sock'}"
+    d = Daemon(
+        tmp_path,
+        cached(
+            "--config", str(cfg), "--no-mdns",
+            "--node-id", "node-from-flag",
+            "--cache-dir", str(flag_cache),
+            "--api-listen", flag_api,
+            "--max-cache-bytes", "2G",
+        ),
+    )
+    try:
+        await d.start(flag_api)
+        node = await node_status(flag_api)
+        assert node["node_id"] == "node-from-flag"
+        assert node["cache_dir"] == str(flag_cache)
+        assert node["capacity_bytes"] == 2 * GiB
+        assert (flag_cache / "blobs").is_dir()
+        assert not file_cache.exists()
+        assert not Path(file_api.removeprefix("unix:")).exists()
+    finally:
+        rc = await d.stop()
+    assert rc == 0, f"SIGTERM should stop the daemon cleanly:\n{d.stderr_path.read_text()}"
+    # Keys given only in the file still apply (log.format is text there: no JSON lines).
+    text = d.stderr_path.read_text()
+    assert text and not text.lstrip().startswith("{"), text
+
+
+# --- --log-format json ----------------------------------------------------------------------------
+
+
 async def test_log_format_json_makes_every_stderr_line_a_json_object(tmp_path: Path) -> None:
     model = tmp_path / "model"
     model.mkdir()
@@ -280,24 +308,14 @@ async def test_log_format_json_makes_every_stderr_line_a_json_object(tmp_path: P
     d = Daemon(tmp_path, cached("--config", str(write_config(tmp_path / "empty.toml", "")), *safe_flags(tmp_path), "--log-format", "json"))
     try:
         await d.start(api)
-        # Some traffic that logs at info and warning level: a success, a failure, a usage mistake.
+        # Traffic that logs at info and warning level: a success, a failed fetch, a refused evict.
         assert (await cachectl(api, "prefetch", f"file://{model}", "--wait")).returncode == 0
         assert (await cachectl(api, "prefetch", f"file://{tmp_path}/no-such-model", "--wait")).returncode == 1
-        assert (await cachectl(api, "evict", f"file://{tmp_path}/no-such-model")).returncode == 1
+        assert (await cachectl(api, "evict", f"file://{tmp_path}/never-seen")).returncode == 1
     finally:
-        assert await d.stop() == 0
+        rc = await d.stop()
+    assert rc == 0, f"SIGTERM should stop the daemon cleanly:\n{d.stderr_path.read_text()}"
     records = assert_every_line_is_a_json_object(d.stderr_path.read_text())
     messages = " | ".join(str(r.get("msg", "")) for r in records)
     assert len(records) >= 3 and "listening" in messages and "stopped" in messages, messages
     assert {"warning", "info"} <= {r.get("level") for r in records}, records
-
-
-async def test_log_format_json_from_the_config_file(tmp_path: Path) -> None:
-    cfg, _, api = good_config(tmp_path, log_format="json")
-    d = Daemon(tmp_path, cached("--config", str(cfg), "--no-mdns"))
-    try:
-        await d.start(api)
-    finally:
-        assert await d.stop() == 0
-    records = assert_every_line_is_a_json_object(d.stderr_path.read_text())
-    assert any("listening" in str(r.get("msg", "")) for r in records), records
