@@ -321,6 +321,10 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(cfg.log.format, cfg.log.level)
     try:
         asyncio.run(run(cfg, argv))
-    except CachedError as e:
+    except ConfigError as e:
+        print(f"cached: config error: {e.message}", file=sys.stderr)
+        sys.exit(EX_CONFIG)
+    except (CachedError, OSError) as e:
+        # e.g. the API address is in use: one clear line, and systemd may retry.
         log.error("cannot start: %s", e)
         sys.exit(1)

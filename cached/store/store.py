@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from cached.config import StoreConfig
-from cached.errors import IntegrityError, NotFoundError, StoreError, StoreFullError
+from cached.errors import ConfigError, IntegrityError, NotFoundError, StoreError, StoreFullError
 from cached.store import durable
 from cached.store.claims import Claims
 from cached.store.eviction import Debris, EvictionPlan, ModelUsage, plan_eviction, reclaimable_bytes
@@ -96,8 +96,13 @@ class Store:
         )
 
     def _open_sync(self) -> None:
-        for d in (self.blobs_dir, self.partial_dir, self.manifests_dir, self.refs_dir, self.models_dir, self.tmp_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        try:
+            for d in (self.blobs_dir, self.partial_dir, self.manifests_dir, self.refs_dir, self.models_dir, self.tmp_dir):
+                d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            # A directory that cannot be made is a configuration problem (exit 78, no restart
+            # loop); I/O errors while indexing are not, and stay StoreErrors/OSErrors.
+            raise ConfigError("cache_dir", f"cannot use {self.root}: {e.strerror or e}") from None
         for entry in self.tmp_dir.iterdir():  # per-attempt files of a previous run
             durable.remove_tree(entry)
         self.claims.load_sync()

@@ -243,9 +243,9 @@ async def test_evicting_a_fetch_just_as_its_partial_is_created_leaves_nothing_be
     The window is a few milliseconds, so the evict is tried a few times, each as soon as the
     partial file appears; every attempt must leave neither files nor open descriptors behind.
     """
-    write_random_file(tmp_path / "origin" / "slow.bin", 4 * MiB, seed=41)
+    write_random_file(tmp_path / "origin" / "slow.bin", 8 * MiB, seed=41)
     cache = tmp_path / "cache"
-    async with Origin(tmp_path / "origin") as origin, running_daemon(cache, **FLAGS) as d, ApiClient(d.api_address) as api:
+    async with Origin(tmp_path / "origin") as origin, running_daemon(cache, **{"store.piece_size_bytes": "64K"}) as d, ApiClient(d.api_address) as api:
         ref = origin.file_url("slow.bin")
         origin.faults.rate_bps = 64 * 1024
         for attempt in range(5):

@@ -136,7 +136,10 @@ class Daemon:
         self.socket.unlink(missing_ok=True)
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=log, env=self.env, cwd=self.workdir)
+            # The unit's UMask=, as systemd would apply it.
+            self.proc = subprocess.Popen(
+                self.argv, stdout=log, stderr=log, env=self.env, cwd=self.workdir, umask=unit_umask()
+            )
 
     async def start(self, timeout_s: float = 20.0) -> "Daemon":
         self.spawn()
@@ -228,6 +231,10 @@ class NotifySocket:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def unit_umask() -> int:
+    return int(parse_unit(UNIT.read_text())["Service"]["UMask"][-1], 8)
 
 
 def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
@@ -349,6 +356,23 @@ async def test_bad_config_exits_78_which_the_unit_does_not_restart(tmp_path: Pat
     assert ran.err.strip().count("\n") == 0 and "cache_dir" in ran.err
 
 
+async def test_api_address_in_use_fails_with_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """Known bug: the OSError from bind escapes as a traceback (exit 1 is right: systemd retries)."""
+    (tmp_path / "empty.toml").touch()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        ran = await run(
+            sys.executable, "-m", "cached", "--config", tmp_path / "empty.toml", "--cache-dir", tmp_path / "cache",
+            "--api-listen", f"127.0.0.1:{port}", "--peer-listen", "127.0.0.1:0", "--no-mdns",
+            "--hf-endpoint", "http://127.0.0.1:9", env=child_env(), timeout_s=30,
+        )
+    assert ran.rc == 1
+    assert "Traceback" not in ran.err, ran.err
+    assert f"127.0.0.1:{port}" in ran.err and "in use" in ran.err.lower()
+
+
 # --- the example configuration ------------------------------------------------------------------
 
 
@@ -402,24 +426,28 @@ def _dotted_key_below(text: str, pos: int) -> str:
 # --- sd_notify ----------------------------------------------------------------------------------
 
 
-async def test_notify_ready_after_api_answers_then_watchdog_then_stopping(tmp_path: Path) -> None:
+@pytest.mark.parametrize("listen", ["unix", "tcp"])
+async def test_notify_ready_after_api_answers_then_watchdog_then_stopping(tmp_path: Path, listen: str) -> None:
     notify = NotifySocket(tmp_path / "notify.sock")
+    flags = ("--api-listen", "127.0.0.1:0") if listen == "tcp" else ()
     try:
-        async with daemon(tmp_path, env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "400000"}) as d:
+        async with daemon(tmp_path, *flags, env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "400000"}) as d:
             d.spawn()
             before_ready: list[dict[str, str]] = []
-            while True:
-                msg = await notify.recv(d)
-                if "READY" in msg:
-                    break
+            while "READY" not in (msg := await notify.recv(d)):
                 before_ready.append(msg)
-            # At the moment READY=1 arrives the API already exists and answers.
-            assert d.socket.exists()
-            assert await d.request("GET", "/readyz") == {"status": "ready"}
-            node = await d.request("GET", "/v1/node")
-            assert msg["READY"] == "1" and d.api in msg.get("STATUS", ""), msg
-            assert node["pid"] == d.proc.pid
-            assert all("READY" not in m and "STOPPING" not in m for m in before_ready)
+            # The moment READY=1 arrives, the API it names (the real port, for port 0) answers.
+            status = re.search(r"\bapi=(\S+)", msg.get("STATUS", ""))
+            assert msg["READY"] == "1" and status, msg
+            api = status.group(1)
+            async with ApiClient(api, timeout_s=5) as client:
+                assert await client.request("GET", "/readyz") == {"status": "ready"}
+                assert (await client.request("GET", "/v1/node"))["pid"] == d.proc.pid
+            if listen == "unix":
+                assert api == d.api
+            else:
+                assert re.fullmatch(r"http://127\.0\.0\.1:[1-9][0-9]*", api), api
+            assert all("READY" not in m and "STOPPING" not in m for m in before_ready), before_ready
 
             pings = sum(1 for m in before_ready if m.get("WATCHDOG") == "1")
             while pings < 3:
@@ -488,6 +516,14 @@ async def test_sigterm_mid_download_leaves_nothing_visible_and_restart_resumes(t
             files = [p for p in view.rglob("*") if p.is_file()]
             assert len(files) == 1
             assert await sha256(files[0]) == await sha256(src)
+            # Launchers run as other users: with the unit's UMask every step down to the file is
+            # readable (and searchable) by others, and the file itself read-only.
+            for p in [files[0], *files[0].parents]:
+                mode = p.stat().st_mode
+                assert mode & stat.S_IROTH and (p == files[0] or mode & stat.S_IXOTH), (p, oct(mode))
+                if p == cache:
+                    break
+            assert files[0].stat().st_mode & 0o777 == 0o444
             assert origin.counters.bytes_sent < 1.6 * size, (sent_before, origin.counters.bytes_sent)
             assert "resuming partial blob" in d.log()
             assert (await cachectl(d.api, "path", ref)).rc == 0
@@ -550,6 +586,28 @@ async def test_sighup_applies_capacity_and_log_level_and_names_keys_needing_rest
             assert await d.wait_exit() == 0
     finally:
         notify.close()
+
+
+async def test_log_lines_carry_their_priority_for_journald(tmp_path: Path) -> None:
+    """Known bug: journald reads a leading "<N>" as a line's priority (sd-daemon(3)); without it
+    every line is stored as info and `journalctl -u cached -p warning` shows nothing."""
+    cfg = tmp_path / "config.toml"
+    write_config(cfg, cache_dir=tmp_path / "cache", level="info", max_bytes="1G")
+    d = Daemon(tmp_path, config=cfg)
+    d.log_path.touch()
+    st = d.log_path.stat()
+    # What systemd sets when stderr is connected to the journal: that stream's device:inode.
+    d.env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+    try:
+        await d.start()
+        cfg.write_text("[store\n")
+        d.signal(signal.SIGHUP)
+        await wait_until(lambda: "reload refused" in d.log(), timeout_s=10, what="refused reload log line")
+        lines = d.log().splitlines()
+        assert next(x for x in lines if "reload refused" in x).startswith("<3>"), lines
+        assert next(x for x in lines if "listening node=" in x).startswith("<6>"), lines
+    finally:
+        d.kill()
 
 
 # --- metrics ------------------------------------------------------------------------------------

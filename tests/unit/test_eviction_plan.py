@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from cached.store.eviction import Debris, EvictionPlan, ModelUsage, plan_eviction, reclaimable_bytes
 
 # See test_types.py: the loop guard fails a plain test that runs past 1 s.
-PROPS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 BLOBS = [f"b{i}" for i in range(10)]
 
