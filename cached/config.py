@@ -173,10 +173,16 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any], prefix: str = "") -> N
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    node = tree
+    node: Any = tree
     *parents, leaf = dotted.split(".")
     for p in parents:
-        node = node[p]
+        node = node.get(p) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            raise ConfigError(dotted, "unknown key")
+    if leaf not in node:
+        raise ConfigError(dotted, "unknown key")
+    if isinstance(node[leaf], dict):
+        raise ConfigError(dotted, "is a table; name one of its keys")
     node[leaf] = value
 
 
@@ -242,6 +248,14 @@ def _optional_path(value: Any, key: str) -> Path | None:
     return Path(value)
 
 
+def _advertise(value: Any) -> str:
+    _typed(value, str, "peer.advertise", "HOST:PORT")
+    if value:
+        if Listen.parse(value, "peer.advertise").unix_path:
+            raise ConfigError("peer.advertise", "must be HOST:PORT that peers can reach, not a unix socket")
+    return value
+
+
 def _build(t: dict[str, Any]) -> Config:
     node_id = t["node_id"] or socket.gethostname()
     _typed(node_id, str, "node_id", "a string")
@@ -305,7 +319,7 @@ def _build(t: dict[str, Any]) -> Config:
         api=ApiConfig(listen=Listen.parse(t["api"]["listen"], "api.listen"), socket_mode=socket_mode),
         peer=PeerConfig(
             listen=Listen.parse(t["peer"]["listen"], "peer.listen"),
-            advertise=_typed(t["peer"]["advertise"], str, "peer.advertise", "HOST:PORT"),
+            advertise=_advertise(t["peer"]["advertise"]),
             seeds=tuple(seeds),
         ),
         cluster=ClusterConfig(name=cluster_name, token_file=_optional_path(t["cluster"]["token_file"], "cluster.token_file")),

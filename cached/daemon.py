@@ -159,6 +159,8 @@ class Daemon:
     def reload(self, new: Config) -> list[str]:
         """SIGHUP: apply what can change at run time; return the keys that need a restart."""
         changed = {k for k, v in flatten(new).items() if flatten(self.cfg)[k] != v}
+        if "store.cache_dir" in changed:  # the file and the flag call it cache_dir
+            changed = (changed - {"store.cache_dir"}) | {"cache_dir"}
         restart = sorted(changed - RELOADABLE)
         applied = sorted(changed & RELOADABLE)
         if "log.level" in changed:
@@ -243,14 +245,24 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
+class _JournalFormatter(logging.Formatter):
+    """Prefix each line with its syslog priority (sd-daemon(3)) so ``journalctl -p`` filters."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        n = record.levelno
+        prio = 2 if n >= logging.CRITICAL else 3 if n >= logging.ERROR else 4 if n >= logging.WARNING else 6 if n >= logging.INFO else 7
+        return "\n".join(f"<{prio}>{line}" for line in super().format(record).splitlines())
+
+
 def setup_logging(fmt: str, level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
+    elif os.environ.get("JOURNAL_STREAM"):
+        # The journal adds its own timestamp; it reads the <N> prefix as the priority.
+        handler.setFormatter(_JournalFormatter("%(levelname)s %(name)s: %(message)s"))
     else:
-        # Under systemd the journal adds its own timestamp.
-        stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
-        handler.setFormatter(logging.Formatter(f"{stamp}%(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -44,7 +44,8 @@ class BlobId:
     hex: str
 
     def __post_init__(self) -> None:
-        _digest_hex(self.hex, "blob id")
+        if not _HEX64.match(self.hex):
+            raise ValueError(f"blob id must be 64 lower-case hex digits, got {self.hex!r}")
 
     @classmethod
     def parse(cls, value: str) -> "BlobId":
@@ -107,6 +108,8 @@ class ModelRef:
             raise RefError(raw[:64] + "...", "longer than 4096 characters")
         if any(ord(c) < 0x20 or ord(c) == 0x7F for c in raw):
             raise RefError(raw, "contains control characters")
+        if any(0xD800 <= ord(c) <= 0xDFFF for c in raw):
+            raise RefError(raw.encode("utf-8", "replace").decode(), "is not valid Unicode (lone surrogate)")
         scheme, sep, _ = raw.partition("://")
         if not sep:
             raise RefError(raw, "expected hf://org/name[@revision], http(s)://host/file or file:///path")
@@ -130,9 +133,16 @@ class ModelRef:
         if len(parts) not in (1, 2) or not all(parts):
             raise RefError(raw, "repo must be 'org/name' or 'name'")
         for part in parts:
-            if not _HF_PART.match(part) or ".." in part or part.endswith("."):
+            # The hub's own rules (huggingface_hub.validate_repo_id); '--' would also make two
+            # repos share one models--org--name folder in the HF cache layout.
+            if not _HF_PART.match(part) or ".." in part or "--" in part or part.endswith((".", "-", ".git")):
                 raise RefError(raw, f"invalid repo name part {part!r}")
-        if not _HF_REVISION.match(revision) or ".." in revision or "//" in revision or revision.endswith("/"):
+        if (
+            not _HF_REVISION.match(revision)
+            or "//" in revision
+            or revision.endswith("/")
+            or any(seg in (".", "..") for seg in revision.split("/"))
+        ):
             raise RefError(raw, f"invalid revision {revision!r}")
         return cls(kind=RefKind.HF, canonical=f"hf://{repo}@{revision}", repo=repo, revision=revision)
 
@@ -176,7 +186,8 @@ class ModelRef:
         """A single safe file-name component for this ref (injective)."""
         esc = quote(self.canonical, safe="")
         if len(esc) > 200:
-            esc = esc[:150] + "~" + blake3.blake3(self.canonical.encode()).hexdigest()[:40]
+            # "%~" never comes out of quote(), so no other ref can produce this name.
+            esc = esc[:150] + "%~" + blake3.blake3(self.canonical.encode()).hexdigest()[:40]
         return esc
 
     def __str__(self) -> str:
@@ -282,14 +293,16 @@ class Manifest:
             d = json.loads(data)
             if d.get("version") != 1:
                 raise ValueError(f"unknown manifest version {d.get('version')!r}")
+            if d.get("revision") is not None and not isinstance(d["revision"], str):
+                raise ValueError("revision must be a string")
             return cls(
                 ref=str(d["ref"]),
                 revision=d.get("revision"),
                 piece_size=int(d["piece_size"]),
                 files=tuple(FileEntry.from_json(f) for f in d["files"]),
             )
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise IntegrityError(f"malformed manifest: {e}") from None
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as e:
+            raise IntegrityError(f"malformed manifest: {type(e).__name__}: {e}") from None
 
 
 def canonical_json(value: Any) -> bytes:

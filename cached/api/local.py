@@ -43,7 +43,12 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20
 EVENTS_KEEPALIVE_S = 15.0
 
+class Unavailable(CachedError):
+    code = "unavailable"
+
+
 STATUS: list[tuple[type[CachedError], int]] = [
+    (Unavailable, 503),
     (RefError, 400),
     (RequestError, 400),
     (NotFoundError, 404),
@@ -172,6 +177,18 @@ class LocalApi:
             raise RequestError(f"'{key}' has the wrong type")
         return value
 
+    async def _wait_or_close(self, waiting: Awaitable[bool]) -> bool | None:
+        """``waiting``'s result, or None if the daemon starts stopping first."""
+        task = asyncio.ensure_future(waiting)
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait({task, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+            if not task.done():
+                task.cancel()
+        return task.result() if task.done() and not task.cancelled() else None
+
     def model_object(self, ref: ModelRef) -> dict[str, Any]:
         job = self._jobs.get(ref)
         rec = self._store.model(ref)
@@ -240,7 +257,9 @@ class LocalApi:
         job = self._jobs.submit(ref, priority if not wait else min(priority, Priority.HIGH))
         if not wait:
             return web.json_response(self.model_object(ref), status=202)
-        finished = await self._jobs.wait(job, timeout_s)
+        finished = await self._wait_or_close(self._jobs.wait(job, timeout_s))
+        if finished is None:
+            raise Unavailable("the daemon is stopping; the fetch will resume when it is back")
         if finished and job.state is JobState.FAILED and self._store.model(ref) is None:
             obj = self.model_object(ref)
             status = 409 if job.error_code == FetchCancelled.code else _status_for_code(job.error_code)

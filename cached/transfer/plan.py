@@ -71,6 +71,8 @@ def assign(
         for index in sorted(inflight):
             if global_free <= 0:
                 break
+            if len(inflight[index]) >= 2:
+                continue
             others = [s for s in sources if s.name not in inflight[index]]
             src = _pick(index, [s for s in others if not s.is_origin], free) or _pick(
                 index, [s for s in others if s.is_origin], free

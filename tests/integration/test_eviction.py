@@ -35,10 +35,6 @@ async def prefetch(api: ApiClient, ref: str) -> dict[str, Any]:
     return model
 
 
-async def states(api: ApiClient, *refs: str) -> list[str]:
-    return [(await api.request("GET", "/v1/models/status", params={"ref": r}))["state"] for r in refs]
-
-
 async def held(api: ApiClient, *refs: str) -> list[bool]:
     """Whether each model is on disk here: a path that exists (independent of job bookkeeping)."""
     out = []
@@ -221,7 +217,7 @@ async def test_evicting_an_in_progress_fetch_cancels_it_and_removes_partial_file
 
 
 async def test_a_model_evicted_under_pressure_reads_as_absent(tmp_path: Path) -> None:
-    """Status, the node summary and the metrics must agree with the disk after an eviction."""
+    """Status, the node summary and the model list must agree with the disk after an eviction."""
     make_models(tmp_path / "origin", "a.bin", "b.bin", "c.bin")
     cache = tmp_path / "cache"
     async with Origin(tmp_path / "origin") as origin, running_daemon(cache, **FLAGS) as d, ApiClient(d.api_address) as api:
@@ -248,9 +244,9 @@ async def test_evicting_a_fetch_just_as_its_partial_is_created_leaves_nothing_be
     async with Origin(tmp_path / "origin") as origin, running_daemon(cache, **{"store.piece_size_bytes": "64K"}) as d, ApiClient(d.api_address) as api:
         ref = origin.file_url("slow.bin")
         origin.faults.rate_bps = 64 * 1024
-        for attempt in range(5):
+        for attempt in range(12):
             await api.request("POST", "/v1/prefetch", body={"ref": ref})
-            await wait_until(lambda: partial_files(cache), timeout_s=10, interval_s=0.001, what="partial file created")
+            await wait_until(lambda: partial_files(cache), timeout_s=10, interval_s=0, what="partial file created")
             await api.request("POST", "/v1/evict", body={"ref": ref})
 
             def settled() -> bool:
