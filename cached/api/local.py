@@ -154,6 +154,8 @@ class LocalApi:
             body = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise RequestError(f"request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise RequestError("request body is nested too deeply") from None
         if not isinstance(body, dict):
             raise RequestError("request body must be a JSON object")
         return body

@@ -311,7 +311,17 @@ class Store:
                 header = PieceLogHeader(size=size, piece_size=piece_size, identity_key=identity_key)
                 partial = PartialBlob(key=key, header=header, data_path=self.partial_dir / key, log_path=self.partial_dir / f"{key}.pieces")
                 fresh = key not in self._partial_sizes
-                kept = await asyncio.to_thread(partial.open_sync)
+                opening = asyncio.ensure_future(asyncio.to_thread(partial.open_sync))
+                try:
+                    kept = await asyncio.shield(opening)
+                except asyncio.CancelledError:
+                    # The thread runs on and creates the files: let it finish, close its fds,
+                    # and record the files so that evict and gc can find and drop them.
+                    await asyncio.gather(opening, return_exceptions=True)
+                    if not opening.cancelled() and opening.exception() is None:
+                        await asyncio.to_thread(partial.close_sync)
+                        self._partial_sizes[key] = size
+                    raise
                 if kept:
                     log.info("resuming partial blob key=%s verified_pieces=%d of=%d", key[:16], kept, partial.pieces)
                 if fresh and reservation is not None:
