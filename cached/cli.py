@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--wait", action="store_true", help="return when the model is ready; print its path")
     c.add_argument("--priority", choices=["high", "normal", "low"], default="normal")
     c.add_argument("--timeout", type=float, default=None, metavar="S", help="with --wait: give up waiting after S seconds")
+    c.add_argument("--refresh", action="store_true", help="re-resolve a branch; fetch only the files that changed")
+    c.add_argument("--include", action="append", default=[], metavar="GLOB", help="hf refs: only files matching (repeatable)")
+    c.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="hf refs: skip files matching (repeatable)")
     c = cmd("path", "print the local directory of a ready model")
     c.add_argument("ref")
     c = cmd("evict", "remove REF from this node")
@@ -153,6 +156,11 @@ async def _cmd_ls(api: ApiClient, args: argparse.Namespace) -> int:
 
 async def _cmd_prefetch(api: ApiClient, args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"ref": args.ref, "priority": args.priority}
+    if args.refresh:
+        body["refresh"] = True
+    if args.include or args.exclude:
+        body.update(include=args.include, exclude=args.exclude)
+        args.ref = ModelRef.parse(args.ref).with_patterns(args.include, args.exclude).canonical
     if not args.wait:
         model = await api.request("POST", "/v1/prefetch", body=body)
         _out(args, model, f"{model['ref']}: {model['state']}")

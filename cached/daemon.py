@@ -32,6 +32,7 @@ from cached.errors import CachedError, ConfigError
 from cached.jobs import Jobs
 from cached.metrics import Metrics
 from cached.origins import Origins
+from cached.origins.hf import HfOrigin
 from cached.origins.http import HttpOrigin
 from cached.origins.local import LocalOrigin
 from cached.store import Store
@@ -62,8 +63,9 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 class Daemon:
     """One node. Several can run in one process (tests): each owns its registry, session, store."""
 
-    def __init__(self, cfg: Config, *, clock: Any = time.time) -> None:
+    def __init__(self, cfg: Config, *, clock: Any = time.time, env: dict[str, str] | None = None) -> None:
         self.cfg = cfg
+        self._env = dict(os.environ) if env is None else env
         self.clock = clock
         self.metrics = Metrics()
         self.store = Store(cfg.store, clock=clock)
@@ -97,7 +99,10 @@ class Daemon:
             headers={"User-Agent": f"cached/{__version__}"},
         )
         self._stack.push_async_callback(session.close)
-        origins = Origins({RefKind.FILE: LocalOrigin(), RefKind.HTTP: HttpOrigin(session, cfg.origins.http)})
+        self.hf_origin = HfOrigin(session, cfg.origins.hf, cfg.origins.http, token=hf_token(cfg, self._env))
+        origins = Origins(
+            {RefKind.FILE: LocalOrigin(), RefKind.HTTP: HttpOrigin(session, cfg.origins.http), RefKind.HF: self.hf_origin}
+        )
         scheduler = Scheduler(cfg.origins.http, self.metrics)
         self.fetcher = ModelFetcher(self.store, origins, scheduler, self.metrics)
         self.jobs = await self._stack.enter_async_context(Jobs(self.fetcher, self.store, self.metrics, cfg.jobs, clock=self.clock))
@@ -189,14 +194,28 @@ class Daemon:
             if self._stopping.is_set():
                 return
             try:
-                for lease in await self.store.claims.expire():
+                expired = await self.store.claims.expire()
+                for lease in expired:
                     log.info("lease expired lease=%s ref=%s holder=%s", lease.lease_id, lease.ref, lease.holder)
+                if expired:
+                    await self.store.release_unretained()
                 freed, evicted = await self.store.gc()
                 if evicted:
                     self.metrics.evictions.inc(len(evicted))
                     log.info("evicted under pressure models=%d freed_bytes=%d", len(evicted), freed)
             except CachedError as e:
                 log.warning("housekeeping failed error=%s", e)
+
+
+def hf_token(cfg: Config, env: dict[str, str]) -> str | None:
+    """The hub token: origins.hf.token_file, else $HF_TOKEN (as huggingface_hub itself reads it)."""
+    path = cfg.origins.hf.token_file
+    if path is not None:
+        try:
+            return path.read_text().strip() or None
+        except OSError as e:
+            raise ConfigError("origins.hf.token_file", f"{path}: {e.strerror}") from None
+    return env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or None
 
 
 # --- systemd ------------------------------------------------------------------------------------

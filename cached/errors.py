@@ -82,10 +82,14 @@ class IntegrityError(StoreError):
 class OriginError(CachedError):
     code = "origin_error"
 
-    def __init__(self, message: str, *, status: int | None = None, retryable: bool = False) -> None:
+    def __init__(
+        self, message: str, *, status: int | None = None, retryable: bool = False, upstream_code: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.retryable = retryable
+        # The origin's own error name where it has one (an HF hub's X-Error-Code).
+        self.upstream_code = upstream_code
 
 
 class OriginNotFound(OriginError):

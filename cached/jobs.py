@@ -36,6 +36,7 @@ class Job:
     ref: ModelRef
     priority: Priority
     created_at: float
+    refresh: bool = False
     state: JobState = JobState.QUEUED
     progress: Progress = field(default_factory=Progress)
     error: str | None = None
@@ -136,16 +137,20 @@ class Jobs:
 
     # --- commands ------------------------------------------------------------------------------
 
-    def submit(self, ref: ModelRef, priority: Priority = Priority.NORMAL) -> Job:
+    def submit(self, ref: ModelRef, priority: Priority = Priority.NORMAL, *, refresh: bool = False) -> Job:
         job = self._jobs.get(ref.canonical)
         if job is not None and job.active:
+            # A running fetch of a missing model resolves the newest revision anyway; a queued
+            # one just takes the refresh along.
+            if refresh and job.state is JobState.QUEUED:
+                job.refresh = True
             if priority < job.priority:
                 job.priority = priority
                 if job.state is JobState.QUEUED:
                     self._waiting = [(p if j is not job else int(priority), s, j) for p, s, j in self._waiting]
                     heapq.heapify(self._waiting)
             return job
-        job = Job(id=next(self._seq), ref=ref, priority=priority, created_at=self._clock())
+        job = Job(id=next(self._seq), ref=ref, priority=priority, created_at=self._clock(), refresh=refresh)
         self._jobs[ref.canonical] = job
         heapq.heappush(self._waiting, (int(priority), job.id, job))
         self._emit(job, "queued")
@@ -183,7 +188,15 @@ class Jobs:
                 holders = ", ".join(sorted({lease.holder for lease in claims.leases_for(ref.canonical)}))
                 raise ConflictError(f"{ref} is leased by {holders}; release the lease or use --force")
         job = self._jobs.get(ref.canonical)
-        cancelled = await self.cancel(ref, "evicted")
+        present = self._store.model(ref) is not None or bool(self._store.retained_for(ref))
+        if job is None and not present:
+            raise NotFoundError(f"{ref} is not on this node")
+        await self.cancel(ref, "evicted")
+        if force:
+            # Claims go first, so that every revision they held is free to go with the model.
+            await claims.unpin(ref)
+            for lease in claims.leases_for(ref.canonical):
+                await claims.release(lease.lease_id)
         freed = 0
         if job is not None:
             for key in job.progress.partial_keys:
@@ -193,12 +206,7 @@ class Jobs:
         if self._store.model(ref) is not None:
             freed = await self._store.remove_model(ref)
             self._metrics.evictions.inc()
-        elif not cancelled and job is None:
-            raise NotFoundError(f"{ref} is not on this node")
-        if force:
-            await claims.unpin(ref)
-            for lease in claims.leases_for(ref.canonical):
-                await claims.release(lease.lease_id)
+        freed += await self._store.release_unretained()
         log.info("evicted ref=%s freed_bytes=%d", ref, freed)
         return freed
 
@@ -218,7 +226,7 @@ class Jobs:
         self._emit(job, "fetching")
         started = time.monotonic()
         try:
-            await self._fetcher.fetch(job.ref, job.progress)
+            await self._fetcher.fetch(job.ref, job.progress, refresh=job.refresh)
         except asyncio.CancelledError:
             self._finish(job, JobState.FAILED, FetchCancelled("cancelled (the model was evicted or the daemon is stopping)"))
             self._metrics.fetch_duration.labels("cancelled").observe(time.monotonic() - started)

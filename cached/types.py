@@ -96,6 +96,9 @@ class ModelRef:
     # http / file
     url: str = ""
     path: str = ""
+    # hf: which files of the repo (fnmatch patterns); empty include means all
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, text: str) -> "ModelRef":
@@ -124,7 +127,8 @@ class ModelRef:
 
     @classmethod
     def _parse_hf(cls, raw: str) -> "ModelRef":
-        body = raw[len("hf://"):]
+        body, _, query = raw[len("hf://"):].partition("?")
+        include, exclude = _parse_patterns(raw, query)
         repo, at, revision = body.partition("@")
         if at and not revision:
             raise RefError(raw, "empty revision after '@'")
@@ -144,7 +148,22 @@ class ModelRef:
             or any(seg in (".", "..") for seg in revision.split("/"))
         ):
             raise RefError(raw, f"invalid revision {revision!r}")
-        return cls(kind=RefKind.HF, canonical=f"hf://{repo}@{revision}", repo=repo, revision=revision)
+        return cls(kind=RefKind.HF, canonical=_hf_canonical(repo, revision, include, exclude), repo=repo, revision=revision, include=include, exclude=exclude)
+
+    def with_patterns(self, include: Iterable[str] = (), exclude: Iterable[str] = ()) -> "ModelRef":
+        """This hf ref narrowed by more include/exclude patterns (a prefetch request's)."""
+        if self.kind is not RefKind.HF:
+            raise RefError(self.canonical, "include/exclude patterns apply to hf:// refs only")
+        inc = tuple(sorted(set(self.include) | set(include)))
+        exc = tuple(sorted(set(self.exclude) | set(exclude)))
+        for p in inc + exc:
+            _check_pattern(self.canonical, p)
+        return ModelRef.parse(_hf_canonical(self.repo, self.revision, inc, exc))
+
+    @property
+    def base(self) -> "ModelRef":
+        """The ref without include/exclude patterns (the whole repo at that revision)."""
+        return self if not (self.include or self.exclude) else ModelRef.parse(f"hf://{self.repo}@{self.revision}")
 
     @classmethod
     def _parse_http(cls, raw: str) -> "ModelRef":
@@ -192,6 +211,28 @@ class ModelRef:
 
     def __str__(self) -> str:
         return self.canonical
+
+
+def _check_pattern(raw: str, pattern: str) -> str:
+    if not pattern or len(pattern) > 256 or any(c in pattern for c in ",&=?#"):
+        raise RefError(raw, f"bad file pattern {pattern!r} (fnmatch syntax; no ',', '&', '=', '?', '#')")
+    return pattern
+
+
+def _parse_patterns(raw: str, query: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``include=*.json,*.safetensors&exclude=*.bin`` -> sorted include and exclude patterns."""
+    found: dict[str, set[str]] = {"include": set(), "exclude": set()}
+    for part in filter(None, query.split("&")):
+        key, eq, value = part.partition("=")
+        if key not in found or not eq:
+            raise RefError(raw, f"unknown ref option {part!r} (hf refs take include= and exclude=)")
+        found[key].update(_check_pattern(raw, unquote(p)) for p in value.split(","))
+    return tuple(sorted(found["include"])), tuple(sorted(found["exclude"]))
+
+
+def _hf_canonical(repo: str, revision: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> str:
+    opts = [f"{k}={','.join(v)}" for k, v in (("include", include), ("exclude", exclude)) if v]
+    return f"hf://{repo}@{revision}" + ("?" + "&".join(opts) if opts else "")
 
 
 def validate_file_path(path: str) -> str:

@@ -21,6 +21,7 @@ import datetime as dt
 import json
 import os
 import platform
+import resource
 import select
 import shutil
 import signal
@@ -91,6 +92,43 @@ def cpu_busy(seconds: float = 2.0) -> float:
     except (OSError, ValueError, IndexError):
         return -1.0
     return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
+class OtherWork:
+    """User CPU time spent by processes that are not the benchmark's, over one timed run.
+
+    Other work on a 2-CPU machine skews the figures badly, and a load check before the runs does
+    not see work that starts in the middle. total user time (/proc/stat) - our user time (the
+    server's and daemons' /proc/PID/stat, plus reaped children: curl, cachectl) = someone else's.
+    """
+
+    TICK = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+
+    def _snap(self) -> tuple[float, float]:
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:3]]
+            total = (v[0] + v[1]) / self.TICK
+            ours = resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime + resource.getrusage(resource.RUSAGE_SELF).ru_utime
+            for pid in self.pids:
+                with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
+                    ours += int(f.read().rpartition(")")[2].split()[11]) / self.TICK
+            return total, ours
+        except (OSError, ValueError):
+            return 0.0, 0.0
+
+    def __enter__(self) -> "OtherWork":
+        self._t0 = time.monotonic()
+        self._start = self._snap()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = self._snap()
+        wall = max(1e-6, time.monotonic() - self._t0)
+        self.cores = max(0.0, (end[0] - self._start[0]) - (end[1] - self._start[1])) / wall
 
 
 def wait_idle(limit_s: float, threshold: float = 0.10) -> float:
@@ -464,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
 
         curl_alone: list[float] = []
         curl_sync: list[float] = []
+        other: list[float] = []  # CPUs used by other processes during each timed run
         verified = False
         out = work / "curl.out"
         for run in range(-args.warmup, args.runs):
@@ -473,19 +512,23 @@ def main(argv: list[str] | None = None) -> int:
             shift = run % len(contenders)  # rotate who goes first: no one always gets a cold or a warm start
             for c in contenders[shift:] + contenders[:shift]:
                 settle()
+                watch = OtherWork([server.proc.pid, *(d.proc.pid for d in daemons if d.proc)])
                 if c == "curl":
-                    a, s = run_curl(url, out, args.timeout)
+                    with watch:
+                        a, s = run_curl(url, out, args.timeout)
                     if out.stat().st_size != size:
                         raise RuntimeError(f"curl wrote {out.stat().st_size} bytes, expected {size}")
                     out.unlink()
                     if not warmup:
                         curl_alone.append(a)
                         curl_sync.append(s)
-                    log(f"{tag}: curl {a:.2f}s, curl+fsync {s:.2f}s")
+                        other.append(watch.cores)
+                    log(f"{tag}: curl {a:.2f}s, curl+fsync {s:.2f}s (other work: {watch.cores:.2f} CPUs)")
                 else:
                     assert isinstance(c, Daemon)
                     prof = work / f"py-spy-{daemons.index(c)}.txt" if run == 0 else None
-                    t, path = run_cached(c, url, args.timeout, args.py_spy, prof)
+                    with watch:
+                        t, path = run_cached(c, url, args.timeout, args.py_spy, prof)
                     if not verified:
                         view = path / FILE_NAME if path.is_dir() else path
                         got = blake3_file(view)
@@ -496,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
                     evict(c, url)
                     if not warmup:
                         c.times.append(t)
-                    log(f"{tag}: {c.variant.label} {t:.2f}s")
+                        other.append(watch.cores)
+                    log(f"{tag}: {c.variant.label} {t:.2f}s (other work: {watch.cores:.2f} CPUs)")
 
         # Fixed cost of one prefetch (cachectl start, HEAD, preallocation, the fsyncs of publishing).
         small_url = url.rsplit("/", 1)[0] + "/" + SMALL_NAME
@@ -520,9 +564,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<34} {t:>9.2f} {mb / t:>8.0f} {base_sync / t:>14.2f} {base_alone / t:>8.2f}   "
                   + " ".join(f"{x:.2f}" for x in raw))
         busy_after = cpu_busy(1.0)
-        print(f"background CPU use: {busy_before:.0%} before the runs, {busy_after:.0%} after; "
-              f"loadavg {open('/proc/loadavg').read().split()[0]}"
-              + ("  <-- other work was running: figures are skewed" if max(busy_before, busy_after) > 0.10 else ""))
+        worst = max(other, default=0.0)
+        print(f"other work on the machine: {busy_before:.0%} of the CPUs busy before the runs, {busy_after:.0%} after; "
+              f"during the timed runs up to {worst:.2f} CPUs of user time (median {median(other):.2f})"
+              + ("  <-- other work was running: figures are skewed" if max(busy_before, busy_after) > 0.10 or worst > 0.10 else ""))
         print(f"(cachectl start + one RPC, included in every cached figure: median {median(overhead):.2f}s; "
               f"a whole prefetch of a 1 MiB file: median {median(fixed):.2f}s)")
         ratio = base_sync / median(daemons[0].times)
@@ -535,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
                 "date": started.isoformat(timespec="seconds"),
                 "command": " ".join(["scripts/bench", *(argv if argv is not None else sys.argv[1:])]),
                 "size_bytes": size, "runs": args.runs, "warmup": args.warmup, "server": server.kind, "cpus": os.cpu_count(),
-                "background_cpu_before": busy_before, "background_cpu_after": busy_after, "curl_s": curl_alone, "curl_fsync_s": curl_sync, "cachectl_overhead_s": overhead, "prefetch_1mib_s": fixed,
+                "background_cpu_before": busy_before, "background_cpu_after": busy_after, "other_work_cpus_per_run": other, "curl_s": curl_alone, "curl_fsync_s": curl_sync, "cachectl_overhead_s": overhead, "prefetch_1mib_s": fixed,
                 "cached": {d.variant.label: d.times for d in daemons},
                 "ratio_vs_curl_fsync": ratio, "ratio_vs_curl": base_alone / median(daemons[0].times),
                 "target_met": met,

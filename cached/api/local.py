@@ -23,6 +23,7 @@ from cached.errors import (
     CachedError,
     ConflictError,
     FetchCancelled,
+    IntegrityError,
     NotFoundError,
     OriginChanged,
     OriginDenied,
@@ -36,7 +37,7 @@ from cached.jobs import Job, Jobs
 from cached.metrics import Metrics
 from cached.store import Store
 from cached.transfer.model import ModelFetcher
-from cached.types import JobState, ModelRef, Priority
+from cached.types import JobState, ModelRef, Priority, RefKind
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ STATUS: list[tuple[type[CachedError], int]] = [
     (ConflictError, 409),
     (FetchCancelled, 409),
     (StoreFullError, 507),
+    (IntegrityError, 502),  # the origin's bytes failed its own checksum
     (OriginNotFound, 404),
     (OriginDenied, 403),
     (OriginChanged, 409),
@@ -235,6 +237,21 @@ class LocalApi:
             obj["revision"] = rec.manifest.revision
             obj["files"] = len(rec.manifest.files)
             obj["last_used"] = rec.last_used
+            if ref.kind is RefKind.HF:
+                obj["hf_path"] = str(self._store.hf_dir)
+                obj["snapshot_path"] = str(self._store.hf_snapshot(rec.manifest))
+            # Older revisions that leases still hold (a refresh moved the ref on).
+            obj["revisions"] = [
+                {"revision": rec.manifest.revision, "manifest": f"blake3:{rec.manifest.digest}", "current": True}
+            ] + [
+                {
+                    "revision": m.revision,
+                    "manifest": f"blake3:{m.digest}",
+                    "current": False,
+                    "leases": [lease.lease_id for lease in claims.active_leases() if lease.manifest == m.digest],
+                }
+                for m in self._store.retained_for(ref)
+            ]
         return obj
 
     def _known_refs(self) -> list[ModelRef]:
@@ -248,6 +265,13 @@ class LocalApi:
     async def prefetch(self, request: web.Request) -> web.Response:
         body = await self._body(request)
         ref = self._ref(body.get("ref"))
+        include = self._opt(body, "include", list, [])
+        exclude = self._opt(body, "exclude", list, [])
+        if include or exclude:
+            if not all(isinstance(p, str) for p in include + exclude):
+                raise RequestError("'include' and 'exclude' must be lists of strings")
+            ref = ref.with_patterns(include, exclude)
+        refresh = self._opt(body, "refresh", bool, False)
         wait = self._opt(body, "wait", bool, False)
         try:
             priority = Priority.parse(self._opt(body, "priority", str, "normal"))
@@ -256,7 +280,7 @@ class LocalApi:
         timeout_s = self._opt(body, "timeout_s", (int, float), None)
         if timeout_s is not None and not 0 < timeout_s <= 86400:
             raise RequestError("'timeout_s' must be between 0 and 86400")
-        job = self._jobs.submit(ref, priority if not wait else min(priority, Priority.HIGH))
+        job = self._jobs.submit(ref, priority if not wait else min(priority, Priority.HIGH), refresh=refresh)
         if not wait:
             return web.json_response(self.model_object(ref), status=202)
         finished = await self._wait_or_close(self._jobs.wait(job, timeout_s))
@@ -307,14 +331,18 @@ class LocalApi:
         rec = self._store.model(ref)
         if rec is None:
             raise ConflictError(f"{ref} is not ready on this node; prefetch it first")
-        lease = await self._store.claims.take_lease(ref, holder, float(ttl_s))
+        lease = await self._store.claims.take_lease(ref, holder, float(ttl_s), manifest=rec.manifest.digest)
         await self._store.touch(ref)
         self._metrics.leases.set(len(self._store.claims.active_leases()))
-        return web.json_response({**lease.to_json(), "path": str(rec.path)}, status=201)
+        # For hf refs the per-commit snapshot: it stays valid after a refresh moves the ref on.
+        snapshot = self._store.hf_snapshot(rec.manifest)
+        path = snapshot if snapshot is not None else rec.path
+        return web.json_response({**lease.to_json(), "path": str(path), "hf_path": str(self._store.hf_dir) if snapshot else None}, status=201)
 
     async def release_lease(self, request: web.Request) -> web.Response:
         lease = await self._store.claims.release(request.match_info["lease_id"])
         self._metrics.leases.set(len(self._store.claims.active_leases()))
+        await self._store.release_unretained()
         return web.json_response(lease.to_json())
 
     # --- maintenance ---------------------------------------------------------------------------

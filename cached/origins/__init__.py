@@ -8,6 +8,7 @@ transfer layer does that. Errors are ``OriginError`` subclasses with ``retryable
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import AsyncIterator, Mapping, Protocol
 
 from cached.errors import RefError
@@ -35,6 +36,10 @@ class Origin(Protocol):
 
     async def check_unchanged(self, file: OriginFile) -> None:
         """Raise OriginChanged if the file changed since it was resolved."""
+        ...
+
+    async def check_content(self, file: OriginFile, data_path: Path) -> None:
+        """Check the complete bytes against the origin's own checksum, if it has one."""
         ...
 
 

@@ -30,9 +30,13 @@ class Lease:
     ref: str
     holder: str
     expires_at: float
+    manifest: str = ""  # the exact revision leased: it stays on disk even if the ref moves on
 
     def to_json(self) -> dict[str, object]:
-        return {"lease_id": self.lease_id, "ref": self.ref, "holder": self.holder, "expires_at": self.expires_at}
+        out: dict[str, object] = {"lease_id": self.lease_id, "ref": self.ref, "holder": self.holder, "expires_at": self.expires_at}
+        if self.manifest:
+            out["manifest"] = f"blake3:{self.manifest}"
+        return out
 
 
 class Claims:
@@ -55,7 +59,10 @@ class Claims:
         for p in self._leases_dir.glob("*.json"):
             try:
                 d = json.loads(p.read_text())
-                lease = Lease(lease_id=d["lease_id"], ref=d["ref"], holder=d["holder"], expires_at=float(d["expires_at"]))
+                lease = Lease(
+                    lease_id=d["lease_id"], ref=d["ref"], holder=d["holder"], expires_at=float(d["expires_at"]),
+                    manifest=str(d.get("manifest", "")).removeprefix("blake3:"),
+                )
                 self._leases[lease.lease_id] = lease
             except Exception:  # noqa: BLE001
                 log.warning("dropping unreadable lease file=%s", p)
@@ -84,10 +91,12 @@ class Claims:
         now = self._clock()
         return [lease for lease in self._leases.values() if lease.expires_at > now]
 
-    async def take_lease(self, ref: ModelRef, holder: str, ttl_s: float) -> Lease:
+    async def take_lease(self, ref: ModelRef, holder: str, ttl_s: float, *, manifest: str = "") -> Lease:
         if not 1 <= ttl_s <= MAX_LEASE_TTL_S:
             raise RequestError(f"ttl_s must be between 1 and {MAX_LEASE_TTL_S} seconds, got {ttl_s}")
-        lease = Lease(lease_id=secrets.token_hex(8), ref=ref.canonical, holder=holder, expires_at=self._clock() + ttl_s)
+        lease = Lease(
+            lease_id=secrets.token_hex(8), ref=ref.canonical, holder=holder, expires_at=self._clock() + ttl_s, manifest=manifest
+        )
         await asyncio.to_thread(
             durable.atomic_write, self._leases_dir / f"{lease.lease_id}.json", json.dumps(lease.to_json()).encode()
         )

@@ -24,11 +24,11 @@ from typing import Callable, Iterator
 
 from cached.config import StoreConfig
 from cached.errors import ConfigError, IntegrityError, NotFoundError, StoreError, StoreFullError
-from cached.store import durable
+from cached.store import durable, hfview
 from cached.store.claims import Claims
 from cached.store.eviction import Debris, EvictionPlan, ModelUsage, plan_eviction, reclaimable_bytes
 from cached.store.partial import PartialBlob, PieceLogHeader, read_piece_log
-from cached.types import BlobId, Manifest, ModelRef, format_size, hash_piece, piece_span
+from cached.types import DEFAULT_PIECE_SIZE, BlobId, Manifest, ModelRef, RefKind, format_size, hash_piece, piece_span
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,7 @@ class Store:
         self._index_manifests()
         self._index_refs()
         self._sweep_views()
+        self._sweep_hf_view()
 
     def _index_blobs(self) -> None:
         for sub in self.blobs_dir.iterdir():
@@ -184,7 +185,7 @@ class Store:
             self._refs[ref.canonical] = (digest, p.stat().st_mtime)
             self._sources[ref.canonical] = sources
             used_manifests.add(digest)
-        for digest in set(self._manifests) - used_manifests:
+        for digest in set(self._manifests) - used_manifests - self.retained_digests():
             # Written before a crash that came before its ref: nothing points at it.
             (self.manifests_dir / f"{digest}.json").unlink(missing_ok=True)
             del self._manifests[digest]
@@ -200,6 +201,75 @@ class Store:
             view = self.models_dir / escaped
             if not all(self._view_entry_ok(view / f.path, f.blob.hex) for f in manifest.files):
                 self._build_view_sync(ModelRef.parse(ref), manifest)
+
+    def _sweep_hf_view(self) -> None:
+        self.hf_dir.mkdir(exist_ok=True)
+        repos = {self._manifests[d].ref for d in self._live_digests()}
+        wanted = {ModelRef.parse(r).repo for r in repos if r.startswith("hf://")}
+        for p in self.hf_dir.iterdir():
+            # Only repo folders live here (HF.md §1 rule 8); anything else is ours from a crash.
+            if not any(p.name == hfview.repo_folder(repo) for repo in wanted):
+                durable.remove_tree(p)
+        for repo in wanted:
+            self._sync_hf_sync(repo)
+
+    def _hf_revisions(self, repo: str, extra: tuple[str, Manifest] | None = None) -> list[hfview.HfRevision]:
+        """What ``hf/<repo>`` should show: each live manifest of the repo (``extra`` = about to be live)."""
+        current = {canonical: d for canonical, (d, _) in self._refs.items()}
+        manifests = {d: self._manifests[d] for d in self._live_digests() if d in self._manifests}
+        if extra is not None:
+            current[extra[1].ref] = extra[0]
+            manifests[extra[0]] = extra[1]
+        out = []
+        for digest, m in sorted(manifests.items(), key=lambda kv: kv[0] not in current.values()):
+            if not m.ref.startswith("hf://") or m.revision is None:
+                continue
+            ref = ModelRef.parse(m.ref)
+            if ref.repo != repo:
+                continue
+            files = tuple(
+                hfview.HfFile(path=f.path, size=f.size, blob_hex=f.blob.hex, git_sha1=f.origin.get("git_sha1", ""), sha256=f.origin.get("sha256"))
+                for f in m.files
+            )
+            out.append(hfview.HfRevision(revision=ref.revision, commit=m.revision, files=files, named=current.get(m.ref) == digest))
+        # A name (refs/main) points at the newest current manifest; retained ones only keep snapshots.
+        return out
+
+    def _sync_hf_sync(self, repo: str, extra: tuple[str, Manifest] | None = None) -> None:
+        try:
+            hfview.sync_repo_sync(self.hf_dir, repo, self._hf_revisions(repo, extra), self.blob_path)
+        except OSError as e:
+            raise durable.wrap_os_error(e, f"building the hf view of {repo}") from e
+
+    async def _sync_hf(self, manifest: Manifest | None) -> None:
+        if manifest is not None and manifest.ref.startswith("hf://"):
+            await asyncio.to_thread(self._sync_hf_sync, ModelRef.parse(manifest.ref).repo)
+
+    def hf_snapshot(self, manifest: Manifest) -> Path | None:
+        """``hf/models--org--name/snapshots/<commit>``: a per-commit path that outlives a refresh."""
+        if not manifest.ref.startswith("hf://") or manifest.revision is None:
+            return None
+        return self.hf_dir / hfview.repo_folder(ModelRef.parse(manifest.ref).repo) / "snapshots" / manifest.revision
+
+    def retained_digests(self) -> set[str]:
+        """Manifests kept alive by a lease even after their ref moved on (staged rollover)."""
+        return {lease.manifest for lease in self.claims.active_leases() if lease.manifest}
+
+    def _live_digests(self) -> set[str]:
+        return {d for d, _ in self._refs.values()} | (self.retained_digests() & set(self._manifests))
+
+    def retained_for(self, ref: ModelRef) -> list[Manifest]:
+        """Older revisions of ``ref`` still held by leases."""
+        current = self._refs.get(ref.canonical, ("", 0.0))[0]
+        return [self._manifests[d] for d in sorted(self.retained_digests()) if d in self._manifests and d != current and self._manifests[d].ref == ref.canonical]
+
+    async def release_unretained(self) -> int:
+        """After leases ended: drop old revisions nothing holds any more. Returns bytes freed."""
+        live = self._live_digests()
+        freed = 0
+        for digest in [d for d in self._manifests if d not in live]:
+            freed += await self._drop_manifest_if_unused(digest)
+        return freed
 
     def _view_entry_ok(self, path: Path, blob_hex: str) -> bool:
         try:
@@ -411,6 +481,8 @@ class Store:
         if not mpath.exists():
             durable.atomic_write(mpath, manifest.canonical_bytes(), mode=0o444)
         self._build_view_sync(ref, manifest)
+        if ref.kind is RefKind.HF:
+            self._sync_hf_sync(ref.repo, extra=(digest, manifest))
         record = f"{ref.canonical}\nblake3:{digest}\n{json.dumps(sources, sort_keys=True)}\n"
         durable.atomic_write(self.refs_dir / ref.escaped, record.encode())
 
@@ -458,15 +530,19 @@ class Store:
         await asyncio.to_thread((self.refs_dir / ref.escaped).unlink, True)
         del self._refs[ref.canonical]
         self._sources.pop(ref.canonical, None)
-        return await self._drop_manifest_if_unused(digest)
+        freed = await self._drop_manifest_if_unused(digest)
+        await self._sync_hf(self._manifests.get(digest) or _stub_manifest(ref))
+        return freed
 
     async def _drop_manifest_if_unused(self, digest: str) -> int:
-        if any(d == digest for d, _ in self._refs.values()):
+        if digest in self._live_digests():
             return 0
         manifest = self._manifests.pop(digest, None)
         await asyncio.to_thread((self.manifests_dir / f"{digest}.json").unlink, True)
         if manifest is None:
             return 0
+        # The hf view lets go of the revision before its blobs go (HF.md §3.6 rule 7).
+        await self._sync_hf(manifest)
         still_used = self._blobs_in_use()
         freed = 0
         for f in manifest.files:
@@ -484,7 +560,7 @@ class Store:
         return size
 
     def _blobs_in_use(self) -> set[str]:
-        return {f.blob.hex for d, _ in self._refs.values() for f in self._manifests[d].files}
+        return {f.blob.hex for d in self._live_digests() for f in self._manifests[d].files}
 
     # --- space ---------------------------------------------------------------------------------
 
@@ -576,6 +652,13 @@ class Store:
     def reclaimable(self) -> int:
         models, debris = self._usage()
         return reclaimable_bytes(models=models, blob_sizes=self._blobs, debris=debris)
+
+
+def _stub_manifest(ref: ModelRef) -> Manifest | None:
+    """Just enough of a manifest to name the repo whose hf view must be re-synced."""
+    if ref.kind is not RefKind.HF:
+        return None
+    return Manifest(ref=ref.canonical, piece_size=DEFAULT_PIECE_SIZE, files=())
 
 
 def _parse_sources(line: str) -> dict[str, int]:

@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from cached.errors import OriginError, StoreError, StoreFullError
+from cached.errors import IntegrityError, OriginError, StoreError, StoreFullError
 from cached.metrics import Metrics
 from cached.origins import Origins, Resolution
 from cached.store import ModelRecord, Store
@@ -84,14 +84,20 @@ class ModelFetcher:
                 await asyncio.sleep(self._scheduler.backoff_s(attempt))
                 attempt += 1
 
-    async def fetch(self, ref: ModelRef, progress: Progress) -> ModelRecord:
+    async def fetch(self, ref: ModelRef, progress: Progress, *, refresh: bool = False) -> ModelRecord:
+        """Make ``ref`` ready. ``refresh`` re-resolves a ready ref (a moved branch) and fetches
+        only the files that changed; the switch to the new revision is one atomic ref write."""
         existing = self._store.model(ref)
-        if existing is not None:
+        if existing is not None and not refresh:
             await self._store.touch(ref)
             progress.bytes_total = progress.bytes_done = existing.manifest.total_bytes
             return existing
         origin = self._origins.for_ref(ref)
         resolution = await self.resolve(ref)
+        if existing is not None and resolution.revision is not None and resolution.revision == existing.manifest.revision:
+            await self._store.touch(ref)
+            progress.bytes_total = progress.bytes_done = existing.manifest.total_bytes
+            return existing
         piece_size = self._store.cfg.piece_size_bytes
         progress.bytes_total = sum(f.size for f in resolution.files)
 
@@ -126,7 +132,14 @@ class ModelFetcher:
                 ) as partial:
                     progress.bytes_done += partial.bytes_done
                     progress.resumed += partial.bytes_done
-                    await self._scheduler.fetch_blob(partial, f, origin, on_bytes=progress.add)
+                    try:
+                        await self._scheduler.fetch_blob(partial, f, origin, on_bytes=progress.add)
+                    except IntegrityError:
+                        # Every piece matched its own digest but the whole file does not match the
+                        # origin's checksum: no piece can be trusted, so none is kept.
+                        self._metrics.piece_verify_failures.labels("origin").inc()
+                        await self._store.discard_partial(partial.key)
+                        raise
                     blob_id = await self._store.finalize(partial)
                 self._store.hold_blob(blob_id.hex)
                 fetched[f.path] = blob_id

@@ -49,15 +49,15 @@ class Scheduler:
     ) -> None:
         """Bring every missing piece of ``partial`` in from ``origin``; returns when complete."""
         if partial.complete:
-            return
-        if expected is None and not partial.done and await self._try_clone(partial, file, origin, on_bytes):
-            await origin.check_unchanged(file)
-            return
-        if origin.supports_ranges(file):
-            await self._fetch_ranges(partial, file, origin, on_bytes, expected)
-        else:
-            await self._fetch_stream(partial, file, origin, on_bytes, expected)
+            pass  # resumed with every piece verified: only the whole-file checks remain
+        elif not (expected is None and not partial.done and await self._try_clone(partial, file, origin, on_bytes)):
+            if origin.supports_ranges(file):
+                await self._fetch_ranges(partial, file, origin, on_bytes, expected)
+            else:
+                await self._fetch_stream(partial, file, origin, on_bytes, expected)
         await origin.check_unchanged(file)
+        if expected is None:  # with expected digests every piece was already checked against them
+            await origin.check_content(file, partial.data_path)
 
     async def _try_clone(self, partial: PartialBlob, file: OriginFile, origin: Origin, on_bytes: OnBytes) -> bool:
         path = origin.local_path(file)
