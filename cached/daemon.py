@@ -26,6 +26,7 @@ import aiohttp
 from aiohttp import web
 
 from cached import __version__
+from cached.api.hf import HfEndpoint
 from cached.api.local import LocalApi
 from cached.config import Config, load
 from cached.errors import CachedError, ConfigError
@@ -114,7 +115,10 @@ class Daemon:
         if watchdog_s is not None:
             self._tg.create_task(self._watchdog(watchdog_s), name="systemd.watchdog")
 
-        self.api = LocalApi(node_id=cfg.node_id, store=self.store, jobs=self.jobs, fetcher=self.fetcher, metrics=self.metrics, clock=self.clock)
+        hf = HfEndpoint(store=self.store, jobs=self.jobs, origin=self.hf_origin)
+        self.api = LocalApi(
+            node_id=cfg.node_id, store=self.store, jobs=self.jobs, fetcher=self.fetcher, metrics=self.metrics, hf=hf, clock=self.clock
+        )
         # handler_cancellation: a client that hangs up (a launcher killed while it waits for
         # --wait, a closed event stream) must not leave its handler running.
         self._runner = web.AppRunner(

@@ -33,7 +33,8 @@ from cached.errors import (
     RequestError,
     StoreFullError,
 )
-from cached.jobs import Job, Jobs
+from cached.api.hf import HfEndpoint
+from cached.jobs import Jobs
 from cached.metrics import Metrics
 from cached.store import Store
 from cached.transfer.model import ModelFetcher
@@ -84,8 +85,10 @@ class LocalApi:
         jobs: Jobs,
         fetcher: ModelFetcher,
         metrics: Metrics,
+        hf: HfEndpoint | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self._hf = hf
         self._node_id = node_id
         self._store = store
         self._jobs = jobs
@@ -121,6 +124,8 @@ class LocalApi:
         r.add_get("/metrics", self.metrics)
         r.add_get("/healthz", self.healthz)
         r.add_get("/readyz", self.readyz)
+        if self._hf is not None:
+            self._hf.add_routes(app)
         return app
 
     # --- plumbing ------------------------------------------------------------------------------
@@ -140,7 +145,11 @@ class LocalApi:
                 raise
             code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(e.status, "bad_request")
             self._metrics.api_errors.labels(code).inc()
-            return error_response(e.status, code, e.reason if e.status != 404 else f"no route {request.method} {request.path}")
+            resp = error_response(e.status, code, e.reason if e.status != 404 else f"no route {request.method} {request.path}")
+            for k, v in e.headers.items():
+                if k.lower().startswith("x-error-"):
+                    resp.headers[k] = v  # the HF endpoint's error codes
+            return resp
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - a bug answers 500 with no traceback, and is logged

@@ -134,6 +134,34 @@ class HfOrigin:
             entries.extend(e for e in page if isinstance(e, dict) and e.get("type") == "file")
         raise OriginError(f"{self.endpoint}: tree listing of {repo} has more than {MAX_TREE_PAGES} pages")
 
+    async def paths_info(self, repo: str, commit: str, paths: list[str], *, token: str | None = None) -> list[dict[str, Any]]:
+        url = f"{self.endpoint}/api/models/{quote(repo)}/paths-info/{commit}"
+        form = [("paths", p) for p in paths] + [("expand", "false")]
+        try:
+            async with self._session.post(URL(url, encoded=True), data=form, headers=self._auth(token), timeout=self._timeout) as resp:
+                if resp.status != 200:
+                    raise hf_error(resp.status, resp.headers, url)
+                entries = await resp.json(content_type=None)
+        except OriginError:
+            raise
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+            raise client_error(e, url) from None
+        return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
+    async def relay(
+        self, method: str, path_and_query: str, *, token: str | None, data: bytes | None = None, content_type: str | None = None
+    ) -> tuple[int, dict[str, str], str, bytes]:
+        """One API call relayed as is (already-encoded path): (status, headers, content type, body)."""
+        url = URL(self.endpoint + path_and_query, encoded=True)
+        headers = self._auth(token)
+        if data is not None and content_type:
+            headers["Content-Type"] = content_type
+        try:
+            async with self._session.request(method, url, headers=headers, data=data, timeout=self._timeout) as resp:
+                return resp.status, dict(resp.headers), resp.content_type, await resp.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            raise client_error(e, str(url)) from None
+
     # --- origin protocol -----------------------------------------------------------------------
 
     async def resolve(self, ref: ModelRef) -> Resolution:

@@ -302,6 +302,11 @@ class Store:
     def has_blob(self, blob_hex: str) -> bool:
         return blob_hex in self._blobs
 
+    def open_partial(self, key: str) -> PartialBlob | None:
+        """The in-progress partial of ``key`` if a fetch has it open (to stream verified pieces)."""
+        entry = self._open_partials.get(key)
+        return entry[0] if entry is not None else None
+
     def has_partial(self, key: str) -> bool:
         return key in self._partial_sizes
 

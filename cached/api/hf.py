@@ -1,0 +1,406 @@
+"""The HF-compatible endpoint: ``HF_ENDPOINT=http://HOST:PORT/hf`` for unmodified clients.
+
+Answers the hub protocol that huggingface_hub 0.36, 1.x and 2.x speak (HF.md §4): revision and
+tree calls from local manifests when this node holds the repo (passed to the upstream hub on a
+miss), and ``/resolve`` with exactly the headers the client needs -- X-Repo-Commit, ETag,
+X-Linked-Etag/Size for LFS files, Content-Length, Range -- never a redirect and never any Xet
+header. A file this node does not hold yet is fetched as a one-file prefetch job and streamed to
+the client piece by piece as each verified piece lands, so a cold miss never stalls the client.
+Errors carry X-Error-Code so the client raises EntryNotFound, RepositoryNotFound,
+RevisionNotFound or GatedRepo rather than a connection error.
+
+Trust boundary: whoever can reach the local API can read every file this node holds, including
+files of gated repos fetched with the daemon's token. The API listens on loopback (or a unix
+socket with a mode) for that reason; a caller's own ``authorization`` is passed to the hub on a
+miss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from cached.errors import CachedError, OriginError
+from cached.jobs import Jobs
+from cached.origins.hf import HfOrigin
+from cached.store import Store
+from cached.types import FileEntry, JobState, Manifest, ModelRef, OriginFile, Priority, RefKind, piece_span
+
+log = logging.getLogger(__name__)
+
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+CHUNK = 1 << 20
+STALL_LIMIT_S = 120.0  # give up on a miss whose bytes stopped arriving
+
+
+def _lfs_pointer_size(sha256: str, size: int) -> int:
+    return len(f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n")
+
+
+def _tree_entry(f: FileEntry) -> dict[str, Any]:
+    entry: dict[str, Any] = {"type": "file", "oid": f.origin.get("git_sha1", ""), "size": f.size, "path": f.path}
+    if f.origin.get("sha256"):
+        entry["lfs"] = {"oid": f.origin["sha256"], "size": f.size, "pointerSize": _lfs_pointer_size(f.origin["sha256"], f.size)}
+    return entry
+
+
+def _dir_entry(path: str) -> dict[str, Any]:
+    return {"type": "directory", "oid": hashlib.sha1(path.encode()).hexdigest(), "size": 0, "path": path}
+
+
+def _strip_xet(value: Any) -> Any:
+    """HF.md §1 rule 12: a relayed xetHash would send 1.x/2.x clients to a Xet route we lack."""
+    if isinstance(value, list):
+        return [_strip_xet(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _strip_xet(v) for k, v in value.items() if k not in ("xetHash", "xet_hash")}
+    return value
+
+
+def hf_error(status: int, code: str | None, message: str, commit: str | None = None) -> web.Response:
+    headers = {"X-Error-Message": message[:500].replace("\n", " ")}
+    if code:
+        headers["X-Error-Code"] = code
+    if commit:
+        headers["X-Repo-Commit"] = commit
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def origin_error_response(e: OriginError, commit: str | None = None) -> web.Response:
+    status = e.status if e.status and 400 <= e.status < 600 else 502
+    if not e.retryable and e.status is None:
+        status = 502
+    return hf_error(status, e.upstream_code, e.message, commit if e.upstream_code == "EntryNotFound" else None)
+
+
+class HfEndpoint:
+    def __init__(self, *, store: Store, jobs: Jobs, origin: HfOrigin) -> None:
+        self._store = store
+        self._jobs = jobs
+        self._origin = origin
+
+    def add_routes(self, app: web.Application, prefix: str = "/hf") -> None:
+        r = app.router
+        r.add_get(prefix + "/api/agent-harnesses", self.not_found)
+        for repo in ("{org}/{name}", "{name}"):
+            api = f"{prefix}/api/models/{repo}"
+            r.add_get(api, self.repo_info)
+            r.add_get(api + "/revision/{rev}", self.repo_info)
+            r.add_get(api + "/tree/{rev}", self.tree)
+            r.add_get(api + "/tree/{rev}/{path:.*}", self.tree)
+            r.add_post(api + "/paths-info/{rev}", self.paths_info)
+            r.add_get(f"{prefix}/{repo}/resolve/{{rev}}/{{path:.+}}", self.resolve)  # and HEAD
+        r.add_route("*", prefix + "/{tail:.*}", self.not_found)
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _repo(request: web.Request) -> str:
+        m = request.match_info
+        repo = f"{m['org']}/{m['name']}" if "org" in m else m["name"]
+        try:
+            return ModelRef.parse(f"hf://{repo}").repo
+        except CachedError:
+            raise web.HTTPNotFound(headers={"X-Error-Code": "RepoNotFound"}) from None
+
+    @staticmethod
+    def _token(request: web.Request) -> str | None:
+        auth = request.headers.get("authorization", "")
+        return auth[7:].strip() or None if auth.lower().startswith("bearer ") else None
+
+    def _manifests(self, repo: str, *, whole: bool = False) -> list[tuple[ModelRef, Manifest]]:
+        """Current manifests of ``repo`` on this node (``whole``: only refs without patterns)."""
+        out = []
+        for rec in self._store.models():
+            ref = ModelRef.parse(rec.ref)
+            if ref.kind is RefKind.HF and ref.repo == repo and (not whole or not (ref.include or ref.exclude)):
+                out.append((ref, rec.manifest))
+        return out
+
+    def _local_commit(self, repo: str, rev: str) -> str | None:
+        if _COMMIT.match(rev):
+            return rev
+        for ref, m in self._manifests(repo):
+            if ref.revision == rev and m.revision:
+                return m.revision
+        return None
+
+    def _whole_manifest(self, repo: str, rev: str) -> Manifest | None:
+        for ref, m in self._manifests(repo, whole=True):
+            if ref.revision == rev or m.revision == rev:
+                return m
+        return None
+
+    def _local_file(self, repo: str, commit: str, path: str) -> FileEntry | None:
+        for _, m in self._manifests(repo):
+            if m.revision == commit:
+                for f in m.files:
+                    if f.path == path:
+                        return f
+        return None
+
+    async def _commit(self, request: web.Request, repo: str, rev: str) -> str:
+        local = self._local_commit(repo, rev)
+        if local is not None:
+            return local
+        sha, _ = await self._origin.commit_of(repo, rev, token=self._token(request))
+        return sha
+
+    # --- API routes ----------------------------------------------------------------------------
+
+    async def not_found(self, request: web.Request) -> web.Response:
+        return hf_error(404, None, f"no such route {request.path}")
+
+    async def repo_info(self, request: web.Request) -> web.Response:
+        repo = self._repo(request)
+        rev = request.match_info.get("rev", "main")
+        m = self._whole_manifest(repo, rev)
+        if m is None:
+            return await self._passthrough(request, repo)
+        blobs = request.query.get("blobs", "").lower() == "true"
+        siblings = []
+        for f in sorted(m.files, key=lambda f: f.path):
+            s: dict[str, Any] = {"rfilename": f.path}
+            if blobs:
+                entry = _tree_entry(f)
+                s.update(size=f.size, blobId=entry["oid"])
+                if "lfs" in entry:
+                    s["lfs"] = {"sha256": entry["lfs"]["oid"], "size": f.size, "pointerSize": entry["lfs"]["pointerSize"]}
+            siblings.append(s)
+        return web.json_response(
+            {"_id": repo, "id": repo, "modelId": repo, "sha": m.revision, "private": False, "disabled": False,
+             "gated": False, "tags": [], "siblings": siblings}
+        )
+
+    def _listing(self, m: Manifest, prefix: str, recursive: bool) -> list[dict[str, Any]] | None:
+        prefix = prefix.strip("/")
+        files = [f for f in m.files if not prefix or f.path == prefix or f.path.startswith(prefix + "/")]
+        if prefix and not files:
+            return None
+        if len(files) == 1 and files[0].path == prefix:
+            return [_tree_entry(files[0])]
+        base = len(prefix) + 1 if prefix else 0
+        out: list[dict[str, Any]] = []
+        dirs: set[str] = set()
+        for f in sorted(files, key=lambda f: f.path):
+            rest = f.path[base:].split("/")
+            for depth in range(1, len(rest)):
+                d = f.path[:base] + "/".join(rest[:depth])
+                if d not in dirs and (recursive or depth == 1):
+                    dirs.add(d)
+                    out.append(_dir_entry(d))
+            if recursive or len(rest) == 1:
+                out.append(_tree_entry(f))
+        return out
+
+    async def tree(self, request: web.Request) -> web.Response:
+        repo = self._repo(request)
+        rev = request.match_info["rev"]
+        m = self._whole_manifest(repo, rev)
+        if m is None:
+            return await self._passthrough(request, repo)
+        listing = self._listing(m, request.match_info.get("path", ""), request.query.get("recursive", "").lower() == "true")
+        if listing is None:
+            return hf_error(404, "EntryNotFound", f"{request.match_info.get('path')} not found in {repo}@{m.revision}", m.revision)
+        return web.json_response(listing)
+
+    async def paths_info(self, request: web.Request) -> web.Response:
+        repo = self._repo(request)
+        rev = request.match_info["rev"]
+        m = self._whole_manifest(repo, rev)
+        if m is None:
+            return await self._passthrough(request, repo)
+        form = await request.post()
+        out: list[dict[str, Any]] = []
+        for path in form.getall("paths", []):
+            if not isinstance(path, str):
+                continue
+            listing = self._listing(m, path, False)
+            if listing is None:
+                continue
+            exact = [e for e in listing if e["path"] == path.strip("/")]
+            out.extend(exact or [_dir_entry(path.strip("/"))])
+        return web.json_response(out)
+
+    async def _passthrough(self, request: web.Request, repo: str) -> web.Response:
+        """Relay an API call to the upstream hub (a repo this node does not hold)."""
+        path = request.rel_url.raw_path.removeprefix("/hf")
+        query = request.rel_url.raw_query_string
+        data = await request.read() if request.method == "POST" else None
+        try:
+            status, headers, content_type, body = await self._origin.relay(
+                request.method, path + ("?" + query if query else ""), token=self._token(request), data=data,
+                content_type=request.headers.get("Content-Type"),
+            )
+        except OriginError as e:
+            return hf_error(502, None, e.message)
+        out = {k: v for k, v in headers.items() if k.lower() in ("x-error-code", "x-error-message", "x-repo-commit")}
+        if "Link" in headers:
+            # Pagination links name the upstream host; the client must come back to us.
+            out["Link"] = headers["Link"].replace(self._origin.endpoint, str(request.url.origin()) + "/hf")
+        if status == 200 and content_type == "application/json":
+            try:
+                body = json.dumps(_strip_xet(json.loads(body))).encode()
+            except ValueError:
+                pass
+        return web.Response(status=status, body=body, headers=out, content_type=content_type or "application/json")
+
+    # --- /resolve ------------------------------------------------------------------------------
+
+    async def resolve(self, request: web.Request) -> web.StreamResponse:
+        repo = self._repo(request)
+        rev = request.match_info["rev"]
+        path = request.match_info["path"]
+        try:
+            commit = await self._commit(request, repo, rev)
+        except OriginError as e:
+            return origin_error_response(e)
+        local = self._local_file(repo, commit, path)
+        if local is not None:
+            meta = {"size": local.size, "git_sha1": local.origin.get("git_sha1", ""), "sha256": local.origin.get("sha256")}
+            ofile = None
+        else:
+            whole = self._whole_manifest(repo, commit)
+            if whole is not None:
+                return hf_error(404, "EntryNotFound", f"{path} does not exist in {repo}@{commit}", commit)
+            try:
+                ofile = await self._remote_file(request, repo, commit, path)
+            except OriginError as e:
+                return origin_error_response(e, commit)
+            if ofile is None:
+                return hf_error(404, "EntryNotFound", f"{path} does not exist in {repo}@{commit}", commit)
+            meta = {"size": ofile.size, "git_sha1": ofile.checksums.get("git_sha1", ""), "sha256": ofile.checksums.get("sha256")}
+
+        size = meta["size"]
+        headers = {
+            "X-Repo-Commit": commit,
+            "ETag": f'"{meta["sha256"] or meta["git_sha1"]}"',
+            "Accept-Ranges": "bytes",
+            "Content-Type": "application/octet-stream",
+        }
+        if meta["sha256"]:
+            headers["X-Linked-Etag"] = f'"{meta["sha256"]}"'
+            headers["X-Linked-Size"] = str(size)
+        start, end = 0, size - 1
+        status = 200
+        rng = request.headers.get("Range")
+        if rng:
+            m = _RANGE.match(rng.strip())
+            if m and (m.group(1) or m.group(2)):
+                if m.group(1):
+                    start, end = int(m.group(1)), min(int(m.group(2)), size - 1) if m.group(2) else size - 1
+                else:
+                    start = max(0, size - int(m.group(2)))
+                if start > end or start >= size:
+                    return web.Response(status=416, headers={**headers, "Content-Range": f"bytes */{size}"})
+                status = 206
+                headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+        length = max(0, end - start + 1)
+        headers["Content-Length"] = str(length)
+        if request.method == "HEAD":
+            resp = web.StreamResponse(status=status, headers=headers)
+            await resp.prepare(request)
+            return resp
+        if local is not None:
+            key = None
+            blob_hex = local.blob.hex
+        else:
+            assert ofile is not None
+            key = ofile.key
+            blob_hex = self._store.blob_for_identity(key)
+            if blob_hex is None:
+                self._start_fetch(repo, commit, path)
+        resp = web.StreamResponse(status=status, headers=headers)
+        await resp.prepare(request)
+        try:
+            await self._send(resp, blob_hex, key, start, length, ModelRef.parse(self._file_ref(repo, commit, path)))
+        except ConnectionAbortedError as e:
+            # Headers are gone already: cut the connection so the client sees a short body and
+            # retries (1.x/2.x resume with Range) instead of keeping wrong or missing bytes.
+            log.warning("hf stream aborted repo=%s path=%s error=%s", repo, path, e)
+            resp.force_close()
+            if request.transport is not None:
+                request.transport.close()
+            return resp
+        await resp.write_eof()
+        return resp
+
+    async def _remote_file(self, request: web.Request, repo: str, commit: str, path: str) -> OriginFile | None:
+        """The upstream's description of one file (paths-info), or None if it has no such file."""
+        entries = await self._origin.paths_info(repo, commit, [path], token=self._token(request))
+        for e in entries:
+            if isinstance(e, dict) and e.get("path") == path and e.get("type") == "file":
+                return self._origin.origin_file(repo, commit, e)
+        return None
+
+    @staticmethod
+    def _file_ref(repo: str, commit: str, path: str) -> str:
+        # fnmatch treats [ ] * ? specially; wrap them so the pattern names exactly this path.
+        pattern = re.sub(r"([\[\]*?])", r"[\1]", path)
+        return f"hf://{repo}@{commit}?include={quote(pattern, safe='/[]*')}"
+
+    def _start_fetch(self, repo: str, commit: str, path: str) -> None:
+        ref = ModelRef.parse(self._file_ref(repo, commit, path))
+        self._jobs.submit(ref, Priority.HIGH)
+
+    async def _send(self, resp: web.StreamResponse, blob_hex: str | None, key: str | None, start: int, length: int, ref: ModelRef) -> None:
+        """Stream bytes [start, start+length): from the blob, or from the partial as pieces verify."""
+        pos, end = start, start + length
+        last_progress = time.monotonic()
+        while pos < end:
+            if blob_hex is None and key is not None:
+                blob_hex = self._store.blob_for_identity(key)
+            if blob_hex is not None:
+                chunk = await asyncio.to_thread(_pread, str(self._store.blob_path(blob_hex)), pos, min(CHUNK, end - pos))
+            else:
+                assert key is not None
+                chunk = await self._from_partial(key, pos, end)
+                if chunk is None:
+                    job = self._jobs.get(ref)
+                    if job is not None and job.state is JobState.FAILED:
+                        raise ConnectionAbortedError(f"fetch failed: {job.error}")
+                    if time.monotonic() - last_progress > STALL_LIMIT_S:
+                        raise ConnectionAbortedError("no bytes arrived for too long")
+                    await asyncio.sleep(0.05)
+                    continue
+            if not chunk:
+                raise ConnectionAbortedError("file ended early")
+            await resp.write(chunk)
+            pos += len(chunk)
+            last_progress = time.monotonic()
+
+    async def _from_partial(self, key: str, pos: int, end: int) -> bytes | None:
+        """Verified bytes at ``pos`` from the in-progress partial, or None if not there yet."""
+        partial = self._store.open_partial(key)
+        if partial is None:
+            return None
+        index = pos // partial.piece_size
+        if index not in partial.done:
+            return None
+        off, plen = piece_span(index, partial.size, partial.piece_size)
+        n = min(off + plen, end) - pos
+        try:
+            return await asyncio.to_thread(_pread, str(partial.data_path), pos, n)
+        except FileNotFoundError:
+            return None  # finalized meanwhile: the next round reads the blob
+
+
+def _pread(path: str, off: int, n: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, n, off)
+    finally:
+        os.close(fd)
+
