@@ -44,8 +44,11 @@ def attempt(name, fn):
         OUT[name] = {"ok": fn()}
     except Exception as e:
         OUT[name] = {"error": [c.__name__ for c in type(e).__mro__], "msg": str(e)[:300]}
+def fetch(*a, **kw):
+    p = hf_hub_download(*a, **kw)
+    return {"path": p, "sha256": sha(p), "blob": os.path.basename(os.path.realpath(p))}
 def dl(name, *a, **kw):
-    attempt(name, lambda: (lambda p: {"path": p, "sha256": sha(p), "blob": os.path.basename(os.path.realpath(p))})(hf_hub_download(*a, **kw)))
+    attempt(name, lambda: fetch(*a, **kw))
 '''
 EPILOGUE = "\nprint(json.dumps(OUT, default=str))\n"
 
@@ -160,10 +163,9 @@ async def test_hf_hub_download_by_branch_tag_commit_and_pr(hub: Hub, tiny: Tiny,
     # Move main: the same cache now resolves main to the new commit, unchanged files keep their blob.
     c4 = hub.commit(REPO, {"config.json": b'{"moved": true}\n'}, delete=["nested/notes.txt"])
     hub.reset()
-    out = await run_client(
-        hub, cache, "dl('cfg', %r, 'config.json')\ndl('w', %r, 'model.safetensors')\ndl('gone', %r, 'nested/notes.txt')\n"
-        % (REPO, REPO, REPO)
-    )
+    wanted = [("cfg", "config.json"), ("w", "model.safetensors"), ("gone", "nested/notes.txt")]
+    script = "".join(f"dl({k!r}, {REPO!r}, {f!r})\n" for k, f in wanted)
+    out = await run_client(hub, cache, script)
     assert ok(out["cfg"])["sha256"] == sha256(b'{"moved": true}\n')
     assert ok(out["w"])["blob"] == sha256(WEIGHTS_V2) and f"/snapshots/{c4}/" in ok(out["w"])["path"]
     assert "EntryNotFoundError" in err(out["gone"])
@@ -196,8 +198,10 @@ def tree_full():
                       e.lfs and dict(e.lfs) if hasattr(e, "lfs") else None, e.last_commit and e.last_commit.oid]
             for e in api.list_repo_tree({REPO!r}, recursive=True, expand=True)}}
 attempt("tree", tree_full)
-attempt("paths", lambda: [(e.path, type(e).__name__) for e in api.get_paths_info({REPO!r}, ["config.json", "nested", "missing"])])
-attempt("resolve_rev", lambda: [api.resolve_revision({REPO!r}, revision=r).resolved for r in ("v1.0", "refs/pr/1", None)])
+attempt("paths", lambda: [(e.path, type(e).__name__)
+                          for e in api.get_paths_info({REPO!r}, ["config.json", "nested", "missing"])])
+attempt("resolve_rev", lambda: [api.resolve_revision({REPO!r}, revision=r).resolved
+                                for r in ("v1.0", "refs/pr/1", None)])
 attempt("gpt2", lambda: (model_info("gpt2").sha, sha(hf_hub_download("gpt2", "config.json"))))
 """
     out = await run_client(hub, tmp_path / "cache", script)
@@ -213,22 +217,19 @@ attempt("gpt2", lambda: (model_info("gpt2").sha, sha(hf_hub_download("gpt2", "co
     assert sorted(ok(out["files"])) == everything
     assert sorted(ok(out["files_pr"])) == everything
     assert ok(out["ls_nested"]) == [["nested/notes.txt", "RepoFile"]]
-    assert ok(out["ls_root"]) == [
-        [".gitattributes", "RepoFile"], ["config.json", "RepoFile"], ["model.safetensors", "RepoFile"], ["nested", "RepoFolder"]
-    ]
+    assert ok(out["ls_root"]) == [[p, "RepoFile"] for p in everything[:3]] + [["nested", "RepoFolder"]]
     assert ok(out["info"]) == {"id": REPO, "sha": tiny.c2, "files": everything}
     info_v1 = ok(out["info_v1"])
     assert info_v1["sha"] == tiny.c1
     ptr = lfs_pointer(sha256(WEIGHTS_V1), len(WEIGHTS_V1))
-    assert info_v1["sib"]["model.safetensors"] == [
-        len(WEIGHTS_V1), git_blob_sha1(ptr), {"size": len(WEIGHTS_V1), "sha256": sha256(WEIGHTS_V1), "pointer_size": len(ptr)}
-    ]
+    lfs_v1 = {"size": len(WEIGHTS_V1), "sha256": sha256(WEIGHTS_V1), "pointer_size": len(ptr)}
+    assert info_v1["sib"]["model.safetensors"] == [len(WEIGHTS_V1), git_blob_sha1(ptr), lfs_v1]
     assert info_v1["sib"]["config.json"] == [len(CONFIG_V1), git_blob_sha1(CONFIG_V1), None]
     tree = ok(out["tree"])
-    assert tree["model.safetensors"][:4] == [
-        "RepoFile", len(WEIGHTS_V2), hub.blob(REPO, "model.safetensors").git_oid,
-        {"size": len(WEIGHTS_V2), "sha256": sha256(WEIGHTS_V2), "pointer_size": len(lfs_pointer(sha256(WEIGHTS_V2), len(WEIGHTS_V2)))},
-    ]
+    w2 = hub.blob(REPO, "model.safetensors")
+    lfs_v2 = {"size": w2.size, "sha256": w2.sha256, "pointer_size": w2.pointer_size}
+    assert w2.pointer_size == len(lfs_pointer(sha256(WEIGHTS_V2), len(WEIGHTS_V2)))
+    assert tree["model.safetensors"][:4] == ["RepoFile", len(WEIGHTS_V2), w2.git_oid, lfs_v2]
     assert tree["nested"][0] == "RepoFolder" and len(tree["nested"][2]) == 40
     assert tree["nested/notes.txt"][4] == tiny.c1 and tree["config.json"][4] == tiny.c2  # lastCommit
     assert ok(out["paths"]) == [["config.json", "RepoFile"], ["nested", "RepoFolder"]]
@@ -316,7 +317,8 @@ async def test_cut_body_resumed_with_range_and_503_retried(hub: Hub, tmp_path: P
     out = await run_client(hub, tmp_path / "cache", "dl('big', 'acme/big', 'big.bin')\n")
     assert ok(out["big"])["sha256"] == sha256(big)
     c = hub.counters
-    assert [(r.method, r.status) for r in c.log] == [("HEAD", 503), ("HEAD", 503), ("HEAD", 200), ("GET", 200), ("GET", 206)]
+    seen = [(r.method, r.status) for r in c.log]
+    assert seen == [("HEAD", 503), ("HEAD", 503), ("HEAD", 200), ("GET", 200), ("GET", 206)]
     assert c.log[-1].range == "bytes=10485760-"
     assert c.ranges == [f"10485760-{len(big) - 1}"]
     assert c.bytes_sent == (12 << 20) + len(big) - (10 << 20)
@@ -394,9 +396,10 @@ async def test_resolve_headers_ranges_and_errors(hub: Hub, tiny: Tiny) -> None:
         assert await error(gated) == (401, "GatedRepo", None)
         assert await error(gated, headers={"authorization": "Bearer wrong"}) == (401, "GatedRepo", None)
         assert (await error(gated, headers={"authorization": f"Bearer {TOKEN}"}))[0] == 200
-        for path in ("/api/models/acme/gated", "/api/models/acme/gated/revision/main", "/api/models/acme/gated/tree/main"):
-            assert await error(hub.url + path, "GET") == (401, "GatedRepo", None)
-        assert await error(hub.url + "/api/models/acme/gated/paths-info/main", "POST", data={"paths": "x"}) == (401, "GatedRepo", None)
+        for path in ("", "/revision/main", "/tree/main"):
+            assert await error(f"{hub.url}/api/models/acme/gated{path}", "GET") == (401, "GatedRepo", None)
+        paths_info = f"{hub.url}/api/models/acme/gated/paths-info/main"
+        assert await error(paths_info, "POST", data={"paths": "x"}) == (401, "GatedRepo", None)
         assert await error(hub.url + "/api/models/acme/nope", "GET") == (401, "RepoNotFound", None)
         assert await error(hub.url + f"/api/models/{REPO}/revision/nope", "GET") == (404, "RevisionNotFound", None)
         assert await error(hub.url + f"/api/models/{REPO}/tree/main/nope", "GET") == (404, "EntryNotFound", tiny.c2)
@@ -418,7 +421,8 @@ async def test_api_routes_on_the_wire(hub: Hub, tiny: Tiny) -> None:
         info, _ = await get(f"/api/models/{REPO}/revision/refs%2Fpr%2F1?blobs=True")  # 0.36 spelling
         assert info["id"] == REPO and info["sha"] == tiny.c3
         sib = {x["rfilename"]: x for x in info["siblings"]}
-        assert sib["nested/notes.txt"] == {"rfilename": "nested/notes.txt", "size": len(NOTES_PR), "blobId": git_blob_sha1(NOTES_PR)}
+        notes = {"rfilename": "nested/notes.txt", "size": len(NOTES_PR), "blobId": git_blob_sha1(NOTES_PR)}
+        assert sib["nested/notes.txt"] == notes
         assert sib["model.safetensors"]["lfs"]["sha256"] == sha256(WEIGHTS_V2)
         info, _ = await get(f"/api/models/{REPO}/revision/{tiny.c1}")
         assert info["sha"] == tiny.c1 and "size" not in info["siblings"][0]
@@ -456,9 +460,10 @@ async def test_api_routes_on_the_wire(hub: Hub, tiny: Tiny) -> None:
         tree, _ = await get(f"/api/models/{REPO}/tree/main")
         assert "xetHash" in {e["path"]: e for e in tree}["model.safetensors"]
 
-        async with s.post(hub.url + f"/api/models/{REPO}/paths-info/v1.0", data=[("paths", "config.json"), ("paths", "nested"), ("paths", "nope"), ("expand", "false")]) as r:
+        form = [("paths", "config.json"), ("paths", "nested"), ("paths", "nope"), ("expand", "false")]
+        async with s.post(hub.url + f"/api/models/{REPO}/paths-info/v1.0", data=form) as r:
             got = await r.json()
-        assert [(e["path"], e["type"], e["oid"]) for e in got][:1] == [("config.json", "file", git_blob_sha1(CONFIG_V1))]
+        assert (got[0]["path"], got[0]["type"], got[0]["oid"]) == ("config.json", "file", git_blob_sha1(CONFIG_V1))
         assert [e["path"] for e in got] == ["config.json", "nested"] and "xetHash" not in got[0]
 
 

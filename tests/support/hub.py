@@ -269,9 +269,8 @@ class _Error(Exception):
         if self.code:
             headers["X-Error-Code"] = self.code
         headers["X-Error-Message"] = self.message
-        return web.Response(
-            status=self.status, headers=headers, text=json.dumps({"error": self.message}), content_type="application/json"
-        )
+        body = json.dumps({"error": self.message})
+        return web.Response(status=self.status, headers=headers, text=body, content_type="application/json")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -595,7 +594,8 @@ class Hub:
             raise _Error(
                 401,
                 "GatedRepo",
-                f"Access to {rtype} {repo_id} is restricted. You must have access to it and be authenticated to access it. Please log in.",
+                f"Access to {rtype} {repo_id} is restricted. You must have access to it and be authenticated"
+                " to access it. Please log in.",
             )
         return repo
 
@@ -668,7 +668,9 @@ class Hub:
 
     # ---- body with Range --------------------------------------------------------------------
 
-    async def _send(self, request: web.Request, data: bytes, meta: Mapping[str, str], server: str) -> web.StreamResponse:
+    async def _send(
+        self, request: web.Request, data: bytes, meta: Mapping[str, str], server: str
+    ) -> web.StreamResponse:
         size = len(data)
         headers = {**meta, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
         start, end, status = 0, size - 1, 200
