@@ -93,6 +93,8 @@ class HttpOriginConfig:
 class HfOriginConfig:
     endpoint: str = "https://huggingface.co"
     token_file: Path | None = None
+    # Re-resolve branch/tag hf:// models this often and fetch what changed; 0 = only on --refresh.
+    refresh_interval_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -143,7 +145,7 @@ _DEFAULTS: dict[str, Any] = {
     "cluster": {"name": "default", "token_file": None},
     "discovery": {"mdns": True},
     "origins": {
-        "hf": {"endpoint": "https://huggingface.co", "token_file": None},
+        "hf": {"endpoint": "https://huggingface.co", "token_file": None, "refresh_interval_s": 0},
         "http": {
             "connections": 8,
             "connect_timeout_s": 10.0,
@@ -326,7 +328,11 @@ def _build(t: dict[str, Any]) -> Config:
         discovery=DiscoveryConfig(mdns=_typed(t["discovery"]["mdns"], bool, "discovery.mdns", "true or false")),
         origins=OriginsConfig(
             http=http,
-            hf=HfOriginConfig(endpoint=endpoint.rstrip("/"), token_file=_optional_path(t["origins"]["hf"]["token_file"], "origins.hf.token_file")),
+            hf=HfOriginConfig(
+                endpoint=endpoint.rstrip("/"),
+                token_file=_optional_path(t["origins"]["hf"]["token_file"], "origins.hf.token_file"),
+                refresh_interval_s=_number(t["origins"]["hf"]["refresh_interval_s"], "origins.hf.refresh_interval_s", lo=0, hi=30 * 86400),
+            ),
         ),
         store=StoreConfig(
             cache_dir=Path(cache_dir),

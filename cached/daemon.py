@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -39,7 +40,7 @@ from cached.origins.local import LocalOrigin
 from cached.store import Store
 from cached.transfer.model import ModelFetcher
 from cached.transfer.scheduler import Scheduler
-from cached.types import RefKind
+from cached.types import ModelRef, Priority, RefKind
 
 log = logging.getLogger("cached")
 
@@ -111,6 +112,8 @@ class Daemon:
         self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
         self._stack.callback(self._stopping.set)  # runs before the TaskGroup joins: loops end
         self._tg.create_task(self._housekeeping(), name="store.housekeeping")
+        if cfg.origins.hf.refresh_interval_s > 0:
+            self._tg.create_task(self._refresh_hf(cfg.origins.hf.refresh_interval_s), name="hf.refresh")
         watchdog_s = watchdog_interval_s()
         if watchdog_s is not None:
             self._tg.create_task(self._watchdog(watchdog_s), name="systemd.watchdog")
@@ -190,6 +193,18 @@ class Daemon:
         log.info("configuration reloaded applied=%s needs_restart=%s", ",".join(applied) or "-", ",".join(restart) or "-")
         notify(f"STATUS=reloaded; restart needed for: {', '.join(restart)}" if restart else "STATUS=reloaded")
         return restart
+
+    async def _refresh_hf(self, interval_s: float) -> None:
+        """Keep branch-tracking hf:// models current: re-resolve, fetch only what changed."""
+        while not self._stopping.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), interval_s)
+            if self._stopping.is_set():
+                return
+            for rec in self.store.models():
+                ref = ModelRef.parse(rec.ref)
+                if ref.kind is RefKind.HF and not re.fullmatch(r"[0-9a-f]{40}", ref.revision):
+                    self.jobs.submit(ref, Priority.LOW, refresh=True)
 
     async def _housekeeping(self) -> None:
         while not self._stopping.is_set():

@@ -309,6 +309,20 @@ attempt("snap", lambda: snapshot_download("acme/gated-model", cache_dir=%r))
     assert heads and all(r.status == 302 for r in heads)
 
 
+async def test_other_redirect_modes_with_the_client(hub: Hub, tiny: Tiny, tmp_path: Path) -> None:
+    """HF.md §10.3: a same-origin 302 without metadata breaks 2.x; a 302 with metadata to another port works."""
+    script = "dl('w', %r, 'model.safetensors')\n" % REPO
+    hub.lfs_mode = "redirect_same_origin"
+    same = await run_client(hub, tmp_path / "same", script)
+    assert "LocalEntryNotFoundError" in err(same["w"]) and "X-Repo-Commit" in same["w"]["msg"]
+    assert hub.counters.lines[-1] == f"HEAD /cdn/{sha256(WEIGHTS_V2)}?sig=fake"  # followed on the same origin
+    hub.lfs_mode = "redirect_other_port"
+    other = await run_client(hub, tmp_path / "other", script)
+    assert ok(other["w"])["sha256"] == sha256(WEIGHTS_V2)
+    assert hub.counters.cdn_lines == [f"GET /cdn/{sha256(WEIGHTS_V2)}?sig=fake"]
+    assert hub.counters.cdn_bytes_sent == len(WEIGHTS_V2) and hub.counters.bytes_sent == 0
+
+
 async def test_cut_body_resumed_with_range_and_503_retried(hub: Hub, tmp_path: Path) -> None:
     big = random_bytes(24 << 20, seed=7)
     hub.add_repo("acme/big", {"big.bin": big})
