@@ -18,7 +18,7 @@ import os
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 from pathlib import Path
 
 from cached.errors import IntegrityError, StoreError
@@ -87,6 +87,8 @@ class PartialBlob:
         # blocking operation is counted, and close waits for the count to drop to zero.
         self._ops = 0
         self._closing = False
+        # Called (from a worker thread) after each piece is recorded; the store sets it.
+        self.on_piece: Callable[[int, bytes], None] = lambda index, digest: None
         self._cond = threading.Condition()
 
     @contextlib.contextmanager
@@ -203,6 +205,7 @@ class PartialBlob:
         with self._log_lock:
             os.write(self._log_fd, _RECORD.pack(index, digest))
             self.done[index] = digest
+        self.on_piece(index, digest)
 
     def clone_from_sync(self, src_fd: int) -> bool:
         with self._op():

@@ -16,11 +16,12 @@ import json
 import logging
 import os
 import secrets
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from cached.config import StoreConfig
 from cached.errors import ConfigError, IntegrityError, NotFoundError, StoreError, StoreFullError
@@ -82,8 +83,12 @@ class Store:
         # Blobs finalized by a running fetch whose manifest is not published yet: not debris.
         self._pending: Counter[str] = Counter()
         self._evict_lock = asyncio.Lock()
+        self._hf_lock = threading.Lock()
+        self._hf_sync_lock = asyncio.Lock()
         self.capacity_bytes = 0
         self.extra_protected: Callable[[str], bool] = lambda ref: False
+        # Told of every change peers may care about (cached.peers.holdings ops); event loop only.
+        self.on_change: Callable[[list[Any]], None] = lambda op: None
 
     # --- start ---------------------------------------------------------------------------------
 
@@ -211,17 +216,17 @@ class Store:
             if not any(p.name == hfview.repo_folder(repo) for repo in wanted):
                 durable.remove_tree(p)
         for repo in wanted:
-            self._sync_hf_sync(repo)
+            self._sync_hf_sync(repo, self._hf_revisions(repo))
 
-    def _hf_revisions(self, repo: str, extra: tuple[str, Manifest] | None = None) -> list[hfview.HfRevision]:
-        """What ``hf/<repo>`` should show: each live manifest of the repo (``extra`` = about to be live)."""
+    def _hf_revisions(self, repo: str) -> list[hfview.HfRevision]:
+        """What ``hf/<repo>`` should show: every live manifest of the repo. Event loop only."""
         current = {canonical: d for canonical, (d, _) in self._refs.items()}
         manifests = {d: self._manifests[d] for d in self._live_digests() if d in self._manifests}
-        if extra is not None:
-            current[extra[1].ref] = extra[0]
-            manifests[extra[0]] = extra[1]
+        touched = {canonical: t for canonical, (_, t) in self._refs.items()}
         out = []
-        for digest, m in sorted(manifests.items(), key=lambda kv: kv[0] not in current.values()):
+        # Oldest first: when two refs name one branch (say with different include patterns) and
+        # resolved it at different times, refs/<branch> ends up at the most recent commit.
+        for digest, m in sorted(manifests.items(), key=lambda kv: touched.get(kv[1].ref, 0.0)):
             if not m.ref.startswith("hf://") or m.revision is None:
                 continue
             ref = ModelRef.parse(m.ref)
@@ -231,19 +236,27 @@ class Store:
                 hfview.HfFile(path=f.path, size=f.size, blob_hex=f.blob.hex, git_sha1=f.origin.get("git_sha1", ""), sha256=f.origin.get("sha256"))
                 for f in m.files
             )
+            # Retained old revisions (named=False) keep their snapshot but no refs/ entry.
             out.append(hfview.HfRevision(revision=ref.revision, commit=m.revision, files=files, named=current.get(m.ref) == digest))
-        # A name (refs/main) points at the newest current manifest; retained ones only keep snapshots.
         return out
 
-    def _sync_hf_sync(self, repo: str, extra: tuple[str, Manifest] | None = None) -> None:
+    def _sync_hf_sync(self, repo: str, revisions: list[hfview.HfRevision]) -> None:
+        """Runs in a worker thread. ``revisions`` were computed on the event loop (which owns the
+        index); the lock keeps two syncs of one repo from interleaving their file operations."""
         try:
-            hfview.sync_repo_sync(self.hf_dir, repo, self._hf_revisions(repo, extra), self.blob_path)
+            with self._hf_lock:
+                hfview.sync_repo_sync(self.hf_dir, repo, revisions, self.blob_path)
         except OSError as e:
             raise durable.wrap_os_error(e, f"building the hf view of {repo}") from e
 
     async def _sync_hf(self, manifest: Manifest | None) -> None:
-        if manifest is not None and manifest.ref.startswith("hf://"):
-            await asyncio.to_thread(self._sync_hf_sync, ModelRef.parse(manifest.ref).repo)
+        if manifest is None or not manifest.ref.startswith("hf://"):
+            return
+        repo = ModelRef.parse(manifest.ref).repo
+        # One sync at a time, each computed from the index as it is when the sync starts: the
+        # last one to run always reflects the latest state, whatever order commits finish in.
+        async with self._hf_sync_lock:
+            await asyncio.to_thread(self._sync_hf_sync, repo, self._hf_revisions(repo))
 
     def hf_snapshot(self, manifest: Manifest) -> Path | None:
         """``hf/models--org--name/snapshots/<commit>``: a per-commit path that outlives a refresh."""
@@ -301,6 +314,23 @@ class Store:
 
     def has_blob(self, blob_hex: str) -> bool:
         return blob_hex in self._blobs
+
+    def holdings_ops(self) -> list[list[Any]]:
+        """The whole current state as holdings ops (to seed cached.peers.holdings at start)."""
+        ops: list[list[Any]] = [["blob+", h, size] for h, size in self._blobs.items()]
+        ops += [["manifest+", d] for d in sorted(self._manifests)]
+        ops += [["ref", canonical, d] for canonical, (d, _) in sorted(self._refs.items())]
+        for key, (partial, _) in self._open_partials.items():
+            ops.append(["partial+", key, partial.size, partial.piece_size])
+            ops += [["piece", key, i, d.hex()] for i, d in partial.done.items()]
+        return ops
+
+    def manifest_path(self, digest: str) -> Path:
+        return self.manifests_dir / f"{digest}.json"
+
+    def ref_digest(self, ref: ModelRef) -> str | None:
+        entry = self._refs.get(ref.canonical)
+        return entry[0] if entry else None
 
     def open_partial(self, key: str) -> PartialBlob | None:
         """The in-progress partial of ``key`` if a fetch has it open (to stream verified pieces)."""
@@ -402,6 +432,12 @@ class Store:
                 if fresh and reservation is not None:
                     reservation.consume(size)
                 self._partial_sizes[key] = size
+                self.on_change(["partial+", key, size, piece_size])
+                for index, digest in list(partial.done.items()):
+                    self.on_change(["piece", key, index, digest.hex()])
+                loop = asyncio.get_running_loop()
+                # Pieces are recorded in worker threads; peers hear of each on the event loop.
+                partial.on_piece = lambda i, d, k=key: loop.call_soon_threadsafe(self.on_change, ["piece", k, i, d.hex()])
                 entry = (partial, 0)
             self._open_partials[key] = (entry[0], entry[1] + 1)
         try:
@@ -424,7 +460,9 @@ class Store:
         else:
             await asyncio.to_thread(partial.finalize_sync, self.blob_path(blob_id.hex), self.sidecar_path(blob_id.hex))
             self._blobs[blob_id.hex] = partial.size
+            self.on_change(["blob+", blob_id.hex, partial.size])
         self._partial_sizes.pop(partial.key, None)
+        self.on_change(["partial-", partial.key])
         if partial.header.identity_key:
             self._blob_by_identity[partial.header.identity_key] = blob_id.hex
         return blob_id
@@ -436,6 +474,7 @@ class Store:
         else:
             await asyncio.to_thread(_unlink_partial, self.partial_dir, key)
         self._partial_sizes.pop(key, None)
+        self.on_change(["partial-", key])
 
     # --- blobs ---------------------------------------------------------------------------------
 
@@ -471,12 +510,17 @@ class Store:
         digest = manifest.digest
         sources = {k: int(v) for k, v in (sources or {}).items()}
         await asyncio.to_thread(self._commit_sync, ref, manifest, digest, sources)
+        if digest not in self._manifests:
+            self.on_change(["manifest+", digest])
         self._manifests[digest] = manifest
         old = self._refs.get(ref.canonical)
         self._refs[ref.canonical] = (digest, self._clock())
+        self.on_change(["ref", ref.canonical, digest])
         self._sources[ref.canonical] = sources
         if old is not None and old[0] != digest:
             await self._drop_manifest_if_unused(old[0])
+        # The hf view follows the index (and is rebuilt from it at start if a crash comes first).
+        await self._sync_hf(manifest)
         rec = self.model(ref)
         assert rec is not None
         return rec
@@ -486,8 +530,6 @@ class Store:
         if not mpath.exists():
             durable.atomic_write(mpath, manifest.canonical_bytes(), mode=0o444)
         self._build_view_sync(ref, manifest)
-        if ref.kind is RefKind.HF:
-            self._sync_hf_sync(ref.repo, extra=(digest, manifest))
         record = f"{ref.canonical}\nblake3:{digest}\n{json.dumps(sources, sort_keys=True)}\n"
         durable.atomic_write(self.refs_dir / ref.escaped, record.encode())
 
@@ -535,6 +577,7 @@ class Store:
         await asyncio.to_thread((self.refs_dir / ref.escaped).unlink, True)
         del self._refs[ref.canonical]
         self._sources.pop(ref.canonical, None)
+        self.on_change(["ref", ref.canonical, None])
         freed = await self._drop_manifest_if_unused(digest)
         await self._sync_hf(self._manifests.get(digest) or _stub_manifest(ref))
         return freed
@@ -546,6 +589,7 @@ class Store:
         await asyncio.to_thread((self.manifests_dir / f"{digest}.json").unlink, True)
         if manifest is None:
             return 0
+        self.on_change(["manifest-", digest])
         # The hf view lets go of the revision before its blobs go (HF.md §3.6 rule 7).
         await self._sync_hf(manifest)
         still_used = self._blobs_in_use()
@@ -557,6 +601,7 @@ class Store:
 
     async def _remove_blob(self, blob_hex: str) -> int:
         size = self._blobs.pop(blob_hex, 0)
+        self.on_change(["blob-", blob_hex])
         await asyncio.to_thread(durable.remove_tree, self.blob_path(blob_hex))
         await asyncio.to_thread(self.sidecar_path(blob_hex).unlink, True)
         for k, v in list(self._blob_by_identity.items()):
