@@ -66,6 +66,16 @@ class PeerConfig:
     listen: Listen
     advertise: str = ""
     seeds: tuple[str, ...] = ()
+    gossip_interval_s: float = 1.0
+    fanout: int = 3
+    suspect_after_s: float = 5.0
+    dead_after_s: float = 15.0
+    forget_after_s: float = 3600.0
+    max_uploads: int = 16
+    serve_rate_bps: int = 0  # 0 = unlimited
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None  # set: peers must present a certificate signed by it (mutual TLS)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -141,7 +151,21 @@ _DEFAULTS: dict[str, Any] = {
     "node_id": None,
     "cache_dir": "/var/cache/cached",
     "api": {"listen": DEFAULT_API_LISTEN, "socket_mode": "0660"},
-    "peer": {"listen": DEFAULT_PEER_LISTEN, "advertise": "", "seeds": []},
+    "peer": {
+        "listen": DEFAULT_PEER_LISTEN,
+        "advertise": "",
+        "seeds": [],
+        "gossip_interval_s": 1.0,
+        "fanout": 3,
+        "suspect_after_s": 5.0,
+        "dead_after_s": 15.0,
+        "forget_after_s": 3600.0,
+        "max_uploads": 16,
+        "serve_rate_bps": 0,
+        "tls_cert_file": None,
+        "tls_key_file": None,
+        "tls_ca_file": None,
+    },
     "cluster": {"name": "default", "token_file": None},
     "discovery": {"mdns": True},
     "origins": {
@@ -258,6 +282,36 @@ def _advertise(value: Any) -> str:
     return value
 
 
+def _peer(p: dict[str, Any], seeds: list[str]) -> PeerConfig:
+    interval = _number(p["gossip_interval_s"], "peer.gossip_interval_s", lo=0.05, hi=600)
+    suspect = _number(p["suspect_after_s"], "peer.suspect_after_s", lo=0.1, hi=3600)
+    dead = _number(p["dead_after_s"], "peer.dead_after_s", lo=0.2, hi=86400)
+    if not interval < suspect < dead:
+        raise ConfigError("peer.dead_after_s", f"need gossip_interval_s < suspect_after_s < dead_after_s ({interval} < {suspect} < {dead})")
+    cert = _optional_path(p["tls_cert_file"], "peer.tls_cert_file")
+    key = _optional_path(p["tls_key_file"], "peer.tls_key_file")
+    if (cert is None) != (key is None):
+        raise ConfigError("peer.tls_key_file", "tls_cert_file and tls_key_file go together")
+    ca = _optional_path(p["tls_ca_file"], "peer.tls_ca_file")
+    if ca is not None and cert is None:
+        raise ConfigError("peer.tls_ca_file", "mutual TLS needs tls_cert_file and tls_key_file too")
+    return PeerConfig(
+        listen=Listen.parse(p["listen"], "peer.listen"),
+        advertise=_advertise(p["advertise"]),
+        seeds=tuple(seeds),
+        gossip_interval_s=interval,
+        fanout=_number(p["fanout"], "peer.fanout", lo=1, hi=64, integer=True),
+        suspect_after_s=suspect,
+        dead_after_s=dead,
+        forget_after_s=_number(p["forget_after_s"], "peer.forget_after_s", lo=0, hi=30 * 86400),
+        max_uploads=_number(p["max_uploads"], "peer.max_uploads", lo=1, hi=1024, integer=True),
+        serve_rate_bps=_size(p["serve_rate_bps"], "peer.serve_rate_bps"),
+        tls_cert_file=cert,
+        tls_key_file=key,
+        tls_ca_file=ca,
+    )
+
+
 def _build(t: dict[str, Any]) -> Config:
     node_id = t["node_id"] or socket.gethostname()
     _typed(node_id, str, "node_id", "a string")
@@ -319,11 +373,7 @@ def _build(t: dict[str, Any]) -> Config:
     return Config(
         node_id=node_id,
         api=ApiConfig(listen=Listen.parse(t["api"]["listen"], "api.listen"), socket_mode=socket_mode),
-        peer=PeerConfig(
-            listen=Listen.parse(t["peer"]["listen"], "peer.listen"),
-            advertise=_advertise(t["peer"]["advertise"]),
-            seeds=tuple(seeds),
-        ),
+        peer=_peer(t["peer"], seeds),
         cluster=ClusterConfig(name=cluster_name, token_file=_optional_path(t["cluster"]["token_file"], "cluster.token_file")),
         discovery=DiscoveryConfig(mdns=_typed(t["discovery"]["mdns"], bool, "discovery.mdns", "true or false")),
         origins=OriginsConfig(

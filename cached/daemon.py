@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -29,12 +30,18 @@ from aiohttp import web
 from cached import __version__
 from cached.api.hf import HfEndpoint
 from cached.api.local import LocalApi
+from cached.api.peer import PeerApi
 from cached.config import Config, load
 from cached.errors import CachedError, ConfigError
 from cached.jobs import Jobs
 from cached.metrics import Metrics
 from cached.origins import Origins
 from cached.origins.hf import HfOrigin
+from cached.peers.client import PeerClient, client_ssl
+from cached.peers.gossip import Gossip, default_advertise
+from cached.peers.holdings import HoldingsView, LocalHoldings
+from cached.peers.mdns import MdnsDiscovery
+from cached.peers.membership import MemberInfo, Membership
 from cached.origins.http import HttpOrigin
 from cached.origins.local import LocalOrigin
 from cached.store import Store
@@ -77,6 +84,8 @@ class Daemon:
         self._tg: asyncio.TaskGroup | None = None
         self.jobs: Jobs
         self.api: LocalApi
+        self.gossip: Gossip | None = None
+        self.peer_address: str | None = None
         self.fetcher: ModelFetcher
 
     async def __aenter__(self) -> "Daemon":
@@ -118,9 +127,16 @@ class Daemon:
         if watchdog_s is not None:
             self._tg.create_task(self._watchdog(watchdog_s), name="systemd.watchdog")
 
+        token = cluster_token(cfg)
+        if token is None:
+            log.info("peer networking off: no cluster.token_file (--cluster-token-file); this node works alone")
+        else:
+            await self._start_peers(session, token)
+
         hf = HfEndpoint(store=self.store, jobs=self.jobs, origin=self.hf_origin)
         self.api = LocalApi(
-            node_id=cfg.node_id, store=self.store, jobs=self.jobs, fetcher=self.fetcher, metrics=self.metrics, hf=hf, clock=self.clock
+            node_id=cfg.node_id, store=self.store, jobs=self.jobs, fetcher=self.fetcher, metrics=self.metrics, hf=hf,
+            peers=self.peers_view, clock=self.clock,
         )
         # handler_cancellation: a client that hangs up (a launcher killed while it waits for
         # --wait, a closed event stream) must not leave its handler running.
@@ -144,6 +160,77 @@ class Daemon:
         self.api.ready = True
         log.info("listening node=%s api=%s cache_dir=%s version=%s", cfg.node_id, self.api_address, cfg.store.cache_dir, __version__)
         notify("READY=1", f"STATUS=serving api={self.api_address}")
+
+    async def _start_peers(self, session: aiohttp.ClientSession, token: str) -> None:
+        cfg = self.cfg
+        holdings = LocalHoldings()
+        for op in self.store.holdings_ops():
+            holdings.record(op)
+        self.store.on_change = holdings.record
+        server_ssl, client_ssl_ctx = tls_contexts(cfg)
+        view = HoldingsView()
+
+        # The peer API first: our address must be known before we announce it.
+        self.gossip = None
+        placeholder = Membership(
+            MemberInfo(node_id=cfg.node_id, address="", cluster=cfg.cluster.name, incarnation=0),
+            suspect_after_s=cfg.peer.suspect_after_s, dead_after_s=cfg.peer.dead_after_s,
+            forget_after_s=cfg.peer.forget_after_s, clock=time.monotonic,
+        )
+        client = PeerClient(session, token, scheme="https" if server_ssl else "http", ssl_context=client_ssl_ctx)
+        self.gossip = Gossip(
+            membership=placeholder, holdings=holdings, view=view, client=client, metrics=self.metrics,
+            interval_s=cfg.peer.gossip_interval_s, fanout=cfg.peer.fanout, seeds=cfg.peer.seeds,
+            capacity=lambda: self.store.capacity_bytes,
+        )
+        peer_api = PeerApi(
+            store=self.store, gossip=self.gossip, metrics=self.metrics, token=token,
+            max_uploads=cfg.peer.max_uploads, serve_rate_bps=cfg.peer.serve_rate_bps,
+        )
+        runner = web.AppRunner(peer_api.app(), handle_signals=False, access_log=None, shutdown_timeout=2.0, handler_cancellation=True)
+        await runner.setup()
+        self._stack.push_async_callback(runner.cleanup)
+        listen = cfg.peer.listen
+        site = web.TCPSite(runner, listen.host, listen.port, reuse_address=True, ssl_context=server_ssl)
+        await site.start()
+        port = runner.addresses[0][1]
+        advertise = cfg.peer.advertise or default_advertise(listen.host, port)
+        # Incarnation: start time in ms, so a restarted node always outranks its previous life.
+        placeholder.me = MemberInfo(
+            node_id=cfg.node_id, address=advertise, cluster=cfg.cluster.name, incarnation=time.time_ns() // 1_000_000,
+            capacity_bytes=self.store.capacity_bytes,
+        )
+        self.peer_address = advertise
+        assert self._tg is not None
+        self._tg.create_task(self.gossip.run(self._stopping), name="peers.gossip")
+        if cfg.discovery.mdns:
+            mdns = MdnsDiscovery(
+                node_id=cfg.node_id, cluster=cfg.cluster.name, address=advertise,
+                on_peer=lambda node_id, address: self.gossip.add_seed(address) if self.gossip else None,
+                summary=lambda: (holdings.version, holdings.state.summary()),
+            )
+            await self._stack.enter_async_context(mdns)
+            self._tg.create_task(self._mdns_refresh(mdns), name="peers.mdns")
+        log.info("peers on node=%s peer_api=%s advertise=%s cluster=%s seeds=%d mdns=%s",
+                 cfg.node_id, f"{listen.host}:{port}", advertise, cfg.cluster.name, len(cfg.peer.seeds), cfg.discovery.mdns)
+
+    async def _mdns_refresh(self, mdns: MdnsDiscovery) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), 1.0)
+            with contextlib.suppress(Exception):
+                await mdns.refresh()
+
+    def peers_view(self) -> list[dict[str, Any]]:
+        if self.gossip is None:
+            return []
+        return [
+            {
+                "node_id": m.info.node_id, "address": m.info.address, "state": m.status.value,
+                "incarnation": m.info.incarnation, "heartbeat": m.info.heartbeat, "holdings_version": m.info.holdings_version,
+            }
+            for m in self.gossip.membership.members()
+        ]
 
     @property
     def api_address(self) -> str:
@@ -224,6 +311,36 @@ class Daemon:
                     log.info("evicted under pressure models=%d freed_bytes=%d", len(evicted), freed)
             except CachedError as e:
                 log.warning("housekeeping failed error=%s", e)
+
+
+def cluster_token(cfg: Config) -> str | None:
+    path = cfg.cluster.token_file
+    if path is None:
+        return None
+    try:
+        token = path.read_text().strip()
+    except OSError as e:
+        raise ConfigError("cluster.token_file", f"{path}: {e.strerror}") from None
+    if len(token) < 16:
+        raise ConfigError("cluster.token_file", f"{path}: the token must be at least 16 characters")
+    return token
+
+
+def tls_contexts(cfg: Config) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+    """(server, client) TLS contexts for the peer API, or (None, None) for plain HTTP."""
+    p = cfg.peer
+    if p.tls_cert_file is None or p.tls_key_file is None:
+        return None, None
+    try:
+        server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server.load_cert_chain(str(p.tls_cert_file), str(p.tls_key_file))
+        if p.tls_ca_file is not None:
+            server.load_verify_locations(str(p.tls_ca_file))
+            server.verify_mode = ssl.CERT_REQUIRED  # mutual TLS: peers must prove themselves too
+        client = client_ssl(str(p.tls_ca_file) if p.tls_ca_file else None, str(p.tls_cert_file), str(p.tls_key_file))
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError("peer.tls_cert_file", f"cannot load TLS files: {e}") from None
+    return server, client
 
 
 def hf_token(cfg: Config, env: dict[str, str]) -> str | None:

@@ -42,6 +42,16 @@ class Metrics:
         self.bad_pieces_found = Counter(
             "cached_verify_bad_pieces", "Pieces of stored blobs found corrupt by verify or scrub.", registry=r
         )
+        self.gossip_rounds = Counter("cached_gossip_rounds", "Gossip rounds run by this node.", registry=r)
+        self.gossip_errors = Counter(
+            "cached_gossip_errors", "Failed gossip exchanges or holdings pulls, by kind.", ["kind"], registry=r
+        )
+        self.peer_auth_failures = Counter(
+            "cached_peer_auth_failures", "Peer API requests refused for a missing or wrong cluster token.", registry=r
+        )
+        self.peer_throttled = Counter(
+            "cached_peer_throttled", "Peer API requests answered 429 because serving was at its limit.", registry=r
+        )
         self.leases = Gauge("cached_leases", "Active launcher leases.", registry=r)
         # Pre-create label values so dashboards see zeros rather than absent series.
         for source in ("origin", "peer"):

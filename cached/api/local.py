@@ -86,9 +86,11 @@ class LocalApi:
         fetcher: ModelFetcher,
         metrics: Metrics,
         hf: HfEndpoint | None = None,
+        peers: Callable[[], list[dict[str, Any]]] = lambda: [],
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._hf = hf
+        self._peers = peers
         self._node_id = node_id
         self._store = store
         self._jobs = jobs
@@ -411,15 +413,14 @@ class LocalApi:
             ],
             "pins": sum(1 for r in self._known_refs() if self._store.claims.is_pinned(r.canonical)),
             "leases": len(self._store.claims.active_leases()),
-            "peers": [],
+            "peers": self._peers(),
         }
 
     async def node(self, request: web.Request) -> web.Response:
         return web.json_response(self.node_object())
 
     async def peers(self, request: web.Request) -> web.Response:
-        # Single-node build: no other member is known. The peers component fills this in.
-        return web.json_response([])
+        return web.json_response(self._peers())
 
     async def locate(self, request: web.Request) -> web.Response:
         ref = self._ref(request.query.get("ref"))
