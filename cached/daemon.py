@@ -86,6 +86,7 @@ class Daemon:
         self.api: LocalApi
         self.gossip: Gossip | None = None
         self.peer_address: str | None = None
+        self._server_ssl: ssl.SSLContext | None = None
         self.fetcher: ModelFetcher
 
     async def __aenter__(self) -> "Daemon":
@@ -114,8 +115,12 @@ class Daemon:
         origins = Origins(
             {RefKind.FILE: LocalOrigin(), RefKind.HTTP: HttpOrigin(session, cfg.origins.http), RefKind.HF: self.hf_origin}
         )
-        scheduler = Scheduler(cfg.origins.http, self.metrics)
-        self.fetcher = ModelFetcher(self.store, origins, scheduler, self.metrics)
+        token = cluster_token(cfg)
+        directory = self._build_peers(session, token) if token is not None else None
+        scheduler = Scheduler(cfg.origins.http, self.metrics, peer_client=directory.client if directory else None)
+        self.fetcher = ModelFetcher(
+            self.store, origins, scheduler, self.metrics, peers=directory, grace_s=2.5 * cfg.peer.gossip_interval_s
+        )
         self.jobs = await self._stack.enter_async_context(Jobs(self.fetcher, self.store, self.metrics, cfg.jobs, clock=self.clock))
 
         self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
@@ -127,11 +132,10 @@ class Daemon:
         if watchdog_s is not None:
             self._tg.create_task(self._watchdog(watchdog_s), name="systemd.watchdog")
 
-        token = cluster_token(cfg)
         if token is None:
             log.info("peer networking off: no cluster.token_file (--cluster-token-file); this node works alone")
         else:
-            await self._start_peers(session, token)
+            await self._serve_peers(token)
 
         hf = HfEndpoint(store=self.store, jobs=self.jobs, origin=self.hf_origin)
         self.api = LocalApi(
@@ -161,28 +165,33 @@ class Daemon:
         log.info("listening node=%s api=%s cache_dir=%s version=%s", cfg.node_id, self.api_address, cfg.store.cache_dir, __version__)
         notify("READY=1", f"STATUS=serving api={self.api_address}")
 
-    async def _start_peers(self, session: aiohttp.ClientSession, token: str) -> None:
+    def _build_peers(self, session: aiohttp.ClientSession, token: str) -> "GossipDirectory":
+        """Membership, holdings and gossip, wired but not yet serving (no I/O)."""
         cfg = self.cfg
         holdings = LocalHoldings()
         for op in self.store.holdings_ops():
             holdings.record(op)
         self.store.on_change = holdings.record
-        server_ssl, client_ssl_ctx = tls_contexts(cfg)
-        view = HoldingsView()
-
-        # The peer API first: our address must be known before we announce it.
-        self.gossip = None
-        placeholder = Membership(
+        self._server_ssl, client_ssl_ctx = tls_contexts(cfg)
+        # Our address is known once the peer API listens; _serve_peers fills it in.
+        membership = Membership(
             MemberInfo(node_id=cfg.node_id, address="", cluster=cfg.cluster.name, incarnation=0),
             suspect_after_s=cfg.peer.suspect_after_s, dead_after_s=cfg.peer.dead_after_s,
             forget_after_s=cfg.peer.forget_after_s, clock=time.monotonic,
         )
-        client = PeerClient(session, token, scheme="https" if server_ssl else "http", ssl_context=client_ssl_ctx)
+        client = PeerClient(session, token, scheme="https" if self._server_ssl else "http", ssl_context=client_ssl_ctx)
         self.gossip = Gossip(
-            membership=placeholder, holdings=holdings, view=view, client=client, metrics=self.metrics,
+            membership=membership, holdings=holdings, view=HoldingsView(), client=client, metrics=self.metrics,
             interval_s=cfg.peer.gossip_interval_s, fanout=cfg.peer.fanout, seeds=cfg.peer.seeds,
             capacity=lambda: self.store.capacity_bytes,
         )
+        return GossipDirectory(self.gossip, client)
+
+    async def _serve_peers(self, token: str) -> None:
+        cfg = self.cfg
+        assert self.gossip is not None
+        holdings = self.gossip.holdings
+        server_ssl = self._server_ssl
         peer_api = PeerApi(
             store=self.store, gossip=self.gossip, metrics=self.metrics, token=token,
             max_uploads=cfg.peer.max_uploads, serve_rate_bps=cfg.peer.serve_rate_bps,
@@ -196,7 +205,7 @@ class Daemon:
         port = runner.addresses[0][1]
         advertise = cfg.peer.advertise or default_advertise(listen.host, port)
         # Incarnation: start time in ms, so a restarted node always outranks its previous life.
-        placeholder.me = MemberInfo(
+        self.gossip.membership.me = MemberInfo(
             node_id=cfg.node_id, address=advertise, cluster=cfg.cluster.name, incarnation=time.time_ns() // 1_000_000,
             capacity_bytes=self.store.capacity_bytes,
         )
@@ -352,6 +361,22 @@ def hf_token(cfg: Config, env: dict[str, str]) -> str | None:
         except OSError as e:
             raise ConfigError("origins.hf.token_file", f"{path}: {e.strerror}") from None
     return env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or None
+
+
+class GossipDirectory:
+    """The transfer layer's view of the cluster (``transfer.sources.PeerDirectory``), over gossip."""
+
+    def __init__(self, gossip: Gossip, client: PeerClient) -> None:
+        self._gossip = gossip
+        self.client = client
+        self.view = gossip.view
+
+    @property
+    def me(self) -> str:
+        return self._gossip.membership.me.node_id
+
+    def alive(self) -> list[tuple[str, str]]:
+        return [(m.info.node_id, m.info.address) for m in self._gossip.membership.alive()]
 
 
 # --- systemd ------------------------------------------------------------------------------------

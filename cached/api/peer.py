@@ -55,6 +55,18 @@ class TokenBucket:
             await asyncio.sleep((n - self._level) / self._rate)
 
 
+class _SlottedFile(web.FileResponse):
+    """A FileResponse that holds an upload slot while the kernel sends it."""
+
+    def __init__(self, path: str, slots: asyncio.Semaphore, **kw: object) -> None:
+        super().__init__(path, **kw)  # type: ignore[arg-type]
+        self._slots = slots
+
+    async def prepare(self, request: web.BaseRequest):  # type: ignore[override]
+        async with self._slots:
+            return await super().prepare(request)
+
+
 class PeerApi:
     def __init__(
         self, *, store: Store, gossip: Gossip, metrics: Metrics, token: str, max_uploads: int, serve_rate_bps: int
@@ -179,21 +191,24 @@ class PeerApi:
         if self._uploads.locked():
             self._metrics.peer_throttled.inc()
             return web.json_response({"error": "busy", "message": "serving at capacity"}, status=429, headers={"Retry-After": "1"})
+        length = end - start + 1
+        if sendfile and not self._rate_limited:
+            # A complete, immutable blob with no bandwidth cap: the kernel copies it (sendfile).
+            # aiohttp prepares the response after we return, so the upload slot is held there.
+            self._metrics.served_bytes.inc(length)
+            return _SlottedFile(path, self._uploads, chunk_size=CHUNK)
         async with self._uploads:
-            length = end - start + 1
-            if sendfile and not self._rate_limited:
-                # A complete, immutable blob with no bandwidth cap: let the kernel copy it.
-                resp = web.FileResponse(path, chunk_size=CHUNK)
-                await resp.prepare(request)
-                self._metrics.served_bytes.inc(length)
-                return resp
+            try:
+                fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
+            except FileNotFoundError:
+                # The partial was finalized (or dropped) a moment ago; holdings will say so.
+                return web.json_response({"error": "gone", "message": "no longer a partial here"}, status=404)
             headers = {"Content-Range": f"bytes {start}-{end}/{size}", "Content-Length": str(length), "Accept-Ranges": "bytes"}
             resp = web.StreamResponse(status=206, headers=headers)
             resp.content_type = "application/octet-stream"
-            await resp.prepare(request)
             pos = start
-            fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
             try:
+                await resp.prepare(request)
                 while pos <= end:
                     n = min(CHUNK, end - pos + 1)
                     await self._bucket.take(n)

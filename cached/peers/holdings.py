@@ -5,7 +5,7 @@ version and keeps a bounded log of them, so a peer that has version ``v`` gets o
 after ``v`` (a delta), or the whole state when ``v`` is too old for the log. ``HoldingsView``
 keeps the latest state of every other node and answers "who has this blob / this piece".
 
-Deltas are small lists: ``["blob+", hex, size]``, ``["blob-", hex]``, ``["manifest+", d]``,
+Deltas are small lists: ``["blob+", hex, size, origin-identity-key]``, ``["blob-", hex]``, ``["manifest+", d]``,
 ``["manifest-", d]``, ``["ref", canonical, digest-or-null]``, ``["partial+", key, size,
 piece_size]``, ``["piece", key, index, digest-hex]``, ``["partial-", key]``.
 """
@@ -30,6 +30,7 @@ class PartialInfo:
 class NodeHoldings:
     version: int = 0
     blobs: dict[str, int] = field(default_factory=dict)  # hex -> size
+    blob_keys: dict[str, str] = field(default_factory=dict)  # origin identity key -> hex
     manifests: set[str] = field(default_factory=set)
     refs: dict[str, str] = field(default_factory=dict)  # canonical ref -> manifest digest
     partials: dict[str, PartialInfo] = field(default_factory=dict)
@@ -39,8 +40,12 @@ class NodeHoldings:
         kind = op[0]
         if kind == "blob+":
             self.blobs[str(op[1])] = int(op[2])
+            if len(op) > 3 and op[3]:
+                self.blob_keys[str(op[3])] = str(op[1])
         elif kind == "blob-":
             self.blobs.pop(str(op[1]), None)
+            for k in [k for k, v in self.blob_keys.items() if v == op[1]]:
+                del self.blob_keys[k]
         elif kind == "manifest+":
             self.manifests.add(str(op[1]))
         elif kind == "manifest-":
@@ -70,6 +75,7 @@ class NodeHoldings:
         return {
             "version": self.version,
             "blobs": self.blobs,
+            "blob_keys": self.blob_keys,
             "manifests": sorted(self.manifests),
             "refs": self.refs,
             "partials": {
@@ -83,6 +89,7 @@ class NodeHoldings:
         h = cls(
             version=int(d["version"]),
             blobs={str(k): int(v) for k, v in dict(d.get("blobs") or {}).items()},
+            blob_keys={str(k): str(v) for k, v in dict(d.get("blob_keys") or {}).items()},
             manifests={str(m) for m in d.get("manifests") or []},
             refs={str(k): str(v) for k, v in dict(d.get("refs") or {}).items()},
         )
@@ -156,6 +163,13 @@ class HoldingsView:
 
     def with_blob(self, blob_hex: str) -> list[str]:
         return sorted(n for n, h in self._nodes.items() if blob_hex in h.blobs)
+
+    def blob_for_key(self, key: str) -> str | None:
+        """A complete blob some node made from the origin file with this identity key."""
+        for _, h in sorted(self._nodes.items()):
+            if key in h.blob_keys and h.blob_keys[key] in h.blobs:
+                return h.blob_keys[key]
+        return None
 
     def with_partial(self, key: str) -> list[tuple[str, PartialInfo]]:
         return sorted(((n, h.partials[key]) for n, h in self._nodes.items() if key in h.partials), key=lambda x: x[0])

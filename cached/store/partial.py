@@ -42,6 +42,10 @@ def read_piece_log(path: Path) -> tuple[PieceLogHeader, dict[int, bytes]]:
         raw = path.read_bytes()
     except OSError as e:
         raise StoreError(f"cannot read {path}: {e.strerror}") from None
+    return decode_piece_log(raw, str(path))
+
+
+def decode_piece_log(raw: bytes, path: str = "piece log") -> tuple[PieceLogHeader, dict[int, bytes]]:
     if len(raw) < 8 or raw[:4] != _MAGIC:
         raise StoreError(f"{path}: not a piece log")
     (hlen,) = struct.unpack_from("<I", raw, 4)

@@ -317,7 +317,8 @@ class Store:
 
     def holdings_ops(self) -> list[list[Any]]:
         """The whole current state as holdings ops (to seed cached.peers.holdings at start)."""
-        ops: list[list[Any]] = [["blob+", h, size] for h, size in self._blobs.items()]
+        keys = {h: k for k, h in self._blob_by_identity.items()}
+        ops: list[list[Any]] = [["blob+", h, size, keys.get(h, "")] for h, size in self._blobs.items()]
         ops += [["manifest+", d] for d in sorted(self._manifests)]
         ops += [["ref", canonical, d] for canonical, (d, _) in sorted(self._refs.items())]
         for key, (partial, _) in self._open_partials.items():
@@ -460,7 +461,7 @@ class Store:
         else:
             await asyncio.to_thread(partial.finalize_sync, self.blob_path(blob_id.hex), self.sidecar_path(blob_id.hex))
             self._blobs[blob_id.hex] = partial.size
-            self.on_change(["blob+", blob_id.hex, partial.size])
+            self.on_change(["blob+", blob_id.hex, partial.size, partial.header.identity_key])
         self._partial_sizes.pop(partial.key, None)
         self.on_change(["partial-", partial.key])
         if partial.header.identity_key:

@@ -17,8 +17,10 @@ from typing import AsyncIterator
 from cached.errors import IntegrityError, OriginError, StoreError, StoreFullError
 from cached.metrics import Metrics
 from cached.origins import Origins, Resolution
+from cached.peers.client import PeerError
 from cached.store import ModelRecord, Store
 from cached.transfer.scheduler import Scheduler
+from cached.transfer.sources import PeerDirectory, Swarm
 from cached.types import BlobId, FileEntry, Manifest, ModelRef, OriginFile
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,12 @@ class VerifyReport:
 
 
 class ModelFetcher:
-    def __init__(self, store: Store, origins: Origins, scheduler: Scheduler, metrics: Metrics) -> None:
+    def __init__(
+        self, store: Store, origins: Origins, scheduler: Scheduler, metrics: Metrics, *,
+        peers: PeerDirectory | None = None, grace_s: float = 0.0,
+    ) -> None:
+        self._peers = peers
+        self._grace_s = grace_s  # how long a new fetch waits to learn who else wants the same file
         self._store = store
         self._origins = origins
         self._scheduler = scheduler
@@ -93,18 +100,27 @@ class ModelFetcher:
             progress.bytes_total = progress.bytes_done = existing.manifest.total_bytes
             return existing
         origin = self._origins.for_ref(ref)
-        resolution = await self.resolve(ref)
+        # A ref some peer already resolved is taken from the peer (verified by digest): the
+        # origin is not asked at all. --refresh always asks the origin.
+        from_peer = None if refresh else await self._manifest_from_peers(ref)
+        known: dict[str, str] = {}  # path -> blob hex, when a peer's manifest names it
+        if from_peer is not None:
+            resolution = Resolution(files=tuple(_origin_file(e) for e in from_peer.files), revision=from_peer.revision)
+            known = {e.path: e.blob.hex for e in from_peer.files}
+            piece_size = from_peer.piece_size  # the same piece size, or the blob ids would differ
+        else:
+            resolution = await self.resolve(ref)
+            piece_size = self._store.cfg.piece_size_bytes
         if existing is not None and resolution.revision is not None and resolution.revision == existing.manifest.revision:
             await self._store.touch(ref)
             progress.bytes_total = progress.bytes_done = existing.manifest.total_bytes
             return existing
-        piece_size = self._store.cfg.piece_size_bytes
         progress.bytes_total = sum(f.size for f in resolution.files)
 
         have: dict[str, str] = {}
         need: list[OriginFile] = []
         for f in resolution.files:
-            blob = self._store.blob_for_identity(f.key)
+            blob = known[f.path] if self._store.has_blob(known.get(f.path, "")) else self._store.blob_for_identity(f.key)
             if blob is not None:
                 have[f.path] = blob
                 self._store.hold_blob(blob)
@@ -132,8 +148,14 @@ class ModelFetcher:
                 ) as partial:
                     progress.bytes_done += partial.bytes_done
                     progress.resumed += partial.bytes_done
+                    swarm = None
+                    if self._peers is not None:
+                        swarm = Swarm(self._peers, key=f.key, piece_size=piece_size, size=f.size, grace_s=self._grace_s)
+                        swarm.blob_hex = known.get(f.path)
                     try:
-                        await self._scheduler.fetch_blob(partial, f, origin, on_bytes=progress.add)
+                        await self._scheduler.fetch_blob(partial, f, origin, on_bytes=progress.add, swarm=swarm)
+                        if f.path in known and BlobId.compute(partial.size, partial.piece_size, [partial.done[i] for i in range(partial.pieces)]).hex != known[f.path]:
+                            raise IntegrityError(f"{f.path}: the assembled blob does not match the id in the peer's manifest")
                     except IntegrityError:
                         # Every piece matched its own digest but the whole file does not match the
                         # origin's checksum: no piece can be trusted, so none is kept.
@@ -157,7 +179,7 @@ class ModelFetcher:
             for f in resolution.files:
                 blob = BlobId(have[f.path]) if f.path in have else fetched[f.path]
                 entries.append(FileEntry(path=f.path, size=f.size, blob=blob, origin=_origin_meta(f)))
-            manifest = Manifest(ref=ref.canonical, revision=resolution.revision, piece_size=piece_size, files=tuple(entries))
+            manifest = from_peer or Manifest(ref=ref.canonical, revision=resolution.revision, piece_size=piece_size, files=tuple(entries))
             return await self._store.commit_model(ref, manifest, sources=dict(progress.sources))
         except StoreFullError:
             # The promise: a prefetch that cannot fit leaves no partial files behind.
@@ -168,6 +190,27 @@ class ModelFetcher:
             reservation.release()
             for blob in list(have.values()) + [b.hex for b in fetched.values()]:
                 self._store.unhold_blob(blob)
+
+    async def _manifest_from_peers(self, ref: ModelRef) -> Manifest | None:
+        if self._peers is None:
+            return None
+        alive = dict(self._peers.alive())
+        for node_id, digest in self._peers.view.with_ref(ref.canonical):
+            if node_id not in alive:
+                continue
+            local = self._store.manifest(digest)
+            if local is not None:
+                return local
+            try:
+                data = await self._peers.client.manifest(alive[node_id], digest)
+                manifest = Manifest.from_bytes(data, expect_digest=digest)
+            except (PeerError, IntegrityError) as e:
+                log.warning("manifest from peer refused peer=%s ref=%s error=%s", node_id, ref, e)
+                continue
+            if manifest.ref == ref.canonical:
+                log.info("resolved from peer ref=%s peer=%s manifest=blake3:%s", ref, node_id, digest)
+                return manifest
+        return None
 
     # --- verify and repair ---------------------------------------------------------------------
 

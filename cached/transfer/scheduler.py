@@ -1,9 +1,12 @@
-"""Runs the plan for one blob: ranged reads, verification, writes at offsets, retries, limits.
+"""Runs the plan for one blob: peers first, then the origin; verification, retries, limits.
 
 Each piece's bytes are hashed (and checked against the expected digest when one is known) before
 the piece is recorded; nothing unverified is ever marked. Retryable origin errors back off
 exponentially with jitter; a non-retryable one (404, 403, a changed file) stops the blob at once
 and cancels its other requests. A global semaphore bounds origin requests across all jobs.
+A peer that sends bytes that fail verification, or fails repeatedly, is banned for a while (and
+counted); a peer at its serving limit (429) is skipped for a moment. Near the end the last pieces
+may be asked of two sources; the slower copy is cancelled.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import logging
 import os
 import random
+import time
 from typing import Callable
 
 from cached.config import HttpOriginConfig
@@ -19,20 +23,32 @@ from cached.errors import IntegrityError, OriginChanged, OriginError
 from cached.metrics import Metrics
 from cached.origins import Origin
 from cached.store.partial import PartialBlob
+from cached.peers.client import PeerBusy, PeerClient, PeerError
 from cached.transfer.plan import ORIGIN, SourceView, assign
+from cached.transfer.sources import PeerSource, Swarm
 from cached.types import OriginFile, piece_span
 
 log = logging.getLogger(__name__)
+
+WAIT_TICK_S = 0.05
+PEER_FAULT_LIMIT = 3  # bad or failed answers from one peer before it is dropped
+BAN_S = 300.0  # how long a banned peer stays out of every fetch
 
 OnBytes = Callable[[str, int], None]
 
 
 class Scheduler:
-    def __init__(self, cfg: HttpOriginConfig, metrics: Metrics, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self, cfg: HttpOriginConfig, metrics: Metrics, *, rng: random.Random | None = None, peer_limit: int = 4,
+        peer_client: PeerClient | None = None,
+    ) -> None:
         self._cfg = cfg
         self._metrics = metrics
         self._origin_slots = asyncio.Semaphore(cfg.connections * 2)
         self._rng = rng or random.Random()
+        self._peer_limit = peer_limit  # requests in flight to one peer for one blob
+        self.peer_client = peer_client
+        self._bans: dict[str, float] = {}  # node -> monotonic time its ban ends
 
     def backoff_s(self, attempt: int) -> float:
         base = min(self._cfg.backoff_max_s, self._cfg.backoff_s * (2**attempt))
@@ -46,13 +62,20 @@ class Scheduler:
         *,
         on_bytes: OnBytes,
         expected: list[bytes] | None = None,
+        swarm: Swarm | None = None,
     ) -> None:
-        """Bring every missing piece of ``partial`` in from ``origin``; returns when complete."""
+        """Bring every missing piece of ``partial`` in, from peers in ``swarm`` first, then the
+        origin; returns when complete."""
         if partial.complete:
             pass  # resumed with every piece verified: only the whole-file checks remain
-        elif not (expected is None and not partial.done and await self._try_clone(partial, file, origin, on_bytes)):
+        elif swarm is None and not (expected is None and not partial.done and await self._try_clone(partial, file, origin, on_bytes)):
             if origin.supports_ranges(file):
                 await self._fetch_ranges(partial, file, origin, on_bytes, expected)
+            else:
+                await self._fetch_stream(partial, file, origin, on_bytes, expected)
+        elif swarm is not None:
+            if origin.supports_ranges(file) or await swarm.learn_table() or swarm.peer_sources(set()):
+                await self._fetch_ranges(partial, file, origin, on_bytes, expected, swarm)
             else:
                 await self._fetch_stream(partial, file, origin, on_bytes, expected)
         await origin.check_unchanged(file)
@@ -85,36 +108,108 @@ class Scheduler:
         return True
 
     async def _fetch_ranges(
-        self, partial: PartialBlob, file: OriginFile, origin: Origin, on_bytes: OnBytes, expected: list[bytes] | None
+        self,
+        partial: PartialBlob,
+        file: OriginFile,
+        origin: Origin,
+        on_bytes: OnBytes,
+        expected: list[bytes] | None,
+        swarm: Swarm | None = None,
     ) -> None:
+        """The piece loop: re-plan after every finished request, over the sources of the moment."""
         limit = self._cfg.connections
-        tasks: dict[asyncio.Task[None], int] = {}
+        tasks: dict[asyncio.Task[None], tuple[int, str]] = {}
+        faults: dict[str, int] = {}
+        banned: set[str] = set()
+        cooling: dict[str, float] = {}  # source -> monotonic time until which it is skipped (429)
         try:
             while True:
                 missing = partial.missing()
                 if not missing and not tasks:
                     return
-                inflight = {index: {ORIGIN} for index in tasks.values()}
+                if swarm is not None and expected is None and await swarm.learn_table():
+                    expected = swarm.table  # a peer finished it: every piece is now checkable
+                now = time.monotonic()
+                peers = [p for p in (swarm.peer_sources(banned | self._banned_now()) if swarm else []) if cooling.get(p.node_id, 0) <= now]
+                by_name = {p.node_id: p for p in peers}
+                inflight: dict[int, set[str]] = {}
+                load: dict[str, int] = {}
+                for index, src in tasks.values():
+                    inflight.setdefault(index, set()).add(src)
+                    load[src] = load.get(src, 0) + 1
+                views = [
+                    SourceView(name=p.node_id, is_origin=False, limit=self._peer_limit, inflight=load.get(p.node_id, 0), pieces=p.pieces)
+                    for p in peers
+                ]
+                origin_ok = [i for i in missing if swarm is None or swarm.origin_allowed(i)]
+                views.append(SourceView(name=ORIGIN, is_origin=True, limit=limit, inflight=load.get(ORIGIN, 0), pieces=frozenset(origin_ok)))
                 plan = assign(
-                    missing=missing,
-                    inflight=inflight,
-                    sources=[SourceView(name=ORIGIN, is_origin=True, limit=limit, inflight=len(tasks))],
-                    global_free=limit - len(tasks),
+                    missing=missing, inflight=inflight, sources=views, global_free=limit + len(peers) * self._peer_limit - len(tasks),
+                    endgame_pieces=2 if swarm is not None else 0,
                 )
                 for a in plan:
-                    t = asyncio.create_task(self._piece(partial, file, origin, a.piece, on_bytes, expected), name=f"piece:{a.piece}")
-                    tasks[t] = a.piece
+                    if a.source == ORIGIN:
+                        coro = self._piece(partial, file, origin, a.piece, on_bytes, expected)
+                    else:
+                        coro = self._peer_piece(partial, by_name[a.source], a.piece, on_bytes)
+                    t = asyncio.create_task(coro, name=f"piece:{a.piece}:{a.source}")
+                    tasks[t] = (a.piece, a.source)
                 if not tasks:
-                    return
-                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                    # Nothing to ask anyone right now (pieces owned by a peer still fetching them):
+                    # look again shortly, as the peers' holdings move on.
+                    await asyncio.sleep(WAIT_TICK_S)
+                    continue
+                done, _ = await asyncio.wait(tasks, timeout=WAIT_TICK_S * 5 if swarm else None, return_when=asyncio.FIRST_COMPLETED)
                 for t in done:
-                    del tasks[t]
-                    t.result()  # a permanent failure ends the blob; the finally cancels the rest
+                    index, src = tasks.pop(t)
+                    exc = t.exception() if not t.cancelled() else None
+                    if t.cancelled():
+                        continue
+                    if exc is None:
+                        for other, (i, _) in list(tasks.items()):
+                            if i == index:
+                                other.cancel()  # endgame: the slower copy of a finished piece
+                        continue
+                    if src == ORIGIN:
+                        raise exc  # retries are inside _piece: this one is final
+                    if isinstance(exc, PeerBusy) or (isinstance(exc, PeerError) and exc.status == 404):
+                        # Busy, or its holdings moved on (a partial just became a blob): not a fault.
+                        cooling[src] = time.monotonic() + (1.0 if isinstance(exc, PeerBusy) else 0.2)
+                    elif isinstance(exc, (PeerError, IntegrityError)):
+                        faults[src] = faults.get(src, 0) + 1
+                        if faults[src] >= PEER_FAULT_LIMIT:
+                            banned.add(src)
+                            self._ban(src)
+                            log.warning("peer banned for repeated faults peer=%s faults=%d", src, faults[src])
+                    else:
+                        raise exc
         finally:
             for t in tasks:
                 t.cancel()
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _peer_piece(self, partial: PartialBlob, src: PeerSource, index: int, on_bytes: OnBytes) -> None:
+        off, length = piece_span(index, partial.size, partial.piece_size)
+        assert self.peer_client is not None, "peer sources need a PeerClient"
+        data = await self.peer_client.read_range(src.address, src.kind, src.name, off, length)
+        if index in partial.done:
+            return  # the other copy of an endgame pair won
+        try:
+            await asyncio.to_thread(partial.write_piece_sync, index, data, src.digests[index])
+        except IntegrityError:
+            self._metrics.piece_verify_failures.labels("peer").inc()
+            log.warning("piece from peer failed verification peer=%s piece=%d", src.node_id, index)
+            raise
+        self._metrics.fetched_bytes.labels("peer").inc(len(data))
+        on_bytes("peer", len(data))
+
+    def _ban(self, node_id: str) -> None:
+        self._bans[node_id] = time.monotonic() + BAN_S
+
+    def _banned_now(self) -> set[str]:
+        now = time.monotonic()
+        return {n for n, until in self._bans.items() if until > now}
 
     async def _piece(
         self, partial: PartialBlob, file: OriginFile, origin: Origin, index: int, on_bytes: OnBytes, expected: list[bytes] | None

@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -54,7 +53,8 @@ class RefsWatcher:
         self._stop = asyncio.Event()
 
     async def run(self) -> None:
-        while not self._stop.is_set():
+        while True:
+            last = self._stop.is_set()  # one more look after the refresh returned
             try:
                 commit = (self.top / "refs" / "main").read_text()
             except OSError as e:
@@ -69,6 +69,8 @@ class RefsWatcher:
                     if missing:
                         self.broken.append(f"snapshot {commit[:8]} lacks {missing}")
             self.reads += 1
+            if last:
+                return
             await asyncio.sleep(0.001)
 
     def stop(self) -> None:

@@ -392,7 +392,10 @@ async def test_config_example_lists_every_key_with_its_default(tmp_path: Path) -
     example = flatten(load(path, {}))
     defaults = flatten(load(None, {}, default_file=Path("/nonexistent")))
     # Shown values are the defaults, except keys whose default is "unset" (shown as an example).
-    unset = {"node_id", "store.max_bytes", "cluster.token_file", "origins.hf.token_file"}
+    unset = {
+        "node_id", "store.max_bytes", "cluster.token_file", "origins.hf.token_file",
+        "peer.tls_cert_file", "peer.tls_key_file", "peer.tls_ca_file",
+    }
     assert {k: v for k, v in example.items() if k not in unset} == {k: v for k, v in defaults.items() if k not in unset}
     for key in unset:
         assert re.search(r"default: unset|default: the hostname", _comment_above(text, key)), key

@@ -1,0 +1,198 @@
+"""Holdings bookkeeping (cached/peers/holdings.py): versioned deltas and the view of other nodes.
+
+``LocalHoldings.since(v)`` must hand a peer that has version ``v`` exactly the changes after it
+(or the whole state once the log no longer reaches back), and a ``HoldingsView`` fed those answers
+must end up equal to the source, through the JSON wire form. A delta on the wrong base is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cached.peers.holdings import HoldingsView, LocalHoldings, NodeHoldings
+
+PROPS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+B1, B2 = "1" * 64, "2" * 64
+M1 = "a" * 64
+K1 = "k" * 64
+
+
+def wire(answer: dict[str, Any]) -> dict[str, Any]:
+    """What the peer API puts on the wire and the puller parses back."""
+    return json.loads(json.dumps(answer))
+
+
+# --- ops ---------------------------------------------------------------------------------------------
+
+hexes = st.sampled_from([B1, B2, "3" * 64])
+keys = st.sampled_from([K1, "j" * 64])
+ops = st.one_of(
+    st.tuples(st.just("blob+"), hexes, st.integers(0, 10**12)).map(list),
+    st.tuples(st.just("blob-"), hexes).map(list),
+    st.tuples(st.just("manifest+"), hexes).map(list),
+    st.tuples(st.just("manifest-"), hexes).map(list),
+    st.tuples(st.just("ref"), st.sampled_from(["file:///m", "hf://o/n@main"]), st.none() | hexes).map(list),
+    st.tuples(st.just("partial+"), keys, st.sampled_from([100, 1 << 20]), st.sampled_from([64 << 10, 1 << 20])).map(list),
+    st.tuples(st.just("piece"), keys, st.integers(0, 20), hexes).map(list),
+    st.tuples(st.just("partial-"), keys).map(list),
+)
+
+
+def test_record_numbers_every_change() -> None:
+    h = LocalHoldings()
+    assert h.version == 0
+    assert h.record(["blob+", B1, 10]) == 1
+    assert h.record(["manifest+", M1]) == 2
+    assert h.record(["ref", "file:///m", M1]) == 3
+    assert h.state.blobs == {B1: 10} and h.state.manifests == {M1} and h.state.refs == {"file:///m": M1}
+    h.record(["ref", "file:///m", None])
+    assert h.state.refs == {}
+
+
+def test_since_gives_exactly_the_ops_after_v() -> None:
+    h = LocalHoldings()
+    all_ops = [["blob+", B1, 10], ["partial+", K1, 200, 64 << 10], ["piece", K1, 0, B2], ["blob-", B1], ["partial-", K1]]
+    for op in all_ops:
+        h.record(op)
+    for v in range(1, len(all_ops)):
+        assert h.since(v) == {"version": 5, "base": v, "deltas": all_ops[v:]}
+    assert h.since(5) == {"version": 5, "base": 5, "deltas": []}, "up to date: nothing to send"
+
+
+def test_since_zero_or_unknown_version_gives_a_snapshot() -> None:
+    h = LocalHoldings()
+    h.record(["blob+", B1, 10])
+    h.record(["blob+", B2, 20])
+    for v in (0, 3, 1000):  # a newcomer; a peer that remembers a later life of ours
+        answer = h.since(v)
+        assert "deltas" not in answer and answer["version"] == 2
+        assert NodeHoldings.from_json(answer["snapshot"]).blobs == {B1: 10, B2: 20}
+
+
+def test_a_version_older_than_the_log_gives_a_snapshot() -> None:
+    h = LocalHoldings(max_log=5)
+    for i in range(10):
+        h.record(["blob+", f"{i:064x}", i])
+    # The log keeps versions 6..10: a peer at 5 still gets a delta, one at 4 needs everything.
+    assert h.since(5) == {"version": 10, "base": 5, "deltas": [["blob+", f"{i:064x}", i] for i in range(5, 10)]}
+    for v in (1, 4):
+        answer = h.since(v)
+        assert "snapshot" in answer and len(answer["snapshot"]["blobs"]) == 10
+
+
+def test_view_follows_snapshot_then_deltas() -> None:
+    src = LocalHoldings()
+    src.record(["blob+", B1, 10])
+    view = HoldingsView()
+    view.update("a", wire(src.since(view.version("a"))))
+    assert view.version("a") == 1
+    src.record(["partial+", K1, 200, 64 << 10])
+    src.record(["piece", K1, 2, B2])
+    answer = wire(src.since(view.version("a")))
+    assert "deltas" in answer, "a peer that is one step behind gets a delta, not everything"
+    view.update("a", answer)
+    got = view.get("a")
+    assert got is not None and got.version == 3
+    assert got.to_json() == src.state.to_json()
+
+
+def test_update_with_a_mismatched_base_raises() -> None:
+    src = LocalHoldings()
+    for op in (["blob+", B1, 1], ["blob+", B2, 2], ["manifest+", M1]):
+        src.record(op)
+    view = HoldingsView()
+    with pytest.raises(ValueError, match="based on version"):
+        view.update("a", src.since(1))  # a delta for a node we have never seen
+    view.update("a", {"version": 1, "snapshot": {"version": 1, "blobs": {B1: 1}}})
+    with pytest.raises(ValueError, match="based on version 2"):
+        view.update("a", src.since(2))  # we are at 1
+    got = view.get("a")
+    assert got is not None and got.version == 1 and got.blobs == {B1: 1}, "a refused delta changes nothing"
+    view.update("a", src.since(1))
+    assert view.version("a") == 3
+
+
+def test_who_has_what() -> None:
+    view = HoldingsView()
+    a, b = LocalHoldings(), LocalHoldings()
+    for op in (["blob+", B1, 10], ["partial+", K1, 300, 64 << 10], ["piece", K1, 0, B2], ["ref", "file:///m", M1]):
+        a.record(op)
+    for op in (["blob+", B1, 10], ["blob+", B2, 20], ["ref", "file:///m", M1]):
+        b.record(op)
+    view.update("node-b", wire(b.since(0)))
+    view.update("node-a", wire(a.since(0)))
+    assert view.with_blob(B1) == ["node-a", "node-b"]
+    assert view.with_blob(B2) == ["node-b"]
+    assert view.with_blob("f" * 64) == []
+    [(node, partial)] = view.with_partial(K1)
+    assert node == "node-a" and (partial.size, partial.piece_size) == (300, 64 << 10)
+    assert partial.pieces == {0: B2}, "piece indexes come back as ints from the JSON wire form"
+    assert view.with_ref("file:///m") == [("node-a", M1), ("node-b", M1)]
+    view.forget("node-a")
+    assert view.with_blob(B1) == ["node-b"] and view.with_partial(K1) == [] and view.version("node-a") == 0
+
+
+def test_piece_of_an_unknown_partial_is_ignored_and_a_resized_partial_starts_over() -> None:
+    h = NodeHoldings()
+    h.apply(["piece", K1, 0, B1])
+    assert h.partials == {}
+    h.apply(["partial+", K1, 200, 64 << 10])
+    h.apply(["piece", K1, 1, B1])
+    h.apply(["partial+", K1, 200, 64 << 10])  # re-announced with the same shape: keeps its pieces
+    assert h.partials[K1].pieces == {1: B1}
+    h.apply(["partial+", K1, 300, 64 << 10])  # another shape: a different download
+    assert h.partials[K1].pieces == {}
+
+
+@pytest.mark.parametrize(
+    "op",
+    [[], ["nope", 1], ["blob+", B1], ["blob+", B1, "x"], ["partial+", K1, 10, 0], ["partial+", K1, -1, 10], ["piece"], ["ref", "x"]],
+)
+def test_malformed_ops_raise(op: list[Any]) -> None:
+    with pytest.raises((ValueError, IndexError, TypeError)):
+        NodeHoldings().apply(op)
+
+
+@PROPS
+@given(st.lists(ops, max_size=40), st.data())
+def test_any_since_answer_brings_a_view_at_v_to_the_current_state(history: list[list[Any]], data: st.DataObject) -> None:
+    max_log = data.draw(st.integers(1, 50), label="max_log")
+    src = LocalHoldings(max_log=max_log)
+    v = data.draw(st.integers(0, len(history)), label="v")
+    for op in history[:v]:
+        src.record(op)
+    view = HoldingsView()
+    if v:
+        view.update("n", wire(src.since(0)))
+    for op in history[v:]:
+        src.record(op)
+    answer = wire(src.since(v))
+    if "deltas" in answer:
+        assert answer["base"] == v
+        assert answer["deltas"] == [list(op) for op in history[v:]], "exactly the ops after v, in order"
+        assert len(history) - v <= max_log or v == len(history)
+    else:
+        assert v == 0 or len(history) - v > max_log, "a snapshot only when the log does not reach back"
+    if v == 0 and "deltas" in answer:
+        return  # nothing recorded at all: a view has nothing to take
+    view.update("n", answer)
+    got = view.get("n")
+    assert got is not None and got.version == len(history)
+    assert wire(got.to_json()) == wire(src.state.to_json())
+
+
+@PROPS
+@given(st.lists(ops, max_size=30))
+def test_snapshot_round_trips_through_json(history: list[list[Any]]) -> None:
+    src = LocalHoldings()
+    for op in history:
+        src.record(op)
+    back = NodeHoldings.from_json(wire(src.state.to_json()))
+    assert back.to_json() == src.state.to_json()
+    assert back.summary() == src.state.summary() == len(src.state.blobs) + len(src.state.partials)
