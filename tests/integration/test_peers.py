@@ -10,10 +10,13 @@ Holdings travel too: a blob one node fetched shows up in another's gossip view w
 from __future__ import annotations
 
 import contextlib
+import json
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from cached.api.client import ApiClient
@@ -184,3 +187,66 @@ async def test_holdings_reach_other_nodes_through_gossip(tmp_path: Path, token_f
         assert b.gossip.view.with_ref(model["ref"]) == [("a", digest)]
         assert not b.gossip.view.with_partial(blob), "no partial left once the blob is complete"
         assert a.gossip is not None and a.gossip.view.with_blob(blob) == [], "b holds nothing"
+
+
+# --- a peer that answers garbage -----------------------------------------------------------------
+
+FAKE_ID = "garbage-peer"
+INF = "1e400"  # valid JSON; Python reads it as float('inf')
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def fake_member(address: str, holdings_version: int) -> str:
+    return json.dumps({"node_id": FAKE_ID, "address": address, "cluster": "default", "incarnation": 1,
+                       "heartbeat": int(time.monotonic() * 10), "holdings_version": holdings_version})
+
+
+GARBAGE_ANSWERS = {
+    # (gossip answer, holdings answer); {me} is the fake's own, well-formed member entry
+    "gossip-not-object": ("[1, 2, 3]", None),
+    "gossip-members-not-list": ('{"cluster": "default", "members": 5}', None),
+    "gossip-entry-inf-incarnation": ('{"cluster": "default", "members": [{me}, {"node_id": "x", "address": "h:1", "cluster": "default", "incarnation": ' + INF + "}]}", None),
+    "gossip-deep-nesting": ('{"cluster": "default", "members": ' + DEEP + "}", None),
+    "holdings-not-object": ('{"cluster": "default", "members": [{me}]}', "[]"),
+    "holdings-inf-version": ('{"cluster": "default", "members": [{me}]}', '{"version": 1, "snapshot": {"version": ' + INF + "}}"),
+    "holdings-inf-size": ('{"cluster": "default", "members": [{me}]}', '{"version": 1, "snapshot": {"version": 1, "blobs": {"ab": ' + INF + "}}}"),
+    "holdings-deep-nesting": ('{"cluster": "default", "members": [{me}]}', '{"version": 1, "snapshot": ' + DEEP + "}"),
+}
+
+
+@pytest.mark.parametrize("answers", list(GARBAGE_ANSWERS.values()), ids=list(GARBAGE_ANSWERS))
+async def test_garbage_from_a_peer_is_counted_and_never_stops_gossip(tmp_path: Path, token_file: Path, answers: tuple[str, str | None]) -> None:
+    """An authenticated peer answering nonsense costs one failed exchange, never the gossip loop."""
+    gossip_answer, holdings_answer = answers
+    hits = {"gossip": 0, "holdings": 0}
+
+    async def on_gossip(request: web.Request) -> web.Response:
+        hits["gossip"] += 1
+        me = fake_member(f"127.0.0.1:{request.url.port}", 1 if holdings_answer else 0)
+        return web.Response(text=gossip_answer.replace("{me}", me), content_type="application/json")
+
+    async def on_holdings(request: web.Request) -> web.Response:
+        hits["holdings"] += 1
+        return web.Response(text=holdings_answer or "{}", content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/p2p/v1/gossip", on_gossip)
+    app.router.add_get("/p2p/v1/holdings", on_holdings)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        fake = f"127.0.0.1:{runner.addresses[0][1]}"
+        async with running_daemon(tmp_path / "a", node_id="a", **node_flags(token_file, **{"peer.seeds": [fake]})) as a:
+            assert a.gossip is not None
+            want = "holdings" if holdings_answer else "gossip"
+            await wait_until(lambda: hits[want] >= 3, timeout_s=10, what=f"the daemon keeps asking the peer ({want})")
+            rounds = a.gossip.rounds
+            await wait_until(lambda: a.gossip.rounds >= rounds + 2, timeout_s=10, what="gossip rounds go on")
+            assert await metric(a, "cached_gossip_errors_total", kind="malformed") >= 1
+            assert "x" not in await peer_states(a)
+            if holdings_answer:
+                assert a.gossip.view.get(FAKE_ID) is None or a.gossip.view.get(FAKE_ID).version == 0
+    finally:
+        await runner.cleanup()
