@@ -111,6 +111,10 @@ def main(argv: list[str] | None = None) -> None:
         code = EXIT_USAGE if e.code in ("bad_ref", "bad_request") else EXIT_FAILED
     except KeyboardInterrupt:
         code = 130
+    except BrokenPipeError:
+        # The reader of our output went away (`cachectl ls | head`): not worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_OK
     sys.exit(code)
 
 

@@ -34,6 +34,7 @@ hexes = st.sampled_from([B1, B2, "3" * 64])
 keys = st.sampled_from([K1, "j" * 64])
 ops = st.one_of(
     st.tuples(st.just("blob+"), hexes, st.integers(0, 10**12)).map(list),
+    st.tuples(st.just("blob+"), hexes, st.integers(0, 10**12), st.sampled_from(["", "http|u|e|1", "file|p|m"])).map(list),
     st.tuples(st.just("blob-"), hexes).map(list),
     st.tuples(st.just("manifest+"), hexes).map(list),
     st.tuples(st.just("manifest-"), hexes).map(list),

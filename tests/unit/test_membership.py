@@ -260,8 +260,13 @@ def test_merge_keeps_the_newest_age_per_member_whatever_the_order(entries: list,
             m.merge([info(nid, *age, cluster=cl) for nid, age, cl in shuffled[i : i + n]])
             i += n
         assert {x.info.node_id: x.info.age for x in m.members()} == expected
-        own = [age for nid, age, cl in entries if nid == "me" and cl == "c1" and age[0] > 3]
-        assert m.me.incarnation == (max(own)[0] + 1 if own else 3)
+        own = [age[0] for nid, age, cl in entries if nid == "me" and cl == "c1" and age[0] > 3]
+        if own:
+            # We jump past each later life we hear of as it arrives; one arriving after the jump
+            # equal to our new incarnation is not "higher" and leaves us tied with it.
+            assert max(own) <= m.me.incarnation <= max(own) + 1
+        else:
+            assert m.me.incarnation == 3
 
 
 @PROPS
