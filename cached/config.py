@@ -97,6 +97,7 @@ class HttpOriginConfig:
     retries: int = 5
     backoff_s: float = 0.5
     backoff_max_s: float = 10.0
+    max_rate_bps: int = 0  # origin download budget for the whole node; 0 = unlimited
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -177,6 +178,7 @@ _DEFAULTS: dict[str, Any] = {
             "retries": 5,
             "backoff_s": 0.5,
             "backoff_max_s": 10.0,
+            "max_rate_bps": 0,
         },
     },
     "store": {"max_bytes": None, "piece_size_bytes": DEFAULT_PIECE_SIZE, "high_watermark": 0.95, "low_watermark": 0.85},
@@ -351,6 +353,7 @@ def _build(t: dict[str, Any]) -> Config:
         retries=_number(h["retries"], "origins.http.retries", lo=0, hi=100, integer=True),
         backoff_s=_number(h["backoff_s"], "origins.http.backoff_s", lo=0, hi=600),
         backoff_max_s=_number(h["backoff_max_s"], "origins.http.backoff_max_s", lo=0, hi=3600),
+        max_rate_bps=_size(h["max_rate_bps"], "origins.http.max_rate_bps"),
     )
 
     s = t["store"]

@@ -216,9 +216,17 @@ class Jobs:
         if self._tg is None:
             raise RuntimeError("Jobs used before it was started")
         while self._waiting and self._running < self._cfg.max_concurrent:
-            _, _, job = heapq.heappop(self._waiting)
+            priority, _, job = self._waiting[0]
+            # Foreground first: background work (normal/low) never takes the last slot, so a
+            # launcher waiting on --wait (high) starts at once even while prefetches run.
+            if priority > Priority.HIGH and self._cfg.max_concurrent > 1 and self._background() >= self._cfg.max_concurrent - 1:
+                return
+            heapq.heappop(self._waiting)
             self._running += 1
             job.task = self._tg.create_task(self._run(job), name=f"job:{job.id}")
+
+    def _background(self) -> int:
+        return sum(1 for j in self._jobs.values() if j.state is JobState.FETCHING and j.priority > Priority.HIGH)
 
     async def _run(self, job: Job) -> None:
         job.state = JobState.FETCHING

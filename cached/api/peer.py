@@ -21,9 +21,11 @@ from typing import Awaitable, Callable
 
 from aiohttp import web
 
+from cached.errors import CachedError
 from cached.metrics import Metrics
 from cached.peers.gossip import Gossip
 from cached.store import Store
+from cached.transfer.budget import TokenBucket
 from cached.types import ModelRef
 
 log = logging.getLogger(__name__)
@@ -31,28 +33,6 @@ log = logging.getLogger(__name__)
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 CHUNK = 1 << 20
-
-
-class TokenBucket:
-    """Upload bandwidth shared by every transfer this node serves."""
-
-    def __init__(self, rate_bps: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self._rate = rate_bps
-        self._clock = clock
-        self._level = float(rate_bps)
-        self._stamp = clock()
-
-    async def take(self, n: int) -> None:
-        if self._rate <= 0:
-            return
-        while True:
-            now = self._clock()
-            self._level = min(float(self._rate), self._level + (now - self._stamp) * self._rate)
-            self._stamp = now
-            if self._level >= n or self._level >= self._rate:
-                self._level -= n
-                return
-            await asyncio.sleep((n - self._level) / self._rate)
 
 
 class _SlottedFile(web.FileResponse):
@@ -103,7 +83,7 @@ class PeerApi:
             return await handler(request)
         except web.HTTPException as e:
             return web.json_response({"error": "http", "message": e.reason}, status=e.status)
-        except (ValueError, KeyError, TypeError) as e:
+        except (CachedError, ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
             return web.json_response({"error": "bad_request", "message": str(e)[:200]}, status=400)
 
     # --- membership ----------------------------------------------------------------------------
@@ -115,7 +95,7 @@ class PeerApi:
         except PermissionError as e:
             self._metrics.gossip_errors.labels("other_cluster").inc()
             return web.json_response({"error": "other_cluster", "message": str(e)}, status=403)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError, OverflowError, TypeError, AttributeError) as e:
             self._metrics.gossip_errors.labels("malformed").inc()
             return web.json_response({"error": "bad_request", "message": str(e)[:200]}, status=400)
 

@@ -25,6 +25,8 @@ from cached.peers.membership import MemberInfo, Membership, Status
 log = logging.getLogger(__name__)
 
 MAX_MEMBERS_PER_MESSAGE = 5000
+# What a malformed message from a peer can raise while we read it; caught per exchange, counted.
+MALFORMED = (ValueError, KeyError, TypeError, IndexError, AttributeError, OverflowError, RecursionError)
 
 
 class Gossip:
@@ -139,7 +141,7 @@ class Gossip:
             kind = "unauthorized" if e.status == 401 else "refused" if e.status == 403 else "unreachable"
             self._metrics.gossip_errors.labels(kind).inc()
             log.debug("gossip failed peer=%s error=%s", address, e)
-        except (ValueError, TypeError, AttributeError) as e:
+        except MALFORMED as e:
             self._metrics.gossip_errors.labels("malformed").inc()
             log.debug("gossip answer malformed peer=%s error=%s", address, e)
 
@@ -157,14 +159,15 @@ class Gossip:
             answer = await self._client.holdings(info.address, self.view.version(info.node_id))
             try:
                 self.view.update(info.node_id, answer)
-            except (ValueError, KeyError, TypeError, IndexError):
+            except MALFORMED:
                 # Our base no longer matches theirs (they restarted): take the whole state.
                 self.view.forget(info.node_id)
                 self.view.update(info.node_id, await self._client.holdings(info.address, 0))
         except PeerError as e:
             self._metrics.gossip_errors.labels("holdings").inc()
             log.debug("holdings pull failed peer=%s error=%s", info.node_id, e)
-        except (ValueError, KeyError, TypeError, IndexError) as e:
+        except MALFORMED as e:
+            self.view.forget(info.node_id)  # whatever half of it was applied is not to be trusted
             self._metrics.gossip_errors.labels("malformed").inc()
             log.debug("holdings answer malformed peer=%s error=%s", info.node_id, e)
         finally:

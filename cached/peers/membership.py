@@ -64,7 +64,7 @@ class MemberInfo:
                 capacity_bytes=int(d.get("capacity_bytes", 0)),
                 labels={str(k): str(v) for k, v in (d.get("labels") or {}).items()},
             )
-        except (KeyError, TypeError, AttributeError) as e:
+        except (KeyError, TypeError, AttributeError, OverflowError) as e:
             raise ValueError(f"bad member entry: {e}") from None
         if not info.node_id or len(info.node_id) > 253 or not 0 < len(info.address) <= 300:
             raise ValueError("bad member entry: node_id or address")
@@ -119,10 +119,10 @@ class Membership:
             if info.cluster != self.me.cluster:
                 continue
             if info.node_id == self.me.node_id:
-                if info.incarnation > self.me.incarnation:
+                if info.age > self.me.age:
                     # Someone remembers a later life of this node id than ours (a clone, or a
                     # clock that went back): jump past it so our own entries win again.
-                    self.me = replace(self.me, incarnation=info.incarnation + 1, heartbeat=0)
+                    self.me = replace(self.me, incarnation=max(self.me.incarnation, info.incarnation) + 1, heartbeat=0)
                 continue
             cur = self._members.get(info.node_id)
             if cur is None:

@@ -24,6 +24,7 @@ from cached.metrics import Metrics
 from cached.origins import Origin
 from cached.store.partial import PartialBlob
 from cached.peers.client import PeerBusy, PeerClient, PeerError
+from cached.transfer.budget import TokenBucket
 from cached.transfer.plan import ORIGIN, SourceView, assign
 from cached.transfer.sources import PeerSource, Swarm
 from cached.types import OriginFile, piece_span
@@ -49,6 +50,7 @@ class Scheduler:
         self._peer_limit = peer_limit  # requests in flight to one peer for one blob
         self.peer_client = peer_client
         self._bans: dict[str, float] = {}  # node -> monotonic time its ban ends
+        self._origin_budget = TokenBucket(cfg.max_rate_bps)  # bytes/s from origins, node-wide
 
     def backoff_s(self, attempt: int) -> float:
         base = min(self._cfg.backoff_max_s, self._cfg.backoff_s * (2**attempt))
@@ -66,6 +68,13 @@ class Scheduler:
     ) -> None:
         """Bring every missing piece of ``partial`` in, from peers in ``swarm`` first, then the
         origin; returns when complete."""
+        from_origin = [False]
+        outer = on_bytes
+
+        def on_bytes(source: str, n: int) -> None:
+            from_origin[0] |= source == ORIGIN
+            outer(source, n)
+
         if partial.complete:
             pass  # resumed with every piece verified: only the whole-file checks remain
         elif swarm is None and not (expected is None and not partial.done and await self._try_clone(partial, file, origin, on_bytes)):
@@ -78,6 +87,10 @@ class Scheduler:
                 await self._fetch_ranges(partial, file, origin, on_bytes, expected, swarm)
             else:
                 await self._fetch_stream(partial, file, origin, on_bytes, expected)
+        if swarm is not None and expected is None and swarm.table is not None:
+            expected = swarm.table
+        if swarm is not None and not from_origin[0] and expected is not None:
+            return  # every piece came from peers and matched the finished blob's piece table
         await origin.check_unchanged(file)
         if expected is None:  # with expected digests every piece was already checked against them
             await origin.check_content(file, partial.data_path)
@@ -122,6 +135,7 @@ class Scheduler:
         faults: dict[str, int] = {}
         banned: set[str] = set()
         cooling: dict[str, float] = {}  # source -> monotonic time until which it is skipped (429)
+        bad_from: dict[int, set[str]] = {}  # piece -> peers that sent it wrong
         try:
             while True:
                 missing = partial.missing()
@@ -130,18 +144,24 @@ class Scheduler:
                 if swarm is not None and expected is None and await swarm.learn_table():
                     expected = swarm.table  # a peer finished it: every piece is now checkable
                 now = time.monotonic()
-                peers = [p for p in (swarm.peer_sources(banned | self._banned_now()) if swarm else []) if cooling.get(p.node_id, 0) <= now]
+                out = banned | self._banned_now()
+                peers = [p for p in (swarm.peer_sources(out) if swarm else []) if cooling.get(p.node_id, 0) <= now]
                 by_name = {p.node_id: p for p in peers}
                 inflight: dict[int, set[str]] = {}
                 load: dict[str, int] = {}
                 for index, src in tasks.values():
                     inflight.setdefault(index, set()).add(src)
                     load[src] = load.get(src, 0) + 1
+                every = frozenset(range(partial.pieces))
                 views = [
-                    SourceView(name=p.node_id, is_origin=False, limit=self._peer_limit, inflight=load.get(p.node_id, 0), pieces=p.pieces)
+                    SourceView(
+                        name=p.node_id, is_origin=False, limit=self._peer_limit, inflight=load.get(p.node_id, 0),
+                        # never ask a peer again for a piece it already sent wrong
+                        pieces=(every if p.pieces is None else p.pieces) - frozenset(i for i, bad in bad_from.items() if p.node_id in bad),
+                    )
                     for p in peers
                 ]
-                origin_ok = [i for i in missing if swarm is None or swarm.origin_allowed(i)]
+                origin_ok = [i for i in missing if swarm is None or swarm.origin_allowed(i, out | bad_from.get(i, set()))]
                 views.append(SourceView(name=ORIGIN, is_origin=True, limit=limit, inflight=load.get(ORIGIN, 0), pieces=frozenset(origin_ok)))
                 plan = assign(
                     missing=missing, inflight=inflight, sources=views, global_free=limit + len(peers) * self._peer_limit - len(tasks),
@@ -176,6 +196,8 @@ class Scheduler:
                         # Busy, or its holdings moved on (a partial just became a blob): not a fault.
                         cooling[src] = time.monotonic() + (1.0 if isinstance(exc, PeerBusy) else 0.2)
                     elif isinstance(exc, (PeerError, IntegrityError)):
+                        if isinstance(exc, IntegrityError):
+                            bad_from.setdefault(index, set()).add(src)
                         faults[src] = faults.get(src, 0) + 1
                         if faults[src] >= PEER_FAULT_LIMIT:
                             banned.add(src)
@@ -219,6 +241,7 @@ class Scheduler:
         while True:
             try:
                 async with self._origin_slots:
+                    await self._origin_budget.take(length)
                     data = await origin.read_range(file, off, length)
                 break
             except OriginError as e:

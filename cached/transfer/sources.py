@@ -113,9 +113,10 @@ class Swarm:
                 out.append(PeerSource(node_id, alive[node_id], "partials", self.key, frozenset(digests), digests))
         return out
 
-    def origin_allowed(self, index: int) -> bool:
-        """Single-flight: may this node ask the origin for piece ``index`` now?"""
-        alive = {n for n, _ in self._dir.alive()}
+    def origin_allowed(self, index: int, refused: set[str] = frozenset()) -> bool:  # type: ignore[assignment]
+        """Single-flight: may this node ask the origin for piece ``index`` now? ``refused``:
+        peers not to count on for it (banned, or they sent bad bytes for this piece)."""
+        alive = {n for n, _ in self._dir.alive()} - set(refused)
         if alive and self._clock() - self._start < self._grace_s:
             # Others may want this file too; give gossip a moment to tell us before anyone
             # reads the origin, or every node would fetch the first pieces itself.

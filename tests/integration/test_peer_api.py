@@ -9,7 +9,6 @@ is served only over its verified pieces (416 over the others). Past ``max_upload
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 from pathlib import Path

@@ -8,11 +8,13 @@ same segment is never listed, and lists no one. Needs root and ``ip netns``; ski
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.node import REPO
 
@@ -51,6 +54,17 @@ def netns() -> Iterator[str]:
         yield name
     finally:
         run("ip", "netns", "del", name)
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=10)
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(self._path)
 
 
 class NsNode:
@@ -96,6 +110,20 @@ class NsNode:
     def peers(self) -> list[dict[str, Any]] | None:
         r = self.cachectl("peers")
         return json.loads(r.stdout) if r.returncode == 0 else None
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample of ``/metrics``, read over the API's unix socket (no network involved)."""
+        conn = _UnixHTTPConnection(str(self.socket))
+        try:
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode()
+        finally:
+            conn.close()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return sample.value
+        return 0.0
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -165,12 +193,12 @@ def test_mdns_finds_peers_of_the_same_cluster_and_ignores_another(tmp_path: Path
     everyone = [stranger, a, b]
 
     def each_sees_the_other() -> dict[str, list[dict[str, Any]]] | None:
-        seen = {n.node_id: n.peers() for n in (a, b)}
-        ok = all(
-            peers is not None and {p["node_id"]: p["state"] for p in peers}.get(other) == "alive"
-            for (me, peers), other in zip(seen.items(), ("node-b", "node-a"))
-        )
-        return seen if ok else None  # type: ignore[return-value]
+        seen = {"node-a": a.peers(), "node-b": b.peers()}
+        other = {"node-a": "node-b", "node-b": "node-a"}
+        for me, peers in seen.items():
+            if peers is None or {p["node_id"]: p["state"] for p in peers}.get(other[me]) != "alive":
+                return None
+        return seen  # type: ignore[return-value]
 
     seen = poll(each_sees_the_other, "node-a and node-b to find each other by mDNS", everyone)
     by_id = {me: {p["node_id"]: p for p in peers} for me, peers in seen.items()}
@@ -186,6 +214,12 @@ def test_mdns_finds_peers_of_the_same_cluster_and_ignores_another(tmp_path: Path
         assert [p["node_id"] for p in listed] == ["node-b" if n is a else "node-a"], f"{n.node_id} lists {listed}"
         assert all(p["state"] == "alive" for p in listed)
     assert stranger.peers() == [], "a node of another cluster finds no one"
+    # mDNS itself filters by cluster: nobody even tried to gossip across the boundary.
+    assert stranger.metric("cached_gossip_errors_total", kind="other_cluster") == 0
+    for n in (a, b):
+        assert n.metric("cached_gossip_errors_total", kind="refused") == 0, n.node_id
+        assert n.metric("cached_peers", state="alive") == 1, n.node_id
+        assert n.metric("cached_peer_auth_failures_total") == 0, n.node_id
 
     for n in everyone:
         assert n.stop() == 0, f"{n.node_id} did not stop cleanly\n{n.tail()}"

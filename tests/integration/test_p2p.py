@@ -1,0 +1,233 @@
+"""Peer-to-peer transfer between real daemons on 127.0.0.1 (static seeds, mDNS off).
+
+A model one node fetched from the origin reaches the others from that node, not from the origin:
+they resolve the ref through a peer's manifest (no request at all to the origin, not even a HEAD),
+take every byte from peers, and end up with the same files. Several nodes that ask for the same
+model at the same moment read the origin about once between them (each piece through its
+rendezvous owner only) and all end up with the same bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from cached.api.client import ApiClient
+from cached.daemon import Daemon
+from tests.support.node import running_daemon
+from tests.support.origin import Origin, write_random_file
+from tests.support.wait import wait_until
+
+TOKEN = "p2p-transfer-cluster-token-0123456789"
+MIB = 1 << 20
+FAST = {"peer.gossip_interval_s": 0.2, "peer.suspect_after_s": 1.0, "peer.dead_after_s": 2.5}
+
+
+@pytest.fixture
+def token_file(tmp_path: Path) -> Path:
+    path = tmp_path / "cluster.token"
+    path.write_text(TOKEN + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def node_flags(token_file: Path, *seeds: Daemon, piece: str = "1M", **extra: Any) -> dict[str, Any]:
+    return {
+        "cluster.token_file": str(token_file), **FAST, "store.piece_size_bytes": piece,
+        "peer.seeds": [s.peer_address for s in seeds], **extra,
+    }
+
+
+@contextlib.asynccontextmanager
+async def cluster(stack: contextlib.AsyncExitStack, tmp_path: Path, token_file: Path, names: str, **extra: Any) -> AsyncIterator[dict[str, Daemon]]:
+    """Start one node per letter of ``names``, all seeded from the first; yield once all see all."""
+    first = names[0]
+    nodes = {first: await stack.enter_async_context(running_daemon(tmp_path / first, node_id=first, **node_flags(token_file, **extra)))}
+    for n in names[1:]:
+        nodes[n] = await stack.enter_async_context(
+            running_daemon(tmp_path / n, node_id=n, **node_flags(token_file, nodes[first], **extra))
+        )
+    await wait_until(lambda: all_see_all(nodes), timeout_s=15, what=f"nodes {names} all alive in every view")
+    yield nodes
+
+
+def all_see_all(nodes: dict[str, Daemon]) -> bool:
+    for name, d in nodes.items():
+        assert d.gossip is not None
+        alive = {m.info.node_id for m in d.gossip.membership.alive()}
+        if alive != set(nodes) - {name}:
+            return False
+    return True
+
+
+async def prefetch(d: Daemon, ref: str, **body: Any) -> dict[str, Any]:
+    async with ApiClient(d.api_address) as api:
+        model = await api.request("POST", "/v1/prefetch", body={"ref": ref, "wait": True, **body})
+    assert model["state"] == "ready", model
+    return model
+
+
+async def metric(d: Daemon | str, name: str, **labels: str) -> float:
+    """One sample of a node's ``/metrics`` (a daemon, or an API address), as a scraper reads it."""
+    async with ApiClient(d if isinstance(d, str) else d.api_address) as api:
+        assert api._session is not None
+        async with api._session.get(api.base + "/metrics") as resp:
+            assert resp.status == 200
+            text = await resp.text()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return s.value
+    return 0.0
+
+
+def sha256_tree(root: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every regular file under ``root`` (run in a thread)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                while chunk := f.read(MIB):
+                    h.update(chunk)
+            out[str(p.relative_to(root))] = h.hexdigest()
+    return out
+
+
+async def view_digests(model: dict[str, Any]) -> dict[str, str]:
+    return await asyncio.to_thread(sha256_tree, Path(model["path"]))
+
+
+async def knows_ref_from(d: Daemon, canonical: str, holders: set[str]) -> bool:
+    """``d``'s gossip view lists every node of ``holders`` with ``canonical`` ready."""
+    assert d.gossip is not None
+    return {n for n, _ in d.gossip.view.with_ref(canonical)} >= holders
+
+
+def blob_holders(d: Daemon, blob_hex: str) -> set[str]:
+    assert d.gossip is not None
+    return set(d.gossip.view.with_blob(blob_hex))
+
+
+def blobs_of(d: Daemon, model: dict[str, Any]) -> dict[str, str]:
+    manifest = d.store.manifest(model["manifest"].removeprefix("blake3:"))
+    assert manifest is not None
+    return {f.path: f.blob.hex for f in manifest.files}
+
+
+def assert_from_peers(model: dict[str, Any], size: int) -> None:
+    assert model["bytes_total"] == model["bytes_done"] == size
+    assert model["sources"] == {"peer": size, "origin": 0}, model["sources"]
+
+
+# --- one node fetched it: the others take it from peers ---------------------------------------------
+
+
+async def test_an_http_file_one_node_fetched_reaches_the_others_without_touching_the_origin(tmp_path: Path, token_file: Path) -> None:
+    size = 16 * MIB + 12345
+    src = write_random_file(tmp_path / "origin" / "model.gguf", size, seed=21)
+    async with contextlib.AsyncExitStack() as stack:
+        origin = await stack.enter_async_context(Origin(src.parent))
+        nodes = await stack.enter_async_context(cluster(stack, tmp_path, token_file, "abc"))
+        a, b, c = nodes["a"], nodes["b"], nodes["c"]
+        want = await view_digests({"path": src.parent})
+
+        model_a = await prefetch(a, origin.file_url("model.gguf"))
+        assert model_a["sources"] == {"peer": 0, "origin": size}
+        ref = model_a["ref"]
+        blob = blobs_of(a, model_a)["model.gguf"]
+        for d in (b, c):
+            await wait_until(lambda d=d: knows_ref_from(d, ref, {"a"}), timeout_s=10, what=f"{d.cfg.node_id} learns a holds {ref}")
+        before = (origin.counters.requests, origin.counters.heads, origin.counters.gets, origin.counters.bytes_sent)
+
+        model_b = await prefetch(b, ref)
+        assert_from_peers(model_b, size)
+        assert model_b["manifest"] == model_a["manifest"], "b uses a's manifest, verified by its digest"
+        assert await view_digests(model_b) == want
+        assert await metric(b, "cached_fetched_bytes_total", source="peer") == size
+        assert await metric(b, "cached_fetched_bytes_total", source="origin") == 0
+        assert await metric(b, "cached_piece_verify_failures_total", source="peer") == 0
+        assert (origin.counters.requests, origin.counters.heads, origin.counters.gets, origin.counters.bytes_sent) == before, (
+            "b resolved the ref through a peer and took every byte from peers: not one request to the origin"
+        )
+
+        await wait_until(lambda: blob_holders(c, blob) >= {"a", "b"}, timeout_s=10, what="c learns a and b hold the blob")
+        model_c = await prefetch(c, ref)
+        assert_from_peers(model_c, size)
+        assert await view_digests(model_c) == want
+        assert await metric(c, "cached_fetched_bytes_total", source="peer") == size
+        assert origin.counters.requests == before[0], "c did not touch the origin either"
+        # Every byte b and c hold left a or b.
+        served = await metric(a, "cached_served_bytes_total") + await metric(b, "cached_served_bytes_total")
+        assert served >= 2 * size
+
+
+@pytest.mark.parametrize("origin_after", ["kept", "moved-away"])
+async def test_a_file_directory_one_node_imported_reaches_the_others_from_peers(
+    tmp_path: Path, token_file: Path, origin_after: str
+) -> None:
+    """``moved-away``: once a has the model, the directory is gone; b and c must not need it."""
+    src = tmp_path / "src" / "my-model"
+    sizes = {"config.json": 517, "weights/model-00001-of-00002.bin": 12 * MIB + 3, "weights/model-00002-of-00002.bin": 8 * MIB}
+    for i, (rel, n) in enumerate(sizes.items()):
+        write_random_file(src / rel, n, seed=30 + i)
+    total = sum(sizes.values())
+    want = await asyncio.to_thread(sha256_tree, src)
+    async with contextlib.AsyncExitStack() as stack:
+        nodes = await stack.enter_async_context(cluster(stack, tmp_path, token_file, "abc", piece="256K"))
+        a, b, c = nodes["a"], nodes["b"], nodes["c"]
+
+        model_a = await prefetch(a, f"file://{src}")
+        assert model_a["sources"] == {"peer": 0, "origin": total}
+        ref = model_a["ref"]
+        for d in (b, c):
+            await wait_until(lambda d=d: knows_ref_from(d, ref, {"a"}), timeout_s=10, what=f"{d.cfg.node_id} learns a holds {ref}")
+        if origin_after == "moved-away":
+            src.rename(src.with_name("elsewhere"))
+
+        for d in (b, c):
+            model = await prefetch(d, ref)
+            assert_from_peers(model, total)
+            assert model["manifest"] == model_a["manifest"]
+            assert model["files"] == len(sizes)
+            assert await view_digests(model) == want
+            assert await metric(d, "cached_fetched_bytes_total", source="peer") == total
+            assert await metric(d, "cached_fetched_bytes_total", source="origin") == 0
+
+
+# --- four nodes at once: the origin is read about once ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("seed", "size", "piece"),
+    [(41, 8 * MIB + 100, "256K"), (42, 16 * MIB, "1M"), (43, 24 * MIB - 7, "1M")],
+    ids=["8MiB-256K", "16MiB-1M", "24MiB-1M"],
+)
+async def test_four_nodes_asking_at_once_read_the_origin_about_once(
+    tmp_path: Path, token_file: Path, seed: int, size: int, piece: str
+) -> None:
+    src = write_random_file(tmp_path / "origin" / "model.safetensors", size, seed=seed)
+    want = await view_digests({"path": src.parent})
+    async with contextlib.AsyncExitStack() as stack:
+        origin = await stack.enter_async_context(Origin(src.parent))
+        nodes = await stack.enter_async_context(cluster(stack, tmp_path, token_file, "abcd", piece=piece))
+        ref = origin.file_url("model.safetensors")
+
+        models = await asyncio.gather(*(prefetch(d, ref) for d in nodes.values()))
+
+        ratio = origin.counters.bytes_sent / size
+        print(f"four at once: size={size} piece={piece} origin_bytes={origin.counters.bytes_sent} ratio={ratio:.3f} "
+              f"sources={[m['sources'] for m in models]}")
+        assert ratio <= 1.05, f"the origin sent {ratio:.2f}x the model for four nodes"
+        for name, m in zip(nodes, models):
+            assert m["bytes_total"] == m["bytes_done"] == size, name
+            assert m["sources"]["peer"] + m["sources"]["origin"] == size, (name, m["sources"])
+            assert await view_digests(m) == want, f"{name} holds other bytes"
+        assert len({m["manifest"] for m in models}) == 1, "all four built the same manifest"
+        assert sum(m["sources"]["origin"] for m in models) == origin.counters.bytes_sent
