@@ -119,10 +119,11 @@ class Membership:
             if info.cluster != self.me.cluster:
                 continue
             if info.node_id == self.me.node_id:
-                if info.age > self.me.age:
-                    # Someone remembers a later life of this node id than ours (a clone, or a
-                    # clock that went back): jump past it so our own entries win again.
-                    self.me = replace(self.me, incarnation=max(self.me.incarnation, info.incarnation) + 1, heartbeat=0)
+                if info.incarnation > self.me.incarnation:
+                    # Someone remembers a later life of this node id than ours (a clock that went
+                    # back): jump past it so our own entries win again. (Two live processes with
+                    # one node id are a misconfiguration this does not try to settle.)
+                    self.me = replace(self.me, incarnation=info.incarnation + 1, heartbeat=0)
                 continue
             cur = self._members.get(info.node_id)
             if cur is None:
