@@ -137,6 +137,7 @@ class LogConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     node_id: str
+    labels: Mapping[str, str]
     api: ApiConfig
     peer: PeerConfig
     cluster: ClusterConfig
@@ -150,6 +151,7 @@ class Config:
 # Every key the file may contain, with its default. Anything else is a typo and an error.
 _DEFAULTS: dict[str, Any] = {
     "node_id": None,
+    "labels": {},
     "cache_dir": "/var/cache/cached",
     "api": {"listen": DEFAULT_API_LISTEN, "socket_mode": "0660"},
     "peer": {
@@ -192,7 +194,7 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any], prefix: str = "") -> N
         dotted = f"{prefix}{key}"
         if key not in base:
             raise ConfigError(dotted, "unknown key")
-        if isinstance(base[key], dict):
+        if isinstance(base[key], dict) and key != "labels":
             if not isinstance(value, Mapping):
                 raise ConfigError(dotted, "expected a table")
             _merge(base[key], value, dotted + ".")
@@ -373,8 +375,12 @@ def _build(t: dict[str, Any]) -> Config:
     if level not in ("debug", "info", "warning", "error"):
         raise ConfigError("log.level", f"must be debug, info, warning or error, got {level!r}")
 
+    labels = t["labels"]
+    if not isinstance(labels, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        raise ConfigError("labels", "expected a table of strings, e.g. labels = { gpu = \"h100\" }")
     return Config(
         node_id=node_id,
+        labels=dict(labels),
         api=ApiConfig(listen=Listen.parse(t["api"]["listen"], "api.listen"), socket_mode=socket_mode),
         peer=_peer(t["peer"], seeds),
         cluster=ClusterConfig(name=cluster_name, token_file=_optional_path(t["cluster"]["token_file"], "cluster.token_file")),

@@ -31,6 +31,8 @@ from cached import __version__
 from cached.api.hf import HfEndpoint
 from cached.api.local import LocalApi
 from cached.api.peer import PeerApi
+from cached.cluster import Catalog, Locator, Reconciler
+from cached.cluster import Member as ClusterMember
 from cached.config import Config, load
 from cached.errors import CachedError, ConfigError
 from cached.jobs import Jobs
@@ -87,6 +89,9 @@ class Daemon:
         self.gossip: Gossip | None = None
         self.peer_address: str | None = None
         self._server_ssl: ssl.SSLContext | None = None
+        self.catalog: Catalog | None = None
+        self.reconciler: Reconciler | None = None
+        self.locator: Locator | None = None
         self.fetcher: ModelFetcher
 
     async def __aenter__(self) -> "Daemon":
@@ -140,7 +145,7 @@ class Daemon:
         hf = HfEndpoint(store=self.store, jobs=self.jobs, origin=self.hf_origin)
         self.api = LocalApi(
             node_id=cfg.node_id, store=self.store, jobs=self.jobs, fetcher=self.fetcher, metrics=self.metrics, hf=hf,
-            peers=self.peers_view, clock=self.clock,
+            peers=self.peers_view, catalog=self.catalog, reconciler=self.reconciler, locator=self.locator, clock=self.clock,
         )
         # handler_cancellation: a client that hangs up (a launcher killed while it waits for
         # --wait, a closed event stream) must not leave its handler running.
@@ -207,8 +212,9 @@ class Daemon:
         # Incarnation: start time in ms, so a restarted node always outranks its previous life.
         self.gossip.membership.me = MemberInfo(
             node_id=cfg.node_id, address=advertise, cluster=cfg.cluster.name, incarnation=time.time_ns() // 1_000_000,
-            capacity_bytes=self.store.capacity_bytes,
+            capacity_bytes=self.store.capacity_bytes, labels=cfg.labels,
         )
+        self._start_cluster(peer_api)
         self.peer_address = advertise
         assert self._tg is not None
         self._tg.create_task(self.gossip.run(self._stopping), name="peers.gossip")
@@ -222,6 +228,37 @@ class Daemon:
             self._tg.create_task(self._mdns_refresh(mdns), name="peers.mdns")
         log.info("peers on node=%s peer_api=%s advertise=%s cluster=%s seeds=%d mdns=%s",
                  cfg.node_id, f"{listen.host}:{port}", advertise, cfg.cluster.name, len(cfg.peer.seeds), cfg.discovery.mdns)
+
+    def _start_cluster(self, peer_api: PeerApi) -> None:
+        """Catalog in gossip, the reconcile loop, cluster-wide locate."""
+        gossip = self.gossip
+        assert gossip is not None and self._tg is not None
+        me = self.cfg.node_id
+        self.catalog = Catalog(me, clock=self.clock)
+        gossip.extra_out = lambda: {"catalog": self.catalog.to_json()}
+        gossip.extra_in = lambda payload: self.catalog.merge(payload.get("catalog") or []) if isinstance(payload, dict) else None
+
+        def members() -> list[ClusterMember]:
+            live = [gossip.membership.me] + [m.info for m in gossip.membership.alive()]
+            return [ClusterMember(node_id=i.node_id, capacity_bytes=i.capacity_bytes, labels=i.labels) for i in live]
+
+        def holders(ref: str) -> set[str]:
+            alive = {m.info.node_id for m in gossip.membership.alive()}
+            return {n for n, _ in gossip.view.with_ref(ref) if n in alive}
+
+        self.reconciler = Reconciler(
+            node_id=me, catalog=self.catalog, store=self.store, jobs=self.jobs, members=members, holders=holders,
+            interval_s=max(1.0, self.cfg.peer.gossip_interval_s * 2),
+        )
+        self.store.extra_protected = self.reconciler.protects
+        self.locator = Locator(
+            node_id=me,
+            local_status=lambda ref: self.api.model_object(ref),
+            peers=lambda: [(m.info.node_id, m.info.address) for m in gossip.membership.alive()],
+            remote_status=gossip.client.status,
+        )
+        peer_api.local_status = lambda ref: self.api.model_object(ref)
+        self._tg.create_task(self.reconciler.run(self._stopping), name="cluster.reconcile")
 
     async def _mdns_refresh(self, mdns: MdnsDiscovery) -> None:
         while not self._stopping.is_set():

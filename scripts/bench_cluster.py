@@ -326,7 +326,7 @@ def role_seed(argv: list[str]) -> None:
     atp.ti = lt.torrent_info(str(a.torrent))
     atp.save_path = str(a.save)
     atp.flags |= lt.torrent_flags.seed_mode  # the origin has the file; skip re-hashing it
-    atp.flags &= ~lt.torrent_flags.auto_managed
+    atp.flags &= ~(lt.torrent_flags.auto_managed | lt.torrent_flags.paused)
     h = ses.add_torrent(atp)
     quit_ev = _stdin_watch()
     deadline = time.monotonic() + a.max_seconds
@@ -361,7 +361,7 @@ def role_leech(argv: list[str]) -> None:
     atp = lt.add_torrent_params()
     atp.ti = ti
     atp.save_path = str(a.save)
-    atp.flags &= ~lt.torrent_flags.auto_managed
+    atp.flags &= ~(lt.torrent_flags.auto_managed | lt.torrent_flags.paused)
     h = ses.add_torrent(atp)
     peers = [(ip, BT_PORT) for ip in a.peers.split(",") if ip]
     for peer in peers:

@@ -34,6 +34,7 @@ from cached.errors import (
     StoreFullError,
 )
 from cached.api.hf import HfEndpoint
+from cached.cluster import Catalog, Locator, Reconciler
 from cached.jobs import Jobs
 from cached.metrics import Metrics
 from cached.store import Store
@@ -87,10 +88,16 @@ class LocalApi:
         metrics: Metrics,
         hf: HfEndpoint | None = None,
         peers: Callable[[], list[dict[str, Any]]] = lambda: [],
+        catalog: Catalog | None = None,
+        reconciler: Reconciler | None = None,
+        locator: Locator | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._hf = hf
         self._peers = peers
+        self._catalog = catalog
+        self._reconciler = reconciler
+        self._locator = locator
         self._node_id = node_id
         self._store = store
         self._jobs = jobs
@@ -123,6 +130,10 @@ class LocalApi:
         r.add_get("/v1/peers", self.peers)
         r.add_get("/v1/locate", self.locate)
         r.add_get("/v1/events", self.events)
+        r.add_post("/v1/replicate", self.replicate)
+        r.add_get("/v1/catalog", self.catalog)
+        r.add_post("/v1/k8s/filter", self.k8s_filter)
+        r.add_post("/v1/k8s/prioritize", self.k8s_prioritize)
         r.add_get("/metrics", self.metrics)
         r.add_get("/healthz", self.healthz)
         r.add_get("/readyz", self.readyz)
@@ -239,6 +250,13 @@ class LocalApi:
             if state is JobState.FAILED:
                 obj["error"] = job.error
                 obj["error_code"] = job.error_code
+        if self._catalog is not None and self._catalog.get(ref.canonical) is not None and self._reconciler is not None:
+            entry = self._catalog.get(ref.canonical)
+            obj["replicas"] = {
+                "target": entry.replicas,
+                "owners": self._reconciler.owners(ref.canonical),
+                "spare": self._reconciler.demoted(ref.canonical),
+            }
         if rec is not None and state is JobState.READY:
             obj["bytes_total"] = obj["bytes_done"] = rec.manifest.total_bytes
             # What was fetched to make this copy, not what a later no-op prefetch fetched (nothing).
@@ -424,6 +442,8 @@ class LocalApi:
 
     async def locate(self, request: web.Request) -> web.Response:
         ref = self._ref(request.query.get("ref"))
+        if self._locator is not None:
+            return web.json_response({"ref": ref.canonical, "nodes": await self._locator.locate(ref)})
         obj = self.model_object(ref)
         nodes = []
         if obj["state"] in ("ready", "fetching", "queued"):
@@ -433,6 +453,94 @@ class LocalApi:
             eta = 0 if obj["state"] == "ready" else (round(remaining / rate, 1) if rate > 0 else None)
             nodes.append({"node_id": self._node_id, "state": obj["state"], "bytes_done": obj["bytes_done"], "bytes_total": obj["bytes_total"], "eta_s": eta})
         return web.json_response({"ref": ref.canonical, "nodes": nodes})
+
+    # --- cluster -------------------------------------------------------------------------------
+
+    def _cluster(self) -> tuple[Catalog, Reconciler]:
+        if self._catalog is None or self._reconciler is None:
+            raise ConflictError("this node is not in a cluster (start it with --cluster-token-file)")
+        return self._catalog, self._reconciler
+
+    def _entry_object(self, ref: str) -> dict[str, Any]:
+        catalog, reconciler = self._cluster()
+        entry = catalog.get(ref)
+        return {
+            "ref": ref,
+            "replicas": entry.replicas if entry else 0,
+            "labels": dict(entry.labels) if entry else {},
+            "owners": reconciler.owners(ref),
+        }
+
+    async def replicate(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        ref = self._ref(body.get("ref"))
+        replicas = body.get("replicas")
+        if not isinstance(replicas, int) or isinstance(replicas, bool):
+            raise RequestError("'replicas' must be an integer (0 removes the entry)")
+        labels = self._opt(body, "labels", dict, {})
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+            raise RequestError("'labels' must map strings to strings")
+        catalog, reconciler = self._cluster()
+        catalog.set(ref, replicas, labels)
+        reconciler.reconcile()
+        return web.json_response(self._entry_object(ref.canonical))
+
+    async def catalog(self, request: web.Request) -> web.Response:
+        catalog, _ = self._cluster()
+        return web.json_response([self._entry_object(e.ref) for e in catalog.entries()])
+
+    async def _holders(self, pod: Any) -> tuple[ModelRef | None, dict[str, dict[str, Any]], bool]:
+        """(the pod's model, node id -> locate entry, require-local) from ExtenderArgs' Pod."""
+        meta = (pod or {}).get("metadata") or {} if isinstance(pod, dict) else {}
+        annotations = meta.get("annotations") or {} if isinstance(meta, dict) else {}
+        model = annotations.get("cached.io/model") if isinstance(annotations, dict) else None
+        require = str(annotations.get("cached.io/require-local", "")).lower() == "true" if isinstance(annotations, dict) else False
+        if not model:
+            return None, {}, False
+        ref = ModelRef.parse(model)
+        nodes = await self._locator.locate(ref) if self._locator else [
+            {**self.model_object(ref), "node_id": self._node_id}
+        ]
+        return ref, {n["node_id"]: n for n in nodes if n.get("state") in ("ready", "fetching", "queued")}, require
+
+    @staticmethod
+    def _node_names(args: dict[str, Any]) -> list[str]:
+        if isinstance(args.get("NodeNames"), list):
+            return [str(n) for n in args["NodeNames"]]
+        items = ((args.get("Nodes") or {}).get("items") or []) if isinstance(args.get("Nodes"), dict) else []
+        return [str((i.get("metadata") or {}).get("name")) for i in items if isinstance(i, dict)]
+
+    async def k8s_filter(self, request: web.Request) -> web.Response:
+        """Scheduler extender filter: with ``cached.io/require-local: "true"`` only nodes holding a
+        ready copy pass; otherwise every node passes (prioritize does the steering)."""
+        args = await self._body(request)
+        _, holders, require = await self._holders(args.get("Pod"))
+        names = self._node_names(args)
+        keep = [n for n in names if not require or holders.get(n, {}).get("state") == "ready"]
+        failed = {n: "no ready copy of the pod's model (cached.io/require-local)" for n in names if n not in keep}
+        result: dict[str, Any] = {"NodeNames": keep, "FailedNodes": failed, "Error": ""}
+        if isinstance(args.get("Nodes"), dict):
+            items = args["Nodes"].get("items") or []
+            result["Nodes"] = {**args["Nodes"], "items": [i for i in items if (i.get("metadata") or {}).get("name") in keep]}
+            result["NodeNames"] = None
+        return web.json_response(result)
+
+    async def k8s_prioritize(self, request: web.Request) -> web.Response:
+        """HostPriorityList: 10 for a ready copy, 1..9 by progress for a partial one, 0 else."""
+        args = await self._body(request)
+        _, holders, _ = await self._holders(args.get("Pod"))
+        out = []
+        for name in self._node_names(args):
+            h = holders.get(name)
+            if h is None:
+                score = 0
+            elif h["state"] == "ready":
+                score = 10
+            else:
+                frac = h["bytes_done"] / h["bytes_total"] if h.get("bytes_total") else 0.0
+                score = max(1, min(9, int(frac * 9)))
+            out.append({"Host": name, "Score": score})
+        return web.json_response(out)
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """NDJSON: one event per line; ``?ref=`` filters to one model."""

@@ -17,7 +17,7 @@ import logging
 import os
 import re
 import time
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
@@ -58,6 +58,7 @@ class PeerApi:
         self._uploads = asyncio.Semaphore(max_uploads)
         self._bucket = TokenBucket(serve_rate_bps)
         self._rate_limited = serve_rate_bps > 0
+        self.local_status: Callable[[ModelRef], dict[str, Any]] = lambda ref: {"state": "absent"}
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=8 << 20, middlewares=[self._auth])
@@ -70,6 +71,7 @@ class PeerApi:
         r.add_get("/p2p/v1/partials/{key}/pieces", self.partial_pieces)
         r.add_get("/p2p/v1/manifests/{digest}", self.manifest)
         r.add_get("/p2p/v1/refs", self.ref)
+        r.add_get("/p2p/v1/status", self.status)
         return app
 
     @web.middleware
@@ -119,6 +121,10 @@ class PeerApi:
         if digest is None:
             raise web.HTTPNotFound()
         return web.json_response({"ref": ref.canonical, "manifest": f"blake3:{digest}"})
+
+    async def status(self, request: web.Request) -> web.Response:
+        """This node's model object for a ref (cluster-wide locate asks every member)."""
+        return web.json_response(self.local_status(ModelRef.parse(request.query.get("ref", ""))))
 
     async def piece_table(self, request: web.Request) -> web.Response:
         blob = request.match_info["id"].removeprefix("blake3:")

@@ -88,6 +88,9 @@ class PeerClient:
             raise
         return str(answer.get("manifest", "")).removeprefix("blake3:") or None
 
+    async def status(self, address: str, canonical: str) -> dict[str, Any]:
+        return await self._json("GET", address, "/status", params={"ref": canonical})
+
     async def manifest(self, address: str, digest: str) -> bytes:
         return await self._bytes(address, f"/manifests/{digest}")
 

@@ -47,7 +47,7 @@ class Gossip:
         self.membership = membership
         self.holdings = holdings
         self.view = view
-        self._client = client
+        self.client = client
         self._metrics = metrics
         self._interval_s = interval_s
         self._fanout = fanout
@@ -56,6 +56,10 @@ class Gossip:
         self._rng = rng or random.Random()
         self._pulling: set[str] = set()
         self.rounds = 0
+        # Extra state that rides along in every exchange (the cluster catalog), set by the
+        # composition root: what to send, and how to merge what arrives.
+        self.extra_out: Callable[[], dict[str, Any]] = lambda: {}
+        self.extra_in: Callable[[dict[str, Any]], None] = lambda payload: None
 
     @property
     def cluster(self) -> str:
@@ -75,10 +79,11 @@ class Gossip:
         if payload.get("cluster") != self.cluster:
             raise PermissionError(f"gossip from cluster {payload.get('cluster')!r}, we are {self.cluster!r}")
         self._merge(payload["members"])
+        self.extra_in(payload)
         return self.message()
 
     def message(self) -> dict[str, Any]:
-        return {"cluster": self.cluster, "members": [m.to_json() for m in self.membership.snapshot()]}
+        return {"cluster": self.cluster, "members": [m.to_json() for m in self.membership.snapshot()], **self.extra_out()}
 
     def _merge(self, entries: list[Any]) -> None:
         infos = []
@@ -132,11 +137,12 @@ class Gossip:
 
     async def _exchange(self, address: str) -> None:
         try:
-            answer = await self._client.gossip(address, self.message())
+            answer = await self.client.gossip(address, self.message())
             if answer.get("cluster") != self.cluster:
                 self._metrics.gossip_errors.labels("other_cluster").inc()
                 return
             self._merge(answer.get("members") or [])
+            self.extra_in(answer)
         except PeerError as e:
             kind = "unauthorized" if e.status == 401 else "refused" if e.status == 403 else "unreachable"
             self._metrics.gossip_errors.labels(kind).inc()
@@ -156,13 +162,13 @@ class Gossip:
     async def _pull(self, info: MemberInfo) -> None:
         self._pulling.add(info.node_id)
         try:
-            answer = await self._client.holdings(info.address, self.view.version(info.node_id))
+            answer = await self.client.holdings(info.address, self.view.version(info.node_id))
             try:
                 self.view.update(info.node_id, answer)
             except MALFORMED:
                 # Our base no longer matches theirs (they restarted): take the whole state.
                 self.view.forget(info.node_id)
-                self.view.update(info.node_id, await self._client.holdings(info.address, 0))
+                self.view.update(info.node_id, await self.client.holdings(info.address, 0))
         except PeerError as e:
             self._metrics.gossip_errors.labels("holdings").inc()
             log.debug("holdings pull failed peer=%s error=%s", info.node_id, e)

@@ -1,0 +1,223 @@
+"""The cluster catalog and the reconcile loop that keeps its replica counts true.
+
+The catalog maps a ref to how many copies the cluster should keep (and optional node-label
+constraints, e.g. ``gpu=h100``). It travels in gossip as a last-writer-wins map: an entry with a
+later (timestamp, node id) replaces an earlier one; ``replicas = 0`` is a tombstone that removes
+the ref everywhere.
+
+Every node runs the same reconcile loop over the same inputs (catalog, live members, holdings):
+the owners of a ref are the first ``replicas`` live members in rendezvous-hash order (weighted by
+capacity, filtered by labels). An owner without the model fetches it at background priority,
+peers first; when an owner dies, the next node in that order becomes an owner and pulls from the
+survivors -- no operator action. A copy on a non-owner is kept but evictable (demoted, never
+deleted on the spot). Eviction never takes a copy that would leave the cluster below the count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from cached.errors import RequestError
+from cached.jobs import Jobs
+from cached.placement import rank
+from cached.store import Store
+from cached.types import ModelRef, Priority
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CatalogEntry:
+    ref: str
+    replicas: int
+    labels: Mapping[str, str] = field(default_factory=dict)
+    updated_at: float = 0.0
+    updated_by: str = ""
+
+    @property
+    def stamp(self) -> tuple[float, str]:
+        return (self.updated_at, self.updated_by)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ref": self.ref, "replicas": self.replicas, "labels": dict(self.labels),
+            "updated_at": self.updated_at, "updated_by": self.updated_by,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "CatalogEntry":
+        ref = ModelRef.parse(str(d["ref"])).canonical
+        replicas = int(d["replicas"])
+        if not 0 <= replicas <= 1000:
+            raise ValueError("replicas out of range")
+        labels = {str(k): str(v) for k, v in dict(d.get("labels") or {}).items()}
+        return cls(ref=ref, replicas=replicas, labels=labels, updated_at=float(d["updated_at"]), updated_by=str(d["updated_by"]))
+
+
+class Catalog:
+    """Last-writer-wins map of catalog entries. Pure; the clock is injected."""
+
+    def __init__(self, node_id: str, *, clock: Callable[[], float] = time.time) -> None:
+        self._node_id = node_id
+        self._clock = clock
+        self._entries: dict[str, CatalogEntry] = {}
+
+    def set(self, ref: ModelRef, replicas: int, labels: Mapping[str, str] | None = None) -> CatalogEntry:
+        if not 0 <= replicas <= 1000:
+            raise RequestError("replicas must be between 0 and 1000")
+        prev = self._entries.get(ref.canonical)
+        # Strictly later than what we hold, even if our clock lags the writer's.
+        stamp = max(self._clock(), prev.updated_at + 1e-6 if prev else 0.0)
+        entry = CatalogEntry(ref=ref.canonical, replicas=replicas, labels=dict(labels or {}), updated_at=stamp, updated_by=self._node_id)
+        self._entries[ref.canonical] = entry
+        return entry
+
+    def merge(self, entries: list[Any]) -> int:
+        changed = 0
+        for raw in entries:
+            try:
+                e = CatalogEntry.from_json(raw)
+            except (KeyError, ValueError, TypeError, AttributeError, OverflowError) as err:
+                log.debug("dropping a malformed catalog entry: %s", err)
+                continue
+            cur = self._entries.get(e.ref)
+            if cur is None or e.stamp > cur.stamp:
+                self._entries[e.ref] = e
+                changed += 1
+        return changed
+
+    def entries(self) -> list[CatalogEntry]:
+        """Live entries (tombstones hidden)."""
+        return [e for e in sorted(self._entries.values(), key=lambda e: e.ref) if e.replicas > 0]
+
+    def get(self, ref: str) -> CatalogEntry | None:
+        e = self._entries.get(ref)
+        return e if e is not None and e.replicas > 0 else None
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [e.to_json() for e in sorted(self._entries.values(), key=lambda e: e.ref)]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Member:
+    node_id: str
+    capacity_bytes: int
+    labels: Mapping[str, str]
+
+
+def owners_of(entry: CatalogEntry, members: list[Member]) -> list[str]:
+    """The ``replicas`` live members that should hold ``entry``, in HRW order."""
+    eligible = [m for m in members if all(m.labels.get(k) == v for k, v in entry.labels.items())]
+    weights = {m.node_id: max(1.0, m.capacity_bytes / (1 << 30)) for m in eligible}
+    return rank(entry.ref, [m.node_id for m in eligible], weights)[: entry.replicas]
+
+
+class Reconciler:
+    """Compares the catalog with live members and holdings; fetches what this node owns."""
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        catalog: Catalog,
+        store: Store,
+        jobs: Jobs,
+        members: Callable[[], list[Member]],
+        holders: Callable[[str], set[str]],
+        interval_s: float,
+    ) -> None:
+        self._node_id = node_id
+        self.catalog = catalog
+        self._store = store
+        self._jobs = jobs
+        self._members = members  # live members, this node included
+        self._holders = holders  # node ids (other than us) holding a ready copy of a ref
+        self._interval_s = interval_s
+        self._owned: set[str] = set()
+
+    def owners(self, ref: str) -> list[str]:
+        entry = self.catalog.get(ref)
+        return owners_of(entry, self._members()) if entry else []
+
+    def protects(self, ref: str) -> bool:
+        """Eviction guard: an owned model, or a copy the cluster cannot spare."""
+        if ref in self._owned:
+            return True
+        entry = self.catalog.get(ref)
+        if entry is None:
+            return False
+        return len(self._holders(ref)) + 1 <= entry.replicas
+
+    def demoted(self, ref: str) -> bool:
+        """A catalog model held here although this node is not an owner: evictable spare."""
+        return self.catalog.get(ref) is not None and ref not in self._owned and self._store.model(ModelRef.parse(ref)) is not None
+
+    def reconcile(self) -> list[str]:
+        """One pass. Returns the refs this node started fetching."""
+        members = self._members()
+        owned: set[str] = set()
+        started: list[str] = []
+        for entry in self.catalog.entries():
+            if self._node_id not in owners_of(entry, members):
+                continue
+            owned.add(entry.ref)
+            ref = ModelRef.parse(entry.ref)
+            job = self._jobs.get(ref)
+            if self._store.model(ref) is None and (job is None or not job.active):
+                log.info("owner of a catalog model fetching it ref=%s replicas=%d", entry.ref, entry.replicas)
+                self._jobs.submit(ref, Priority.LOW)
+                started.append(entry.ref)
+        for ref in self._owned - owned:
+            log.info("no longer an owner; copy kept but evictable ref=%s", ref)
+        self._owned = owned
+        return started
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            self.reconcile()
+            try:
+                await asyncio.wait_for(stopping.wait(), self._interval_s)
+            except asyncio.TimeoutError:
+                pass
+
+
+class Locator:
+    """Cluster-wide answers: who holds a ref and how far along, by asking each live member."""
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        local_status: Callable[[ModelRef], dict[str, Any]],
+        peers: Callable[[], list[tuple[str, str]]],
+        remote_status: Callable[[str, str], Any],
+        timeout_s: float = 2.0,
+    ) -> None:
+        self._node_id = node_id
+        self._local = local_status
+        self._peers = peers  # live (node id, address) pairs, this node excluded
+        self._remote = remote_status  # (address, canonical ref) -> awaitable model object
+        self._timeout_s = timeout_s
+
+    async def locate(self, ref: ModelRef) -> list[dict[str, Any]]:
+        async def ask(node_id: str, address: str) -> dict[str, Any] | None:
+            try:
+                return {**await asyncio.wait_for(self._remote(address, ref.canonical), self._timeout_s), "node_id": node_id}
+            except Exception as e:  # noqa: BLE001 - an unreachable member is simply not listed
+                log.debug("locate: no answer node=%s error=%s", node_id, e)
+                return None
+
+        answers = [{**self._local(ref), "node_id": self._node_id}]
+        answers += await asyncio.gather(*(ask(n, a) for n, a in self._peers()))
+        out = []
+        for a in answers:
+            if not a or a.get("state") not in ("ready", "fetching", "queued"):
+                continue
+            total, done, rate = int(a.get("bytes_total") or 0), int(a.get("bytes_done") or 0), float(a.get("rate_bps") or 0)
+            eta = 0.0 if a["state"] == "ready" else (round((total - done) / rate, 1) if rate > 0 and total else None)
+            out.append({"node_id": a["node_id"], "state": a["state"], "bytes_done": done, "bytes_total": total, "eta_s": eta})
+        return sorted(out, key=lambda n: (n["state"] != "ready", -n["bytes_done"], n["node_id"]))
