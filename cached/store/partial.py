@@ -169,8 +169,9 @@ class PartialBlob:
                 kept[index] = digest
         return kept
 
-    def write_piece_sync(self, index: int, data: bytes | bytearray | memoryview, expected: bytes | None = None) -> bytes:
-        """Verify ``data`` (against ``expected`` when the digest is known), write it, record it."""
+    def write_piece_sync(self, index: int, data: bytes | bytearray | memoryview, expected: bytes | None = None) -> bytes | None:
+        """Verify ``data`` (against ``expected`` when the digest is known), write it, record it.
+        Returns the digest, or None if another copy of the piece was recorded first (endgame)."""
         if not 0 <= index < self.pieces:
             raise IntegrityError(f"piece index {index} out of range (0..{self.pieces - 1})")
         off, length = piece_span(index, self.size, self.piece_size)
@@ -179,9 +180,12 @@ class PartialBlob:
         digest = hash_piece(data)
         if expected is not None and digest != expected:
             raise IntegrityError(f"piece {index}: BLAKE3 mismatch")
+        if index in self.done:
+            return None
         with self._op():
             self._pwrite_all(data, off)
-            self._record(index, digest)
+            if not self._record(index, digest):
+                return None
         return digest
 
     def adopt_piece_sync(self, index: int, expected: bytes | None = None) -> bytes:
@@ -204,12 +208,15 @@ class PartialBlob:
         except OSError as e:
             raise durable.wrap_os_error(e, "writing a piece") from e
 
-    def _record(self, index: int, digest: bytes) -> None:
+    def _record(self, index: int, digest: bytes) -> bool:
         # O_APPEND writes of 36 bytes are atomic; the lock keeps ``done`` and the log in step.
         with self._log_lock:
+            if index in self.done:
+                return False  # the other copy of an endgame pair got here first
             os.write(self._log_fd, _RECORD.pack(index, digest))
             self.done[index] = digest
         self.on_piece(index, digest)
+        return True
 
     def clone_from_sync(self, src_fd: int) -> bool:
         with self._op():

@@ -218,11 +218,13 @@ class Scheduler:
         if index in partial.done:
             return  # the other copy of an endgame pair won
         try:
-            await asyncio.to_thread(partial.write_piece_sync, index, data, src.digests[index])
+            recorded = await asyncio.to_thread(partial.write_piece_sync, index, data, src.digests[index])
         except IntegrityError:
             self._metrics.piece_verify_failures.labels("peer").inc()
             log.warning("piece from peer failed verification peer=%s piece=%d", src.node_id, index)
             raise
+        if recorded is None:
+            return
         self._metrics.fetched_bytes.labels("peer").inc(len(data))
         on_bytes("peer", len(data))
 
@@ -258,13 +260,15 @@ class Scheduler:
         self, partial: PartialBlob, index: int, data: bytes | bytearray, expected: list[bytes] | None, on_bytes: OnBytes
     ) -> None:
         try:
-            await asyncio.to_thread(partial.write_piece_sync, index, data, expected[index] if expected else None)
+            recorded = await asyncio.to_thread(partial.write_piece_sync, index, data, expected[index] if expected else None)
         except IntegrityError:
             self._metrics.piece_verify_failures.labels(ORIGIN).inc()
             raise OriginChanged(
                 f"piece {index} from the origin does not match the digest this node stored for it: "
                 "the origin's content changed"
             ) from None
+        if recorded is None:
+            return  # a duplicate of a piece already in: not counted twice
         self._metrics.fetched_bytes.labels(ORIGIN).inc(len(data))
         on_bytes(ORIGIN, len(data))
 

@@ -190,7 +190,7 @@ async def test_a_peer_that_keeps_sending_bad_bytes_is_banned(tmp_path: Path, tok
 
 
 async def test_bad_pieces_from_the_only_peer_holding_the_blob_are_fetched_from_the_origin(tmp_path: Path, token_file: Path) -> None:
-    """a is the only holder and sends two corrupt pieces: b bans it and reads those from the origin."""
+    """a is the only live holder and sends two corrupt pieces: b takes those two from the origin."""
     size, piece = 8 * MIB, 256 * 1024
     src = write_random_file(tmp_path / "origin" / "model.bin", size, seed=81)
     want = await view_digests({"path": src.parent})
@@ -204,7 +204,7 @@ async def test_bad_pieces_from_the_only_peer_holding_the_blob_are_fetched_from_t
         before = origin.counters.bytes_sent
 
         async with ApiClient(b.api_address) as api:
-            # Unfixed, b waits forever for a piece only the banned peer holds: bound the wait.
+            # A puller that never looks past the peer holding the blob waits forever: bound the wait.
             model_b = await api.request("POST", "/v1/prefetch", body={"ref": models["model.bin"]["ref"], "wait": True, "timeout_s": 8})
         assert model_b["state"] == "ready", f"b is stuck: {model_b['bytes_done']}/{size} bytes, sources {model_b['sources']}"
         assert await view_digests(model_b) == want
