@@ -8,6 +8,7 @@ that two nodes always agree on a manifest's digest. Nothing here does I/O.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import json
 import posixpath
 import re
@@ -26,6 +27,7 @@ MIN_PIECE_SIZE = 64 * 1024
 MAX_PIECE_SIZE = 256 * 1024 * 1024
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HOST = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}[A-Za-z0-9_])?)*\.?$")
 _HF_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _HF_REVISION = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._/-]{0,254}$")
 
@@ -173,6 +175,8 @@ class ModelRef:
             raise RefError(raw, f"bad URL: {e}") from None
         if not url.host:
             raise RefError(raw, "URL has no host")
+        if not _HOST.match(url.host) and not _is_ip(url.host):
+            raise RefError(raw, f"not a valid host name: {url.host!r}")
         name = url.name
         if not name or name in (".", ".."):
             raise RefError(raw, "URL must name a file (its last path segment is the file name)")
@@ -233,6 +237,14 @@ def _parse_patterns(raw: str, query: str) -> tuple[tuple[str, ...], tuple[str, .
 def _hf_canonical(repo: str, revision: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> str:
     opts = [f"{k}={','.join(v)}" for k, v in (("include", include), ("exclude", exclude)) if v]
     return f"hf://{repo}@{revision}" + ("?" + "&".join(opts) if opts else "")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return False
 
 
 def validate_file_path(path: str) -> str:

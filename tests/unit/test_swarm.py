@@ -146,6 +146,22 @@ def test_no_origin_read_while_a_live_peer_holds_the_complete_blob() -> None:
     assert all(swarm.origin_allowed(i) for i in range(PIECES)), "the holder is gone: the origin is open again"
 
 
+def test_a_refused_holder_does_not_keep_the_origin_closed() -> None:
+    """A holder that was banned, or sent this piece wrong, is no reason to wait: the origin opens."""
+    swarm, directory = swarm_of("n0", ["n0"], alive=["n1"])
+    directory.view.update("n1", {"snapshot": {"version": 1, "blobs": {BLOB: SIZE}, "blob_keys": {KEY: BLOB}}})
+    swarm.blob_hex = BLOB
+    assert not swarm.origin_allowed(3)
+    assert swarm.origin_allowed(3, {"n1"})
+
+
+def test_a_refused_owner_does_not_own_pieces() -> None:
+    swarm, _ = swarm_of("n1", ["n0", "n1"])
+    theirs = [i for i in range(PIECES) if rank(f"{KEY}:{i}", ["n0", "n1"])[0] == "n0"]
+    assert theirs and not any(swarm.origin_allowed(i) for i in theirs)
+    assert all(swarm.origin_allowed(i, {"n0"}) for i in theirs)
+
+
 def test_peer_sources_list_live_partial_holders_with_their_verified_pieces_only() -> None:
     swarm, directory = swarm_of("n0", ["n0", "n1", "n2", "n3"], alive=["n1", "n2"])
     directory.view.update("n1", partial_snapshot({0: DIGEST, 3: DIGEST, 4: "not-a-digest"}, version=2))
