@@ -121,6 +121,8 @@ class StoreConfig:
     piece_size_bytes: int = DEFAULT_PIECE_SIZE
     high_watermark: float = 0.95
     low_watermark: float = 0.85
+    scrub_interval_s: float = 7 * 86400  # a full re-hash of the store this often; 0 = off
+    scrub_rate_bps: int = 64 << 20  # how fast the scrub reads, to leave the disk to launchers
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -183,7 +185,14 @@ _DEFAULTS: dict[str, Any] = {
             "max_rate_bps": 0,
         },
     },
-    "store": {"max_bytes": None, "piece_size_bytes": DEFAULT_PIECE_SIZE, "high_watermark": 0.95, "low_watermark": 0.85},
+    "store": {
+        "max_bytes": None,
+        "piece_size_bytes": DEFAULT_PIECE_SIZE,
+        "high_watermark": 0.95,
+        "low_watermark": 0.85,
+        "scrub_interval_s": 7 * 86400,
+        "scrub_rate_bps": 64 << 20,
+    },
     "jobs": {"max_concurrent": 4},
     "log": {"format": "text", "level": "info"},
 }
@@ -399,6 +408,8 @@ def _build(t: dict[str, Any]) -> Config:
             piece_size_bytes=piece,
             high_watermark=high,
             low_watermark=low,
+            scrub_interval_s=_number(s["scrub_interval_s"], "store.scrub_interval_s", lo=0, hi=365 * 86400),
+            scrub_rate_bps=_size(s["scrub_rate_bps"], "store.scrub_rate_bps"),
         ),
         jobs=JobsConfig(max_concurrent=_number(t["jobs"]["max_concurrent"], "jobs.max_concurrent", lo=1, hi=64, integer=True)),
         log=LogConfig(format=fmt, level=level),

@@ -131,6 +131,8 @@ class Daemon:
         self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
         self._stack.callback(self._stopping.set)  # runs before the TaskGroup joins: loops end
         self._tg.create_task(self._housekeeping(), name="store.housekeeping")
+        if cfg.store.scrub_interval_s > 0:
+            self._tg.create_task(self._scrub(), name="store.scrub")
         if cfg.origins.hf.refresh_interval_s > 0:
             self._tg.create_task(self._refresh_hf(cfg.origins.hf.refresh_interval_s), name="hf.refresh")
         watchdog_s = watchdog_interval_s()
@@ -326,6 +328,21 @@ class Daemon:
         log.info("configuration reloaded applied=%s needs_restart=%s", ",".join(applied) or "-", ",".join(restart) or "-")
         notify(f"STATUS=reloaded; restart needed for: {', '.join(restart)}" if restart else "STATUS=reloaded")
         return restart
+
+    async def _scrub(self) -> None:
+        """Bit rot: re-hash every stored blob, paced, once per scrub_interval_s; repair and count."""
+        while not self._stopping.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.cfg.store.scrub_interval_s)
+            if self._stopping.is_set():
+                return
+            try:
+                report = await self.fetcher.verify(rate_bps=self.cfg.store.scrub_rate_bps)
+            except CachedError as e:
+                log.warning("scrub failed error=%s", e)
+                continue
+            log.info("scrub done checked_bytes=%d bad_pieces=%d repaired_blobs=%d errors=%d",
+                     report.checked_bytes, report.bad_pieces, report.repaired_blobs, len(report.errors))
 
     async def _refresh_hf(self, interval_s: float) -> None:
         """Keep branch-tracking hf:// models current: re-resolve, fetch only what changed."""

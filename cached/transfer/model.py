@@ -214,7 +214,9 @@ class ModelFetcher:
 
     # --- verify and repair ---------------------------------------------------------------------
 
-    async def verify(self, ref: ModelRef | None = None) -> VerifyReport:
+    async def verify(self, ref: ModelRef | None = None, *, rate_bps: int = 0) -> VerifyReport:
+        """Re-hash stored blobs (of ``ref``, or all); repair bad pieces from peers or the origin.
+        ``rate_bps`` paces the reading (the background scrub), 0 = as fast as the disk goes."""
         records = [self._store.model(ref)] if ref is not None else self._store.models()
         blobs: dict[str, tuple[ModelRef, FileEntry]] = {}
         for rec in records:
@@ -225,9 +227,13 @@ class ModelFetcher:
         checked = bad_total = repaired = 0
         errors: list[str] = []
         for blob_hex, (owner, entry) in blobs.items():
+            if not self._store.has_blob(blob_hex):
+                continue  # evicted while we were scrubbing others
             with self._store.busy(owner):
                 n, bad = await self._store.verify_blob(blob_hex)
                 checked += n
+                if rate_bps > 0:
+                    await asyncio.sleep(n / rate_bps)
                 if not bad:
                     continue
                 bad_total += len(bad)
@@ -241,7 +247,8 @@ class ModelFetcher:
         return VerifyReport(checked_bytes=checked, bad_pieces=bad_total, repaired_blobs=repaired, errors=tuple(errors))
 
     async def repair_blob(self, ref: ModelRef, entry: FileEntry, bad: list[int]) -> None:
-        """Rebuild a blob from its good pieces plus the bad ones re-read from the origin."""
+        """Rebuild a blob from its good pieces plus the bad ones, from peers that hold the blob or
+        else from the origin, each checked against the digest recorded when the blob was made."""
         blob_hex = entry.blob.hex
         digests = await self._store.piece_digests(blob_hex)
         piece_size = await self._store.blob_piece_size(blob_hex)
@@ -254,7 +261,11 @@ class ModelFetcher:
                     continue
                 data = await self._store.read_piece(blob_hex, i, piece_size)
                 await asyncio.to_thread(partial.write_piece_sync, i, data, digests[i])
-            await self._scheduler.fetch_blob(partial, ofile, origin, on_bytes=lambda s, n: None, expected=digests)
+            swarm = None
+            if self._peers is not None:
+                swarm = Swarm(self._peers, key=ofile.key, piece_size=piece_size, size=entry.size)
+                swarm.blob_hex, swarm.table = blob_hex, digests
+            await self._scheduler.fetch_blob(partial, ofile, origin, on_bytes=lambda s, n: None, expected=digests, swarm=swarm)
             await self._store.finalize(partial, replace=True)
         await self._store.rebuild_views_for_blob(blob_hex)
         log.info("repaired blob blob=blake3:%s pieces=%d ref=%s", blob_hex, len(bad), ref)
