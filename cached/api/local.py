@@ -33,6 +33,7 @@ from cached.errors import (
     RequestError,
     StoreFullError,
 )
+from cached.api import openapi
 from cached.api.hf import HfEndpoint
 from cached.cluster import Catalog, Locator, Reconciler
 from cached.jobs import Jobs
@@ -127,6 +128,7 @@ class LocalApi:
         r.add_post("/v1/verify", self.verify)
         r.add_post("/v1/gc", self.gc)
         r.add_get("/v1/node", self.node)
+        r.add_get("/v1/openapi.json", self.openapi)
         r.add_get("/v1/peers", self.peers)
         r.add_get("/v1/locate", self.locate)
         r.add_get("/v1/events", self.events)
@@ -433,6 +435,9 @@ class LocalApi:
             "leases": len(self._store.claims.active_leases()),
             "peers": self._peers(),
         }
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(openapi.document())
 
     async def node(self, request: web.Request) -> web.Response:
         return web.json_response(self.node_object())

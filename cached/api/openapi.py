@@ -1,0 +1,164 @@
+"""The OpenAPI 3 document of the local API (``GET /v1/openapi.json``).
+
+Written by hand, next to the routes it describes (``cached.api.local``), so that it says what the
+API promises rather than what a generator guessed: JSON bodies, a model object, and errors as
+``{"error", "message"}`` with a 4xx/5xx status. Schemathesis runs against it in the test suite.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cached import __version__
+
+_ERROR = {
+    "description": "error",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+}
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+def _ok(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"description": description, **(_json(schema) if schema else {})}
+
+
+def _body(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    return {"required": True, **_json({"type": "object", "properties": properties, "required": required})}
+
+
+REF = {"type": "string", "description": "hf://org/name[@rev], http(s)://host/file or file:///path"}
+REF_QUERY = {"name": "ref", "in": "query", "required": True, "schema": REF}
+MODEL = {"$ref": "#/components/schemas/Model"}
+ERRORS = {"400": _ERROR, "404": _ERROR, "409": _ERROR, "default": _ERROR}
+
+
+def document() -> dict[str, Any]:
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "cached local API", "version": __version__},
+        "paths": {
+            "/v1/prefetch": {
+                "post": {
+                    "summary": "make a model ready on this node",
+                    "requestBody": _body(
+                        {
+                            "ref": REF,
+                            "wait": {"type": "boolean"},
+                            "priority": {"type": "string", "enum": ["high", "normal", "low"]},
+                            "timeout_s": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 86400},
+                            "refresh": {"type": "boolean"},
+                            "include": {"type": "array", "items": {"type": "string"}},
+                            "exclude": {"type": "array", "items": {"type": "string"}},
+                        },
+                        ["ref"],
+                    ),
+                    "responses": {"200": _ok("ready", MODEL), "202": _ok("accepted, or still fetching", MODEL), **ERRORS},
+                }
+            },
+            "/v1/models": {"get": {"summary": "models known here", "responses": {"200": _ok("models", {"type": "array", "items": MODEL})}}},
+            "/v1/models/status": {
+                "get": {"summary": "one model", "parameters": [REF_QUERY], "responses": {"200": _ok("model", MODEL), **ERRORS}}
+            },
+            **{
+                f"/v1/{verb}": {
+                    "post": {
+                        "summary": f"{verb} a model",
+                        "requestBody": _body({"ref": REF, "force": {"type": "boolean"}}, ["ref"]),
+                        "responses": {"200": _ok("model", MODEL), **ERRORS},
+                    }
+                }
+                for verb in ("evict", "pin", "unpin")
+            },
+            "/v1/leases": {
+                "get": {"summary": "active leases", "responses": {"200": _ok("leases", {"type": "array"})}},
+                "post": {
+                    "summary": "take a lease on a ready model",
+                    "requestBody": _body(
+                        {"ref": REF, "holder": {"type": "string"}, "ttl_s": {"type": "number", "minimum": 1, "maximum": 604800}},
+                        ["ref", "holder"],
+                    ),
+                    "responses": {"201": _ok("lease", {"type": "object"}), **ERRORS},
+                },
+            },
+            "/v1/leases/{lease_id}": {
+                "delete": {
+                    "summary": "release a lease",
+                    "parameters": [{"name": "lease_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                    "responses": {"200": _ok("released", {"type": "object"}), **ERRORS},
+                }
+            },
+            "/v1/verify": {
+                "post": {
+                    "summary": "re-hash stored blobs and repair bad pieces",
+                    "requestBody": {"required": False, **_json({"type": "object", "properties": {"ref": REF}})},
+                    "responses": {"200": _ok("report", {"type": "object"}), **ERRORS},
+                }
+            },
+            "/v1/gc": {"post": {"summary": "run eviction now", "responses": {"200": _ok("result", {"type": "object"})}}},
+            "/v1/node": {"get": {"summary": "node summary", "responses": {"200": _ok("node", {"type": "object"})}}},
+            "/v1/peers": {"get": {"summary": "membership", "responses": {"200": _ok("peers", {"type": "array"})}}},
+            "/v1/locate": {
+                "get": {"summary": "who holds a model", "parameters": [REF_QUERY], "responses": {"200": _ok("nodes", {"type": "object"}), **ERRORS}}
+            },
+            "/v1/replicate": {
+                "post": {
+                    "summary": "keep N copies in the cluster",
+                    "requestBody": _body(
+                        {
+                            "ref": REF,
+                            "replicas": {"type": "integer", "minimum": 0, "maximum": 1000},
+                            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                        },
+                        ["ref", "replicas"],
+                    ),
+                    "responses": {"200": _ok("catalog entry", {"type": "object"}), **ERRORS},
+                }
+            },
+            "/v1/catalog": {"get": {"summary": "the cluster catalog", "responses": {"200": _ok("entries", {"type": "array"}), **ERRORS}}},
+            "/v1/k8s/filter": {
+                "post": {
+                    "summary": "scheduler extender filter",
+                    "requestBody": _body({"Pod": {"type": "object"}, "NodeNames": {"type": "array", "items": {"type": "string"}}}, []),
+                    "responses": {"200": _ok("ExtenderFilterResult", {"type": "object"}), **ERRORS},
+                }
+            },
+            "/v1/k8s/prioritize": {
+                "post": {
+                    "summary": "scheduler extender prioritize",
+                    "requestBody": _body({"Pod": {"type": "object"}, "NodeNames": {"type": "array", "items": {"type": "string"}}}, []),
+                    "responses": {"200": _ok("HostPriorityList", {"type": "array"}), **ERRORS},
+                }
+            },
+            "/healthz": {"get": {"summary": "process alive", "responses": {"200": _ok("ok", {"type": "object"})}}},
+            "/readyz": {"get": {"summary": "store indexed, APIs up", "responses": {"200": _ok("ready"), "503": _ok("starting")}}},
+        },
+        "components": {
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
+                    "required": ["error", "message"],
+                },
+                "Model": {
+                    "type": "object",
+                    "properties": {
+                        "ref": {"type": "string"},
+                        "state": {"type": "string", "enum": ["absent", "queued", "fetching", "ready", "failed"]},
+                        "bytes_total": {"type": "integer"},
+                        "bytes_done": {"type": "integer"},
+                        "path": {"type": "string", "nullable": True},
+                        "hf_path": {"type": "string", "nullable": True},
+                        "manifest": {"type": "string", "nullable": True},
+                        "pinned": {"type": "boolean"},
+                        "leases": {"type": "array"},
+                        "error": {"type": "string", "nullable": True},
+                        "sources": {"type": "object", "properties": {"peer": {"type": "integer"}, "origin": {"type": "integer"}}},
+                    },
+                    "required": ["ref", "state", "bytes_total", "bytes_done", "pinned", "leases", "sources"],
+                },
+            }
+        },
+    }
