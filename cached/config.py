@@ -73,6 +73,7 @@ class PeerConfig:
     forget_after_s: float = 3600.0
     max_uploads: int = 16
     serve_rate_bps: int = 0  # 0 = unlimited
+    stall_timeout_s: float = 10.0  # a peer that sends no byte for this long is dropped for the piece
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_ca_file: Path | None = None  # set: peers must present a certificate signed by it (mutual TLS)
@@ -167,6 +168,7 @@ _DEFAULTS: dict[str, Any] = {
         "forget_after_s": 3600.0,
         "max_uploads": 16,
         "serve_rate_bps": 0,
+        "stall_timeout_s": 10.0,
         "tls_cert_file": None,
         "tls_key_file": None,
         "tls_ca_file": None,
@@ -319,6 +321,7 @@ def _peer(p: dict[str, Any], seeds: list[str]) -> PeerConfig:
         forget_after_s=_number(p["forget_after_s"], "peer.forget_after_s", lo=0, hi=30 * 86400),
         max_uploads=_number(p["max_uploads"], "peer.max_uploads", lo=1, hi=1024, integer=True),
         serve_rate_bps=_size(p["serve_rate_bps"], "peer.serve_rate_bps"),
+        stall_timeout_s=_number(p["stall_timeout_s"], "peer.stall_timeout_s", lo=0.1, hi=3600),
         tls_cert_file=cert,
         tls_key_file=key,
         tls_ca_file=ca,

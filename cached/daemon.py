@@ -124,7 +124,8 @@ class Daemon:
         directory = self._build_peers(session, token) if token is not None else None
         scheduler = Scheduler(cfg.origins.http, self.metrics, peer_client=directory.client if directory else None)
         self.fetcher = ModelFetcher(
-            self.store, origins, scheduler, self.metrics, peers=directory, grace_s=2.5 * cfg.peer.gossip_interval_s
+            self.store, origins, scheduler, self.metrics, peers=directory, grace_s=2.5 * cfg.peer.gossip_interval_s,
+            stall_timeout_s=cfg.peer.stall_timeout_s,
         )
         self.jobs = await self._stack.enter_async_context(Jobs(self.fetcher, self.store, self.metrics, cfg.jobs, clock=self.clock))
 
@@ -186,7 +187,10 @@ class Daemon:
             suspect_after_s=cfg.peer.suspect_after_s, dead_after_s=cfg.peer.dead_after_s,
             forget_after_s=cfg.peer.forget_after_s, clock=time.monotonic,
         )
-        client = PeerClient(session, token, scheme="https" if self._server_ssl else "http", ssl_context=client_ssl_ctx)
+        client = PeerClient(
+            session, token, scheme="https" if self._server_ssl else "http", ssl_context=client_ssl_ctx,
+            timeout_s=cfg.peer.stall_timeout_s,
+        )
         self.gossip = Gossip(
             membership=membership, holdings=holdings, view=HoldingsView(), client=client, metrics=self.metrics,
             interval_s=cfg.peer.gossip_interval_s, fanout=cfg.peer.fanout, seeds=cfg.peer.seeds,

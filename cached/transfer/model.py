@@ -54,8 +54,9 @@ class VerifyReport:
 class ModelFetcher:
     def __init__(
         self, store: Store, origins: Origins, scheduler: Scheduler, metrics: Metrics, *,
-        peers: PeerDirectory | None = None, grace_s: float = 0.0,
+        peers: PeerDirectory | None = None, grace_s: float = 0.0, stall_timeout_s: float = 10.0,
     ) -> None:
+        self._stall_timeout_s = stall_timeout_s
         self._peers = peers
         self._grace_s = grace_s  # how long a new fetch waits to learn who else wants the same file
         self._store = store
@@ -150,7 +151,10 @@ class ModelFetcher:
                     progress.resumed += partial.bytes_done
                     swarm = None
                     if self._peers is not None:
-                        swarm = Swarm(self._peers, key=f.key, piece_size=piece_size, size=f.size, grace_s=self._grace_s)
+                        swarm = Swarm(
+                            self._peers, key=f.key, piece_size=piece_size, size=f.size, grace_s=self._grace_s,
+                            stall_timeout_s=self._stall_timeout_s,
+                        )
                         swarm.blob_hex = known.get(f.path)
                     try:
                         await self._scheduler.fetch_blob(partial, f, origin, on_bytes=progress.add, swarm=swarm)
