@@ -291,6 +291,7 @@ class Hub:
                       answer the first N matching hub requests with fail_status (+ Retry-After)
       cdn_fail_first / cdn_fail_status   same for the CDN (e.g. 403 = expired signed URL)
       truncate_once / truncate_at         cut the next file body (hub or CDN) half-way (or after N bytes)
+      corrupt_bodies  every file body (or range) has its first byte flipped: same size, wrong bytes
       delay_s         sleep before every file body
       tokens          bearer tokens accepted for gated/private repos
     """
@@ -317,6 +318,7 @@ class Hub:
         self.cdn_fail_first = 0
         self.cdn_fail_status = 403
         self.truncate_once = False
+        self.corrupt_bodies = False  # flip the first byte of every file body (range) sent
         self.truncate_at: int | None = None
         self.delay_s = 0.0
         self.counters = Counters()
@@ -704,6 +706,9 @@ class Hub:
         if truncate:
             self.truncate_once = False
             limit = min(length - 1, self.truncate_at if self.truncate_at is not None else length // 2)
+        if self.corrupt_bodies and limit > 0:
+            # Same length, wrong bytes: only a whole-file checksum can tell.
+            data = bytes(data[:start]) + bytes([data[start] ^ 0xFF]) + bytes(data[start + 1 :])
         view = memoryview(data)[start : start + limit]
         sent = 0
         try:

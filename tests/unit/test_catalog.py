@@ -1,0 +1,232 @@
+"""The cluster catalog (cached/cluster.py): a last-writer-wins map, and who owns an entry.
+
+An entry with a later (updated_at, updated_by) replaces an earlier one, equal timestamps are
+settled by node id, older news is ignored; ``replicas = 0`` is a tombstone that hides the ref and
+beats any older set; entries that do not parse are dropped one by one without spoiling the rest
+of the batch, whatever a peer sends. ``owners_of`` picks among the members whose labels match.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cached.cluster import Catalog, CatalogEntry, Member, owners_of
+from cached.errors import RequestError
+from cached.placement import rank
+from cached.types import ModelRef
+
+REF = "http://origin.test/models/llama.gguf"
+OTHER = "hf://org/other"
+GIB = 1 << 30
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def raw(ref: str = REF, replicas: int = 2, at: float = 100.0, by: str = "a", **labels: str) -> dict[str, Any]:
+    return {"ref": ref, "replicas": replicas, "labels": labels, "updated_at": at, "updated_by": by}
+
+
+def state(c: Catalog) -> dict[str, tuple[int, dict[str, str], float, str]]:
+    return {e["ref"]: (e["replicas"], e["labels"], e["updated_at"], e["updated_by"]) for e in c.to_json()}
+
+
+# --- last writer wins ----------------------------------------------------------------------------
+
+
+def test_a_later_stamp_wins_and_an_older_one_is_ignored() -> None:
+    c = Catalog("me")
+    assert c.merge([raw(replicas=2, at=100.0)]) == 1
+    assert c.merge([raw(replicas=5, at=200.0, by="b")]) == 1
+    assert c.get(REF) is not None and c.get(REF).replicas == 5
+    assert c.merge([raw(replicas=1, at=150.0, by="z")]) == 0  # older, even from a "larger" node id
+    assert c.merge([raw(replicas=5, at=200.0, by="b")]) == 0  # the same entry again changes nothing
+    assert c.get(REF).replicas == 5
+    assert c.get(REF).stamp == (200.0, "b")
+
+
+def test_equal_timestamps_are_settled_by_node_id_in_any_order() -> None:
+    low, high = raw(replicas=1, at=100.0, by="node-a"), raw(replicas=3, at=100.0, by="node-b")
+    for batch in ([low, high], [high, low]):
+        c = Catalog("me")
+        c.merge(batch)
+        assert c.get(REF).replicas == 3 and c.get(REF).updated_by == "node-b"
+    c = Catalog("me")
+    c.merge([high])
+    assert c.merge([low]) == 0
+
+
+def test_a_tombstone_hides_the_entry_and_beats_an_older_set() -> None:
+    c = Catalog("me")
+    c.merge([raw(replicas=3, at=100.0), raw(OTHER, replicas=1, at=100.0)])
+    assert c.merge([raw(replicas=0, at=200.0, by="b")]) == 1
+    assert c.get(REF) is None
+    assert [e.ref for e in c.entries()] == [OTHER]
+    # The tombstone still travels, so that peers which missed the removal learn of it.
+    assert state(c)[REF][0] == 0
+    # An older set (a peer that has not heard yet) does not bring the ref back ...
+    assert c.merge([raw(replicas=3, at=150.0, by="z")]) == 0
+    assert c.get(REF) is None
+    # ... a newer one does.
+    assert c.merge([raw(replicas=1, at=300.0, by="a")]) == 1
+    assert c.get(REF).replicas == 1
+
+
+def test_a_local_set_outranks_what_it_replaces_even_when_the_clock_lags() -> None:
+    clock = Clock(50.0)
+    c = Catalog("me", clock=clock)
+    c.merge([raw(replicas=2, at=100.0, by="zz")])  # written by a node whose clock runs ahead
+    e = c.set(ModelRef.parse(REF), 0)
+    assert e.stamp > (100.0, "zz")
+    assert c.get(REF) is None
+    # The new stamp wins on every peer that still holds the old entry.
+    peer = Catalog("peer")
+    peer.merge([raw(replicas=2, at=100.0, by="zz")])
+    assert peer.merge(c.to_json()) == 1 and peer.get(REF) is None
+
+
+def test_set_canonicalises_the_ref_and_keeps_labels() -> None:
+    clock = Clock(10.0)
+    c = Catalog("me", clock=clock)
+    e = c.set(ModelRef.parse(REF), 2, {"gpu": "h100"})
+    assert (e.ref, e.replicas, dict(e.labels), e.updated_at, e.updated_by) == (REF, 2, {"gpu": "h100"}, 10.0, "me")
+    assert CatalogEntry.from_json(e.to_json()) == e
+
+
+@pytest.mark.parametrize("replicas", [-1, 1001])
+def test_set_refuses_replicas_out_of_range(replicas: int) -> None:
+    with pytest.raises(RequestError):
+        Catalog("me").set(ModelRef.parse(REF), replicas)
+
+
+# --- malformed entries ---------------------------------------------------------------------------
+
+MALFORMED: list[Any] = [
+    None,
+    "http://origin.test/x",
+    ["ref", 1],
+    {},
+    {"ref": REF, "replicas": 2, "updated_at": 1.0},  # no updated_by
+    {"ref": REF, "replicas": 2, "updated_by": "a"},  # no updated_at
+    {"replicas": 2, "updated_at": 1.0, "updated_by": "a"},  # no ref
+    raw(replicas=-1),
+    raw(replicas=1001),
+    {**raw(), "replicas": "many"},
+    {**raw(), "replicas": None},
+    {**raw(), "updated_at": "yesterday"},
+    {**raw(), "updated_at": None},
+    {**raw(), "labels": [1, 2]},
+    {**raw(), "labels": "gpu=h100"},
+    raw(ref=""),
+    raw(ref="not a ref"),  # does not parse as a ref
+    raw(ref="s3://bucket/model"),  # a scheme this version does not know (a newer peer's)
+    {**raw(), "updated_at": float("nan")},  # would never be replaced again
+    {**raw(), "updated_at": float("inf")},  # would win forever
+]
+
+
+@pytest.mark.parametrize("bad", MALFORMED, ids=lambda b: repr(b)[:60])
+def test_a_malformed_entry_is_dropped_and_the_rest_of_the_batch_kept(bad: Any) -> None:
+    c = Catalog("me")
+    changed = c.merge([bad, raw(OTHER, replicas=1, at=5.0, by="b")])
+    assert changed == 1
+    assert [e.ref for e in c.entries()] == [OTHER]
+    assert REF not in state(c)
+    # Nothing of the bad entry lingers: a well-formed entry for its ref is taken as usual.
+    assert c.merge([raw(replicas=2, at=6.0, by="b")]) == 1
+    assert c.get(REF) is not None and c.get(REF).replicas == 2
+
+
+# --- convergence ---------------------------------------------------------------------------------
+
+entries = st.builds(
+    raw,
+    ref=st.sampled_from([REF, OTHER, "file:///srv/models/x"]),
+    replicas=st.integers(min_value=0, max_value=4),
+    at=st.sampled_from([1.0, 2.0, 3.0]),  # few values, so that ties are common
+    by=st.sampled_from(["a", "b", "c"]),
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(batch=st.lists(entries, max_size=8), split=st.integers(min_value=0, max_value=8))
+def test_every_order_and_grouping_of_merges_converges(batch: list[dict[str, Any]], split: int) -> None:
+    # Two entries with one stamp and different content cannot come from one writer; skip them.
+    stamps = {}
+    for e in batch:
+        stamps.setdefault((e["ref"], e["updated_at"], e["updated_by"]), e)
+    batch = list(stamps.values())
+    whole = Catalog("x")
+    whole.merge(batch)
+    for perm in itertools.islice(itertools.permutations(batch), 24):
+        a = Catalog("y")
+        a.merge(list(perm[:split]))
+        a.merge(list(perm[split:]))
+        assert state(a) == state(whole)
+
+
+# --- owners_of -----------------------------------------------------------------------------------
+
+
+def members() -> list[Member]:
+    return [
+        Member(node_id="a", capacity_bytes=100 * GIB, labels={"gpu": "a100", "zone": "z1"}),
+        Member(node_id="b", capacity_bytes=100 * GIB, labels={"gpu": "h100", "zone": "z1"}),
+        Member(node_id="c", capacity_bytes=100 * GIB, labels={"gpu": "h100", "zone": "z2"}),
+        Member(node_id="d", capacity_bytes=100 * GIB, labels={}),
+        Member(node_id="e", capacity_bytes=100 * GIB, labels={"gpu": "h100", "zone": "z2"}),
+    ]
+
+
+def entry(replicas: int, **labels: str) -> CatalogEntry:
+    return CatalogEntry(ref=REF, replicas=replicas, labels=labels, updated_at=1.0, updated_by="a")
+
+
+def test_owners_of_without_labels_is_hrw_over_every_member() -> None:
+    ms = members()
+    assert owners_of(entry(2), ms) == rank(REF, [m.node_id for m in ms])[:2]
+    assert sorted(owners_of(entry(10), ms)) == ["a", "b", "c", "d", "e"]
+
+
+def test_owners_of_only_picks_members_whose_labels_match() -> None:
+    ms = members()
+    assert sorted(owners_of(entry(5, gpu="h100"), ms)) == ["b", "c", "e"]
+    assert owners_of(entry(2, gpu="h100"), ms) == rank(REF, ["b", "c", "e"])[:2]
+    assert owners_of(entry(5, gpu="h100", zone="z2"), ms) == rank(REF, ["c", "e"])  # every label must match
+    assert owners_of(entry(5, gpu="tpu"), ms) == []
+    assert owners_of(entry(5, zone="z1"), ms) == rank(REF, ["a", "b"])
+    # The eligible set changes only with labels, not with who else is around.
+    assert sorted(owners_of(entry(5, gpu="h100"), [m for m in ms if m.node_id != "a"])) == ["b", "c", "e"]
+
+
+def test_owners_of_weighs_members_by_capacity() -> None:
+    keys = [f"http://origin.test/m-{i}" for i in range(3000)]
+    ms = [Member(node_id="big", capacity_bytes=200 * GIB, labels={})] + [
+        Member(node_id=f"n{i}", capacity_bytes=100 * GIB, labels={}) for i in range(3)
+    ]
+    counts: dict[str, int] = {}
+    for k in keys:
+        first = owners_of(CatalogEntry(ref=k, replicas=1, updated_at=1.0, updated_by="a"), ms)[0]
+        counts[first] = counts.get(first, 0) + 1
+    # big has weight 2 of a total 5: about 2/5 of the keys.
+    p = 2 / 5
+    assert abs(counts["big"] - len(keys) * p) < 4 * math.sqrt(len(keys) * p * (1 - p)), counts
+
+
+def test_small_or_unknown_capacities_weigh_the_same() -> None:
+    # Below 1 GiB (or 0: a peer that has not said) a member counts as weight 1, never 0.
+    tiny = [Member(node_id=n, capacity_bytes=c, labels={}) for n, c in (("a", 0), ("b", 16 << 20), ("c", GIB))]
+    for i in range(200):
+        e = CatalogEntry(ref=f"http://origin.test/m-{i}", replicas=2, updated_at=1.0, updated_by="a")
+        assert owners_of(e, tiny) == rank(e.ref, ["a", "b", "c"])[:2]
