@@ -469,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             p.error(f"--variant {spec!r}: {e}")
 
+    # SIGTERM (a CI timeout, a kill) unwinds like ^C, so that the daemons, the server and the work dir are cleaned up.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     parent = Path(args.tmpdir)
     parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-", dir=parent))
@@ -632,4 +634,7 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "_serve":
         serve_aiohttp(sys.argv[2])
     else:
-        sys.exit(main())
+        try:
+            sys.exit(main())
+        except KeyboardInterrupt:
+            sys.exit(130)

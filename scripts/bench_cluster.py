@@ -56,7 +56,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+SCRIPT = Path(__file__).resolve()
+REPO = SCRIPT.parents[1]
 PREFIX = "cbench-"
 SWITCH = PREFIX + "sw"
 ORIGIN_NS = PREFIX + "origin"
@@ -456,6 +457,7 @@ class Driver:
             "ip", "netns", "exec", ns, *cmd,
             stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=err, start_new_session=True,
+            cwd=str(self.work),  # not the repo: `python -m cached` would import ./cached before PYTHONPATH
         )
         if log_to:
             err.close()
@@ -578,7 +580,7 @@ class Driver:
         for i in range(1, n + 1):
             out = self.work / "direct" / f"n{i}" / MODEL_NAME
             kids.append(await self.spawn(
-                f"direct-n{i}", node_ns(i), self.bench_py, __file__, "_direct",
+                f"direct-n{i}", node_ns(i), self.bench_py, str(SCRIPT), "_direct",
                 "--url", f"http://{ORIGIN_IP}:{HTTP_PORT}/{MODEL_NAME}", "--out", str(out), "--expect", digest,
                 "--max-seconds", str(int(self.remaining())), stdin=True, log_to=self.work / "logs" / f"direct-n{i}.log",
             ))
@@ -623,7 +625,7 @@ class Driver:
         stats = self.work / "seed-stats.json"
         stats.unlink(missing_ok=True)
         seed = await self.spawn(
-            "seed", ORIGIN_NS, self.bench_py, __file__, "_seed", "--torrent", str(torrent), "--save", str(model.parent),
+            "seed", ORIGIN_NS, self.bench_py, str(SCRIPT), "_seed", "--torrent", str(torrent), "--save", str(model.parent),
             "--bind", ORIGIN_IP, "--stats", str(stats), "--max-seconds", str(int(self.remaining())),
             stdin=True, log_to=self.work / "logs" / "seed.log",
         )
@@ -634,7 +636,7 @@ class Driver:
             save = self.work / "torrent" / f"n{i}"
             save.mkdir(parents=True, exist_ok=True)
             kids.append(await self.spawn(
-                f"leech-n{i}", node_ns(i), self.bench_py, __file__, "_leech", "--torrent", str(torrent), "--save", str(save),
+                f"leech-n{i}", node_ns(i), self.bench_py, str(SCRIPT), "_leech", "--torrent", str(torrent), "--save", str(save),
                 "--bind", node_ip(i), "--peers", ",".join(peers), "--max-seconds", str(int(self.remaining())),
                 stdin=True, log_to=self.work / "logs" / f"leech-n{i}.log",
             ))
@@ -671,13 +673,20 @@ class Driver:
         shutil.rmtree(self.work / "torrent", ignore_errors=True)
         return res
 
-    async def run_cached(self, model: Path, digest: str, stats_file: Path, name: str = "cached", pythonpath: str = "") -> MethodResult:
+    async def run_cached(self, model: Path, digest: str, stats_file: Path, name: str = "cached", variant: dict[str, Any] | None = None) -> MethodResult:
         import aiohttp
 
+        v = variant or {}
+        pythonpath = v.get("path", "")
+        piece_size = v.get("piece_size", self.a.piece_size)
+        connections = v.get("connections", self.a.origin_connections)
+        stall_timeout = v.get("stall_timeout", self.a.stall_timeout)
         res = MethodResult(name)
         if pythonpath:
             res.extra["pythonpath"] = pythonpath
             res.notes.append(f"daemons ran the cached package from {pythonpath}, not from this checkout")
+        if not pythonpath:
+            res.extra.pop("pythonpath", None)
         n = self.a.nodes
         base = self.work / "cached"
         shutil.rmtree(base, ignore_errors=True)
@@ -686,13 +695,16 @@ class Driver:
         token.write_text(hashlib.sha256(os.urandom(32)).hexdigest() + "\n")
         token.chmod(0o600)
         conf = base / "cached.toml"
+        peer = {"gossip_interval_s": self.a.gossip_interval}
+        if stall_timeout:
+            peer["stall_timeout_s"] = stall_timeout  # a key only newer daemons know: set only when asked
         conf.write_text(
-            "[peer]\n"
-            f"gossip_interval_s = {self.a.gossip_interval}\n"
-            "[origins.http]\n"
-            f"connections = {self.a.origin_connections}\n"
-            "[log]\nlevel = \"info\"\n"
+            "[peer]\n" + "".join(f"{k} = {v}\n" for k, v in peer.items())
+            + f"[origins.http]\nconnections = {connections}\n"
+            + '[log]\nlevel = "info"\n'
         )
+        res.extra["config"] = conf.read_text() + f"# --piece-size {piece_size}\n"
+        res.extra["piece_size"] = piece_size
         kids, socks = [], []
         for i in range(1, n + 1):
             sock = base / f"n{i}.sock"
@@ -700,7 +712,7 @@ class Driver:
             cmd = [
                 self.cached_py, "-m", "cached", "--config", str(conf), "--node-id", f"n{i}", "--cache-dir", str(base / f"n{i}"),
                 "--api-listen", f"unix:{sock}", "--peer-listen", f"{node_ip(i)}:{PEER_PORT}", "--advertise", f"{node_ip(i)}:{PEER_PORT}",
-                "--cluster-token-file", str(token), "--no-mdns", "--piece-size", str(self.a.piece_size),
+                "--cluster-token-file", str(token), "--no-mdns", "--piece-size", str(piece_size),
             ]
             if i != 1:
                 cmd += ["--seed", f"{node_ip(1)}:{PEER_PORT}"]
@@ -810,7 +822,7 @@ class Driver:
         stats_file = self.work / "origin-stats.json"
         stats_file.unlink(missing_ok=True)
         origin = await self.spawn(
-            "origin", ORIGIN_NS, self.bench_py, __file__, "_origin", str(model.parent), "--bind", ORIGIN_IP,
+            "origin", ORIGIN_NS, self.bench_py, str(SCRIPT), "_origin", str(model.parent), "--bind", ORIGIN_IP,
             "--port", str(HTTP_PORT), "--stats", str(stats_file), log_to=self.work / "logs" / "origin.log",
         )
         await self.expect(origin, "ready", 60)
@@ -831,7 +843,7 @@ class Driver:
                     r = await self.run_cached(model, digest, stats_file)
                 else:
                     label = name[len("cached:"):]
-                    r = await self.run_cached(model, digest, stats_file, name=f"cached ({label})", pythonpath=a.variants[label])
+                    r = await self.run_cached(model, digest, stats_file, name=f"cached ({label})", variant=a.variants[label])
             except (RuntimeError, TimeoutError, OSError) as e:
                 r = MethodResult(name, notes=[f"failed: {e}"])
                 log(f"{name}: FAILED: {e}")
@@ -842,6 +854,16 @@ class Driver:
             log(f"{name}: {'skipped: ' + r.skipped if r.skipped else summary_line(r, a)} (took {time.monotonic() - t:.0f}s)")
         await self.stop([origin])
         return results
+
+
+def git_info() -> str:
+    """Which code the daemons ran (read-only git commands)."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "cached"], capture_output=True, text=True, timeout=10).stdout.strip()
+        return head + (" (cached/ modified)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def summary_line(r: MethodResult, a: argparse.Namespace) -> str:
@@ -857,6 +879,9 @@ def report(results: list[MethodResult], a: argparse.Namespace) -> str:
     lines = [
         f"{a.nodes} nodes at {a.node_rate / 1e6:.0f} Mbit/s, origin at {a.origin_rate / 1e6:.0f} Mbit/s, "
         f"model {fmt_size(a.size)}; lower bound (model size / origin rate) = {bound:.1f} s",
+        f"cached: git {git_info()}, --piece-size {fmt_size(a.piece_size)}, origins.http.connections={a.origin_connections}, "
+        f"peer.gossip_interval_s={a.gossip_interval}" + (f", peer.stall_timeout_s={a.stall_timeout}" if a.stall_timeout else "")
+        + f"; {os.cpu_count()} CPUs",
         "",
         "| method | all nodes verified | vs lower bound | first / median node | origin payload sent | vs model size | origin wire bytes | verified |",
         "|---|---|---|---|---|---|---|---|",
@@ -887,6 +912,10 @@ def report(results: list[MethodResult], a: argparse.Namespace) -> str:
             lines.append(f"- {c.name} faster than the BitTorrent swarm: {c.all_done_s:.1f} s vs {b.all_done_s:.1f} s "
                          f"({b.all_done_s / c.all_done_s:.2f}x) -> {'met' if c.all_done_s < b.all_done_s else 'MISSED'}")
     for r in results:
+        if r.name.startswith("cached") and "config" in r.extra:
+            cfg = "; ".join(line for line in r.extra["config"].splitlines() if "=" in line or "--" in line)
+            lines.append(f"- config ({r.name}): {cfg}" + (f"; code from {r.extra['pythonpath']}" if r.extra.get("pythonpath") else ""))
+    for r in results:
         for note in r.notes:
             lines.append(f"- note ({r.name}): {note}")
     return "\n".join(lines)
@@ -898,7 +927,11 @@ def plot(results: list[MethodResult], a: argparse.Namespace, path: Path) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"cached": "tab:green", "torrent": "tab:orange", "direct": "tab:blue", "cached (fixed)": "tab:olive"}
+    colors = {"cached": "tab:red", "torrent": "tab:orange", "direct": "tab:blue"}
+    spare = iter(["tab:olive", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:cyan"])
+    for r in results:
+        if r.name not in colors:
+            colors[r.name] = next(spare, "tab:gray")
     bound = a.size * 8 / a.origin_rate
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 8.5))
     shown = [r for r in results if not r.skipped]
@@ -909,7 +942,7 @@ def plot(results: list[MethodResult], a: argparse.Namespace, path: Path) -> None
         ys = [s if s is not None else cap for s in r.node_s]
         hatch = [None if s is not None else "xx" for s in r.node_s]
         label = f"{r.name} (all: {r.all_done_s:.1f} s)" if r.all_done_s else f"{r.name} (hatched: not done by {cap:.0f} s)"
-        bars = ax1.bar(xs, ys, width=width, color=colors.get(r.name, "tab:red"), label=label)
+        bars = ax1.bar(xs, ys, width=width, color=colors[r.name], label=label)
         for bar, h in zip(bars, hatch):
             if h:
                 bar.set_hatch(h)
@@ -930,7 +963,7 @@ def plot(results: list[MethodResult], a: argparse.Namespace, path: Path) -> None
             if t1 > t0:
                 ts.append((t0 + t1) / 2)
                 rates.append((b1 - b0) * 8 / (t1 - t0) / 1e6)
-        ax2.plot(ts, rates, color=colors.get(r.name, "tab:red"), lw=1.2,
+        ax2.plot(ts, rates, color=colors[r.name], lw=1.2,
                  label=f"{r.name}: origin sent {r.origin_wire / a.size:.2f}x model (wire)")
     ax2.axhline(a.origin_rate / 1e6, color="black", ls="--", lw=1, label="origin link rate")
     ax2.set_xlabel("s since start")
@@ -956,6 +989,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-rate", type=parse_rate, default=parse_rate("1gbit"))
     p.add_argument("--piece-size", type=parse_size, default=parse_size("16M"), help="cached --piece-size (default 16M, the daemon's default)")
     p.add_argument("--origin-connections", type=int, default=8, help="cached origins.http.connections per node (default 8, the daemon's default)")
+    p.add_argument("--stall-timeout", type=float, default=0, help="cached peer.stall_timeout_s (default: the daemon's own)")
     p.add_argument("--gossip-interval", type=float, default=0.5, help="cached peer.gossip_interval_s (default 0.5)")
     p.add_argument("--timeout", type=float, default=1200, help="global deadline in seconds (default 1200)")
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp/cbench"), help="model file, node data, logs (default /var/tmp/cbench)")
@@ -965,8 +999,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="keep the daemons' cache dirs after the run")
     p.add_argument("--method-timeout", type=float, default=0,
                    help="seconds one method may take (default: 4x lower bound + 60 s; direct: 1.5x nodes x lower bound + 60 s)")
-    p.add_argument("--cached-variant", action="append", default=[], metavar="LABEL=PYTHONPATH",
-                   help="also run cached from another source tree (a patched copy), reported as 'cached (LABEL)'")
+    p.add_argument("--cached-variant", action="append", default=[], metavar="LABEL=[PYTHONPATH][;piece_size=4M][;connections=2][;stall_timeout=60]",
+                   help="also run cached from another source tree (a patched copy) and/or with other settings, "
+                        "reported as 'cached (LABEL)'; repeatable")
     return p
 
 
@@ -976,7 +1011,15 @@ def main() -> int:
         return 0
     a = build_parser().parse_args()
     a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    a.variants = dict(v.split("=", 1) for v in a.cached_variant if "=" in v)
+    a.variants = {}
+    for spec in a.cached_variant:  # LABEL=[PYTHONPATH][;piece_size=4M][;connections=2][;stall_timeout=60]
+        label, _, rest = spec.partition("=")
+        path, *opts = rest.split(";")
+        v: dict[str, Any] = {"path": path}
+        for o in opts:
+            k, _, val = o.partition("=")
+            v[k] = parse_size(val) if k == "piece_size" else int(val) if k == "connections" else float(val)
+        a.variants[label] = v
     if "cached" in a.methods:
         at = a.methods.index("cached") + 1
         a.methods[at:at] = [f"cached:{label}" for label in a.variants]
@@ -1022,6 +1065,7 @@ def main() -> int:
     (out / "results.json").write_text(json.dumps({
         "size": a.size, "nodes": a.nodes, "origin_rate": a.origin_rate, "node_rate": a.node_rate, "piece_size": a.piece_size,
         "origin_connections": a.origin_connections, "variants": a.variants, "gossip_interval_s": a.gossip_interval, "cpus": os.cpu_count(),
+        "git": git_info(),
         "results": [r.__dict__ for r in results],
     }, indent=1, default=str))
     try:

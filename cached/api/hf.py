@@ -27,9 +27,7 @@ import time
 from typing import Any
 from urllib.parse import quote
 
-import aiohttp
 from aiohttp import web
-from yarl import URL
 
 from cached.errors import CachedError, OriginError
 from cached.jobs import Jobs

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import re
-import time
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web

@@ -23,6 +23,7 @@ from cached.store import Store
 from cached.transfer.model import ModelFetcher, Progress
 from cached.transfer.scheduler import Scheduler
 from cached.types import BlobId, ModelRef, OriginFile, RefKind, hash_piece, piece_count, piece_span
+from tests.support.corrupt import flip_byte
 from tests.support.origin import Origin, write_random_file
 from tests.support.wait import wait_until
 
@@ -324,18 +325,6 @@ async def test_zero_byte_file(env: Env) -> None:
 # --- verify and repair ---------------------------------------------------------------------------
 
 
-def flip(path: Path, offset: int) -> None:
-    mode = stat.S_IMODE(path.stat().st_mode)
-    os.chmod(path, 0o644)
-    try:
-        with open(path, "r+b") as fh:
-            fh.seek(offset)
-            b = fh.read(1)
-            fh.seek(offset)
-            fh.write(bytes([b[0] ^ 0x5A]))
-    finally:
-        os.chmod(path, mode)
-
 
 async def fetched_model(env: Env) -> tuple[ModelFetcher, BlobId]:
     fetcher = ModelFetcher(env.store, Origins({RefKind.HTTP: env.http}), env.scheduler, env.metrics)
@@ -349,9 +338,9 @@ async def fetched_model(env: Env) -> tuple[ModelFetcher, BlobId]:
 async def test_verify_refetches_only_the_bad_pieces(env: Env) -> None:
     fetcher, blob = await fetched_model(env)
     blob_path = env.store.blob_path(blob.hex)
-    flip(blob_path, 3 * PIECE + 17)
-    flip(blob_path, 11 * PIECE)
-    flip(blob_path, SIZE - 1)  # the short last piece
+    flip_byte(blob_path, 3 * PIECE + 17, 0x5A)
+    flip_byte(blob_path, 11 * PIECE, 0x5A)
+    flip_byte(blob_path, SIZE - 1, 0x5A)  # the short last piece
 
     report = await fetcher.verify(env.ref)
 
@@ -376,7 +365,7 @@ async def test_verify_refetches_only_the_bad_pieces(env: Env) -> None:
 
 async def test_repair_blob_reads_only_the_named_pieces(env: Env) -> None:
     fetcher, blob = await fetched_model(env)
-    flip(env.store.blob_path(blob.hex), 7 * PIECE + 1)
+    flip_byte(env.store.blob_path(blob.hex), 7 * PIECE + 1, 0x5A)
     rec = env.store.model(env.ref)
     assert rec is not None
     await fetcher.repair_blob(env.ref, rec.manifest.files[0], [7])
@@ -388,7 +377,7 @@ async def test_repair_blob_reads_only_the_named_pieces(env: Env) -> None:
 
 async def test_repair_fails_cleanly_when_the_origin_changed(env: Env) -> None:
     fetcher, blob = await fetched_model(env)
-    flip(env.store.blob_path(blob.hex), 5 * PIECE)
+    flip_byte(env.store.blob_path(blob.hex), 5 * PIECE, 0x5A)
     # The origin now serves other bytes under a still-matching validator: digests catch it.
     write_random_file(env.origin.root / "model.gguf", SIZE, seed=99)
     rec = env.store.model(env.ref)

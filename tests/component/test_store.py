@@ -14,6 +14,7 @@ from cached.errors import NotFoundError, StoreError, StoreFullError
 from cached.store import Store
 from cached.store import durable
 from cached.types import BlobId, FileEntry, Manifest, ModelRef, format_size, hash_piece, piece_span
+from tests.support.corrupt import flip_byte
 from tests.support.origin import write_random_file
 
 PIECE = 65536
@@ -63,18 +64,6 @@ async def add_model(store: Store, ref_text: str, files: dict[str, bytes]) -> tup
     await store.commit_model(ref, manifest)
     return ref, manifest
 
-
-def flip_byte(path: Path, offset: int) -> None:
-    mode = stat.S_IMODE(path.stat().st_mode)
-    os.chmod(path, 0o644)
-    try:
-        with open(path, "r+b") as f:
-            f.seek(offset)
-            b = f.read(1)
-            f.seek(offset)
-            f.write(bytes([b[0] ^ 0xFF]))
-    finally:
-        os.chmod(path, mode)
 
 
 # --- publishing ----------------------------------------------------------------------------------

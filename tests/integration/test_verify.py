@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from cached.api.client import ApiClient, ApiError
+from tests.support.corrupt import flip_byte
 from tests.support.node import running_daemon
 from tests.support.origin import Origin, write_random_file
 
@@ -28,18 +29,6 @@ def blob_of(cache: Path, model: dict[str, Any], rel: str) -> Path:
     (hex_,) = [f["blob"].removeprefix("blake3:") for f in doc["files"] if f["path"] == rel]
     return cache / "blobs" / hex_[:2] / hex_
 
-
-def flip_byte(path: Path, offset: int) -> None:
-    mode = path.stat().st_mode & 0o777
-    os.chmod(path, 0o644)
-    try:
-        with open(path, "r+b") as f:
-            f.seek(offset)
-            b = f.read(1)
-            f.seek(offset)
-            f.write(bytes([b[0] ^ 0x5A]))
-    finally:
-        os.chmod(path, mode)
 
 
 def assert_view_sound(cache: Path, model: dict[str, Any], rel: str, src: Path) -> None:
@@ -59,7 +48,7 @@ async def test_flipped_byte_is_found_and_only_its_piece_is_refetched(tmp_path: P
         ref = origin.file_url("model.gguf")
         model = await api.request("POST", "/v1/prefetch", body={"ref": ref, "wait": True})
         blob = blob_of(cache, model, "model.gguf")
-        flip_byte(blob, 5 * PIECE + 1234)
+        flip_byte(blob, 5 * PIECE + 1234, 0x5A)
         assert (Path(model["path"]) / "model.gguf").read_bytes() != src.read_bytes()
         origin.reset()
 
@@ -89,8 +78,8 @@ async def test_several_bad_pieces_including_the_short_last_one(tmp_path: Path) -
         ref = origin.file_url("w.bin")
         model = await api.request("POST", "/v1/prefetch", body={"ref": ref, "wait": True})
         blob = blob_of(cache, model, "w.bin")
-        flip_byte(blob, 0)
-        flip_byte(blob, size - 1)
+        flip_byte(blob, 0, 0x5A)
+        flip_byte(blob, size - 1, 0x5A)
         origin.reset()
 
         report = await api.request("POST", "/v1/verify", body={"ref": ref}, long=True)
@@ -110,7 +99,7 @@ async def test_file_import_is_repaired_from_its_source_directory(tmp_path: Path)
     ref = f"file://{src_dir}"
     async with running_daemon(cache, **FLAGS) as d, ApiClient(d.api_address) as api:
         model = await api.request("POST", "/v1/prefetch", body={"ref": ref, "wait": True})
-        flip_byte(blob_of(cache, model, "sub/b.bin"), 2 * PIECE + 7)
+        flip_byte(blob_of(cache, model, "sub/b.bin"), 2 * PIECE + 7, 0x5A)
 
         report = await api.request("POST", "/v1/verify", body={"ref": ref}, long=True)
         assert (report["bad_pieces"], report["repaired_blobs"], report["errors"]) == (1, 1, [])

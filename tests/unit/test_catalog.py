@@ -16,13 +16,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cached.cluster import Catalog, CatalogEntry, Member, owners_of
+from cached.cluster import Catalog, CatalogEntry, Member, Reconciler, owners_of
 from cached.errors import RequestError
 from cached.placement import rank
 from cached.types import ModelRef
 
 REF = "http://origin.test/models/llama.gguf"
-OTHER = "hf://org/other"
+OTHER = "hf://org/other@main"
 GIB = 1 << 30
 
 
@@ -112,31 +112,31 @@ def test_set_refuses_replicas_out_of_range(replicas: int) -> None:
 
 # --- malformed entries ---------------------------------------------------------------------------
 
-MALFORMED: list[Any] = [
-    None,
-    "http://origin.test/x",
-    ["ref", 1],
-    {},
-    {"ref": REF, "replicas": 2, "updated_at": 1.0},  # no updated_by
-    {"ref": REF, "replicas": 2, "updated_by": "a"},  # no updated_at
-    {"replicas": 2, "updated_at": 1.0, "updated_by": "a"},  # no ref
-    raw(replicas=-1),
-    raw(replicas=1001),
-    {**raw(), "replicas": "many"},
-    {**raw(), "replicas": None},
-    {**raw(), "updated_at": "yesterday"},
-    {**raw(), "updated_at": None},
-    {**raw(), "labels": [1, 2]},
-    {**raw(), "labels": "gpu=h100"},
-    raw(ref=""),
-    raw(ref="not a ref"),  # does not parse as a ref
-    raw(ref="s3://bucket/model"),  # a scheme this version does not know (a newer peer's)
-    {**raw(), "updated_at": float("nan")},  # would never be replaced again
-    {**raw(), "updated_at": float("inf")},  # would win forever
+MALFORMED = [
+    pytest.param(None, id="null"),
+    pytest.param("http://origin.test/x", id="a-string"),
+    pytest.param(["ref", 1], id="a-list"),
+    pytest.param({}, id="empty-object"),
+    pytest.param({"ref": REF, "replicas": 2, "updated_at": 1.0}, id="no-updated_by"),
+    pytest.param({"ref": REF, "replicas": 2, "updated_by": "a"}, id="no-updated_at"),
+    pytest.param({"replicas": 2, "updated_at": 1.0, "updated_by": "a"}, id="no-ref"),
+    pytest.param(raw(replicas=-1), id="replicas-negative"),
+    pytest.param(raw(replicas=1001), id="replicas-too-many"),
+    pytest.param({**raw(), "replicas": "many"}, id="replicas-a-word"),
+    pytest.param({**raw(), "replicas": None}, id="replicas-null"),
+    pytest.param({**raw(), "updated_at": "yesterday"}, id="updated_at-a-word"),
+    pytest.param({**raw(), "updated_at": None}, id="updated_at-null"),
+    pytest.param({**raw(), "labels": [1, 2]}, id="labels-a-list"),
+    pytest.param({**raw(), "labels": "gpu=h100"}, id="labels-a-string"),
+    pytest.param(raw(ref=""), id="ref-empty"),
+    pytest.param(raw(ref="not a ref"), id="ref-unparsable"),
+    pytest.param(raw(ref="s3://bucket/model"), id="ref-unknown-scheme"),  # e.g. from a newer peer
+    pytest.param({**raw(), "updated_at": float("nan")}, id="updated_at-nan"),  # never replaced again
+    pytest.param({**raw(), "updated_at": float("inf")}, id="updated_at-inf"),  # wins forever
 ]
 
 
-@pytest.mark.parametrize("bad", MALFORMED, ids=lambda b: repr(b)[:60])
+@pytest.mark.parametrize("bad", MALFORMED)
 def test_a_malformed_entry_is_dropped_and_the_rest_of_the_batch_kept(bad: Any) -> None:
     c = Catalog("me")
     changed = c.merge([bad, raw(OTHER, replicas=1, at=5.0, by="b")])
@@ -230,3 +230,81 @@ def test_small_or_unknown_capacities_weigh_the_same() -> None:
     for i in range(200):
         e = CatalogEntry(ref=f"http://origin.test/m-{i}", replicas=2, updated_at=1.0, updated_by="a")
         assert owners_of(e, tiny) == rank(e.ref, ["a", "b", "c"])[:2]
+
+
+# --- the reconciler's guards ---------------------------------------------------------------------
+
+
+class FakeStore:
+    """Just what the Reconciler asks a store: is a ref ready here."""
+
+    def __init__(self, ready: set[str]) -> None:
+        self.ready = ready
+
+    def model(self, ref: ModelRef) -> object | None:
+        return object() if ref.canonical in self.ready else None
+
+
+class FakeJobs:
+    def __init__(self) -> None:
+        self.submitted: list[str] = []
+
+    def get(self, ref: ModelRef) -> None:
+        return None
+
+    def submit(self, ref: ModelRef, priority: object) -> None:
+        self.submitted.append(ref.canonical)
+
+
+def reconciler(me: str, live: list[str], holders: set[str], ready: set[str]) -> tuple[Reconciler, FakeJobs]:
+    jobs = FakeJobs()
+    r = Reconciler(
+        node_id=me, catalog=Catalog(me), store=FakeStore(ready), jobs=jobs,  # type: ignore[arg-type]
+        members=lambda: [Member(node_id=n, capacity_bytes=GIB, labels={}) for n in live],
+        holders=lambda ref: set(holders), interval_s=1.0,
+    )
+    return r, jobs
+
+
+def test_an_owner_fetches_a_non_owner_does_not() -> None:
+    nodes = ["a", "b", "c", "d"]
+    first, second = rank(REF, nodes)[:2]
+    (outsider,) = [n for n in nodes if n not in (first, second)][:1]
+    for me, fetches in ((first, True), (second, True), (outsider, False)):
+        r, jobs = reconciler(me, nodes, holders=set(), ready=set())
+        r.catalog.merge([raw(replicas=2)])
+        assert r.reconcile() == ([REF] if fetches else [])
+        assert jobs.submitted == ([REF] if fetches else [])
+
+
+def test_a_spare_copy_is_evictable_only_while_enough_others_hold_it() -> None:
+    nodes = ["a", "b", "c", "d"]
+    first, second, third, _ = rank(REF, nodes)
+    r, _ = reconciler(third, nodes, holders={first, second}, ready={REF})
+    r.catalog.merge([raw(replicas=2)])
+    r.reconcile()
+    assert r.demoted(REF) and not r.protects(REF)
+    # One owner lost its copy: the spare is one of the two copies the catalog asks for.
+    r2, _ = reconciler(third, nodes, holders={first}, ready={REF})
+    r2.catalog.merge([raw(replicas=2)])
+    r2.reconcile()
+    assert r2.demoted(REF) and r2.protects(REF)
+
+
+def test_ownership_counts_from_the_moment_the_catalog_or_members_say_so() -> None:
+    # A node whose catalog just learned (by gossip) that it owns a ref it holds must not call its
+    # copy a spare, nor leave it unprotected, until its next reconcile pass: the model object
+    # would list it among the owners and say spare, and a gc in between would evict an owner.
+    nodes = ["a", "b", "c", "d"]
+    first, second, third, _ = rank(REF, nodes)
+    r, _ = reconciler(first, nodes, holders={second, third}, ready={REF})
+    r.reconcile()  # a pass before the entry arrives
+    r.catalog.merge([raw(replicas=2)])
+    assert first in r.owners(REF)
+    assert r.demoted(REF) is False
+    assert r.protects(REF) is True
+    # The same when a member comes back: ownership moves back to it at once.
+    r2, _ = reconciler(first, [n for n in nodes if n != first], holders={second, third}, ready={REF})
+    r2.catalog.merge([raw(replicas=2)])
+    r2.reconcile()
+    assert r2.demoted(REF) is True
