@@ -43,7 +43,7 @@ from cached.peers.client import PeerClient, client_ssl
 from cached.peers.gossip import Gossip, default_advertise
 from cached.peers.holdings import HoldingsView, LocalHoldings
 from cached.peers.mdns import MdnsDiscovery
-from cached.peers.membership import MemberInfo, Membership
+from cached.peers.membership import MemberInfo, Membership, Status
 from cached.origins.http import HttpOrigin
 from cached.origins.local import LocalOrigin
 from cached.store import Store
@@ -434,7 +434,11 @@ class GossipDirectory:
         return self._gossip.membership.me.node_id
 
     def alive(self) -> list[tuple[str, str]]:
-        return [(m.info.node_id, m.info.address) for m in self._gossip.membership.alive()]
+        # Suspect members count too: one slow gossip round must not hand their pieces (or their
+        # share of origin reads) to everyone else. Only dead ones are gone.
+        return [
+            (m.info.node_id, m.info.address) for m in self._gossip.membership.members() if m.status is not Status.DEAD
+        ]
 
 
 # --- systemd ------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import os
 import re
 from typing import Any, Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import ClientConnectionResetError, web
 
 from cached.errors import CachedError
 from cached.metrics import Metrics
@@ -203,8 +203,11 @@ class PeerApi:
                     await resp.write(chunk)
                     pos += len(chunk)
                     self._metrics.served_bytes.inc(len(chunk))
+                await resp.write_eof()
+            except (ConnectionResetError, ClientConnectionResetError):
+                # The puller hung up (it got the piece elsewhere first): nothing to report.
+                pass
             finally:
                 os.close(fd)
-            await resp.write_eof()
             return resp
 

@@ -131,7 +131,7 @@ class Scheduler:
     ) -> None:
         """The piece loop: re-plan after every finished request, over the sources of the moment."""
         limit = self._cfg.connections
-        tasks: dict[asyncio.Task[None], tuple[int, str]] = {}
+        tasks: dict[asyncio.Task[bool], tuple[int, str]] = {}
         faults: dict[str, int] = {}
         banned: set[str] = set()
         cooling: dict[str, float] = {}  # source -> monotonic time until which it is skipped (429)
@@ -187,7 +187,9 @@ class Scheduler:
                         continue
                     if exc is None:
                         for other, (i, _) in list(tasks.items()):
-                            if i == index:
+                            # Only the copy that recorded the piece cancels the other: a loser that
+                            # found it done must not cancel the winner before it counted its bytes.
+                            if i == index and t.result():
                                 other.cancel()  # endgame: the slower copy of a finished piece
                         continue
                     if src == ORIGIN:
@@ -199,7 +201,7 @@ class Scheduler:
                         if isinstance(exc, IntegrityError):
                             bad_from.setdefault(index, set()).add(src)
                         faults[src] = faults.get(src, 0) + 1
-                        if faults[src] >= PEER_FAULT_LIMIT:
+                        if faults[src] >= PEER_FAULT_LIMIT and src not in banned:
                             banned.add(src)
                             self._ban(src)
                             log.warning("peer banned for repeated faults peer=%s faults=%d", src, faults[src])
@@ -211,12 +213,13 @@ class Scheduler:
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _peer_piece(self, partial: PartialBlob, src: PeerSource, index: int, on_bytes: OnBytes) -> None:
+    async def _peer_piece(self, partial: PartialBlob, src: PeerSource, index: int, on_bytes: OnBytes) -> bool:
+        """One piece from a peer. True if this copy is the one recorded."""
         off, length = piece_span(index, partial.size, partial.piece_size)
         assert self.peer_client is not None, "peer sources need a PeerClient"
         data = await self.peer_client.read_range(src.address, src.kind, src.name, off, length)
         if index in partial.done:
-            return  # the other copy of an endgame pair won
+            return False  # the other copy of an endgame pair won
         try:
             recorded = await asyncio.to_thread(partial.write_piece_sync, index, data, src.digests[index])
         except IntegrityError:
@@ -224,9 +227,10 @@ class Scheduler:
             log.warning("piece from peer failed verification peer=%s piece=%d", src.node_id, index)
             raise
         if recorded is None:
-            return
+            return False
         self._metrics.fetched_bytes.labels("peer").inc(len(data))
         on_bytes("peer", len(data))
+        return True
 
     def _ban(self, node_id: str) -> None:
         self._bans[node_id] = time.monotonic() + BAN_S
@@ -237,7 +241,7 @@ class Scheduler:
 
     async def _piece(
         self, partial: PartialBlob, file: OriginFile, origin: Origin, index: int, on_bytes: OnBytes, expected: list[bytes] | None
-    ) -> None:
+    ) -> bool:
         off, length = piece_span(index, partial.size, partial.piece_size)
         attempt = 0
         while True:
@@ -254,11 +258,11 @@ class Scheduler:
                 log.warning("origin read failed, retrying piece=%d attempt=%d in=%.1fs error=%s", index, attempt + 1, delay, e)
                 attempt += 1
                 await asyncio.sleep(delay)
-        await self._write(partial, index, data, expected, on_bytes)
+        return await self._write(partial, index, data, expected, on_bytes)
 
     async def _write(
         self, partial: PartialBlob, index: int, data: bytes | bytearray, expected: list[bytes] | None, on_bytes: OnBytes
-    ) -> None:
+    ) -> bool:
         try:
             recorded = await asyncio.to_thread(partial.write_piece_sync, index, data, expected[index] if expected else None)
         except IntegrityError:
@@ -268,9 +272,10 @@ class Scheduler:
                 "the origin's content changed"
             ) from None
         if recorded is None:
-            return  # a duplicate of a piece already in: not counted twice
+            return False  # a duplicate of a piece already in: not counted twice
         self._metrics.fetched_bytes.labels(ORIGIN).inc(len(data))
         on_bytes(ORIGIN, len(data))
+        return True
 
     async def _fetch_stream(
         self, partial: PartialBlob, file: OriginFile, origin: Origin, on_bytes: OnBytes, expected: list[bytes] | None
