@@ -457,7 +457,7 @@ class Driver:
             "ip", "netns", "exec", ns, *cmd,
             stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=err, start_new_session=True,
-            cwd=str(self.work),  # not the repo: `python -m cached` would import ./cached before PYTHONPATH
+            cwd=str(self.work / "cwd"),  # empty: `python -m cached` imports ./cached before PYTHONPATH
         )
         if log_to:
             err.close()
@@ -688,7 +688,7 @@ class Driver:
         if not pythonpath:
             res.extra.pop("pythonpath", None)
         n = self.a.nodes
-        base = self.work / "cached"
+        base = self.work / "nodes-cached"
         shutil.rmtree(base, ignore_errors=True)
         base.mkdir(parents=True)
         token = base / "token"
@@ -814,7 +814,9 @@ class Driver:
 
     async def run(self) -> list[MethodResult]:
         a = self.a
+        shutil.rmtree(self.work / "logs", ignore_errors=True)
         (self.work / "logs").mkdir(parents=True, exist_ok=True)
+        (self.work / "cwd").mkdir(parents=True, exist_ok=True)
         model, digest, torrent = await asyncio.to_thread(self.prepare_model)
         log(f"model {fmt_size(a.size)} blake3={digest[:16]}..")
         log(f"network: origin {a.origin_rate / 1e6:.0f} Mbit/s, {a.nodes} nodes at {a.node_rate / 1e6:.0f} Mbit/s")
@@ -934,7 +936,7 @@ def plot(results: list[MethodResult], a: argparse.Namespace, path: Path) -> None
             colors[r.name] = next(spare, "tab:gray")
     bound = a.size * 8 / a.origin_rate
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 8.5))
-    shown = [r for r in results if not r.skipped]
+    shown = [r for r in results if not r.skipped and r.node_s]
     width = 0.8 / max(1, len(shown))
     for k, r in enumerate(shown):
         xs = [i + 1 + (k - (len(shown) - 1) / 2) * width for i in range(len(r.node_s))]
@@ -1056,7 +1058,7 @@ def main() -> int:
         driver.kill_all_sync()
         teardown_network()
         if not a.keep:
-            for d in ("cached", "direct", "torrent"):
+            for d in ("nodes-cached", "direct", "torrent"):
                 shutil.rmtree(a.workdir / d, ignore_errors=True)
     text = report(results, a)
     print(text)

@@ -29,15 +29,16 @@ from cached.store.partial import read_piece_log
 from cached.types import BlobId, hash_piece, piece_count, piece_span
 from tests.integration.test_p2p import (
     MIB,
+    all_see_all,
     blob_holders,
     blobs_of,
-    cluster,
     metric,
+    node_flags,
     prefetch,
     view_digests,
     token_file,  # noqa: F401 - the fixture
 )
-from tests.integration.test_p2p_faults import corrupt_pieces
+from tests.support.corrupt import flip_byte
 from tests.support.node import running_daemon
 from tests.support.origin import Origin, write_random_file
 from tests.support.wait import wait_until
@@ -79,10 +80,25 @@ def scrub_reports(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.getMessage().startswith("scrub done")]
 
 
+def corrupt(blob: Path, pieces: list[int]) -> None:
+    size = blob.stat().st_size
+    for i in pieces:
+        off, length = piece_span(i, size, PIECE)
+        flip_byte(blob, off + min(4096, length - 1))
+
+
 async def rot(blob: Path, pieces: list[int], *, check: bool = True) -> None:
-    await asyncio.to_thread(corrupt_pieces, blob, pieces, PIECE)
+    await asyncio.to_thread(corrupt, blob, pieces)
     if check:  # not while a scrub runs: it may already be repairing
         assert await asyncio.to_thread(bad_pieces_on_disk, blob) == pieces
+
+
+async def pair(stack: contextlib.AsyncExitStack, tmp_path: Path, token_file: Path, **extra: Any) -> tuple[Daemon, Daemon]:
+    """Two nodes of one cluster, b seeded from a; returns once each lists the other alive."""
+    a = await stack.enter_async_context(running_daemon(tmp_path / "a", node_id="a", **node_flags(token_file, piece="256K", **extra)))
+    b = await stack.enter_async_context(running_daemon(tmp_path / "b", node_id="b", **node_flags(token_file, a, piece="256K", **extra)))
+    await wait_until(lambda: all_see_all({"a": a, "b": b}), timeout_s=15, what="a and b see each other")
+    return a, b
 
 
 async def verify(d: Daemon, ref: str | None = None) -> dict[str, Any]:
@@ -90,27 +106,35 @@ async def verify(d: Daemon, ref: str | None = None) -> dict[str, Any]:
         return await api.request("POST", "/v1/verify", body={"ref": ref} if ref else None, long=True)
 
 
+async def status(d: Daemon, ref: str) -> dict[str, Any]:
+    async with ApiClient(d.api_address) as api:
+        return await api.request("GET", "/v1/models/status", params={"ref": ref})
+
+
 # --- one node: the scrub finds it, the origin repairs it ------------------------------------------
 
 
 async def test_the_background_scrub_finds_rot_and_repairs_it_from_the_origin(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     src = write_random_file(tmp_path / "origin" / "model.bin", SIZE, seed=301)
-    want = await view_digests({"path": src.parent})
+    want = await view_digests({"path": str(src.parent)})
     caplog.set_level(logging.INFO, logger="cached")
     async with Origin(src.parent) as origin, running_daemon(tmp_path / "a", **{"store.piece_size_bytes": "256K", **SCRUB}) as d:
         model = await prefetch(d, origin.file_url("model.bin"))
         blob = d.store.blob_path(blobs_of(d, model)["model.bin"])
         await wait_until(lambda: scrub_reports(caplog), timeout_s=10, what="a first scrub")
         assert await metric(d, "cached_verify_bad_pieces_total") == 0
-        sent = origin.counters.bytes_sent
+        sent, before = origin.counters.bytes_sent, len(scrub_reports(caplog))
 
         await rot(blob, [3, 16], check=False)  # 16: the short last piece
 
-        # Nobody asks: the scrub, on its own schedule, finds both pieces and repairs them.
-        await wait_until(lambda: blob_clean(blob), timeout_s=15, what="the scrub to repair the blob")
-        seen = len(scrub_reports(caplog))
-        await wait_until(lambda: len(scrub_reports(caplog)) > seen, timeout_s=10, what="one more scrub after the repair")
-        assert scrub_reports(caplog)[-1].split()[3] == "bad_pieces=0", scrub_reports(caplog)[-1]
+        # Nobody asks: the scrub, on its own schedule, finds both pieces and repairs them; a later
+        # round finds the blob clean.
+        def found_then_clean() -> bool:
+            bad = [int(m.split()[3].removeprefix("bad_pieces=")) for m in scrub_reports(caplog)[before:]]
+            return sum(bad) == 2 and bad[-1] == 0
+
+        await wait_until(found_then_clean, timeout_s=15, what="a scrub that repairs, then a clean one")
+        assert await blob_clean(blob)
         assert await metric(d, "cached_verify_bad_pieces_total") == 2, "each bad piece counted once"
         assert origin.counters.bytes_sent - sent == PIECE + (SIZE - 16 * PIECE), "only the two bad pieces were read again"
         assert await view_digests(model) == want
@@ -124,12 +148,11 @@ async def test_the_background_scrub_finds_rot_and_repairs_it_from_the_origin(tmp
 @pytest.mark.parametrize("detect", ["verify", "scrub"])
 async def test_rot_is_repaired_from_a_peer_with_the_origin_stopped(tmp_path: Path, token_file: Path, detect: str) -> None:
     src = write_random_file(tmp_path / "origin" / "model.bin", SIZE, seed=311)
-    want = await view_digests({"path": src.parent})
+    want = await view_digests({"path": str(src.parent)})
     extra = SCRUB if detect == "scrub" else {}
     async with contextlib.AsyncExitStack() as stack:
         origin = await stack.enter_async_context(Origin(src.parent))
-        nodes = await stack.enter_async_context(cluster(stack, tmp_path, token_file, "ab", piece="256K", **extra))
-        a, b = nodes["a"], nodes["b"]
+        a, b = await pair(stack, tmp_path, token_file, **extra)
         model_a = await prefetch(a, origin.file_url("model.bin"))
         model_b = await prefetch(b, model_a["ref"])
         assert model_b["sources"] == {"peer": SIZE, "origin": 0}
@@ -147,7 +170,12 @@ async def test_rot_is_repaired_from_a_peer_with_the_origin_stopped(tmp_path: Pat
             assert (report["bad_pieces"], report["repaired_blobs"], report["errors"]) == (3, 1, []), report
             assert report["checked_bytes"] == SIZE
         else:
-            await wait_until(lambda: blob_clean(blob), timeout_s=15, what="the scrub to repair the blob from b")
+            view = Path(model_a["path"]) / "model.bin"
+
+            async def repaired() -> bool:  # the blob replaced, and the view moved onto it
+                return await blob_clean(blob) and os.path.samefile(view, blob)
+
+            await wait_until(repaired, timeout_s=15, what="the scrub to repair the blob from b")
 
         assert await blob_clean(blob)
         assert await metric(a, "cached_verify_bad_pieces_total") == 3
@@ -160,20 +188,14 @@ async def test_rot_is_repaired_from_a_peer_with_the_origin_stopped(tmp_path: Pat
         await asyncio.to_thread(assert_store_sound, a)
 
 
-async def status(d: Daemon, ref: str) -> dict[str, Any]:
-    async with ApiClient(d.api_address) as api:
-        return await api.request("GET", "/v1/models/status", params={"ref": ref})
-
-
 async def test_rot_on_both_nodes_at_one_piece_takes_that_piece_from_the_origin(tmp_path: Path, token_file: Path) -> None:
     """The peer's copy of piece 7 is rotten too: its bytes are refused, the origin supplies that one
     piece, the peer the other; then the peer heals its own piece 7 from the repaired node."""
     src = write_random_file(tmp_path / "origin" / "model.bin", SIZE, seed=321)
-    want = await view_digests({"path": src.parent})
+    want = await view_digests({"path": str(src.parent)})
     async with contextlib.AsyncExitStack() as stack:
         origin = await stack.enter_async_context(Origin(src.parent))
-        nodes = await stack.enter_async_context(cluster(stack, tmp_path, token_file, "ab", piece="256K"))
-        a, b = nodes["a"], nodes["b"]
+        a, b = await pair(stack, tmp_path, token_file)
         model_a = await prefetch(a, origin.file_url("model.bin"))
         await prefetch(b, model_a["ref"])
         blob_hex = blobs_of(a, model_a)["model.bin"]
@@ -202,7 +224,7 @@ async def test_rot_on_both_nodes_at_one_piece_takes_that_piece_from_the_origin(t
 
 async def test_rot_with_no_source_reachable_is_reported_and_repaired_once_the_origin_is_back(tmp_path: Path) -> None:
     src = write_random_file(tmp_path / "origin" / "model.bin", SIZE, seed=331)
-    want = await view_digests({"path": src.parent})
+    want = await view_digests({"path": str(src.parent)})
     flags = {"store.piece_size_bytes": "256K", "origins.http.retries": 1}
     async with running_daemon(tmp_path / "a", **flags) as d:
         origin = await Origin(src.parent).start()

@@ -38,6 +38,7 @@ from urllib.parse import quote, urlencode
 
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from yarl import URL
 
 from cached.api.client import ApiClient
 from cached.daemon import Daemon
@@ -256,19 +257,22 @@ class Target:
     lease_id: str
 
     def safe_ref(self, ref: str) -> str:
-        """``ref`` if sending it cannot make the daemon reach beyond 127.0.0.1 or read a real path
-        outside the sandbox; else a ref of the same kind that fails fast and locally."""
-        try:
-            parsed = ModelRef.parse(ref)
-        except Exception:  # noqa: BLE001 - refused before any I/O: that is what is under test
-            return ref
-        if parsed.kind is RefKind.HTTP:
-            host = ref.split("://", 1)[1].split("/", 1)[0]
-            if host not in (f"127.0.0.1:{self.origin.port}", CLOSED):
-                return f"http://127.0.0.1:{self.origin.port}/missing-{zlib.crc32(ref.encode(errors='surrogatepass')) % 1000}.bin"
-        if parsed.kind is RefKind.FILE and os.path.lexists(parsed.path):
-            return "file:///nonexistent-cached-hostile/" + str(zlib.crc32(ref.encode(errors='surrogatepass')) % 1000)
+        return safe_ref(ref, self.origin.port)
+
+
+def safe_ref(ref: str, origin_port: int) -> str:
+    """``ref`` if sending it cannot make the daemon reach beyond 127.0.0.1 or read a real path;
+    else a ref of the same kind that fails fast and locally (hf refs go to the loopback hub)."""
+    try:
+        parsed = ModelRef.parse(ref)
+    except Exception:  # noqa: BLE001 - refused before any I/O: that is what is under test
         return ref
+    tag = zlib.crc32(ref.encode("utf-8", "surrogatepass")) % 1000
+    if parsed.kind is RefKind.HTTP and (URL(parsed.url).host, URL(parsed.url).port) not in (("127.0.0.1", origin_port), ("127.0.0.1", 9)):
+        return f"http://127.0.0.1:{origin_port}/missing-{tag}.bin"
+    if parsed.kind is RefKind.FILE and os.path.lexists(parsed.path):
+        return f"file:///nonexistent-cached-hostile/{tag}"
+    return ref
 
 
 @contextlib.asynccontextmanager

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import inspect
 import logging
 import re
@@ -28,7 +27,6 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from cached.config import PeerConfig
 from cached.transfer.scheduler import PEER_FAULT_LIMIT, Scheduler
 from tests.integration.test_bitrot import assert_store_sound
 from tests.integration.test_p2p import (
@@ -52,7 +50,6 @@ STALL_TIMEOUT_S = 0.5
 # Requests D keeps in flight to one peer for one blob (the Scheduler's default).
 PEER_LIMIT = inspect.signature(Scheduler.__init__).parameters["peer_limit"].default
 _PIECE_READ = re.compile(r"^/p2p/v1/(blobs|partials)/[^/]+$")
-STALL_CONFIGURABLE = "stall_timeout_s" in {f.name for f in dataclasses.fields(PeerConfig)}
 
 
 class LyingProxy:
@@ -137,8 +134,6 @@ def peer_api_port(caplog: pytest.LogCaptureFixture, node_id: str) -> str:
 
 @pytest.mark.parametrize("mode", ["flip", "truncate", "stall", "500"])
 async def test_a_lying_peer_is_banned_and_the_download_is_exact(tmp_path: Path, token_file: Path, caplog: pytest.LogCaptureFixture, mode: str) -> None:
-    if mode == "stall" and not STALL_CONFIGURABLE:
-        pytest.skip("gap: the peer client's read timeout (PeerClient timeout_s=10) cannot be configured; a stall costs 10 s")
     srcs = [write_random_file(tmp_path / "origin" / f"m{i}.bin", SIZE, seed=400 + i) for i in range(2)]
     want = await asyncio.to_thread(sha256_tree, srcs[0].parent)
     caplog.set_level(logging.INFO, logger="cached")
@@ -162,7 +157,8 @@ async def test_a_lying_peer_is_banned_and_the_download_is_exact(tmp_path: Path, 
             blobs.append(blobs_of(liar, model_l)[src.name])
         assert proxy.piece_reads >= 2 * 17 and proxy.lies == 0
 
-        stall = {"peer.stall_timeout_s": STALL_TIMEOUT_S} if STALL_CONFIGURABLE else {}
+        # A stalled read is given up after peer.stall_timeout_s (PeerClient's read timeout).
+        stall = {"peer.stall_timeout_s": STALL_TIMEOUT_S}
         d = await stack.enter_async_context(running_daemon(tmp_path / "d", node_id="d", **node_flags(token_file, h, piece=PIECE_FLAG, **stall)))
         for blob in blobs:
             await wait_until(lambda blob=blob: blob_holders(d, blob) == {"h", "l"}, timeout_s=10, what="d learns h and l hold both blobs")

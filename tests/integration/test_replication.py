@@ -68,18 +68,19 @@ class Cluster:
         self.flags: dict[str, dict[str, Any]] = {}
         self._stacks: dict[str, contextlib.AsyncExitStack] = {}
 
-    async def start(self, name: str, labels: dict[str, str] | None = None, **extra: Any) -> Daemon:
+    async def start(self, name: str, labels: dict[str, str] | None = None, cache: str | None = None, **extra: Any) -> Daemon:
         seeds = [d.peer_address for d in self.nodes.values()][:1]
         flags = {"cluster.token_file": str(self.token_file), **FAST, "peer.seeds": seeds, **extra}
+        cache_dir = self.tmp_path / (cache or name)
         stack = contextlib.AsyncExitStack()
         await stack.__aenter__()
         try:
             if labels is None:
-                d = await stack.enter_async_context(running_daemon(self.tmp_path / name, node_id=name, **flags))
+                d = await stack.enter_async_context(running_daemon(cache_dir, node_id=name, **flags))
             else:
                 # running_daemon(labels=...) is refused by config.load (see test_labels_can_be_set_as_a_flag);
                 # the Config it would build, with the labels set, is the same daemon.
-                cfg = dataclasses.replace(node_config(self.tmp_path / name, node_id=name, **flags), labels=labels)
+                cfg = dataclasses.replace(node_config(cache_dir, node_id=name, **flags), labels=labels)
                 d = await stack.enter_async_context(Daemon(cfg))
         except BaseException:
             await stack.aclose()
@@ -98,7 +99,8 @@ class Cluster:
 
     def reload(self, name: str, **changes: Any) -> list[str]:
         """What SIGHUP does, with ``changes`` over the flags the node was started with."""
-        return self.nodes[name].reload(node_config(self.tmp_path / name, node_id=name, **{**self.flags[name], **changes}))
+        d = self.nodes[name]
+        return d.reload(node_config(d.cfg.store.cache_dir, node_id=name, **{**self.flags[name], **changes}))
 
     def all_see_all(self) -> bool:
         for name, d in self.nodes.items():
@@ -135,6 +137,15 @@ async def ready_on(d: Daemon, ref: str) -> set[str]:
 async def catalogs_agree(c: Cluster, expected: list[dict[str, Any]]) -> bool:
     for d in c.nodes.values():
         if await call(d, "GET", "/v1/catalog") != expected:
+            return False
+    return True
+
+
+def dead_everywhere(c: Cluster, name: str) -> bool:
+    for d in c.nodes.values():
+        assert d.gossip is not None
+        m = d.gossip.membership.get(name)
+        if m is None or m.status.value != "dead":
             return False
     return True
 
@@ -204,7 +215,9 @@ async def test_replicate_fails_over_to_the_next_node_and_demotes_it_when_the_own
     assert (await status(cluster.nodes[idle], ref))["state"] == "absent"
 
     # The dead owner comes back on its cache: it is an owner again, and the stand-in's copy is a
-    # spare -- still there, still ready, but no longer protected.
+    # spare -- still there, still ready, but no longer protected. (It comes back once every node
+    # has declared it dead; a restart quicker than that is test_a_quick_restart_... below.)
+    await wait_until(lambda: dead_everywhere(cluster, first), timeout_s=DEAD_S + 10, what=f"{first} dead in every view")
     await cluster.start(first)
     await wait_until(cluster.all_see_all, timeout_s=15, what=f"{first} alive again in every view")
     expected = [{"ref": ref, "replicas": 2, "labels": {}, "owners": [first, second]}]
@@ -256,6 +269,43 @@ async def test_replicate_fails_over_to_the_next_node_and_demotes_it_when_the_own
 
 async def _eq(value: Any, expected: Any) -> bool:
     return await value == expected
+
+
+async def test_a_quick_restart_replaces_what_peers_believe_the_node_holds(cluster: Cluster, origin: Origin) -> None:
+    # A node restarted (here: on a fresh disk) before its peers declare it dead starts a new life
+    # with new holdings. Its peers must drop what they knew of the previous life: what they
+    # believe it holds decides what the reconciler protects and where transfers are sent.
+    slow_death = {"peer.dead_after_s": 60.0}
+    x = await cluster.start("x", **slow_death)
+    y = await cluster.start("y", **slow_death)
+    await wait_until(cluster.all_see_all, timeout_s=15, what="x and y see each other")
+    ref = origin.file_url("model.gguf")
+    assert (await call(x, "POST", "/v1/prefetch", {"ref": ref, "wait": True}))["state"] == "ready"
+    assert x.gossip is not None and y.gossip is not None
+
+    def y_knows_x_holds_it() -> bool:
+        assert x.gossip is not None and y.gossip is not None
+        return "x" in dict(y.gossip.view.with_ref(ref)) and y.gossip.view.version("x") == x.gossip.holdings.version
+
+    await wait_until(y_knows_x_holds_it, timeout_s=10, what="y's view of x up to date")
+    old_life = y.gossip.membership.get("x").info.incarnation  # type: ignore[union-attr]
+
+    await cluster.stop("x")
+    x = await cluster.start("x", cache="x-new-disk", **slow_death)
+    assert (await status(x, ref))["state"] == "absent"
+
+    def y_sees_new_life() -> bool:
+        assert y.gossip is not None
+        m = y.gossip.membership.get("x")
+        return m is not None and m.info.incarnation > old_life and m.status.value == "alive"
+
+    await wait_until(y_sees_new_life, timeout_s=10, what="y sees x's new incarnation alive")
+
+    def y_forgot_old_holdings() -> bool:
+        assert y.gossip is not None
+        return "x" not in dict(y.gossip.view.with_ref(ref))
+
+    await wait_until(y_forgot_old_holdings, timeout_s=5, what="y no longer believes x holds the model")
 
 
 async def test_labels_keep_a_model_on_matching_nodes_only(cluster: Cluster, origin: Origin) -> None:

@@ -1,0 +1,342 @@
+"""A network partition, for real: one owner's link goes down, the cluster re-replicates, it heals.
+
+Topology, built by the test and deleted by it (the recipe of ``test_peers_netns.py`` and
+``scripts/bench_cluster.py``): a switch namespace holding a bridge, and one namespace per node
+with a veth whose other end is a port of the bridge. Addresses are in 198.18.0.0/15; nothing is
+configured in the host's namespace, so no packet can reach a real interface. The switch
+namespace also runs a tiny static HTTP server (aiohttp, with Range) as the origin.
+
+Three daemons (subprocesses via ``ip netns exec``, ``--no-mdns``, static seeds, a cluster token,
+short gossip/suspect/dead timings from a TOML file) form a cluster; ``POST /v1/replicate`` with
+``replicas = 2`` makes the two HRW owners fetch the model. Then the switch-side veth of one owner
+is set down (a cut cable, no netem): the other two must declare it dead, the third node becomes an
+owner and gets a ready copy from the surviving owner (peer bytes only, none from the origin).
+When the link comes back up, the cut node must be alive again in everyone's view (same process,
+same incarnation: its heartbeat moving on is enough), the owners must be the original two again
+on every node, and the stand-in copy must be kept but demoted (``replicas.spare``).
+
+Needs root and ``ip netns``; skipped otherwise. Every wait is bounded in time and count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import secrets
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from tests.support.node import REPO
+from tests.support.origin import write_random_file
+
+pytestmark = [pytest.mark.system, pytest.mark.netns]
+
+TOKEN = "partition-cluster-token-0123456789abcdef"
+NET = "198.18.77"  # a /24 inside 198.18.0.0/15
+ORIGIN_IP = f"{NET}.1"
+ORIGIN_PORT = 8080
+PEER_PORT = 7471
+MODEL_SIZE = 2 * 1024 * 1024 + 5
+DEADLINE_S = 30.0
+CONFIG = """
+[peer]
+gossip_interval_s = 0.25
+suspect_after_s = 1.5
+dead_after_s = 3.0
+
+[origins.http]
+retries = 2
+backoff_s = 0.1
+backoff_max_s = 0.5
+"""
+# The origin: aiohttp's static files (Range, ETag), bound to the switch namespace's bridge address.
+ORIGIN_SCRIPT = """
+import sys
+from aiohttp import web
+app = web.Application()
+app.router.add_static("/", sys.argv[1])
+web.run_app(app, host=sys.argv[2], port=int(sys.argv[3]), print=lambda *a: print("ready", flush=True), access_log=None)
+"""
+
+
+def sh(*argv: str, check: bool = True, timeout_s: float = 20.0) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: {r.stderr.strip() or r.stdout.strip()}")
+    return r
+
+
+class Network:
+    """A switch namespace with a bridge, and one namespace per node plugged into it."""
+
+    def __init__(self, n: int) -> None:
+        prefix = f"cached-pt-{secrets.token_hex(3)}-"
+        self.switch = prefix + "sw"
+        self.nodes = [f"{prefix}n{i}" for i in range(1, n + 1)]
+        self.made: list[str] = []
+
+    @staticmethod
+    def ip(i: int) -> str:
+        return f"{NET}.{10 + i}"
+
+    @staticmethod
+    def port_of(i: int) -> str:
+        return f"s-n{i}"  # the switch-side veth of node i
+
+    def build(self) -> None:
+        sh("ip", "netns", "add", self.switch)
+        self.made.append(self.switch)
+        sw = self.switch
+        sh("ip", "-n", sw, "link", "add", "br0", "type", "bridge")
+        sh("ip", "-n", sw, "addr", "add", f"{ORIGIN_IP}/24", "dev", "br0")
+        sh("ip", "-n", sw, "link", "set", "br0", "up")
+        sh("ip", "-n", sw, "link", "set", "lo", "up")
+        for i, ns in enumerate(self.nodes, start=1):
+            sh("ip", "netns", "add", ns)
+            self.made.append(ns)
+            # Created inside the switch namespace, the peer end goes straight into the node's:
+            # neither end ever exists in the host's namespace.
+            sh("ip", "-n", sw, "link", "add", self.port_of(i), "type", "veth", "peer", "name", "eth0", "netns", ns)
+            sh("ip", "-n", sw, "link", "set", self.port_of(i), "master", "br0")
+            sh("ip", "-n", sw, "link", "set", self.port_of(i), "up")
+            sh("ip", "-n", ns, "addr", "add", f"{self.ip(i)}/24", "dev", "eth0")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+            sh("ip", "-n", ns, "link", "set", "eth0", "up")
+
+    def set_link(self, i: int, up: bool) -> None:
+        sh("ip", "-n", self.switch, "link", "set", self.port_of(i), "up" if up else "down")
+
+    def teardown(self) -> None:
+        """Kill what still runs in our namespaces (by pid: only processes this test started), delete them.
+        The bridge and the veths live inside these namespaces and go with them."""
+        for ns in self.made:
+            for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+        for ns in reversed(self.made):
+            sh("ip", "netns", "del", ns, check=False)
+        left = set(sh("ip", "netns", "list", check=False).stdout.split()) & set(self.made)
+        assert not left, f"namespaces left behind: {left}"
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=10)
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(self._path)
+
+
+class Node:
+    """``python -m cached`` in its namespace; its local API on a unix socket the test reads directly."""
+
+    def __init__(self, ns: str, workdir: Path, node_id: str, ip: str) -> None:
+        self.ns, self.node_id, self.ip = ns, node_id, ip
+        self.dir = workdir / node_id
+        self.dir.mkdir(parents=True)
+        self.socket = self.dir / "api.sock"
+        self.log = self.dir / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def peer(self) -> str:
+        return f"{self.ip}:{PEER_PORT}"
+
+    def start(self, token: Path, config: Path, seeds: list[str]) -> None:
+        argv = [
+            "ip", "netns", "exec", self.ns, sys.executable, "-m", "cached",
+            "--config", str(config),
+            "--node-id", self.node_id,
+            "--cache-dir", str(self.dir / "cache"),
+            "--api-listen", f"unix:{self.socket}",
+            "--peer-listen", self.peer,
+            "--advertise", self.peer,
+            "--cluster-token-file", str(token),
+            "--no-mdns",
+            "--hf-endpoint", "http://127.0.0.1:9",
+            "--max-cache-bytes", "1G",  # the same capacity everywhere: equal HRW weights
+            "--piece-size", "256K",
+        ]
+        for s in seeds:
+            argv += ["--seed", s]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env.pop("NOTIFY_SOCKET", None)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env, cwd=REPO)
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        conn = _UnixHTTPConnection(str(self.socket))
+        try:
+            conn.request(method, path, body=json.dumps(body) if body is not None else None, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            data = json.loads(resp.read() or b"null")
+            if resp.status >= 400:
+                raise AssertionError(f"{self.node_id}: {method} {path} -> {resp.status} {data}")
+            return data
+        finally:
+            conn.close()
+
+    def try_call(self, method: str, path: str) -> Any:
+        try:
+            return self.call(method, path)
+        except (OSError, AssertionError, ValueError):
+            return None
+
+    def peers(self) -> dict[str, str]:
+        return {p["node_id"]: p["state"] for p in self.try_call("GET", "/v1/peers") or []}
+
+    def model(self, ref: str) -> dict[str, Any]:
+        return self.try_call("GET", f"/v1/models/status?ref={ref}") or {}
+
+    def owners(self, ref: str) -> list[str] | None:
+        for e in self.try_call("GET", "/v1/catalog") or []:
+            if e["ref"] == ref:
+                return list(e["owners"])
+        return None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        return self.proc.returncode
+
+    def tail(self) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else "(none)"
+        return f"--- {self.node_id} log ---\n" + "\n".join(text.splitlines()[-25:])
+
+
+@pytest.fixture
+def network() -> Iterator[Network]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create network namespaces (ip netns add)")
+    if shutil.which("ip") is None:
+        pytest.skip("needs the ip command (iproute2)")
+    net = Network(3)
+    try:
+        try:
+            net.build()
+        except RuntimeError as e:
+            pytest.skip(f"cannot build the namespace network: {e}")
+        yield net
+    finally:
+        net.teardown()
+
+
+def poll(pred: Callable[[], Any], what: str, nodes: list[Node], timeout_s: float = DEADLINE_S) -> Any:
+    """Bounded in time and in count; fails with every node's log."""
+    deadline = time.monotonic() + timeout_s
+    for _ in range(int(timeout_s / 0.1) + 1):
+        dead = [n for n in nodes if not n.alive()]
+        assert not dead, f"daemon exited while waiting for {what}:\n" + "\n".join(n.tail() for n in dead)
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}\n" + "\n".join(n.tail() for n in nodes))
+
+
+def test_a_cut_owner_is_replaced_from_the_survivor_and_heals(tmp_path: Path, network: Network) -> None:
+    token = tmp_path / "cluster.token"
+    token.write_text(TOKEN)
+    token.chmod(0o600)
+    config = tmp_path / "config.toml"
+    config.write_text(CONFIG)
+    model = write_random_file(tmp_path / "www" / "model.bin", MODEL_SIZE, seed=77)
+    ref = f"http://{ORIGIN_IP}:{ORIGIN_PORT}/model.bin"
+
+    origin = subprocess.Popen(
+        ["ip", "netns", "exec", network.switch, sys.executable, "-c", ORIGIN_SCRIPT, str(model.parent), ORIGIN_IP, str(ORIGIN_PORT)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    nodes = [Node(ns, tmp_path, f"node-{i}", network.ip(i)) for i, ns in enumerate(network.nodes, start=1)]
+    by_id = {n.node_id: n for n in nodes}
+    index = {n.node_id: i for i, n in enumerate(nodes, start=1)}
+    try:
+        assert origin.stdout is not None
+        ready, _, _ = select.select([origin.stdout], [], [], 20)
+        line = origin.stdout.readline() if ready else b""
+        assert line.strip() == b"ready", f"origin did not start: {line!r} {origin.poll()}"
+        for n in nodes:
+            n.start(token, config, [m.peer for m in nodes if m is not n])
+
+        def everyone_alive() -> bool:
+            return all(n.peers() == {m.node_id: "alive" for m in nodes if m is not n} for n in nodes)
+
+        poll(everyone_alive, "the three nodes to see each other alive", nodes)
+
+        # --- replicas = 2: the two owners fetch it from the origin -----------------------------
+        entry = nodes[0].call("POST", "/v1/replicate", {"ref": ref, "replicas": 2})
+        owners = entry["owners"]
+        assert len(owners) == 2, entry
+        (spare_id,) = {n.node_id for n in nodes} - set(owners)
+        poll(lambda: all(n.owners(ref) == owners for n in nodes), "every node to agree on the owners", nodes)
+        poll(lambda: all(by_id[o].model(ref).get("state") == "ready" for o in owners), "both owners ready", nodes)
+        assert by_id[spare_id].model(ref)["state"] == "absent"
+
+        # --- cut one owner's cable -------------------------------------------------------------
+        cut, survivor = by_id[owners[0]], by_id[owners[1]]
+        spare = by_id[spare_id]
+        network.set_link(index[cut.node_id], up=False)
+        poll(lambda: survivor.peers().get(cut.node_id) == "dead" and spare.peers().get(cut.node_id) == "dead",
+             f"{cut.node_id} declared dead by the others", nodes)
+        assert survivor.peers().get(spare.node_id) == "alive" and spare.peers().get(survivor.node_id) == "alive", (
+            "the two connected nodes kept each other alive through the partition: "
+            f"{survivor.node_id} sees {survivor.peers()}, {spare.node_id} sees {spare.peers()}"
+        )
+        new_owners = sorted([survivor.node_id, spare.node_id])
+        poll(lambda: sorted(survivor.owners(ref) or []) == new_owners == sorted(spare.owners(ref) or []),
+             f"{spare.node_id} promoted to owner", nodes)
+        copy = poll(lambda: (m := spare.model(ref)).get("state") == "ready" and m, f"a ready copy on {spare.node_id}", nodes)
+        assert copy["sources"] == {"peer": MODEL_SIZE, "origin": 0}, f"the stand-in copy came from the survivor: {copy['sources']}"
+        assert copy["manifest"] == survivor.model(ref)["manifest"]
+        # The cut node saw the same partition from its side.
+        poll(lambda: set(cut.peers().values()) == {"dead"}, f"{cut.node_id} to see the others dead", nodes)
+        assert cut.model(ref)["state"] == "ready"
+
+        # --- heal ------------------------------------------------------------------------------
+        network.set_link(index[cut.node_id], up=True)
+        poll(everyone_alive, f"{cut.node_id} alive again in everyone's view", nodes, timeout_s=DEADLINE_S)
+        poll(lambda: all(n.owners(ref) == owners for n in nodes), "the original owners back on every node", nodes)
+        for o in owners:
+            assert by_id[o].model(ref)["state"] == "ready", o
+        demoted = poll(lambda: (m := spare.model(ref)).get("replicas", {}).get("spare") and m, f"{spare.node_id}'s copy demoted", nodes)
+        assert demoted["state"] == "ready", "a demoted copy is kept, not deleted"
+        assert demoted["replicas"]["owners"] == owners
+
+        for n in nodes:
+            assert n.stop() == 0, f"{n.node_id} did not stop cleanly\n{n.tail()}"
+    finally:
+        for n in nodes:
+            n.stop()
+        if origin.poll() is None:
+            origin.send_signal(signal.SIGTERM)
+            try:
+                origin.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                origin.kill()
+                origin.wait(timeout=10)
