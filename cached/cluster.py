@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from cached.errors import RequestError
+from cached.errors import RefError, RequestError
 from cached.jobs import Jobs
 from cached.placement import rank
 from cached.store import Store
@@ -55,7 +56,10 @@ class CatalogEntry:
         if not 0 <= replicas <= 1000:
             raise ValueError("replicas out of range")
         labels = {str(k): str(v) for k, v in dict(d.get("labels") or {}).items()}
-        return cls(ref=ref, replicas=replicas, labels=labels, updated_at=float(d["updated_at"]), updated_by=str(d["updated_by"]))
+        updated_at = float(d["updated_at"])
+        if not math.isfinite(updated_at):
+            raise ValueError("updated_at must be a finite number")
+        return cls(ref=ref, replicas=replicas, labels=labels, updated_at=updated_at, updated_by=str(d["updated_by"]))
 
 
 class Catalog:
@@ -81,7 +85,7 @@ class Catalog:
         for raw in entries:
             try:
                 e = CatalogEntry.from_json(raw)
-            except (KeyError, ValueError, TypeError, AttributeError, OverflowError) as err:
+            except (KeyError, ValueError, TypeError, AttributeError, OverflowError, RefError) as err:
                 log.debug("dropping a malformed catalog entry: %s", err)
                 continue
             cur = self._entries.get(e.ref)
@@ -145,7 +149,7 @@ class Reconciler:
 
     def protects(self, ref: str) -> bool:
         """Eviction guard: an owned model, or a copy the cluster cannot spare."""
-        if ref in self._owned:
+        if ref in self._owned or self._node_id in self.owners(ref):
             return True
         entry = self.catalog.get(ref)
         if entry is None:
@@ -154,7 +158,7 @@ class Reconciler:
 
     def demoted(self, ref: str) -> bool:
         """A catalog model held here although this node is not an owner: evictable spare."""
-        return self.catalog.get(ref) is not None and ref not in self._owned and self._store.model(ModelRef.parse(ref)) is not None
+        return self.catalog.get(ref) is not None and self._node_id not in self.owners(ref) and self._store.model(ModelRef.parse(ref)) is not None
 
     def reconcile(self) -> list[str]:
         """One pass. Returns the refs this node started fetching."""

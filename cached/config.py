@@ -222,7 +222,7 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
             raise ConfigError(dotted, "unknown key")
     if leaf not in node:
         raise ConfigError(dotted, "unknown key")
-    if isinstance(node[leaf], dict):
+    if isinstance(node[leaf], dict) and dotted != "labels":
         raise ConfigError(dotted, "is a table; name one of its keys")
     node[leaf] = value
 

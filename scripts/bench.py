@@ -456,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="before starting, wait up to S seconds for the CPUs to be idle (other work skews the figures)")
     p.add_argument("--retry-noisy", type=int, default=2, metavar="N",
                    help=f"repeat a timed run up to N times while other work used > {NOISY_CPUS} CPUs during it (default 2)")
+    p.add_argument("--nice", type=int, default=0, metavar="N",
+                   help="run the whole benchmark (server, daemons, curl) at this nice value; a negative one "
+                        "(root) keeps other work on a shared machine from skewing the figures")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args(argv)
 
@@ -469,6 +472,11 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             p.error(f"--variant {spec!r}: {e}")
 
+    if args.nice:
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, args.nice)  # inherited by every child started below
+        except OSError as e:
+            log(f"cannot set nice {args.nice}: {e.strerror}; running at the default priority")
     # SIGTERM (a CI timeout, a kill) unwinds like ^C, so that the daemons, the server and the work dir are cleaned up.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     parent = Path(args.tmpdir)
@@ -589,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += [(d.variant.label, median(d.times), d.times) for d in daemons]
         print()
         print(f"file {fmt_size(size)} ({size} bytes), {args.runs} runs (+{args.warmup} warm-up), medians; server: {server.kind}; "
-              f"{os.cpu_count()} CPUs; {platform.python_version()}")
+              f"{os.cpu_count()} CPUs; Python {platform.python_version()}; nice {os.getpriority(os.PRIO_PROCESS, 0)}")
         print(f"{'method':<34} {'median s':>9} {'MB/s':>8} {'vs curl+fsync':>14} {'vs curl':>8}   runs (s)")
         for name, t, raw in rows:
             print(f"{name:<34} {t:>9.2f} {mb / t:>8.0f} {base_sync / t:>14.2f} {base_alone / t:>8.2f}   "
@@ -610,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.json).write_text(json.dumps({
                 "date": started.isoformat(timespec="seconds"),
                 "command": " ".join(["scripts/bench", *(argv if argv is not None else sys.argv[1:])]),
-                "size_bytes": size, "runs": args.runs, "warmup": args.warmup, "pause_s": args.pause, "server": server.kind, "cpus": os.cpu_count(),
+                "size_bytes": size, "runs": args.runs, "warmup": args.warmup, "pause_s": args.pause, "nice": os.getpriority(os.PRIO_PROCESS, 0), "server": server.kind, "cpus": os.cpu_count(),
                 "background_cpu_before": busy_before, "background_cpu_after": busy_after, "other_work_cpus_per_run": other, "curl_s": curl_alone, "curl_fsync_s": curl_sync, "cachectl_overhead_s": overhead, "prefetch_1mib_s": fixed,
                 "cached": {d.variant.label: d.times for d in daemons},
                 "ratio_vs_curl_fsync": ratio, "ratio_vs_curl": base_alone / median(daemons[0].times),

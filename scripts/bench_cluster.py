@@ -881,7 +881,7 @@ def report(results: list[MethodResult], a: argparse.Namespace) -> str:
     lines = [
         f"{a.nodes} nodes at {a.node_rate / 1e6:.0f} Mbit/s, origin at {a.origin_rate / 1e6:.0f} Mbit/s, "
         f"model {fmt_size(a.size)}; lower bound (model size / origin rate) = {bound:.1f} s",
-        f"cached: git {git_info()}, --piece-size {fmt_size(a.piece_size)}, origins.http.connections={a.origin_connections}, "
+        f"cached: git {a.git}, --piece-size {fmt_size(a.piece_size)}, origins.http.connections={a.origin_connections}, "
         f"peer.gossip_interval_s={a.gossip_interval}" + (f", peer.stall_timeout_s={a.stall_timeout}" if a.stall_timeout else "")
         + f"; {os.cpu_count()} CPUs",
         "",
@@ -1036,6 +1036,7 @@ def main() -> int:
             print(f"bench-cluster: '{tool}' not found (apt-get install iproute2 curl)", file=sys.stderr)
             return 2
     a.workdir.mkdir(parents=True, exist_ok=True)
+    a.git = git_info()  # the code the daemons run, as of the start
     out = a.out or a.workdir / "results"
     driver = Driver(a)
 
@@ -1067,7 +1068,7 @@ def main() -> int:
     (out / "results.json").write_text(json.dumps({
         "size": a.size, "nodes": a.nodes, "origin_rate": a.origin_rate, "node_rate": a.node_rate, "piece_size": a.piece_size,
         "origin_connections": a.origin_connections, "variants": a.variants, "gossip_interval_s": a.gossip_interval, "cpus": os.cpu_count(),
-        "git": git_info(),
+        "git": a.git,
         "results": [r.__dict__ for r in results],
     }, indent=1, default=str))
     try:

@@ -68,7 +68,8 @@ def _strip_xet(value: Any) -> Any:
 
 
 def hf_error(status: int, code: str | None, message: str, commit: str | None = None) -> web.Response:
-    headers = {"X-Error-Message": message[:500].replace("\n", " ")}
+    # Printable ASCII only: the message may quote what the client sent (header injection).
+    headers = {"X-Error-Message": "".join(c if 32 <= ord(c) < 127 else "?" for c in message[:500])}
     if code:
         headers["X-Error-Code"] = code
     if commit:

@@ -510,10 +510,18 @@ class LocalApi:
 
     @staticmethod
     def _node_names(args: dict[str, Any]) -> list[str]:
-        if isinstance(args.get("NodeNames"), list):
-            return [str(n) for n in args["NodeNames"]]
-        items = ((args.get("Nodes") or {}).get("items") or []) if isinstance(args.get("Nodes"), dict) else []
-        return [str((i.get("metadata") or {}).get("name")) for i in items if isinstance(i, dict)]
+        names = args.get("NodeNames")
+        if names is not None:
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise RequestError("'NodeNames' must be a list of node names")
+            return names
+        nodes = args.get("Nodes")
+        items = (nodes.get("items") or []) if isinstance(nodes, dict) else [] if nodes is None else None
+        if not isinstance(items, list) or not all(
+            isinstance(i, dict) and isinstance(i.get("metadata"), dict) and isinstance(i["metadata"].get("name"), str) for i in items
+        ):
+            raise RequestError("'Nodes' must be a NodeList whose items have metadata.name")
+        return [i["metadata"]["name"] for i in items]
 
     async def k8s_filter(self, request: web.Request) -> web.Response:
         """Scheduler extender filter: with ``cached.io/require-local: "true"`` only nodes holding a
@@ -526,7 +534,7 @@ class LocalApi:
         result: dict[str, Any] = {"NodeNames": keep, "FailedNodes": failed, "Error": ""}
         if isinstance(args.get("Nodes"), dict):
             items = args["Nodes"].get("items") or []
-            result["Nodes"] = {**args["Nodes"], "items": [i for i in items if (i.get("metadata") or {}).get("name") in keep]}
+            result["Nodes"] = {**args["Nodes"], "items": [i for i in items if i["metadata"]["name"] in keep]}
             result["NodeNames"] = None
         return web.json_response(result)
 

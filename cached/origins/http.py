@@ -162,8 +162,24 @@ class HttpOrigin:
             raise client_error(e, url) from None
 
     async def check_unchanged(self, file: OriginFile) -> None:
-        # Every read carried If-Range (or was checked against the ETag), so a change was caught there.
-        return None
+        # If-Range is checked when a response starts; a file rewritten in place while bodies were
+        # still streaming is only seen by asking once more after the last piece is in.
+        url = file.locator
+        try:
+            async with self._session.head(url, allow_redirects=True, timeout=self._timeout, headers={"Accept-Encoding": "identity"}) as resp:
+                if resp.status in (405, 501):
+                    return  # no HEAD: the per-request checks are all there is
+                if resp.status != 200:
+                    raise status_error(resp.status, url, resp.reason or "")
+                validator = resp.headers.get("ETag", "") or resp.headers.get("Last-Modified", "")
+                size = resp.content_length
+        except OriginError:
+            raise
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            raise client_error(e, url) from None
+        before = file.checksums.get("etag") or file.checksums.get("last_modified", "")
+        if validator != before or (size is not None and size != file.size):
+            raise OriginChanged(f"{url}: the file changed at the origin during the download")
 
     async def check_content(self, file: OriginFile, data_path: Path) -> None:
         return None  # a plain HTTP server publishes no checksum we could trust

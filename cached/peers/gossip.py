@@ -53,6 +53,7 @@ class Gossip:
         self._fanout = fanout
         self._seeds: set[str] = set(seeds)
         self._capacity = capacity
+        self._round_timeout_s = interval_s
         self._rng = rng or random.Random()
         self._pulling: set[str] = set()
         self.rounds = 0
@@ -92,11 +93,14 @@ class Gossip:
                 infos.append(MemberInfo.from_json(raw))
             except ValueError:
                 self._metrics.gossip_errors.labels("malformed").inc()
+        lives = {i.node_id: m.info.incarnation for i in infos if (m := self.membership.get(i.node_id)) is not None}
         changed = self.membership.merge(infos)
         for node_id in changed:
             m = self.membership.get(node_id)
             if m is not None:
                 self._seeds.discard(m.info.address)
+                if node_id in lives and m.info.incarnation != lives[node_id]:
+                    self.view.forget(node_id)  # a new life numbers its holdings from scratch
         self._update_gauges()
 
     # --- outgoing ------------------------------------------------------------------------------
@@ -119,7 +123,10 @@ class Gossip:
             self.view.forget(node_id)
         targets = self._targets()
         if targets:
-            await asyncio.gather(*(self._exchange(a) for a in targets))
+            # A peer that never answers must not hold up our own heartbeat.
+            await asyncio.gather(
+                *(asyncio.wait_for(self._exchange(a), self._round_timeout_s) for a in targets), return_exceptions=True
+            )
         await self._pull_holdings()
         self.rounds += 1
         self._metrics.gossip_rounds.inc()
@@ -157,7 +164,7 @@ class Gossip:
             if m.info.holdings_version > self.view.version(m.info.node_id) and m.info.node_id not in self._pulling
         ]
         if stale:
-            await asyncio.gather(*(self._pull(m.info) for m in stale))
+            await asyncio.gather(*(asyncio.wait_for(self._pull(m.info), self._round_timeout_s) for m in stale), return_exceptions=True)
 
     async def _pull(self, info: MemberInfo) -> None:
         self._pulling.add(info.node_id)

@@ -46,9 +46,10 @@ class ModelRecord:
 class Reservation:
     """Space promised to a fetch before its partial files exist; shrinks as they are created."""
 
-    def __init__(self, store: "Store", nbytes: int) -> None:
+    def __init__(self, store: "Store", nbytes: int, evicted: list[str] | None = None) -> None:
         self._store = store
         self.remaining = nbytes
+        self.evicted = evicted or []  # models evicted to make room for it
 
     def consume(self, nbytes: int) -> None:
         self.remaining = max(0, self.remaining - nbytes)
@@ -683,10 +684,15 @@ class Store:
         """Promise ``nbytes`` to a fetch, evicting LRU models if needed; StoreFullError if impossible."""
         limit = self.capacity_bytes - nbytes
         over = self.used_bytes + self.reserved_bytes - limit
+        # The filesystem may hold less than the capacity says (max_bytes above the disk size, a
+        # disk shared with other data): what it lacks must be freed too.
+        st = await asyncio.to_thread(os.statvfs, self.root)
+        over = max(over, nbytes + self.reserved_bytes - st.f_bavail * st.f_frsize)
+        evicted: list[str] = []
         # Evict only when that can make the fetch fit: a model that can never fit must not
         # empty the cache on its way to failing.
         if over > 0 and over <= self.reclaimable():
-            await self.evict_to(limit)
+            _, evicted = await self.evict_to(self.used_bytes + self.reserved_bytes - over)
         if self.used_bytes + self.reserved_bytes > limit:
             free = self.capacity_bytes - self.used_bytes - self.reserved_bytes
             raise StoreFullError(
@@ -696,7 +702,7 @@ class Store:
                 needed_bytes=nbytes,
                 available_bytes=max(0, free),
             )
-        r = Reservation(self, nbytes)
+        r = Reservation(self, nbytes, evicted)
         self._reservations.add(r)
         return r
 

@@ -19,7 +19,7 @@ from cached.metrics import Metrics
 from cached.origins import Origins, Resolution
 from cached.peers.client import PeerError
 from cached.store import ModelRecord, Store
-from cached.transfer.scheduler import Scheduler
+from cached.transfer.scheduler import Scheduler, _error_kind
 from cached.transfer.sources import PeerDirectory, Swarm
 from cached.types import BlobId, FileEntry, Manifest, ModelRef, OriginFile
 
@@ -87,6 +87,7 @@ class ModelFetcher:
             try:
                 return await origin.resolve(ref)
             except OriginError as e:
+                self._metrics.origin_errors.labels(_error_kind(e)).inc()
                 if not e.retryable or attempt >= 2:
                     raise
                 await asyncio.sleep(self._scheduler.backoff_s(attempt))
@@ -131,6 +132,7 @@ class ModelFetcher:
 
         progress.partial_keys = [f.key for f in need]
         reservation = await self._store.reserve(sum(f.size for f in need if not self._store.has_partial(f.key)))
+        self._metrics.evictions.inc(len(reservation.evicted))
         fetched: dict[str, BlobId] = {}
         sem = asyncio.Semaphore(FILES_AT_ONCE)
 

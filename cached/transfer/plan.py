@@ -67,8 +67,11 @@ def assign(
 
     # Endgame: when only a few pieces remain and all are in flight, ask a second source for each,
     # so one slow source cannot hold the whole blob back. The scheduler cancels the loser.
+    still_missing = set(missing)
     if not todo and 0 < len(inflight) <= endgame_pieces:
-        for index in sorted(inflight):
+        # Only pieces still missing: a finished piece whose losing copy is being cancelled must
+        # never be asked again (that would loop forever at the end of a blob).
+        for index in sorted(i for i in inflight if i in still_missing):
             if global_free <= 0:
                 break
             if len(inflight[index]) >= 2:

@@ -139,7 +139,11 @@ class Scheduler:
         try:
             while True:
                 missing = partial.missing()
-                if not missing and not tasks:
+                if not missing:
+                    if tasks:
+                        # Complete. A copy that recorded its piece is only counting it now; give
+                        # it a moment. Losing endgame copies still reading are cancelled below.
+                        await asyncio.wait(tasks, timeout=0.5)
                     return
                 if swarm is not None and expected is None and await swarm.learn_table():
                     expected = swarm.table  # a peer finished it: every piece is now checkable
@@ -162,9 +166,13 @@ class Scheduler:
                     for p in peers
                 ]
                 origin_ok = [i for i in missing if swarm is None or swarm.origin_allowed(i, out | bad_from.get(i, set()))]
-                views.append(SourceView(name=ORIGIN, is_origin=True, limit=limit, inflight=load.get(ORIGIN, 0), pieces=frozenset(origin_ok)))
+                # Sharing the origin with others who want the same file: ask it for few pieces at a
+                # time, so each finishes early and can be relayed while the next ones come in
+                # (all pieces in flight at once would all land at the very end).
+                origin_limit = limit if swarm is None else max(1, limit // max(1, swarm.wanting()))
+                views.append(SourceView(name=ORIGIN, is_origin=True, limit=origin_limit, inflight=load.get(ORIGIN, 0), pieces=frozenset(origin_ok)))
                 plan = assign(
-                    missing=missing, inflight=inflight, sources=views, global_free=limit + len(peers) * self._peer_limit - len(tasks),
+                    missing=missing, inflight=inflight, sources=views, global_free=origin_limit + len(peers) * self._peer_limit - len(tasks),
                     endgame_pieces=2 if swarm is not None else 0,
                 )
                 for a in plan:

@@ -129,6 +129,11 @@ class Swarm:
             return True
         return self._stalled(owner)
 
+    def wanting(self) -> int:
+        """How many live nodes, this one included, are fetching this same file."""
+        alive = {n for n, _ in self._dir.alive()}
+        return 1 + sum(1 for n, _ in self._dir.view.with_partial(self.key) if n in alive and n != self._dir.me)
+
     def _stalled(self, node_id: str) -> bool:
         held = next((len(p.pieces) for n, p in self._dir.view.with_partial(self.key) if n == node_id), 0)
         now = self._clock()

@@ -47,6 +47,7 @@ from tests.support.hfclients import tiny_model_files
 from tests.support.hub import Hub
 from tests.support.node import running_daemon
 from tests.support.origin import Origin, write_random_file
+from tests.support.wait import wait_until
 
 TOKEN = "hostile-input-cluster-token-0123456789"
 HF_REPO = "acme/tiny"
@@ -54,8 +55,8 @@ PIECE = 64 * 1024
 CLOSED = "127.0.0.1:9"  # discard port: refused at once
 TEN_MIB = 10 << 20
 REQUEST_TIMEOUT_S = 20.0
-LOCAL_EXAMPLES = 500
-PEER_EXAMPLES = 300
+LOCAL_EXAMPLES = 1200
+PEER_EXAMPLES = 600
 TRACEBACK = re.compile(rb"Traceback \(most recent call last\)|File \"[^\"]+\", line \d+|\bline \d+, in \w+")
 
 
@@ -626,3 +627,29 @@ async def test_traversal_in_hf_resolve_paths_never_serves_outside_files(tmp_path
         await attack(t, run)
         found.assert_clean()
         assert t.d.store.model(ModelRef.parse(f"hf://{HF_REPO}")) is not None
+
+
+
+async def test_a_ready_model_answers_ready_at_once_while_downloads_hold_every_job_slot(tmp_path: Path) -> None:
+    """Launchers of a ready model must not wait behind other downloads, nor see it as "queued"
+    with no path because a concurrent prefetch of it (a no-op) is waiting for a job slot."""
+    src = write_random_file(tmp_path / "models" / "m" / "weights.bin", PIECE + 1, seed=72)
+    write_random_file(tmp_path / "origin" / "big.bin", 4 << 20, seed=73)
+    flags = {"store.piece_size_bytes": "64K", "jobs.max_concurrent": 1}
+    async with Origin(tmp_path / "origin") as origin, running_daemon(tmp_path / "cache", **flags) as d, ApiClient(d.api_address) as api:
+        ref = f"file://{src.parent}"
+        ready = await api.request("POST", "/v1/prefetch", body={"ref": ref, "wait": True})
+        assert ready["state"] == "ready" and ready["path"]
+        origin.faults.rate_bps = 256 * 1024  # the one job slot stays busy for ~16 s
+        big = origin.file_url("big.bin")
+        await api.request("POST", "/v1/prefetch", body={"ref": big})
+        try:
+            await wait_until(lambda: d.jobs.get(ModelRef.parse(big)) is not None and d.jobs.get(ModelRef.parse(big)).state.value == "fetching",
+                             timeout_s=10, what="the big download running")
+            await api.request("POST", "/v1/prefetch", body={"ref": ref})  # another launcher, not waiting
+            status = await api.request("GET", "/v1/models/status", params={"ref": ref})
+            again = await api.request("POST", "/v1/prefetch", body={"ref": ref, "wait": True, "timeout_s": 2})
+            assert (status["state"], status["path"]) == ("ready", ready["path"]), f"status of a ready model: {status['state']}, path {status['path']}"
+            assert (again["state"], again["path"]) == ("ready", ready["path"]), f"prefetch --wait of a ready model: {again['state']}, path {again['path']}"
+        finally:
+            await api.request("POST", "/v1/evict", body={"ref": big, "force": True})

@@ -11,8 +11,10 @@ on matching nodes only, and a node outside any cluster answers 409.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -134,6 +136,10 @@ async def ready_on(d: Daemon, ref: str) -> set[str]:
     return {n["node_id"] for n in nodes if n["state"] == "ready"}
 
 
+async def _eq(value: Any, expected: Any) -> bool:
+    return await value == expected
+
+
 async def catalogs_agree(c: Cluster, expected: list[dict[str, Any]]) -> bool:
     for d in c.nodes.values():
         if await call(d, "GET", "/v1/catalog") != expected:
@@ -148,6 +154,10 @@ def dead_everywhere(c: Cluster, name: str) -> bool:
         if m is None or m.status.value != "dead":
             return False
     return True
+
+
+async def is_spare(d: Daemon, ref: str) -> bool:
+    return (await status(d, ref)).get("replicas", {}).get("spare") is True
 
 
 async def evictions(d: Daemon) -> float:
@@ -211,8 +221,12 @@ async def test_replicate_fails_over_to_the_next_node_and_demotes_it_when_the_own
     assert model["sources"] == {"peer": SIZE, "origin": 0}, model
     assert model["replicas"] == {"target": 2, "owners": owners(ref, live, 2), "spare": False}
     assert origin.counters.bytes_sent == SIZE, "the stand-in fetched from the surviving peer, not the origin"
-    assert await ready_on(cluster.nodes[idle], ref) == {second, stand_in}
-    assert (await status(cluster.nodes[idle], ref))["state"] == "absent"
+    held = await ready_on(cluster.nodes[idle], ref)
+    assert {second, stand_in} <= held <= {second, stand_in, idle}, held
+    if idle in held:
+        # A moment of disagreement about who is alive (a slow gossip round under load) can make
+        # a third node fetch too; that copy must end up a spare, not a third owner.
+        await wait_until(lambda: is_spare(cluster.nodes[idle], ref), timeout_s=10, what=f"{idle}'s extra copy demoted")
 
     # The dead owner comes back on its cache: it is an owner again, and the stand-in's copy is a
     # spare -- still there, still ready, but no longer protected. (It comes back once every node
@@ -232,7 +246,7 @@ async def test_replicate_fails_over_to_the_next_node_and_demotes_it_when_the_own
     assert spare["state"] == "ready" and spare["replicas"]["owners"] == [first, second], spare
     returned = await status(cluster.nodes[first], ref)
     assert returned["state"] == "ready" and returned["replicas"]["spare"] is False, returned
-    assert await ready_on(cluster.nodes[idle], ref) == {first, second, stand_in}, "demoted, not deleted"
+    assert {first, second, stand_in} <= await ready_on(cluster.nodes[idle], ref), "demoted, not deleted"
     assert origin.counters.bytes_sent == SIZE
 
     # No pressure: gc keeps the spare.
@@ -256,7 +270,8 @@ async def test_replicate_fails_over_to_the_next_node_and_demotes_it_when_the_own
     assert evicted in ([ref], []), evicted  # ([]: the node's own housekeeping got there first)
     assert await evictions(cluster.nodes[stand_in]) == 1
     assert await evictions(cluster.nodes[second]) == 0
-    assert await ready_on(cluster.nodes[idle], ref) == {first, second}
+    held = await ready_on(cluster.nodes[idle], ref)
+    assert stand_in not in held and {first, second} <= held, held
 
     # replicas = 0 removes the entry everywhere; the copies stay (evictable, no longer counted).
     removed = await call(cluster.nodes[idle], "POST", "/v1/replicate", {"ref": ref, "replicas": 0})
@@ -265,10 +280,6 @@ async def test_replicate_fails_over_to_the_next_node_and_demotes_it_when_the_own
     for n in (first, second):
         model = await status(cluster.nodes[n], ref)
         assert model["state"] == "ready" and "replicas" not in model, model
-
-
-async def _eq(value: Any, expected: Any) -> bool:
-    return await value == expected
 
 
 async def test_a_quick_restart_replaces_what_peers_believe_the_node_holds(cluster: Cluster, origin: Origin) -> None:
@@ -306,6 +317,49 @@ async def test_a_quick_restart_replaces_what_peers_believe_the_node_holds(cluste
         return "x" not in dict(y.gossip.view.with_ref(ref))
 
     await wait_until(y_forgot_old_holdings, timeout_s=5, what="y no longer believes x holds the model")
+
+
+async def test_a_peer_that_never_answers_does_not_stall_a_nodes_heartbeat(cluster: Cluster) -> None:
+    # y gossips with x and with an address that accepts connections and never answers (a wedged
+    # process, a host behind a black-holing firewall). y must keep its rounds, and so its
+    # heartbeat, going: otherwise x suspects a healthy y, and placement moves its models away.
+    opened: list[float] = []
+    writers: list[asyncio.StreamWriter] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        opened.append(time.monotonic())
+        writers.append(writer)
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(1 << 16):
+                pass
+
+    hole = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    try:
+        x = await cluster.start("x")
+        y = await cluster.start("y", **{"peer.seeds": [x.peer_address, f"127.0.0.1:{hole.sockets[0].getsockname()[1]}"]})
+        await wait_until(cluster.all_see_all, timeout_s=15, what="x and y see each other")
+        await wait_until(lambda: opened, timeout_s=5, what="y contacts the silent address")
+        assert x.gossip is not None and y.gossip is not None
+        start = y.gossip.rounds
+        seen: set[str] = set()
+
+        def y_goes_on() -> bool:
+            assert x.gossip is not None and y.gossip is not None
+            m = x.gossip.membership.get("y")
+            seen.add(m.status.value if m else "absent")
+            # Ten rounds at 0.2 s span twice suspect_after_s.
+            return y.gossip.rounds >= start + 10
+
+        try:
+            await wait_until(y_goes_on, timeout_s=6, what="y's gossip rounds to go on")
+        except AssertionError as e:
+            raise AssertionError(f"{e}: y did {y.gossip.rounds - start} rounds; x saw y as {sorted(seen)}") from None
+        assert seen == {"alive"}, f"x saw a healthy y as {sorted(seen)}"
+    finally:
+        for w in writers:
+            w.close()
+        hole.close()
+        await hole.wait_closed()
 
 
 async def test_labels_keep_a_model_on_matching_nodes_only(cluster: Cluster, origin: Origin) -> None:

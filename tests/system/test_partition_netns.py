@@ -31,6 +31,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -52,8 +53,8 @@ DEADLINE_S = 30.0
 CONFIG = """
 [peer]
 gossip_interval_s = 0.25
-suspect_after_s = 1.5
-dead_after_s = 3.0
+suspect_after_s = 2.0
+dead_after_s = 4.0
 
 [origins.http]
 retries = 2
@@ -228,6 +229,35 @@ class Node:
         return f"--- {self.node_id} log ---\n" + "\n".join(text.splitlines()[-25:])
 
 
+class Watch:
+    """Samples, every 0.1 s in a thread, how two nodes see each other; any state but alive is a lapse."""
+
+    def __init__(self, a: Node, b: Node) -> None:
+        self.a, self.b = a, b
+        self.lapses: list[str] = []
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="watch", daemon=True)
+
+    def _run(self) -> None:
+        for _ in range(int(DEADLINE_S * 4 / 0.1)):  # bounded; stopped long before
+            if self._stop.wait(0.1):
+                return
+            for me, other in ((self.a, self.b), (self.b, self.a)):
+                state = me.peers().get(other.node_id)
+                self.samples += 1
+                if state is not None and state != "alive":
+                    self.lapses.append(f"{me.node_id} sees {other.node_id} {state}")
+
+    def __enter__(self) -> "Watch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
+
+
 @pytest.fixture
 def network() -> Iterator[Network]:
     if os.geteuid() != 0:
@@ -302,21 +332,22 @@ def test_a_cut_owner_is_replaced_from_the_survivor_and_heals(tmp_path: Path, net
         cut, survivor = by_id[owners[0]], by_id[owners[1]]
         spare = by_id[spare_id]
         network.set_link(index[cut.node_id], up=False)
-        poll(lambda: survivor.peers().get(cut.node_id) == "dead" and spare.peers().get(cut.node_id) == "dead",
-             f"{cut.node_id} declared dead by the others", nodes)
-        assert survivor.peers().get(spare.node_id) == "alive" and spare.peers().get(survivor.node_id) == "alive", (
-            "the two connected nodes kept each other alive through the partition: "
-            f"{survivor.node_id} sees {survivor.peers()}, {spare.node_id} sees {spare.peers()}"
+        with Watch(survivor, spare) as watch:  # the two still connected must never lose each other
+            poll(lambda: survivor.peers().get(cut.node_id) == "dead" and spare.peers().get(cut.node_id) == "dead",
+                 f"{cut.node_id} declared dead by the others", nodes)
+            new_owners = sorted([survivor.node_id, spare.node_id])
+            poll(lambda: sorted(survivor.owners(ref) or []) == new_owners == sorted(spare.owners(ref) or []),
+                 f"{spare.node_id} promoted to owner", nodes)
+            copy = poll(lambda: (m := spare.model(ref)).get("state") == "ready" and m, f"a ready copy on {spare.node_id}", nodes)
+            assert copy["sources"] == {"peer": MODEL_SIZE, "origin": 0}, f"the stand-in copy came from the survivor: {copy['sources']}"
+            assert copy["manifest"] == survivor.model(ref)["manifest"]
+            # The cut node saw the same partition from its side.
+            poll(lambda: set(cut.peers().values()) == {"dead"}, f"{cut.node_id} to see the others dead", nodes)
+            assert cut.model(ref)["state"] == "ready"
+        assert not watch.lapses, (
+            f"{survivor.node_id} and {spare.node_id} stayed connected, yet during the partition they saw each other as: "
+            f"{sorted(set(watch.lapses))} ({len(watch.lapses)} of {watch.samples} samples)\n" + "\n".join(n.tail() for n in nodes)
         )
-        new_owners = sorted([survivor.node_id, spare.node_id])
-        poll(lambda: sorted(survivor.owners(ref) or []) == new_owners == sorted(spare.owners(ref) or []),
-             f"{spare.node_id} promoted to owner", nodes)
-        copy = poll(lambda: (m := spare.model(ref)).get("state") == "ready" and m, f"a ready copy on {spare.node_id}", nodes)
-        assert copy["sources"] == {"peer": MODEL_SIZE, "origin": 0}, f"the stand-in copy came from the survivor: {copy['sources']}"
-        assert copy["manifest"] == survivor.model(ref)["manifest"]
-        # The cut node saw the same partition from its side.
-        poll(lambda: set(cut.peers().values()) == {"dead"}, f"{cut.node_id} to see the others dead", nodes)
-        assert cut.model(ref)["state"] == "ready"
 
         # --- heal ------------------------------------------------------------------------------
         network.set_link(index[cut.node_id], up=True)
