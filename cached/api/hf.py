@@ -297,6 +297,8 @@ class HfEndpoint:
         rng = request.headers.get("Range")
         if rng:
             m = _RANGE.match(rng.strip())
+            if m and any(len(g) > 18 for g in m.groups()):
+                return web.Response(status=416, headers={**headers, "Content-Range": f"bytes */{size}"})
             if m and (m.group(1) or m.group(2)):
                 if m.group(1):
                     start, end = int(m.group(1)), min(int(m.group(2)), size - 1) if m.group(2) else size - 1

@@ -311,6 +311,12 @@ class LocalApi:
         timeout_s = self._opt(body, "timeout_s", (int, float), None)
         if timeout_s is not None and not 0 < timeout_s <= 86400:
             raise RequestError("'timeout_s' must be between 0 and 86400")
+        current = self._jobs.get(ref)
+        if not refresh and self._store.model(ref) is not None and (current is None or not current.active):
+            # Ready here: answer at once, whatever queue the download jobs are in.
+            await self._store.touch(ref)
+            self._metrics.prefetch_jobs.labels("ok").inc()  # a prefetch that found it ready is one that succeeded
+            return web.json_response(self.model_object(ref), status=200)
         job = self._jobs.submit(ref, priority if not wait else min(priority, Priority.HIGH), refresh=refresh)
         if not wait:
             return web.json_response(self.model_object(ref), status=202)

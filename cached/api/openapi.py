@@ -26,7 +26,10 @@ def _ok(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any
 
 
 def _body(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
-    return {"required": True, **_json({"type": "object", "properties": properties, "required": required})}
+    schema: dict[str, Any] = {"type": "object", "properties": properties}
+    if required:  # OpenAPI 3.0 forbids an empty list here
+        schema["required"] = required
+    return {"required": True, **_json(schema)}
 
 
 REF = {"type": "string", "description": "hf://org/name[@rev], http(s)://host/file or file:///path"}

@@ -164,6 +164,8 @@ class PeerApi:
         self, request: web.Request, path: str, size: int, allowed: Callable[[int, int], bool], *, sendfile: bool = False
     ) -> web.StreamResponse:
         m = _RANGE.match(request.headers.get("Range", ""))
+        if m and any(len(g) > 18 for g in m.groups()):
+            return web.Response(status=416, headers={"Content-Range": f"bytes */{size}"})  # beyond any file
         if not m:
             return web.json_response({"error": "range_required", "message": "send Range: bytes=a-b"}, status=416)
         start = int(m.group(1))

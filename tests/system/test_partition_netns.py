@@ -9,8 +9,10 @@ namespace also runs a tiny static HTTP server (aiohttp, with Range) as the origi
 Three daemons (subprocesses via ``ip netns exec``, ``--no-mdns``, static seeds, a cluster token,
 short gossip/suspect/dead timings from a TOML file) form a cluster; ``POST /v1/replicate`` with
 ``replicas = 2`` makes the two HRW owners fetch the model. Then the switch-side veth of one owner
-is set down (a cut cable, no netem): the other two must declare it dead, the third node becomes an
-owner and gets a ready copy from the surviving owner (peer bytes only, none from the origin).
+is set down (a cut cable, no netem): the other two must declare it dead -- while never losing
+sight of each other (sampled every 0.1 s: a gossip round stuck on the silent peer would stop a
+node's heartbeat) -- and the third node becomes an owner and gets a ready copy from the surviving
+owner (peer bytes only, none from the origin).
 When the link comes back up, the cut node must be alive again in everyone's view (same process,
 same incarnation: its heartbeat moving on is enough), the owners must be the original two again
 on every node, and the stand-in copy must be kept but demoted (``replicas.spare``).
@@ -339,15 +341,15 @@ def test_a_cut_owner_is_replaced_from_the_survivor_and_heals(tmp_path: Path, net
             poll(lambda: sorted(survivor.owners(ref) or []) == new_owners == sorted(spare.owners(ref) or []),
                  f"{spare.node_id} promoted to owner", nodes)
             copy = poll(lambda: (m := spare.model(ref)).get("state") == "ready" and m, f"a ready copy on {spare.node_id}", nodes)
-            assert copy["sources"] == {"peer": MODEL_SIZE, "origin": 0}, f"the stand-in copy came from the survivor: {copy['sources']}"
-            assert copy["manifest"] == survivor.model(ref)["manifest"]
             # The cut node saw the same partition from its side.
             poll(lambda: set(cut.peers().values()) == {"dead"}, f"{cut.node_id} to see the others dead", nodes)
-            assert cut.model(ref)["state"] == "ready"
         assert not watch.lapses, (
             f"{survivor.node_id} and {spare.node_id} stayed connected, yet during the partition they saw each other as: "
             f"{sorted(set(watch.lapses))} ({len(watch.lapses)} of {watch.samples} samples)\n" + "\n".join(n.tail() for n in nodes)
         )
+        assert copy["sources"] == {"peer": MODEL_SIZE, "origin": 0}, f"the stand-in copy came from the survivor: {copy['sources']}"
+        assert copy["manifest"] == survivor.model(ref)["manifest"]
+        assert cut.model(ref)["state"] == "ready", "the cut node keeps its copy"
 
         # --- heal ------------------------------------------------------------------------------
         network.set_link(index[cut.node_id], up=True)
