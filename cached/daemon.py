@@ -404,7 +404,9 @@ def tls_contexts(cfg: Config) -> tuple[ssl.SSLContext | None, ssl.SSLContext | N
         if p.tls_ca_file is not None:
             server.load_verify_locations(str(p.tls_ca_file))
             server.verify_mode = ssl.CERT_REQUIRED  # mutual TLS: peers must prove themselves too
-        client = client_ssl(str(p.tls_ca_file) if p.tls_ca_file else None, str(p.tls_cert_file), str(p.tls_key_file))
+        client = client_ssl(
+            cert=str(p.tls_cert_file), key=str(p.tls_key_file), ca=str(p.tls_ca_file) if p.tls_ca_file else None
+        )
     except (OSError, ssl.SSLError) as e:
         raise ConfigError("peer.tls_cert_file", f"cannot load TLS files: {e}") from None
     return server, client
