@@ -316,7 +316,7 @@ class LocalApi:
             # Ready here: answer at once, whatever queue the download jobs are in.
             await self._store.touch(ref)
             self._metrics.prefetch_jobs.labels("ok").inc()  # a prefetch that found it ready is one that succeeded
-            return web.json_response(self.model_object(ref), status=200)
+            return web.json_response(self.model_object(ref), status=200 if wait else 202)
         job = self._jobs.submit(ref, priority if not wait else min(priority, Priority.HIGH), refresh=refresh)
         if not wait:
             return web.json_response(self.model_object(ref), status=202)

@@ -27,7 +27,7 @@ from cached.api.client import ApiClient
 from cached.daemon import Daemon
 from cached.store.partial import read_piece_log
 from cached.types import BlobId, hash_piece, piece_count, piece_span
-from tests.integration.test_p2p import (
+from tests.support.cluster import (
     MIB,
     all_see_all,
     blob_holders,

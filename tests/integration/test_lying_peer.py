@@ -29,7 +29,7 @@ from aiohttp import web
 
 from cached.transfer.scheduler import PEER_FAULT_LIMIT, Scheduler
 from tests.integration.test_bitrot import assert_store_sound
-from tests.integration.test_p2p import (
+from tests.support.cluster import (
     MIB,
     blob_holders,
     blobs_of,

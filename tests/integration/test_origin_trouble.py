@@ -23,7 +23,7 @@ from cached.daemon import Daemon
 from cached.store.partial import read_piece_log
 from cached.types import ModelRef, piece_span
 from tests.integration.test_bitrot import assert_store_sound
-from tests.integration.test_p2p import MIB, metric, prefetch
+from tests.support.cluster import MIB, metric, prefetch
 from tests.support.node import running_daemon
 from tests.support.origin import Origin, write_random_file
 from tests.support.wait import wait_until

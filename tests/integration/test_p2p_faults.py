@@ -20,7 +20,7 @@ import pytest
 from cached.api.client import ApiClient
 from cached.daemon import Daemon
 from cached.transfer.scheduler import PEER_FAULT_LIMIT
-from tests.integration.test_p2p import (
+from tests.support.cluster import (
     FAST,
     MIB,
     assert_from_peers,

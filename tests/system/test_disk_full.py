@@ -25,7 +25,7 @@ import pytest
 from cached.api.client import ApiClient, ApiError
 from cached.daemon import Daemon
 from tests.integration.test_bitrot import assert_store_sound
-from tests.integration.test_p2p import metric
+from tests.support.cluster import metric
 from tests.support.node import running_daemon
 from tests.support.origin import Origin, write_random_file
 
