@@ -564,14 +564,18 @@ def main(argv: list[str] | None = None) -> int:
             for c in contenders[shift:] + contenders[:shift]:
                 name = "curl" if c == "curl" else c.variant.label  # type: ignore[union-attr]
                 prof = work / f"py-spy-{daemons.index(c)}.txt" if run == 0 and isinstance(c, Daemon) else None
+                best: tuple[tuple[float, ...], float] | None = None
                 for attempt in range(1 + (0 if warmup else args.retry_noisy)):
                     vals, cores = timed(c, prof)
                     shown = f"{vals[0]:.2f}s, curl+fsync {vals[1]:.2f}s" if c == "curl" else f"{vals[0]:.2f}s"
                     noisy = cores > NOISY_CPUS
                     log(f"{tag}: {name} {shown} (other work: {cores:.2f} CPUs{'; noisy' if noisy else ''})")
+                    if best is None or cores < best[1]:
+                        best = (vals, cores)  # keep the attempt least disturbed by other work
                     if not noisy:
                         break
                     prof = None
+                vals, cores = best
                 if warmup:
                     continue
                 other.append(cores)

@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from cached.errors import IntegrityError, OriginError, StoreError, StoreFullError
+from cached.errors import CachedError, IntegrityError, OriginError, StoreError, StoreFullError
 from cached.metrics import Metrics
 from cached.origins import Origins, Resolution
 from cached.peers.client import PeerError
@@ -248,9 +248,22 @@ class ModelFetcher:
                 try:
                     await self.repair_blob(owner, entry, bad)
                     repaired += 1
-                except (OriginError, StoreError) as e:
+                except (OriginError, StoreError, PeerError) as e:
                     errors.append(f"{owner} {entry.path}: {e}")
+                    await self._withdraw(blob_hex, str(e))
         return VerifyReport(checked_bytes=checked, bad_pieces=bad_total, repaired_blobs=repaired, errors=tuple(errors))
+
+    async def _withdraw(self, blob_hex: str, why: str) -> None:
+        """A blob known bad and not repairable must not be served: its models go (a later
+        prefetch fetches them again)."""
+        for rec in self._store.models():
+            if any(f.blob.hex == blob_hex for f in rec.manifest.files):
+                ref = ModelRef.parse(rec.ref)
+                log.error("model withdrawn: a corrupt blob could not be repaired ref=%s blob=blake3:%s error=%s", ref, blob_hex, why)
+                with contextlib.suppress(CachedError):
+                    await self._store.remove_model(ref)
+        if self._store.has_partial(blob_hex):  # the failed repair's half-built copy
+            await self._store.discard_partial(blob_hex)
 
     async def repair_blob(self, ref: ModelRef, entry: FileEntry, bad: list[int]) -> None:
         """Rebuild a blob from its good pieces plus the bad ones, from peers that hold the blob or

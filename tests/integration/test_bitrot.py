@@ -219,18 +219,19 @@ async def test_rot_on_both_nodes_at_one_piece_takes_that_piece_from_the_origin(t
             await asyncio.to_thread(assert_store_sound, d)
 
 
-# --- no source reachable: reported, kept, repaired later ----------------------------------------------
+# --- no source reachable: reported, withdrawn, fetched again later ------------------------------------
 
 
-async def test_rot_with_no_source_reachable_is_reported_and_repaired_once_the_origin_is_back(tmp_path: Path) -> None:
+async def test_rot_with_no_source_reachable_is_reported_withdrawn_and_fetched_again_later(tmp_path: Path) -> None:
     src = write_random_file(tmp_path / "origin" / "model.bin", SIZE, seed=331)
     want = await view_digests({"path": str(src.parent)})
     flags = {"store.piece_size_bytes": "256K", "origins.http.retries": 1}
     async with running_daemon(tmp_path / "a", **flags) as d:
         origin = await Origin(src.parent).start()
         port = origin.port
+        ref = origin.file_url("model.bin")
         try:
-            model = await prefetch(d, origin.file_url("model.bin"))
+            model = await prefetch(d, ref)
         finally:
             await origin.stop()
         blob = d.store.blob_path(blobs_of(d, model)["model.bin"])
@@ -240,15 +241,16 @@ async def test_rot_with_no_source_reachable_is_reported_and_repaired_once_the_or
         assert (report["bad_pieces"], report["repaired_blobs"]) == (1, 0), report
         assert len(report["errors"]) == 1 and "cannot connect" in report["errors"][0], report["errors"]
         assert await metric(d, "cached_verify_bad_pieces_total") == 1
-        assert await asyncio.to_thread(bad_pieces_on_disk, blob) == [5]
+        # Known-bad bytes are never served: the model is withdrawn rather than left "ready".
+        async with ApiClient(d.api_address) as api:
+            status = await api.request("GET", "/v1/models/status", params={"ref": ref})
+        assert status["state"] == "absent" and not Path(model["path"]).exists(), status
+        await asyncio.to_thread(assert_store_sound, d)
 
         origin = await Origin(src.parent).start(port)  # back, at the same URL
         try:
-            report = await verify(d)
-            assert (report["bad_pieces"], report["repaired_blobs"], report["errors"]) == (1, 1, []), report
-            assert origin.counters.bytes_sent == PIECE
+            again = await prefetch(d, ref)
         finally:
             await origin.stop()
-        assert await metric(d, "cached_verify_bad_pieces_total") == 2, "found twice: once per verify that saw it"
-        assert await view_digests(model) == want
+        assert await view_digests(again) == want
         await asyncio.to_thread(assert_store_sound, d)
