@@ -134,7 +134,6 @@ async def client_python(version: str) -> str:
 async def _venv_036() -> str:
     """``<repo>/.venv-hf036/bin/python``, made once (a marker says it is complete; a lock lets
     parallel test processes share the work)."""
-    global _skip_036
     if _skip_036 is not None:
         pytest.skip(_skip_036)
     python = VENV_036 / "bin" / "python"
