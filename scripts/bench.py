@@ -443,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the work dir (source, logs, caches) and print its path")
     p.add_argument("--server", choices=("auto", "aiohttp", "nginx"), default="auto",
                    help="static server; auto = nginx if installed, else aiohttp (default auto)")
+    p.add_argument("--nginx-bin", metavar="PATH", help="nginx binary to use (default: nginx on PATH or in /usr/sbin)")
     p.add_argument("--variant", action="append", default=[], metavar="PIECE:CONN",
                    help="extra daemon setting to measure, e.g. 4M:8 (piece size : origins.http.connections); repeatable")
     p.add_argument("--sweep", action="store_true", help=f"add the variants {' '.join(SWEEP)}")
@@ -495,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         make_source(root / SMALL_NAME, 1 << 20)
         warm(src)
 
-        nginx = shutil.which("nginx") or (shutil.which("nginx", path="/usr/sbin:/usr/local/sbin"))
+        nginx = args.nginx_bin or shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
         if args.server == "nginx" or (args.server == "auto" and nginx):
             if not nginx:
                 p.error("--server nginx: nginx is not installed")
