@@ -4,6 +4,9 @@ Everything runs on 127.0.0.1: a static file server (nginx if installed, else aio
 ``web.static``, which answers with sendfile and honours Range), one ``cached`` daemon per
 configuration (``--no-mdns``, API on a unix socket), and curl. Runs alternate between curl and
 the daemon(s) and the medians are reported, since the page cache cannot be reliably dropped.
+Every timed run starts the same way (sync, pause, source re-read into the page cache), and the CPU
+that other processes used during it is measured and printed: on a shared machine that is what
+skews the figures most.
 
 The primary figure is throughput(cached) / throughput(curl + fsync of its output): the daemon's
 number includes BLAKE3 verification of every piece and the fsync of the blob, so curl is charged
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the checkout's cached, even where the venv has another installed
 FILE_NAME = "file.bin"
 SMALL_NAME = "small.bin"  # 1 MiB: what a prefetch costs besides moving bytes
 TARGET = 0.8
@@ -454,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pause", type=float, default=3.0, metavar="S",
                    help="pause before every timed run, after a sync (default 3; see settle() for why)")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
-                   help="before starting, wait up to S seconds for the CPUs to be idle (other work skews the figures)")
+                   help="before the runs and before each timed run, wait up to S seconds for the CPUs to be idle")
     p.add_argument("--retry-noisy", type=int, default=2, metavar="N",
                    help=f"repeat a timed run up to N times while other work used > {NOISY_CPUS} CPUs during it (default 2)")
     p.add_argument("--nice", type=int, default=0, metavar="N",
