@@ -126,6 +126,11 @@ class HttpOrigin:
         return {}
 
     async def read_range(self, file: OriginFile, offset: int, length: int) -> bytes:
+        return b"".join([chunk async for chunk in self.read_range_chunks(file, offset, length, batch=length)])
+
+    async def read_range_chunks(self, file: OriginFile, offset: int, length: int, *, batch: int = 1 << 20) -> AsyncIterator[bytes]:
+        """The range as it arrives, in ``batch``-sized pieces, so the caller can hash and write
+        each while the next is on the wire (one 16 MiB write is far slower than sixteen 1 MiB ones)."""
         url = file.locator
         headers = {"Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity", **self._if_range(file)}
         try:
@@ -139,7 +144,11 @@ class HttpOrigin:
                     raise OriginError(f"{url}: server answered a different range ({resp.headers.get('Content-Range')!r})", retryable=True)
                 if m.group(3) != "*" and int(m.group(3)) != file.size:
                     raise OriginChanged(f"{url}: the file changed size at the origin ({file.size} -> {m.group(3)})")
-                return await resp.content.readexactly(length)
+                remaining = length
+                while remaining:
+                    chunk = await resp.content.readexactly(min(batch, remaining))
+                    remaining -= len(chunk)
+                    yield chunk
         except OriginError:
             raise
         except (aiohttp.ClientError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:

@@ -188,6 +188,17 @@ class PartialBlob:
                 return None
         return digest
 
+    def write_at_sync(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        """Bytes of a piece still arriving; nothing is recorded until ``record_sync``."""
+        with self._op():
+            self._pwrite_all(data, offset)
+
+    def record_sync(self, index: int, digest: bytes) -> bool:
+        """Mark a piece whose bytes were written with ``write_at_sync`` and whose digest the
+        caller checked. False if another copy was recorded first."""
+        with self._op():
+            return self._record(index, digest)
+
     def adopt_piece_sync(self, index: int, expected: bytes | None = None) -> bytes:
         """Hash a piece already present in the data file (after a reflink clone) and record it."""
         off, length = piece_span(index, self.size, self.piece_size)

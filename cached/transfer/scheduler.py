@@ -16,6 +16,8 @@ import logging
 import os
 import random
 import time
+
+import blake3
 from typing import Callable
 
 from cached.config import HttpOriginConfig
@@ -251,6 +253,8 @@ class Scheduler:
         self, partial: PartialBlob, file: OriginFile, origin: Origin, index: int, on_bytes: OnBytes, expected: list[bytes] | None
     ) -> bool:
         off, length = piece_span(index, partial.size, partial.piece_size)
+        if hasattr(origin, "read_range_chunks"):
+            return await self._streamed_piece(partial, file, origin, index, on_bytes, expected)
         attempt = 0
         while True:
             try:
@@ -267,6 +271,45 @@ class Scheduler:
                 attempt += 1
                 await asyncio.sleep(delay)
         return await self._write(partial, index, data, expected, on_bytes)
+
+    async def _streamed_piece(
+        self, partial: PartialBlob, file: OriginFile, origin: Origin, index: int, on_bytes: OnBytes, expected: list[bytes] | None
+    ) -> bool:
+        """A piece hashed and written batch by batch as it arrives; recorded only once its digest
+        is known (and matches ``expected``). Bytes of a failed attempt stay unrecorded."""
+        off, length = piece_span(index, partial.size, partial.piece_size)
+        attempt = 0
+        while True:
+            hasher = blake3.blake3()
+            pos = off
+            try:
+                async with self._origin_slots:
+                    await self._origin_budget.take(length)
+                    async for chunk in origin.read_range_chunks(file, off, length):  # type: ignore[attr-defined]
+                        await asyncio.to_thread(_hash_and_write, partial, hasher, chunk, pos)
+                        pos += len(chunk)
+                if pos - off != length:
+                    raise OriginError(f"{file.locator}: piece {index} ended after {pos - off} of {length} bytes", retryable=True)
+                break
+            except OriginError as e:
+                self._metrics.origin_errors.labels(_error_kind(e)).inc()
+                if not e.retryable or attempt >= self._cfg.retries:
+                    raise
+                delay = self.backoff_s(attempt)
+                log.warning("origin read failed, retrying piece=%d attempt=%d in=%.1fs error=%s", index, attempt + 1, delay, e)
+                attempt += 1
+                await asyncio.sleep(delay)
+        digest = hasher.digest()
+        if expected is not None and digest != expected[index]:
+            self._metrics.piece_verify_failures.labels(ORIGIN).inc()
+            raise OriginChanged(
+                f"piece {index} from the origin does not match the digest this node stored for it: the origin's content changed"
+            )
+        if not await asyncio.to_thread(partial.record_sync, index, digest):
+            return False  # a duplicate of a piece already in: not counted twice
+        self._metrics.fetched_bytes.labels(ORIGIN).inc(length)
+        on_bytes(ORIGIN, length)
+        return True
 
     async def _write(
         self, partial: PartialBlob, index: int, data: bytes | bytearray, expected: list[bytes] | None, on_bytes: OnBytes
@@ -326,6 +369,11 @@ class Scheduler:
                 index += 1
         if received != file.size:
             raise OriginError(f"{file.locator}: body ended after {received} of {file.size} bytes", retryable=True)
+
+
+def _hash_and_write(partial: PartialBlob, hasher: "blake3.blake3", chunk: bytes, pos: int) -> None:
+    hasher.update(chunk)
+    partial.write_at_sync(chunk, pos)
 
 
 def _error_kind(e: OriginError) -> str:
