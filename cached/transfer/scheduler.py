@@ -263,14 +263,18 @@ class Scheduler:
                     data = await origin.read_range(file, off, length)
                 break
             except OriginError as e:
-                self._metrics.origin_errors.labels(_error_kind(e)).inc()
-                if not e.retryable or attempt >= self._cfg.retries:
-                    raise
-                delay = self.backoff_s(attempt)
-                log.warning("origin read failed, retrying piece=%d attempt=%d in=%.1fs error=%s", index, attempt + 1, delay, e)
-                attempt += 1
-                await asyncio.sleep(delay)
+                attempt = await self._after_origin_error(e, attempt, index)
         return await self._write(partial, index, data, expected, on_bytes)
+
+    async def _after_origin_error(self, e: OriginError, attempt: int, index: int) -> int:
+        """Count the failure; re-raise it if final, else back off. Returns the next attempt."""
+        self._metrics.origin_errors.labels(_error_kind(e)).inc()
+        if not e.retryable or attempt >= self._cfg.retries:
+            raise e
+        delay = self.backoff_s(attempt)
+        log.warning("origin read failed, retrying piece=%d attempt=%d in=%.1fs error=%s", index, attempt + 1, delay, e)
+        await asyncio.sleep(delay)
+        return attempt + 1
 
     async def _streamed_piece(
         self, partial: PartialBlob, file: OriginFile, origin: Origin, index: int, on_bytes: OnBytes, expected: list[bytes] | None
@@ -292,13 +296,7 @@ class Scheduler:
                     raise OriginError(f"{file.locator}: piece {index} ended after {pos - off} of {length} bytes", retryable=True)
                 break
             except OriginError as e:
-                self._metrics.origin_errors.labels(_error_kind(e)).inc()
-                if not e.retryable or attempt >= self._cfg.retries:
-                    raise
-                delay = self.backoff_s(attempt)
-                log.warning("origin read failed, retrying piece=%d attempt=%d in=%.1fs error=%s", index, attempt + 1, delay, e)
-                attempt += 1
-                await asyncio.sleep(delay)
+                attempt = await self._after_origin_error(e, attempt, index)
         digest = hasher.digest()
         if expected is not None and digest != expected[index]:
             self._metrics.piece_verify_failures.labels(ORIGIN).inc()
