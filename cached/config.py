@@ -154,7 +154,7 @@ class Config:
 # Every key the file may contain, with its default. Anything else is a typo and an error.
 _DEFAULTS: dict[str, Any] = {
     "node_id": None,
-    "labels": {},
+    "labels": {},  # a free-form table (see _FREEFORM), not a section
     "cache_dir": "/var/cache/cached",
     "api": {"listen": DEFAULT_API_LISTEN, "socket_mode": "0660"},
     "peer": {
@@ -200,12 +200,16 @@ _DEFAULTS: dict[str, Any] = {
 }
 
 
+# Tables whose keys are the user's own (node labels): taken whole, never checked key by key.
+_FREEFORM = frozenset({"labels"})
+
+
 def _merge(base: dict[str, Any], over: Mapping[str, Any], prefix: str = "") -> None:
     for key, value in over.items():
         dotted = f"{prefix}{key}"
         if key not in base:
             raise ConfigError(dotted, "unknown key")
-        if isinstance(base[key], dict) and key != "labels":
+        if isinstance(base[key], dict) and dotted not in _FREEFORM:
             if not isinstance(value, Mapping):
                 raise ConfigError(dotted, "expected a table")
             _merge(base[key], value, dotted + ".")
@@ -222,7 +226,7 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
             raise ConfigError(dotted, "unknown key")
     if leaf not in node:
         raise ConfigError(dotted, "unknown key")
-    if isinstance(node[leaf], dict) and dotted != "labels":
+    if isinstance(node[leaf], dict) and dotted not in _FREEFORM:
         raise ConfigError(dotted, "is a table; name one of its keys")
     node[leaf] = value
 

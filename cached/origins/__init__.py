@@ -54,6 +54,3 @@ class Origins:
         if origin is None:
             raise RefError(ref.canonical, f"{ref.kind}:// refs are not supported by this daemon yet")
         return origin
-
-    def for_kind(self, kind: RefKind) -> Origin | None:
-        return self._by_kind.get(kind)

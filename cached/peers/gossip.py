@@ -190,16 +190,6 @@ class Gossip:
         for state, n in self.membership.counts().items():
             self._metrics.peers.labels(state).set(n)
 
-    # --- queries -------------------------------------------------------------------------------
-
-    def address_of(self, node_id: str) -> str | None:
-        m = self.membership.get(node_id)
-        return m.info.address if m is not None else None
-
-    def is_alive(self, node_id: str) -> bool:
-        m = self.membership.get(node_id)
-        return m is not None and m.status is Status.ALIVE
-
 
 def default_advertise(listen_host: str, port: int) -> str:
     """The address peers should use when none is configured: the listen host, or our host name's."""

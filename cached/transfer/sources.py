@@ -21,7 +21,6 @@ from typing import Callable, Protocol
 from cached.peers.client import PeerClient
 from cached.peers.holdings import HoldingsView
 from cached.placement import rank
-from cached.transfer.plan import ORIGIN
 from cached.errors import StoreError
 from cached.store.partial import decode_piece_log
 from cached.types import BlobId
@@ -163,4 +162,3 @@ def parse_piece_table(raw: bytes, blob_hex: str) -> list[bytes] | None:
     return table
 
 
-__all__ = ["ORIGIN", "PeerDirectory", "PeerSource", "Swarm", "parse_piece_table"]
