@@ -43,6 +43,7 @@ from cached.peers.client import PeerClient, client_ssl
 from cached.peers.gossip import Gossip, default_advertise
 from cached.peers.holdings import HoldingsView, LocalHoldings
 from cached.peers.mdns import MdnsDiscovery
+from cached.rangeio import ThreadedRangeReader
 from cached.peers.membership import MemberInfo, Membership, Status
 from cached.origins.http import HttpOrigin
 from cached.origins.local import LocalOrigin
@@ -116,9 +117,14 @@ class Daemon:
             headers={"User-Agent": f"cached/{__version__}"},
         )
         self._stack.push_async_callback(session.close)
-        self.hf_origin = HfOrigin(session, cfg.origins.hf, cfg.origins.http, token=hf_token(cfg, self._env))
+        reader = ThreadedRangeReader(
+            connect_timeout_s=cfg.origins.http.connect_timeout_s, read_timeout_s=cfg.origins.http.read_timeout_s,
+            user_agent=f"cached/{__version__}",
+        )
+        self._stack.callback(reader.close)
+        self.hf_origin = HfOrigin(session, cfg.origins.hf, cfg.origins.http, reader, token=hf_token(cfg, self._env))
         origins = Origins(
-            {RefKind.FILE: LocalOrigin(), RefKind.HTTP: HttpOrigin(session, cfg.origins.http), RefKind.HF: self.hf_origin}
+            {RefKind.FILE: LocalOrigin(), RefKind.HTTP: HttpOrigin(session, cfg.origins.http, reader), RefKind.HF: self.hf_origin}
         )
         token = cluster_token(cfg)
         directory = self._build_peers(session, token) if token is not None else None
@@ -187,8 +193,13 @@ class Daemon:
             suspect_after_s=cfg.peer.suspect_after_s, dead_after_s=cfg.peer.dead_after_s,
             forget_after_s=cfg.peer.forget_after_s, clock=time.monotonic,
         )
+        reader = ThreadedRangeReader(
+            connect_timeout_s=cfg.peer.stall_timeout_s, read_timeout_s=cfg.peer.stall_timeout_s,
+            user_agent=f"cached/{__version__}", ssl_context=client_ssl_ctx,
+        )
+        self._stack.callback(reader.close)
         client = PeerClient(
-            session, token, scheme="https" if self._server_ssl else "http", ssl_context=client_ssl_ctx,
+            session, reader, token, scheme="https" if self._server_ssl else "http", ssl_context=client_ssl_ctx,
             timeout_s=cfg.peer.stall_timeout_s,
         )
         self.gossip = Gossip(

@@ -69,6 +69,7 @@ PEER_PORT = 7471
 MODEL_NAME = "model.bin"
 METHODS = ("cached", "torrent", "direct")
 SAMPLE_S = 0.25
+FAILOVER_POLL_S = 0.1  # how often the failover scenario asks every survivor for its member list
 
 
 def node_ns(i: int) -> str:
@@ -438,7 +439,9 @@ class Driver:
         self.children: list[Child] = []
         self.deadline = time.monotonic() + args.timeout
         self.bench_py = sys.executable
-        self.cached_py = str(args.cached_python)
+        self.cached_py = os.path.abspath(args.cached_python)  # the daemons start in WORKDIR/cwd
+        self.converge_s = 0.0
+        self.failover: dict[str, Any] = {}
 
     def remaining(self) -> float:
         return max(1.0, self.deadline - time.monotonic())
@@ -673,6 +676,69 @@ class Driver:
         shutil.rmtree(self.work / "torrent", ignore_errors=True)
         return res
 
+    async def launch_cached(
+        self, base: Path, conf: Path, token: Path, piece_size: int, name: str, pythonpath: str = ""
+    ) -> tuple[list[Child], list[Path]]:
+        """One daemon per node namespace: --no-mdns, --seed to node 1, the cluster token, API on a
+        unix socket under ``base`` (reached from the driver without entering a namespace)."""
+        kids, socks = [], []
+        for i in range(1, self.a.nodes + 1):
+            sock = base / f"n{i}.sock"
+            socks.append(sock)
+            cmd = [
+                self.cached_py, "-m", "cached", "--config", str(conf), "--node-id", f"n{i}", "--cache-dir", str(base / f"n{i}"),
+                "--api-listen", f"unix:{sock}", "--peer-listen", f"{node_ip(i)}:{PEER_PORT}", "--advertise", f"{node_ip(i)}:{PEER_PORT}",
+                "--cluster-token-file", str(token), "--no-mdns", "--piece-size", str(piece_size),
+            ]
+            if i != 1:
+                cmd += ["--seed", f"{node_ip(1)}:{PEER_PORT}"]
+            if pythonpath:
+                cmd = ["env", f"PYTHONPATH={pythonpath}"] + cmd
+            kids.append(await self.spawn(f"{name}-n{i}", node_ns(i), *cmd, log_to=self.work / "logs" / f"{name}-n{i}.log"))
+        return kids, socks
+
+    @staticmethod
+    def api_session(sock: Path) -> Any:
+        import aiohttp
+
+        return aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sock)), timeout=aiohttp.ClientTimeout(total=None))
+
+    async def await_membership(self, kids: list[Child], socks: list[Path]) -> list[Any]:
+        """Wait for every API socket, then for gossip to show every node alive everywhere.
+        Returns one API session per node (the caller closes them); sets ``self.converge_s``."""
+        import aiohttp
+
+        n = len(socks)
+        for _ in range(600):
+            if all(s.exists() for s in socks):
+                break
+            if any(k.proc.returncode is not None for k in kids):
+                raise RuntimeError("a cached daemon exited at start; see " + str(self.work / "logs"))
+            await asyncio.sleep(0.1)
+        sessions = [self.api_session(s) for s in socks]
+        t_conv = time.monotonic()
+        try:
+            for _ in range(600):
+                views = []
+                for i, s in enumerate(sessions, 1):
+                    try:
+                        async with s.get("http://node/v1/peers") as r:
+                            peers = await r.json()
+                        views.append(sum(1 for p in peers if p["state"] == "alive" and p["node_id"] != f"n{i}"))
+                    except aiohttp.ClientError:
+                        views.append(0)
+                if min(views) >= n - 1:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise TimeoutError(f"gossip did not converge: alive peers seen per node {views}")
+        except BaseException:
+            for s in sessions:
+                await s.close()
+            raise
+        self.converge_s = time.monotonic() - t_conv
+        return sessions
+
     async def run_cached(self, model: Path, digest: str, stats_file: Path, name: str = "cached", variant: dict[str, Any] | None = None) -> MethodResult:
         import aiohttp
 
@@ -705,50 +771,11 @@ class Driver:
         )
         res.extra["config"] = conf.read_text() + f"# --piece-size {piece_size}\n"
         res.extra["piece_size"] = piece_size
-        kids, socks = [], []
-        for i in range(1, n + 1):
-            sock = base / f"n{i}.sock"
-            socks.append(sock)
-            cmd = [
-                self.cached_py, "-m", "cached", "--config", str(conf), "--node-id", f"n{i}", "--cache-dir", str(base / f"n{i}"),
-                "--api-listen", f"unix:{sock}", "--peer-listen", f"{node_ip(i)}:{PEER_PORT}", "--advertise", f"{node_ip(i)}:{PEER_PORT}",
-                "--cluster-token-file", str(token), "--no-mdns", "--piece-size", str(piece_size),
-            ]
-            if i != 1:
-                cmd += ["--seed", f"{node_ip(1)}:{PEER_PORT}"]
-            if pythonpath:
-                cmd = ["env", f"PYTHONPATH={pythonpath}"] + cmd
-            kids.append(await self.spawn(f"{name}-n{i}", node_ns(i), *cmd, log_to=self.work / "logs" / f"{name}-n{i}.log"))
-
-        def session(sock: Path) -> aiohttp.ClientSession:
-            return aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sock)), timeout=aiohttp.ClientTimeout(total=None))
-
+        kids, socks = await self.launch_cached(base, conf, token, piece_size, name, pythonpath)
         sessions = []
         try:
-            # Wait for every API socket, then for gossip to show every node alive everywhere.
-            for _ in range(600):
-                if all(s.exists() for s in socks):
-                    break
-                if any(k.proc.returncode is not None for k in kids):
-                    raise RuntimeError("a cached daemon exited at start; see " + str(self.work / "logs"))
-                await asyncio.sleep(0.1)
-            sessions = [session(s) for s in socks]
-            t_conv = time.monotonic()
-            for _ in range(600):
-                views = []
-                for i, s in enumerate(sessions, 1):
-                    try:
-                        async with s.get("http://node/v1/peers") as r:
-                            peers = await r.json()
-                        views.append(sum(1 for p in peers if p["state"] == "alive" and p["node_id"] != f"n{i}"))
-                    except aiohttp.ClientError:
-                        views.append(0)
-                if min(views) >= n - 1:
-                    break
-                await asyncio.sleep(0.1)
-            else:
-                raise TimeoutError(f"gossip did not converge: alive peers seen per node {views}")
-            res.extra["converge_s"] = round(time.monotonic() - t_conv, 2)
+            sessions = await self.await_membership(kids, socks)
+            res.extra["converge_s"] = round(self.converge_s, 2)
             log(f"cached: {n} daemons up, membership converged in {res.extra['converge_s']}s")
             await asyncio.sleep(1.0)
             ref = f"http://{ORIGIN_IP}:{HTTP_PORT}/{MODEL_NAME}"
@@ -806,6 +833,304 @@ class Driver:
                 shutil.rmtree(base, ignore_errors=True)
         return res
 
+    # --- failover: kill a holder --------------------------------------------------------------
+
+    def daemon_peer_defaults(self) -> dict[str, Any]:
+        """The daemon's own [peer] defaults, read from the cached package the daemons run (so the
+        report names the dead timeout actually in force when the config file does not set it)."""
+        code = (
+            "import dataclasses, json\nfrom cached.config import PeerConfig\n"
+            "print(json.dumps({f.name: f.default for f in dataclasses.fields(PeerConfig) "
+            "if f.default is not dataclasses.MISSING}, default=str))"
+        )
+        try:
+            env = {**os.environ, "PYTHONPATH": self.a.pythonpath} if self.a.pythonpath else None
+            r = subprocess.run([self.cached_py, "-c", code], capture_output=True, text=True, timeout=60, cwd=str(self.work / "cwd"), env=env)
+            return json.loads(r.stdout)
+        except (OSError, subprocess.SubprocessError, ValueError):
+            return {}
+
+    async def wait_ready_copies(self, s: Any, ref: str, want: int, budget: float) -> list[str]:
+        """Poll ``GET /v1/locate`` (every 0.5 s, bounded) until ``want`` nodes hold a ready copy."""
+        import aiohttp
+
+        nodes: list[dict[str, Any]] = []
+        for _ in range(int(budget / 0.5) + 1):
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                async with s.get("http://node/v1/locate", params={"ref": ref}, timeout=aiohttp.ClientTimeout(total=5)) as r:
+                    nodes = (await r.json()).get("nodes", [])
+            ready = sorted(n["node_id"] for n in nodes if n.get("state") == "ready")
+            if len(ready) >= want:
+                return ready
+            await asyncio.sleep(0.5)
+        raise TimeoutError(f"fewer than {want} ready copies after {budget:.0f}s: {nodes}")
+
+    async def follow_events(self, s: Any, node: str, ref: str, out: list[dict[str, Any]], opened: asyncio.Event,
+                            done: asyncio.Event, holders: set[str]) -> None:
+        """``GET /v1/events?ref=`` on one node: every job event (with the daemon's wall-clock time).
+        Ends when the caller cancels it (the caller bounds it in time)."""
+        async with s.get("http://node/v1/events", params={"ref": ref}) as resp:
+            async for raw in resp.content:
+                line = raw.strip()
+                if not line:
+                    continue
+                with contextlib.suppress(ValueError):
+                    ev = json.loads(line)
+                    ev["node"], ev["t_recv"] = node, time.time()
+                    out.append(ev)
+                    if ev.get("event") == "snapshot":
+                        opened.set()
+                    if node not in holders and ev.get("event") in ("ready", "failed"):
+                        done.set()
+
+    async def watch_peers(self, sessions: dict[str, Any], victim: str, t0_wall: float, until: float,
+                          out: dict[str, dict[str, float]]) -> None:
+        """Poll every survivor's ``GET /v1/peers`` every FAILOVER_POLL_S (bounded by ``until``, a
+        monotonic time): when it first shows the victim suspect, dead (seconds after the kill)."""
+        import aiohttp
+
+        async def one(node: str, s: Any) -> None:
+            try:
+                async with s.get("http://node/v1/peers", timeout=aiohttp.ClientTimeout(total=2)) as r:
+                    peers = await r.json()
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                return
+            t = time.time() - t0_wall
+            state = next((p["state"] for p in peers if p["node_id"] == victim), "absent")
+            out.setdefault(node, {}).setdefault(state, round(t, 3))
+
+        for _ in range(int(max(0.0, until - time.monotonic()) / FAILOVER_POLL_S) + 1):
+            await asyncio.gather(*(one(n, s) for n, s in sessions.items()))
+            if all("dead" in out.get(n, {}) for n in sessions) or time.monotonic() > until:
+                return
+            await asyncio.sleep(FAILOVER_POLL_S)
+
+    def log_events(self, path: Path, since_wall: float) -> list[tuple[float, str]]:
+        """(wall time, message) of a daemon's log lines (text format: ``asctime LEVEL logger: msg``)
+        from ``since_wall`` on; asctime has millisecond resolution."""
+        out = []
+        with contextlib.suppress(OSError):
+            for line in path.read_text(errors="replace").splitlines():
+                m = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) (.*)", line)
+                if not m:
+                    continue
+                t = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000
+                if t >= since_wall - 0.001:
+                    out.append((t, m.group(3)))
+        return out
+
+    async def run_failover(self, model: Path, digest: str, stats_file: Path) -> dict[str, Any]:
+        """replicate REF --replicas R, wait for R ready copies, SIGKILL one holder's daemon, time
+        detection (suspect/dead in the survivors' views), the replacement's fetch and its ready,
+        verified copy; count origin and peer bytes during the failover."""
+        import aiohttp
+
+        a = self.a
+        n = a.nodes
+        name = "failover"
+        r: dict[str, Any] = {"scenario": "failover", "ok": False, "notes": [], "size": a.size, "nodes": n,
+                             "node_rate": a.node_rate, "origin_rate": a.origin_rate, "replicas": a.replicas,
+                             "kill": a.kill, "kill_mode": a.kill_mode, "piece_size": a.piece_size, "git": a.git}
+        defaults = await asyncio.to_thread(self.daemon_peer_defaults)
+        peer: dict[str, float] = {"gossip_interval_s": a.gossip_interval}
+        for key, val in (("suspect_after_s", a.suspect_after), ("dead_after_s", a.dead_after), ("stall_timeout_s", a.stall_timeout)):
+            if val:
+                peer[key] = val
+        eff = {**defaults, **peer}
+        r["peer_config"] = {k: eff.get(k) for k in ("gossip_interval_s", "suspect_after_s", "dead_after_s", "stall_timeout_s")}
+        r["peer_config_from"] = {k: ("config file" if k in peer else "daemon default" if k in defaults else "unknown")
+                                 for k in r["peer_config"]}
+        dead_after = float(eff.get("dead_after_s") or 15.0)
+        base = self.work / "nodes-failover"
+        shutil.rmtree(base, ignore_errors=True)
+        base.mkdir(parents=True)
+        token = base / "token"
+        token.write_text(hashlib.sha256(os.urandom(32)).hexdigest() + "\n")
+        token.chmod(0o600)
+        conf = base / "cached.toml"
+        conf.write_text(
+            "[peer]\n" + "".join(f"{k} = {v}\n" for k, v in peer.items())
+            + f"[origins.http]\nconnections = {a.origin_connections}\n"
+            + '[log]\nlevel = "info"\n'
+        )
+        r["config"] = conf.read_text()
+        kids, socks = await self.launch_cached(base, conf, token, a.piece_size, name, a.pythonpath)
+        sessions: list[Any] = []
+        streams: list[asyncio.Task[None]] = []
+        sampler_task: asyncio.Task[None] | None = None
+        stop_sampler = asyncio.Event()
+        try:
+            sessions = await self.await_membership(kids, socks)
+            r["converge_s"] = round(self.converge_s, 2)
+            log(f"failover: {n} daemons up, membership converged in {r['converge_s']}s")
+            await asyncio.sleep(1.0)
+            ref = f"http://{ORIGIN_IP}:{HTTP_PORT}/{MODEL_NAME}"
+
+            # 1. replicate REF --replicas R on node 1's API; wait for R ready copies.
+            before = await self.origin_stats(stats_file)
+            t_rep = time.monotonic()
+            async with sessions[0].post("http://node/v1/replicate", json={"ref": ref, "replicas": a.replicas}) as resp:
+                body = await resp.json()
+                if resp.status != 200:
+                    raise RuntimeError(f"replicate: HTTP {resp.status}: {body}")
+            canonical = body["ref"]
+            r["owners_at_replicate"] = body.get("owners", [])
+            log(f"failover: replicate {ref} --replicas {a.replicas}: owners {r['owners_at_replicate']}")
+            holders = await self.wait_ready_copies(sessions[0], ref, a.replicas, self.method_budget("cached"))
+            r["initial_s"] = round(time.monotonic() - t_rep, 2)
+            r["holders"] = holders
+            after = await self.origin_stats(stats_file)
+            r["initial_origin_bytes"] = after["bytes"] - before["bytes"]
+            log(f"failover: {holders} ready after {r['initial_s']}s, origin sent {r['initial_origin_bytes'] / a.size:.3f}x")
+
+            # 2. who dies
+            owners = [o for o in r["owners_at_replicate"] if o in holders] or holders
+            victim = {"first": owners[0], "second": owners[min(1, len(owners) - 1)]}.get(a.kill, a.kill)
+            if victim not in holders:
+                raise RuntimeError(f"--kill {a.kill}: {victim} is not a holder (holders: {holders})")
+            vi = int(victim[1:])
+            survivors = {f"n{i}": sessions[i - 1] for i in range(1, n + 1) if i != vi}
+            r["victim"] = victim
+            r["surviving_holders"] = [h for h in holders if h != victim]
+
+            # 3. watchers: job events on every survivor, /v1/peers polls, link counters.
+            events: list[dict[str, Any]] = []
+            replaced = asyncio.Event()
+            opened = {node: asyncio.Event() for node in survivors}
+            budget = min(self.remaining(), dead_after + 4 * a.size * 8 / a.node_rate + 120)
+            r["budget_s"] = round(budget, 1)
+            for node, s in survivors.items():
+                streams.append(asyncio.create_task(asyncio.wait_for(
+                    self.follow_events(s, node, canonical, events, opened[node], replaced, set(holders)), budget + 30)))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in opened.values())), 10)
+            samples: list[tuple[float, dict[str, tuple[int, int]]]] = []
+            sampler_task = asyncio.create_task(self.sampler(samples, stop_sampler))
+            before_kill = await self.origin_stats(stats_file)  # also lets the sampler take a baseline
+
+            # 4. the kill: SIGKILL to the daemon's process group (the whole daemon in its namespace).
+            #    --kill-mode node also takes the node's link down first (a host that vanishes: no RST).
+            victim_kid = kids[vi - 1]
+            r["loadavg_at_kill"] = [round(x, 2) for x in os.getloadavg()]
+            t0_wall, t0 = time.time(), time.monotonic()
+            if a.kill_mode == "node":
+                sh("ip", "-n", node_ns(vi), "link", "set", "eth0", "down")
+            os.killpg(victim_kid.proc.pid, signal.SIGKILL)
+            log(f"failover: killed {victim} ({a.kill_mode}); waiting for the replacement copy (at most {budget:.0f}s)")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(victim_kid.proc.wait(), 10)
+            views: dict[str, dict[str, float]] = {}
+            watcher = asyncio.create_task(self.watch_peers(survivors, victim, t0_wall, t0 + dead_after + 60, views))
+            try:
+                await asyncio.wait_for(replaced.wait(), budget)
+            except asyncio.TimeoutError:
+                r["notes"].append(f"no replacement copy ready within {budget:.0f}s of the kill")
+            t_end_wall = time.time()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(watcher, dead_after + 65)
+            stop_sampler.set()
+            await sampler_task
+            sampler_task = None
+            after_fo = await self.origin_stats(stats_file)
+            for t in streams:
+                t.cancel()
+            await asyncio.gather(*streams, return_exceptions=True)
+
+            # 5. what happened
+            r["origin_bytes_failover"] = after_fo["bytes"] - before_kill["bytes"]
+            r["origin_requests_failover"] = after_fo["gets"] - before_kill["gets"]
+            r["origin_heads_failover"] = after_fo["heads"] - before_kill["heads"]
+            rel = lambda t: round(t - t0_wall, 3)  # noqa: E731
+            fetchers = sorted({e["node"] for e in events if e.get("event") in ("queued", "fetching", "ready", "failed")})
+            r["fetchers"] = fetchers
+            if len(fetchers) > 1:
+                r["notes"].append(f"more than one survivor started a fetch: {fetchers}")
+            ready_ev = sorted((e for e in events if e.get("event") == "ready"), key=lambda e: e["time"])
+            repl = ready_ev[0]["node"] if ready_ev else (fetchers[0] if fetchers else None)
+            r["replacement"] = repl
+            per: dict[str, dict[str, Any]] = {}
+            for node in survivors:
+                logged = self.log_events(self.work / "logs" / f"{name}-{node}.log", t0_wall)
+                entry: dict[str, Any] = {"poll": views.get(node, {})}
+                for st in ("suspect", "dead"):
+                    hit = next((t for t, msg in logged if f"peer status changed node={victim} status={st}" in msg), None)
+                    entry[st] = rel(hit) if hit is not None else views.get(node, {}).get(st)
+                    entry[f"{st}_from"] = "log" if hit is not None else "poll"
+                per[node] = entry
+            r["views"] = per
+            for st in ("suspect", "dead"):
+                ts = sorted(v[st] for v in per.values() if v.get(st) is not None)
+                r[f"{st}_s"] = {"first": ts[0], "median": ts[len(ts) // 2], "last": ts[-1], "n": len(ts)} if ts else None
+            if repl is not None:
+                mine = [e for e in events if e["node"] == repl and "time" in e]
+                for kind in ("queued", "fetching", "ready", "failed"):
+                    t = next((e["time"] for e in mine if e.get("event") == kind), None)
+                    r[f"{kind}_s"] = rel(t) if t is not None else None
+                r["progress"] = [(rel(e["time"]), e.get("bytes_done", 0)) for e in mine if e.get("event") in ("progress", "fetching", "ready")]
+                r["replacement_view"] = per.get(repl, {})
+                logged = self.log_events(self.work / "logs" / f"{name}-{repl}.log", t0_wall)
+                r["replacement_log"] = [f"+{t - t0_wall:.3f}s {msg}"[:240] for t, msg in logged][:60]
+                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                    async with survivors[repl].get("http://node/v1/models/status", params={"ref": ref}, timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                        st = await resp.json()
+                    r["replacement_status"] = {k: st.get(k) for k in ("state", "bytes_total", "sources", "replicas", "manifest")}
+                    if st.get("state") == "ready" and st.get("path"):
+                        p = Path(st["path"])
+                        f = p / MODEL_NAME if p.is_dir() else p
+                        r["replacement_file_ok"] = f.exists() and await asyncio.to_thread(blake3_file, f) == digest
+            other = next(iter(s for node, s in survivors.items() if node != repl))
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                async with other.get("http://node/v1/locate", params={"ref": ref}, timeout=aiohttp.ClientTimeout(total=10)) as resp:
+                    r["locate_after"] = (await resp.json()).get("nodes")
+            # bytes each host sent / received on its link during the failover (switch-side veths)
+            if len(samples) >= 2:
+                first, last = samples[0][1], samples[-1][1]
+                r["link_bytes"] = {dev: {"sent": last[dev][0] - first.get(dev, (0, 0))[0], "received": last[dev][1] - first.get(dev, (0, 0))[1]}
+                                   for dev in last}
+                r["link_samples"] = {dev: [(round(t - t0, 3), c.get(dev, (0, 0))[0] - first.get(dev, (0, 0))[0]) for t, c in samples]
+                                     for dev in ["s-origin"] + [f"s-{h}" for h in r["surviving_holders"]]}
+            # the figures
+            wire = a.size * 8 / a.node_rate
+            r["wire_s"] = round(wire, 3)
+            rv = r.get("replacement_view") or {}
+            r["detection_s"] = rv.get("dead") if rv.get("dead") is not None else (r["dead_s"] or {}).get("median")
+            if r.get("ready_s") is not None and r.get("fetching_s") is not None:
+                r["transfer_s"] = round(r["ready_s"] - r["fetching_s"], 3)
+                r["total_s"] = r["ready_s"]
+            if r.get("detection_s") is not None:
+                r["lower_bound_s"] = round(r["detection_s"] + wire, 3)
+                if r.get("total_s") is not None:
+                    r["ratio"] = round(r["total_s"] / r["lower_bound_s"], 3)
+            if rv.get("suspect") is not None:
+                r["lower_bound_suspect_s"] = round(rv["suspect"] + wire, 3)
+            if r.get("queued_s") is not None:
+                trig = "suspect" if rv.get("dead") is None or r["queued_s"] < rv["dead"] else "dead"
+                r["trigger"] = trig
+                if rv.get(trig) is not None:
+                    r["reconcile_delay_s"] = round(r["queued_s"] - rv[trig], 3)
+            src = (r.get("replacement_status") or {}).get("sources") or {}
+            r["ok"] = bool(
+                r.get("replacement_file_ok") and (r.get("replacement_status") or {}).get("state") == "ready"
+                and sum(1 for x in r.get("locate_after") or [] if x.get("state") == "ready") >= a.replicas
+            )
+            r["peer_bytes"], r["origin_bytes_replacement"] = src.get("peer"), src.get("origin")
+            r["t_end_s"] = rel(t_end_wall)
+            r["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        finally:
+            stop_sampler.set()
+            if sampler_task is not None:
+                with contextlib.suppress(Exception):
+                    await sampler_task
+            for t in streams:
+                t.cancel()
+            await asyncio.gather(*streams, return_exceptions=True)
+            for s in sessions:
+                await s.close()
+            await self.stop(kids, grace_s=10.0)
+            if not a.keep:
+                shutil.rmtree(base, ignore_errors=True)
+        return r
+
     async def origin_stats(self, stats_file: Path) -> dict[str, Any]:
         await asyncio.sleep(0.5)  # the server writes its counters every 0.2 s
         return json.loads(stats_file.read_text())
@@ -828,6 +1153,16 @@ class Driver:
             "--port", str(HTTP_PORT), "--stats", str(stats_file), log_to=self.work / "logs" / "origin.log",
         )
         await self.expect(origin, "ready", 60)
+        if a.scenario == "failover":
+            await asyncio.to_thread(subprocess.run, ["sync"], timeout=120)
+            log(f"--- failover: replicate {fmt_size(a.size)} --replicas {a.replicas} on {a.nodes} nodes, then kill a holder")
+            try:
+                self.failover = await self.run_failover(model, digest, stats_file)
+            except (RuntimeError, TimeoutError, OSError) as e:
+                self.failover = {"scenario": "failover", "ok": False, "notes": [f"failed: {e}"]}
+                log(f"failover: FAILED: {e}")
+            await self.stop([origin])
+            return []
         results: list[MethodResult] = []
         for name in a.methods:
             if name == "torrent" and a.skip_torrent:
@@ -866,6 +1201,21 @@ def git_info() -> str:
         return head + (" (cached/ modified)" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def export_head(workdir: Path) -> tuple[str, str]:
+    """A copy of the committed cached/ package at HEAD (read-only git commands), for PYTHONPATH."""
+    sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    dest = workdir / f"src-{sha[:12]}"
+    if not (dest / "cached" / "__init__.py").exists():
+        tmp = workdir / f"src-{sha[:12]}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", "HEAD", "cached"], capture_output=True, timeout=60, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, timeout=60, check=True)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+    return str(dest), f"{sha[:7]} (HEAD, committed code exported to {dest})"
 
 
 def summary_line(r: MethodResult, a: argparse.Namespace) -> str:
@@ -978,6 +1328,151 @@ def plot(results: list[MethodResult], a: argparse.Namespace, path: Path) -> None
     plt.close(fig)
 
 
+# --- failover report -----------------------------------------------------------------------------
+
+
+def _t(x: float | None) -> str:
+    return f"{x:.2f} s" if x is not None else "-"
+
+
+def report_failover(r: dict[str, Any], a: argparse.Namespace) -> str:
+    pc = r.get("peer_config") or {}
+    src = r.get("peer_config_from") or {}
+    cfg = ", ".join(f"peer.{k}={v} ({src.get(k, '?')})" for k, v in pc.items())
+    wire = a.size * 8 / a.node_rate
+    lines = [
+        f"Failover: {a.nodes} nodes at {a.node_rate / 1e6:.0f} Mbit/s, origin at {a.origin_rate / 1e6:.0f} Mbit/s, model "
+        f"{fmt_size(a.size)}, replicas {a.replicas}, kill mode {a.kill_mode}; model size / node link rate = {wire:.2f} s",
+        f"cached: git {a.git}, --piece-size {fmt_size(a.piece_size)}; {cfg}; {os.cpu_count()} CPUs",
+    ]
+    if "holders" not in r:
+        return "\n".join(lines + [""] + [f"- {n}" for n in r.get("notes", [])])
+    lines.append(
+        f"initial copies: replicate on n1 -> owners {', '.join(r.get('owners_at_replicate') or [])}; both ready after "
+        f"{r['initial_s']:.1f} s, origin sent {r['initial_origin_bytes'] / a.size:.3f}x the model"
+    )
+    exp = ((r.get("replacement_status") or {}).get("replicas") or {}).get("owners")
+    lines.append(
+        f"killed {r['victim']} (SIGKILL{' + link down' if a.kill_mode == 'node' else ''}); surviving holder "
+        f"{', '.join(r['surviving_holders'])}; replacement {r.get('replacement')}"
+        + (f" (owners now, as the replacement computes them: {', '.join(exp)})" if exp else "")
+    )
+    lines += ["", "| from the kill | first survivor | median | last survivor | the replacement |", "|---|---|---|---|---|"]
+    rv = r.get("replacement_view") or {}
+    for st in ("suspect", "dead"):
+        d = r.get(f"{st}_s") or {}
+        lines.append(f"| survivors mark {r['victim']} {st} | {_t(d.get('first'))} | {_t(d.get('median'))} | {_t(d.get('last'))} | {_t(rv.get(st))} |")
+    lines += [
+        "",
+        "| detection (dead) | replacement queued | fetch starts | ready (verified) | transfer | total | lower bound | total / bound | origin bytes | replacement: from peers / origin |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    pb, ob = r.get("peer_bytes"), r.get("origin_bytes_replacement")
+    lines.append(
+        f"| {_t(r.get('detection_s'))} | {_t(r.get('queued_s'))} | {_t(r.get('fetching_s'))} | {_t(r.get('ready_s'))} | "
+        f"{_t(r.get('transfer_s'))} | {_t(r.get('total_s'))} | {_t(r.get('lower_bound_s'))} | "
+        f"{(str(r['ratio']) + 'x') if r.get('ratio') is not None else '-'} | {fmt_size(r.get('origin_bytes_failover', 0))} "
+        f"({r.get('origin_requests_failover', 0)} GET, {r.get('origin_heads_failover', 0)} HEAD) | "
+        f"{fmt_size(pb or 0)} / {fmt_size(ob or 0)} |"
+    )
+    lines += ["", "Where the time goes (seconds after the kill):"]
+    trig = r.get("trigger")
+    if trig:
+        lines.append(f"- the replacement stopped counting {r['victim']} as a live owner when it marked it **{trig}** "
+                     f"(at {_t(rv.get(trig))}); its reconcile loop queued the fetch {_t(r.get('reconcile_delay_s'))} later")
+    if r.get("transfer_s") is not None:
+        rate = a.size * 8 / r["transfer_s"] / 1e6
+        lines.append(f"- transfer (fetching -> ready, includes manifest/piece-table lookups, verify, fsync, commit): "
+                     f"{r['transfer_s']:.2f} s = {rate:.0f} Mbit/s effective, vs {wire:.2f} s at the link rate")
+    if r.get("lower_bound_suspect_s") is not None:
+        lines.append(f"- bound from the replacement's *suspect* mark instead (what the daemon acts on): "
+                     f"{r['lower_bound_suspect_s']:.2f} s" + (f" -> total / that = {r['total_s'] / r['lower_bound_suspect_s']:.2f}x" if r.get("total_s") else ""))
+    lb = r.get("link_bytes") or {}
+    if lb:
+        sent = ", ".join(f"{dev[2:]} {fmt_size(v['sent'])}" for dev, v in sorted(lb.items()) if v["sent"] > (1 << 20))
+        lines.append(f"- link bytes sent during the failover (switch veth counters, > 1 MiB): {sent or 'none'}")
+    if r.get("loadavg_at_kill"):
+        lines.append(f"- load average at the kill: {' / '.join(map(str, r['loadavg_at_kill']))} (1/5/15 min, {os.cpu_count()} CPUs, shared machine)")
+    lines.append(f"- verified: {'yes' if r.get('ok') else 'NO'} (replacement ready, BLAKE3 of its file matches, "
+                 f"{sum(1 for x in r.get('locate_after') or [] if x.get('state') == 'ready')} ready copies in locate)")
+    for note in r.get("notes", []):
+        lines.append(f"- note: {note}")
+    return "\n".join(lines)
+
+
+def summary_failover(r: dict[str, Any]) -> dict[str, Any]:
+    keys = ("scenario", "ok", "git", "size", "nodes", "node_rate", "origin_rate", "replicas", "kill_mode", "peer_config",
+            "initial_s", "initial_origin_bytes", "holders", "victim", "replacement", "fetchers", "suspect_s", "dead_s",
+            "detection_s", "trigger", "queued_s", "fetching_s", "ready_s", "reconcile_delay_s", "transfer_s", "total_s",
+            "wire_s", "lower_bound_s", "ratio", "lower_bound_suspect_s", "origin_bytes_failover", "origin_requests_failover",
+            "peer_bytes", "origin_bytes_replacement", "loadavg_at_kill", "notes")
+    return {k: r.get(k) for k in keys if k in r}
+
+
+def plot_failover(r: dict[str, Any], a: argparse.Namespace, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 5))
+    gib = 1 << 30
+    prog = r.get("progress") or []
+    if prog:
+        ax.plot([t for t, _ in prog], [b / gib for _, b in prog], color="tab:red", lw=1.8, marker=".",
+                label=f"replacement {r.get('replacement')}: verified bytes (job events)")
+    for dev, pts in (r.get("link_samples") or {}).items():
+        ax.plot([t for t, _ in pts], [b / gib for _, b in pts], lw=1.1, ls="-" if dev != "s-origin" else ":",
+                color="tab:blue" if dev != "s-origin" else "black", label=f"bytes sent by {dev[2:]} (link counter, sampled every {SAMPLE_S} s)")
+    det = r.get("detection_s")
+    if det is not None:
+        wire = a.size * 8 / a.node_rate
+        ax.plot([det, det + wire], [0, a.size / gib], color="grey", ls="--", lw=1,
+                label=f"lower bound: dead mark + size / link rate = {det + wire:.1f} s")
+    rv = r.get("replacement_view") or {}
+    if rv.get("suspect") is not None:
+        wire = a.size * 8 / a.node_rate
+        ax.plot([rv["suspect"], rv["suspect"] + wire], [0, a.size / gib], color="grey", ls=":", lw=1,
+                label=f"suspect mark + size / link rate = {rv['suspect'] + wire:.1f} s")
+    marks = [("suspect", rv.get("suspect"), "tab:orange"), ("dead", rv.get("dead"), "tab:purple"),
+             ("fetch starts", r.get("fetching_s"), "tab:green"), ("ready", r.get("ready_s"), "tab:red")]
+    for label, t, color in marks:
+        if t is not None:
+            ax.axvline(t, color=color, lw=0.9, ls="-.", label=f"{label} ({t:.1f} s)")
+    ax.set_xlabel(f"s since SIGKILL of {r.get('victim')}")
+    ax.set_ylabel("GiB")
+    ax.set_title(f"Failover: {fmt_size(a.size)} model, replicas {a.replicas}, {a.nodes} nodes @ {a.node_rate / 1e6:.0f} Mbit/s "
+                 f"(total {_t(r.get('total_s'))}, {r.get('ratio', '-')}x the bound)")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_xlim(left=-1)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def finish_failover(r: dict[str, Any], a: argparse.Namespace, out: Path) -> int:
+    text = report_failover(r, a)
+    print(text)
+    line = json.dumps(summary_failover(r), default=str)
+    print(line)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (out / "failover.md").write_text(text + "\n")
+    (out / f"failover-{stamp}.json").write_text(json.dumps(r, indent=1, default=str))
+    with open(out / "failover.jsonl", "a") as f:
+        f.write(line + "\n")
+    plot_path = a.plot or out / f"failover-{stamp}.png"
+    try:
+        if "holders" in r:
+            plot_failover(r, a, plot_path)
+            log(f"plot: {plot_path}")
+    except ImportError as e:
+        log(f"no plot (matplotlib missing: {e})")
+    log(f"results: {out}/failover.md, failover-{stamp}.json, failover.jsonl")
+    return 0 if r.get("ok") else 1
+
+
 # --- entry point ---------------------------------------------------------------------------------
 
 
@@ -996,11 +1491,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=1200, help="global deadline in seconds (default 1200)")
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp/cbench"), help="model file, node data, logs (default /var/tmp/cbench)")
     p.add_argument("--out", type=Path, default=None, help="write results JSON and Markdown here (default WORKDIR/results)")
-    p.add_argument("--plot", type=Path, default=REPO / "docs" / "bench-cluster.png")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="plot file (default docs/bench-cluster.png; failover: WORKDIR/results/failover.png)")
     p.add_argument("--cached-python", type=Path, default=REPO / ".venv" / "bin" / "python", help="interpreter that has cached installed")
     p.add_argument("--keep", action="store_true", help="keep the daemons' cache dirs after the run")
     p.add_argument("--method-timeout", type=float, default=0,
                    help="seconds one method may take (default: 4x lower bound + 60 s; direct: 1.5x nodes x lower bound + 60 s)")
+    g = p.add_argument_group("failover scenario (--scenario failover)")
+    g.add_argument("--scenario", choices=("swarm", "failover"), default="swarm",
+                   help="swarm (default): N nodes want the model at once, cached vs torrent vs direct; "
+                        "failover: replicate --replicas R, kill a holder, time the replacement copy")
+    g.add_argument("--replicas", type=int, default=2, help="catalog replicas (default 2)")
+    g.add_argument("--kill", default="first",
+                   help="which holder dies: first or second owner in HRW order, or a node id like n3 (default first)")
+    g.add_argument("--kill-mode", choices=("process", "node"), default="process",
+                   help="process (default): SIGKILL the daemon (its host still answers with RST); "
+                        "node: also take its link down first (a vanished host: connections time out)")
+    g.add_argument("--cached-src", choices=("tree", "head"), default="tree",
+                   help="tree (default): daemons run cached/ as it is in this checkout; head: a copy of the committed "
+                        "cached/ at HEAD (git archive into WORKDIR/src-SHA), unaffected by uncommitted edits")
+    g.add_argument("--suspect-after", type=float, default=0, help="cached peer.suspect_after_s (default: the daemon's own)")
+    g.add_argument("--dead-after", type=float, default=0, help="cached peer.dead_after_s (default: the daemon's own)")
     p.add_argument("--cached-variant", action="append", default=[], metavar="LABEL=[PYTHONPATH][;piece_size=4M][;connections=2][;stall_timeout=60]",
                    help="also run cached from another source tree (a patched copy) and/or with other settings, "
                         "reported as 'cached (LABEL)'; repeatable")
@@ -1028,6 +1539,9 @@ def main() -> int:
     if any(m not in METHODS and not m.startswith("cached:") for m in a.methods) or not 1 <= a.nodes <= 200:
         print("bench-cluster: --methods takes cached,torrent,direct; --nodes 1..200", file=sys.stderr)
         return 2
+    if a.scenario == "failover" and not 1 <= a.replicas < a.nodes:
+        print("bench-cluster: failover needs 1 <= --replicas < --nodes (a survivor must be free to take over)", file=sys.stderr)
+        return 2
     if os.geteuid() != 0:
         print("bench-cluster: needs root (ip netns, tc)", file=sys.stderr)
         return 2
@@ -1037,6 +1551,13 @@ def main() -> int:
             return 2
     a.workdir.mkdir(parents=True, exist_ok=True)
     a.git = git_info()  # the code the daemons run, as of the start
+    a.pythonpath = ""
+    if a.scenario == "failover" and a.cached_src == "head":
+        try:
+            a.pythonpath, a.git = export_head(a.workdir)
+        except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+            print(f"bench-cluster: cannot export HEAD's cached/: {e}", file=sys.stderr)
+            return 2
     out = a.out or a.workdir / "results"
     driver = Driver(a)
 
@@ -1059,8 +1580,11 @@ def main() -> int:
         driver.kill_all_sync()
         teardown_network()
         if not a.keep:
-            for d in ("nodes-cached", "direct", "torrent"):
+            for d in ("nodes-cached", "nodes-failover", "direct", "torrent"):
                 shutil.rmtree(a.workdir / d, ignore_errors=True)
+    if a.scenario == "failover":
+        return finish_failover(driver.failover, a, out)
+    a.plot = a.plot or REPO / "docs" / "bench-cluster.png"
     text = report(results, a)
     print(text)
     out.mkdir(parents=True, exist_ok=True)

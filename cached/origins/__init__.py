@@ -26,7 +26,12 @@ class Origin(Protocol):
 
     def supports_ranges(self, file: OriginFile) -> bool: ...
 
-    async def read_range(self, file: OriginFile, offset: int, length: int) -> bytes: ...
+    async def read_range(self, file: OriginFile, offset: int, length: int) -> bytes | bytearray: ...
+
+    # Origins that fetch over the network also offer ``read_range_into(file, offset, length,
+    # sink)``: the range handed to ``sink`` in batches on a worker thread (cached.rangeio), which
+    # the scheduler prefers for piece bodies. It is not part of the Protocol so that a plain
+    # read_range is enough for an origin (the file origin reads a local disk).
 
     def stream(self, file: OriginFile) -> AsyncIterator[bytes]: ...
 

@@ -19,7 +19,8 @@ import fnmatch
 import hashlib
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator
+from email.message import Message
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 from urllib.parse import quote, urljoin
 
 import aiohttp
@@ -28,12 +29,14 @@ from yarl import URL
 from cached.config import HfOriginConfig, HttpOriginConfig
 from cached.errors import IntegrityError, OriginChanged, OriginDenied, OriginError, OriginNotFound
 from cached.origins import Resolution
-from cached.origins.http import client_error, status_error
+from cached.origins.http import MAX_REDIRECTS, client_error, range_error, status_error
+from cached.rangeio import Check, RangeIOError, Redirected, Sink, ThreadedRangeReader, content_range
 from cached.types import ModelRef, OriginFile, validate_file_path
 
 MAX_TREE_PAGES = 1000
 CDN_URL_TTL_S = 600.0  # signed CDN URLs live about an hour; re-ask well before that
 _READ_CHUNK = 8 << 20
+T = TypeVar("T")
 
 
 def hf_error(status: int, headers: Any, what: str) -> OriginError:
@@ -74,9 +77,11 @@ def sha256_sync(path: Path) -> str:
 
 class HfOrigin:
     def __init__(
-        self, session: aiohttp.ClientSession, cfg: HfOriginConfig, http_cfg: HttpOriginConfig, *, token: str | None = None
+        self, session: aiohttp.ClientSession, cfg: HfOriginConfig, http_cfg: HttpOriginConfig, reader: ThreadedRangeReader,
+        *, token: str | None = None,
     ) -> None:
         self._session = session
+        self._reader = reader  # file bytes: worker threads, off the event loop
         self.endpoint = cfg.endpoint.rstrip("/")
         self._token = token
         self._timeout = aiohttp.ClientTimeout(total=None, connect=http_cfg.connect_timeout_s, sock_read=http_cfg.read_timeout_s)
@@ -205,48 +210,50 @@ class HfOrigin:
     def local_path(self, file: OriginFile) -> str | None:
         return None
 
-    async def read_range(self, file: OriginFile, offset: int, length: int) -> bytes:
-        headers = {"Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity"}
+    async def read_range(self, file: OriginFile, offset: int, length: int) -> bytes | bytearray:
+        return await self._via_cdn(file, lambda url, check, headers: self._reader.read(url, offset, length, check=check, headers=headers))
+
+    async def read_range_into(self, file: OriginFile, offset: int, length: int, sink: Sink) -> None:
+        await self._via_cdn(file, lambda url, check, headers: self._reader.read_into(url, offset, length, sink, check=check, headers=headers))
+
+    async def _via_cdn(self, file: OriginFile, request: Callable[[str, Check, dict[str, str]], Awaitable[T]]) -> T:
+        """Ask the hub; on a redirect remember the CDN URL and ask it, with no token unless it is
+        the hub itself. A CDN that refuses a remembered URL (expired signature) is forgotten."""
         target = self._cdn.get(file.locator)
         try:
             if target is None or target[1] < time.monotonic():
-                async with self._session.get(
-                    URL(file.locator, encoded=True), headers={**headers, **self._auth()}, allow_redirects=False, timeout=self._timeout
-                ) as resp:
-                    if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
-                        location = urljoin(file.locator, resp.headers["Location"])
-                        self._cdn[file.locator] = (location, time.monotonic() + CDN_URL_TTL_S)
-                        target = (location, 0.0)
-                    else:
-                        return await self._ranged_body(resp, file, offset, length)
+                try:
+                    return await request(file.locator, self._range_check(file, cdn=False), self._auth())
+                except Redirected as r:
+                    location = urljoin(file.locator, r.location)
+                    self._cdn[file.locator] = (location, time.monotonic() + CDN_URL_TTL_S)
+                    target = (location, 0.0)
             location = target[0]
-            same_host = URL(location).origin() == URL(file.locator).origin()
-            # The token stays with the hub: a CDN never sees it.
-            auth = self._auth() if same_host else {}
-            async with self._session.get(URL(location, encoded=True), headers={**headers, **auth}, timeout=self._timeout) as resp:
-                if resp.status in (401, 403):
-                    self._cdn.pop(file.locator, None)  # expired signature: ask the hub again
-                    raise OriginError(f"{file.locator}: the CDN refused the signed URL (HTTP {resp.status}); asking again", status=resp.status, retryable=True)
-                return await self._ranged_body(resp, file, offset, length)
-        except OriginError:
-            raise
-        except (aiohttp.ClientError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
-            raise client_error(e, file.locator) from None
+            for _ in range(MAX_REDIRECTS):
+                same_host = URL(location).origin() == URL(file.locator).origin()
+                # The token stays with the hub: a CDN never sees it.
+                try:
+                    return await request(location, self._range_check(file, cdn=True), self._auth() if same_host else {})
+                except Redirected as r:
+                    location = urljoin(location, r.location)
+            raise OriginError(f"{file.locator}: more than {MAX_REDIRECTS} redirects", retryable=False)
+        except RangeIOError as e:
+            raise range_error(e, file.locator) from None
 
-    async def _ranged_body(self, resp: aiohttp.ClientResponse, file: OriginFile, offset: int, length: int) -> bytes:
-        if resp.status == 200 and offset == 0 and length == file.size:
-            return await resp.content.readexactly(length)
-        if resp.status != 206:
-            if resp.status == 200:
-                raise OriginError(f"{file.locator}: the server ignored the Range header", retryable=False)
-            raise hf_error(resp.status, resp.headers, file.locator)
-        cr = resp.headers.get("Content-Range", "")
-        if not cr.startswith(f"bytes {offset}-{offset + length - 1}/"):
-            raise OriginError(f"{file.locator}: server answered a different range ({cr!r})", retryable=True)
-        total = cr.rpartition("/")[2]
-        if total not in ("*", str(file.size)):
-            raise OriginChanged(f"{file.locator}: size changed at the hub ({file.size} -> {total})")
-        return await resp.content.readexactly(length)
+    def _range_check(self, file: OriginFile, *, cdn: bool) -> Check:
+        def check(status: int, headers: Message) -> None:
+            if cdn and status in (401, 403):
+                self._cdn.pop(file.locator, None)  # expired signature: ask the hub again
+                raise OriginError(f"{file.locator}: the CDN refused the signed URL (HTTP {status}); asking again", status=status, retryable=True)
+            if status == 200:
+                return  # the reader takes a 200 only as the whole file (offset 0, exact length)
+            if status != 206:
+                raise hf_error(status, headers, file.locator)
+            span = content_range(headers)
+            if span is not None and span[2] is not None and span[2] != file.size:
+                raise OriginChanged(f"{file.locator}: size changed at the hub ({file.size} -> {span[2]})")
+
+        return check
 
     async def stream(self, file: OriginFile) -> AsyncIterator[bytes]:
         offset = 0

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from email.message import Message
 from typing import Any
 
 import aiohttp
 from yarl import URL
 
 from cached.errors import CachedError
+from cached.rangeio import Check, RangeIOError, Redirected, Sink, ThreadedRangeReader
 
 
 class PeerError(CachedError):
@@ -44,8 +46,12 @@ def client_ssl(cert: str | None, key: str | None, ca: str | None) -> ssl.SSLCont
 
 
 class PeerClient:
-    def __init__(self, session: aiohttp.ClientSession, token: str, *, scheme: str = "http", timeout_s: float = 10.0, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, reader: ThreadedRangeReader, token: str, *, scheme: str = "http", timeout_s: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self._session = session
+        self._reader = reader  # piece bodies: worker threads, off the event loop (same TLS context)
         self._headers = {"Authorization": f"Bearer {token}"}
         self._scheme = scheme
         self._timeout = aiohttp.ClientTimeout(total=None, connect=timeout_s, sock_read=timeout_s)
@@ -100,19 +106,30 @@ class PeerClient:
     async def partial_pieces(self, address: str, key: str) -> dict[str, Any]:
         return await self._json("GET", address, f"/partials/{key}/pieces")
 
-    async def read_range(self, address: str, kind: str, name: str, offset: int, length: int) -> bytes:
+    async def read_range(self, address: str, kind: str, name: str, offset: int, length: int) -> bytes | bytearray:
         """Bytes [offset, offset+length) of a complete blob (kind "blobs") or a partial ("partials")."""
-        headers = {**self._headers, "Range": f"bytes={offset}-{offset + length - 1}"}
-        path = f"/{kind}/{name}"
+        url, check = self._range_request(address, kind, name)
         try:
-            async with self._session.get(self.url(address, path), headers=headers, timeout=self._timeout, ssl=self._ssl) as resp:
-                if resp.status != 206:
-                    raise self._status_error(resp.status, address, path)
-                return await resp.content.readexactly(length)
-        except PeerError:
-            raise
-        except (aiohttp.ClientError, asyncio.TimeoutError, asyncio.IncompleteReadError, OSError) as e:
-            raise PeerError(f"peer {address}{path}: {type(e).__name__}") from None
+            return await self._reader.read(url, offset, length, check=check, headers=self._headers)
+        except (RangeIOError, Redirected) as e:
+            raise PeerError(f"peer {address}/{kind}/{name}: {e}") from None
+
+    async def read_range_into(self, address: str, kind: str, name: str, offset: int, length: int, sink: Sink) -> None:
+        """The same bytes handed to ``sink`` batch by batch on a worker thread as they arrive."""
+        url, check = self._range_request(address, kind, name)
+        try:
+            await self._reader.read_into(url, offset, length, sink, check=check, headers=self._headers)
+        except (RangeIOError, Redirected) as e:
+            raise PeerError(f"peer {address}/{kind}/{name}: {e}") from None
+
+    def _range_request(self, address: str, kind: str, name: str) -> tuple[str, Check]:
+        path = f"/{kind}/{name}"
+
+        def check(status: int, headers: Message) -> None:
+            if status != 206:
+                raise self._status_error(status, address, path)
+
+        return str(self.url(address, path)), check
 
     async def _bytes(self, address: str, path: str) -> bytes:
         try:

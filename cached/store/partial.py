@@ -27,6 +27,8 @@ from cached.types import BlobId, hash_piece, piece_count, piece_span
 
 _MAGIC = b"CPL1"
 _RECORD = struct.Struct("<I32s")
+_LOCK_STRIPES = 64
+_WRITE_SLICE = 128 << 10  # large pwrites cost far more kernel time per byte (docs/benchmarks.md)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -94,6 +96,10 @@ class PartialBlob:
         # Called (from a worker thread) after each piece is recorded; the store sets it.
         self.on_piece: Callable[[int, bytes], None] = lambda index, digest: None
         self._cond = threading.Condition()
+        # A recorded piece's bytes are final: peers may already be reading them. A copy that is
+        # still streaming into the same piece (endgame) takes the piece's lock for each write and
+        # stops once the piece is done; recording takes the same lock.
+        self._piece_locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
 
     @contextlib.contextmanager
     def _op(self) -> Iterator[None]:
@@ -182,22 +188,34 @@ class PartialBlob:
             raise IntegrityError(f"piece {index}: BLAKE3 mismatch")
         if index in self.done:
             return None
-        with self._op():
+        with self._op(), self._piece_lock(index):
+            if index in self.done:
+                return None
             self._pwrite_all(data, off)
             if not self._record(index, digest):
                 return None
         return digest
 
-    def write_at_sync(self, data: bytes | bytearray | memoryview, offset: int) -> None:
-        """Bytes of a piece still arriving; nothing is recorded until ``record_sync``."""
-        with self._op():
+    def write_at_sync(self, data: bytes | bytearray | memoryview, offset: int, index: int) -> bool:
+        """Bytes of piece ``index`` still arriving; nothing is recorded until ``record_sync``.
+        False (nothing written) once the piece is done: the caller should stop.
+
+        Only one unverified stream may write a given piece at a time (the scheduler buffers a
+        second, endgame copy in memory): the digest it records must be of the bytes on disk."""
+        with self._op(), self._piece_lock(index):
+            if index in self.done:
+                return False
             self._pwrite_all(data, offset)
+            return True
 
     def record_sync(self, index: int, digest: bytes) -> bool:
         """Mark a piece whose bytes were written with ``write_at_sync`` and whose digest the
         caller checked. False if another copy was recorded first."""
-        with self._op():
+        with self._op(), self._piece_lock(index):
             return self._record(index, digest)
+
+    def _piece_lock(self, index: int) -> threading.Lock:
+        return self._piece_locks[index % _LOCK_STRIPES]
 
     def adopt_piece_sync(self, index: int, expected: bytes | None = None) -> bytes:
         """Hash a piece already present in the data file (after a reflink clone) and record it."""
@@ -213,7 +231,7 @@ class PartialBlob:
         view = memoryview(data)
         try:
             while view:
-                n = os.pwrite(self._fd, view, off)
+                n = os.pwrite(self._fd, view[:_WRITE_SLICE], off)
                 view = view[n:]
                 off += n
         except OSError as e:

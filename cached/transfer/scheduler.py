@@ -1,12 +1,15 @@
 """Runs the plan for one blob: peers first, then the origin; verification, retries, limits.
 
-Each piece's bytes are hashed (and checked against the expected digest when one is known) before
-the piece is recorded; nothing unverified is ever marked. Retryable origin errors back off
-exponentially with jitter; a non-retryable one (404, 403, a changed file) stops the blob at once
-and cancels its other requests. A global semaphore bounds origin requests across all jobs.
-A peer that sends bytes that fail verification, or fails repeatedly, is banned for a while (and
-counted); a peer at its serving limit (429) is skipped for a moment. Near the end the last pieces
-may be asked of two sources; the slower copy is cancelled.
+Piece bodies stream through ``cached.rangeio`` on worker threads: each batch is hashed and
+written at its offset as it arrives, and the piece is recorded only once its whole digest is
+known (and matches the expected one). Only one copy of a piece streams to disk at a time; a
+second, endgame copy is read into memory and written only once verified, so the bytes on disk
+are always the bytes whose digest was recorded. Retryable origin errors back off exponentially
+with jitter; a non-retryable one (404, 403, a changed file) stops the blob at once and cancels its
+other requests. A global semaphore bounds origin requests across all jobs. A peer that sends
+bytes that fail verification, or fails repeatedly, is banned for a while (and counted); a peer at
+its serving limit (429) is skipped for a moment. Near the end the last pieces may be asked of two
+sources; the slower copy is cancelled.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from cached.metrics import Metrics
 from cached.origins import Origin
 from cached.store.partial import PartialBlob
 from cached.peers.client import PeerBusy, PeerClient, PeerError
+from cached.rangeio import Sink
 from cached.transfer.budget import TokenBucket
 from cached.transfer.plan import ORIGIN, SourceView, assign
 from cached.transfer.sources import PeerSource, Swarm
@@ -177,11 +181,17 @@ class Scheduler:
                     missing=missing, inflight=inflight, sources=views, global_free=origin_limit + len(peers) * self._peer_limit - len(tasks),
                     endgame_pieces=2 if swarm is not None else 0,
                 )
+                streaming = set(inflight)
                 for a in plan:
+                    # One copy of a piece streams into place; a second one (endgame) is read into
+                    # memory and written only once verified, so the bytes on disk are always the
+                    # bytes whose digest gets recorded.
+                    stream = a.piece not in streaming
+                    streaming.add(a.piece)
                     if a.source == ORIGIN:
-                        coro = self._piece(partial, file, origin, a.piece, on_bytes, expected)
+                        coro = self._piece(partial, file, origin, a.piece, on_bytes, expected, stream=stream)
                     else:
-                        coro = self._peer_piece(partial, by_name[a.source], a.piece, on_bytes)
+                        coro = self._peer_piece(partial, by_name[a.source], a.piece, on_bytes, stream=stream)
                     t = asyncio.create_task(coro, name=f"piece:{a.piece}:{a.source}")
                     tasks[t] = (a.piece, a.source)
                 if not tasks:
@@ -223,23 +233,35 @@ class Scheduler:
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _peer_piece(self, partial: PartialBlob, src: PeerSource, index: int, on_bytes: OnBytes) -> bool:
+    async def _peer_piece(self, partial: PartialBlob, src: PeerSource, index: int, on_bytes: OnBytes, *, stream: bool) -> bool:
         """One piece from a peer. True if this copy is the one recorded."""
         off, length = piece_span(index, partial.size, partial.piece_size)
         assert self.peer_client is not None, "peer sources need a PeerClient"
-        data = await self.peer_client.read_range(src.address, src.kind, src.name, off, length)
-        if index in partial.done:
-            return False  # the other copy of an endgame pair won
+        expected = src.digests[index]
         try:
-            recorded = await asyncio.to_thread(partial.write_piece_sync, index, data, src.digests[index])
+            if stream:
+                hasher = blake3.blake3()
+                try:
+                    await self.peer_client.read_range_into(src.address, src.kind, src.name, off, length, _hash_and_write(partial, hasher, index))
+                except _PieceDone:
+                    return False  # the other copy of an endgame pair won
+                digest = hasher.digest()
+                if digest != expected:
+                    raise IntegrityError(f"piece {index}: BLAKE3 mismatch")
+                recorded = await asyncio.to_thread(partial.record_sync, index, digest)
+            else:
+                data = await self.peer_client.read_range(src.address, src.kind, src.name, off, length)
+                if index in partial.done:
+                    return False
+                recorded = await asyncio.to_thread(partial.write_piece_sync, index, data, expected) is not None
         except IntegrityError:
             self._metrics.piece_verify_failures.labels("peer").inc()
             log.warning("piece from peer failed verification peer=%s piece=%d", src.node_id, index)
             raise
-        if recorded is None:
+        if not recorded:
             return False
-        self._metrics.fetched_bytes.labels("peer").inc(len(data))
-        on_bytes("peer", len(data))
+        self._metrics.fetched_bytes.labels("peer").inc(length)
+        on_bytes("peer", length)
         return True
 
     def _ban(self, node_id: str) -> None:
@@ -250,10 +272,11 @@ class Scheduler:
         return {n for n, until in self._bans.items() if until > now}
 
     async def _piece(
-        self, partial: PartialBlob, file: OriginFile, origin: Origin, index: int, on_bytes: OnBytes, expected: list[bytes] | None
+        self, partial: PartialBlob, file: OriginFile, origin: Origin, index: int, on_bytes: OnBytes, expected: list[bytes] | None,
+        *, stream: bool = True,
     ) -> bool:
         off, length = piece_span(index, partial.size, partial.piece_size)
-        if hasattr(origin, "read_range_chunks"):
+        if stream and hasattr(origin, "read_range_into"):
             return await self._streamed_piece(partial, file, origin, index, on_bytes, expected)
         attempt = 0
         while True:
@@ -279,22 +302,20 @@ class Scheduler:
     async def _streamed_piece(
         self, partial: PartialBlob, file: OriginFile, origin: Origin, index: int, on_bytes: OnBytes, expected: list[bytes] | None
     ) -> bool:
-        """A piece hashed and written batch by batch as it arrives; recorded only once its digest
-        is known (and matches ``expected``). Bytes of a failed attempt stay unrecorded."""
+        """A piece hashed and written batch by batch on a worker thread as it arrives; recorded
+        only once its digest is known (and matches ``expected``). Bytes of a failed attempt stay
+        unrecorded."""
         off, length = piece_span(index, partial.size, partial.piece_size)
         attempt = 0
         while True:
             hasher = blake3.blake3()
-            pos = off
             try:
                 async with self._origin_slots:
                     await self._origin_budget.take(length)
-                    async for chunk in origin.read_range_chunks(file, off, length):  # type: ignore[attr-defined]
-                        await asyncio.to_thread(_hash_and_write, partial, hasher, chunk, pos)
-                        pos += len(chunk)
-                if pos - off != length:
-                    raise OriginError(f"{file.locator}: piece {index} ended after {pos - off} of {length} bytes", retryable=True)
+                    await origin.read_range_into(file, off, length, _hash_and_write(partial, hasher, index))  # type: ignore[attr-defined]
                 break
+            except _PieceDone:
+                return False  # the other copy of an endgame pair won
             except OriginError as e:
                 attempt = await self._after_origin_error(e, attempt, index)
         digest = hasher.digest()
@@ -369,9 +390,17 @@ class Scheduler:
             raise OriginError(f"{file.locator}: body ended after {received} of {file.size} bytes", retryable=True)
 
 
-def _hash_and_write(partial: PartialBlob, hasher: "blake3.blake3", chunk: bytes, pos: int) -> None:
-    hasher.update(chunk)
-    partial.write_at_sync(chunk, pos)
+class _PieceDone(Exception):
+    """Raised in a sink: another copy of the piece was recorded, this stream can stop."""
+
+
+def _hash_and_write(partial: PartialBlob, hasher: "blake3.blake3", index: int) -> Sink:
+    def sink(data: memoryview, pos: int) -> None:
+        hasher.update(data)
+        if not partial.write_at_sync(data, pos, index):
+            raise _PieceDone
+
+    return sink
 
 
 def _error_kind(e: OriginError) -> str:

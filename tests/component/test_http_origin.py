@@ -12,6 +12,7 @@ import pytest
 from cached.config import HttpOriginConfig
 from cached.errors import OriginChanged, OriginDenied, OriginError, OriginNotFound
 from cached.origins.http import HttpOrigin
+from cached.rangeio import ThreadedRangeReader
 from cached.types import ModelRef
 from tests.support.origin import Origin, write_random_file
 
@@ -28,8 +29,10 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[Origin, bytes]]:
 
 @pytest.fixture
 async def http() -> AsyncIterator[HttpOrigin]:
+    reader = ThreadedRangeReader(connect_timeout_s=CFG.connect_timeout_s, read_timeout_s=CFG.read_timeout_s, user_agent="test")
     async with aiohttp.ClientSession() as session:
-        yield HttpOrigin(session, CFG)
+        yield HttpOrigin(session, CFG, reader)
+    reader.close()
 
 
 def ref_of(origin: Origin, name: str = "model.gguf") -> ModelRef:

@@ -196,3 +196,19 @@ async def test_finalize_refuses_an_incomplete_partial(pdir: Path, tmp_path: Path
         assert p.data_path.exists()
     finally:
         p.close_sync()
+
+
+async def test_a_stream_still_writing_a_piece_another_copy_recorded_writes_nothing(pdir: Path, source: bytes) -> None:
+    """Endgame: once a piece is recorded its bytes are final (peers may be reading them)."""
+    p = make_partial(pdir)
+    await asyncio.to_thread(p.open_sync)
+    try:
+        off, length = piece_span(2, SIZE, PIECE)
+        assert await asyncio.to_thread(p.write_at_sync, piece_of(source, 2)[:100], off, 2)
+        assert await asyncio.to_thread(p.write_piece_sync, 2, piece_of(source, 2)) is not None
+        assert not await asyncio.to_thread(p.write_at_sync, b"\0" * 100, off + 100, 2), "the late stream is told to stop"
+        assert not await asyncio.to_thread(p.record_sync, 2, hash_piece(b"other")), "and cannot record"
+        assert p.data_path.read_bytes()[off : off + length] == piece_of(source, 2)
+        assert p.done[2] == hash_piece(piece_of(source, 2))
+    finally:
+        await asyncio.to_thread(p.close_sync)

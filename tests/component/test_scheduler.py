@@ -18,6 +18,7 @@ from cached.errors import OriginChanged, OriginDenied, OriginError, OriginNotFou
 from cached.metrics import Metrics
 from cached.origins import Origins
 from cached.origins.http import HttpOrigin
+from cached.rangeio import ThreadedRangeReader
 from cached.origins.local import LocalOrigin
 from cached.store import Store
 from cached.transfer.model import ModelFetcher, Progress
@@ -67,8 +68,10 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     await store.open()
     cfg = config()
     metrics = Metrics()
+    reader = ThreadedRangeReader(connect_timeout_s=cfg.connect_timeout_s, read_timeout_s=cfg.read_timeout_s, user_agent="test")
     async with Origin(tmp_path / "www") as origin, aiohttp.ClientSession() as session:
-        yield Env(origin, data, store, HttpOrigin(session, cfg), Scheduler(cfg, metrics), metrics, cfg)
+        yield Env(origin, data, store, HttpOrigin(session, cfg, reader), Scheduler(cfg, metrics), metrics, cfg)
+    reader.close()
 
 
 class Tally:
