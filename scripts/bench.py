@@ -326,6 +326,7 @@ class Variant:
     label: str
     piece: int | None  # None: the daemon's default
     connections: int | None
+    from_peer: bool = False  # pull from one peer daemon that already holds the file, not the server
 
     @classmethod
     def parse(cls, spec: str) -> "Variant":
@@ -341,6 +342,9 @@ class Daemon:
     work: Path
     proc: subprocess.Popen | None = None
     times: list[float] = field(default_factory=list)
+    node_id: str = "bench"
+    peer_port: int = 0  # 0: any free port
+    cluster: str = ""  # extra TOML: token file and seeds when this daemon has peers
 
     @property
     def sock(self) -> Path:
@@ -358,14 +362,15 @@ class Daemon:
         self.work.mkdir(parents=True)
         cfg = self.work / "config.toml"
         # An explicit file, so that a host's /etc/cached/config.toml never leaks into the numbers.
-        cfg.write_text(f"[origins.http]\nconnections = {self.variant.connections}\n" if self.variant.connections else "# defaults\n")
+        text = f"[origins.http]\nconnections = {self.variant.connections}\n" if self.variant.connections else "# defaults\n"
+        cfg.write_text(text + self.cluster)
         argv = [
             sys.executable, "-m", "cached",
             "--config", str(cfg),
-            "--node-id", "bench",
+            "--node-id", self.node_id,
             "--cache-dir", str(self.cache_dir),
             "--api-listen", f"unix:{self.sock}",
-            "--peer-listen", "127.0.0.1:0",
+            "--peer-listen", f"127.0.0.1:{self.peer_port}",
             "--no-mdns",
             "--hf-endpoint", "http://127.0.0.1:9",
         ]
@@ -425,6 +430,34 @@ def run_cached(d: Daemon, url: str, timeout_s: float, py_spy: str | None, profil
     return t1 - t0, Path(r.stdout.strip())
 
 
+def start_seeder(work: Path, url: str, puller: Daemon) -> Daemon:
+    """A daemon that fetches the file once from the server (untimed) and then serves it to
+    ``puller`` as its only peer. Both share a cluster token; the puller has it as its seed."""
+    token = work / "cluster.token"
+    token.write_text("bench-" + os.urandom(16).hex() + "\n")
+    token.chmod(0o600)
+    seeder = Daemon(Variant("seeder", None, None), work / "seeder", node_id="seeder", peer_port=free_port())
+    seeder.cluster = f'\n[cluster]\ntoken_file = "{token}"\n'
+    puller.node_id = "puller"
+    puller.cluster = f'\n[cluster]\ntoken_file = "{token}"\n\n[peer]\nseeds = ["127.0.0.1:{seeder.peer_port}"]\n'
+    seeder.start()
+    seeder.cachectl("prefetch", "--wait", url, timeout_s=600)
+    log("seeder holds the file")
+    return seeder
+
+
+def peer_alive(d: Daemon, node_id: str) -> bool:
+    r = d.cachectl("--json", "peers", check=False, timeout_s=10)
+    if r.returncode != 0:
+        return False
+    try:
+        peers = json.loads(r.stdout)
+    except ValueError:
+        return False
+    rows = peers.get("peers", peers) if isinstance(peers, dict) else peers
+    return any(isinstance(p, dict) and p.get("node_id") == node_id and p.get("state") == "alive" for p in rows)
+
+
 def evict(d: Daemon, url: str) -> None:
     d.cachectl("evict", url, "--force")
     left = [p for p in (d.cache_dir / "blobs").rglob("*") if p.is_file()] if (d.cache_dir / "blobs").exists() else []
@@ -451,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", action="append", default=[], metavar="PIECE:CONN",
                    help="extra daemon setting to measure, e.g. 4M:8 (piece size : origins.http.connections); repeatable")
     p.add_argument("--sweep", action="store_true", help=f"add the variants {' '.join(SWEEP)}")
+    p.add_argument("--peer", action="store_true",
+                   help="add 'cached from 1 peer': a second daemon pulls the file from one peer daemon that holds it")
     p.add_argument("--tmpdir", default=os.environ.get("BENCH_TMPDIR") or str(REPO / "bench-out"),
                    help="parent of the work dir; must be on the filesystem under test (default $REPO/bench-out)")
     p.add_argument("--timeout", type=float, default=600.0, help="bound on any one transfer, seconds (default 600)")
@@ -471,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     if size <= 0 or args.runs < 1 or args.warmup < 0:
         p.error("--size and --runs must be positive, --warmup not negative")
     variants = [Variant("cached (defaults)", None, None)]
+    if args.peer:
+        variants.append(Variant("cached from 1 peer", None, None, from_peer=True))
     for spec in [*(SWEEP if args.sweep else ()), *args.variant]:
         try:
             variants.append(Variant.parse(spec))
@@ -490,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     os.chmod(work, 0o755)  # nginx workers may run as another user
     server: Server | None = None
     daemons: list[Daemon] = []
+    seeder: Daemon | None = None
     started = dt.datetime.now(dt.timezone.utc)
     try:
         root = work / "www"
@@ -512,9 +550,13 @@ def main(argv: list[str] | None = None) -> int:
 
         for i, v in enumerate(variants):
             d = Daemon(v, work / f"daemon-{i}")
+            if v.from_peer:
+                seeder = start_seeder(work, url, d)
             daemons.append(d)
             d.start()
         log(f"{len(daemons)} daemon(s) ready")
+        if seeder is not None:
+            wait_for(lambda: peer_alive(daemons[-1], seeder.node_id), 30.0, "the puller to see its peer")
 
         busy_before = wait_idle(args.wait_idle)
         if busy_before > 0.10:
@@ -530,13 +572,12 @@ def main(argv: list[str] | None = None) -> int:
         curl_alone: list[float] = []
         curl_sync: list[float] = []
         other: list[float] = []  # CPUs used by other processes during each timed run
-        verified = False
+        verified_by: set[int] = set()  # id() of each contender whose first copy was checked
         out = work / "curl.out"
-        pids = [server.proc.pid, *(d.proc.pid for d in daemons if d.proc)]
+        pids = [server.proc.pid, *(d.proc.pid for d in [*daemons, *([seeder] if seeder else [])] if d.proc)]
 
         def timed(c: object, profile: Path | None) -> tuple[tuple[float, ...], float]:
             """One timed transfer by ``c``: (seconds..., CPUs of other work meanwhile)."""
-            nonlocal verified
             settle(src, args.pause)
             if args.wait_idle:
                 wait_idle(args.wait_idle)
@@ -551,13 +592,17 @@ def main(argv: list[str] | None = None) -> int:
             assert isinstance(c, Daemon)
             with watch:
                 t, path = run_cached(c, url, args.timeout, args.py_spy, profile)
-            if not verified:
+            if id(c) not in verified_by:
                 view = path / FILE_NAME if path.is_dir() else path
                 got = blake3_file(view)
                 if got != src_b3:
                     raise RuntimeError(f"{view}: BLAKE3 {got} != source {src_b3}")
-                verified = True
+                verified_by.add(id(c))
                 log(f"verified: {view} has the source's BLAKE3 {src_b3[:16]}...")
+            if c.variant.from_peer:
+                sources = json.loads(c.cachectl("--json", "status", url).stdout).get("sources", {})
+                if sources.get("origin", 0) or sources.get("peer", 0) != size:
+                    raise RuntimeError(f"the peer pull was not all from the peer: sources {sources}")
             evict(c, url)
             return (t,), watch.cores
 
@@ -622,6 +667,11 @@ def main(argv: list[str] | None = None) -> int:
         met = ratio >= TARGET
         print(f"primary ratio (cached defaults vs curl+fsync): {ratio:.3f} -> "
               f"{'target met' if met else 'target missed'} (target >= {TARGET})")
+        peer_ratio = None
+        if seeder is not None:
+            peer_ratio = base_sync / median(daemons[-1].times)
+            print(f"peer ratio (cached from 1 peer vs curl+fsync from {server.kind.split()[0]}): {peer_ratio:.3f} -> "
+                  f"{'target met' if peer_ratio >= TARGET else 'target missed'} (target >= {TARGET}); every byte came from the peer")
 
         if args.json:
             Path(args.json).write_text(json.dumps({
@@ -631,11 +681,11 @@ def main(argv: list[str] | None = None) -> int:
                 "background_cpu_before": busy_before, "background_cpu_after": busy_after, "other_work_cpus_per_run": other, "curl_s": curl_alone, "curl_fsync_s": curl_sync, "cachectl_overhead_s": overhead, "prefetch_1mib_s": fixed,
                 "cached": {d.variant.label: d.times for d in daemons},
                 "ratio_vs_curl_fsync": ratio, "ratio_vs_curl": base_alone / median(daemons[0].times),
-                "target_met": met,
+                "target_met": met, "peer_ratio_vs_curl_fsync": peer_ratio,
             }, indent=2) + "\n")
         return 0
     finally:
-        for d in daemons:
+        for d in [*daemons, *([seeder] if seeder else [])]:
             d.stop()
         if server is not None:
             server.stop()

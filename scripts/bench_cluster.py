@@ -1507,9 +1507,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kill-mode", choices=("process", "node"), default="process",
                    help="process (default): SIGKILL the daemon (its host still answers with RST); "
                         "node: also take its link down first (a vanished host: connections time out)")
-    g.add_argument("--cached-src", choices=("tree", "head"), default="tree",
+    g.add_argument("--cached-src", default="tree", metavar="tree|head|DIR",
                    help="tree (default): daemons run cached/ as it is in this checkout; head: a copy of the committed "
-                        "cached/ at HEAD (git archive into WORKDIR/src-SHA), unaffected by uncommitted edits")
+                        "cached/ at HEAD (git archive into WORKDIR/src-SHA), unaffected by uncommitted edits; "
+                        "DIR: a directory holding a cached/ package (a patched copy), put on the daemons' PYTHONPATH")
     g.add_argument("--suspect-after", type=float, default=0, help="cached peer.suspect_after_s (default: the daemon's own)")
     g.add_argument("--dead-after", type=float, default=0, help="cached peer.dead_after_s (default: the daemon's own)")
     p.add_argument("--cached-variant", action="append", default=[], metavar="LABEL=[PYTHONPATH][;piece_size=4M][;connections=2][;stall_timeout=60]",
@@ -1558,6 +1559,12 @@ def main() -> int:
         except (OSError, subprocess.SubprocessError, RuntimeError) as e:
             print(f"bench-cluster: cannot export HEAD's cached/: {e}", file=sys.stderr)
             return 2
+    elif a.scenario == "failover" and a.cached_src != "tree":
+        src = Path(a.cached_src).absolute()
+        if not (src / "cached" / "__init__.py").is_file():
+            print(f"bench-cluster: --cached-src {a.cached_src}: no cached/ package there", file=sys.stderr)
+            return 2
+        a.pythonpath, a.git = str(src), f"cached/ from {src} (not this checkout; HEAD is {a.git})"
     out = a.out or a.workdir / "results"
     driver = Driver(a)
 
