@@ -141,6 +141,8 @@ class Reconciler:
         self._members = members  # live members, this node included
         self._holders = holders  # node ids (other than us) holding a ready copy of a ref
         self._interval_s = interval_s
+        self.passes = 0  # reconcile passes so far (tests wait on it)
+        self._wake = asyncio.Event()
         self._owned: set[str] = set()
 
     def owners(self, ref: str) -> list[str]:
@@ -162,6 +164,7 @@ class Reconciler:
 
     def reconcile(self) -> list[str]:
         """One pass. Returns the refs this node started fetching."""
+        self.passes += 1
         members = self._members()
         owned: set[str] = set()
         started: list[str] = []
@@ -180,11 +183,17 @@ class Reconciler:
         self._owned = owned
         return started
 
+    def kick(self) -> None:
+        """Reconcile now rather than at the next tick: a member just changed status (a failover
+        should not wait out the timer), or the daemon is stopping."""
+        self._wake.set()
+
     async def run(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
+            self._wake.clear()
             self.reconcile()
             try:
-                await asyncio.wait_for(stopping.wait(), self._interval_s)
+                await asyncio.wait_for(self._wake.wait(), self._interval_s)
             except asyncio.TimeoutError:
                 pass
 

@@ -56,6 +56,7 @@ log = logging.getLogger("cached")
 
 EX_CONFIG = 78
 HOUSEKEEPING_INTERVAL_S = 10.0
+PEER_CONNECT_TIMEOUT_S = 3.0
 # Keys SIGHUP applies in place; any other change is reported as needing a restart.
 RELOADABLE = frozenset(
     {"log.level", "store.max_bytes", "store.high_watermark", "store.low_watermark", "jobs.max_concurrent"}
@@ -194,7 +195,9 @@ class Daemon:
             forget_after_s=cfg.peer.forget_after_s, clock=time.monotonic,
         )
         reader = ThreadedRangeReader(
-            connect_timeout_s=cfg.peer.stall_timeout_s, read_timeout_s=cfg.peer.stall_timeout_s,
+            # A peer on the LAN connects in milliseconds; a host that vanished must not hold a
+            # piece request for the whole stall timeout before another source is tried.
+            connect_timeout_s=min(PEER_CONNECT_TIMEOUT_S, cfg.peer.stall_timeout_s), read_timeout_s=cfg.peer.stall_timeout_s,
             user_agent=f"cached/{__version__}", ssl_context=client_ssl_ctx,
         )
         self._stack.callback(reader.close)
@@ -255,13 +258,18 @@ class Daemon:
         gossip.extra_out = lambda: {"catalog": self.catalog.to_json()}
         gossip.extra_in = lambda payload: self.catalog.merge(payload.get("catalog") or []) if isinstance(payload, dict) else None
 
+        # Placement moves a model only when gossip says its holder is dead (peer.dead_after_s), not
+        # at the first missed heartbeats: a node that is merely slow for a few seconds must not
+        # set off a full copy elsewhere. Suspect members stay owners and holders until then.
+        def not_dead() -> list[MemberInfo]:
+            return [gossip.membership.me] + [m.info for m in gossip.membership.members() if m.status is not Status.DEAD]
+
         def members() -> list[ClusterMember]:
-            live = [gossip.membership.me] + [m.info for m in gossip.membership.alive()]
-            return [ClusterMember(node_id=i.node_id, capacity_bytes=i.capacity_bytes, labels=i.labels) for i in live]
+            return [ClusterMember(node_id=i.node_id, capacity_bytes=i.capacity_bytes, labels=i.labels) for i in not_dead()]
 
         def holders(ref: str) -> set[str]:
-            alive = {m.info.node_id for m in gossip.membership.alive()}
-            return {n for n, _ in gossip.view.with_ref(ref) if n in alive}
+            counted = {i.node_id for i in not_dead()}
+            return {n for n, _ in gossip.view.with_ref(ref) if n in counted}
 
         self.reconciler = Reconciler(
             node_id=me, catalog=self.catalog, store=self.store, jobs=self.jobs, members=members, holders=holders,
@@ -275,6 +283,7 @@ class Daemon:
             remote_status=gossip.client.status,
         )
         peer_api.local_status = lambda ref: self.api.model_object(ref)
+        gossip.on_status_change = lambda node_id, status: self.reconciler.kick() if self.reconciler else None
         self._tg.create_task(self.reconciler.run(self._stopping), name="cluster.reconcile")
 
     async def _mdns_refresh(self, mdns: MdnsDiscovery) -> None:
@@ -306,6 +315,8 @@ class Daemon:
 
     def stop(self) -> None:
         self._stopping.set()
+        if self.reconciler is not None:
+            self.reconciler.kick()  # its loop waits on its own wake-up event
 
     async def wait_stopped(self) -> None:
         await self._stopping.wait()
@@ -452,6 +463,10 @@ class GossipDirectory:
         return [
             (m.info.node_id, m.info.address) for m in self._gossip.membership.members() if m.status is not Status.DEAD
         ]
+
+    def suspect(self) -> set[str]:
+        # Asked last, and only for what no healthy peer has (see Swarm.peer_sources).
+        return {m.info.node_id for m in self._gossip.membership.members() if m.status is Status.SUSPECT}
 
 
 # --- systemd ------------------------------------------------------------------------------------

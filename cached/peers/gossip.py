@@ -61,6 +61,8 @@ class Gossip:
         # composition root: what to send, and how to merge what arrives.
         self.extra_out: Callable[[], dict[str, Any]] = lambda: {}
         self.extra_in: Callable[[dict[str, Any]], None] = lambda payload: None
+        # Told of every status transition found by a round (alive -> suspect -> dead).
+        self.on_status_change: Callable[[str, Status], None] = lambda node_id, status: None
 
     @property
     def cluster(self) -> str:
@@ -119,6 +121,7 @@ class Gossip:
             log.info("peer status changed node=%s status=%s", node_id, status)
             if status is Status.DEAD:
                 self.view.forget(node_id)
+            self.on_status_change(node_id, status)
         for node_id in set(n for n, _ in self.view.nodes()) - {m.info.node_id for m in self.membership.members()}:
             self.view.forget(node_id)
         targets = self._targets()

@@ -201,7 +201,8 @@ class ModelFetcher:
         if self._peers is None:
             return None
         alive = dict(self._peers.alive())
-        for node_id, digest in self._peers.view.with_ref(ref.canonical):
+        suspect = self._peers.suspect()
+        for node_id, digest in sorted(self._peers.view.with_ref(ref.canonical), key=lambda nd: nd[0] in suspect):
             if node_id not in alive:
                 continue
             local = self._store.manifest(digest)

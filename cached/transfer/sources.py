@@ -35,6 +35,15 @@ class PeerDirectory(Protocol):
         """(node id, peer address) of every live member."""
         ...
 
+    def suspect(self) -> set[str]:
+        """The members among ``alive()`` whose heartbeat has stopped (not dead yet)."""
+        ...
+
+
+def healthy_first(node_ids: list[str], suspect: set[str]) -> list[str]:
+    """Suspect members last: a request to a host that vanished waits out the connect timeout."""
+    return sorted(node_ids, key=lambda n: n in suspect)
+
 
 @dataclass(frozen=True, slots=True)
 class PeerSource:
@@ -82,7 +91,7 @@ class Swarm:
         if blob_hex is None:
             return False
         alive = dict(self._dir.alive())
-        for node_id in self._dir.view.with_blob(blob_hex):
+        for node_id in healthy_first(self._dir.view.with_blob(blob_hex), self._dir.suspect()):
             if node_id not in alive:
                 continue
             try:
@@ -110,7 +119,16 @@ class Swarm:
                     continue  # a different piece size: its pieces do not line up with ours
                 digests = {i: bytes.fromhex(d) for i, d in info.pieces.items() if _is_hex32(d)}
                 out.append(PeerSource(node_id, alive[node_id], "partials", self.key, frozenset(digests), digests))
-        return out
+        suspect = self._dir.suspect()
+        if not suspect:
+            return out
+        # A suspect peer (its heartbeat stopped; it may be gone) only for pieces no healthy peer
+        # holds: requests to a vanished host hang until the connect timeout.
+        healthy = [p for p in out if p.node_id not in suspect]
+        if any(p.pieces is None for p in healthy):
+            return healthy
+        covered = frozenset().union(*(p.pieces or frozenset() for p in healthy))
+        return healthy + [p for p in out if p.node_id in suspect and not (p.pieces is not None and p.pieces <= covered)]
 
     def origin_allowed(self, index: int, refused: set[str] = frozenset()) -> bool:  # type: ignore[assignment]
         """Single-flight: may this node ask the origin for piece ``index`` now? ``refused``:

@@ -282,6 +282,41 @@ async def test_replicate_fails_over_to_the_next_node_and_demotes_it_when_the_own
         assert model["state"] == "ready" and "replicas" not in model, model
 
 
+async def test_an_owner_that_is_only_suspect_is_not_replaced(cluster: Cluster, origin: Origin) -> None:
+    # Placement moves a model when gossip says its holder is dead, not at the first missed
+    # heartbeats: a node that is slow for a few seconds must not set off a full copy elsewhere.
+    slow_death = {"peer.dead_after_s": 60.0}
+    for name in "abc":
+        await cluster.start(name, **slow_death)
+    await wait_until(cluster.all_see_all, timeout_s=15, what="three nodes alive in every view")
+    ref = origin.file_url("model.gguf")
+    (owner,) = owners(ref, sorted(cluster.nodes), 1)
+    others = [n for n in sorted(cluster.nodes) if n != owner]
+    await call(cluster.nodes[others[0]], "POST", "/v1/replicate", {"ref": ref, "replicas": 1})
+    await wait_until(lambda: _eq(ready_on(cluster.nodes[others[0]], ref), {owner}), timeout_s=30, what="the owner ready")
+
+    await cluster.stop(owner)
+
+    def suspect_everywhere() -> bool:
+        return all(
+            (m := d.gossip.membership.get(owner)) is not None and m.status.value == "suspect"  # type: ignore[union-attr]
+            for d in cluster.nodes.values()
+        )
+
+    await wait_until(suspect_everywhere, timeout_s=10, what=f"{owner} suspect in every view")
+    start = {n: cluster.nodes[n].reconciler.passes for n in others}  # type: ignore[union-attr]
+    await wait_until(
+        lambda: all(cluster.nodes[n].reconciler.passes >= start[n] + 3 for n in others),  # type: ignore[union-attr]
+        timeout_s=15, what="three more reconcile passes on every survivor",
+    )
+    assert suspect_everywhere(), "still suspect, not dead, after those passes"
+    for n in others:
+        model = await status(cluster.nodes[n], ref)
+        assert model["state"] == "absent", f"{n} replaced an owner that was only suspect: {model}"
+        assert model["replicas"]["owners"] == [owner], model
+    assert origin.counters.bytes_sent == SIZE
+
+
 async def test_a_quick_restart_replaces_what_peers_believe_the_node_holds(cluster: Cluster, origin: Origin) -> None:
     # A node restarted (here: on a fresh disk) before its peers declare it dead starts a new life
     # with new holdings. Its peers must drop what they knew of the previous life: what they

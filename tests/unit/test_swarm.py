@@ -39,8 +39,13 @@ class FakeDirectory:
         self.client = None
         self.live = set(alive)
 
+        self.suspects: set[str] = set()
+
     def alive(self) -> list[tuple[str, str]]:
         return [(n, f"127.0.0.1:{7000 + i}") for i, n in enumerate(sorted(self.live))]
+
+    def suspect(self) -> set[str]:
+        return self.suspects & self.live
 
 
 def partial_snapshot(pieces: dict[int, str] | None = None, *, version: int = 1) -> dict:
@@ -171,6 +176,21 @@ def test_peer_sources_list_live_partial_holders_with_their_verified_pieces_only(
     assert [(s.node_id, s.kind, s.pieces) for s in sources] == [("n1", "partials", frozenset({0, 3}))]
     assert sources[0].digests == {0: bytes.fromhex(DIGEST), 3: bytes.fromhex(DIGEST)}
     assert swarm.peer_sources({"n1"}) == [], "a banned peer is no source"
+
+
+def test_a_suspect_peer_is_a_source_only_for_pieces_no_healthy_peer_holds() -> None:
+    # A suspect peer may be a host that vanished: each request to it hangs until the connect
+    # timeout, so it is asked only for what nobody healthy can give.
+    swarm, directory = swarm_of("n0", ["n0", "n1", "n2"], alive=["n1", "n2"])
+    directory.view.update("n1", partial_snapshot({0: DIGEST, 1: DIGEST}, version=2))
+    directory.view.update("n2", partial_snapshot({0: DIGEST, 1: DIGEST, 2: DIGEST}, version=2))
+    assert [s.node_id for s in swarm.peer_sources(set())] == ["n1", "n2"]
+    directory.suspects = {"n2"}
+    assert [(s.node_id, s.pieces) for s in swarm.peer_sources(set())] == [
+        ("n1", frozenset({0, 1})), ("n2", frozenset({0, 1, 2}))
+    ], "n2 alone has piece 2: still a source"
+    directory.view.update("n1", partial_snapshot({0: DIGEST, 1: DIGEST, 2: DIGEST}, version=3))
+    assert [s.node_id for s in swarm.peer_sources(set())] == ["n1"], "n1 covers it all: n2 is left out"
 
 
 # --- piece tables ---------------------------------------------------------------------------------------
