@@ -68,21 +68,24 @@ class _Call:
     """One request in flight: how the event loop stops its worker thread."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()  # held while the sink runs; abort() takes it
+        self.lock = threading.Lock()  # held by the worker while it checks ``aborted`` and runs the sink
         self.aborted = False
         self.sock: socket.socket | None = None
 
-    def abort(self) -> None:
-        # Taking the lock waits for at most one batch already in the sink (a 128 KiB write),
-        # which is what makes "no sink call after read_into ends" true without joining the thread.
-        with self.lock:
-            self.aborted = True
-            sock = self.sock
+    def abort(self) -> bool:
+        """Stop the worker. True if the sink can no longer run; False if a batch is in the sink
+        right now (it is the last one: the worker checks the flag before the next)."""
+        self.aborted = True
+        idle = self.lock.acquire(blocking=False)  # never blocks the event loop on a slow write
+        if idle:
+            self.lock.release()
+        sock = self.sock
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)  # wakes a recv blocked on the worker thread
             except OSError:
                 pass
+        return idle
 
 
 class ThreadedRangeReader:
@@ -112,6 +115,8 @@ class ThreadedRangeReader:
         (offset 0, Content-Length == length). 3xx raises ``Redirected``."""
         if self._closed:
             raise RangeIOError("protocol", "reader closed")
+        if length == 0:
+            return
         call = _Call()
         self._calls.add(call)
         loop = asyncio.get_running_loop()
@@ -119,7 +124,10 @@ class ThreadedRangeReader:
         try:
             await asyncio.shield(fut)
         except asyncio.CancelledError:
-            call.abort()
+            if not call.abort():
+                # One batch is being written: wait for that single write (the shut socket ends
+                # the thread right after) so that nothing lands once this call has returned.
+                await asyncio.wait({fut})
             fut.add_done_callback(_consume)  # the thread ends on its own; its error is moot
             raise
         finally:
