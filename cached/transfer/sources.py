@@ -9,9 +9,7 @@ Origin single-flight: among the nodes that want the same origin file (they hold 
 piece ``i`` is fetched from the origin by its rendezvous-hash owner only; the others take it from
 that owner once it is verified. A node falls back to the origin for a piece whose owner is gone
 or has made no progress for ``stall_timeout_s``. The origin is therefore read about once per piece
-for the whole cluster. For the first moments of a fetch (the grace), before gossip can say who else
-wants the file, a node takes only the pieces it ranks first for among all live members: the same
-HRW order, so those shares never overlap whoever turns out to want the file. This module holds no sockets of its own; reads go through ``PeerClient``.
+for the whole cluster. This module holds no sockets of its own; reads go through ``PeerClient``.
 """
 
 from __future__ import annotations
@@ -136,30 +134,21 @@ class Swarm:
         """Single-flight: may this node ask the origin for piece ``index`` now? ``refused``:
         peers not to count on for it (banned, or they sent bad bytes for this piece)."""
         alive = {n for n, _ in self._dir.alive()} - set(refused)
+        if alive and self._clock() - self._start < self._grace_s:
+            # Others may want this file too; give gossip a moment to tell us before anyone
+            # reads the origin, or every node would fetch the first pieces itself.
+            return False
+        wanting = [n for n, _ in self._dir.view.with_partial(self.key) if n in alive]
         if self.blob_hex is not None and any(n in alive for n in self._dir.view.with_blob(self.blob_hex)):
             return False  # a live peer has it all: no reason to touch the origin
-        if self._in_grace(alive):
-            # Who else wants this file is not known yet: gossip takes a round or two to tell.
-            # Meanwhile take only the pieces this node ranks first for among all live members.
-            # HRW order among the nodes that turn out to want the file is the same order, so each
-            # of them takes its own pieces, nothing is read twice, and the origin is busy from
-            # the first moment instead of after the grace.
-            return rank(f"{self.key}:{index}", alive | {self._dir.me})[0] == self._dir.me
-        wanting = [n for n, _ in self._dir.view.with_partial(self.key) if n in alive]
         owner = rank(f"{self.key}:{index}", wanting + [self._dir.me])[0]
         if owner == self._dir.me:
             return True
         return self._stalled(owner)
 
-    def _in_grace(self, alive: set[str]) -> bool:
-        return bool(alive) and self._clock() - self._start < self._grace_s
-
     def wanting(self) -> int:
-        """How many live nodes, this one included, are fetching this same file (during the
-        grace, when that is not known yet: every live node might be)."""
+        """How many live nodes, this one included, are fetching this same file."""
         alive = {n for n, _ in self._dir.alive()}
-        if self._in_grace(alive):
-            return 1 + len(alive - {self._dir.me})
         return 1 + sum(1 for n, _ in self._dir.view.with_partial(self.key) if n in alive and n != self._dir.me)
 
     def _stalled(self, node_id: str) -> bool:
