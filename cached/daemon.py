@@ -137,7 +137,7 @@ class Daemon:
         self.jobs = await self._stack.enter_async_context(Jobs(self.fetcher, self.store, self.metrics, cfg.jobs, clock=self.clock))
 
         self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
-        self._stack.callback(self._stopping.set)  # runs before the TaskGroup joins: loops end
+        self._stack.callback(self.stop)  # runs before the TaskGroup joins: loops end (and wakes the reconciler)
         self._tg.create_task(self._housekeeping(), name="store.housekeeping")
         if cfg.store.scrub_interval_s > 0:
             self._tg.create_task(self._scrub(), name="store.scrub")

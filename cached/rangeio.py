@@ -28,7 +28,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from email.message import Message
 from typing import Callable, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 BATCH_BYTES = 128 << 10
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
@@ -69,6 +69,7 @@ class _Call:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()  # held by the worker while it checks ``aborted`` and runs the sink
+        self.sock_lock = threading.Lock()  # guards ``sock``; never held across I/O, so abort() may wait on it
         self.aborted = False
         self.sock: socket.socket | None = None
 
@@ -79,7 +80,8 @@ class _Call:
         idle = self.lock.acquire(blocking=False)  # never blocks the event loop on a slow write
         if idle:
             self.lock.release()
-        sock = self.sock
+        with self.sock_lock:
+            sock = self.sock
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)  # wakes a recv blocked on the worker thread
@@ -124,11 +126,18 @@ class ThreadedRangeReader:
         try:
             await asyncio.shield(fut)
         except asyncio.CancelledError:
+            fut.add_done_callback(_consume)  # the thread ends on its own; its error is moot
+            if fut.cancelled() and not _being_cancelled():
+                raise RangeIOError("protocol", f"{_redact(url)}: reader closed") from None  # close() dropped it from the queue
             if not call.abort():
                 # One batch is being written: wait for that single write (the shut socket ends
-                # the thread right after) so that nothing lands once this call has returned.
-                await asyncio.wait({fut})
-            fut.add_done_callback(_consume)  # the thread ends on its own; its error is moot
+                # the thread right after) so that nothing lands once this call has returned,
+                # even if the task is cancelled again meanwhile.
+                while not fut.done():
+                    try:
+                        await asyncio.wait({fut})
+                    except asyncio.CancelledError:
+                        pass
             raise
         finally:
             self._calls.discard(call)
@@ -160,12 +169,20 @@ class ThreadedRangeReader:
     def _read_sync(
         self, call: _Call, url: str, offset: int, length: int, sink: Sink, check: Check, headers: dict[str, str], batch: int,
     ) -> None:
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
-        if scheme not in ("http", "https") or not parts.hostname:
-            raise RangeIOError("protocol", f"{url}: not an http(s) URL")
-        key = (scheme, parts.hostname, parts.port or (443 if scheme == "https" else 80))
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        shown = _redact(url)  # messages never carry a signed query or credentials
+        if call.aborted:
+            raise RangeIOError("protocol", f"{shown}: aborted")
+        try:
+            parts = urlsplit(url)
+            scheme = parts.scheme.lower()
+            if scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("not an http(s) URL")
+            key = (scheme, parts.hostname, parts.port or (443 if scheme == "https" else 80))
+            # A Location header may carry raw non-ASCII; escapes already there are kept.
+            target = quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""), safe="!#$%&'()*+,/:;=?@[]~")
+        except ValueError as e:
+            raise RangeIOError("protocol", f"{shown}: bad URL: {e}") from None
+        url = shown
         headers = {
             "Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity", "User-Agent": self._user_agent, **headers
         }
@@ -217,15 +234,17 @@ class ThreadedRangeReader:
             return RangeIOError("timeout", f"{url}: timed out: no bytes for {self._read_timeout_s:g}s")
         if isinstance(e, http.client.HTTPException):
             return RangeIOError("protocol", f"{url}: bad HTTP answer: {type(e).__name__}: {e}")
-        if isinstance(e, (ConnectionRefusedError, ssl.SSLError, socket.gaierror)) or call.sock is None:
+        if isinstance(e, (ConnectionRefusedError, socket.gaierror)) or call.sock is None:
             return RangeIOError("connect", f"{url}: cannot connect to {where}: {e.strerror or e}")
         return RangeIOError("incomplete", f"{url}: connection lost: {e.strerror or e}")
 
     def _send(self, call: _Call, conn: http.client.HTTPConnection, target: str, headers: dict[str, str]) -> http.client.HTTPResponse:
+        with call.sock_lock:
+            call.sock = None  # a connect timeout after a stale pooled socket is a connect failure
         if conn.sock is None:
             conn.connect()
             conn.sock.settimeout(self._read_timeout_s)
-        with call.lock:
+        with call.sock_lock:
             if call.aborted:
                 raise RangeIOError("protocol", "aborted")
             call.sock = conn.sock
@@ -237,13 +256,15 @@ class ThreadedRangeReader:
             span = content_range(resp.msg)
             if span is None or span[0] != offset or span[1] != offset + length - 1:
                 raise RangeIOError("protocol", f"{url}: server answered a different range ({resp.getheader('Content-Range')!r})")
+            if resp.length is not None and resp.length != length:
+                raise RangeIOError("protocol", f"{url}: Content-Length {resp.length} for a {length}-byte range")
         elif resp.status == 200:
-            if offset != 0 or resp.length != length:
+            # The whole file: its first ``length`` bytes are the range asked for (any more are
+            # left unread and the connection is closed).
+            if offset != 0 or (resp.length is not None and resp.length < length):
                 raise RangeIOError("ignored-range", f"{url}: the server ignored the Range header")
         else:
             raise RangeIOError("protocol", f"{url}: unexpected HTTP {resp.status} for a ranged read")
-        if resp.length is not None and resp.length != length:
-            raise RangeIOError("protocol", f"{url}: Content-Length {resp.length} for a {length}-byte range")
 
     def _body(self, call: _Call, url: str, resp: http.client.HTTPResponse, offset: int, length: int, sink: Sink, batch: int) -> None:
         buf = memoryview(bytearray(min(batch, length) or 1))
@@ -251,6 +272,8 @@ class ThreadedRangeReader:
         while pos < end:
             n = resp.readinto(buf[: min(len(buf), end - pos)])
             if not n:
+                if call.aborted:
+                    raise RangeIOError("protocol", f"{url}: aborted")
                 raise RangeIOError("incomplete", f"{url}: body ended after {pos - offset} of {length} bytes")
             with call.lock:
                 if call.aborted:
@@ -264,7 +287,7 @@ class ThreadedRangeReader:
         """Keep the connection for the next request if its answer was read to the end."""
         if drain and resp.length is not None and resp.length <= _DRAIN_LIMIT:
             resp.read()
-        with call.lock:
+        with call.sock_lock:
             call.sock = None  # a late abort() must not shut a socket another request now uses
         if resp.isclosed() and not resp.will_close and not call.aborted:
             self._give_back(key, conn)
@@ -291,6 +314,20 @@ class ThreadedRangeReader:
                 idle.append(conn)
                 return
         conn.close()
+
+
+def _redact(url: str) -> str:
+    """``url`` without its query and credentials: a CDN's signed query is a secret for a while."""
+    try:
+        p = urlsplit(url)
+        return urlunsplit((p.scheme, p.netloc.rpartition("@")[2], p.path, "", ""))
+    except ValueError:
+        return "<unparsable URL>"
+
+
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _consume(fut: "asyncio.Future[None]") -> None:

@@ -230,7 +230,10 @@ class HfOrigin:
                     target = (location, 0.0)
             location = target[0]
             for _ in range(MAX_REDIRECTS):
-                same_host = URL(location).origin() == URL(file.locator).origin()
+                try:
+                    same_host = URL(location).origin() == URL(file.locator).origin()
+                except ValueError as e:
+                    raise OriginError(f"{file.locator}: redirected to a bad URL: {e}", retryable=False) from None
                 # The token stays with the hub: a CDN never sees it.
                 try:
                     return await request(location, self._range_check(file, cdn=True), self._auth() if same_host else {})

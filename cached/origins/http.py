@@ -10,6 +10,7 @@ under the same URL, the server answers 200 instead of 206 and the read fails wit
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 from email.message import Message
 from pathlib import Path
@@ -138,18 +139,29 @@ class HttpOrigin:
         return {}
 
     async def read_range(self, file: OriginFile, offset: int, length: int) -> bytes | bytearray:
-        return await self._follow(file, lambda u: self._reader.read(u, offset, length, check=self._checker(file), headers=self._if_range(file)))
+        return await self._follow(file, lambda u, h: self._reader.read(u, offset, length, check=self._checker(file), headers=h))
 
     async def read_range_into(self, file: OriginFile, offset: int, length: int, sink: Sink) -> None:
         """The range handed to ``sink`` batch by batch on a worker thread as it arrives, so the
         caller can hash and write each while the next is on the wire."""
-        await self._follow(file, lambda u: self._reader.read_into(u, offset, length, sink, check=self._checker(file), headers=self._if_range(file)))
+        await self._follow(file, lambda u, h: self._reader.read_into(u, offset, length, sink, check=self._checker(file), headers=h))
 
-    async def _follow(self, file: OriginFile, request: Callable[[str], Awaitable[T]]) -> T:
-        url = file.locator
+    async def _follow(self, file: OriginFile, request: Callable[[str, dict[str, str]], Awaitable[T]]) -> T:
+        """``request(url, headers)`` on the file's URL and on each redirect. Credentials in the
+        URL (``https://user:pass@host/f``) go, as Basic auth, only to that same origin."""
+        home = URL(file.locator)
+        auth = {}
+        if home.user:
+            basic = base64.b64encode(f"{home.user}:{home.password or ''}".encode()).decode()
+            auth = {"Authorization": f"Basic {basic}"}
+        url = str(home.with_user(None)) if home.user else file.locator
         for _ in range(MAX_REDIRECTS + 1):
             try:
-                return await request(url)
+                try:
+                    same = URL(url).origin() == home.origin()
+                except ValueError as e:
+                    raise OriginError(f"{file.locator}: redirected to a bad URL: {e}", retryable=False) from None
+                return await request(url, {**self._if_range(file), **(auth if same else {})})
             except Redirected as r:
                 url = urljoin(url, r.location)
             except RangeIOError as e:

@@ -14,6 +14,7 @@ for the whole cluster. This module holds no sockets of its own; reads go through
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -23,7 +24,7 @@ from cached.peers.holdings import HoldingsView
 from cached.placement import rank
 from cached.errors import StoreError
 from cached.store.partial import decode_piece_log
-from cached.types import BlobId
+from cached.types import BlobId, piece_count
 
 
 class PeerDirectory(Protocol):
@@ -128,7 +129,9 @@ class Swarm:
         if any(p.pieces is None for p in healthy):
             return healthy
         covered = frozenset().union(*(p.pieces or frozenset() for p in healthy))
-        return healthy + [p for p in out if p.node_id in suspect and not (p.pieces is not None and p.pieces <= covered)]
+        every = frozenset(range(piece_count(self._size, self._piece_size)))
+        rest = [dataclasses.replace(p, pieces=(every if p.pieces is None else p.pieces) - covered) for p in out if p.node_id in suspect]
+        return healthy + [p for p in rest if p.pieces]
 
     def origin_allowed(self, index: int, refused: set[str] = frozenset()) -> bool:  # type: ignore[assignment]
         """Single-flight: may this node ask the origin for piece ``index`` now? ``refused``:

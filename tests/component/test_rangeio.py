@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
+import time
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -12,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from cached.config import HttpOriginConfig
-from cached.errors import OriginChanged
+from cached.errors import OriginChanged, OriginError
 from cached.origins.http import HttpOrigin
 from cached.rangeio import RangeIOError, Redirected, ThreadedRangeReader
 from cached.types import ModelRef, OriginFile
@@ -48,6 +50,7 @@ class Server:
     def __init__(self, data: bytes) -> None:
         self.data = data
         self.peers: set[int] = set()
+        self.auth: list[str | None] = []  # the Authorization header of each /file request
         self.client_gone = asyncio.Event()
         self.runner: web.AppRunner | None = None
         self.port = 0
@@ -55,6 +58,10 @@ class Server:
     async def start(self, **runner_kw: object) -> "Server":
         app = web.Application()
         app.router.add_get("/moved", self._moved)
+        app.router.add_get("/moved-far", self._moved_far)
+        app.router.add_get("/moved-utf8", self._moved_utf8)
+        app.router.add_get("/dl/{name}", self._file)
+        app.router.add_get("/chunked", self._chunked)
         app.router.add_get("/file", self._file)
         app.router.add_get("/slow", self._slow)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False, **runner_kw)
@@ -74,8 +81,22 @@ class Server:
     async def _moved(self, request: web.Request) -> web.Response:
         return web.Response(status=302, headers={"Location": "/file"})
 
+    async def _moved_far(self, request: web.Request) -> web.Response:
+        return web.Response(status=302, headers={"Location": request.query["to"]})
+
+    async def _moved_utf8(self, request: web.Request) -> web.Response:
+        return web.Response(status=302, headers={"Location": "/dl/f\u00efle.bin"})
+
+    async def _chunked(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(status=200)  # no Content-Length: chunked, Range ignored
+        await resp.prepare(request)
+        await resp.write(self.data)
+        await resp.write_eof()
+        return resp
+
     async def _file(self, request: web.Request) -> web.Response:
         self.peers.add(request.transport.get_extra_info("peername")[1])
+        self.auth.append(request.headers.get("Authorization"))
         first, last = self._span(request)
         return web.Response(
             status=206, body=self.data[first : last + 1], headers={"Content-Range": f"bytes {first}-{last}/{len(self.data)}"}
@@ -186,6 +207,10 @@ async def test_transport_failures_are_typed(reader: ThreadedRangeReader, served:
     assert e.value.kind == "ignored-range"
     origin.faults.no_ranges = False
 
+    with pytest.raises(RangeIOError) as e:
+        await reader.read("http://127.0.0.1:99999/f.bin", 0, 10, check=accept_206)
+    assert e.value.kind == "protocol" and "bad URL" in str(e.value)
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed_port = s.getsockname()[1]
@@ -213,3 +238,90 @@ async def test_the_http_origin_takes_a_whole_file_answer_to_a_range_as_a_changed
         with pytest.raises(OriginChanged) as e:
             await http.read_range(file, 10, 20)
         assert not e.value.retryable
+
+
+async def test_a_cancel_while_a_batch_is_in_the_sink_returns_only_after_that_batch(reader: ThreadedRangeReader) -> None:
+    server = await Server(b"y" * SIZE).start()
+    try:
+        inside, state = threading.Event(), {"running": False}
+
+        def sink(data: memoryview, pos: int) -> None:
+            state["running"] = True
+            inside.set()
+            time.sleep(0.3)  # a slow disk
+            state["running"] = False
+
+        task = asyncio.create_task(reader.read_into(server.url("/slow"), 0, SIZE, sink, check=accept_206))
+        await asyncio.to_thread(inside.wait, 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not state["running"], "read_into returned while its sink was still writing"
+    finally:
+        await server.stop()
+
+
+async def test_a_refused_answer_with_its_body_unread_does_not_poison_the_pool(reader: ThreadedRangeReader) -> None:
+    server = await Server(bytes(range(256)) * (SIZE // 256)).start()
+    try:
+        def refuse(status: int, headers: object) -> None:
+            raise RuntimeError("no")
+
+        with pytest.raises(RuntimeError):
+            await reader.read(server.url("/file"), 0, 1 << 20, check=refuse)  # 1 MiB left unread
+        assert await reader.read(server.url("/file"), 10, 10, check=accept_206) == server.data[10:20]
+    finally:
+        await server.stop()
+
+
+async def test_bad_redirect_targets_are_clear_errors_and_raw_utf8_locations_are_followed(reader: ThreadedRangeReader) -> None:
+    server = await Server(bytes(range(256)) * 4096).start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            origin = HttpOrigin(session, HttpOriginConfig(), reader)
+
+            def file_at(path: str) -> OriginFile:
+                return OriginFile(path="f", size=len(server.data), identity="x", checksums={"ranges": "1"}, locator=server.url(path))
+
+            assert await origin.read_range(file_at("/moved-utf8"), 100, 50) == server.data[100:150]
+            with pytest.raises(OriginError, match="bad URL"):
+                await origin.read_range(file_at("/moved-far?to=http://127.0.0.1:99999/x"), 0, 10)
+    finally:
+        await server.stop()
+
+
+async def test_credentials_in_the_url_go_to_that_origin_only_and_no_message_shows_a_signed_query(
+    reader: ThreadedRangeReader, served: tuple[Origin, bytes]
+) -> None:
+    home, far = await Server(bytes(range(256)) * 4096).start(), await Server(bytes(range(256)) * 4096).start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            origin = HttpOrigin(session, HttpOriginConfig(), reader)
+            url = f"http://user:secret@127.0.0.1:{home.port}"
+            file = OriginFile(path="f", size=len(home.data), identity="x", checksums={"ranges": "1"}, locator=f"{url}/file")
+            assert await origin.read_range(file, 0, 10) == home.data[:10]
+            assert home.auth == ["Basic dXNlcjpzZWNyZXQ="]  # base64 of user:secret
+            away = OriginFile(path="f", size=len(home.data), identity="x", checksums={"ranges": "1"}, locator=f"{url}/moved-far?to={far.url('/file')}")
+            assert await origin.read_range(away, 0, 10) == far.data[:10]
+            assert far.auth == [None], "credentials never follow a redirect to another origin"
+    finally:
+        await home.stop()
+        await far.stop()
+
+    slow, _ = served
+    slow.faults.delay_s = 2.0  # past the 0.5 s read timeout
+    with pytest.raises(RangeIOError) as e:
+        await reader.read(slow.file_url("f.bin") + "?X-Amz-Signature=SIGNED", 0, 10, check=accept_206)
+    assert e.value.kind == "timeout" and "SIGNED" not in str(e.value), str(e.value)
+
+
+async def test_a_whole_file_answer_without_length_serves_a_range_at_offset_zero_only(reader: ThreadedRangeReader) -> None:
+    server = await Server(bytes(range(256)) * 4096).start()
+    try:
+        ok = lambda status, headers: None  # noqa: E731
+        assert await reader.read(server.url("/chunked"), 0, 1000, check=ok) == server.data[:1000]
+        with pytest.raises(RangeIOError) as e:
+            await reader.read(server.url("/chunked"), 1000, 1000, check=ok)
+        assert e.value.kind == "ignored-range"
+    finally:
+        await server.stop()

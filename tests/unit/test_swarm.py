@@ -187,8 +187,8 @@ def test_a_suspect_peer_is_a_source_only_for_pieces_no_healthy_peer_holds() -> N
     assert [s.node_id for s in swarm.peer_sources(set())] == ["n1", "n2"]
     directory.suspects = {"n2"}
     assert [(s.node_id, s.pieces) for s in swarm.peer_sources(set())] == [
-        ("n1", frozenset({0, 1})), ("n2", frozenset({0, 1, 2}))
-    ], "n2 alone has piece 2: still a source"
+        ("n1", frozenset({0, 1})), ("n2", frozenset({2}))
+    ], "n2 alone has piece 2: a source for that piece only"
     directory.view.update("n1", partial_snapshot({0: DIGEST, 1: DIGEST, 2: DIGEST}, version=3))
     assert [s.node_id for s in swarm.peer_sources(set())] == ["n1"], "n1 covers it all: n2 is left out"
 
