@@ -56,7 +56,7 @@ class Redirected(Exception):
         self.location = location
 
 
-def content_range(headers: Message) -> tuple[int, int, int | None] | None:
+def content_range(headers: Mapping[str, str] | Message) -> tuple[int, int, int | None] | None:
     """(first, last, total or None for "*") of a Content-Range header, or None if malformed."""
     m = _CONTENT_RANGE.match(headers.get("Content-Range", ""))
     if not m:
@@ -113,8 +113,8 @@ class ThreadedRangeReader:
         """GET ``url`` for bytes [offset, offset+length) and feed them to ``sink`` in order.
 
         ``check(status, headers)`` runs first and raises to refuse the answer; after it, a 206
-        must carry exactly the asked range and a 200 is taken only for the whole body
-        (offset 0, Content-Length == length). 3xx raises ``Redirected``."""
+        must carry exactly the asked range, and a 200 (the whole file) is taken only for a range
+        at offset 0 (its first ``length`` bytes). 3xx raises ``Redirected``."""
         if self._closed:
             raise RangeIOError("protocol", "reader closed")
         if length == 0:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import re
 from email.message import Message
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
@@ -26,7 +25,6 @@ from cached.rangeio import Check, RangeIOError, Redirected, Sink, ThreadedRangeR
 from cached.types import ModelRef, OriginFile
 from yarl import URL
 
-_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _STREAM_CHUNK = 1 << 20
 MAX_REDIRECTS = 10
 T = TypeVar("T")
@@ -51,8 +49,6 @@ def client_error(e: BaseException, url: str) -> OriginError:
         return OriginError(f"{url}: cannot connect to {host}: {e.os_error.strerror or e}", retryable=True)
     if isinstance(e, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
         return OriginError(f"{url}: timed out waiting for the origin", retryable=True)
-    if isinstance(e, asyncio.IncompleteReadError):
-        return OriginError(f"{url}: body ended early ({len(e.partial)} of {e.expected} bytes)", retryable=True)
     return OriginError(f"{url}: {type(e).__name__}: {e}", retryable=True)
 
 
@@ -95,10 +91,10 @@ class HttpOrigin:
                 etag = resp.headers.get("ETag", "")
                 last_modified = resp.headers.get("Last-Modified", "")
                 if resp.status == 206:
-                    m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
-                    if not m or m.group(3) == "*":
+                    span = content_range(resp.headers)
+                    if span is None or span[2] is None:
                         raise OriginError(f"{url}: malformed Content-Range {resp.headers.get('Content-Range')!r}")
-                    return self._file(ref, url, int(m.group(3)), etag, last_modified, True)
+                    return self._file(ref, url, span[2], etag, last_modified, True)
                 if resp.status == 200 and resp.content_length is not None:
                     return self._file(ref, url, resp.content_length, etag, last_modified, False)
                 if resp.status == 200:

@@ -21,7 +21,7 @@ import random
 import time
 
 import blake3
-from typing import Callable
+from typing import Awaitable, Callable, TypeVar
 
 from cached.config import HttpOriginConfig
 from cached.errors import IntegrityError, OriginChanged, OriginError
@@ -42,6 +42,7 @@ PEER_FAULT_LIMIT = 3  # bad or failed answers from one peer before it is dropped
 BAN_S = 300.0  # how long a banned peer stays out of every fetch
 
 OnBytes = Callable[[str, int], None]
+T = TypeVar("T")
 
 
 class Scheduler:
@@ -240,12 +241,10 @@ class Scheduler:
         expected = src.digests[index]
         try:
             if stream:
-                hasher = blake3.blake3()
-                try:
-                    await self.peer_client.read_range_into(src.address, src.kind, src.name, off, length, _hash_and_write(partial, hasher, index))
-                except _PieceDone:
+                client = self.peer_client
+                digest = await _stream_into(partial, index, lambda sink: client.read_range_into(src.address, src.kind, src.name, off, length, sink))
+                if digest is None:
                     return False  # the other copy of an endgame pair won
-                digest = hasher.digest()
                 if digest != expected:
                     raise IntegrityError(f"piece {index}: BLAKE3 mismatch")
                 recorded = await asyncio.to_thread(partial.record_sync, index, digest)
@@ -260,9 +259,12 @@ class Scheduler:
             raise
         if not recorded:
             return False
-        self._metrics.fetched_bytes.labels("peer").inc(length)
-        on_bytes("peer", length)
+        self._count("peer", length, on_bytes)
         return True
+
+    def _count(self, source: str, n: int, on_bytes: OnBytes) -> None:
+        self._metrics.fetched_bytes.labels(source).inc(n)
+        on_bytes(source, n)
 
     def _ban(self, node_id: str) -> None:
         self._bans[node_id] = time.monotonic() + BAN_S
@@ -278,16 +280,20 @@ class Scheduler:
         off, length = piece_span(index, partial.size, partial.piece_size)
         if stream and hasattr(origin, "read_range_into"):
             return await self._streamed_piece(partial, file, origin, index, on_bytes, expected)
+        data = await self._origin_read(index, length, lambda: origin.read_range(file, off, length))
+        return await self._write(partial, index, data, expected, on_bytes)
+
+    async def _origin_read(self, index: int, length: int, read: Callable[[], Awaitable[T]]) -> T:
+        """``read()`` within the origin limits (slots, byte budget), retried with backoff while
+        the error allows."""
         attempt = 0
         while True:
             try:
                 async with self._origin_slots:
                     await self._origin_budget.take(length)
-                    data = await origin.read_range(file, off, length)
-                break
+                    return await read()
             except OriginError as e:
                 attempt = await self._after_origin_error(e, attempt, index)
-        return await self._write(partial, index, data, expected, on_bytes)
 
     async def _after_origin_error(self, e: OriginError, attempt: int, index: int) -> int:
         """Count the failure; re-raise it if final, else back off. Returns the next attempt."""
@@ -306,29 +312,23 @@ class Scheduler:
         only once its digest is known (and matches ``expected``). Bytes of a failed attempt stay
         unrecorded."""
         off, length = piece_span(index, partial.size, partial.piece_size)
-        attempt = 0
-        while True:
-            hasher = blake3.blake3()
-            try:
-                async with self._origin_slots:
-                    await self._origin_budget.take(length)
-                    await origin.read_range_into(file, off, length, _hash_and_write(partial, hasher, index))  # type: ignore[attr-defined]
-                break
-            except _PieceDone:
-                return False  # the other copy of an endgame pair won
-            except OriginError as e:
-                attempt = await self._after_origin_error(e, attempt, index)
-        digest = hasher.digest()
+        read_into = origin.read_range_into  # type: ignore[attr-defined]
+        # Each attempt starts a fresh hash; bytes of a failed attempt stay unrecorded.
+        digest = await self._origin_read(index, length, lambda: _stream_into(partial, index, lambda sink: read_into(file, off, length, sink)))
+        if digest is None:
+            return False  # the other copy of an endgame pair won
         if expected is not None and digest != expected[index]:
-            self._metrics.piece_verify_failures.labels(ORIGIN).inc()
-            raise OriginChanged(
-                f"piece {index} from the origin does not match the digest this node stored for it: the origin's content changed"
-            )
+            raise self._origin_mismatch(index)
         if not await asyncio.to_thread(partial.record_sync, index, digest):
             return False  # a duplicate of a piece already in: not counted twice
-        self._metrics.fetched_bytes.labels(ORIGIN).inc(length)
-        on_bytes(ORIGIN, length)
+        self._count(ORIGIN, length, on_bytes)
         return True
+
+    def _origin_mismatch(self, index: int) -> OriginChanged:
+        self._metrics.piece_verify_failures.labels(ORIGIN).inc()
+        return OriginChanged(
+            f"piece {index} from the origin does not match the digest this node stored for it: the origin's content changed"
+        )
 
     async def _write(
         self, partial: PartialBlob, index: int, data: bytes | bytearray, expected: list[bytes] | None, on_bytes: OnBytes
@@ -336,15 +336,10 @@ class Scheduler:
         try:
             recorded = await asyncio.to_thread(partial.write_piece_sync, index, data, expected[index] if expected else None)
         except IntegrityError:
-            self._metrics.piece_verify_failures.labels(ORIGIN).inc()
-            raise OriginChanged(
-                f"piece {index} from the origin does not match the digest this node stored for it: "
-                "the origin's content changed"
-            ) from None
+            raise self._origin_mismatch(index) from None
         if recorded is None:
             return False  # a duplicate of a piece already in: not counted twice
-        self._metrics.fetched_bytes.labels(ORIGIN).inc(len(data))
-        on_bytes(ORIGIN, len(data))
+        self._count(ORIGIN, len(data), on_bytes)
         return True
 
     async def _fetch_stream(
@@ -394,13 +389,22 @@ class _PieceDone(Exception):
     """Raised in a sink: another copy of the piece was recorded, this stream can stop."""
 
 
-def _hash_and_write(partial: PartialBlob, hasher: "blake3.blake3", index: int) -> Sink:
+async def _stream_into(partial: PartialBlob, index: int, read_into: Callable[[Sink], Awaitable[None]]) -> bytes | None:
+    """Piece ``index`` hashed and written at its offsets batch by batch, on the reader's worker
+    thread, as ``read_into(sink)`` delivers it. Its digest, or None if another copy of the piece
+    was recorded meanwhile (this stream stopped)."""
+    hasher = blake3.blake3()
+
     def sink(data: memoryview, pos: int) -> None:
         hasher.update(data)
         if not partial.write_at_sync(data, pos, index):
             raise _PieceDone
 
-    return sink
+    try:
+        await read_into(sink)
+    except _PieceDone:
+        return None
+    return hasher.digest()
 
 
 def _error_kind(e: OriginError) -> str:
