@@ -56,9 +56,28 @@ class Listen:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ListenerLimits:
+    """What one listener (the local API or the peer API) tolerates from a connection."""
+
+    header_timeout_s: float = 10.0  # a new connection must finish its request headers within this
+    idle_timeout_s: float = 60.0  # a keep-alive connection with no request for this long is closed
+    body_timeout_s: float = 60.0  # a request body must arrive within this
+    max_connections: int = 1024  # open connections at once, on this listener
+    max_connections_per_ip: int = 128  # open connections at once from one remote address
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ApiConfig:
     listen: Listen
     socket_mode: int = 0o660
+    # Admin routes (evict --force, pin, unpin, replicate, gc, verify) need this bearer token, or
+    # a unix-socket caller that is root, the daemon's own user, or a member of admin_group.
+    admin_token_file: Path | None = None
+    admin_group: str = ""
+    # Host header values accepted besides loopback names and the listen address (a node IP that
+    # pods reach through the downward API). Anything else is refused (DNS rebinding).
+    allowed_hosts: tuple[str, ...] = ()
+    limits: ListenerLimits = field(default_factory=ListenerLimits)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -77,12 +96,16 @@ class PeerConfig:
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_ca_file: Path | None = None  # set: peers must present a certificate signed by it (mutual TLS)
+    limits: ListenerLimits = field(default_factory=lambda: ListenerLimits(max_connections=2048, max_connections_per_ip=64))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClusterConfig:
     name: str = "default"
     token_file: Path | None = None
+    # Take a peer's ref -> manifest binding when the origin cannot be reached. Off by default:
+    # turning it on trusts every holder of the cluster token to name what a ref contains.
+    names_from_peers: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -102,9 +125,18 @@ class HttpOriginConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class FileOriginConfig:
+    # file:// refs are imported only from under these directories (none by default).
+    allowed_roots: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class HfOriginConfig:
     endpoint: str = "https://huggingface.co"
     token_file: Path | None = None
+    # Repos ("org/name") or orgs ("org") for which /hf passthrough requests that bring no token of
+    # their own are sent upstream with the daemon's token. Empty: the daemon lends it to nobody.
+    lend_token_to: tuple[str, ...] = ()
     # Re-resolve branch/tag hf:// models this often and fetch what changed; 0 = only on --refresh.
     refresh_interval_s: float = 0.0
 
@@ -113,6 +145,7 @@ class HfOriginConfig:
 class OriginsConfig:
     http: HttpOriginConfig = field(default_factory=HttpOriginConfig)
     hf: HfOriginConfig = field(default_factory=HfOriginConfig)
+    file: FileOriginConfig = field(default_factory=FileOriginConfig)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -156,7 +189,20 @@ _DEFAULTS: dict[str, Any] = {
     "node_id": None,
     "labels": {},  # a free-form table (see _FREEFORM), not a section
     "cache_dir": "/var/cache/cached",
-    "api": {"listen": DEFAULT_API_LISTEN, "socket_mode": "0660"},
+    "api": {
+        "listen": DEFAULT_API_LISTEN,
+        "socket_mode": "0660",
+        "admin_token_file": None,
+        "admin_group": "",
+        "allowed_hosts": [],
+        "limits": {
+            "header_timeout_s": 10.0,
+            "idle_timeout_s": 60.0,
+            "body_timeout_s": 60.0,
+            "max_connections": 1024,
+            "max_connections_per_ip": 128,
+        },
+    },
     "peer": {
         "listen": DEFAULT_PEER_LISTEN,
         "advertise": "",
@@ -172,11 +218,19 @@ _DEFAULTS: dict[str, Any] = {
         "tls_cert_file": None,
         "tls_key_file": None,
         "tls_ca_file": None,
+        "limits": {
+            "header_timeout_s": 10.0,
+            "idle_timeout_s": 60.0,
+            "body_timeout_s": 60.0,
+            "max_connections": 2048,
+            "max_connections_per_ip": 64,
+        },
     },
-    "cluster": {"name": "default", "token_file": None},
+    "cluster": {"name": "default", "token_file": None, "names_from_peers": False},
     "discovery": {"mdns": True},
     "origins": {
-        "hf": {"endpoint": "https://huggingface.co", "token_file": None, "refresh_interval_s": 0},
+        "hf": {"endpoint": "https://huggingface.co", "token_file": None, "refresh_interval_s": 0, "lend_token_to": []},
+        "file": {"allowed_roots": []},
         "http": {
             "connections": 8,
             "connect_timeout_s": 10.0,
@@ -301,6 +355,45 @@ def _advertise(value: Any) -> str:
     return value
 
 
+def _limits(t: dict[str, Any], section: str) -> ListenerLimits:
+    k = f"{section}.limits"
+    return ListenerLimits(
+        header_timeout_s=_number(t["header_timeout_s"], f"{k}.header_timeout_s", lo=0.1, hi=3600),
+        idle_timeout_s=_number(t["idle_timeout_s"], f"{k}.idle_timeout_s", lo=0.1, hi=86400),
+        body_timeout_s=_number(t["body_timeout_s"], f"{k}.body_timeout_s", lo=0.1, hi=86400),
+        max_connections=_number(t["max_connections"], f"{k}.max_connections", lo=1, hi=1 << 20, integer=True),
+        max_connections_per_ip=_number(t["max_connections_per_ip"], f"{k}.max_connections_per_ip", lo=1, hi=1 << 20, integer=True),
+    )
+
+
+def _strings(value: Any, key: str, what: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    _typed(value, (list, tuple), key, what)
+    for v in value:
+        if not isinstance(v, str) or not v or len(v) > 1024:
+            raise ConfigError(key, f"expected {what}, got {v!r}")
+    return tuple(value)
+
+
+def _allowed_roots(value: Any) -> tuple[Path, ...]:
+    roots = []
+    for v in _strings(value, "origins.file.allowed_roots", "a list of absolute directories"):
+        if not os.path.isabs(v):
+            raise ConfigError("origins.file.allowed_roots", f"must be absolute directories, got {v!r}")
+        roots.append(Path(os.path.normpath(v)))
+    return tuple(roots)
+
+
+def _lend_token_to(value: Any) -> tuple[str, ...]:
+    out = _strings(value, "origins.hf.lend_token_to", "a list of 'org' or 'org/name'")
+    for v in out:
+        parts = v.split("/")
+        if len(parts) > 2 or not all(parts):
+            raise ConfigError("origins.hf.lend_token_to", f"expected 'org' or 'org/name', got {v!r}")
+    return out
+
+
 def _peer(p: dict[str, Any], seeds: list[str]) -> PeerConfig:
     interval = _number(p["gossip_interval_s"], "peer.gossip_interval_s", lo=0.05, hi=600)
     suspect = _number(p["suspect_after_s"], "peer.suspect_after_s", lo=0.1, hi=3600)
@@ -329,6 +422,7 @@ def _peer(p: dict[str, Any], seeds: list[str]) -> PeerConfig:
         tls_cert_file=cert,
         tls_key_file=key,
         tls_ca_file=ca,
+        limits=_limits(p["limits"], "peer"),
     )
 
 
@@ -397,9 +491,20 @@ def _build(t: dict[str, Any]) -> Config:
     return Config(
         node_id=node_id,
         labels=dict(labels),
-        api=ApiConfig(listen=Listen.parse(t["api"]["listen"], "api.listen"), socket_mode=socket_mode),
+        api=ApiConfig(
+            listen=Listen.parse(t["api"]["listen"], "api.listen"),
+            socket_mode=socket_mode,
+            admin_token_file=_optional_path(t["api"]["admin_token_file"], "api.admin_token_file"),
+            admin_group=_typed(t["api"]["admin_group"], str, "api.admin_group", "a group name"),
+            allowed_hosts=_strings(t["api"]["allowed_hosts"], "api.allowed_hosts", "a list of host names"),
+            limits=_limits(t["api"]["limits"], "api"),
+        ),
         peer=_peer(t["peer"], seeds),
-        cluster=ClusterConfig(name=cluster_name, token_file=_optional_path(t["cluster"]["token_file"], "cluster.token_file")),
+        cluster=ClusterConfig(
+            name=cluster_name,
+            token_file=_optional_path(t["cluster"]["token_file"], "cluster.token_file"),
+            names_from_peers=_typed(t["cluster"]["names_from_peers"], bool, "cluster.names_from_peers", "true or false"),
+        ),
         discovery=DiscoveryConfig(mdns=_typed(t["discovery"]["mdns"], bool, "discovery.mdns", "true or false")),
         origins=OriginsConfig(
             http=http,
@@ -407,7 +512,9 @@ def _build(t: dict[str, Any]) -> Config:
                 endpoint=endpoint.rstrip("/"),
                 token_file=_optional_path(t["origins"]["hf"]["token_file"], "origins.hf.token_file"),
                 refresh_interval_s=_number(t["origins"]["hf"]["refresh_interval_s"], "origins.hf.refresh_interval_s", lo=0, hi=30 * 86400),
+                lend_token_to=_lend_token_to(t["origins"]["hf"]["lend_token_to"]),
             ),
+            file=FileOriginConfig(allowed_roots=_allowed_roots(t["origins"]["file"]["allowed_roots"])),
         ),
         store=StoreConfig(
             cache_dir=Path(cache_dir),
