@@ -59,11 +59,11 @@ def check_announcement(
     ``senders`` are the source addresses of the packets that carried this exact TXT record."""
     if props.get("cluster") != cluster:
         return "other_cluster"
+    if not props.get("mac"):
+        return "unsigned"  # a host without the token, or a node from before announcements were signed
     node_id, address, ts = props.get("node_id") or "", props.get("addr") or "", props.get("ts") or ""
     if not node_id or not address or not ts:
         return "malformed"
-    if not props.get("mac"):
-        return "unsigned"
     if not key.verify(props.get("mac"), "mdns", node_id, cluster, address, ts):
         return "bad_mac"
     try:
