@@ -78,6 +78,12 @@ def check_announcement(
     return Announcement(node_id=node_id, address=address)
 
 
+def reannounce_due(*, since_s: float, moved: bool, min_update_s: float, reannounce_s: float) -> bool:
+    """Holdings news goes out at once (rate-limited); otherwise often enough that the timestamp
+    never leaves the receivers' window."""
+    return since_s >= reannounce_s or (moved and since_s >= min_update_s)
+
+
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """An address without brackets or zone, or None if ``text`` is not an IP literal."""
     try:
@@ -86,7 +92,7 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
-class _TxtSenders(RecordUpdateListener):
+class TxtSenders(RecordUpdateListener):
     """Remembers which source addresses sent each TXT record of our service type.
 
     zeroconf gives record listeners the records but not the packet. It calls them synchronously
@@ -157,7 +163,7 @@ class MdnsDiscovery:
         self._browser: AsyncServiceBrowser | None = None
         self._info: AsyncServiceInfo | None = None
         self._tg: asyncio.TaskGroup | None = None
-        self._txt_senders = _TxtSenders()
+        self._txt_senders = TxtSenders()
         self._resolving: set[str] = set()
         self._logged: set[tuple[str, str]] = set()
         self._announced: tuple[int, int] = (-1, -1)
@@ -215,7 +221,7 @@ class MdnsDiscovery:
         if self._aiozc is None:
             return
         since = time.monotonic() - self._last_update
-        if since < self._reannounce_s and (self._summary() == self._announced or since < self._min_update_s):
+        if not reannounce_due(since_s=since, moved=self._summary() != self._announced, min_update_s=self._min_update_s, reannounce_s=self._reannounce_s):
             return
         self._last_update = time.monotonic()
         self._info = self._service_info()

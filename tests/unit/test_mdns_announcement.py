@@ -9,12 +9,15 @@ tests/system/test_mdns_trust_netns.py.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from hypothesis import given
 from hypothesis import strategies as st
+from zeroconf import DNSIncoming, DNSOutgoing, DNSText, RecordUpdate, const
 
 from cached.metrics import MDNS_REJECT_REASONS
 from cached.peers.auth import ClusterKey
-from cached.peers.mdns import Announcement, announcement_mac, check_announcement
+from cached.peers.mdns import SERVICE, Announcement, TxtSenders, announcement_mac, check_announcement, reannounce_due
 
 TOKEN = "unit-cluster-token-0123456789abcdef"
 KEY = ClusterKey(TOKEN, "alpha")
@@ -84,3 +87,40 @@ def test_stale_other_cluster_and_other_key() -> None:
 def test_any_txt_gives_an_answer_never_an_exception(props: dict[str, str], senders: set[str]) -> None:
     verdict = check(props, senders=senders)
     assert isinstance(verdict, Announcement) or verdict in MDNS_REJECT_REASONS
+
+
+def test_reannounce_keeps_the_timestamp_fresh_and_holdings_news_prompt() -> None:
+    due = lambda since, moved: reannounce_due(since_s=since, moved=moved, min_update_s=1.0, reannounce_s=60.0)  # noqa: E731
+    assert not due(0.5, True)  # rate-limited
+    assert due(1.0, True)
+    assert not due(59.0, False)
+    assert due(60.0, False)  # nothing changed, but the receivers' window must not run out
+    assert 60.0 < WINDOW  # a re-announce always lands inside the window
+
+
+def _response(*records: DNSText, source: str) -> DNSIncoming:
+    out = DNSOutgoing(const._FLAGS_QR_RESPONSE | const._FLAGS_AA)
+    for r in records:
+        out.add_answer_at_time(r, 0)
+    return DNSIncoming(out.packets()[0], (source, 5353))
+
+
+def test_txt_senders_finds_the_packet_each_record_came_in() -> None:
+    """zeroconf's record listeners get records, not packets; TxtSenders finds the packet among the
+    listeners' last messages by identity (wire-parsed by zeroconf itself here)."""
+    name = f"node-b.{SERVICE}"
+    txt = lambda text: DNSText(name, const._TYPE_TXT, const._CLASS_IN, 4500, text)  # noqa: E731
+    from_b = _response(txt(b"\x05a=one"), source="198.18.0.2")
+    from_x = _response(txt(b"\x05a=one"), source="198.18.0.66")  # the same TXT, replayed elsewhere
+    other_type = _response(DNSText("x._other._tcp.local.", const._TYPE_TXT, const._CLASS_IN, 4500, b"\x05a=one"), source="198.18.0.9")
+    zc = SimpleNamespace(engine=SimpleNamespace(protocols=[SimpleNamespace(last_message=None), SimpleNamespace(last_message=from_b)]))
+    senders = TxtSenders()
+    senders.async_update_records(zc, 0.0, [RecordUpdate(r, None) for r in from_b.answers()])
+    assert senders.senders(name.upper(), b"\x05a=one") == {"198.18.0.2"}
+    zc.engine.protocols[0].last_message = from_x
+    senders.async_update_records(zc, 0.0, [RecordUpdate(r, None) for r in from_x.answers()])
+    assert senders.senders(name, b"\x05a=one") == {"198.18.0.2", "198.18.0.66"}
+    assert senders.senders(name, b"\x05a=two") == set()
+    # A record from no packet we can see (or of another service type) is never given a sender.
+    senders.async_update_records(zc, 0.0, [RecordUpdate(txt(b"\x05a=two"), None)] + [RecordUpdate(r, None) for r in other_type.answers()])
+    assert senders.senders(name, b"\x05a=two") == set() and senders.unknown == 1
