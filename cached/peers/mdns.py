@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 SERVICE = "_cached._tcp.local."
 _TYPE_TXT = 16  # zeroconf.const._TYPE_TXT; the constant is private there
 _MAX_SOURCES = 512  # (service name, TXT) pairs whose senders we remember; LRU
+_MAX_SENDERS_PER_TXT = 8
 _MAX_RESOLVING = 32  # concurrent resolutions; a flood of service names must not spawn a task each
 
 
@@ -118,7 +119,10 @@ class TxtSenders(RecordUpdateListener):
                 self.unknown += 1
                 continue
             key = (record.name.lower(), bytes(record.text))
-            self._senders.setdefault(key, set()).add(source)
+            seen = self._senders.setdefault(key, set())
+            if source not in seen and len(seen) >= _MAX_SENDERS_PER_TXT:
+                seen.pop()  # a TXT replayed from many hosts must not grow without bound
+            seen.add(source)
             self._senders.move_to_end(key)
             while len(self._senders) > _MAX_SOURCES:
                 self._senders.popitem(last=False)
