@@ -39,6 +39,7 @@ from cached.jobs import Jobs
 from cached.metrics import Metrics
 from cached.origins import Origins
 from cached.origins.hf import HfOrigin
+from cached.peers.auth import ClusterKey
 from cached.peers.client import PeerClient, client_ssl
 from cached.peers.gossip import Gossip, default_advertise
 from cached.peers.holdings import HoldingsView, LocalHoldings
@@ -240,8 +241,9 @@ class Daemon:
         self._tg.create_task(self.gossip.run(self._stopping), name="peers.gossip")
         if cfg.discovery.mdns:
             mdns = MdnsDiscovery(
-                node_id=cfg.node_id, cluster=cfg.cluster.name, address=advertise,
+                node_id=cfg.node_id, cluster=cfg.cluster.name, address=advertise, key=ClusterKey(token, cfg.cluster.name),
                 on_peer=lambda node_id, address: self.gossip.add_seed(address) if self.gossip else None,
+                on_reject=lambda reason: self.metrics.mdns_rejected.labels(reason).inc(),
                 summary=lambda: (holdings.version, holdings.state.summary()),
             )
             await self._stack.enter_async_context(mdns)

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+# Why an mDNS announcement was dropped (``peers.mdns.check_announcement`` and its resolver).
+MDNS_REJECT_REASONS = ("other_cluster", "malformed", "unsigned", "bad_mac", "stale", "source_mismatch", "busy")
+
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -53,6 +56,9 @@ class Metrics:
             "cached_peer_throttled", "Peer API requests answered 429 because serving was at its limit.", registry=r
         )
         self.leases = Gauge("cached_leases", "Active launcher leases.", registry=r)
+        self.mdns_rejected = Counter(
+            "cached_mdns_rejected", "mDNS announcements ignored, by reason (see peers.mdns).", ["reason"], registry=r
+        )
         # Pre-create label values so dashboards see zeros rather than absent series.
         for source in ("origin", "peer"):
             self.fetched_bytes.labels(source)
@@ -63,3 +69,5 @@ class Metrics:
             self.peers.labels(state)
         for result in ("ok", "failed", "cancelled"):
             self.prefetch_jobs.labels(result)
+        for reason in MDNS_REJECT_REASONS:
+            self.mdns_rejected.labels(reason)
