@@ -288,8 +288,14 @@ async def test_unit_declares_notify_restart_policy_and_hardening() -> None:
         "Group": "cached",
         "CacheDirectory": "cached",
         "RuntimeDirectory": "cached",
-        "UMask": "0022",
+        # The store is for the cached group only (launchers join it), never for others.
+        "UMask": "0027",
+        "CacheDirectoryMode": "0750",
+        "RuntimeDirectoryMode": "0750",
         "LimitNOFILE": "65536",
+        # Bounded memory and threads: a leak or a hostile input stops at these, not at the node's.
+        "MemoryMax": "2G",
+        "TasksMax": "1024",
         "ProtectSystem": "strict",
         "ReadWritePaths": "/var/cache/cached",
         "NoNewPrivileges": "yes",
@@ -317,9 +323,12 @@ async def test_unit_declares_notify_restart_policy_and_hardening() -> None:
     assert exec_start[exec_start.index("--config") + 1] == "/etc/cached/config.toml"
     # The one writable path is the daemon's default store, which CacheDirectory= creates.
     assert one["ReadWritePaths"] == f"/var/cache/{one['CacheDirectory']}" == _DEFAULTS["cache_dir"]
-    # The user the unit runs as is the one sysusers.d creates.
+    # The user the unit runs as is the one sysusers.d creates, and the admin group the example
+    # config names exists beside it.
     sysusers = [line.split() for line in SYSUSERS.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    assert [(f[0], f[1]) for f in sysusers] == [("u", one["User"])]
+    admin_group = re.search(r'(?m)^#admin_group = "([^"]+)"$', EXAMPLE.read_text())
+    assert admin_group is not None
+    assert [(f[0], f[1]) for f in sysusers] == [("u", one["User"]), ("g", admin_group.group(1))]
 
 
 async def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
@@ -525,14 +534,16 @@ async def test_sigterm_mid_download_leaves_nothing_visible_and_restart_resumes(t
             files = [p for p in view.rglob("*") if p.is_file()]
             assert len(files) == 1
             assert await sha256(files[0]) == await sha256(src)
-            # Launchers run as other users: with the unit's UMask every step down to the file is
-            # readable (and searchable) by others, and the file itself read-only.
+            # Launchers read through the daemon's group: with the unit's UMask every step down to
+            # the file is readable (and searchable) by the group, writable by no one but the
+            # daemon, closed to others; the file itself read-only.
             for p in [files[0], *files[0].parents]:
                 mode = p.stat().st_mode
-                assert mode & stat.S_IROTH and (p == files[0] or mode & stat.S_IXOTH), (p, oct(mode))
+                assert mode & stat.S_IRGRP and (p == files[0] or mode & stat.S_IXGRP), (p, oct(mode))
+                assert not mode & (stat.S_IWGRP | stat.S_IRWXO), (p, oct(mode))
                 if p == cache:
                     break
-            assert files[0].stat().st_mode & 0o777 == 0o444
+            assert files[0].stat().st_mode & 0o777 == 0o440
             assert origin.counters.bytes_sent < 1.6 * size, (sent_before, origin.counters.bytes_sent)
             assert "resuming partial blob" in d.log()
             assert (await cachectl(d.api, "path", ref)).rc == 0
