@@ -21,6 +21,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from dataclasses import dataclass
@@ -548,6 +549,50 @@ async def test_sigterm_mid_download_leaves_nothing_visible_and_restart_resumes(t
             assert origin.counters.bytes_sent < 1.6 * size, (sent_before, origin.counters.bytes_sent)
             assert "resuming partial blob" in d.log()
             assert (await cachectl(d.api, "path", ref)).rc == 0
+
+
+# --- who can read the store ----------------------------------------------------------------------
+
+NOBODY = 65534
+
+
+def read_as(path: Path, uid: int, gid: int) -> str:
+    """Read one byte of ``path`` as another user with only ``gid``: "ok" or the error."""
+    ran = subprocess.run(
+        ["head", "-c", "1", str(path)], user=uid, group=gid, extra_groups=[], capture_output=True, timeout=30
+    )
+    return "ok" if ran.returncode == 0 and len(ran.stdout) == 1 else ran.stderr.decode().strip()
+
+
+async def test_models_are_readable_by_the_daemons_group_and_by_no_other_user() -> None:
+    """Issue 18: a file imported into the store became world-readable in the model view (blobs
+    0444 under 0755 directories), so any local user could read what the daemon fetched. Now a
+    user in the daemon's group (a launcher) reads the view, and another user cannot."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the daemon runs as root and the test reads as uid 65534")
+    # pytest's tmp dirs are 0700: use one every user may traverse, so the store's modes decide.
+    top = Path(tempfile.mkdtemp(prefix="cached-modes-", dir="/tmp"))
+    top.chmod(0o755)
+    try:
+        src = write_random_file(top / "origin" / "secret.bin", 64 * 1024 + 3, seed=5)
+        async with Origin(top / "origin") as origin, daemon(top) as d:
+            await d.start()
+            ran = await cachectl(d.api, "prefetch", "--wait", origin.file_url("secret.bin"))
+            assert ran.rc == 0, ran.err
+            (view_file,) = [p for p in Path(ran.out.strip()).rglob("*") if p.is_file()]
+            assert view_file.read_bytes() == src.read_bytes()
+            daemon_gid = d.cache_dir.stat().st_gid
+            assert daemon_gid == os.getegid() != NOBODY
+            # A launcher: another user, in the daemon's group.
+            assert read_as(view_file, NOBODY, daemon_gid) == "ok"
+            # Anyone else: not the file, not even the names in the store.
+            assert "Permission denied" in read_as(view_file, NOBODY, NOBODY)
+            assert "Permission denied" in read_as(d.cache_dir / "models", NOBODY, NOBODY)
+            for blob in (d.cache_dir / "blobs").rglob("*"):
+                if blob.is_file():
+                    assert stat.S_IMODE(blob.stat().st_mode) == 0o440, blob
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
 
 
 # --- SIGHUP -------------------------------------------------------------------------------------
