@@ -564,6 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mdns", dest="discovery.mdns", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--hf-endpoint", dest="origins.hf.endpoint", metavar="URL")
     p.add_argument("--admin-token-file", dest="api.admin_token_file", metavar="FILE")
+    p.add_argument("--allow-host", dest="api.allowed_hosts", action="append", metavar="HOST")
     p.add_argument("--allow-file-root", dest="origins.file.allowed_roots", action="append", metavar="DIR")
     p.add_argument("--max-cache-bytes", dest="store.max_bytes", metavar="N")
     p.add_argument("--piece-size", dest="store.piece_size_bytes", metavar="N")

@@ -48,8 +48,8 @@ class Claims:
         self._leases: dict[str, Lease] = {}
 
     def load_sync(self) -> None:
-        self._pins_dir.mkdir(parents=True, exist_ok=True)
-        self._leases_dir.mkdir(parents=True, exist_ok=True)
+        durable.make_dirs(self._pins_dir)
+        durable.make_dirs(self._leases_dir)
         for p in self._pins_dir.iterdir():
             try:
                 self._pins.add(ModelRef.parse(p.read_text().strip()).canonical)

@@ -18,6 +18,14 @@ from cached.errors import StoreError, StoreFullError
 
 FICLONE = 0x40049409  # linux/fs.h _IOW(0x94, 9, int)
 
+# The store is readable by the daemon's group (launchers join it; docs/install.md), writable
+# only by the daemon, and closed to everyone else. These are set explicitly, whatever the
+# process umask: a 0077 umask must not hide models from launchers, nor a 0002 one let a
+# launcher rename a view's files.
+BLOB_MODE = 0o440  # published blobs, their sidecars, manifests: immutable, hardlinked into views
+FILE_MODE = 0o640  # files the daemon rewrites in place (refs, claims, the hf view's refs/trees)
+DIR_MODE = 0o750
+
 
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -31,9 +39,25 @@ def temp_name(target: Path) -> Path:
     return target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
 
 
-def atomic_write(target: Path, data: bytes, *, mode: int = 0o644) -> None:
+def make_dirs(path: Path, mode: int = DIR_MODE) -> None:
+    """``mkdir -p`` whose new directories get exactly ``mode``; existing ones are left alone."""
+    missing: list[Path] = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, mode)
+        except FileExistsError:
+            if not d.is_dir():
+                raise
+            continue  # made by a concurrent caller, with the same mode
+        os.chmod(d, mode)  # mkdir's mode is filtered by the umask
+
+
+def atomic_write(target: Path, data: bytes, *, mode: int = FILE_MODE) -> None:
     """Publish ``data`` at ``target`` atomically and durably."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(target.parent)
     tmp = temp_name(target)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
@@ -54,7 +78,7 @@ def atomic_write(target: Path, data: bytes, *, mode: int = 0o644) -> None:
 
 
 def remove_tree(path: Path) -> None:
-    """rmtree that also copes with 0444 files and dirs made read-only."""
+    """rmtree that also copes with read-only files and dirs made read-only."""
     if not path.exists() and not path.is_symlink():
         return
     if path.is_file() or path.is_symlink():
@@ -64,7 +88,7 @@ def remove_tree(path: Path) -> None:
     def onerror(func, p, exc_info):  # noqa: ANN001 - shutil's callback signature
         if isinstance(exc_info[1], FileNotFoundError):
             return
-        os.chmod(os.path.dirname(p), 0o755)
+        os.chmod(os.path.dirname(p), 0o700)
         func(p)
 
     # onerror rather than onexc: the latter only exists from Python 3.12.

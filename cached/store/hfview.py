@@ -74,7 +74,7 @@ def sync_repo_sync(root: Path, repo: str, revisions: Sequence[HfRevision], blob_
     blobs = {etag(f): f.blob_hex for files in commits.values() for f in files.values()}
 
     for d in ("blobs", "snapshots", "refs", "trees"):
-        (top / d).mkdir(parents=True, exist_ok=True)
+        durable.make_dirs(top / d)
     for name, blob_hex in blobs.items():
         _link_blob(top / "blobs" / name, blob_path(blob_hex))
     for commit, files in commits.items():
@@ -125,7 +125,7 @@ def _link_blob(dest: Path, blob: Path) -> None:
 def _symlink(dest: Path, target: str) -> None:
     if dest.is_symlink() and os.readlink(dest) == target:
         return
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    durable.make_dirs(dest.parent)
     tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
     os.symlink(target, tmp)
     os.replace(tmp, dest)

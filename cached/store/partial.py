@@ -156,7 +156,7 @@ class PartialBlob:
                     return len(self.done)
             self.data_path.unlink(missing_ok=True)
             self.log_path.unlink(missing_ok=True)
-            self._fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            self._fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, durable.FILE_MODE)
             durable.preallocate(self._fd, self.size)
             durable.atomic_write(self.log_path, encode_piece_log(self.header, {}))
             self._log_fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND)
@@ -252,7 +252,7 @@ class PartialBlob:
             return durable.try_reflink(src_fd, self._fd)
 
     def finalize_sync(self, blob_path: Path, sidecar_path: Path) -> BlobId:
-        """fsync, name by piece root, publish sidecar then blob (0444). The partial is gone after."""
+        """fsync, name by piece root, publish sidecar then blob (0440). The partial is gone after."""
         if not self.complete:
             raise StoreError(f"partial {self.key} is not complete ({len(self.done)}/{self.pieces} pieces)")
         digests = [self.done[i] for i in range(self.pieces)]
@@ -260,10 +260,10 @@ class PartialBlob:
         try:
             os.fsync(self._fd)
             self.close_sync()
-            blob_path.parent.mkdir(parents=True, exist_ok=True)
+            durable.make_dirs(blob_path.parent)
             # Sidecar first: a blob without its sidecar is treated as debris at startup.
-            durable.atomic_write(sidecar_path, encode_piece_log(self.header, self.done), mode=0o444)
-            os.chmod(self.data_path, 0o444)
+            durable.atomic_write(sidecar_path, encode_piece_log(self.header, self.done), mode=durable.BLOB_MODE)
+            os.chmod(self.data_path, durable.BLOB_MODE)
             os.replace(self.data_path, blob_path)
             durable.fsync_dir(blob_path.parent)
             self.log_path.unlink(missing_ok=True)

@@ -104,7 +104,7 @@ class Store:
     def _open_sync(self) -> None:
         try:
             for d in (self.blobs_dir, self.partial_dir, self.manifests_dir, self.refs_dir, self.models_dir, self.tmp_dir):
-                d.mkdir(parents=True, exist_ok=True)
+                durable.make_dirs(d)
         except OSError as e:
             # A directory that cannot be made is a configuration problem (exit 78, no restart
             # loop); I/O errors while indexing are not, and stay StoreErrors/OSErrors.
@@ -209,7 +209,7 @@ class Store:
                 self._build_view_sync(ModelRef.parse(ref), manifest)
 
     def _sweep_hf_view(self) -> None:
-        self.hf_dir.mkdir(exist_ok=True)
+        durable.make_dirs(self.hf_dir)
         repos = {self._manifests[d].ref for d in self._live_digests()}
         wanted = {ModelRef.parse(r).repo for r in repos if r.startswith("hf://")}
         for p in self.hf_dir.iterdir():
@@ -530,7 +530,7 @@ class Store:
     def _commit_sync(self, ref: ModelRef, manifest: Manifest, digest: str, sources: dict[str, int]) -> None:
         mpath = self.manifests_dir / f"{digest}.json"
         if not mpath.exists():
-            durable.atomic_write(mpath, manifest.canonical_bytes(), mode=0o444)
+            durable.atomic_write(mpath, manifest.canonical_bytes(), mode=durable.BLOB_MODE)
         self._build_view_sync(ref, manifest)
         record = f"{ref.canonical}\nblake3:{digest}\n{json.dumps(sources, sort_keys=True)}\n"
         durable.atomic_write(self.refs_dir / ref.escaped, record.encode())
@@ -538,11 +538,11 @@ class Store:
     def _build_view_sync(self, ref: ModelRef, manifest: Manifest) -> None:
         staging = self.tmp_dir / f"view-{secrets.token_hex(6)}"
         try:
-            staging.mkdir(parents=True)
+            durable.make_dirs(staging)
             for f in manifest.files:
                 dest = staging / f.path
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                # Hardlink: a 100 GB model is never stored twice, and the 0444 inode keeps a
+                durable.make_dirs(dest.parent)
+                # Hardlink: a 100 GB model is never stored twice, and the 0440 inode keeps a
                 # launcher from changing the cache through its view.
                 os.link(self.blob_path(f.blob.hex), dest)
             self._swap_dir(staging, self.view_path(ref))

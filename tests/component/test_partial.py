@@ -177,8 +177,8 @@ async def test_finalize_publishes_read_only_blob_named_by_its_piece_root(pdir: P
 
     assert blob_id == expected_id
     assert blob_path.read_bytes() == source
-    assert stat.S_IMODE(blob_path.stat().st_mode) == 0o444
-    assert stat.S_IMODE(sidecar.stat().st_mode) == 0o444
+    assert stat.S_IMODE(blob_path.stat().st_mode) == 0o440
+    assert stat.S_IMODE(sidecar.stat().st_mode) == 0o440
     header, records = read_piece_log(sidecar)
     assert header == p.header
     assert [records[i] for i in range(p.pieces)] == digests

@@ -355,7 +355,7 @@ async def test_verify_refetches_only_the_bad_pieces(env: Env) -> None:
     assert env.sample("cached_verify_bad_pieces_total") == 3
     # Same blob id, repaired bytes, and the launcher's view follows the new inode.
     assert blob_path.read_bytes() == env.data
-    assert stat.S_IMODE(blob_path.stat().st_mode) == 0o444
+    assert stat.S_IMODE(blob_path.stat().st_mode) == 0o440
     view = env.store.view_path(env.ref) / "model.gguf"
     assert os.path.samefile(view, blob_path)
     assert view.read_bytes() == env.data

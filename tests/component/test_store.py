@@ -77,7 +77,7 @@ async def test_commit_publishes_manifest_hardlink_view_and_ref(tmp_path: Path) -
 
     mpath = store.manifests_dir / f"{manifest.digest}.json"
     assert mpath.read_bytes() == manifest.canonical_bytes()
-    assert stat.S_IMODE(mpath.stat().st_mode) == 0o444
+    assert stat.S_IMODE(mpath.stat().st_mode) == 0o440
     assert (store.refs_dir / ref.escaped).read_text().split("\n")[:2] == [ref.canonical, f"blake3:{manifest.digest}"]
 
     view = store.view_path(ref)
@@ -86,12 +86,41 @@ async def test_commit_publishes_manifest_hardlink_view_and_ref(tmp_path: Path) -
         blob = store.blob_path(entry.blob.hex)
         assert f.read_bytes() == data
         assert f.stat().st_ino == blob.stat().st_ino  # a hardlink, not a copy
-        assert stat.S_IMODE(f.stat().st_mode) == 0o444
+        assert stat.S_IMODE(f.stat().st_mode) == 0o440
         assert f.stat().st_nlink == 2
 
     rec = store.model(ref)
     assert rec is not None and rec.manifest == manifest and rec.path == view
     assert not list(store.tmp_dir.iterdir())  # view staging cleaned up
+
+
+@pytest.mark.parametrize("umask", [0o077, 0o002, 0o000], ids=["umask-077", "umask-002", "umask-000"])
+async def test_store_is_group_readable_never_group_writable_and_closed_to_others_whatever_the_umask(
+    tmp_path: Path, umask: int
+) -> None:
+    """Launchers read models through the daemon's group (docs/install.md): a 0077 umask must not
+    hide them, a 0002 one must not let a group member rename a view's files, and nothing in the
+    store is readable by others (a 0444 blob in a 0755 view was readable by every local user)."""
+    old = os.umask(umask)
+    try:
+        store = await opened(tmp_path / "cache")
+        ref, manifest = await add_model(store, "file:///models/m1", {"a.bin": b"a" * 3 * PIECE, "sub/dir/b.bin": b"b" * 9})
+        await store.claims.pin(ref)  # claims/pins/ too
+    finally:
+        os.umask(old)
+    view = store.view_path(ref)
+    for entry in manifest.files:
+        assert stat.S_IMODE((view / entry.path).stat().st_mode) == 0o440
+    modes = {}
+    for p in [tmp_path / "cache", *(tmp_path / "cache").rglob("*")]:
+        st = p.lstat()
+        modes[str(p.relative_to(tmp_path))] = oct(stat.S_IMODE(st.st_mode))
+        assert not st.st_mode & (stat.S_IWGRP | stat.S_IRWXO), (p, oct(st.st_mode))
+        if stat.S_ISDIR(st.st_mode):
+            assert stat.S_IMODE(st.st_mode) == 0o750, (p, oct(st.st_mode))
+    # Every directory a launcher walks to reach the model is searchable by the group.
+    for d in [view / "sub" / "dir", view / "sub", view, store.models_dir, tmp_path / "cache"]:
+        assert d.stat().st_mode & stat.S_IXGRP and d.stat().st_mode & stat.S_IRGRP, modes
 
 
 async def test_commit_writes_the_ref_last(tmp_path: Path) -> None:
@@ -185,7 +214,7 @@ async def test_open_sweeps_debris_and_rebuilds_views(tmp_path: Path) -> None:
     paths.sidecar_path(no_sidecar.hex).unlink()
     paths.blob_path(no_blob.hex).unlink()
     orphan = Manifest(ref="file:///models/orphan", piece_size=PIECE, files=(FileEntry(path="o", size=len(keep_b), blob=keep_manifest.files[1].blob),))
-    durable.atomic_write(root / "manifests" / f"{orphan.digest}.json", orphan.canonical_bytes(), mode=0o444)
+    durable.atomic_write(root / "manifests" / f"{orphan.digest}.json", orphan.canonical_bytes(), mode=durable.BLOB_MODE)
     broken_blob = broken_manifest.files[0].blob.hex
     paths.blob_path(broken_blob).unlink()
     (root / "models" / "not-a-ref").mkdir()

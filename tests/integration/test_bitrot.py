@@ -1,6 +1,6 @@
 """Bit rot in stored blobs: found by the background scrub or ``POST /v1/verify``, then repaired.
 
-Bytes are flipped in a stored (0444) blob behind the daemon's back, as a bad disk would. The
+Bytes are flipped in a stored (0440) blob behind the daemon's back, as a bad disk would. The
 background scrub (``store.scrub_interval_s``) must find them with nobody asking; ``POST /v1/verify``
 must find them on demand. Repair comes from a peer that holds the same blob first -- with the
 origin stopped, so that a single origin byte would have failed the repair -- and from the origin
@@ -64,11 +64,11 @@ def bad_pieces_on_disk(blob: Path) -> list[int]:
 
 
 def assert_store_sound(d: Daemon) -> None:
-    """Every blob under blobs/ verifies, is 0444, and no partial is left behind (thread)."""
+    """Every blob under blobs/ verifies, is 0440, and no partial is left behind (thread)."""
     for p in d.store.blobs_dir.rglob("*"):
         if p.is_file() and not p.name.endswith(".pieces"):
             assert bad_pieces_on_disk(p) == [], f"blob {p.name[:16]} does not verify"
-            assert stat.S_IMODE(p.stat().st_mode) == 0o444
+            assert stat.S_IMODE(p.stat().st_mode) == 0o440
     assert not any(d.store.partial_dir.iterdir()), sorted(os.listdir(d.store.partial_dir))
 
 

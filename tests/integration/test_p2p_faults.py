@@ -40,7 +40,7 @@ from tests.support.wait import wait_until
 
 
 def corrupt_pieces(blob: Path, pieces: Iterable[int], piece_size: int) -> None:
-    """Flip bytes inside each piece of a stored (0444) blob, as a bad disk or a bad actor would."""
+    """Flip bytes inside each piece of a stored (0440) blob, as a bad disk or a bad actor would."""
     blob.chmod(0o644)
     try:
         with open(blob, "r+b") as f:
@@ -51,7 +51,7 @@ def corrupt_pieces(blob: Path, pieces: Iterable[int], piece_size: int) -> None:
                 f.seek(off)
                 f.write(bytes(x ^ 0xFF for x in data))
     finally:
-        blob.chmod(0o444)
+        blob.chmod(0o440)
 
 
 async def model_status(d: Daemon, ref: str) -> dict:

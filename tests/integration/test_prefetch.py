@@ -50,10 +50,10 @@ def assert_view_is_hardlinked_blobs(cache: Path, model: dict[str, Any], sources:
         assert file.read_bytes() == src.read_bytes(), rel
         st = file.stat()
         assert st.st_nlink >= 2, f"{rel} is a copy, not a hardlink"
-        assert st.st_mode & 0o777 == 0o444, f"{rel} has mode {oct(st.st_mode & 0o777)}"
+        assert st.st_mode & 0o777 == 0o440, f"{rel} has mode {oct(st.st_mode & 0o777)}"
         blob = blobs[rel]
         assert blob.stat().st_ino == st.st_ino and os.path.samefile(blob, file), f"{rel} is not the blob {blob}"
-        assert blob.stat().st_mode & 0o777 == 0o444
+        assert blob.stat().st_mode & 0o777 == 0o440
 
 
 def assert_model_object(model: dict[str, Any], *, ref: str, size: int) -> None:

@@ -1,6 +1,6 @@
 """``POST /v1/verify`` finds bytes that rotted on disk and repairs them from the origin.
 
-A byte is flipped in a stored blob behind the daemon's back (the blob is 0444, so the test makes it
+A byte is flipped in a stored blob behind the daemon's back (the blob is 0440, so the test makes it
 writable first and restores the mode, as a stray root process or a bad disk would). Verify must
 find the bad piece, re-read only that piece from the origin, and leave the view correct.
 """
@@ -35,7 +35,7 @@ def assert_view_sound(cache: Path, model: dict[str, Any], rel: str, src: Path) -
     view = Path(model["path"]) / rel
     assert view.read_bytes() == src.read_bytes()
     st = view.stat()
-    assert st.st_nlink >= 2 and st.st_mode & 0o777 == 0o444
+    assert st.st_nlink >= 2 and st.st_mode & 0o777 == 0o440
     blob = blob_of(cache, model, rel)
     assert os.path.samefile(view, blob), "the view must point at the repaired blob"
 
@@ -63,7 +63,7 @@ async def test_flipped_byte_is_found_and_only_its_piece_is_refetched(tmp_path: P
         after = await api.request("GET", "/v1/models/status", params={"ref": ref})
         assert after["state"] == "ready" and after["manifest"] == model["manifest"]
         assert_view_sound(cache, after, "model.gguf", src)
-        assert blob.stat().st_mode & 0o777 == 0o444
+        assert blob.stat().st_mode & 0o777 == 0o440
 
         again = await api.request("POST", "/v1/verify", long=True)
         assert (again["bad_pieces"], again["checked_bytes"], again["repaired_blobs"]) == (0, size, 0)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def flip_byte(path: Path, offset: int, mask: int = 0xFF) -> None:
-    """XOR one byte with ``mask``; the file's mode (0444 for blobs) is restored afterwards."""
+    """XOR one byte with ``mask``; the file's mode (0440 for blobs) is restored afterwards."""
     mode = stat.S_IMODE(path.stat().st_mode)
     os.chmod(path, 0o644)
     try:

@@ -69,12 +69,12 @@ class FileRun:
 
 
 def verify_blob(path: Path) -> None:
-    """A published blob: 0444, sidecar present, digests name the blob, every piece re-hashes."""
+    """A published blob: 0440, sidecar present, digests name the blob, every piece re-hashes."""
     sidecar = path.with_name(path.name + ".pieces")
     assert sidecar.is_file(), f"blob {path.name} has no .pieces sidecar"
     header, records = read_piece_log(sidecar)
     st = path.stat()
-    assert stat.S_IMODE(st.st_mode) == 0o444, f"blob {path.name} is writable ({oct(st.st_mode)})"
+    assert stat.S_IMODE(st.st_mode) == 0o440, f"blob {path.name} is writable ({oct(st.st_mode)})"
     assert st.st_size == header.size, f"blob {path.name}: {st.st_size} bytes, sidecar says {header.size}"
     n = piece_count(header.size, header.piece_size)
     assert sorted(records) == list(range(n)), f"blob {path.name}: sidecar lists {len(records)} of {n} pieces"

@@ -80,7 +80,7 @@ def assert_nothing_partial_published(cache: Path, full_sizes: set[int]) -> tuple
     for p in blobs + views:
         st = p.stat()
         assert st.st_size in full_sizes, f"{p} is published with {st.st_size} bytes: a partial file"
-        assert stat.S_IMODE(st.st_mode) == 0o444, f"{p} is published writable ({oct(st.st_mode)})"
+        assert stat.S_IMODE(st.st_mode) == 0o440, f"{p} is published writable ({oct(st.st_mode)})"
     return blobs, views
 
 
@@ -190,7 +190,7 @@ async def test_sigkill_after_ready_keeps_the_model(tmp_path: Path) -> None:
 
 
 async def test_restart_sweeps_debris_of_an_interrupted_publish(tmp_path: Path) -> None:
-    """A kill while a view was being built leaves a staging dir in tmp/ (hardlinks to a 0444 blob)
+    """A kill while a view was being built leaves a staging dir in tmp/ (hardlinks to a 0440 blob)
     and possibly a view with no ref yet; the next start must sweep both and still serve the rest."""
     src = await asyncio.to_thread(write_random_file, tmp_path / "models" / "kept" / "weights.bin", 1 * MiB + 3, 4)
     ref = f"file://{src.parent}"

@@ -21,6 +21,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from dataclasses import dataclass
@@ -288,8 +289,14 @@ async def test_unit_declares_notify_restart_policy_and_hardening() -> None:
         "Group": "cached",
         "CacheDirectory": "cached",
         "RuntimeDirectory": "cached",
-        "UMask": "0022",
+        # The store is for the cached group only (launchers join it), never for others.
+        "UMask": "0027",
+        "CacheDirectoryMode": "0750",
+        "RuntimeDirectoryMode": "0750",
         "LimitNOFILE": "65536",
+        # Bounded memory and threads: a leak or a hostile input stops at these, not at the node's.
+        "MemoryMax": "2G",
+        "TasksMax": "1024",
         "ProtectSystem": "strict",
         "ReadWritePaths": "/var/cache/cached",
         "NoNewPrivileges": "yes",
@@ -317,9 +324,12 @@ async def test_unit_declares_notify_restart_policy_and_hardening() -> None:
     assert exec_start[exec_start.index("--config") + 1] == "/etc/cached/config.toml"
     # The one writable path is the daemon's default store, which CacheDirectory= creates.
     assert one["ReadWritePaths"] == f"/var/cache/{one['CacheDirectory']}" == _DEFAULTS["cache_dir"]
-    # The user the unit runs as is the one sysusers.d creates.
+    # The user the unit runs as is the one sysusers.d creates, and the admin group the example
+    # config names exists beside it.
     sysusers = [line.split() for line in SYSUSERS.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    assert [(f[0], f[1]) for f in sysusers] == [("u", one["User"])]
+    admin_group = re.search(r'(?m)^#admin_group = "([^"]+)"$', EXAMPLE.read_text())
+    assert admin_group is not None
+    assert [(f[0], f[1]) for f in sysusers] == [("u", one["User"]), ("g", admin_group.group(1))]
 
 
 async def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
@@ -399,7 +409,7 @@ async def test_config_example_lists_every_key_with_its_default(tmp_path: Path) -
     }
     assert {k: v for k, v in example.items() if k not in unset} == {k: v for k, v in defaults.items() if k not in unset}
     for key in unset:
-        assert re.search(r"default: unset|default: the hostname", _comment_above(text, key)), key
+        assert re.search(r"(?i)default: unset|default: the hostname", _comment_above(text, key)), key
     # The keys marked (reload) are exactly the ones SIGHUP applies.
     marked = {_dotted_key_below(text, m.end()) for m in re.finditer(r"(?m)^# \(reload\)", text)}
     assert marked == set(RELOADABLE)
@@ -526,17 +536,63 @@ async def test_sigterm_mid_download_leaves_nothing_visible_and_restart_resumes(t
             files = [p for p in view.rglob("*") if p.is_file()]
             assert len(files) == 1
             assert await sha256(files[0]) == await sha256(src)
-            # Launchers run as other users: with the unit's UMask every step down to the file is
-            # readable (and searchable) by others, and the file itself read-only.
+            # Launchers read through the daemon's group: with the unit's UMask every step down to
+            # the file is readable (and searchable) by the group, writable by no one but the
+            # daemon, closed to others; the file itself read-only.
             for p in [files[0], *files[0].parents]:
                 mode = p.stat().st_mode
-                assert mode & stat.S_IROTH and (p == files[0] or mode & stat.S_IXOTH), (p, oct(mode))
+                assert mode & stat.S_IRGRP and (p == files[0] or mode & stat.S_IXGRP), (p, oct(mode))
+                assert not mode & (stat.S_IWGRP | stat.S_IRWXO), (p, oct(mode))
                 if p == cache:
                     break
-            assert files[0].stat().st_mode & 0o777 == 0o444
+            assert files[0].stat().st_mode & 0o777 == 0o440
             assert origin.counters.bytes_sent < 1.6 * size, (sent_before, origin.counters.bytes_sent)
             assert "resuming partial blob" in d.log()
             assert (await cachectl(d.api, "path", ref)).rc == 0
+
+
+# --- who can read the store ----------------------------------------------------------------------
+
+NOBODY = 65534
+
+
+def read_as(path: Path, uid: int, gid: int) -> str:
+    """Read one byte of ``path`` as another user with only ``gid``: "ok" or the error."""
+    ran = subprocess.run(
+        ["head", "-c", "1", str(path)], user=uid, group=gid, extra_groups=[], capture_output=True, timeout=30
+    )
+    return "ok" if ran.returncode == 0 and len(ran.stdout) == 1 else ran.stderr.decode().strip()
+
+
+async def test_models_are_readable_by_the_daemons_group_and_by_no_other_user() -> None:
+    """Issue 18: a file imported into the store became world-readable in the model view (blobs
+    0444 under 0755 directories), so any local user could read what the daemon fetched. Now a
+    user in the daemon's group (a launcher) reads the view, and another user cannot."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the daemon runs as root and the test reads as uid 65534")
+    # pytest's tmp dirs are 0700: use one every user may traverse, so the store's modes decide.
+    top = Path(tempfile.mkdtemp(prefix="cached-modes-", dir="/tmp"))
+    top.chmod(0o755)
+    try:
+        src = write_random_file(top / "origin" / "secret.bin", 64 * 1024 + 3, seed=5)
+        async with Origin(top / "origin") as origin, daemon(top) as d:
+            await d.start()
+            ran = await cachectl(d.api, "prefetch", "--wait", origin.file_url("secret.bin"))
+            assert ran.rc == 0, ran.err
+            (view_file,) = [p for p in Path(ran.out.strip()).rglob("*") if p.is_file()]
+            assert view_file.read_bytes() == src.read_bytes()
+            daemon_gid = d.cache_dir.stat().st_gid
+            assert daemon_gid == os.getegid() != NOBODY
+            # A launcher: another user, in the daemon's group.
+            assert read_as(view_file, NOBODY, daemon_gid) == "ok"
+            # Anyone else: not the file, not even the names in the store.
+            assert "Permission denied" in read_as(view_file, NOBODY, NOBODY)
+            assert "Permission denied" in read_as(d.cache_dir / "models", NOBODY, NOBODY)
+            for blob in (d.cache_dir / "blobs").rglob("*"):
+                if blob.is_file():
+                    assert stat.S_IMODE(blob.stat().st_mode) == 0o440, blob
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
 
 
 # --- SIGHUP -------------------------------------------------------------------------------------
