@@ -65,6 +65,8 @@ def own_daemon(workdir: Path) -> Any:
         sys.executable, "-m", "cached", "--config", str(config), "--node-id", "bench-load",
         "--cache-dir", str(workdir / "cache"), "--api-listen", f"127.0.0.1:{port}",
         "--peer-listen", "127.0.0.1:0", "--no-mdns", "--hf-endpoint", "http://127.0.0.1:9", "--log-level", "warning",
+        # The launchers' models are file:// refs under workdir/models (prepare() makes them).
+        "--allow-file-root", str(workdir / "models"),
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("NOTIFY_SOCKET", None)
@@ -197,6 +199,10 @@ async def prepare(s: aiohttp.ClientSession, base: str, workdir: Path, models: in
     for i in range(models):
         d = workdir / "models" / f"model-{i}"
         d.mkdir(parents=True)
+        # Over TCP the daemon cannot tell who calls, so it imports only files every user could
+        # read (docs/security.md): open the path from the 0700 temp dir down.
+        for p in (workdir, workdir / "models", d):
+            p.chmod(0o755)
         (d / "config.json").write_text(json.dumps({"model_type": "bench", "i": i}))
         (d / "weights.bin").write_bytes(os.urandom(256 * 1024))
         async with s.post(f"{base}/v1/prefetch", json={"ref": f"file://{d}", "wait": True}, timeout=aiohttp.ClientTimeout(total=60)) as resp:
