@@ -186,6 +186,8 @@ class AdminPolicy:
 
     def check(self, authorization: str | None, caller: Caller) -> None:
         """Return if the request may act as admin; raise Unauthenticated or Forbidden."""
+        if self._admin_by_identity(caller):
+            return
         how = self._how_to()
         if authorization:
             scheme, _, presented = authorization.partition(" ")
@@ -195,11 +197,14 @@ class AdminPolicy:
                 return
             raise Forbidden(f"the admin token presented is not the one this daemon accepts; {how}")
         if caller.unix and caller.uid is not None:
-            gid = self._admin_gid()
-            if caller.uid in (0, self._own_uid) or (gid is not None and gid in caller.gids):
-                return
             raise Forbidden(f"{caller.describe()} is not an admin of this daemon; {how}")
         raise Unauthenticated(f"this operation needs an admin credential; {how}")
+
+    def _admin_by_identity(self, caller: Caller) -> bool:
+        if not caller.unix or caller.uid is None:
+            return False
+        gid = self._admin_gid()
+        return caller.uid in (0, self._own_uid) or (gid is not None and gid in caller.gids)
 
     def _how_to(self) -> str:
         ways = []
