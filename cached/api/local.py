@@ -211,6 +211,8 @@ class LocalApi:
             host=request.headers.get("Host"), origin=request.headers.get("Origin"), unix=unix,
             local_ip=local[0] if isinstance(local, tuple) and local else None,
         )
+        if (request.method, request.path) in ADMIN_ROUTES:
+            self._require_admin(request)
         if request.path.startswith("/v1/") and request.method in ("POST", "PUT", "PATCH", "DELETE"):
             # An empty body carries nothing to forge; any other body must be JSON.
             has_body = (request.content_length or 0) > 0 or "chunked" in request.headers.get("Transfer-Encoding", "").lower()
@@ -218,8 +220,6 @@ class LocalApi:
                 raise UnsupportedMediaType(
                     f"request bodies must be JSON (Content-Type: application/json), not {request.content_type!r}"
                 )
-        if (request.method, request.path) in ADMIN_ROUTES:
-            self._require_admin(request)
         return await handler(request)
 
     def _require_admin(self, request: web.Request) -> None:
