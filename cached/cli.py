@@ -2,6 +2,11 @@
 
 Exit codes (CONTRACT): 0 success, 1 the operation failed (message on stderr), 2 usage error,
 3 the daemon is unreachable. ``--json`` prints exactly one JSON document on stdout.
+
+Admin commands (``evict --force``, ``pin``, ``unpin``, ``replicate``, ``gc``, ``verify``) send the
+admin token from ``--admin-token-file``, else ``$CACHED_ADMIN_TOKEN_FILE``, else the daemon's
+``api.admin_token_file`` in /etc/cached/config.toml when this user can read it. Without one the
+daemon answers 401/403 (exit 1, with its message), unless the unix socket admits the caller.
 """
 
 from __future__ import annotations
@@ -12,10 +17,11 @@ import json
 import os
 import sys
 import time
+import tomllib
 from typing import Any, NoReturn
 
-from cached.api.client import ApiClient, ApiError, parse_address
-from cached.config import DEFAULT_API_LISTEN
+from cached.api.client import ADMIN_TOKEN_ENV, ApiClient, ApiError, parse_address, read_token_file
+from cached.config import DEFAULT_API_LISTEN, DEFAULT_CONFIG_FILE
 from cached.errors import DaemonUnreachable, RefError
 from cached.types import ModelRef, format_size
 
@@ -36,6 +42,12 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON document")
+    common.add_argument(
+        "--admin-token-file", metavar="FILE", default=argparse.SUPPRESS,
+        help="admin token for evict --force, pin, unpin, replicate, gc and verify (default $CACHED_ADMIN_TOKEN_FILE, "
+        "then api.admin_token_file of /etc/cached/config.toml when readable; on the unix socket root, the daemon's "
+        "user and api.admin_group need none)",
+    )
     p = _Parser(prog="cachectl", description="Control the cached daemon on this node.", parents=[common])
     p.add_argument("--api", help="http://HOST:PORT, HOST:PORT or unix:/path (default $CACHED_API, then 127.0.0.1:7470)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -58,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("ref")
     c = cmd("evict", "remove REF from this node")
     c.add_argument("ref")
-    c.add_argument("--force", action="store_true", help="even if pinned or leased")
-    for name, help_ in (("pin", "keep REF regardless of pressure"), ("unpin", "stop keeping REF")):
+    c.add_argument("--force", action="store_true", help="even if pinned or leased (admin)")
+    for name, help_ in (("pin", "keep REF regardless of pressure (admin)"), ("unpin", "stop keeping REF (admin)")):
         c = cmd(name, help_)
         c.add_argument("ref")
     c = cmd("lease", "take a launcher lease on a ready model; prints the lease id")
@@ -68,15 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ttl", type=float, default=3600.0, metavar="S")
     c = cmd("release", "release a lease")
     c.add_argument("lease_id")
-    c = cmd("replicate", "keep N copies of REF in the cluster")
+    c = cmd("replicate", "keep N copies of REF in the cluster (admin)")
     c.add_argument("ref")
     c.add_argument("--replicas", type=int, required=True)
     c = cmd("locate", "which nodes hold REF")
     c.add_argument("ref")
     cmd("peers", "membership as this node sees it")
-    c = cmd("verify", "re-hash stored blobs; repair bad pieces")
+    c = cmd("verify", "re-hash stored blobs; repair bad pieces (admin)")
     c.add_argument("ref", nargs="?")
-    cmd("gc", "run eviction now")
+    cmd("gc", "run eviction now (admin)")
     return p
 
 
@@ -87,10 +99,34 @@ def _check_ref(text: str) -> str:
         raise UsageError(e.message) from None
 
 
+def admin_token(flag: str | None) -> str | None:
+    """The admin token to send: the flag's file (must be readable), else the environment's or
+    the daemon config's file when readable, else None."""
+    if flag:
+        try:
+            return read_token_file(flag)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--admin-token-file: {getattr(e, 'strerror', None) or e}: {flag}") from None
+    candidates = [os.environ.get(ADMIN_TOKEN_ENV)]
+    try:
+        with open(DEFAULT_CONFIG_FILE, "rb") as f:
+            candidates.append((tomllib.load(f).get("api") or {}).get("admin_token_file"))
+    except (OSError, tomllib.TOMLDecodeError, AttributeError):
+        pass
+    for path in candidates:
+        if isinstance(path, str) and path:
+            try:
+                return read_token_file(path)
+            except (OSError, ValueError):
+                continue
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.json = getattr(args, "json", False)
+    args.admin_token_file = getattr(args, "admin_token_file", None)
     addr = args.api or os.environ.get("CACHED_API") or DEFAULT_API_LISTEN
     try:
         parse_address(addr)
@@ -125,7 +161,7 @@ def _out(args: argparse.Namespace, data: Any, human: str) -> None:
 async def _run(args: argparse.Namespace, addr: str) -> int:
     if getattr(args, "ref", None) is not None:
         args.ref = _check_ref(args.ref)
-    async with ApiClient(addr) as api:
+    async with ApiClient(addr, admin_token=admin_token(args.admin_token_file) or "") as api:
         handler = globals()[f"_cmd_{args.command}"]
         return await handler(api, args)
 

@@ -28,12 +28,13 @@ import aiohttp
 from aiohttp import web
 
 from cached import __version__
+from cached.api.access import AdminPolicy, HostPolicy, read_admin_token
 from cached.api.hf import HfEndpoint
 from cached.api.local import LocalApi
 from cached.api.peer import PeerApi
 from cached.cluster import Catalog, Locator, Reconciler
 from cached.cluster import Member as ClusterMember
-from cached.config import Config, load
+from cached.config import DEFAULT_CONFIG_FILE, Config, load
 from cached.errors import CachedError, ConfigError
 from cached.jobs import Jobs
 from cached.metrics import Metrics
@@ -47,7 +48,7 @@ from cached.peers.mdns import MdnsDiscovery
 from cached.rangeio import ThreadedRangeReader
 from cached.peers.membership import MemberInfo, Membership, Status
 from cached.origins.http import HttpOrigin
-from cached.origins.local import LocalOrigin
+from cached.origins.local import FilePolicy, LocalOrigin
 from cached.store import Store
 from cached.transfer.model import ModelFetcher
 from cached.transfer.scheduler import Scheduler
@@ -125,8 +126,9 @@ class Daemon:
         )
         self._stack.callback(reader.close)
         self.hf_origin = HfOrigin(session, cfg.origins.hf, cfg.origins.http, reader, token=hf_token(cfg, self._env))
+        self.file_origin = LocalOrigin(file_policy(cfg))
         origins = Origins(
-            {RefKind.FILE: LocalOrigin(), RefKind.HTTP: HttpOrigin(session, cfg.origins.http, reader), RefKind.HF: self.hf_origin}
+            {RefKind.FILE: self.file_origin, RefKind.HTTP: HttpOrigin(session, cfg.origins.http, reader), RefKind.HF: self.hf_origin}
         )
         token = cluster_token(cfg)
         directory = self._build_peers(session, token) if token is not None else None
@@ -153,10 +155,16 @@ class Daemon:
         else:
             await self._serve_peers(token)
 
-        hf = HfEndpoint(store=self.store, jobs=self.jobs, origin=self.hf_origin)
+        hf = HfEndpoint(
+            store=self.store, jobs=self.jobs, origin=self.hf_origin, lend_token_to=cfg.origins.hf.lend_token_to,
+            anonymous=HfOrigin(session, cfg.origins.hf, cfg.origins.http, reader, token=None),
+        )
         self.api = LocalApi(
             node_id=cfg.node_id, store=self.store, jobs=self.jobs, fetcher=self.fetcher, metrics=self.metrics, hf=hf,
             peers=self.peers_view, catalog=self.catalog, reconciler=self.reconciler, locator=self.locator, clock=self.clock,
+            files=self.file_origin,
+            admin=AdminPolicy(token=read_admin_token(cfg.api.admin_token_file), group=cfg.api.admin_group),
+            hosts=HostPolicy(listen_host=cfg.api.listen.host, allowed_hosts=cfg.api.allowed_hosts),
         )
         # handler_cancellation: a client that hangs up (a launcher killed while it waits for
         # --wait, a closed event stream) must not leave its handler running.
@@ -415,6 +423,16 @@ def cluster_token(cfg: Config) -> str | None:
     if len(token) < 16:
         raise ConfigError("cluster.token_file", f"{path}: the token must be at least 16 characters")
     return token
+
+
+def file_policy(cfg: Config) -> FilePolicy:
+    """file:// imports: the configured roots, never the daemon's own files or store."""
+    secrets = (
+        DEFAULT_CONFIG_FILE, cfg.cluster.token_file, cfg.api.admin_token_file, cfg.origins.hf.token_file,
+        cfg.peer.tls_cert_file, cfg.peer.tls_key_file, cfg.peer.tls_ca_file,
+        Path(cfg.api.listen.unix_path) if cfg.api.listen.unix_path else None,
+    )
+    return FilePolicy.build(cfg.origins.file.allowed_roots, secrets=secrets, private_dirs=(cfg.store.cache_dir,))
 
 
 def tls_contexts(cfg: Config) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:

@@ -2,16 +2,24 @@
 
 Addresses: ``http://HOST:PORT``, ``HOST:PORT`` or ``unix:/path``. Connection failures become
 ``DaemonUnreachable``; error answers become ``ApiError`` carrying the daemon's code and message.
+
+The admin token (for ``pin``, ``gc``, ``evict --force``, ...) is sent as ``Authorization: Bearer``
+when one is given, or else read from the file named by ``$CACHED_ADMIN_TOKEN_FILE`` when that is
+set; ``cachectl`` resolves its own flag and defaults (``cached.cli``) and passes the token in.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import aiohttp
 
 from cached.errors import CachedError, DaemonUnreachable
+
+ADMIN_TOKEN_ENV = "CACHED_ADMIN_TOKEN_FILE"
 
 
 class ApiError(CachedError):
@@ -33,15 +41,31 @@ def parse_address(addr: str) -> tuple[str, str | None]:
     raise ValueError(f"not an API address: {addr!r} (use http://HOST:PORT, HOST:PORT or unix:/path)")
 
 
+def read_token_file(path: str | Path) -> str:
+    """The admin token in ``path`` (whitespace stripped); OSError/ValueError when unusable."""
+    token = Path(path).read_text().strip()
+    if not token or not token.isascii() or not token.isprintable():
+        raise ValueError(f"{path}: does not hold a token (one line of printable ASCII)")
+    return token
+
+
 class ApiClient:
-    def __init__(self, addr: str, *, timeout_s: float | None = 30.0) -> None:
+    def __init__(self, addr: str, *, timeout_s: float | None = 30.0, admin_token: str | None = None) -> None:
         self.base, self._unix = parse_address(addr)
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, connect=5)
         self._session: aiohttp.ClientSession | None = None
+        self._admin_token = admin_token
 
     async def __aenter__(self) -> "ApiClient":
+        token = self._admin_token
+        if token is None and os.environ.get(ADMIN_TOKEN_ENV):
+            try:
+                token = read_token_file(os.environ[ADMIN_TOKEN_ENV])
+            except (OSError, ValueError):
+                token = None  # not usable: admin routes will answer 401 and say how to get access
+        headers = {"Authorization": f"Bearer {token}"} if token else None
         connector = aiohttp.UnixConnector(path=self._unix) if self._unix else aiohttp.TCPConnector()
-        self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+        self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout, headers=headers)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

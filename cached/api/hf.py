@@ -11,8 +11,11 @@ RevisionNotFound or GatedRepo rather than a connection error.
 
 Trust boundary: whoever can reach the local API can read every file this node holds, including
 files of gated repos fetched with the daemon's token. The API listens on loopback (or a unix
-socket with a mode) for that reason; a caller's own ``authorization`` is passed to the hub on a
-miss.
+socket with a mode) for that reason. What the node does not hold is asked of the hub with the
+caller's own ``authorization`` (or none), never the daemon's token, unless the operator lends it
+for that repo or org (``origins.hf.lend_token_to``). Upstream paths are rebuilt from validated
+parts (repo id, revision, file path; no ``.``/``..``/empty segments, each segment encoded): the
+client's raw path is never forwarded.
 """
 
 from __future__ import annotations
@@ -25,15 +28,15 @@ import os
 import re
 import time
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlencode
 
 from aiohttp import web
 
-from cached.errors import CachedError, OriginError
+from cached.errors import CachedError, OriginError, RefError
 from cached.jobs import Jobs
 from cached.origins.hf import HfOrigin
 from cached.store import Store
-from cached.types import FileEntry, JobState, Manifest, ModelRef, OriginFile, Priority, RefKind, piece_span
+from cached.types import FileEntry, JobState, Manifest, ModelRef, OriginFile, Priority, RefKind, piece_span, validate_file_path
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +88,17 @@ def origin_error_response(e: OriginError, commit: str | None = None) -> web.Resp
 
 
 class HfEndpoint:
-    def __init__(self, *, store: Store, jobs: Jobs, origin: HfOrigin) -> None:
+    """``origin`` carries the daemon's token; ``anonymous`` (same hub, no token of its own) is
+    used for every upstream call made on a caller's behalf unless the repo is lent the token."""
+
+    def __init__(
+        self, *, store: Store, jobs: Jobs, origin: HfOrigin, anonymous: HfOrigin | None = None, lend_token_to: tuple[str, ...] = (),
+    ) -> None:
         self._store = store
         self._jobs = jobs
         self._origin = origin
+        self._anonymous = anonymous if anonymous is not None else origin
+        self._lend = frozenset(lend_token_to)
 
     def add_routes(self, app: web.Application, prefix: str = "/hf") -> None:
         r = app.router
@@ -107,6 +117,9 @@ class HfEndpoint:
 
     @staticmethod
     def _repo(request: web.Request) -> str:
+        # No '.' or '..' segment anywhere in what the client sent, encoded or not.
+        if any(seg in (".", "..") for seg in unquote(request.raw_path.split("?", 1)[0]).split("/")):
+            raise _bad_request("'.' and '..' path segments are not allowed")
         m = request.match_info
         repo = f"{m['org']}/{m['name']}" if "org" in m else m["name"]
         try:
@@ -115,9 +128,27 @@ class HfEndpoint:
             raise web.HTTPNotFound(headers={"X-Error-Code": "RepoNotFound"}) from None
 
     @staticmethod
+    def _rev(request: web.Request, repo: str) -> str:
+        rev = request.match_info.get("rev", "main")
+        try:
+            return ModelRef.parse(f"hf://{repo}@{rev}").revision
+        except RefError:
+            raise _bad_request(f"invalid revision {rev[:300]!r}") from None
+
+    @staticmethod
     def _token(request: web.Request) -> str | None:
         auth = request.headers.get("authorization", "")
-        return auth[7:].strip() or None if auth.lower().startswith("bearer ") else None
+        token = auth[7:].strip() or None if auth.lower().startswith("bearer ") else None
+        if token is not None and not (token.isascii() and token.isprintable()):
+            raise _bad_request("the Authorization header is not a printable ASCII bearer token")
+        return token
+
+    def _upstream(self, request: web.Request, repo: str) -> tuple[HfOrigin, str | None]:
+        """Who asks the hub for this caller: with the caller's token, or the daemon's if lent."""
+        token = self._token(request)
+        if token is None and (repo in self._lend or repo.split("/", 1)[0] in self._lend):
+            return self._origin, None
+        return self._anonymous, token
 
     def _manifests(self, repo: str, *, whole: bool = False) -> list[tuple[ModelRef, Manifest]]:
         """Current manifests of ``repo`` on this node (``whole``: only refs without patterns)."""
@@ -154,7 +185,8 @@ class HfEndpoint:
         local = self._local_commit(repo, rev)
         if local is not None:
             return local
-        sha, _ = await self._origin.commit_of(repo, rev, token=self._token(request))
+        origin, token = self._upstream(request, repo)
+        sha, _ = await origin.commit_of(repo, rev, token=token)
         return sha
 
     # --- API routes ----------------------------------------------------------------------------
@@ -164,10 +196,11 @@ class HfEndpoint:
 
     async def repo_info(self, request: web.Request) -> web.Response:
         repo = self._repo(request)
-        rev = request.match_info.get("rev", "main")
+        rev = self._rev(request, repo)
         m = self._whole_manifest(repo, rev)
         if m is None:
-            return await self._passthrough(request, repo)
+            tail = f"/revision/{quote(rev, safe='')}" if "rev" in request.match_info else ""
+            return await self._passthrough(request, repo, tail)
         blobs = request.query.get("blobs", "").lower() == "true"
         siblings = []
         for f in sorted(m.files, key=lambda f: f.path):
@@ -206,10 +239,12 @@ class HfEndpoint:
 
     async def tree(self, request: web.Request) -> web.Response:
         repo = self._repo(request)
-        rev = request.match_info["rev"]
+        rev = self._rev(request, repo)
         m = self._whole_manifest(repo, rev)
         if m is None:
-            return await self._passthrough(request, repo)
+            path = request.match_info.get("path", "").strip("/")
+            tail = f"/tree/{quote(rev, safe='')}" + (f"/{_encoded_path(path)}" if path else "")
+            return await self._passthrough(request, repo, tail)
         listing = self._listing(m, request.match_info.get("path", ""), request.query.get("recursive", "").lower() == "true")
         if listing is None:
             return hf_error(404, "EntryNotFound", f"{request.match_info.get('path')} not found in {repo}@{m.revision}", m.revision)
@@ -217,10 +252,10 @@ class HfEndpoint:
 
     async def paths_info(self, request: web.Request) -> web.Response:
         repo = self._repo(request)
-        rev = request.match_info["rev"]
+        rev = self._rev(request, repo)
         m = self._whole_manifest(repo, rev)
         if m is None:
-            return await self._passthrough(request, repo)
+            return await self._passthrough(request, repo, f"/paths-info/{quote(rev, safe='')}")
         form = await request.post()
         out: list[dict[str, Any]] = []
         for path in form.getall("paths", []):
@@ -233,14 +268,16 @@ class HfEndpoint:
             out.extend(exact or [_dir_entry(path.strip("/"))])
         return web.json_response(out)
 
-    async def _passthrough(self, request: web.Request, repo: str) -> web.Response:
-        """Relay an API call to the upstream hub (a repo this node does not hold)."""
-        path = request.rel_url.raw_path.removeprefix("/hf")
-        query = request.rel_url.raw_query_string
+    async def _passthrough(self, request: web.Request, repo: str, tail: str) -> web.Response:
+        """Relay an API call to the upstream hub (a repo this node does not hold), on a path
+        rebuilt from validated parts: ``/api/models/{repo}{tail}``."""
+        path = f"/api/models/{quote(repo, safe='/')}{tail}"
+        query = urlencode(list(request.query.items()))
         data = await request.read() if request.method == "POST" else None
+        origin, token = self._upstream(request, repo)
         try:
-            status, headers, content_type, body = await self._origin.relay(
-                request.method, path + ("?" + query if query else ""), token=self._token(request), data=data,
+            status, headers, content_type, body = await origin.relay(
+                request.method, path + ("?" + query if query else ""), token=token, data=data,
                 content_type=request.headers.get("Content-Type"),
             )
         except OriginError as e:
@@ -260,8 +297,12 @@ class HfEndpoint:
 
     async def resolve(self, request: web.Request) -> web.StreamResponse:
         repo = self._repo(request)
-        rev = request.match_info["rev"]
+        rev = self._rev(request, repo)
         path = request.match_info["path"]
+        try:
+            validate_file_path(path)
+        except ValueError:
+            return hf_error(400, None, f"invalid file path {path[:300]!r}")
         try:
             commit = await self._commit(request, repo, rev)
         except OriginError as e:
@@ -340,7 +381,8 @@ class HfEndpoint:
 
     async def _remote_file(self, request: web.Request, repo: str, commit: str, path: str) -> OriginFile | None:
         """The upstream's description of one file (paths-info), or None if it has no such file."""
-        entries = await self._origin.paths_info(repo, commit, [path], token=self._token(request))
+        origin, token = self._upstream(request, repo)
+        entries = await origin.paths_info(repo, commit, [path], token=token)
         for e in entries:
             if isinstance(e, dict) and e.get("path") == path and e.get("type") == "file":
                 return self._origin.origin_file(repo, commit, e)
@@ -396,6 +438,21 @@ class HfEndpoint:
             return await asyncio.to_thread(_pread, str(partial.data_path), pos, n)
         except FileNotFoundError:
             return None  # finalized meanwhile: the next round reads the blob
+
+
+def _bad_request(message: str) -> web.HTTPBadRequest:
+    # Printable ASCII only: it becomes a status line and a header, and may quote the client.
+    safe = "".join(c if 32 <= ord(c) < 127 else "?" for c in message[:500])
+    return web.HTTPBadRequest(reason=safe, headers={"X-Error-Message": safe})
+
+
+def _encoded_path(path: str) -> str:
+    """A repo file path, validated and percent-encoded segment by segment."""
+    try:
+        validate_file_path(path)
+    except ValueError:
+        raise _bad_request(f"invalid file path {path[:300]!r}") from None
+    return "/".join(quote(seg, safe="") for seg in path.split("/"))
 
 
 def _pread(path: str, off: int, n: int) -> bytes:

@@ -4,6 +4,12 @@ JSON in and out. Every failure is ``{"error": code, "message": text}`` with a 4x
 chosen here (``STATUS``) from the ``CachedError`` subclass; a malformed body, parameter or ref is
 a 400 and never a 500. Handlers parse strings into types at this edge and call the components;
 they hold no logic of their own beyond shaping answers.
+
+Before any handler, ``_guard`` refuses what no local client needs (``cached.api.access``): a
+``Host`` that is not a name of this daemon (421: DNS rebinding), an ``Origin`` of a foreign web
+page (403: cross-site requests), a non-JSON body on a ``/v1`` POST/DELETE (415: an HTML form can
+send text/plain without a preflight), and admin routes without an admin credential (401/403).
+Every refusal is counted in ``cached_api_errors_total`` by its code.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import time
 from typing import Any, Awaitable, Callable
 
@@ -34,10 +41,12 @@ from cached.errors import (
     StoreFullError,
 )
 from cached.api import openapi
+from cached.api.access import AdminPolicy, Forbidden, ForeignOrigin, HostPolicy, MisdirectedHost, Unauthenticated, caller_of
 from cached.api.hf import HfEndpoint
 from cached.cluster import Catalog, Locator, Reconciler
 from cached.jobs import Jobs
 from cached.metrics import Metrics
+from cached.origins.local import FileNotAllowed, LocalOrigin
 from cached.store import Store
 from cached.transfer.model import ModelFetcher
 from cached.types import JobState, ModelRef, Priority, RefKind
@@ -46,6 +55,14 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
 EVENTS_KEEPALIVE_S = 15.0
+MAX_INT = 2**63 - 1  # the largest integer a body may carry (JSON numbers beyond are refused)
+# Destructive or cluster-wide: need an admin credential (evict needs one only with force).
+ADMIN_ROUTES = frozenset({("POST", "/v1/pin"), ("POST", "/v1/unpin"), ("POST", "/v1/replicate"), ("POST", "/v1/gc"), ("POST", "/v1/verify")})
+JSON_TYPES = frozenset({"application/json"})
+
+
+class UnsupportedMediaType(CachedError):
+    code = "unsupported_media_type"
 
 class Unavailable(CachedError):
     code = "unavailable"
@@ -53,6 +70,12 @@ class Unavailable(CachedError):
 
 STATUS: list[tuple[type[CachedError], int]] = [
     (Unavailable, 503),
+    (Unauthenticated, 401),
+    (Forbidden, 403),
+    (ForeignOrigin, 403),
+    (MisdirectedHost, 421),
+    (UnsupportedMediaType, 415),
+    (FileNotAllowed, 403),
     (RefError, 400),
     (RequestError, 400),
     (NotFoundError, 404),
@@ -93,8 +116,14 @@ class LocalApi:
         reconciler: Reconciler | None = None,
         locator: Locator | None = None,
         clock: Callable[[], float] = time.time,
+        files: LocalOrigin | None = None,
+        admin: AdminPolicy | None = None,
+        hosts: HostPolicy | None = None,
     ) -> None:
         self._hf = hf
+        self._files = files
+        self._admin = admin if admin is not None else AdminPolicy(token=None)
+        self._hosts = hosts if hosts is not None else HostPolicy()
         self._peers = peers
         self._catalog = catalog
         self._reconciler = reconciler
@@ -114,7 +143,7 @@ class LocalApi:
         self.ready = False
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._errors])
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._errors, self._guard])
         r = app.router
         r.add_post("/v1/prefetch", self.prefetch)
         r.add_get("/v1/models", self.models)
@@ -172,13 +201,37 @@ class LocalApi:
             self._metrics.api_errors.labels("internal").inc()
             return error_response(500, "internal", f"internal error ({type(e).__name__}); see the daemon log")
 
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        """What is refused before any handler runs (see the module docstring)."""
+        sock = request.transport.get_extra_info("socket") if request.transport is not None else None
+        unix = sock is not None and sock.family == socket.AF_UNIX
+        local = request.transport.get_extra_info("sockname") if request.transport is not None and not unix else None
+        self._hosts.check(
+            host=request.headers.get("Host"), origin=request.headers.get("Origin"), unix=unix,
+            local_ip=local[0] if isinstance(local, tuple) and local else None,
+        )
+        if (request.method, request.path) in ADMIN_ROUTES:
+            self._require_admin(request)
+        if request.path.startswith("/v1/") and request.method in ("POST", "PUT", "PATCH", "DELETE"):
+            # An empty body carries nothing to forge; any other body must be JSON.
+            has_body = (request.content_length or 0) > 0 or "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+            if has_body and request.content_type not in JSON_TYPES:
+                raise UnsupportedMediaType(
+                    f"request bodies must be JSON (Content-Type: application/json), not {request.content_type!r}"
+                )
+        return await handler(request)
+
+    def _require_admin(self, request: web.Request) -> None:
+        self._admin.check(request.headers.get("Authorization"), caller_of(request.transport))
+
     async def _body(self, request: web.Request) -> dict[str, Any]:
         raw = await request.read()
         if not raw:
             raise RequestError("request body must be a JSON object")
         try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            body = json.loads(raw, parse_int=_bounded_int, parse_constant=_no_constant)
+        except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
             raise RequestError(f"request body is not valid JSON: {e}") from None
         except RecursionError:
             raise RequestError("request body is nested too deeply") from None
@@ -311,6 +364,8 @@ class LocalApi:
         timeout_s = self._opt(body, "timeout_s", (int, float), None)
         if timeout_s is not None and not 0 < timeout_s <= 86400:
             raise RequestError("'timeout_s' must be between 0 and 86400")
+        if ref.kind is RefKind.FILE:
+            await self._authorize_file(request, ref)
         current = self._jobs.get(ref)
         if not refresh and self._store.model(ref) is not None and (current is None or not current.active):
             # Ready here: answer at once, whatever queue the download jobs are in.
@@ -329,6 +384,13 @@ class LocalApi:
             return web.json_response({"error": job.error_code, "message": job.error, "model": obj}, status=status)
         return web.json_response(self.model_object(ref), status=200 if finished else 202)
 
+    async def _authorize_file(self, request: web.Request, ref: ModelRef) -> None:
+        """file:// refs: only what the caller could read itself, under the allowed roots."""
+        if self._files is None:
+            raise FileNotAllowed(f"{ref}: file:// imports are off on this daemon")
+        caller = caller_of(request.transport)
+        await self._files.authorize(ref, uid=caller.uid, gids=caller.gids)
+
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response([self.model_object(r) for r in self._known_refs()])
 
@@ -338,8 +400,10 @@ class LocalApi:
 
     async def evict(self, request: web.Request) -> web.Response:
         body = await self._body(request)
-        ref = self._ref(body.get("ref"))
         force = self._opt(body, "force", bool, False)
+        if force:
+            self._require_admin(request)
+        ref = self._ref(body.get("ref"))
         freed = await self._jobs.evict(ref, force=force)
         return web.json_response({**self.model_object(ref), "freed_bytes": freed})
 
@@ -365,6 +429,8 @@ class LocalApi:
         if not holder or len(holder) > 256:
             raise RequestError("'holder' must be a non-empty string (who runs the model, e.g. 'vllm@pod-1')")
         ttl_s = self._opt(body, "ttl_s", (int, float), 3600)
+        if not 0 < ttl_s <= 10 * 365 * 86400:
+            raise RequestError("'ttl_s' must be a number of seconds, more than 0 and at most ten years")
         rec = self._store.model(ref)
         if rec is None:
             raise ConflictError(f"{ref} is not ready on this node; prefetch it first")
@@ -565,7 +631,15 @@ class LocalApi:
         """NDJSON: one event per line; ``?ref=`` filters to one model."""
         only = self._ref(request.query["ref"]).canonical if "ref" in request.query else None
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache"})
-        await resp.prepare(request)
+        try:
+            await resp.prepare(request)
+            await self._stream_events(resp, only)
+        except ConnectionError:
+            # The client hung up: an ordinary end of a stream, not an error.
+            log.debug("event stream closed by the client")
+        return resp
+
+    async def _stream_events(self, resp: web.StreamResponse, only: str | None) -> None:
         async with self._jobs.events.subscribe() as queue:
             if only is not None:
                 first = self.model_object(ModelRef.parse(only))
@@ -588,7 +662,6 @@ class LocalApi:
                 if only is None or event.get("ref") == only:
                     await resp.write(json.dumps(event).encode() + b"\n")
         await resp.write_eof()
-        return resp
 
     # --- health and metrics --------------------------------------------------------------------
 
@@ -617,6 +690,17 @@ class LocalApi:
         if not self.ready:
             return web.json_response({"status": "starting"}, status=503)
         return web.json_response({"status": "ready"})
+
+
+def _bounded_int(text: str) -> int:
+    # Before int(): a 5,000-digit number is refused without the quadratic conversion.
+    if len(text.lstrip("-")) > 19 or abs(value := int(text)) > MAX_INT:
+        raise RequestError(f"integer out of range in request body (at most {MAX_INT})")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise RequestError(f"{name} is not a number this API accepts")
 
 
 _CODE_STATUS = {cls.code: status for cls, status in STATUS}

@@ -2,7 +2,10 @@
 
 Written by hand, next to the routes it describes (``cached.api.local``), so that it says what the
 API promises rather than what a generator guessed: JSON bodies, a model object, and errors as
-``{"error", "message"}`` with a 4xx/5xx status. Schemathesis runs against it in the test suite.
+``{"error", "message"}`` with a 4xx/5xx status. Admin operations carry the ``adminToken`` security
+requirement (401 without a credential, 403 with a wrong one); every operation may answer 421 (a
+Host that is not this daemon's) or 403 (a foreign Origin), and body operations 415 (not JSON).
+Schemathesis runs against it in the test suite, with and without the admin token.
 """
 
 from __future__ import annotations
@@ -35,7 +38,14 @@ def _body(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
 REF = {"type": "string", "description": "hf://org/name[@rev], http(s)://host/file or file:///path"}
 REF_QUERY = {"name": "ref", "in": "query", "required": True, "schema": REF}
 MODEL = {"$ref": "#/components/schemas/Model"}
-ERRORS = {"400": _ERROR, "404": _ERROR, "409": _ERROR, "default": _ERROR}
+ERRORS = {"400": _ERROR, "404": _ERROR, "409": _ERROR, "415": _ERROR, "421": _ERROR, "default": _ERROR}
+ADMIN = {"security": [{"adminToken": []}]}
+ADMIN_ERRORS = {"401": _ERROR, "403": _ERROR}
+
+
+def _admin(operation: dict[str, Any]) -> dict[str, Any]:
+    """An admin operation: the security requirement and its 401/403 answers."""
+    return {**operation, **ADMIN, "responses": {**operation["responses"], **ADMIN_ERRORS}}
 
 
 def document() -> dict[str, Any]:
@@ -65,15 +75,24 @@ def document() -> dict[str, Any]:
             "/v1/models/status": {
                 "get": {"summary": "one model", "parameters": [REF_QUERY], "responses": {"200": _ok("model", MODEL), **ERRORS}}
             },
+            "/v1/evict": {
+                "post": {
+                    "summary": "evict a model (with force: an admin operation)",
+                    "requestBody": _body({"ref": REF, "force": {"type": "boolean"}}, ["ref"]),
+                    "responses": {"200": _ok("model", MODEL), **ERRORS, **ADMIN_ERRORS},
+                    # Only 'force' needs the credential; without it evict is open to local callers.
+                    "security": [{}, {"adminToken": []}],
+                }
+            },
             **{
                 f"/v1/{verb}": {
-                    "post": {
-                        "summary": f"{verb} a model",
-                        "requestBody": _body({"ref": REF, "force": {"type": "boolean"}}, ["ref"]),
+                    "post": _admin({
+                        "summary": f"{verb} a model (admin)",
+                        "requestBody": _body({"ref": REF}, ["ref"]),
                         "responses": {"200": _ok("model", MODEL), **ERRORS},
-                    }
+                    })
                 }
-                for verb in ("evict", "pin", "unpin")
+                for verb in ("pin", "unpin")
             },
             "/v1/leases": {
                 "get": {"summary": "active leases", "responses": {"200": _ok("leases", {"type": "array"})}},
@@ -94,21 +113,21 @@ def document() -> dict[str, Any]:
                 }
             },
             "/v1/verify": {
-                "post": {
-                    "summary": "re-hash stored blobs and repair bad pieces",
+                "post": _admin({
+                    "summary": "re-hash stored blobs and repair bad pieces (admin)",
                     "requestBody": {"required": False, **_json({"type": "object", "properties": {"ref": REF}})},
                     "responses": {"200": _ok("report", {"type": "object"}), **ERRORS},
-                }
+                })
             },
-            "/v1/gc": {"post": {"summary": "run eviction now", "responses": {"200": _ok("result", {"type": "object"})}}},
+            "/v1/gc": {"post": _admin({"summary": "run eviction now (admin)", "responses": {"200": _ok("result", {"type": "object"}), **ERRORS}})},
             "/v1/node": {"get": {"summary": "node summary", "responses": {"200": _ok("node", {"type": "object"})}}},
             "/v1/peers": {"get": {"summary": "membership", "responses": {"200": _ok("peers", {"type": "array"})}}},
             "/v1/locate": {
                 "get": {"summary": "who holds a model", "parameters": [REF_QUERY], "responses": {"200": _ok("nodes", {"type": "object"}), **ERRORS}}
             },
             "/v1/replicate": {
-                "post": {
-                    "summary": "keep N copies in the cluster",
+                "post": _admin({
+                    "summary": "keep N copies in the cluster (admin)",
                     "requestBody": _body(
                         {
                             "ref": REF,
@@ -118,7 +137,7 @@ def document() -> dict[str, Any]:
                         ["ref", "replicas"],
                     ),
                     "responses": {"200": _ok("catalog entry", {"type": "object"}), **ERRORS},
-                }
+                })
             },
             "/v1/catalog": {"get": {"summary": "the cluster catalog", "responses": {"200": _ok("entries", {"type": "array"}), **ERRORS}}},
             "/v1/k8s/filter": {
@@ -139,6 +158,14 @@ def document() -> dict[str, Any]:
             "/readyz": {"get": {"summary": "store indexed, APIs up", "responses": {"200": _ok("ready"), "503": _ok("starting")}}},
         },
         "components": {
+            "securitySchemes": {
+                "adminToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "the token in api.admin_token_file (--admin-token-file); a unix-socket caller that is "
+                    "root, the daemon's user or in api.admin_group needs none",
+                }
+            },
             "schemas": {
                 "Error": {
                     "type": "object",

@@ -131,3 +131,71 @@ async def test_check_unchanged_on_a_deleted_file_is_not_found(tmp_path: Path) ->
     src.unlink()
     with pytest.raises(OriginError):
         await origin.check_unchanged(f)
+
+
+# --- the policy: roots, the daemon's own files, the caller's rights ----------------------------------
+
+from cached.origins.local import FileNotAllowed, FilePolicy  # noqa: E402
+
+
+def open_tree(tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    root.mkdir()
+    return root
+
+
+async def test_a_policy_refuses_outside_the_roots_symlinks_out_and_the_daemons_secrets(tmp_path: Path) -> None:
+    root = open_tree(tmp_path)
+    secret = tmp_path / "cluster.token"
+    secret.write_text("token")
+    (root / "ok.bin").write_bytes(b"ok")
+    (root / "out.bin").symlink_to(secret)
+    os.link(secret, root / "hardlink.token")
+    (tmp_path / "elsewhere.bin").write_bytes(b"x")
+    origin = LocalOrigin(FilePolicy.build([root], secrets=[secret], private_dirs=[tmp_path / "cache"]))
+    await origin.authorize(file_ref(root / "ok.bin"), uid=0)
+    assert len((await origin.resolve(file_ref(root / "ok.bin"))).files) == 1
+    for path, why in ((root / "out.bin", "not under an allowed"), (root / "hardlink.token", "never imported"),
+                      (tmp_path / "elsewhere.bin", "not under an allowed"), (root, "never imported|not under")):
+        with pytest.raises(FileNotAllowed, match=why):
+            await origin.authorize(file_ref(path), uid=0)
+    with pytest.raises(FileNotAllowed, match="--allow-file-root"):
+        await LocalOrigin(FilePolicy.build([])).authorize(file_ref(root / "ok.bin"), uid=0)
+
+
+async def test_resolve_imports_only_approved_file_versions(tmp_path: Path) -> None:
+    root = open_tree(tmp_path)
+    (root / "m.bin").write_bytes(b"first")
+    origin = LocalOrigin(FilePolicy.build([root]))
+    with pytest.raises(OriginChanged):
+        await origin.resolve(file_ref(root / "m.bin"))  # nobody was checked for it
+    await origin.authorize(file_ref(root / "m.bin"), uid=0)
+    await origin.resolve(file_ref(root / "m.bin"))
+    os.unlink(root / "m.bin")
+    (root / "m.bin").write_bytes(b"swapped in after the check")
+    with pytest.raises(OriginChanged):
+        await origin.resolve(file_ref(root / "m.bin"))
+
+
+def test_may_read_follows_the_mode_bits_of_the_file_and_every_directory(tmp_path: Path) -> None:
+    from cached.origins.local import DirModes, may_read
+
+    f = tmp_path / "f"
+    f.write_bytes(b"x")
+    real = os.path.realpath(f)
+    parent_mode = tmp_path.stat().st_mode & 0o777
+    try:
+        tmp_path.chmod(0o755)
+        for mode, other_ok in ((0o644, True), (0o640, False), (0o604, True), (0o600, False)):
+            f.chmod(mode)
+            st = f.stat()
+            # Unknown caller: "other" bits, and o+x on every directory up to / (tmp_path's parents
+            # may be 0700 here, so only the file's own bits are compared through a 0755 chain).
+            chain_ok = all((p.stat().st_mode & 0o001) for p in [tmp_path, *tmp_path.parents])
+            assert may_read(None, frozenset(), real, st, DirModes()) == (other_ok and chain_ok), oct(mode)
+            assert may_read(0, frozenset(), real, st, DirModes()) is True
+            owner = st.st_uid if st.st_uid != 0 else None
+            if owner is not None:
+                assert may_read(owner, frozenset(), real, st, DirModes()) == bool(mode & 0o400)
+    finally:
+        tmp_path.chmod(parent_mode)

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from cached.api.client import ApiClient, ApiError
-from tests.support.node import running_daemon
+from tests.support.node import ADMIN_TOKEN, running_daemon
 from tests.support.origin import Origin, write_random_file
 
 FLAGS = {"store.piece_size_bytes": "64K"}
@@ -66,6 +66,7 @@ BAD_REFS = [
 
 async def send(session: aiohttp.ClientSession, base: str, case: Case) -> tuple[int, str, Any]:
     headers = {"Content-Type": "application/json"} if case.body is not None else {}
+    headers["Authorization"] = f"Bearer {ADMIN_TOKEN}"  # admin routes reach their own checks
     async with session.request(case.method, base + case.path, data=case.body, params=case.query, headers=headers) as resp:
         text = await resp.text(errors="replace")
         try:

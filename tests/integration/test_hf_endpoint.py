@@ -252,3 +252,71 @@ async def test_errors_raise_the_typed_client_error(tmp_path: Path, version: str,
         assert out["missing file, held repo"]["error"] == "RemoteEntryNotFoundError"
     # A caller's own token is passed upstream on a miss.
     assert out["gated, token"] == {"ok": hub.blob(GATED, "config.json").sha256}
+
+
+# --- the passthrough lends no token and forwards no '..' (issue 18) ---------------------------------
+
+DAEMON_TOKEN = "hf_daemon_token_secret"
+
+
+async def test_passthrough_sends_the_callers_token_never_the_daemons(tmp_path: Path) -> None:
+    """Before: every cold call through /hf went upstream with the daemon's own HF token, so any
+    local caller could read gated repos as the operator. Now the hub sees the caller's token (or
+    none), and the daemon's only for repos the operator lends it to."""
+    (tmp_path / "hf.token").write_text(DAEMON_TOKEN)
+    async with Hub(tokens={DAEMON_TOKEN, TOKEN}) as hub:
+        hub.add_repo(GATED, tiny_model_files(weights_size=10_000, seed=5), gated=True)
+        hub.add_repo("lent/model", tiny_model_files(weights_size=10_000, seed=6), gated=True)
+        flags = {**FLAGS, "origins.hf.endpoint": hub.url, "origins.hf.token_file": str(tmp_path / "hf.token"),
+                 "origins.hf.lend_token_to": ["lent"]}
+        async with running_daemon(tmp_path / "cache", **flags) as d, aiohttp.ClientSession() as s:
+            base = d.api_address + "/hf"
+            calls = [f"/api/models/{GATED}", f"/api/models/{GATED}/revision/main", f"/api/models/{GATED}/tree/main",
+                     f"/{GATED}/resolve/main/config.json"]
+            for path in calls:
+                async with s.get(base + path) as resp:
+                    assert resp.status in (401, 403), (path, resp.status)
+            assert hub.counters.log and all(r.token is None for r in hub.counters.log), hub.counters.log
+            for path in calls[:3]:
+                seen = len(hub.counters.log)
+                async with s.get(base + path, headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
+                    assert resp.status == 200, (path, resp.status, await resp.text())
+                assert {r.token for r in hub.counters.log[seen:]} == {TOKEN}, path
+            async with s.get(base + "/api/models/lent/model") as resp:
+                assert resp.status == 200, "the operator lends the daemon's token to this org"
+            assert {r.token for r in hub.counters.log if "lent/model" in r.target} == {DAEMON_TOKEN}
+            assert not [r for r in hub.counters.log if r.token == DAEMON_TOKEN and "lent/" not in r.target]
+            # A cold /resolve: the lookups go with the caller's token; only once the hub has
+            # said yes to the caller does the node fetch the file (with its own token) for it.
+            seen = len(hub.counters.log)
+            async with s.get(base + calls[3], headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
+                assert resp.status == 200
+            lookups = [r for r in hub.counters.log[seen:] if r.kind in ("info", "paths-info")]
+            assert lookups and {r.token for r in lookups} == {TOKEN}, lookups
+
+
+async def test_dot_dot_segments_are_400_and_never_reach_the_hub(tmp_path: Path) -> None:
+    async with Hub() as hub:
+        hub.add_repo("acme/public", tiny_model_files(weights_size=10_000, seed=7))
+        async with daemon(tmp_path, hub) as d:
+            host, port = d.api_address.removeprefix("http://").rsplit(":", 1)
+            targets = [
+                b"/hf/api/models/acme/public/tree/main/../../../../api/whoami-v2",
+                b"/hf/api/models/acme/public/tree/main/%2E%2E/%2e%2e/x",
+                b"/hf/api/models/acme/public/revision/..",
+                b"/hf/api/models/acme/public/tree/%2E%2E",
+                b"/hf/api/models/acme/public/revision/a%2F..%2F..",
+                b"/hf/acme/public/resolve/main/../../../secret",
+                b"/hf/acme/public/resolve/main/a/%2E%2E/b",
+                b"/hf/acme/public/resolve/..%2F..%2Fx/config.json",
+            ]
+            for target in targets:
+                reader, writer = await __import__("asyncio").open_connection(host, int(port))
+                writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                answer = await reader.read()
+                writer.close()
+                status = int(answer.split(b" ", 2)[1])
+                assert status in (400, 404), (target, answer[:300])
+            assert not [r.target for r in hub.counters.log if ".." in r.target or "%2e" in r.target.lower()], hub.counters.log
+            async with aiohttp.ClientSession() as s, s.get(d.api_address + "/hf/api/models/acme/public/tree/main") as resp:
+                assert resp.status == 200, "ordinary paths still pass"

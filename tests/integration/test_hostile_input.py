@@ -47,7 +47,7 @@ from cached.daemon import Daemon
 from cached.types import ModelRef, RefKind
 from tests.support.hfclients import tiny_model_files
 from tests.support.hub import Hub
-from tests.support.node import running_daemon
+from tests.support.node import ADMIN_TOKEN, running_daemon
 from tests.support.origin import Origin, write_random_file
 from tests.support.wait import wait_until
 
@@ -554,7 +554,8 @@ async def test_ten_mib_bodies_are_413_on_every_route_that_reads_one(tmp_path: Pa
         def run() -> None:
             for route in BODY_ROUTES:
                 body, ctype = (form, "application/x-www-form-urlencoded") if "paths-info" in route else (huge, "application/json")
-                reply = http(t.api, "POST", route, headers=[("Content-Type", ctype)], body=body)
+                admin = ("Authorization", f"Bearer {ADMIN_TOKEN}")  # admin routes: past the 401, to the body
+                reply = http(t.api, "POST", route, headers=[("Content-Type", ctype), admin], body=body)
                 found.check(route, f"POST {route} 10 MiB", reply)
                 assert reply.status == 413, (route, reply.status, reply.body[:200])
             for route in ("/v1/gc", "/v1/models", "/healthz"):  # routes that never read a body

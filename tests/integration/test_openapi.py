@@ -10,7 +10,9 @@ Then, per documented operation, schemathesis generates requests from the documen
 ``not_a_server_error`` (the contract: nothing a client sends produces a 5xx), plus
 ``response_schema_conformance`` and ``content_type_conformance`` (answers match the document).
 Bounded (``MAX_EXAMPLES`` per operation and mode), derandomized, no shrinking: every failure is
-collected with a curl line to reproduce it.
+collected with a curl line to reproduce it. Admin operations (those with a ``security``
+requirement) run twice: without a credential, where every answer must be 401/403 and never a
+5xx, and with the admin token, which reaches the handlers.
 
 Network safety: generated refs that could make the daemon fetch are rewritten to the loopback
 origin, the loopback hub double or a path that does not exist (``safe_ref``); some are replaced by
@@ -42,7 +44,7 @@ from cached.daemon import Daemon
 from tests.integration.test_hostile_input import HF_REPO, safe_ref
 from tests.support.hfclients import tiny_model_files
 from tests.support.hub import Hub
-from tests.support.node import running_daemon
+from tests.support.node import ADMIN_TOKEN, running_daemon
 from tests.support.origin import Origin, write_random_file
 
 MAX_EXAMPLES = 25
@@ -55,6 +57,13 @@ NOT_DOCUMENTED = {
     "GET /metrics": "Prometheus text exposition",
 }
 CHECKS = [not_a_server_error, response_schema_conformance, content_type_conformance]
+ADMIN_OPERATIONS = sorted(
+    f"{method.upper()} {path}"
+    for path, item in openapi.document()["paths"].items()
+    for method, op in item.items()
+    if op.get("security") == [{"adminToken": []}]
+)
+RUNS = [(label, "none") for label in OPERATIONS] + [(label, "admin") for label in ADMIN_OPERATIONS]
 
 
 @dataclass
@@ -142,9 +151,16 @@ def _rewrite_refs(n: Node, case: Any) -> None:
         case.body["Pod"] = {"metadata": {"annotations": {"cached.io/model": n.pick_ref(seed.decode("utf-8", "surrogatepass"))}}}
 
 
-@pytest.mark.parametrize("label", OPERATIONS)
-async def test_schemathesis_finds_no_server_error(tmp_path: Path, label: str) -> None:
+def test_the_admin_split_is_in_the_document() -> None:
+    assert ADMIN_OPERATIONS == ["POST /v1/gc", "POST /v1/pin", "POST /v1/replicate", "POST /v1/unpin", "POST /v1/verify"]
+    assert openapi.document()["components"]["securitySchemes"]["adminToken"]["scheme"] == "bearer"
+
+
+@pytest.mark.parametrize(("label", "auth"), RUNS)
+async def test_schemathesis_finds_no_server_error(tmp_path: Path, label: str, auth: str) -> None:
     method, path = label.split(" ", 1)
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"} if auth == "admin" else {}
+    refused_only = auth == "none" and label in ADMIN_OPERATIONS
     async with node(tmp_path) as n:
         # Off the loop: the first from_dict in a process takes about a second (lazy imports).
         schema = await asyncio.to_thread(schemathesis.openapi.from_dict, await served_document(n.base))
@@ -162,8 +178,10 @@ async def test_schemathesis_finds_no_server_error(tmp_path: Path, label: str) ->
             @given(operation.as_strategy(generation_mode=mode))
             def one(case: Any) -> None:
                 _rewrite_refs(n, case)
-                response = case.call(base_url=n.base, session=session, timeout=30)
+                response = case.call(base_url=n.base, session=session, timeout=30, headers=headers)
                 sent[mode.value] += 1
+                if refused_only and response.status_code not in (401, 403):
+                    failures.setdefault(f"{mode.value}: {response.status_code}", f"{mode.value}: admin route answered {response.status_code} without a credential: {response.text[:300]}")
                 try:
                     case.validate_response(response, checks=CHECKS)
                 except Exception as e:  # noqa: BLE001 - collected, reported together below

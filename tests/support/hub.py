@@ -215,6 +215,7 @@ class Logged:
     auth: bool  # carried an authorization header
     range: str | None = None
     status: int = 0
+    token: str | None = None  # the bearer token it carried, if any
 
     @property
     def line(self) -> str:
@@ -503,7 +504,9 @@ class Hub:
     def _log(self, request: web.Request, server: str, kind: str) -> Logged:
         c = self.counters
         auth = "authorization" in request.headers
-        rec = Logged(server, request.method, request.raw_path, kind, auth, request.headers.get("Range"))
+        bearer = request.headers.get("authorization", "")
+        token = bearer[7:].strip() if bearer.lower().startswith("bearer ") else None
+        rec = Logged(server, request.method, request.raw_path, kind, auth, request.headers.get("Range"), token=token)
         c.log.append(rec)
         c.by_kind[(server, request.method, kind)] += 1
         if server == "hub":

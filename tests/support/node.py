@@ -2,6 +2,11 @@
 
 Every daemon listens on loopback only and is started with mDNS off, as the network-safety rules
 require; nothing here sends traffic anywhere but 127.0.0.0/8.
+
+Test daemons allow ``file://`` imports from the temporary directory (where tests put their
+files) unless a test names its own roots, and accept the admin token of ``ADMIN_TOKEN_FILE``,
+which ``$CACHED_ADMIN_TOKEN_FILE`` points at for this test process: ``ApiClient`` and ``cachectl``
+send it, so tests that are not about the admin split call admin routes as an operator would.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -20,6 +26,21 @@ from cached.daemon import Daemon
 
 REPO = Path(__file__).resolve().parents[2]
 NO_CONFIG_FILE = Path("/nonexistent/cached-test-config.toml")
+TEST_FILE_ROOT = Path(tempfile.gettempdir())
+ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
+
+
+def _admin_token_file() -> Path:
+    path = Path(tempfile.gettempdir()) / f"cached-test-admin-{os.getuid()}" / "admin.token"
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    if not path.exists() or path.read_text() != ADMIN_TOKEN:
+        path.write_text(ADMIN_TOKEN)
+        path.chmod(0o600)
+    return path
+
+
+ADMIN_TOKEN_FILE = _admin_token_file()
+os.environ.setdefault("CACHED_ADMIN_TOKEN_FILE", str(ADMIN_TOKEN_FILE))
 
 
 def test_config(cache_dir: Path, **flags: Any) -> Config:
@@ -34,6 +55,8 @@ def test_config(cache_dir: Path, **flags: Any) -> Config:
         "origins.http.backoff_s": 0.05,
         "origins.http.backoff_max_s": 0.2,
         "origins.http.read_timeout_s": 10.0,
+        "origins.file.allowed_roots": [str(TEST_FILE_ROOT)],
+        "api.admin_token_file": str(ADMIN_TOKEN_FILE),
     }
     base.update(flags)
     return load(None, base, default_file=NO_CONFIG_FILE)
@@ -48,8 +71,9 @@ async def running_daemon(cache_dir: Path, **flags: Any) -> AsyncIterator[Daemon]
 class DaemonProcess:
     """``python -m cached`` as a child process with its API on a unix socket (no port races)."""
 
-    def __init__(self, workdir: Path, *extra: str) -> None:
+    def __init__(self, workdir: Path, *extra: str, file_roots: tuple[Path, ...] = (TEST_FILE_ROOT,)) -> None:
         self.workdir = workdir
+        self.file_roots = file_roots
         self.cache_dir = workdir / "cache"
         self.socket = workdir / "api.sock"
         self.log_path = workdir / "daemon.log"
@@ -69,6 +93,7 @@ class DaemonProcess:
             "--peer-listen", "127.0.0.1:0",
             "--no-mdns",
             "--hf-endpoint", "http://127.0.0.1:9",
+            *(arg for root in self.file_roots for arg in ("--allow-file-root", str(root))),
             *self.extra,
         ]
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from tests.support.node import REPO, DaemonProcess
+from tests.support.node import ADMIN_TOKEN_FILE, REPO, TEST_FILE_ROOT, DaemonProcess
 from tests.support.origin import Origin, write_random_file
 
 pytestmark = pytest.mark.system
@@ -94,6 +94,8 @@ class TcpDaemon:
             "--peer-listen", "127.0.0.1:0",
             "--no-mdns",
             "--hf-endpoint", "http://127.0.0.1:9",
+            "--admin-token-file", str(ADMIN_TOKEN_FILE),
+            "--allow-file-root", str(TEST_FILE_ROOT),
         ]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=log, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
@@ -414,3 +416,36 @@ async def test_cached_api_environment_variable_is_used(node: DaemonProcess, tcp_
     # And the environment really is consulted: a dead address there is "unreachable".
     r = await cachectl("status", api=None, env={"CACHED_API": f"unix:{tmp_path / 'absent.sock'}"})
     assert r.returncode == 3, (r.returncode, r.stderr)
+
+
+# --- the admin token --------------------------------------------------------------------------------
+
+
+async def test_admin_commands_over_tcp_need_the_admin_token(tcp_node: TcpDaemon, sources: Path, tmp_path: Path) -> None:
+    """Over TCP nobody is an admin by identity: pin/gc/evict --force need the token, from
+    --admin-token-file or $CACHED_ADMIN_TOKEN_FILE; without it cachectl exits 1 and says how."""
+    src = make_model_dir(sources, "admin-model", size=50_000)
+    ref = f"file://{src}"
+    bare = {"CACHED_ADMIN_TOKEN_FILE": ""}
+    r = await cachectl("prefetch", ref, "--wait", api=tcp_node.address, env=bare)
+    assert r.returncode == 0, r.stderr  # prefetch stays open to every local caller
+
+    r = await cachectl("pin", ref, api=tcp_node.address, env=bare)
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert "admin_required" in r.stderr and "--admin-token-file" in r.stderr, r.stderr
+    r = await cachectl("gc", api=tcp_node.address, env=bare)
+    assert r.returncode == 1 and "admin_required" in r.stderr, r.stderr
+
+    wrong = tmp_path / "wrong.token"
+    wrong.write_text("not-the-admin-token-0123456789")
+    r = await cachectl("--admin-token-file", str(wrong), "pin", ref, api=tcp_node.address, env=bare)
+    assert r.returncode == 1 and "forbidden" in r.stderr, r.stderr
+    r = await cachectl("--admin-token-file", str(tmp_path / "missing.token"), "pin", ref, api=tcp_node.address, env=bare)
+    assert r.returncode == 2 and "--admin-token-file" in r.stderr, r.stderr
+
+    r = await cachectl("--admin-token-file", str(ADMIN_TOKEN_FILE), "--json", "pin", ref, api=tcp_node.address, env=bare)
+    assert r.returncode == 0 and one_json(r)["pinned"] is True, r.stderr
+    r = await cachectl("evict", ref, "--force", api=tcp_node.address, env={"CACHED_ADMIN_TOKEN_FILE": str(ADMIN_TOKEN_FILE)})
+    assert r.returncode == 0, r.stderr
+    r = await cachectl("--json", "status", ref, api=tcp_node.address, env=bare)
+    assert one_json(r)["state"] == "absent"

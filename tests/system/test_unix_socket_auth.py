@@ -1,7 +1,8 @@
 """Who may talk to the daemon: the unix socket's mode, and the HF endpoint's trust boundary.
 
-The local API has no authentication of its own; on a unix socket the file mode is the access
-control (``api.socket_mode``, default 0660). A daemon started by root creates the socket
+On a unix socket the file mode decides who may connect at all (``api.socket_mode``, default
+0660); past that, admin routes and ``file://`` imports look at who connected (``SO_PEERCRED``:
+``tests/integration/test_admin_api.py``, ``tests/system/test_local_trust.py``). A daemon started by root creates the socket
 ``root:root 0660``; a process of another user connects (a forked child that drops to uid/gid
 65534, ``nobody``) and gets EACCES, while the same uid in the socket's group gets in. With
 ``socket_mode = "0666"`` anyone on the host gets in.
