@@ -108,6 +108,8 @@ def safe_flags(tmp_path: Path) -> list[str]:
         "--peer-listen", "127.0.0.1:0",
         "--no-mdns",
         "--hf-endpoint", "http://127.0.0.1:9",
+        # Some tests import file:// refs from tmp_path; no daemon imports from anywhere unasked.
+        "--allow-file-root", str(tmp_path),
     ]
 
 
@@ -305,12 +307,16 @@ async def test_log_format_json_makes_every_stderr_line_a_json_object(tmp_path: P
     model.mkdir()
     (model / "weights.bin").write_bytes(os.urandom(200_000))
     api = f"unix:{tmp_path / 'api.sock'}"
-    d = Daemon(tmp_path, cached("--config", str(write_config(tmp_path / "empty.toml", "")), *safe_flags(tmp_path), "--log-format", "json"))
+    # retries = 0: the failed fetch below fails at once instead of backing off.
+    config = write_config(tmp_path / "c.toml", "[origins.http]\nretries = 0\n")
+    d = Daemon(tmp_path, cached("--config", str(config), *safe_flags(tmp_path), "--log-format", "json"))
     try:
         await d.start(api)
         # Traffic that logs at info and warning level: a success, a failed fetch, a refused evict.
+        # (A missing file:// path is refused at the API now, before any job; an origin that
+        # refuses connections on loopback makes a job that fails and logs a warning.)
         assert (await cachectl(api, "prefetch", f"file://{model}", "--wait")).returncode == 0
-        assert (await cachectl(api, "prefetch", f"file://{tmp_path}/no-such-model", "--wait")).returncode == 1
+        assert (await cachectl(api, "prefetch", "http://127.0.0.1:9/no-such-model.gguf", "--wait")).returncode == 1
         assert (await cachectl(api, "evict", f"file://{tmp_path}/never-seen")).returncode == 1
     finally:
         rc = await d.stop()
