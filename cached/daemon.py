@@ -30,6 +30,7 @@ from aiohttp import web
 from cached import __version__
 from cached.api.access import AdminPolicy, HostPolicy, read_admin_token
 from cached.api.hf import HfEndpoint
+from cached.api.listener import ListenerGuard, listener_guards
 from cached.api.local import LocalApi
 from cached.api.peer import PeerApi
 from cached.cluster import Catalog, Locator, Reconciler
@@ -97,6 +98,7 @@ class Daemon:
         self.reconciler: Reconciler | None = None
         self.locator: Locator | None = None
         self.fetcher: ModelFetcher
+        self._guards: dict[str, ListenerGuard] = {}
 
     async def __aenter__(self) -> "Daemon":
         try:
@@ -114,6 +116,8 @@ class Daemon:
     async def _start(self) -> None:
         cfg = self.cfg
         await self.store.open()
+        for kind, n in self.store.bad_entries.items():
+            self.metrics.store_bad_entries.labels(kind).inc(n)
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=cfg.origins.http.connections * 4, ttl_dns_cache=60),
             auto_decompress=False,
@@ -131,6 +135,7 @@ class Daemon:
             {RefKind.FILE: self.file_origin, RefKind.HTTP: HttpOrigin(session, cfg.origins.http, reader), RefKind.HF: self.hf_origin}
         )
         token = cluster_token(cfg)
+        self._guards = listener_guards(self.metrics, api=cfg.api.limits, peer=cfg.peer.limits if token is not None else None)
         directory = self._build_peers(session, token) if token is not None else None
         scheduler = Scheduler(cfg.origins.http, self.metrics, peer_client=directory.client if directory else None)
         self.fetcher = ModelFetcher(
@@ -168,8 +173,10 @@ class Daemon:
         )
         # handler_cancellation: a client that hangs up (a launcher killed while it waits for
         # --wait, a closed event stream) must not leave its handler running.
+        guard = self._guards["api"]
         self._runner = web.AppRunner(
-            self.api.app(), handle_signals=False, access_log=None, shutdown_timeout=2.0, handler_cancellation=True
+            self.api.app(), handle_signals=False, access_log=None, shutdown_timeout=2.0, handler_cancellation=True,
+            **guard.runner_kwargs(),
         )
         await self._runner.setup()
         self._stack.push_async_callback(self._runner.cleanup)
@@ -179,12 +186,10 @@ class Daemon:
             Path(listen.unix_path).parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(listen.unix_path)
-            site: web.BaseSite = web.UnixSite(self._runner, listen.unix_path)
-            await site.start()
+            await guard.start_unix(self._runner, listen.unix_path)
             os.chmod(listen.unix_path, cfg.api.socket_mode)
         else:
-            site = web.TCPSite(self._runner, listen.host, listen.port, reuse_address=True)
-            await site.start()
+            await guard.start_tcp(self._runner, listen.host, listen.port)
         self.api.ready = True
         log.info("listening node=%s api=%s cache_dir=%s version=%s", cfg.node_id, self.api_address, cfg.store.cache_dir, __version__)
         notify("READY=1", f"STATUS=serving api={self.api_address}")
@@ -230,12 +235,15 @@ class Daemon:
             store=self.store, gossip=self.gossip, metrics=self.metrics, token=token,
             max_uploads=cfg.peer.max_uploads, serve_rate_bps=cfg.peer.serve_rate_bps,
         )
-        runner = web.AppRunner(peer_api.app(), handle_signals=False, access_log=None, shutdown_timeout=2.0, handler_cancellation=True)
+        guard = self._guards["peer"]
+        runner = web.AppRunner(
+            peer_api.app(), handle_signals=False, access_log=None, shutdown_timeout=2.0, handler_cancellation=True,
+            **guard.runner_kwargs(),
+        )
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)
         listen = cfg.peer.listen
-        site = web.TCPSite(runner, listen.host, listen.port, reuse_address=True, ssl_context=server_ssl)
-        await site.start()
+        await guard.start_tcp(runner, listen.host, listen.port, ssl_context=server_ssl)
         port = runner.addresses[0][1]
         advertise = cfg.peer.advertise or default_advertise(listen.host, port)
         # Incarnation: start time in ms, so a restarted node always outranks its previous life.

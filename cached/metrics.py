@@ -59,6 +59,28 @@ class Metrics:
         self.mdns_rejected = Counter(
             "cached_mdns_rejected", "mDNS announcements ignored, by reason (see peers.mdns).", ["reason"], registry=r
         )
+        self.listener_connections = Gauge(
+            "cached_listener_connections", "Open connections, by listener (api, peer).", ["listener"], registry=r
+        )
+        self.listener_max_connections = Gauge(
+            "cached_listener_max_connections",
+            "The connection cap in force, by listener (max_connections, after clamping to the open-file limit).",
+            ["listener"], registry=r,
+        )
+        self.listener_refused = Counter(
+            "cached_listener_refused", "Connections closed at accept for being over a cap, by listener and cap.",
+            ["listener", "reason"], registry=r,
+        )
+        self.listener_timeouts = Counter(
+            "cached_listener_timeouts",
+            "Connections closed for not completing request headers (header) or a body (body) in time, by listener.",
+            ["listener", "kind"], registry=r,
+        )
+        self.store_bad_entries = Counter(
+            "cached_store_bad_entries",
+            "Entries found on disk at start that could not be indexed or rebuilt and were skipped, by kind.",
+            ["kind"], registry=r,
+        )
         # Pre-create label values so dashboards see zeros rather than absent series.
         for source in ("origin", "peer"):
             self.fetched_bytes.labels(source)

@@ -29,7 +29,18 @@ MAX_PIECE_SIZE = 256 * 1024 * 1024
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _HOST = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}[A-Za-z0-9_])?)*\.?$")
 _HF_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-_HF_REVISION = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._/-]{0,254}$")
+_HF_REVISION = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._/-]*$")
+
+# Names that become file names on disk. A component is at most NAME_MAX (255) bytes on every
+# Linux filesystem, and the store writes each file through a temp name ".<name>.<8 hex>.tmp"
+# (14 bytes more), so no component the store derives from a name may exceed 241 bytes; 240
+# leaves one spare. A revision is ``hf/models--org--name/refs/<revision>``: a git ref name, which
+# the hub stores as files too (so it never had a longer one); branches, tags and "refs/pr/N" are
+# far shorter. The whole of a file path inside a model stays well under PATH_MAX (4096) once the
+# cache directory, hf/models--org--name/snapshots/<40 hex>/ (about 270 bytes) are added to it.
+MAX_NAME_BYTES = 240
+MAX_REVISION_BYTES = 200
+MAX_FILE_PATH_BYTES = 1024
 
 
 def _digest_hex(value: str, what: str) -> str:
@@ -143,6 +154,8 @@ class ModelRef:
             # repos share one models--org--name folder in the HF cache layout.
             if not _HF_PART.match(part) or ".." in part or "--" in part or part.endswith((".", "-", ".git")):
                 raise RefError(raw, f"invalid repo name part {part!r}")
+        if len(revision.encode()) > MAX_REVISION_BYTES:
+            raise RefError(raw, f"revision is {len(revision.encode())} bytes, longer than {MAX_REVISION_BYTES} (a git ref name; it becomes a file name)")
         if (
             not _HF_REVISION.match(revision)
             or "//" in revision
@@ -182,6 +195,8 @@ class ModelRef:
             raise RefError(raw, "URL must name a file (its last path segment is the file name)")
         if "/" in name or "\0" in name:
             raise RefError(raw, "file name in URL is not a plain name")
+        if len(name.encode()) > MAX_NAME_BYTES:
+            raise RefError(raw, f"file name in URL is longer than {MAX_NAME_BYTES} bytes (it becomes a file name)")
         url = url.with_fragment(None)
         return cls(kind=RefKind.HTTP, canonical=str(url), url=str(url))
 
@@ -201,6 +216,8 @@ class ModelRef:
             raise RefError(raw, "path must not contain '.' or '..' segments")
         if not segments:
             raise RefError(raw, "path must name a file or directory below /")
+        if any(len(s.encode("utf-8", "surrogateescape")) > 255 for s in segments):
+            raise RefError(raw, "a path segment is longer than 255 bytes (no such file can exist)")
         norm = "/" + "/".join(segments)
         return cls(kind=RefKind.FILE, canonical="file://" + quote(norm), path=norm)
 
@@ -248,14 +265,22 @@ def _is_ip(host: str) -> bool:
 
 
 def validate_file_path(path: str) -> str:
-    """A manifest file path: relative, POSIX, no '.', '..' or empty segments."""
-    if not isinstance(path, str) or not path or len(path) > 1024:
+    """A manifest file path: relative, POSIX, no '.', '..' or empty segments, names that fit on disk."""
+    if not isinstance(path, str) or not path:
         raise ValueError(f"bad file path {path!r}")
     if path.startswith("/") or "\\" in path or "\0" in path:
         raise ValueError(f"bad file path {path!r}")
+    try:
+        size = len(path.encode())
+    except UnicodeEncodeError:
+        raise ValueError(f"bad file path {path!r}: not valid Unicode") from None
+    if size > MAX_FILE_PATH_BYTES:
+        raise ValueError(f"bad file path {path[:64]!r}...: {size} bytes, longer than {MAX_FILE_PATH_BYTES}")
     parts = path.split("/")
     if any(p in ("", ".", "..") for p in parts):
         raise ValueError(f"bad file path {path!r}")
+    if any(len(p.encode()) > MAX_NAME_BYTES for p in parts):
+        raise ValueError(f"bad file path {path[:64]!r}...: a name is longer than {MAX_NAME_BYTES} bytes")
     if posixpath.normpath(path) != path:
         raise ValueError(f"bad file path {path!r}")
     return path

@@ -46,6 +46,7 @@ class Claims:
         self._clock = clock
         self._pins: set[str] = set()
         self._leases: dict[str, Lease] = {}
+        self.skipped = 0  # unreadable claim files dropped by load_sync
 
     def load_sync(self) -> None:
         durable.make_dirs(self._pins_dir)
@@ -55,6 +56,7 @@ class Claims:
                 self._pins.add(ModelRef.parse(p.read_text().strip()).canonical)
             except Exception:  # noqa: BLE001 - a damaged claim file must not stop the daemon
                 log.warning("dropping unreadable pin file=%s", p)
+                self.skipped += 1
                 p.unlink(missing_ok=True)
         for p in self._leases_dir.glob("*.json"):
             try:
@@ -66,6 +68,7 @@ class Claims:
                 self._leases[lease.lease_id] = lease
             except Exception:  # noqa: BLE001
                 log.warning("dropping unreadable lease file=%s", p)
+                self.skipped += 1
                 p.unlink(missing_ok=True)
 
     # --- pins ----------------------------------------------------------------------------------

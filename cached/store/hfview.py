@@ -14,6 +14,7 @@ resolving mid-change finds the old revision or the new one, never a dangling hal
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import secrets
@@ -22,6 +23,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from cached.store import durable
+from cached.types import MAX_NAME_BYTES
+
+log = logging.getLogger(__name__)
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
@@ -63,6 +67,7 @@ def tree_json(files: Sequence[HfFile]) -> bytes:
 
 def sync_repo_sync(root: Path, repo: str, revisions: Sequence[HfRevision], blob_path: Callable[[str], Path]) -> None:
     top = root / repo_folder(repo)
+    revisions = [r for r in revisions if _fits_on_disk(repo, r)]
     if not revisions:
         durable.remove_tree(top)
         return
@@ -109,6 +114,16 @@ def sync_repo_sync(root: Path, repo: str, revisions: Sequence[HfRevision], blob_
     for blob in (top / "blobs").iterdir():
         if blob.name not in blobs:
             blob.unlink()
+
+
+def _fits_on_disk(repo: str, r: HfRevision) -> bool:
+    """A revision whose names cannot be files here is left out of the view, not allowed to fail
+    the whole repo: the commit names snapshots/<commit>, the revision names refs/<revision>."""
+    segments = r.revision.split("/")
+    if _COMMIT.match(r.commit) and all(s not in ("", ".", "..") and len(s.encode()) <= MAX_NAME_BYTES for s in segments):
+        return True
+    log.warning("leaving out of the hf view repo=%s revision=%.64r commit=%.64r reason=not a safe file name", repo, r.revision, r.commit)
+    return False
 
 
 def _link_blob(dest: Path, blob: Path) -> None:

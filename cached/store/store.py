@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from cached.config import StoreConfig
-from cached.errors import ConfigError, IntegrityError, NotFoundError, StoreError, StoreFullError
+from cached.errors import CachedError, ConfigError, IntegrityError, NotFoundError, StoreError, StoreFullError
 from cached.store import durable, hfview
 from cached.store.claims import Claims
 from cached.store.eviction import Debris, EvictionPlan, ModelUsage, plan_eviction, reclaimable_bytes
@@ -90,6 +90,10 @@ class Store:
         self.extra_protected: Callable[[str], bool] = lambda ref: False
         # Told of every change peers may care about (cached.peers.holdings ops); event loop only.
         self.on_change: Callable[[list[Any]], None] = lambda op: None
+        # Entries found on disk at open that could not be indexed or rebuilt, by kind; each was
+        # skipped with a warning naming its file (an older version's name, damaged JSON): one
+        # bad entry must never keep the daemon from starting.
+        self.bad_entries: Counter[str] = Counter()
 
     # --- start ---------------------------------------------------------------------------------
 
@@ -119,6 +123,8 @@ class Store:
         self._index_refs()
         self._sweep_views()
         self._sweep_hf_view()
+        if self.claims.skipped:
+            self.bad_entries["claim"] += self.claims.skipped
 
     def _index_blobs(self) -> None:
         for sub in self.blobs_dir.iterdir():
@@ -166,7 +172,9 @@ class Store:
                 self._manifests[digest] = Manifest.from_bytes(p.read_bytes(), expect_digest=digest)
             except (IntegrityError, OSError) as e:
                 log.warning("removing bad manifest file=%s reason=%s", p.name, e)
-                p.unlink(missing_ok=True)
+                self.bad_entries["manifest"] += 1
+                with contextlib.suppress(OSError):
+                    p.unlink(missing_ok=True)
 
     def _index_refs(self) -> None:
         used_manifests: set[str] = set()
@@ -184,11 +192,16 @@ class Store:
                 missing = [f.path for f in manifest.files if f.blob.hex not in self._blobs]
                 if missing or ref.escaped != p.name:
                     raise StoreError(f"blobs missing for {missing[:3]}")
-            except (ValueError, KeyError, StoreError, OSError) as e:
+                mtime = p.stat().st_mtime
+            except (ValueError, KeyError, CachedError, OSError) as e:
+                # CachedError: a ref an older version accepted may not parse under today's
+                # bounds (a revision too long to be a file name).
                 log.warning("dropping broken ref file=%s reason=%s", p.name, e)
-                p.unlink(missing_ok=True)
+                self.bad_entries["ref"] += 1
+                with contextlib.suppress(OSError):
+                    p.unlink(missing_ok=True)
                 continue
-            self._refs[ref.canonical] = (digest, p.stat().st_mtime)
+            self._refs[ref.canonical] = (digest, mtime)
             self._sources[ref.canonical] = sources
             used_manifests.add(digest)
         for digest in set(self._manifests) - used_manifests - self.retained_digests():
@@ -205,19 +218,32 @@ class Store:
             digest, _ = self._refs[ref]
             manifest = self._manifests[digest]
             view = self.models_dir / escaped
-            if not all(self._view_entry_ok(view / f.path, f.blob.hex) for f in manifest.files):
+            if all(self._view_entry_ok(view / f.path, f.blob.hex) for f in manifest.files):
+                continue
+            try:
                 self._build_view_sync(ModelRef.parse(ref), manifest)
+            except CachedError as e:
+                # Not served without its view; the ref file stays, so the next start tries again.
+                log.warning("skipping model whose view cannot be rebuilt file=%s reason=%s", self.refs_dir / escaped, e)
+                self.bad_entries["view"] += 1
+                del self._refs[ref]
+                self._sources.pop(ref, None)
 
     def _sweep_hf_view(self) -> None:
         durable.make_dirs(self.hf_dir)
-        repos = {self._manifests[d].ref for d in self._live_digests()}
-        wanted = {ModelRef.parse(r).repo for r in repos if r.startswith("hf://")}
+        repos = {_hf_repo(self._manifests[d].ref) for d in self._live_digests()}
+        wanted = repos - {None}
         for p in self.hf_dir.iterdir():
             # Only repo folders live here (HF.md §1 rule 8); anything else is ours from a crash.
             if not any(p.name == hfview.repo_folder(repo) for repo in wanted):
                 durable.remove_tree(p)
         for repo in wanted:
-            self._sync_hf_sync(repo, self._hf_revisions(repo))
+            try:
+                self._sync_hf_sync(repo, self._hf_revisions(repo))
+            except CachedError as e:
+                folder = self.hf_dir / hfview.repo_folder(repo)
+                log.warning("skipping hf view that cannot be rebuilt file=%s reason=%s", folder, e)
+                self.bad_entries["hf_view"] += 1
 
     def _hf_revisions(self, repo: str) -> list[hfview.HfRevision]:
         """What ``hf/<repo>`` should show: every live manifest of the repo. Event loop only."""
@@ -228,11 +254,9 @@ class Store:
         # Oldest first: when two refs name one branch (say with different include patterns) and
         # resolved it at different times, refs/<branch> ends up at the most recent commit.
         for digest, m in sorted(manifests.items(), key=lambda kv: touched.get(kv[1].ref, 0.0)):
-            if not m.ref.startswith("hf://") or m.revision is None:
+            if m.revision is None or _hf_repo(m.ref) != repo:
                 continue
             ref = ModelRef.parse(m.ref)
-            if ref.repo != repo:
-                continue
             files = tuple(
                 hfview.HfFile(path=f.path, size=f.size, blob_hex=f.blob.hex, git_sha1=f.origin.get("git_sha1", ""), sha256=f.origin.get("sha256"))
                 for f in m.files
@@ -709,6 +733,17 @@ class Store:
     def reclaimable(self) -> int:
         models, debris = self._usage()
         return reclaimable_bytes(models=models, blob_sizes=self._blobs, debris=debris)
+
+
+def _hf_repo(ref: str) -> str | None:
+    """The repo of an hf:// manifest's ref; None for other kinds and for a ref that no longer
+    parses (a lease can retain a manifest whose ref an older version accepted)."""
+    if not ref.startswith("hf://"):
+        return None
+    try:
+        return ModelRef.parse(ref).repo
+    except CachedError:
+        return None
 
 
 def _stub_manifest(ref: ModelRef) -> Manifest | None:

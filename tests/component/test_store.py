@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
 import stat
 from pathlib import Path
+from urllib.parse import quote
 
+import blake3
 import pytest
 
 from cached.config import StoreConfig
@@ -243,6 +247,74 @@ async def test_open_sweeps_debris_and_rebuilds_views(tmp_path: Path) -> None:
         assert f.read_bytes() == data
         assert os.path.samefile(f, store.blob_path(entry.blob.hex))
     assert store.used_bytes == len(keep_a) + len(keep_b) + 2 * PIECE
+
+
+def escaped_as_an_older_version_did(canonical: str) -> str:
+    # ModelRef.escaped of before the revision bound (the formula did not change; the ref no
+    # longer parses, so the name is computed here rather than through ModelRef).
+    esc = quote(canonical, safe="")
+    return esc if len(esc) <= 200 else esc[:150] + "%~" + blake3.blake3(canonical.encode()).hexdigest()[:40]
+
+
+async def plant_hf_model(store: Store, canonical: str, commit: str, data: bytes, *, key: str) -> Manifest:
+    """Blob, manifest and ref file for ``canonical`` written as an older version would have."""
+    blob = await add_blob(store, data, key=key)
+    entry = FileEntry(path="config.json", size=len(data), blob=blob, origin={"git_sha1": "1" * 40})
+    manifest = Manifest(ref=canonical, revision=commit, piece_size=PIECE, files=(entry,))
+    durable.atomic_write(store.manifest_path(manifest.digest), manifest.canonical_bytes(), mode=0o444)
+    record = f"{canonical}\nblake3:{manifest.digest}\n{{}}\n"
+    durable.atomic_write(store.refs_dir / escaped_as_an_older_version_did(canonical), record.encode())
+    return manifest
+
+
+async def test_open_skips_a_ref_whose_revision_is_too_long_for_a_file_name(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The finding: a 245-character hf revision, prefetched once, made every later start fail
+    # with "File name too long" while rebuilding hf/models--org--name/refs/<revision>.
+    root = tmp_path / "cache"
+    store = await opened(root)
+    good, good_manifest = await add_model(store, "file:///models/good", {"a.bin": content(tmp_path, PIECE, seed=30)})
+    long_ref = "hf://org/name@" + "r" * 245
+    planted = await plant_hf_model(store, long_ref, "c" * 40, content(tmp_path, 100, seed=31), key="long")
+    ok = await plant_hf_model(store, "hf://org/name@main", "d" * 40, content(tmp_path, 120, seed=32), key="main")
+    # A lease of an older version retains the long ref's manifest too: that path must not fail either.
+    (root / "claims" / "leases" / "l1.json").write_text(json.dumps(
+        {"lease_id": "l1", "ref": long_ref, "holder": "old", "expires_at": 1e12, "manifest": f"blake3:{planted.digest}"}
+    ))
+    (root / "claims" / "leases" / "l2.json").write_text("{not json")
+    bad_manifest = store.manifest_path("e" * 64)
+    bad_manifest.write_bytes(b"{not json")
+    del store
+
+    caplog.set_level(logging.WARNING)
+    store = await opened(root)
+
+    assert store.model(good) is not None and store.model(ModelRef.parse("hf://org/name@main")) is not None
+    assert (root / "hf" / "models--org--name" / "refs" / "main").read_text() == "d" * 40
+    assert (root / "hf" / "models--org--name" / "snapshots" / ("d" * 40) / "config.json").exists()
+    assert not (root / "refs" / escaped_as_an_older_version_did(long_ref)).exists()
+    assert store.bad_entries["ref"] == 1 and store.bad_entries["manifest"] == 1 and store.bad_entries["claim"] == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(escaped_as_an_older_version_did(long_ref) in w and "revision" in w for w in warnings)
+    assert any(bad_manifest.name in w for w in warnings)
+    assert not any(r.exc_info for r in caplog.records)
+    assert ok.digest == store.ref_digest(ModelRef.parse("hf://org/name@main"))
+    assert good_manifest.digest == store.ref_digest(good)
+
+
+async def test_the_hf_view_leaves_out_a_commit_that_is_not_a_safe_name(tmp_path: Path) -> None:
+    # Commits come from the origin; one that is not 40 hex (say "../" repeated) must neither
+    # escape snapshots/ nor keep the repo's other revisions out of the view.
+    root = tmp_path / "cache"
+    store = await opened(root)
+    await plant_hf_model(store, "hf://org/name@v1", "../" * 13 + "x", content(tmp_path, 100, seed=33), key="evil")
+    await plant_hf_model(store, "hf://org/name@main", "d" * 40, content(tmp_path, 120, seed=34), key="main")
+    del store
+    store = await opened(root)
+    top = root / "hf" / "models--org--name"
+    assert (top / "refs" / "main").read_text() == "d" * 40
+    assert not (top / "refs" / "v1").exists()
+    assert sorted(p.name for p in (top / "snapshots").iterdir()) == ["d" * 40]
+    assert sorted(p.name for p in root.iterdir()) == sorted(["blobs", "partial", "manifests", "refs", "models", "hf", "tmp", "claims"])
 
 
 async def test_open_repoints_a_view_file_that_is_a_copy(tmp_path: Path) -> None:

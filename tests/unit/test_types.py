@@ -27,6 +27,8 @@ from cached.types import (
     ModelRef,
     Priority,
     RefKind,
+    MAX_NAME_BYTES,
+    MAX_REVISION_BYTES,
     hash_piece,
     parse_size,
     piece_count,
@@ -257,6 +259,53 @@ def test_accepted_hf_repo_ids_are_ones_huggingface_hub_accepts(parts: list[str],
         pytest.fail(f"{text!r} parsed, but huggingface_hub rejects repo {ref.repo!r}: {e}")
 
 
+# --- names that become file names ------------------------------------------------------------------
+
+# What the store adds to a name when it writes it: ".<name>.<8 hex>.tmp" (cached.store.durable).
+TEMP_OVERHEAD = len(".") + len(".0123abcd.tmp")
+
+
+def test_a_245_character_revision_is_refused_naming_the_limit() -> None:
+    # The finding: prefetching this ref made hf/models--org--name/refs/<revision> a file name over
+    # 255 bytes, and the daemon could never start again. It must fail at parse, before any I/O.
+    with pytest.raises(RefError) as info:
+        ModelRef.parse("hf://org/name@" + "r" * 245)
+    assert str(MAX_REVISION_BYTES) in str(info.value) and "revision" in str(info.value)
+
+
+def test_the_longest_accepted_revision_still_fits_on_disk_everywhere() -> None:
+    rev = "v" * MAX_REVISION_BYTES
+    ref = ModelRef.parse(f"hf://{'o' * 96}/{'n' * 96}@{rev}?include=" + ",".join(["*" + "x" * 200] * 10))
+    assert ref.revision == rev
+    assert len(ref.escaped.encode()) + TEMP_OVERHEAD <= 255
+    assert len(rev.encode()) + TEMP_OVERHEAD <= 255
+    with pytest.raises(RefError):
+        ModelRef.parse(f"hf://org/name@{rev}v")
+
+
+@PROPS
+@given(st.text(st.sampled_from("ab09._/-"), min_size=1, max_size=400))
+def test_every_accepted_revision_segment_fits_a_file_name(tail: str) -> None:
+    try:
+        ref = ModelRef.parse(f"hf://org/name@a{tail}")
+    except RefError:
+        return
+    assert all(len(seg.encode()) + TEMP_OVERHEAD <= 255 for seg in ref.revision.split("/"))
+
+
+def test_an_http_file_name_too_long_for_disk_is_refused() -> None:
+    ModelRef.parse("https://example.com/" + "a" * (MAX_NAME_BYTES - 5) + ".gguf")
+    with pytest.raises(RefError):
+        ModelRef.parse("https://example.com/" + "a" * MAX_NAME_BYTES + ".gguf")
+    with pytest.raises(RefError):
+        ModelRef.parse("https://example.com/" + "%C3%A9" * 121)  # 242 bytes once decoded
+
+
+def test_a_file_ref_segment_longer_than_any_file_name_is_refused() -> None:
+    with pytest.raises(RefError):
+        ModelRef.parse("file:///srv/" + "a" * 256)
+
+
 # --- ModelRef.escaped ------------------------------------------------------------------------------
 
 
@@ -281,7 +330,7 @@ def test_escaped_differs_for_different_refs(a: ModelRef, b: ModelRef) -> None:
 def test_escaped_name_of_a_long_ref_cannot_be_claimed_by_another_ref() -> None:
     # A long ref is shortened to a prefix plus a hash. Anyone can compute that name, read it back
     # as a ref (it is a plain URL), and prefetch it: the two refs must not share refs/ and models/.
-    long_ref = ModelRef.parse("https://example.com/" + "a" * 300 + ".gguf")
+    long_ref = ModelRef.parse("https://example.com/" + "/".join(["a" * 100] * 3) + ".gguf")
     forged = ModelRef.parse(unquote(long_ref.escaped))
     assert forged.canonical != long_ref.canonical
     assert forged.escaped != long_ref.escaped
@@ -368,14 +417,26 @@ def test_hash_piece_is_blake3_for_small_and_threaded_sizes() -> None:
 
 @pytest.mark.parametrize(
     "path",
-    ["", "/etc/passwd", "../x", "a/../b", "a/..", "./a", "a/./b", ".", "..", "a//b", "a/", "a\\b", "..\\x", "a\0b", "x" * 1025],
+    [
+        "", "/etc/passwd", "../x", "a/../b", "a/..", "./a", "a/./b", ".", "..", "a//b", "a/", "a\\b", "..\\x", "a\0b", "x" * 1025,
+        "x" * (MAX_NAME_BYTES + 1),  # one name longer than the store can write (temp name > 255)
+        "d/" + "日" * 81,  # 243 bytes in UTF-8, 81 characters
+        "/".join(["日" * 60] * 6),  # 1085 bytes, 365 characters
+        "a/\ud800",
+    ],
 )
 def test_hostile_file_paths_are_rejected(path: str) -> None:
     with pytest.raises(ValueError):
         validate_file_path(path)
 
 
-@pytest.mark.parametrize("path", ["config.json", "sub/dir/model-00001-of-00002.safetensors", ".gitattributes", "a..b/c", "日本/モデル.bin"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "config.json", "sub/dir/model-00001-of-00002.safetensors", ".gitattributes", "a..b/c", "日本/モデル.bin",
+        "x" * MAX_NAME_BYTES, "/".join(["y" * 200] * 5),
+    ],
+)
 def test_ordinary_file_paths_are_kept_verbatim(path: str) -> None:
     assert validate_file_path(path) == path
 
