@@ -35,7 +35,7 @@ from cached.errors import (
 )
 from cached.api import openapi
 from cached.api.hf import HfEndpoint
-from cached.cluster import Catalog, Locator, Reconciler
+from cached.cluster import Catalog, Locator, Reconciler, local_only
 from cached.jobs import Jobs
 from cached.metrics import Metrics
 from cached.store import Store
@@ -485,6 +485,8 @@ class LocalApi:
     async def replicate(self, request: web.Request) -> web.Response:
         body = await self._body(request)
         ref = self._ref(body.get("ref"))
+        if (why := local_only(ref)) is not None:
+            raise RequestError(f"cannot replicate {ref}: {why}")
         replicas = body.get("replicas")
         if not isinstance(replicas, int) or isinstance(replicas, bool):
             raise RequestError("'replicas' must be an integer (0 removes the entry)")

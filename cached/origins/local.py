@@ -13,7 +13,7 @@ import errno
 import os
 import stat
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Mapping
 
 from cached.errors import OriginChanged, OriginDenied, OriginError, OriginNotFound
 from cached.origins import Resolution
@@ -74,6 +74,26 @@ class LocalOrigin:
         if not files:
             raise OriginNotFound(f"{root}: directory holds no regular files", status=404)
         return Resolution(files=tuple(files))
+
+    async def file_for(
+        self, ref: ModelRef, revision: str | None, path: str, size: int, checksums: Mapping[str, str]
+    ) -> OriginFile:
+        """The file ``path`` under the ref's own path, as it is on disk now."""
+        return await asyncio.to_thread(self._file_for_sync, ref.path, path)
+
+    def _file_for_sync(self, root: str, path: str) -> OriginFile:
+        try:
+            validate_file_path(path)
+            is_file = stat.S_ISREG(os.stat(root).st_mode)
+            if is_file and path != os.path.basename(root):
+                raise OriginError(f"{root}: {path!r} is not this file", retryable=False)
+            full = root if is_file else os.path.join(root, path)
+            st = os.stat(full)
+            return OriginFile(path=path, size=st.st_size, identity=_identity(full, st), locator=full)
+        except ValueError as e:
+            raise OriginError(f"{root}: bad file path {path!r}: {e}", retryable=False) from None
+        except OSError as e:
+            raise _os_error(e, root) from None
 
     def supports_ranges(self, file: OriginFile) -> bool:
         return True
