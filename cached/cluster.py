@@ -28,7 +28,7 @@ import math
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 from yarl import URL
 
@@ -42,12 +42,18 @@ from cached.types import ModelRef, Priority, RefKind
 log = logging.getLogger(__name__)
 
 
-def local_only(ref: ModelRef) -> str | None:
-    """Why ``ref`` must stay on the node that names it (None: the cluster may share it)."""
+def local_only(ref: ModelRef, internal_origins: Collection[str] = ()) -> str | None:
+    """Why ``ref`` must stay on the node that names it (None: the cluster may share it).
+    ``internal_origins``: host:port the operator lets the catalog name although internal."""
     if ref.kind is RefKind.FILE:
         return "file:// refs are local to one node: they are never replicated, put in the catalog or resolved through peers"
-    if ref.kind is RefKind.HTTP and _internal_host(URL(ref.url).host or ""):
-        return f"{URL(ref.url).host} is an internal address (loopback, link-local, unspecified or multicast); such URLs are not replicated"
+    if ref.kind is RefKind.HTTP:
+        url = URL(ref.url)
+        if _internal_host(url.host or "") and f"{url.host}:{url.port}" not in internal_origins:
+            return (
+                f"{url.host} is an internal address (loopback, link-local, unspecified or multicast); such URLs are not "
+                "replicated (cluster.internal_origins lists the exceptions)"
+            )
     return None
 
 
@@ -102,15 +108,19 @@ class CatalogEntry:
 class Catalog:
     """Last-writer-wins map of catalog entries. Pure; the clock is injected."""
 
-    def __init__(self, node_id: str, *, clock: Callable[[], float] = time.time, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, node_id: str, *, clock: Callable[[], float] = time.time, metrics: Metrics | None = None,
+        internal_origins: Collection[str] = (),
+    ) -> None:
         self._node_id = node_id
+        self._internal_origins = frozenset(internal_origins)
         self._clock = clock
         self._metrics = metrics
         self._entries: dict[str, CatalogEntry] = {}
         self.dropped: dict[str, int] = {"local_ref": 0, "malformed": 0}
 
     def set(self, ref: ModelRef, replicas: int, labels: Mapping[str, str] | None = None) -> CatalogEntry:
-        why = local_only(ref)
+        why = local_only(ref, self._internal_origins)
         if why is not None:
             raise RequestError(f"cannot replicate {ref}: {why}")
         if not 0 <= replicas <= 1000:
@@ -131,7 +141,7 @@ class Catalog:
                 log.debug("dropping a malformed catalog entry: %s", err)
                 self._drop("malformed")
                 continue
-            why = local_only(ModelRef.parse(e.ref))
+            why = local_only(ModelRef.parse(e.ref), self._internal_origins)
             if why is not None:
                 log.warning("dropping a gossiped catalog entry ref=%s by=%s: %s", e.ref, e.updated_by, why)
                 self._drop("local_ref")

@@ -254,7 +254,7 @@ class Daemon:
         gossip = self.gossip
         assert gossip is not None and self._tg is not None
         me = self.cfg.node_id
-        self.catalog = Catalog(me, clock=self.clock, metrics=self.metrics)
+        self.catalog = Catalog(me, clock=self.clock, metrics=self.metrics, internal_origins=self.cfg.cluster.internal_origins)
         gossip.extra_out = lambda: {"catalog": self.catalog.to_json()}
         gossip.extra_in = lambda payload: self.catalog.merge(payload.get("catalog") or []) if isinstance(payload, dict) else None
 

@@ -485,8 +485,8 @@ class LocalApi:
     async def replicate(self, request: web.Request) -> web.Response:
         body = await self._body(request)
         ref = self._ref(body.get("ref"))
-        if (why := local_only(ref)) is not None:
-            raise RequestError(f"cannot replicate {ref}: {why}")
+        if ref.kind is RefKind.FILE:  # internal http(s) URLs are refused by the catalog itself
+            raise RequestError(f"cannot replicate {ref}: {local_only(ref)}")
         replicas = body.get("replicas")
         if not isinstance(replicas, int) or isinstance(replicas, bool):
             raise RequestError("'replicas' must be an integer (0 removes the entry)")
