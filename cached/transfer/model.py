@@ -1,5 +1,11 @@
 """Turns a ref into a published model: resolve, reserve space, fetch each blob, commit.
 
+Names come from origins, bytes may come from peers: the origin always lists a ref's files (only
+with ``cluster.names_from_peers`` and the origin unreachable does a peer's manifest do it), a
+peer's manifest lends its blob ids only where it agrees with that listing file by file, every
+address and identity is rebuilt from the ref (``Origin.file_for``), and bytes that came whole from
+peers still answer to the origin's own checksum. The manifest committed is always built here.
+
 Also verifies stored blobs and repairs bad pieces from the origin, checked against the digests
 recorded when the blob was first made. A fetch that fails for lack of space leaves no partial files
 behind; one that fails on the network keeps its verified pieces for the next attempt.
@@ -277,6 +283,9 @@ class ModelFetcher:
         for node_id, digest in sorted(self._peers.view.with_ref(ref.canonical), key=lambda nd: nd[0] in suspect):
             if node_id not in alive:
                 continue
+            local = self._store.manifest(digest)
+            if local is not None and local.ref == ref.canonical:
+                return node_id, local  # the same manifest is here already: no need to ask
             try:
                 data = await self._peers.client.manifest(alive[node_id], digest)
                 manifest = Manifest.from_bytes(data, expect_digest=digest)
