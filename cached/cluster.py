@@ -11,24 +11,67 @@ capacity, filtered by labels). An owner without the model fetches it at backgrou
 peers first; when an owner dies, the next node in that order becomes an owner and pulls from the
 survivors -- no operator action. A copy on a non-owner is kept but evictable (demoted, never
 deleted on the spot). Eviction never takes a copy that would leave the cluster below the count.
+
+Only refs every node may fetch for the cluster belong in the catalog: ``file://`` refs (a path on
+one node) and ``http(s)://`` refs to an internal address (loopback, link-local such as a cloud
+metadata endpoint, unspecified, multicast) are refused when set locally and dropped, counted,
+when they arrive by gossip -- otherwise a token holder could make every owner read such a
+address and serve what it got back to the cluster.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
+import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
+
+from yarl import URL
 
 from cached.errors import RefError, RequestError
 from cached.jobs import Jobs
+from cached.metrics import Metrics
 from cached.placement import rank
 from cached.store import Store
-from cached.types import ModelRef, Priority
+from cached.types import ModelRef, Priority, RefKind
 
 log = logging.getLogger(__name__)
+
+
+def local_only(ref: ModelRef, internal_origins: Collection[str] = ()) -> str | None:
+    """Why ``ref`` must stay on the node that names it (None: the cluster may share it).
+    ``internal_origins``: host:port the operator lets the catalog name although internal."""
+    if ref.kind is RefKind.FILE:
+        return "file:// refs are local to one node: they are never replicated, put in the catalog or resolved through peers"
+    if ref.kind is RefKind.HTTP:
+        url = URL(ref.url)
+        if _internal_host(url.host or "") and f"{url.host}:{url.port}" not in internal_origins:
+            return (
+                f"{url.host} is an internal address (loopback, link-local, unspecified or multicast); such URLs are not "
+                "replicated (cluster.internal_origins lists the exceptions)"
+            )
+    return None
+
+
+def _internal_host(host: str) -> bool:
+    host = host.strip("[]").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        try:
+            # What the resolver makes of numeric shorthands ("127.1", "2130706433", "0x7f.1").
+            ip = ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return False  # a host name; what it resolves to is not known here
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -65,12 +108,21 @@ class CatalogEntry:
 class Catalog:
     """Last-writer-wins map of catalog entries. Pure; the clock is injected."""
 
-    def __init__(self, node_id: str, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, node_id: str, *, clock: Callable[[], float] = time.time, metrics: Metrics | None = None,
+        internal_origins: Collection[str] = (),
+    ) -> None:
         self._node_id = node_id
+        self._internal_origins = frozenset(internal_origins)
         self._clock = clock
+        self._metrics = metrics
         self._entries: dict[str, CatalogEntry] = {}
+        self.dropped: dict[str, int] = {"local_ref": 0, "malformed": 0}
 
     def set(self, ref: ModelRef, replicas: int, labels: Mapping[str, str] | None = None) -> CatalogEntry:
+        why = local_only(ref, self._internal_origins)
+        if why is not None:
+            raise RequestError(f"cannot replicate {ref}: {why}")
         if not 0 <= replicas <= 1000:
             raise RequestError("replicas must be between 0 and 1000")
         prev = self._entries.get(ref.canonical)
@@ -87,12 +139,23 @@ class Catalog:
                 e = CatalogEntry.from_json(raw)
             except (KeyError, ValueError, TypeError, AttributeError, OverflowError, RefError) as err:
                 log.debug("dropping a malformed catalog entry: %s", err)
+                self._drop("malformed")
+                continue
+            why = local_only(ModelRef.parse(e.ref), self._internal_origins)
+            if why is not None:
+                log.warning("dropping a gossiped catalog entry ref=%s by=%s: %s", e.ref, e.updated_by, why)
+                self._drop("local_ref")
                 continue
             cur = self._entries.get(e.ref)
             if cur is None or e.stamp > cur.stamp:
                 self._entries[e.ref] = e
                 changed += 1
         return changed
+
+    def _drop(self, reason: str) -> None:
+        self.dropped[reason] += 1
+        if self._metrics is not None:
+            self._metrics.catalog_dropped.labels(reason).inc()
 
     def entries(self) -> list[CatalogEntry]:
         """Live entries (tombstones hidden)."""
@@ -225,7 +288,8 @@ class Locator:
                 return None
 
         answers = [{**self._local(ref), "node_id": self._node_id}]
-        answers += await asyncio.gather(*(ask(n, a) for n, a in self._peers()))
+        if ref.kind is not RefKind.FILE:  # a file:// ref names a path on this node only
+            answers += await asyncio.gather(*(ask(n, a) for n, a in self._peers()))
         out = []
         for a in answers:
             if not a or a.get("state") not in ("ready", "fetching", "queued"):

@@ -106,6 +106,10 @@ class ClusterConfig:
     # Take a peer's ref -> manifest binding when the origin cannot be reached. Off by default:
     # turning it on trusts every holder of the cluster token to name what a ref contains.
     names_from_peers: bool = False
+    # host:port of http(s) origins on internal addresses (loopback, link-local, ...) that the
+    # catalog may still name: a model server every node reaches at that same address (tests, a
+    # one-host demo). Empty: such URLs are never replicated nor taken from gossip.
+    internal_origins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -226,7 +230,7 @@ _DEFAULTS: dict[str, Any] = {
             "max_connections_per_ip": 64,
         },
     },
-    "cluster": {"name": "default", "token_file": None, "names_from_peers": False},
+    "cluster": {"name": "default", "token_file": None, "names_from_peers": False, "internal_origins": []},
     "discovery": {"mdns": True},
     "origins": {
         "hf": {"endpoint": "https://huggingface.co", "token_file": None, "refresh_interval_s": 0, "lend_token_to": []},
@@ -504,6 +508,7 @@ def _build(t: dict[str, Any]) -> Config:
             name=cluster_name,
             token_file=_optional_path(t["cluster"]["token_file"], "cluster.token_file"),
             names_from_peers=_typed(t["cluster"]["names_from_peers"], bool, "cluster.names_from_peers", "true or false"),
+            internal_origins=_strings(t["cluster"]["internal_origins"], "cluster.internal_origins", "a list of HOST:PORT"),
         ),
         discovery=DiscoveryConfig(mdns=_typed(t["discovery"]["mdns"], bool, "discovery.mdns", "true or false")),
         origins=OriginsConfig(

@@ -140,7 +140,7 @@ class Daemon:
         scheduler = Scheduler(cfg.origins.http, self.metrics, peer_client=directory.client if directory else None)
         self.fetcher = ModelFetcher(
             self.store, origins, scheduler, self.metrics, peers=directory, grace_s=2.5 * cfg.peer.gossip_interval_s,
-            stall_timeout_s=cfg.peer.stall_timeout_s,
+            stall_timeout_s=cfg.peer.stall_timeout_s, names_from_peers=cfg.cluster.names_from_peers,
         )
         self.jobs = await self._stack.enter_async_context(Jobs(self.fetcher, self.store, self.metrics, cfg.jobs, clock=self.clock))
 
@@ -272,7 +272,7 @@ class Daemon:
         gossip = self.gossip
         assert gossip is not None and self._tg is not None
         me = self.cfg.node_id
-        self.catalog = Catalog(me, clock=self.clock)
+        self.catalog = Catalog(me, clock=self.clock, metrics=self.metrics, internal_origins=self.cfg.cluster.internal_origins)
         gossip.extra_out = lambda: {"catalog": self.catalog.to_json()}
         gossip.extra_in = lambda payload: self.catalog.merge(payload.get("catalog") or []) if isinstance(payload, dict) else None
 

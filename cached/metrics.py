@@ -55,6 +55,19 @@ class Metrics:
         self.peer_throttled = Counter(
             "cached_peer_throttled", "Peer API requests answered 429 because serving was at its limit.", registry=r
         )
+        self.peer_manifest_rejected = Counter(
+            "cached_peer_manifest_rejected",
+            "Peer manifests ignored because they disagree with the origin's listing of the ref.", registry=r,
+        )
+        self.peer_content_rejected = Counter(
+            "cached_peer_content_rejected",
+            "Files whose bytes from peers failed the origin's own checksum (fetched again from the origin).", registry=r,
+        )
+        self.catalog_dropped = Counter(
+            "cached_catalog_entries_dropped",
+            "Catalog entries from gossip that were dropped, by reason (local_ref: file:// or an internal address).",
+            ["reason"], registry=r,
+        )
         self.leases = Gauge("cached_leases", "Active launcher leases.", registry=r)
         self.mdns_rejected = Counter(
             "cached_mdns_rejected", "mDNS announcements ignored, by reason (see peers.mdns).", ["reason"], registry=r
@@ -89,6 +102,8 @@ class Metrics:
             self.models.labels(state)
         for state in ("alive", "suspect", "dead"):
             self.peers.labels(state)
+        for reason in ("local_ref", "malformed"):
+            self.catalog_dropped.labels(reason)
         for result in ("ok", "failed", "cancelled"):
             self.prefetch_jobs.labels(result)
         for reason in MDNS_REJECT_REASONS:

@@ -43,7 +43,7 @@ from cached.errors import (
 from cached.api import openapi
 from cached.api.access import AdminPolicy, Forbidden, ForeignOrigin, HostPolicy, MisdirectedHost, Unauthenticated, caller_of
 from cached.api.hf import HfEndpoint
-from cached.cluster import Catalog, Locator, Reconciler
+from cached.cluster import Catalog, Locator, Reconciler, local_only
 from cached.jobs import Jobs
 from cached.metrics import Metrics
 from cached.origins.local import FileNotAllowed, LocalOrigin
@@ -551,6 +551,8 @@ class LocalApi:
     async def replicate(self, request: web.Request) -> web.Response:
         body = await self._body(request)
         ref = self._ref(body.get("ref"))
+        if ref.kind is RefKind.FILE:  # internal http(s) URLs are refused by the catalog itself
+            raise RequestError(f"cannot replicate {ref}: {local_only(ref)}")
         replicas = body.get("replicas")
         if not isinstance(replicas, int) or isinstance(replicas, bool):
             raise RequestError("'replicas' must be an integer (0 removes the entry)")

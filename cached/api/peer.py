@@ -25,7 +25,7 @@ from cached.metrics import Metrics
 from cached.peers.gossip import Gossip
 from cached.store import Store
 from cached.transfer.budget import TokenBucket
-from cached.types import ModelRef
+from cached.types import ModelRef, RefKind
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,8 @@ class PeerApi:
 
     async def ref(self, request: web.Request) -> web.Response:
         ref = ModelRef.parse(request.query.get("ref", ""))
+        if ref.kind is RefKind.FILE:
+            raise web.HTTPNotFound()  # a path on this node: nothing a peer may resolve
         digest = self._store.ref_digest(ref)
         if digest is None:
             raise web.HTTPNotFound()
@@ -123,7 +125,10 @@ class PeerApi:
 
     async def status(self, request: web.Request) -> web.Response:
         """This node's model object for a ref (cluster-wide locate asks every member)."""
-        return web.json_response(self.local_status(ModelRef.parse(request.query.get("ref", ""))))
+        ref = ModelRef.parse(request.query.get("ref", ""))
+        if ref.kind is RefKind.FILE:
+            raise web.HTTPNotFound()  # its path and state are this node's business only
+        return web.json_response(self.local_status(ref))
 
     async def piece_table(self, request: web.Request) -> web.Response:
         blob = request.match_info["id"].removeprefix("blake3:")

@@ -1,7 +1,9 @@
 """Origins: where a ref's bytes come from first. One module per kind (file, http; hf later).
 
 An origin resolves a ref into a ``Resolution`` (files with sizes and exact content identities) and
-reads byte ranges of those files. It does not write to the store, verify digests or retry: the
+reads byte ranges of those files. ``file_for`` rebuilds one file's address (locator) and identity
+from the ref and the file's content facts; it is the only way, besides ``resolve``, that an
+``OriginFile`` is made, so an address stored in a manifest or sent by a peer is never requested. It does not write to the store, verify digests or retry: the
 transfer layer does that. Errors are ``OriginError`` subclasses with ``retryable`` set honestly.
 """
 
@@ -23,6 +25,15 @@ class Resolution:
 
 class Origin(Protocol):
     async def resolve(self, ref: ModelRef) -> Resolution: ...
+
+    async def file_for(
+        self, ref: ModelRef, revision: str | None, path: str, size: int, checksums: Mapping[str, str]
+    ) -> OriginFile:
+        """The file ``path`` of ``ref`` at ``revision``, addressed from the ref alone: the
+        locator and identity are derived here, ``checksums`` (content facts such as sha256 or an
+        ETag) are validated and kept. Raises OriginError/ValueError for a file the ref cannot
+        name (a path outside the ref, a malformed revision or checksum)."""
+        ...
 
     def supports_ranges(self, file: OriginFile) -> bool: ...
 

@@ -17,10 +17,11 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import hashlib
+import re
 import time
 from pathlib import Path
 from email.message import Message
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, TypeVar
 from urllib.parse import quote, urljoin
 
 import aiohttp
@@ -36,6 +37,8 @@ from cached.types import ModelRef, OriginFile, validate_file_path
 MAX_TREE_PAGES = 1000
 CDN_URL_TTL_S = 600.0  # signed CDN URLs live about an hour; re-ask well before that
 _READ_CHUNK = 8 << 20
+_HEX40 = re.compile(r"^[0-9a-f]{40}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 T = TypeVar("T")
 
 
@@ -184,6 +187,29 @@ class HfOrigin:
         if not files:
             raise OriginNotFound(f"{ref}: no files at commit {sha}" + (" match the include/exclude patterns" if ref.include or ref.exclude else ""))
         return Resolution(files=tuple(files), revision=sha)
+
+    async def file_for(
+        self, ref: ModelRef, revision: str | None, path: str, size: int, checksums: Mapping[str, str]
+    ) -> OriginFile:
+        """The file at ``{endpoint}/{ref.repo}/resolve/{revision}/{path}``: this daemon's endpoint
+        and the ref's repo, whatever address a manifest or a peer may carry."""
+        sha256, git_sha1 = checksums.get("sha256", ""), checksums.get("git_sha1", "")
+        try:
+            validate_file_path(path)
+        except ValueError as e:
+            raise OriginError(f"{ref}: bad file path {path!r}: {e}", retryable=False) from None
+        if not isinstance(revision, str) or not _HEX40.match(revision):
+            raise OriginError(f"{ref}: {revision!r} is not a commit id", retryable=False)
+        if not _selected(path, ref.include, ref.exclude):
+            raise OriginError(f"{ref}: {path!r} is not a file of this ref", retryable=False)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise OriginError(f"{ref}: bad size {size!r} for {path!r}", retryable=False)
+        if (sha256 and not _HEX64.match(sha256)) or (git_sha1 and not _HEX40.match(git_sha1)) or not (sha256 or git_sha1):
+            raise OriginError(f"{ref}: {path!r} has no valid sha256 or git sha1", retryable=False)
+        entry: dict[str, Any] = {"path": path, "size": size, "oid": git_sha1}
+        if sha256:
+            entry["lfs"] = {"oid": sha256, "size": size}
+        return self.origin_file(ref.repo, revision, entry)
 
     def origin_file(self, repo: str, commit: str, entry: dict[str, Any]) -> OriginFile:
         path = entry["path"]

@@ -13,7 +13,7 @@ import asyncio
 import base64
 from email.message import Message
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable, TypeVar
+from typing import AsyncIterator, Awaitable, Callable, Mapping, TypeVar
 from urllib.parse import urljoin
 
 import aiohttp
@@ -104,6 +104,18 @@ class HttpOrigin:
             raise
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             raise client_error(e, url) from None
+
+    async def file_for(
+        self, ref: ModelRef, revision: str | None, path: str, size: int, checksums: Mapping[str, str]
+    ) -> OriginFile:
+        """The one file of ``ref``: its URL is the ref itself, never a stored or peer's address."""
+        if path != URL(ref.url).name:
+            raise OriginError(f"{ref}: {path!r} is not the file this URL names", retryable=False)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise OriginError(f"{ref}: bad size {size!r}", retryable=False)
+        return self._file(
+            ref, ref.url, size, str(checksums.get("etag", "")), str(checksums.get("last_modified", "")), checksums.get("ranges") == "1"
+        )
 
     @staticmethod
     def _file(ref: ModelRef, url: str, size: int, etag: str, last_modified: str, ranges: bool) -> OriginFile:

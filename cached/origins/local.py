@@ -25,7 +25,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Iterable
+from typing import AsyncIterator, Iterable, Mapping
 
 from cached.errors import CachedError, OriginChanged, OriginDenied, OriginError, OriginNotFound
 from cached.origins import Resolution
@@ -223,6 +223,30 @@ class LocalOrigin:
         if not files:
             raise OriginNotFound(f"{root}: directory holds no regular files", status=404)
         return Resolution(files=tuple(files))
+
+    async def file_for(
+        self, ref: ModelRef, revision: str | None, path: str, size: int, checksums: Mapping[str, str]
+    ) -> OriginFile:
+        """The file ``path`` under the ref's own path, as it is on disk now."""
+        return await asyncio.to_thread(self._file_for_sync, ref.path, path)
+
+    def _file_for_sync(self, root: str, path: str) -> OriginFile:
+        if self._policy is not None:
+            # A repair reads the origin file again: the roots and the daemon's own files still apply.
+            self._policy.check_path(os.path.realpath(root), root)
+        try:
+            validate_file_path(path)
+            is_file = stat.S_ISREG(os.stat(root).st_mode)
+            if is_file and path != os.path.basename(root):
+                raise OriginError(f"{root}: {path!r} is not this file", retryable=False)
+            full = root if is_file else os.path.join(root, path)
+            st = os.stat(full)
+            self._check(full, st, None, DirModes())
+            return OriginFile(path=path, size=st.st_size, identity=_identity(full, st), locator=full)
+        except ValueError as e:
+            raise OriginError(f"{root}: bad file path {path!r}: {e}", retryable=False) from None
+        except OSError as e:
+            raise _os_error(e, root) from None
 
     def supports_ranges(self, file: OriginFile) -> bool:
         return True

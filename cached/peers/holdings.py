@@ -5,6 +5,10 @@ version and keeps a bounded log of them, so a peer that has version ``v`` gets o
 after ``v`` (a delta), or the whole state when ``v`` is too old for the log. ``HoldingsView``
 keeps the latest state of every other node and answers "who has this blob / this piece".
 
+What is announced is what peers may use: a ``file://`` ref names a path on this node only, so its
+ref op and its manifest never enter ``LocalHoldings`` (a manifest is announced once a shareable
+ref names it; the store always records a manifest just before the ref that names it).
+
 Deltas are small lists: ``["blob+", hex, size, origin-identity-key]``, ``["blob-", hex]``, ``["manifest+", d]``,
 ``["manifest-", d]``, ``["ref", canonical, digest-or-null]``, ``["partial+", key, size,
 piece_size]``, ``["piece", key, index, digest-hex]``, ``["partial-", key]``.
@@ -109,16 +113,36 @@ class LocalHoldings:
     def __init__(self, *, max_log: int = MAX_LOG) -> None:
         self.state = NodeHoldings()
         self._log: deque[tuple[int, list[Any]]] = deque(maxlen=max_log)
+        self._unnamed: set[str] = set()  # manifests held back until a shareable ref names them
 
     @property
     def version(self) -> int:
         return self.state.version
 
     def record(self, op: list[Any]) -> int:
-        self.state.apply(op)
-        self.state.version += 1
-        self._log.append((self.state.version, op))
+        """One change of this node's store; returns the version (unchanged when the op stays
+        local)."""
+        for announced in self._announced(op):
+            self.state.apply(announced)
+            self.state.version += 1
+            self._log.append((self.state.version, announced))
         return self.state.version
+
+    def _announced(self, op: list[Any]) -> list[list[Any]]:
+        """What of ``op`` peers may see, as ops (none, it, or a held-back manifest and it)."""
+        kind = op[0] if op else None
+        if kind == "manifest+" and str(op[1]) not in self.state.manifests:
+            self._unnamed.add(str(op[1]))
+            return []
+        if kind == "manifest-" and str(op[1]) in self._unnamed:
+            self._unnamed.discard(str(op[1]))
+            return []
+        if kind == "ref" and local_ref(str(op[1])):
+            return [["ref", op[1], None]] if str(op[1]) in self.state.refs else []
+        if kind == "ref" and op[2] is not None and str(op[2]) in self._unnamed:
+            self._unnamed.discard(str(op[2]))
+            return [["manifest+", op[2]], op]
+        return [op]
 
     def since(self, version: int) -> dict[str, Any]:
         """What a peer that has ``version`` needs: a delta if the log reaches back, else all."""
@@ -128,6 +152,11 @@ class LocalHoldings:
         if 0 < version < self.state.version and version >= oldest - 1:
             return {"version": self.state.version, "base": version, "deltas": [op for v, op in self._log if v > version]}
         return {"version": self.state.version, "snapshot": self.state.to_json()}
+
+
+def local_ref(canonical: str) -> bool:
+    """A ref only this node can name (``file://``): never announced."""
+    return canonical[:7].lower() == "file://"
 
 
 class HoldingsView:

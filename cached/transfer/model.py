@@ -1,5 +1,11 @@
 """Turns a ref into a published model: resolve, reserve space, fetch each blob, commit.
 
+Names come from origins, bytes may come from peers: the origin always lists a ref's files (only
+with ``cluster.names_from_peers`` and the origin unreachable does a peer's manifest do it), a
+peer's manifest lends its blob ids only where it agrees with that listing file by file, every
+address and identity is rebuilt from the ref (``Origin.file_for``), and bytes that came whole from
+peers still answer to the origin's own checksum. The manifest committed is always built here.
+
 Also verifies stored blobs and repairs bad pieces from the origin, checked against the digests
 recorded when the blob was first made. A fetch that fails for lack of space leaves no partial files
 behind; one that fails on the network keeps its verified pieces for the next attempt.
@@ -16,14 +22,17 @@ from typing import AsyncIterator
 
 from cached.errors import CachedError, IntegrityError, OriginError, StoreError, StoreFullError
 from cached.metrics import Metrics
-from cached.origins import Origins, Resolution
+from cached.origins import Origin, Origins, Resolution
 from cached.peers.client import PeerError
-from cached.store import ModelRecord, Store
+from cached.store import ModelRecord, Reservation, Store
+from cached.transfer.plan import ORIGIN
 from cached.transfer.scheduler import Scheduler, _error_kind
 from cached.transfer.sources import PeerDirectory, Swarm
-from cached.types import BlobId, FileEntry, Manifest, ModelRef, OriginFile
+from cached.types import BlobId, FileEntry, Manifest, ModelRef, OriginFile, RefKind
 
 log = logging.getLogger(__name__)
+
+PEER = "peer"  # the source name the scheduler counts peer bytes under
 
 FILES_AT_ONCE = 4
 
@@ -55,7 +64,9 @@ class ModelFetcher:
     def __init__(
         self, store: Store, origins: Origins, scheduler: Scheduler, metrics: Metrics, *,
         peers: PeerDirectory | None = None, grace_s: float = 0.0, stall_timeout_s: float = 10.0,
+        names_from_peers: bool = False,
     ) -> None:
+        self._names_from_peers = names_from_peers  # trust every token holder for names when the origin is down
         self._stall_timeout_s = stall_timeout_s
         self._peers = peers
         self._grace_s = grace_s  # how long a new fetch waits to learn who else wants the same file
@@ -102,17 +113,7 @@ class ModelFetcher:
             progress.bytes_total = progress.bytes_done = existing.manifest.total_bytes
             return existing
         origin = self._origins.for_ref(ref)
-        # A ref some peer already resolved is taken from the peer (verified by digest): the
-        # origin is not asked at all. --refresh always asks the origin.
-        from_peer = None if refresh else await self._manifest_from_peers(ref)
-        known: dict[str, str] = {}  # path -> blob hex, when a peer's manifest names it
-        if from_peer is not None:
-            resolution = Resolution(files=tuple(_origin_file(e) for e in from_peer.files), revision=from_peer.revision)
-            known = {e.path: e.blob.hex for e in from_peer.files}
-            piece_size = from_peer.piece_size  # the same piece size, or the blob ids would differ
-        else:
-            resolution = await self.resolve(ref)
-            piece_size = self._store.cfg.piece_size_bytes
+        resolution, known, piece_size = await self._names(ref, origin)
         if existing is not None and resolution.revision is not None and resolution.revision == existing.manifest.revision:
             await self._store.touch(ref)
             progress.bytes_total = progress.bytes_done = existing.manifest.total_bytes
@@ -122,7 +123,9 @@ class ModelFetcher:
         have: dict[str, str] = {}
         need: list[OriginFile] = []
         for f in resolution.files:
-            blob = known[f.path] if self._store.has_blob(known.get(f.path, "")) else self._store.blob_for_identity(f.key)
+            # Only a blob this node made from this very origin file: a blob id a peer names for a
+            # path proves nothing about which file's bytes it holds.
+            blob = self._store.blob_for_identity(f.key)
             if blob is not None:
                 have[f.path] = blob
                 self._store.hold_blob(blob)
@@ -135,6 +138,8 @@ class ModelFetcher:
         self._metrics.evictions.inc(len(reservation.evicted))
         fetched: dict[str, BlobId] = {}
         sem = asyncio.Semaphore(FILES_AT_ONCE)
+        # file:// is local: its bytes are read from this node's disk, never asked of peers.
+        use_peers = self._peers is not None and ref.kind is not RefKind.FILE
 
         async def one(f: OriginFile) -> None:
             async with sem, self._key_lock(f.key):
@@ -146,29 +151,19 @@ class ModelFetcher:
                     progress.bytes_done += f.size
                     progress.resumed += f.size
                     return
-                async with self._store.partial(
-                    key=f.key, size=f.size, piece_size=piece_size, identity_key=f.key, reservation=reservation
-                ) as partial:
-                    progress.bytes_done += partial.bytes_done
-                    progress.resumed += partial.bytes_done
-                    swarm = None
-                    if self._peers is not None:
-                        swarm = Swarm(
-                            self._peers, key=f.key, piece_size=piece_size, size=f.size, grace_s=self._grace_s,
-                            stall_timeout_s=self._stall_timeout_s,
-                        )
-                        swarm.blob_hex = known.get(f.path)
-                    try:
-                        await self._scheduler.fetch_blob(partial, f, origin, on_bytes=progress.add, swarm=swarm)
-                        if f.path in known and BlobId.compute(partial.size, partial.piece_size, [partial.done[i] for i in range(partial.pieces)]).hex != known[f.path]:
-                            raise IntegrityError(f"{f.path}: the assembled blob does not match the id in the peer's manifest")
-                    except IntegrityError:
-                        # Every piece matched its own digest but the whole file does not match the
-                        # origin's checksum: no piece can be trusted, so none is kept.
-                        self._metrics.piece_verify_failures.labels("origin").inc()
-                        await self._store.discard_partial(partial.key)
+                job = _FileJob(f, piece_size, known.get(f.path), reservation, progress)
+                try:
+                    blob_id = await self._fetch_file(job, origin, peers=use_peers)
+                except IntegrityError as e:
+                    if not job.peer_bytes:
                         raise
-                    blob_id = await self._store.finalize(partial)
+                    # Pieces matched the table of the blob a peer named, but the whole file is
+                    # not what the origin says it is: the peer lied about the bytes. Once more,
+                    # from the origin alone.
+                    self._metrics.peer_content_rejected.inc()
+                    log.warning("bytes from peers refused by the origin's checksum; fetching from the origin ref=%s path=%s error=%s", ref, f.path, e)
+                    job = _FileJob(f, piece_size, None, reservation, progress)
+                    blob_id = await self._fetch_file(job, origin, peers=False)
                 self._store.hold_blob(blob_id.hex)
                 fetched[f.path] = blob_id
 
@@ -185,7 +180,8 @@ class ModelFetcher:
             for f in resolution.files:
                 blob = BlobId(have[f.path]) if f.path in have else fetched[f.path]
                 entries.append(FileEntry(path=f.path, size=f.size, blob=blob, origin=_origin_meta(f)))
-            manifest = from_peer or Manifest(ref=ref.canonical, revision=resolution.revision, piece_size=piece_size, files=tuple(entries))
+            # Always built here, from the origin's answer: a peer's manifest only ever lent blob ids.
+            manifest = Manifest(ref=ref.canonical, revision=resolution.revision, piece_size=piece_size, files=tuple(entries))
             return await self._store.commit_model(ref, manifest, sources=dict(progress.sources))
         except StoreFullError:
             # The issue's promise: a prefetch that cannot fit leaves no partial files behind.
@@ -197,8 +193,90 @@ class ModelFetcher:
             for blob in list(have.values()) + [b.hex for b in fetched.values()]:
                 self._store.unhold_blob(blob)
 
-    async def _manifest_from_peers(self, ref: ModelRef) -> Manifest | None:
-        if self._peers is None:
+    async def _fetch_file(self, job: "_FileJob", origin: Origin, *, peers: bool) -> BlobId:
+        """One origin file into a blob, pieces from peers when ``peers``. On an IntegrityError
+        nothing of it is kept and what it added to the progress is taken back."""
+        f, progress = job.file, job.progress
+        counted: Counter[str] = Counter()
+        resumed = 0
+
+        def on_bytes(source: str, n: int) -> None:
+            counted[source] += n
+            progress.add(source, n)
+
+        try:
+            async with self._store.partial(
+                key=f.key, size=f.size, piece_size=job.piece_size, identity_key=f.key, reservation=job.reservation
+            ) as partial:
+                resumed = partial.bytes_done
+                progress.bytes_done += resumed
+                progress.resumed += resumed
+                swarm = None
+                if peers and self._peers is not None:
+                    swarm = Swarm(
+                        self._peers, key=f.key, piece_size=job.piece_size, size=f.size, grace_s=self._grace_s,
+                        stall_timeout_s=self._stall_timeout_s,
+                    )
+                    swarm.blob_hex = job.blob_hex
+                try:
+                    await self._scheduler.fetch_blob(partial, f, origin, on_bytes=on_bytes, swarm=swarm)
+                    job.peer_bytes = counted[PEER] > 0 or job.blob_hex is not None
+                    if job.blob_hex is not None and BlobId.compute(partial.size, partial.piece_size, [partial.done[i] for i in range(partial.pieces)]).hex != job.blob_hex:
+                        raise IntegrityError(f"{f.path}: the assembled blob does not match the id in the peer's manifest")
+                    if swarm is not None and swarm.table is not None and not counted[ORIGIN]:
+                        # The scheduler trusts a file that came whole from peers once every piece
+                        # matched the peer's piece table; that table is the peer's word. The
+                        # origin's own checksum (hf: sha256 / git sha1) is what names the bytes.
+                        await origin.check_content(f, partial.data_path)
+                except IntegrityError:
+                    # Every piece matched its own digest but the whole file does not match the
+                    # origin's checksum: no piece can be trusted, so none is kept.
+                    self._metrics.piece_verify_failures.labels("origin").inc()
+                    await self._store.discard_partial(partial.key)
+                    raise
+                return await self._store.finalize(partial)
+        except IntegrityError:
+            progress.bytes_done -= resumed + sum(counted.values())
+            progress.resumed -= resumed
+            progress.sources.subtract(counted)
+            raise
+
+    async def _names(self, ref: ModelRef, origin: Origin) -> tuple[Resolution, dict[str, str], int]:
+        """(the files, path -> blob id a peer lent, piece size). The origin names the files;
+        a peer's manifest lends its blob ids (so pieces come from peers) only where it agrees
+        with the origin file by file. Only with ``names_from_peers`` and the origin unreachable
+        does a peer's manifest name the files, and even then the addresses come from the ref."""
+        piece_size = self._store.cfg.piece_size_bytes
+        try:
+            resolution = await self.resolve(ref)
+        except OriginError as e:
+            if not (self._names_from_peers and e.retryable and ref.kind is not RefKind.FILE):
+                raise
+            found = await self._manifest_from_peers(ref)
+            if found is None:
+                raise
+            node_id, hint = found
+            log.warning(
+                "origin unreachable: files named by a peer's manifest (cluster.names_from_peers) ref=%s peer=%s error=%s",
+                ref, node_id, e,
+            )
+            files = [await origin.file_for(ref, hint.revision, x.path, x.size, _checksums(x)) for x in hint.files]
+            return Resolution(files=tuple(files), revision=hint.revision), {x.path: x.blob.hex for x in hint.files}, hint.piece_size
+        found = await self._manifest_from_peers(ref) if ref.kind is not RefKind.FILE else None
+        if found is None:
+            return resolution, {}, piece_size
+        node_id, hint = found
+        why = _disagreement(resolution, hint)
+        if why is not None:
+            self._metrics.peer_manifest_rejected.inc()
+            log.warning("a peer's manifest disagrees with the origin; ignored ref=%s peer=%s why=%s", ref, node_id, why)
+            return resolution, {}, piece_size
+        return resolution, {x.path: x.blob.hex for x in hint.files}, hint.piece_size
+
+    async def _manifest_from_peers(self, ref: ModelRef) -> tuple[str, Manifest] | None:
+        """(node id, manifest) of a live peer holding ``ref``, checked against the digest that
+        peer announced -- which proves only that it is the peer's manifest."""
+        if self._peers is None or ref.kind is RefKind.FILE:
             return None
         alive = dict(self._peers.alive())
         suspect = self._peers.suspect()
@@ -206,8 +284,8 @@ class ModelFetcher:
             if node_id not in alive:
                 continue
             local = self._store.manifest(digest)
-            if local is not None:
-                return local
+            if local is not None and local.ref == ref.canonical:
+                return node_id, local  # the same manifest is here already: no need to ask
             try:
                 data = await self._peers.client.manifest(alive[node_id], digest)
                 manifest = Manifest.from_bytes(data, expect_digest=digest)
@@ -215,8 +293,7 @@ class ModelFetcher:
                 log.warning("manifest from peer refused peer=%s ref=%s error=%s", node_id, ref, e)
                 continue
             if manifest.ref == ref.canonical:
-                log.info("resolved from peer ref=%s peer=%s manifest=blake3:%s", ref, node_id, digest)
-                return manifest
+                return node_id, manifest
         return None
 
     # --- verify and repair ---------------------------------------------------------------------
@@ -272,8 +349,11 @@ class ModelFetcher:
         blob_hex = entry.blob.hex
         digests = await self._store.piece_digests(blob_hex)
         piece_size = await self._store.blob_piece_size(blob_hex)
-        ofile = _origin_file(entry)
         origin = self._origins.for_ref(ref)
+        record = self._store.model(ref)
+        revision = record.manifest.revision if record is not None else None
+        # The address comes from the ref, not from the stored manifest's ``locator``.
+        ofile = await origin.file_for(ref, revision, entry.path, entry.size, _checksums(entry))
         bad_set = set(bad)
         async with self._store.partial(key=blob_hex, size=entry.size, piece_size=piece_size, identity_key=ofile.key) as partial:
             for i in range(partial.pieces):
@@ -295,8 +375,37 @@ def _origin_meta(f: OriginFile) -> dict[str, str]:
     return {"identity": f.identity, "locator": f.locator, **f.checksums}
 
 
-def _origin_file(entry: FileEntry) -> OriginFile:
-    meta = dict(entry.origin)
-    identity = meta.pop("identity", "")
-    locator = meta.pop("locator", "")
-    return OriginFile(path=entry.path, size=entry.size, identity=identity, checksums=meta, locator=locator)
+def _checksums(entry: FileEntry) -> dict[str, str]:
+    """The content facts of a manifest entry; its address and identity are never reused."""
+    return {k: str(v) for k, v in entry.origin.items() if k not in ("identity", "locator")}
+
+
+def _disagreement(resolution: Resolution, hint: Manifest) -> str | None:
+    """Why a peer's manifest does not describe what the origin just listed (None: it does)."""
+    if hint.revision != resolution.revision:
+        return f"revision {hint.revision} but the origin has {resolution.revision}"
+    theirs = {x.path: x for x in hint.files}
+    if set(theirs) != {f.path for f in resolution.files}:
+        return "a different list of files"
+    for f in resolution.files:
+        x = theirs[f.path]
+        if x.size != f.size:
+            return f"{f.path}: size {x.size} but the origin has {f.size}"
+        if x.origin.get("identity") != f.identity:
+            return f"{f.path}: identity differs from the origin's"
+        for k, v in f.checksums.items():
+            if x.origin.get(k) != v:
+                return f"{f.path}: {k} differs from the origin's"
+    return None
+
+
+@dataclass(slots=True)
+class _FileJob:
+    """One origin file being fetched, and whether any of its bytes came from peers."""
+
+    file: OriginFile
+    piece_size: int
+    blob_hex: str | None  # the blob id an agreeing peer manifest gives for it
+    reservation: Reservation
+    progress: Progress
+    peer_bytes: bool = False

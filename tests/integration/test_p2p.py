@@ -1,8 +1,9 @@
 """Peer-to-peer transfer between real daemons on 127.0.0.1 (static seeds, mDNS off).
 
 A model one node fetched from the origin reaches the others from that node, not from the origin:
-they resolve the ref through a peer's manifest (no request at all to the origin, not even a HEAD),
-take every byte from peers, and end up with the same files. Several nodes that ask for the same
+they resolve the ref at the origin (one HEAD: names come from origins, issue 18), take the blob
+ids from a peer's manifest that agrees with it, every byte from peers, and end up with the same
+files. A file:// ref is local to the node that imported it: peers never learn it or its bytes. Several nodes that ask for the same
 model at the same moment read the origin about once between them (each piece through its
 rendezvous owner only) and all end up with the same bytes.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from cached.api.client import ApiClient, ApiError
 from tests.support.origin import Origin, write_random_file
 from tests.support.wait import wait_until
 
@@ -55,13 +57,14 @@ async def test_an_http_file_one_node_fetched_reaches_the_others_without_touching
 
         model_b = await prefetch(b, ref)
         assert_from_peers(model_b, size)
-        assert model_b["manifest"] == model_a["manifest"], "b uses a's manifest, verified by its digest"
+        assert model_b["manifest"] == model_a["manifest"], "b's own manifest, from the origin's answer, is the same as a's"
         assert await view_digests(model_b) == want
         assert await metric(b, "cached_fetched_bytes_total", source="peer") == size
         assert await metric(b, "cached_fetched_bytes_total", source="origin") == 0
         assert await metric(b, "cached_piece_verify_failures_total", source="peer") == 0
-        assert (origin.counters.requests, origin.counters.heads, origin.counters.gets, origin.counters.bytes_sent) == before, (
-            "b resolved the ref through a peer and took every byte from peers: not one request to the origin"
+        after = (origin.counters.requests, origin.counters.heads, origin.counters.gets, origin.counters.bytes_sent)
+        assert after == (before[0] + 1, before[1] + 1, before[2], before[3]), (
+            "b resolved the ref at the origin (one HEAD) and took every byte from peers"
         )
 
         await wait_until(lambda: blob_holders(c, blob) >= {"a", "b"}, timeout_s=10, what="c learns a and b hold the blob")
@@ -69,17 +72,17 @@ async def test_an_http_file_one_node_fetched_reaches_the_others_without_touching
         assert_from_peers(model_c, size)
         assert await view_digests(model_c) == want
         assert await metric(c, "cached_fetched_bytes_total", source="peer") == size
-        assert origin.counters.requests == before[0], "c did not touch the origin either"
+        assert (origin.counters.gets, origin.counters.bytes_sent) == before[2:], "c read no byte from the origin either"
         # Every byte b and c hold left a or b.
         served = await metric(a, "cached_served_bytes_total") + await metric(b, "cached_served_bytes_total")
         assert served >= 2 * size
 
 
 @pytest.mark.parametrize("origin_after", ["kept", "moved-away"])
-async def test_a_file_directory_one_node_imported_reaches_the_others_from_peers(
-    tmp_path: Path, token_file: Path, origin_after: str
-) -> None:
-    """``moved-away``: once a has the model, the directory is gone; b and c must not need it."""
+async def test_a_file_directory_one_node_imported_stays_on_that_node(tmp_path: Path, token_file: Path, origin_after: str) -> None:
+    """file:// names a path on one node (issue 18): peers never learn the ref, never resolve it
+    through the node that imported it, and take none of its bytes. ``kept``: b imports the same
+    path from its own disk; ``moved-away``: the path is gone on b, so b has nothing to import."""
     src = tmp_path / "src" / "my-model"
     sizes = {"config.json": 517, "weights/model-00001-of-00002.bin": 12 * MIB + 3, "weights/model-00002-of-00002.bin": 8 * MIB}
     for i, (rel, n) in enumerate(sizes.items()):
@@ -87,25 +90,32 @@ async def test_a_file_directory_one_node_imported_reaches_the_others_from_peers(
     total = sum(sizes.values())
     want = await tree_digests(src)
     async with contextlib.AsyncExitStack() as stack:
-        nodes = await cluster(stack, tmp_path, token_file, "abc", piece="256K")
-        a, b, c = nodes["a"], nodes["b"], nodes["c"]
+        nodes = await cluster(stack, tmp_path, token_file, "ab", piece="256K")
+        a, b = nodes["a"], nodes["b"]
 
         model_a = await prefetch(a, f"file://{src}")
         assert model_a["sources"] == {"peer": 0, "origin": total}
         ref = model_a["ref"]
-        for d in (b, c):
-            await wait_until(lambda d=d: knows_ref_from(d, ref, {"a"}), timeout_s=10, what=f"{d.cfg.node_id} learns a holds {ref}")
+        # b hears from a (gossip rounds pass) but never of this ref.
+        rounds = await metric(b, "cached_gossip_rounds_total")
+        await wait_until(lambda: metric_above(b, "cached_gossip_rounds_total", rounds + 5), timeout_s=10, what="gossip rounds")
+        assert not knows_ref_from(b, ref, {"a"})
         if origin_after == "moved-away":
             src.rename(src.with_name("elsewhere"))
+            async with ApiClient(b.api_address) as api:
+                with pytest.raises(ApiError) as e:
+                    await api.request("POST", "/v1/prefetch", body={"ref": ref, "wait": True})
+            assert e.value.status == 404, (e.value.status, e.value.code, str(e.value))
+            assert await metric(b, "cached_fetched_bytes_total", source="peer") == 0
+            return
+        model = await prefetch(b, ref)
+        assert model["sources"] == {"peer": 0, "origin": total}, "b read its own disk, nothing from a"
+        assert await view_digests(model) == want
+        assert await metric(a, "cached_served_bytes_total") == 0
 
-        for d in (b, c):
-            model = await prefetch(d, ref)
-            assert_from_peers(model, total)
-            assert model["manifest"] == model_a["manifest"]
-            assert model["files"] == len(sizes)
-            assert await view_digests(model) == want
-            assert await metric(d, "cached_fetched_bytes_total", source="peer") == total
-            assert await metric(d, "cached_fetched_bytes_total", source="origin") == 0
+
+async def metric_above(d: object, name: str, value: float) -> bool:
+    return await metric(d, name) > value  # type: ignore[arg-type]
 
 
 # --- four nodes at once: the origin is read about once ---------------------------------------------

@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from yarl import URL
 
 from cached.api.client import ApiClient, ApiError
 from cached.daemon import Daemon
@@ -63,16 +64,17 @@ async def origin(tmp_path: Path) -> AsyncIterator[Origin]:
 class Cluster:
     """Named daemons that can be stopped and restarted one by one (each in its own exit stack)."""
 
-    def __init__(self, tmp_path: Path, token_file: Path) -> None:
+    def __init__(self, tmp_path: Path, token_file: Path, base: dict[str, Any] | None = None) -> None:
         self.tmp_path = tmp_path
         self.token_file = token_file
+        self.base = base or {}
         self.nodes: dict[str, Daemon] = {}
         self.flags: dict[str, dict[str, Any]] = {}
         self._stacks: dict[str, contextlib.AsyncExitStack] = {}
 
     async def start(self, name: str, labels: dict[str, str] | None = None, cache: str | None = None, **extra: Any) -> Daemon:
         seeds = [d.peer_address for d in self.nodes.values()][:1]
-        flags = {"cluster.token_file": str(self.token_file), **FAST, "peer.seeds": seeds, **extra}
+        flags = {"cluster.token_file": str(self.token_file), **FAST, **self.base, "peer.seeds": seeds, **extra}
         cache_dir = self.tmp_path / (cache or name)
         stack = contextlib.AsyncExitStack()
         await stack.__aenter__()
@@ -112,9 +114,15 @@ class Cluster:
         return True
 
 
+def internal(origin: Origin) -> dict[str, Any]:
+    """The test origin listens on 127.0.0.1, an internal address the catalog refuses unless the
+    operator names it (issue 18); every node here reaches the same server there."""
+    return {"cluster.internal_origins": [URL(origin.url).authority]}
+
+
 @pytest.fixture
-async def cluster(tmp_path: Path, token_file: Path) -> AsyncIterator[Cluster]:
-    c = Cluster(tmp_path, token_file)
+async def cluster(tmp_path: Path, token_file: Path, origin: Origin) -> AsyncIterator[Cluster]:
+    c = Cluster(tmp_path, token_file, internal(origin))
     try:
         yield c
     finally:
@@ -469,7 +477,7 @@ BAD_REPLICATE = [
 
 async def test_a_bad_replicate_request_is_400_and_changes_nothing(tmp_path: Path, token_file: Path, origin: Origin) -> None:
     ref = origin.file_url("model.gguf")
-    async with running_daemon(tmp_path / "solo", node_id="solo", **{"cluster.token_file": str(token_file), **FAST}) as d:
+    async with running_daemon(tmp_path / "solo", node_id="solo", **{"cluster.token_file": str(token_file), **FAST, **internal(origin)}) as d:
         for bad in BAD_REPLICATE:
             body = {k: (ref if v == "{ref}" else v) for k, v in bad.items()}
             with pytest.raises(ApiError) as err:
@@ -479,3 +487,22 @@ async def test_a_bad_replicate_request_is_400_and_changes_nothing(tmp_path: Path
         assert await call(d, "GET", "/v1/catalog") == []
         assert (await status(d, ref))["state"] == "absent"
     assert origin.counters.requests == 0
+
+
+async def test_replicate_of_a_local_file_or_an_unlisted_internal_url_is_400(tmp_path: Path, token_file: Path, origin: Origin) -> None:
+    """Issue 18: such a ref names something on one node only; replicating it would make every
+    owner read its own file or internal address and serve what it got to the cluster."""
+    src = write_random_file(tmp_path / "src" / "w.bin", 1000, seed=3)
+    port = URL(origin.url).port
+    local = [f"file://{src}", f"http://127.0.0.2:{port}/model.gguf", f"http://localhost:{port}/model.gguf", "http://169.254.169.254/x.bin"]
+    async with running_daemon(tmp_path / "solo", node_id="solo", **{"cluster.token_file": str(token_file), **FAST, **internal(origin)}) as d:
+        for ref in local:
+            with pytest.raises(ApiError) as err:
+                await call(d, "POST", "/v1/replicate", {"ref": ref, "replicas": 1})
+            assert (err.value.status, err.value.code) == (400, "bad_request"), (ref, err.value.status, err.value.body)
+            assert "cannot replicate" in err.value.message and ("file://" in err.value.message or "internal address" in err.value.message)
+        assert await call(d, "GET", "/v1/catalog") == []
+        # The one internal origin the operator listed is still allowed.
+        await call(d, "POST", "/v1/replicate", {"ref": origin.file_url("model.gguf"), "replicas": 1})
+        assert [e["ref"] for e in await call(d, "GET", "/v1/catalog")] == [origin.file_url("model.gguf")]
+    assert not any(p for p in (tmp_path / "solo").rglob("*") if p.is_file() and p.read_bytes() == src.read_bytes())

@@ -3,7 +3,8 @@
 An entry with a later (updated_at, updated_by) replaces an earlier one, equal timestamps are
 settled by node id, older news is ignored; ``replicas = 0`` is a tombstone that hides the ref and
 beats any older set; entries that do not parse are dropped one by one without spoiling the rest
-of the batch, whatever a peer sends. ``owners_of`` picks among the members whose labels match.
+of the batch, whatever a peer sends; refs only one node may name (file://, http to an internal
+address) are refused locally and dropped, counted, from gossip (issue 18). ``owners_of`` picks among the members whose labels match.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cached.cluster import Catalog, CatalogEntry, Member, Reconciler, owners_of
+from cached.cluster import Catalog, CatalogEntry, Member, Reconciler, local_only, owners_of
 from cached.errors import RequestError
 from cached.placement import rank
 from cached.types import ModelRef
@@ -148,11 +149,58 @@ def test_a_malformed_entry_is_dropped_and_the_rest_of_the_batch_kept(bad: Any) -
     assert c.get(REF) is not None and c.get(REF).replicas == 2
 
 
+# --- refs the cluster must not share ------------------------------------------------------------
+
+LOCAL_ONLY = [
+    "file:///etc/shadow",
+    "file://localhost/etc/cached/cluster.token",
+    "http://127.0.0.1:8080/x.gguf",
+    "http://127.1/x.gguf",
+    "http://2130706433/x.gguf",
+    "http://0x7f000001/x.gguf",
+    "https://localhost/x.gguf",
+    "http://LOCALHOST./x.gguf",
+    "http://api.localhost/x.gguf",
+    "http://169.254.169.254/latest/meta-data/iam.json",
+    "http://[fe80::1]/x.gguf",
+    "http://[::1]:9/x.gguf",
+    "http://[::ffff:127.0.0.1]/x.gguf",
+    "http://0.0.0.0/x.gguf",
+    "http://[::]/x.gguf",
+    "http://224.0.0.251/x.gguf",
+    "http://[ff02::fb]/x.gguf",
+]
+SHAREABLE = ["hf://org/llama@main", REF, "https://10.0.0.5/m.gguf", "http://192.168.1.9:8000/m.gguf", "https://huggingface.co/x/y.bin"]
+
+
+@pytest.mark.parametrize("ref", LOCAL_ONLY)
+def test_a_local_only_ref_from_gossip_is_dropped_and_counted(ref: str) -> None:
+    assert local_only(ModelRef.parse(ref)) is not None
+    c = Catalog("me")
+    assert c.merge([raw(ref, replicas=3, at=5.0, by="evil"), raw(OTHER, replicas=1, at=5.0, by="b")]) == 1
+    assert [e.ref for e in c.entries()] == [OTHER]
+    assert c.dropped["local_ref"] == 1
+
+
+@pytest.mark.parametrize("ref", LOCAL_ONLY)
+def test_a_local_only_ref_cannot_be_set(ref: str) -> None:
+    c = Catalog("me")
+    with pytest.raises(RequestError, match="cannot replicate"):
+        c.set(ModelRef.parse(ref), 2)
+    assert c.entries() == []
+
+
+@pytest.mark.parametrize("ref", SHAREABLE)
+def test_refs_every_node_may_fetch_are_shareable(ref: str) -> None:
+    assert local_only(ModelRef.parse(ref)) is None
+    assert Catalog("me").merge([raw(ref)]) == 1
+
+
 # --- convergence ---------------------------------------------------------------------------------
 
 entries = st.builds(
     raw,
-    ref=st.sampled_from([REF, OTHER, "file:///srv/models/x"]),
+    ref=st.sampled_from([REF, OTHER, "https://models.example/x.gguf"]),
     replicas=st.integers(min_value=0, max_value=4),
     at=st.sampled_from([1.0, 2.0, 3.0]),  # few values, so that ties are common
     by=st.sampled_from(["a", "b", "c"]),

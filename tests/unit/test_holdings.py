@@ -3,6 +3,7 @@
 ``LocalHoldings.since(v)`` must hand a peer that has version ``v`` exactly the changes after it
 (or the whole state once the log no longer reaches back), and a ``HoldingsView`` fed those answers
 must end up equal to the source, through the JSON wire form. A delta on the wrong base is refused.
+What is announced never names a ``file://`` ref or its manifest (issue 18: file:// is local).
 """
 
 from __future__ import annotations
@@ -49,11 +50,28 @@ def test_record_numbers_every_change() -> None:
     h = LocalHoldings()
     assert h.version == 0
     assert h.record(["blob+", B1, 10]) == 1
-    assert h.record(["manifest+", M1]) == 2
-    assert h.record(["ref", "file:///m", M1]) == 3
-    assert h.state.blobs == {B1: 10} and h.state.manifests == {M1} and h.state.refs == {"file:///m": M1}
-    h.record(["ref", "file:///m", None])
+    # A manifest is announced with the first shareable ref that names it (the store records the
+    # manifest just before the ref): one version each.
+    h.record(["manifest+", M1])
+    assert h.record(["ref", "hf://o/n@main", M1]) == 3
+    assert h.state.blobs == {B1: 10} and h.state.manifests == {M1} and h.state.refs == {"hf://o/n@main": M1}
+    assert h.since(1)["deltas"] == [["manifest+", M1], ["ref", "hf://o/n@main", M1]]
+    h.record(["ref", "hf://o/n@main", None])
     assert h.state.refs == {}
+
+
+def test_a_file_ref_and_its_manifest_are_never_announced() -> None:
+    h = LocalHoldings()
+    h.record(["blob+", B1, 10])
+    for op in (["manifest+", M1], ["ref", "file:///etc/secret", M1], ["ref", "FILE:///x", M1], ["ref", "file:///etc/secret", None], ["manifest-", M1]):
+        assert h.record(op) == 1, f"{op} stays on this node"
+    assert h.state.refs == {} and h.state.manifests == set()
+    answers = [h.since(0), h.since(1)]
+    assert "file://" not in json.dumps(answers).lower() and M1 not in json.dumps(answers)
+    # The same manifest named later by a shareable ref is announced then, once.
+    h.record(["manifest+", B2])
+    h.record(["ref", "hf://o/n@main", B2])
+    assert h.state.manifests == {B2}
 
 
 def test_since_gives_exactly_the_ops_after_v() -> None:
@@ -105,7 +123,7 @@ def test_view_follows_snapshot_then_deltas() -> None:
 
 def test_update_with_a_mismatched_base_raises() -> None:
     src = LocalHoldings()
-    for op in (["blob+", B1, 1], ["blob+", B2, 2], ["manifest+", M1]):
+    for op in (["blob+", B1, 1], ["blob+", B2, 2], ["partial+", K1, 10, 64 << 10]):
         src.record(op)
     view = HoldingsView()
     with pytest.raises(ValueError, match="based on version"):
@@ -122,9 +140,9 @@ def test_update_with_a_mismatched_base_raises() -> None:
 def test_who_has_what() -> None:
     view = HoldingsView()
     a, b = LocalHoldings(), LocalHoldings()
-    for op in (["blob+", B1, 10], ["partial+", K1, 300, 64 << 10], ["piece", K1, 0, B2], ["ref", "file:///m", M1]):
+    for op in (["blob+", B1, 10], ["partial+", K1, 300, 64 << 10], ["piece", K1, 0, B2], ["ref", "hf://o/m@main", M1]):
         a.record(op)
-    for op in (["blob+", B1, 10], ["blob+", B2, 20], ["ref", "file:///m", M1]):
+    for op in (["blob+", B1, 10], ["blob+", B2, 20], ["ref", "hf://o/m@main", M1]):
         b.record(op)
     view.update("node-b", wire(b.since(0)))
     view.update("node-a", wire(a.since(0)))
@@ -134,7 +152,7 @@ def test_who_has_what() -> None:
     [(node, partial)] = view.with_partial(K1)
     assert node == "node-a" and (partial.size, partial.piece_size) == (300, 64 << 10)
     assert partial.pieces == {0: B2}, "piece indexes come back as ints from the JSON wire form"
-    assert view.with_ref("file:///m") == [("node-a", M1), ("node-b", M1)]
+    assert view.with_ref("hf://o/m@main") == [("node-a", M1), ("node-b", M1)]
     view.forget("node-a")
     assert view.with_blob(B1) == ["node-b"] and view.with_partial(K1) == [] and view.version("node-a") == 0
 
@@ -165,26 +183,28 @@ def test_malformed_ops_raise(op: list[Any]) -> None:
 def test_any_since_answer_brings_a_view_at_v_to_the_current_state(history: list[list[Any]], data: st.DataObject) -> None:
     max_log = data.draw(st.integers(1, 50), label="max_log")
     src = LocalHoldings(max_log=max_log)
-    v = data.draw(st.integers(0, len(history)), label="v")
-    for op in history[:v]:
+    cut = data.draw(st.integers(0, len(history)), label="cut")
+    for op in history[:cut]:
         src.record(op)
+    v = src.version  # some ops stay local (file:// refs, unnamed manifests): versions count what is announced
     view = HoldingsView()
     if v:
         view.update("n", wire(src.since(0)))
-    for op in history[v:]:
+    for op in history[cut:]:
         src.record(op)
     answer = wire(src.since(v))
     if "deltas" in answer:
         assert answer["base"] == v
-        assert answer["deltas"] == [list(op) for op in history[v:]], "exactly the ops after v, in order"
-        assert len(history) - v <= max_log or v == len(history)
+        assert len(answer["deltas"]) == src.version - v, "exactly the ops after v"
+        assert src.version - v <= max_log or v == src.version
     else:
-        assert v == 0 or len(history) - v > max_log, "a snapshot only when the log does not reach back"
+        assert v == 0 or src.version - v > max_log, "a snapshot only when the log does not reach back"
+    assert "file://" not in json.dumps(answer), "a file:// ref is never announced"
     if v == 0 and "deltas" in answer:
         return  # nothing recorded at all: a view has nothing to take
     view.update("n", answer)
     got = view.get("n")
-    assert got is not None and got.version == len(history)
+    assert got is not None and got.version == src.version
     assert wire(got.to_json()) == wire(src.state.to_json())
 
 
