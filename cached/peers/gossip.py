@@ -16,7 +16,8 @@ small request, never a resend of everything. One failed exchange is logged at de
 and never stops the loop. Nothing of an answer that did not prove the cluster key is merged
 (``PeerClient`` refuses it). Messages are bounded both ways: at most
 ``MAX_MEMBERS_PER_MESSAGE`` entries and ``MESSAGE_MEMBER_BYTES`` of them are sent (ourselves,
-then proven, then live members first) or taken; membership itself is capped (``Membership``).
+then proven, then other live members; never the ones we stopped hearing from) or taken;
+membership itself is capped (``Membership``).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class Gossip:
         self._round_timeout_s = interval_s
         self._rng = rng or random.Random()
         self._pulling: set[str] = set()
+        self._out_cache: tuple[float, list[dict[str, Any]]] | None = None
         self.rounds = 0
         # Extra state that rides along in every exchange (the cluster catalog), set by the
         # composition root: what to send, and how to merge what arrives.
@@ -107,23 +109,27 @@ class Gossip:
         return self.message()
 
     def message(self) -> dict[str, Any]:
-        return {"cluster": self.cluster, "members": [i.to_json() for i in self._outgoing()], **self.extra_out()}
+        return {"cluster": self.cluster, "members": self._outgoing(), **self.extra_out()}
 
-    def _outgoing(self) -> list[MemberInfo]:
-        """Ourselves, then proven, then live members, then the rest (shuffled, so every entry
-        travels now and then), within the entry and byte budgets a receiver accepts."""
-        ms = self.membership.members()
-        proven = [m for m in ms if self.membership.proven(m)]
-        alive = [m for m in ms if m.status is Status.ALIVE and not self.membership.proven(m)]
-        rest = [m for m in ms if m.status is not Status.ALIVE and not self.membership.proven(m)]
-        self._rng.shuffle(alive)
-        self._rng.shuffle(rest)
-        out, budget = [self.membership.me], MESSAGE_MEMBER_BYTES
-        for m in proven + alive + rest:
+    def _outgoing(self) -> list[dict[str, Any]]:
+        """Ourselves, then proven, then other live members (shuffled, so with more than fit each
+        travels now and then), within the entry and byte budgets a receiver accepts. Members we
+        no longer hear from are not passed on: their entries carry nothing newer, and a node
+        that never knew them would take them for alive. Built at most once per round."""
+        now = self.membership.clock()
+        if self._out_cache is not None and now - self._out_cache[0] < self._interval_s:
+            return self._out_cache[1]
+        alive = self.membership.alive()
+        proven = [m for m in alive if self.membership.proven(m)]
+        others = [m for m in alive if not self.membership.proven(m)]
+        self._rng.shuffle(others)
+        out, budget = [self.membership.me.to_json()], MESSAGE_MEMBER_BYTES
+        for m in proven + others:
             budget -= m.info.wire_size
             if len(out) >= MAX_MEMBERS_PER_MESSAGE or budget < 0:
                 break
-            out.append(m.info)
+            out.append(m.info.to_json())
+        self._out_cache = (now, out)
         return out
 
     def _merge(self, entries: list[Any], *, vouched: frozenset[str] = frozenset()) -> None:
@@ -131,6 +137,8 @@ class Gossip:
             self._metrics.gossip_members_dropped.labels("message").inc(len(entries) - MAX_MEMBERS_PER_MESSAGE)
         infos = []
         for raw in entries[:MAX_MEMBERS_PER_MESSAGE]:
+            if self._unchanged(raw):
+                continue
             try:
                 infos.append(MemberInfo.from_json(raw))
             except ValueError:
@@ -147,6 +155,13 @@ class Gossip:
                 self.view.forget(node_id)  # a new life numbers its holdings from scratch
         self._update_gauges()
 
+    def _unchanged(self, raw: Any) -> bool:
+        """An entry of the same age as ours: nothing to parse (most of every message)."""
+        if not isinstance(raw, dict) or not isinstance(node_id := raw.get("node_id"), str):
+            return False
+        cur = self.membership.get(node_id)
+        return cur is not None and raw.get("incarnation") == cur.info.incarnation and raw.get("heartbeat") == cur.info.heartbeat
+
     # --- outgoing ------------------------------------------------------------------------------
 
     async def run(self, stopping: asyncio.Event) -> None:
@@ -159,6 +174,7 @@ class Gossip:
 
     async def round(self) -> None:
         self.membership.beat(holdings_version=self.holdings.version, capacity_bytes=self._capacity())
+        self._out_cache = None  # our new heartbeat goes out this round
         for node_id, status in self.membership.refresh():
             log.info("peer status changed node=%s status=%s", node_id, status)
             if status is Status.DEAD:

@@ -213,6 +213,9 @@ class Membership:
                 out.append(m.info.node_id)
         return out
 
+    def clock(self) -> float:
+        return self._clock()
+
     def proven(self, m: Member) -> bool:
         """Answered us, signed, within the time it takes a silent member to be declared dead."""
         return m.last_proven is not None and self._clock() - m.last_proven < self._dead_after_s
