@@ -178,7 +178,7 @@ class RequestVerifier:
             raise AuthRefused("malformed")
         if abs(int(self._clock()) - int(ts)) > self._window_s:
             raise AuthRefused("stale")
-        if not self._key.verify(mac, _REQUEST, method.upper(), path_qs, ts, nonce, digest, node):
+        if not self._key.verify(mac, _REQUEST, method, path_qs, ts, nonce, digest, node):
             raise AuthRefused("bad_mac")
         return Claim(node_id=node, nonce=nonce, body_sha256=digest, time=int(ts))
 

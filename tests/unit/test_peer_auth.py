@@ -174,3 +174,8 @@ def test_a_range_answer_signs_its_range_headers() -> None:
 
 def test_the_key_never_shows_in_its_repr() -> None:
     assert TOKEN not in repr(ClusterKey(TOKEN, "default"))
+
+
+def test_the_method_is_compared_exactly() -> None:
+    v = verifier(Clock())
+    assert refused(v, "gET", "/p", request(path="/p", method="GET"), b"").reason == "bad_mac"
