@@ -23,7 +23,7 @@ import logging
 import socket
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
