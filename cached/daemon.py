@@ -202,6 +202,8 @@ class Daemon:
             holdings.record(op)
         self.store.on_change = holdings.record
         self._server_ssl, client_ssl_ctx = tls_contexts(cfg)
+        # Only the key derived from the token is used from here on; the token never leaves.
+        self._cluster_key = ClusterKey(token, cfg.cluster.name)
         # Our address is known once the peer API listens; _serve_peers fills it in.
         membership = Membership(
             MemberInfo(node_id=cfg.node_id, address="", cluster=cfg.cluster.name, incarnation=0),
@@ -216,8 +218,8 @@ class Daemon:
         )
         self._stack.callback(reader.close)
         client = PeerClient(
-            session, reader, token, scheme="https" if self._server_ssl else "http", ssl_context=client_ssl_ctx,
-            timeout_s=cfg.peer.stall_timeout_s,
+            session, reader, self._cluster_key, cfg.node_id, scheme="https" if self._server_ssl else "http",
+            ssl_context=client_ssl_ctx, timeout_s=cfg.peer.stall_timeout_s, metrics=self.metrics,
         )
         self.gossip = Gossip(
             membership=membership, holdings=holdings, view=HoldingsView(), client=client, metrics=self.metrics,
@@ -232,7 +234,7 @@ class Daemon:
         holdings = self.gossip.holdings
         server_ssl = self._server_ssl
         peer_api = PeerApi(
-            store=self.store, gossip=self.gossip, metrics=self.metrics, token=token,
+            store=self.store, gossip=self.gossip, metrics=self.metrics, key=self._cluster_key, node_id=cfg.node_id,
             max_uploads=cfg.peer.max_uploads, serve_rate_bps=cfg.peer.serve_rate_bps,
         )
         guard = self._guards["peer"]

@@ -52,6 +52,25 @@ class Metrics:
         self.peer_auth_failures = Counter(
             "cached_peer_auth_failures", "Peer API requests refused for a missing or wrong cluster token.", registry=r
         )
+        self.peer_auth_refused = Counter(
+            "cached_peer_auth_refused",
+            "Peer API requests refused by signature check, by reason (missing, malformed, stale, bad_mac, "
+            "body_mismatch, replay, nonce_cache_full, body_too_large).",
+            ["reason"], registry=r,
+        )
+        self.peer_unauthenticated = Counter(
+            "cached_peer_unauthenticated",
+            "Answers from peer addresses that did not prove they hold the cluster token (nothing of them is used).",
+            registry=r,
+        )
+        self.peer_answer_too_large = Counter(
+            "cached_peer_answer_too_large", "Peer answers abandoned past their size cap, by route.", ["route"], registry=r
+        )
+        self.gossip_members_dropped = Counter(
+            "cached_gossip_members_dropped",
+            "Member entries from gossip not taken, by reason (full: membership at its cap; message: past the per-message cap).",
+            ["reason"], registry=r,
+        )
         self.peer_throttled = Counter(
             "cached_peer_throttled", "Peer API requests answered 429 because serving was at its limit.", registry=r
         )

@@ -2,8 +2,12 @@
 
 Routes: gossip, holdings deltas, complete blobs by id with Range (sendfile), partial blobs with
 Range but only over verified pieces (416 otherwise), piece tables, manifests by digest, and
-ref -> manifest digest. Every request must carry the cluster token (compared in constant time);
-without it the answer is 401 and the refusal is counted. Serving is bounded: past
+ref -> manifest digest. Every request must be signed with the cluster key (``peers.auth`` states
+the wire format: node id, time, nonce, body digest, MAC); anything else (no signature, a wrong or
+stale one, a replayed nonce, a body that does not match, a bare ``Authorization: Bearer`` token,
+garbage headers) is 401 and counted by reason, and nothing of it reaches a handler. Every answer
+to an accepted request is signed in turn (``X-Cached-Answer``), so the caller knows a token holder
+answered. Request bodies are capped at ``MAX_BODY_BYTES``. Serving is bounded: past
 ``max_uploads`` concurrent transfers the answer is 429 with Retry-After, so the puller moves to
 another source; ``serve_rate_bps`` caps upload bandwidth. Nothing here decides what to fetch.
 """
@@ -11,7 +15,6 @@ another source; ``serve_rate_bps`` caps upload bandwidth. Nothing here decides w
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import os
@@ -22,6 +25,7 @@ from aiohttp import ClientConnectionResetError, web
 
 from cached.errors import CachedError
 from cached.metrics import Metrics
+from cached.peers.auth import HEADER_ANSWER, HEADER_NODE, AuthRefused, ClusterKey, RequestVerifier, SignedRequest, sign_answer
 from cached.peers.gossip import Gossip
 from cached.store import Store
 from cached.transfer.budget import TokenBucket
@@ -32,6 +36,10 @@ log = logging.getLogger(__name__)
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 CHUNK = 1 << 20
+# The largest request is a gossip message: members (capped by bytes in ``Gossip.message``) and
+# the catalog; the client caps a gossip answer at the same size.
+MAX_BODY_BYTES = 8 << 20
+_SIGNED = web.RequestKey("signed", SignedRequest)
 
 
 class _SlottedFile(web.FileResponse):
@@ -48,19 +56,23 @@ class _SlottedFile(web.FileResponse):
 
 class PeerApi:
     def __init__(
-        self, *, store: Store, gossip: Gossip, metrics: Metrics, token: str, max_uploads: int, serve_rate_bps: int
+        self, *, store: Store, gossip: Gossip, metrics: Metrics, key: ClusterKey, node_id: str, max_uploads: int, serve_rate_bps: int,
+        verifier: RequestVerifier | None = None,
     ) -> None:
         self._store = store
         self._gossip = gossip
         self._metrics = metrics
-        self._token = token.encode()
+        self._key = key
+        self._node_id = node_id
+        self._verifier = verifier if verifier is not None else RequestVerifier(key)
         self._uploads = asyncio.Semaphore(max_uploads)
         self._bucket = TokenBucket(serve_rate_bps)
         self._rate_limited = serve_rate_bps > 0
         self.local_status: Callable[[ModelRef], dict[str, Any]] = lambda ref: {"state": "absent"}
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=8 << 20, middlewares=[self._auth])
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._auth])
+        app.on_response_prepare.append(self._sign_answer)
         r = app.router
         r.add_post("/p2p/v1/gossip", self.gossip)
         r.add_get("/p2p/v1/holdings", self.holdings)
@@ -75,11 +87,15 @@ class PeerApi:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        auth = request.headers.get("Authorization", "")
-        given = auth[7:].encode() if auth.startswith("Bearer ") else b""
-        if not hmac.compare_digest(given, self._token):
-            self._metrics.peer_auth_failures.inc()
-            return web.json_response({"error": "unauthorized", "message": "missing or wrong cluster token"}, status=401)
+        try:
+            # The MAC is checked on the headers first, so nobody without the key makes us read a body.
+            claim = self._verifier.check(request.method, request.raw_path, request.headers)
+            request[_SIGNED] = self._verifier.accept(claim, await request.read())
+        except AuthRefused as e:
+            return self._refused(e)
+        except web.HTTPException as e:  # a body past MAX_BODY_BYTES
+            self._metrics.peer_auth_refused.labels("body_too_large").inc()
+            return web.json_response({"error": "http", "message": e.reason}, status=e.status)
         try:
             return await handler(request)
         except web.HTTPException as e:
@@ -87,12 +103,37 @@ class PeerApi:
         except (CachedError, ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
             return web.json_response({"error": "bad_request", "message": str(e)[:200]}, status=400)
 
+    def _refused(self, e: AuthRefused) -> web.Response:
+        self._metrics.peer_auth_failures.inc()
+        self._metrics.peer_auth_refused.labels(e.reason).inc()
+        if e.status == 503:
+            return web.json_response({"error": "busy", "message": "too many requests in the replay window"}, status=503, headers={"Retry-After": "1"})
+        return web.json_response({"error": "unauthorized", "message": f"request not signed with the cluster key ({e.reason})"}, status=401)
+
+    async def _sign_answer(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Sign every answer to an accepted request: over the body when we hold it, else (a
+        streamed or sendfile range) over its Content-Range and Content-Length."""
+        signed = request.get(_SIGNED)
+        if signed is None:
+            return
+        body = response.body if isinstance(response, web.Response) else None
+        if isinstance(body, (bytes, bytearray)) or (isinstance(response, web.Response) and body is None):
+            mac = sign_answer(self._key, self._node_id, signed.nonce, response.status, body=bytes(body or b""))
+        else:
+            h = response.headers
+            mac = sign_answer(
+                self._key, self._node_id, signed.nonce, response.status,
+                content_range=h.get("Content-Range", ""), content_length=h.get("Content-Length", ""),
+            )
+        response.headers[HEADER_NODE] = self._node_id
+        response.headers[HEADER_ANSWER] = mac
+
     # --- membership ----------------------------------------------------------------------------
 
     async def gossip(self, request: web.Request) -> web.Response:
         try:
             payload = json.loads(await request.read())
-            return web.json_response(self._gossip.receive(payload))
+            return web.json_response(self._gossip.receive(payload, sender=request[_SIGNED].node_id))
         except PermissionError as e:
             self._metrics.gossip_errors.labels("other_cluster").inc()
             return web.json_response({"error": "other_cluster", "message": str(e)}, status=403)

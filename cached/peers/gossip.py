@@ -1,12 +1,23 @@
 """Gossip: push-pull exchange of membership every round, and holdings pulled as deltas.
 
 Each round (``gossip_interval_s``) this node advances its heartbeat, re-derives member statuses,
-and exchanges its member list with ``fanout`` random live members (plus any seed or mDNS-found
-address not yet known, and now and then a suspect or dead one, so a healed node is noticed).
+and exchanges its member list with up to ``fanout`` live members, chosen first among those that
+recently answered us with a signed answer (*proven*; the rest of the fanout, at least one, goes
+to members not yet proven, so newcomers get met). On top of that every round: up to
+``SEEDS_PER_ROUND`` seeds in rotation (configured seeds are probed for ever, even when their
+address is a known member; mDNS-found addresses until they prove themselves), and one suspect or
+dead member in rotation (previously proven ones and the others alternately), so a healed node is
+noticed within a few rounds however many fake members someone gossiped. A message of thousands
+of invented members therefore cannot push real nodes out of the fanout and split the cluster.
+
 Member entries carry each node's holdings version; when it is newer than what we hold, we pull
 the difference from that node (``GET /p2p/v1/holdings?since=v``), so a change costs each peer one
 small request, never a resend of everything. One failed exchange is logged at debug, counted,
-and never stops the loop.
+and never stops the loop. Nothing of an answer that did not prove the cluster key is merged
+(``PeerClient`` refuses it). Messages are bounded both ways: at most
+``MAX_MEMBERS_PER_MESSAGE`` entries and ``MESSAGE_MEMBER_BYTES`` of them are sent (ourselves,
+then proven, then other live members; never the ones we stopped hearing from) or taken;
+membership itself is capped (``Membership``).
 """
 
 from __future__ import annotations
@@ -18,13 +29,16 @@ import socket
 from typing import Any, Callable
 
 from cached.metrics import Metrics
-from cached.peers.client import PeerClient, PeerError
+from cached.peers.client import AnswerTooLarge, PeerClient, PeerError, PeerUnproven
 from cached.peers.holdings import HoldingsView, LocalHoldings
 from cached.peers.membership import MemberInfo, Membership, Status
 
 log = logging.getLogger(__name__)
 
 MAX_MEMBERS_PER_MESSAGE = 5000
+MESSAGE_MEMBER_BYTES = 4 << 20  # leaves room for the catalog under the 8 MiB message cap
+SEEDS_PER_ROUND = 4
+MAX_DISCOVERED_SEEDS = 256
 # What a malformed message from a peer can raise while we read it; caught per exchange, counted.
 MALFORMED = (ValueError, KeyError, TypeError, IndexError, AttributeError, OverflowError, RecursionError)
 
@@ -51,11 +65,15 @@ class Gossip:
         self._metrics = metrics
         self._interval_s = interval_s
         self._fanout = fanout
-        self._seeds: set[str] = set(seeds)
+        self._seeds: dict[str, None] = dict.fromkeys(s for s in seeds if s)  # configured: probed for ever
+        self._found: dict[str, None] = {}  # from mDNS: probed until proven, bounded
+        self._seed_turn = 0
+        self._down_turn = [0, 0]
         self._capacity = capacity
         self._round_timeout_s = interval_s
         self._rng = rng or random.Random()
         self._pulling: set[str] = set()
+        self._out_cache: tuple[float, list[dict[str, Any]]] | None = None
         self.rounds = 0
         # Extra state that rides along in every exchange (the cluster catalog), set by the
         # composition root: what to send, and how to merge what arrives.
@@ -69,41 +87,80 @@ class Gossip:
         return self.membership.me.cluster
 
     def add_seed(self, address: str) -> None:
-        """An address to contact (a --seed, or a peer found by mDNS)."""
-        if address != self.membership.me.address:
-            self._seeds.add(address)
+        """An address to contact (a peer found by mDNS), until it answers us with proof."""
+        if address == self.membership.me.address or address in self._seeds or address in self._found:
+            return
+        if len(self._found) >= MAX_DISCOVERED_SEEDS:
+            self._metrics.gossip_errors.labels("seeds_full").inc()
+            return
+        self._found[address] = None
 
     # --- incoming ------------------------------------------------------------------------------
 
-    def receive(self, payload: Any) -> dict[str, Any]:
-        """Handle a peer's gossip; return ours. Raises ValueError on a malformed message."""
+    def receive(self, payload: Any, *, sender: str | None = None) -> dict[str, Any]:
+        """Handle a peer's gossip (``sender``: the node id that signed it); return ours.
+        Raises ValueError on a malformed message."""
         if not isinstance(payload, dict) or not isinstance(payload.get("members"), list):
             raise ValueError("gossip body must be an object with a 'members' list")
         if payload.get("cluster") != self.cluster:
             raise PermissionError(f"gossip from cluster {payload.get('cluster')!r}, we are {self.cluster!r}")
-        self._merge(payload["members"])
+        self._merge(payload["members"], vouched=frozenset({sender}) if sender else frozenset())
         self.extra_in(payload)
         return self.message()
 
     def message(self) -> dict[str, Any]:
-        return {"cluster": self.cluster, "members": [m.to_json() for m in self.membership.snapshot()], **self.extra_out()}
+        return {"cluster": self.cluster, "members": self._outgoing(), **self.extra_out()}
 
-    def _merge(self, entries: list[Any]) -> None:
+    def _outgoing(self) -> list[dict[str, Any]]:
+        """Ourselves, then proven, then other live members (shuffled, so with more than fit each
+        travels now and then), within the entry and byte budgets a receiver accepts. Members we
+        no longer hear from are not passed on: their entries carry nothing newer, and a node
+        that never knew them would take them for alive. Built at most once per round."""
+        now = self.membership.clock()
+        if self._out_cache is not None and now - self._out_cache[0] < self._interval_s:
+            return self._out_cache[1]
+        alive = self.membership.alive()
+        proven = [m for m in alive if self.membership.proven(m)]
+        others = [m for m in alive if not self.membership.proven(m)]
+        self._rng.shuffle(others)
+        out, budget = [self.membership.me.to_json()], MESSAGE_MEMBER_BYTES
+        for m in proven + others:
+            budget -= m.info.wire_size
+            if len(out) >= MAX_MEMBERS_PER_MESSAGE or budget < 0:
+                break
+            out.append(m.info.to_json())
+        self._out_cache = (now, out)
+        return out
+
+    def _merge(self, entries: list[Any], *, vouched: frozenset[str] = frozenset()) -> None:
+        if len(entries) > MAX_MEMBERS_PER_MESSAGE:
+            self._metrics.gossip_members_dropped.labels("message").inc(len(entries) - MAX_MEMBERS_PER_MESSAGE)
         infos = []
         for raw in entries[:MAX_MEMBERS_PER_MESSAGE]:
+            if self._unchanged(raw):
+                continue
             try:
                 infos.append(MemberInfo.from_json(raw))
             except ValueError:
                 self._metrics.gossip_errors.labels("malformed").inc()
         lives = {i.node_id: m.info.incarnation for i in infos if (m := self.membership.get(i.node_id)) is not None}
-        changed = self.membership.merge(infos)
+        refused = dict(self.membership.refused)
+        changed = self.membership.merge(infos, vouched=vouched)
+        for reason, n in self.membership.refused.items():
+            if n > refused.get(reason, 0):
+                self._metrics.gossip_members_dropped.labels(reason).inc(n - refused.get(reason, 0))
         for node_id in changed:
             m = self.membership.get(node_id)
-            if m is not None:
-                self._seeds.discard(m.info.address)
-                if node_id in lives and m.info.incarnation != lives[node_id]:
-                    self.view.forget(node_id)  # a new life numbers its holdings from scratch
+            if m is not None and node_id in lives and m.info.incarnation != lives[node_id]:
+                self.view.forget(node_id)  # a new life numbers its holdings from scratch
         self._update_gauges()
+
+    def _unchanged(self, raw: Any) -> bool:
+        """An entry of the same age as ours: nothing to parse (most of every message)."""
+        if not isinstance(raw, dict) or not isinstance(node_id := raw.get("node_id"), str):
+            return False
+        cur = self.membership.get(node_id)
+        return cur is not None and raw.get("incarnation") == cur.info.incarnation and raw.get("heartbeat") == cur.info.heartbeat
 
     # --- outgoing ------------------------------------------------------------------------------
 
@@ -117,6 +174,7 @@ class Gossip:
 
     async def round(self) -> None:
         self.membership.beat(holdings_version=self.holdings.version, capacity_bytes=self._capacity())
+        self._out_cache = None  # our new heartbeat goes out this round
         for node_id, status in self.membership.refresh():
             log.info("peer status changed node=%s status=%s", node_id, status)
             if status is Status.DEAD:
@@ -136,23 +194,55 @@ class Gossip:
         self._update_gauges()
 
     def _targets(self) -> list[str]:
-        alive = [m.info.address for m in self.membership.alive()]
-        chosen = self._rng.sample(alive, min(self._fanout, len(alive)))
-        known = {m.info.address for m in self.membership.members()}
-        chosen += [s for s in self._seeds if s not in known]
-        others = [m.info.address for m in self.membership.members() if m.status is not Status.ALIVE]
-        if others and self._rng.random() < 0.5:
-            chosen.append(self._rng.choice(others))  # so a node that heals is noticed
-        return list(dict.fromkeys(chosen))
+        ms = self.membership.members()
+        alive = [m for m in ms if m.status is Status.ALIVE]
+        proven = [m.info.address for m in alive if self.membership.proven(m)]
+        unproven = [m.info.address for m in alive if not self.membership.proven(m)]
+        chosen = self._rng.sample(proven, min(self._fanout, len(proven)))
+        if unproven:
+            chosen += self._rng.sample(unproven, min(max(1, self._fanout - len(chosen)), len(unproven)))
+        chosen += self._next_seeds()
+        chosen += self._next_down(ms)
+        return [a for a in dict.fromkeys(chosen) if a != self.membership.me.address]
+
+    def _next_seeds(self) -> list[str]:
+        seeds = list(self._seeds) + list(self._found)
+        if len(seeds) <= SEEDS_PER_ROUND:
+            return seeds
+        start = self._seed_turn % len(seeds)
+        self._seed_turn += SEEDS_PER_ROUND
+        return (seeds[start:] + seeds[:start])[:SEEDS_PER_ROUND]
+
+    def _next_down(self, ms: list[Any]) -> list[str]:
+        """One suspect or dead member in rotation, alternating between those we had proven
+        before and the others, so thousands of invented ones do not hide a real one for long."""
+        down = [m for m in ms if m.status is not Status.ALIVE]
+        groups = ([m for m in down if m.last_proven is not None], [m for m in down if m.last_proven is None])
+        which = self.rounds % 2
+        group = groups[which] or groups[1 - which]
+        if not group:
+            return []
+        turn = self._down_turn[which]
+        self._down_turn[which] = turn + 1
+        return [group[turn % len(group)].info.address]
 
     async def _exchange(self, address: str) -> None:
         try:
             answer = await self.client.gossip(address, self.message())
-            if answer.get("cluster") != self.cluster:
+            if not isinstance(answer, dict) or answer.get("cluster") != self.cluster:
                 self._metrics.gossip_errors.labels("other_cluster").inc()
                 return
+            # The answer proved the key: whoever answers at this address is proven.
+            self._found.pop(address, None)
             self._merge(answer.get("members") or [])
+            self.membership.prove(address)
             self.extra_in(answer)
+        except PeerUnproven as e:
+            self._metrics.gossip_errors.labels("unauthenticated").inc()
+            log.debug("gossip answer not signed with the cluster key peer=%s error=%s", address, e)
+        except AnswerTooLarge as e:
+            self._metrics.gossip_errors.labels("too_large").inc()
+            log.debug("gossip answer too large peer=%s error=%s", address, e)
         except PeerError as e:
             kind = "unauthorized" if e.status == 401 else "refused" if e.status == 403 else "unreachable"
             self._metrics.gossip_errors.labels(kind).inc()

@@ -49,6 +49,8 @@ from tests.support.hfclients import tiny_model_files
 from tests.support.hub import Hub
 from tests.support.node import ADMIN_TOKEN, running_daemon
 from tests.support.origin import Origin, write_random_file
+from cached.peers.auth import sign_request
+from tests.support.peerauth import key, signed
 from tests.support.wait import wait_until
 
 TOKEN = "hostile-input-cluster-token-0123456789"
@@ -490,6 +492,9 @@ def peer_requests(draw: st.DrawFn, t: Target) -> tuple[str, str, bytes, list[tup
         body = draw(st.one_of(payload.map(json_bytes), junk().map(json_bytes), st.binary(max_size=64), st.just(b"[" * 100_000)))
         headers.append(("Content-Type", "application/json"))
     target = re.sub(rb"[\x00-\x20\x7f]", lambda m: b"%%%02X" % m.group(0)[0], encode_target(path))
+    if ("Authorization", "Bearer " + TOKEN) in headers:  # a token holder: sign it as a node does (peers.auth)
+        headers.remove(("Authorization", "Bearer " + TOKEN))
+        headers += list(sign_request(key(TOKEN), "hostile", method, target.decode("utf-8", "surrogateescape"), body or b"").items())
     return route, method, target, headers, body
 
 
@@ -560,7 +565,7 @@ async def test_ten_mib_bodies_are_413_on_every_route_that_reads_one(tmp_path: Pa
                 assert reply.status == 413, (route, reply.status, reply.body[:200])
             for route in ("/v1/gc", "/v1/models", "/healthz"):  # routes that never read a body
                 found.check(route, f"POST {route} 10 MiB", http(t.api, "POST", route, body=huge))
-            reply = http(t.peer, "POST", "/p2p/v1/gossip", headers=[("Authorization", f"Bearer {TOKEN}")], body=huge)
+            reply = http(t.peer, "POST", "/p2p/v1/gossip", headers=list(signed(TOKEN, "POST", "/p2p/v1/gossip", huge).items()), body=huge)
             found.check("gossip", "POST /p2p/v1/gossip 10 MiB", reply)
             assert reply.status == 413, reply.status
 
@@ -585,7 +590,8 @@ async def test_absurd_ranges_on_hf_resolve_and_peer_blobs(tmp_path: Path) -> Non
                         assert reply.body == config[first : last + 1], rng
                     elif reply.status == 200 and method == "GET":
                         assert reply.body == config, rng
-                reply = http(t.peer, "GET", f"/p2p/v1/blobs/{t.blob}", headers=[("Authorization", f"Bearer {TOKEN}"), ("Range", rng)])
+                blob_path = f"/p2p/v1/blobs/{t.blob}"
+                reply = http(t.peer, "GET", blob_path, headers=[*signed(TOKEN, "GET", blob_path).items(), ("Range", rng)])
                 found.check(f"blob {rng[:40]!r}", f"GET peer blob Range={rng[:40]!r}", reply)
                 assert reply.status in (206, 400, 416), (rng, reply.status)
             # The obvious ones answer what RFC 9110 says.

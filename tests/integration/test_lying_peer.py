@@ -96,14 +96,15 @@ class LyingProxy:
             self.lies += 1
             return web.json_response({"error": "internal", "message": "injected"}, status=500)
         assert self._session is not None
-        headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "range", "content-type")}
+        headers = {k: v for k, v in request.headers.items() if k.lower() in ("range", "content-type") or k.lower().startswith("x-cached-")}
         body = await request.read()
         async with self._session.request(
             request.method, f"http://{self.upstream}{request.rel_url}", headers=headers, data=body or None,
         ) as up:
             data = await up.read()
             status = up.status
-            out = {k: up.headers[k] for k in ("Content-Type", "Content-Range", "Retry-After") if k in up.headers}
+            # The node's signed-answer headers pass through: the proxy lies in the bytes only.
+            out = {k: up.headers[k] for k in ("Content-Type", "Content-Range", "Retry-After", "X-Cached-Node", "X-Cached-Answer") if k in up.headers}
         if mode is None or status != 206 or not data:
             return web.Response(status=status, body=data, headers=out)
         self.lies += 1

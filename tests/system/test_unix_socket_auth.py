@@ -36,6 +36,7 @@ from cached.api.client import ApiClient
 from tests.support.hfclients import tiny_model_files
 from tests.support.hub import Hub
 from tests.support.node import DaemonProcess, running_daemon
+from tests.support.peerauth import signed
 
 pytestmark = [pytest.mark.system]
 
@@ -160,7 +161,7 @@ async def test_a_gated_repo_is_served_on_the_local_api_only(tmp_path: Path) -> N
                     f"/p2p/v1/hf/{GATED}/resolve/main/config.json",
                     f"/p2p/v1/{GATED}/resolve/main/config.json",
                 ):
-                    for headers, status in (({}, 401), ({"Authorization": f"Bearer {CLUSTER_TOKEN}"}, 404)):
+                    for headers, status in (({}, 401), ({"Authorization": f"Bearer {CLUSTER_TOKEN}"}, 401), (signed(CLUSTER_TOKEN, "GET", peer + path), 404)):
                         async with s.get(peer + path, headers=headers) as resp:
                             body = await resp.read()
                             assert resp.status == status, (path, headers, resp.status, body[:200])
@@ -173,5 +174,5 @@ async def test_a_gated_repo_is_served_on_the_local_api_only(tmp_path: Path) -> N
                 blob = next(f.blob.hex for f in manifest.files if f.path == "config.json")
                 async with s.get(f"{peer}/p2p/v1/blobs/{blob}", headers={"Range": "bytes=0-"}) as resp:
                     assert resp.status == 401
-                async with s.get(f"{peer}/p2p/v1/blobs/{blob}", headers={"Range": "bytes=0-", "Authorization": f"Bearer {CLUSTER_TOKEN}"}) as resp:
+                async with s.get(f"{peer}/p2p/v1/blobs/{blob}", headers={"Range": "bytes=0-", **signed(CLUSTER_TOKEN, "GET", f"{peer}/p2p/v1/blobs/{blob}")}) as resp:
                     assert resp.status == 206 and await resp.read() == files["config.json"]

@@ -207,3 +207,44 @@ async def test_real_gossip_rounds_spread_members_and_holdings_deltas_and_notice_
     )
     print(f"real gossip, N={n}: a restarted node is alive again everywhere after {r} rounds")
     assert len(reborn.membership.alive()) == n - 1
+
+
+# --- targets under a flood of invented members ------------------------------------------------------
+
+
+def test_targets_favour_proven_members_probe_seeds_always_and_dead_ones_in_rotation() -> None:
+    clock, metrics = SimClock(), Metrics()
+    g = make_node(0, clock, metrics, seeds=(address(1),), seed=5, suspect_after_s=1.0, dead_after_s=2.0, forget_after_s=1e6)
+    real = [MemberInfo(node_id=f"n{i:03d}", address=address(i), cluster="sim", incarnation=1) for i in (1, 2, 3)]
+    g.membership.merge(real)
+    for r in real:
+        g.membership.prove(r.address)  # they answered our signed requests
+    # The real node 3 goes silent and dies; 5,000 invented members arrive, then die too.
+    clock.now += 0.5
+    g.membership.merge([MemberInfo(node_id=f"fake{i:05d}", address=f"fake-{i}:1", cluster="sim", incarnation=1) for i in range(5000)])
+    for n in (1, 2):
+        g.membership.merge([MemberInfo(node_id=f"n{n:03d}", address=address(n), cluster="sim", incarnation=1, heartbeat=int(clock.now * 10))])
+        g.membership.prove(address(n))
+    picks = []
+    for _ in range(20):
+        targets = g._targets()
+        picks.append(targets)
+        assert address(1) in targets, "a seed is probed every round, even as a known member"
+        assert address(2) in targets, "proven live members fill the fanout first"
+        assert len(targets) <= FANOUT + 2 + 2, targets
+        g.rounds += 1
+    # Time passes: everything but the proven live ones is dead. The real dead node is probed
+    # within two rounds, not one round in 5,000.
+    clock.now += 3.0
+    for n in (1, 2):
+        g.membership.merge([MemberInfo(node_id=f"n{n:03d}", address=address(n), cluster="sim", incarnation=1, heartbeat=int(clock.now * 10))])
+    g.membership.refresh()
+    assert g.membership.counts()["dead"] == 5001
+    seen = set()
+    for _ in range(2):
+        seen.update(g._targets())
+        g.rounds += 1
+    assert address(3) in seen, "the once-proven dead member is probed in rotation"
+    # Only live members travel: the 5,001 dead ones are not passed on.
+    g._out_cache = None
+    assert sorted(m["node_id"] for m in g.message()["members"]) == ["n000", "n001", "n002"]
