@@ -171,7 +171,8 @@ async def test_real_gossip_rounds_spread_members_and_holdings_deltas_and_notice_
     # A blob on one node: everyone's view lists it within a few rounds, as a delta pull.
     src = nodes[5]
     for i in range(3):
-        src.holdings.record(["manifest+", f"{i:064x}"])
+        # Blob ops: a manifest alone is held back until a shareable ref names it (issue 18).
+        src.holdings.record(["blob+", f"{i:064x}", 1])
     sid = src.membership.me.node_id
     await run_rounds(lambda: all(g is src or g.view.version(sid) == src.holdings.version for g in nodes), "first holdings known everywhere")
     pulls_before = len(net.pulls)
