@@ -27,6 +27,7 @@ from cached.errors import CachedError
 from cached.metrics import Metrics
 from cached.peers.auth import HEADER_ANSWER, HEADER_NODE, AuthRefused, ClusterKey, RequestVerifier, SignedRequest, sign_answer
 from cached.peers.gossip import Gossip
+from cached.peers.holdings import local_ref
 from cached.store import Store
 from cached.transfer.budget import TokenBucket
 from cached.types import ModelRef, RefKind
@@ -151,9 +152,11 @@ class PeerApi:
 
     async def manifest(self, request: web.Request) -> web.Response:
         digest = request.match_info["digest"].removeprefix("blake3:")
-        if not _HEX.match(digest) or self._store.manifest(digest) is None:
+        manifest = self._store.manifest(digest) if _HEX.match(digest) else None
+        # A file:// manifest names paths on this node only; knowing its digest grants nothing.
+        if manifest is None or local_ref(manifest.ref):
             raise web.HTTPNotFound()
-        return web.Response(body=self._store.manifest(digest).canonical_bytes(), content_type="application/json")
+        return web.Response(body=manifest.canonical_bytes(), content_type="application/json")
 
     async def ref(self, request: web.Request) -> web.Response:
         ref = ModelRef.parse(request.query.get("ref", ""))

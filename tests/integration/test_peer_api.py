@@ -203,9 +203,12 @@ async def test_piece_table_verifies_against_the_blob_id(tmp_path: Path, token_fi
 
 async def test_manifest_by_digest_and_ref_to_digest(tmp_path: Path, token_file: Path) -> None:
     src = write_random_file(tmp_path / "src" / "w.bin", 2 * PIECE, seed=4)
-    async with running_daemon(tmp_path / "n", **flags(token_file)) as d, peer_session() as s:
-        model, manifest, blob = await served_model(d, src)
-        digest = manifest.digest
+    async with Origin(src.parent) as origin, running_daemon(tmp_path / "n", **flags(token_file)) as d, peer_session() as s:
+        model = await prefetch(d, origin.file_url("w.bin"))
+        digest = model["manifest"].removeprefix("blake3:")
+        manifest = d.store.manifest(digest)
+        assert manifest is not None
+        blob = manifest.files[0].blob.hex
         for name in (digest, f"blake3:{digest}"):
             async with req(s, "GET", url(d, f"/manifests/{name}")) as resp:
                 assert resp.status == 200
@@ -215,11 +218,18 @@ async def test_manifest_by_digest_and_ref_to_digest(tmp_path: Path, token_file: 
             async with req(s, "GET", url(d, f"/manifests/{name}")) as resp:
                 assert resp.status == 404, name
 
-        # A file:// ref names a path on this node only (issue 18): never resolved for a peer.
-        # (The ref -> digest answer for shareable refs: test_trust_names.py.)
         async with req(s, "GET", url(d, "/refs", ref=model["ref"])) as resp:
+            assert resp.status == 200
+            assert await resp.json() == {"ref": model["ref"], "manifest": f"blake3:{digest}"}
+
+        # A file:// ref names a path on this node only (issue 18): never resolved for a peer, and
+        # its manifest (local paths in its origin identities) is not served even by digest.
+        file_model, file_manifest, _ = await served_model(d, src)
+        async with req(s, "GET", url(d, "/refs", ref=file_model["ref"])) as resp:
             assert resp.status == 404
         async with req(s, "GET", url(d, "/refs", ref="file:///not/here")) as resp:
+            assert resp.status == 404
+        async with req(s, "GET", url(d, f"/manifests/{file_manifest.digest}")) as resp:
             assert resp.status == 404
 
 
