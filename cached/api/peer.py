@@ -43,6 +43,15 @@ MAX_BODY_BYTES = 8 << 20
 _SIGNED = web.RequestKey("signed", SignedRequest)
 
 
+def _unsatisfiable(size: int) -> web.Response:
+    """416 for a span outside the blob: the size in Content-Range, and an error body like every
+    other refusal (an empty body had no Content-Type, so a client could not tell what it was)."""
+    return web.json_response(
+        {"error": "range_not_satisfiable", "message": f"the span is outside the blob ({size} bytes)"},
+        status=416, headers={"Content-Range": f"bytes */{size}"},
+    )
+
+
 class _SlottedFile(web.FileResponse):
     """A FileResponse that holds an upload slot while the kernel sends it."""
 
@@ -214,13 +223,13 @@ class PeerApi:
     ) -> web.StreamResponse:
         m = _RANGE.match(request.headers.get("Range", ""))
         if m and any(len(g) > 18 for g in m.groups()):
-            return web.Response(status=416, headers={"Content-Range": f"bytes */{size}"})  # beyond any file
+            return _unsatisfiable(size)  # beyond any file
         if not m:
             return web.json_response({"error": "range_required", "message": "send Range: bytes=a-b"}, status=416)
         start = int(m.group(1))
         end = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
         if start > end or start >= size:
-            return web.Response(status=416, headers={"Content-Range": f"bytes */{size}"})
+            return _unsatisfiable(size)
         if not allowed(start, end):
             # Only verified pieces ever leave this node.
             return web.json_response({"error": "not_verified", "message": "range covers pieces not verified here"}, status=416)
