@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import time
+import weakref
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
@@ -41,7 +42,7 @@ from cached.errors import (
     StoreFullError,
 )
 from cached.api import openapi
-from cached.api.access import AdminPolicy, Forbidden, ForeignOrigin, HostPolicy, MisdirectedHost, Unauthenticated, caller_of
+from cached.api.access import AdminPolicy, Caller, Forbidden, ForeignOrigin, HostPolicy, MisdirectedHost, Unauthenticated, caller_of
 from cached.api.hf import HfEndpoint
 from cached.cluster import Catalog, Locator, Reconciler, local_only
 from cached.jobs import Jobs
@@ -124,6 +125,10 @@ class LocalApi:
         self._files = files
         self._admin = admin if admin is not None else AdminPolicy(token=None)
         self._hosts = hosts if hosts is not None else HostPolicy()
+        # Who is on each connection, looked up once per connection: a socket's owner cannot change,
+        # and the loopback TCP lookup reads /proc/net/tcp, which took 40% of the event loop under
+        # scripts/bench_load.py when it ran for every request.
+        self._callers: weakref.WeakKeyDictionary[Any, Caller] = weakref.WeakKeyDictionary()
         self._peers = peers
         self._catalog = catalog
         self._reconciler = reconciler
@@ -222,8 +227,17 @@ class LocalApi:
                 )
         return await handler(request)
 
+    def _caller(self, request: web.Request) -> Caller:
+        transport = request.transport
+        if transport is None:
+            return caller_of(None)
+        caller = self._callers.get(transport)
+        if caller is None:
+            caller = self._callers[transport] = caller_of(transport)
+        return caller
+
     def _require_admin(self, request: web.Request) -> None:
-        self._admin.check(request.headers.get("Authorization"), caller_of(request.transport))
+        self._admin.check(request.headers.get("Authorization"), self._caller(request))
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         raw = await request.read()
@@ -388,7 +402,7 @@ class LocalApi:
         """file:// refs: only what the caller could read itself, under the allowed roots."""
         if self._files is None:
             raise FileNotAllowed(f"{ref}: file:// imports are off on this daemon")
-        caller = caller_of(request.transport)
+        caller = self._caller(request)
         await self._files.authorize(ref, uid=caller.uid, gids=caller.gids)
 
     async def models(self, request: web.Request) -> web.Response:
