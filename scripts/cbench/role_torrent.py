@@ -69,7 +69,8 @@ def role_seed(argv: list[str]) -> None:
     a = p.parse_args(argv)
     import libtorrent as lt
 
-    h = add_torrent(lt_session(a.bind), lt.torrent_info(str(a.torrent)), a.save, seed=True)
+    ses = lt_session(a.bind)  # held for the whole run: the handle dies with its session
+    h = add_torrent(ses, lt.torrent_info(str(a.torrent)), a.save, seed=True)
     control = Control()
     deadline = time.monotonic() + a.max_seconds
     emit({"ready": True})
