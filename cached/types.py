@@ -428,9 +428,11 @@ def parse_size(value: str | int) -> int:
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
 
 
-def format_size(n: float) -> str:
+def format_size(n: float, digits: int = 1) -> str:
+    """Bytes -> '1.5 GiB' (binary units, ``digits`` decimals above bytes): the inverse of parse_size
+    for people. The CLI uses one decimal; the cluster benchmark's report uses two."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.{digits}f} {unit}"
         n /= 1024
-    return f"{n:.1f} TiB"
+    return f"{n:.{digits}f} TiB"
