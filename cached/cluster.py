@@ -17,6 +17,9 @@ one node) and ``http(s)://`` refs to an internal address (loopback, link-local s
 metadata endpoint, unspecified, multicast) are refused when set locally and dropped, counted,
 when they arrive by gossip -- otherwise a token holder could make every owner read such a
 address and serve what it got back to the cluster.
+
+``CatalogStatus`` adds the catalog's replica plan to this node's model status (``cached.status``);
+``Locator`` answers who holds a model across the cluster and how far along.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from cached.jobs import Job, Jobs
+from cached.jobs import Jobs
 from cached.store import Store
 from cached.store.claims import Lease
 from cached.types import JobState, Manifest, ModelRef, RefKind
@@ -162,30 +162,27 @@ class StatusBoard:
         elif job is not None and job.state is JobState.FAILED:
             state = JobState.FAILED
         else:
+            # Never fetched, or fetched and since evicted (a finished job says nothing now).
             state, job = JobState.ABSENT, None
         claims = self._store.claims
         status = ModelStatus(
-            ref=ref.canonical, state=state, pinned=claims.is_pinned(ref.canonical),
-            leases=tuple(claims.leases_for(ref.canonical)),
-            **(self._job_fields(job, failed=state is JobState.FAILED) if job is not None else {}),
+            ref=ref.canonical, state=state, pinned=claims.is_pinned(ref.canonical), leases=tuple(claims.leases_for(ref.canonical))
         )
-        if rec is None or state is not JobState.READY:
-            return status
-        # What was fetched to make this copy, not what a later no-op prefetch fetched (nothing).
-        return dataclasses.replace(
-            status, bytes_total=rec.manifest.total_bytes, bytes_done=rec.manifest.total_bytes,
-            sources=SourceBytes(peer=rec.sources.get("peer", 0), origin=rec.sources.get("origin", 0)),
-            copy=self._copy(ref, rec.manifest, path=str(rec.path), last_used=rec.last_used),
-        )
-
-    def _job_fields(self, job: Job, *, failed: bool) -> dict[str, Any]:
-        p = job.progress
-        return {
-            "bytes_total": p.bytes_total, "bytes_done": p.bytes_done,
-            "sources": SourceBytes(peer=p.sources["peer"], origin=p.sources["origin"]),
-            "rate_bps": job.rate_bps(self._clock()),
-            "error": job.error if failed else None, "error_code": job.error_code if failed else None,
-        }
+        if job is not None:
+            p, failed = job.progress, state is JobState.FAILED
+            status = dataclasses.replace(
+                status, bytes_total=p.bytes_total, bytes_done=p.bytes_done,
+                sources=SourceBytes(peer=p.sources["peer"], origin=p.sources["origin"]), rate_bps=job.rate_bps(self._clock()),
+                error=job.error if failed else None, error_code=job.error_code if failed else None,
+            )
+        if rec is not None and state is JobState.READY:
+            # What was fetched to make this copy, not what a later no-op prefetch fetched (nothing).
+            status = dataclasses.replace(
+                status, bytes_total=rec.manifest.total_bytes, bytes_done=rec.manifest.total_bytes,
+                sources=SourceBytes(peer=rec.sources.get("peer", 0), origin=rec.sources.get("origin", 0)),
+                copy=self._copy(ref, rec.manifest, path=str(rec.path), last_used=rec.last_used),
+            )
+        return status
 
     def _copy(self, ref: ModelRef, manifest: Manifest, *, path: str, last_used: float) -> Copy:
         hf = ref.kind is RefKind.HF

@@ -3,7 +3,8 @@
 JSON in and out. Every failure is ``{"error": code, "message": text}`` with a 4xx/5xx status
 chosen here (``STATUS``) from the ``CachedError`` subclass; a malformed body, parameter or ref is
 a 400 and never a 500. Handlers parse strings into types at this edge and call the components;
-they hold no logic of their own beyond shaping answers.
+they hold no logic of their own beyond shaping answers: a model object is the JSON of
+``cached.status.ModelStatus``, and the scheduler extender routes are ``cached.api.k8s``'s.
 
 Before any handler, ``_guard`` refuses what no local client needs (``cached.api.access``): a
 ``Host`` that is not a name of this daemon (421: DNS rebinding), an ``Origin`` of a foreign web
@@ -232,6 +233,9 @@ class LocalApi:
     async def _body(self, request: web.Request) -> dict[str, Any]:
         return await read_object(request)
 
+    def _model(self, ref: ModelRef) -> dict[str, Any]:
+        return self._status.of(ref).to_json()
+
     @staticmethod
     def _ref(value: Any) -> ModelRef:
         if value is None:
@@ -394,9 +398,6 @@ class LocalApi:
         return web.json_response({"freed_bytes": freed, "evicted": evicted})
 
     # --- node ----------------------------------------------------------------------------------
-
-    def _model(self, ref: ModelRef) -> dict[str, Any]:
-        return self._status.of(ref).to_json()
 
     def node_object(self) -> dict[str, Any]:
         now = self._clock()
