@@ -17,16 +17,21 @@ one node) and ``http(s)://`` refs to an internal address (loopback, link-local s
 metadata endpoint, unspecified, multicast) are refused when set locally and dropped, counted,
 when they arrive by gossip -- otherwise a token holder could make every owner read such a
 address and serve what it got back to the cluster.
+
+``CatalogStatus`` adds the catalog's replica plan to this node's model status (``cached.status``);
+``Locator`` answers who holds a model across the cluster and how far along.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import math
 import socket
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Mapping
 
@@ -35,11 +40,18 @@ from yarl import URL
 from cached.errors import RefError, RequestError
 from cached.jobs import Jobs
 from cached.metrics import Metrics
+from cached.peers.client import PeerClient
+from cached.peers.holdings import HoldingsView, NodeHoldings
+from cached.peers.membership import Membership
 from cached.placement import rank
+from cached.status import ModelStatus, Replicas, StatusSource
 from cached.store import Store
-from cached.types import ModelRef, Priority, RefKind
+from cached.types import FileEntry, JobState, Manifest, ModelRef, OriginFile, Priority, RefKind
 
 log = logging.getLogger(__name__)
+
+MANIFESTS_KEPT = 64  # peers' manifests remembered for ``Locator.holders`` (immutable by digest)
+MANIFEST_ASKS = 3  # holders asked for a manifest before in-flight copies go unseen for this call
 
 
 def local_only(ref: ModelRef, internal_origins: Collection[str] = ()) -> str | None:
@@ -261,35 +273,120 @@ class Reconciler:
                 pass
 
 
+class CatalogStatus:
+    """This node's model status with the catalog's replica plan for the ref, when it has one."""
+
+    def __init__(self, local: StatusSource, reconciler: Reconciler) -> None:
+        self._local = local
+        self._reconciler = reconciler
+
+    def of(self, ref: ModelRef) -> ModelStatus:
+        status = self._local.of(ref)
+        entry = self._reconciler.catalog.get(ref.canonical)
+        if entry is None:
+            return status
+        plan = Replicas(
+            target=entry.replicas, owners=tuple(self._reconciler.owners(ref.canonical)),
+            spare=self._reconciler.demoted(ref.canonical),
+        )
+        return dataclasses.replace(status, replicas=plan)
+
+    def known(self) -> list[ModelRef]:
+        return self._local.known()
+
+    def counts(self) -> dict[JobState, int]:
+        return self._local.counts()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Holding:
+    """One node's copy of a model: ready, or in flight with the bytes it has so far."""
+
+    node_id: str
+    state: JobState  # READY, or QUEUED/FETCHING
+    bytes_done: int
+    bytes_total: int
+
+    @property
+    def ready(self) -> bool:
+        return self.state is JobState.READY
+
+
+def holding_in(node_id: str, canonical: str, holdings: NodeHoldings, manifest: Manifest | None) -> Holding | None:
+    """What ``holdings`` (one node's, from gossip) says of the model ``canonical``: ready when
+    its ref is there; in flight when it has a partial of one of the manifest's files (counted
+    by verified pieces, plus the files it already holds complete); else None. Pure."""
+    total = manifest.total_bytes if manifest is not None else 0
+    if canonical in holdings.refs:
+        return Holding(node_id=node_id, state=JobState.READY, bytes_done=total, bytes_total=total)
+    if manifest is None:
+        return None  # which partials belong to the model is not known here
+    in_flight, done = False, 0
+    for f in manifest.files:
+        if f.blob.hex in holdings.blobs:
+            done += f.size
+            continue
+        partial = holdings.partials.get(_partial_key(f))
+        if partial is not None:
+            in_flight = True
+            done += sum(
+                min(partial.piece_size, partial.size - i * partial.piece_size)
+                for i in partial.pieces if 0 <= i * partial.piece_size < partial.size
+            )
+    if not in_flight:
+        return None
+    return Holding(node_id=node_id, state=JobState.FETCHING, bytes_done=min(done, total), bytes_total=total)
+
+
+def _partial_key(f: FileEntry) -> str:
+    """The key a node fetching this file keeps its partial under (``OriginFile.key``)."""
+    identity = f.origin.get("identity")
+    return OriginFile(path=f.path, size=f.size, identity=identity).key if identity else ""
+
+
 class Locator:
-    """Cluster-wide answers: who holds a ref and how far along, by asking each live member."""
+    """Cluster-wide answers to "who holds this model, and how far along".
+
+    ``holders`` answers from what this node already knows -- its own status and the holdings
+    gossip brought in -- so a scheduler asking once per pod costs no request per peer: a ready
+    copy is a ref in a node's holdings; a copy in flight is a partial of one of the model's files
+    (the manifest, when this node does not hold it, is fetched once from a ready holder and kept
+    by digest). It lags the truth by a gossip round. ``locate`` asks every live member for its
+    status instead, for the rate behind an ETA.
+    """
 
     def __init__(
         self,
         *,
         node_id: str,
-        local_status: Callable[[ModelRef], dict[str, Any]],
-        peers: Callable[[], list[tuple[str, str]]],
-        remote_status: Callable[[str, str], Any],
+        status: StatusSource,
+        store: Store,
+        membership: Membership,
+        view: HoldingsView,
+        client: PeerClient,
         timeout_s: float = 2.0,
     ) -> None:
         self._node_id = node_id
-        self._local = local_status
-        self._peers = peers  # live (node id, address) pairs, this node excluded
-        self._remote = remote_status  # (address, canonical ref) -> awaitable model object
+        self._status = status
+        self._store = store
+        self._membership = membership
+        self._view = view
+        self._client = client
         self._timeout_s = timeout_s
+        self._manifests: OrderedDict[str, Manifest] = OrderedDict()  # digest -> a peer's manifest
 
     async def locate(self, ref: ModelRef) -> list[dict[str, Any]]:
         async def ask(node_id: str, address: str) -> dict[str, Any] | None:
             try:
-                return {**await asyncio.wait_for(self._remote(address, ref.canonical), self._timeout_s), "node_id": node_id}
+                answer = await asyncio.wait_for(self._client.status(address, ref.canonical), self._timeout_s)
+                return {**answer, "node_id": node_id}
             except Exception as e:  # noqa: BLE001 - an unreachable member is simply not listed
                 log.debug("locate: no answer node=%s error=%s", node_id, e)
                 return None
 
-        answers = [{**self._local(ref), "node_id": self._node_id}]
+        answers = [{**self._status.of(ref).to_json(), "node_id": self._node_id}]
         if ref.kind is not RefKind.FILE:  # a file:// ref names a path on this node only
-            answers += await asyncio.gather(*(ask(n, a) for n, a in self._peers()))
+            answers += await asyncio.gather(*(ask(m.info.node_id, m.info.address) for m in self._membership.alive()))
         out = []
         for a in answers:
             if not a or a.get("state") not in ("ready", "fetching", "queued"):
@@ -298,3 +395,44 @@ class Locator:
             eta = 0.0 if a["state"] == "ready" else (round((total - done) / rate, 1) if rate > 0 and total else None)
             out.append({"node_id": a["node_id"], "state": a["state"], "bytes_done": done, "bytes_total": total, "eta_s": eta})
         return sorted(out, key=lambda n: (n["state"] != "ready", -n["bytes_done"], n["node_id"]))
+
+    async def holders(self, ref: ModelRef) -> dict[str, Holding]:
+        """Node id -> its copy of ``ref`` (ready or in flight), this node and live members."""
+        out: dict[str, Holding] = {}
+        local = self._status.of(ref)
+        if local.state is JobState.READY or local.in_flight:
+            out[self._node_id] = Holding(node_id=self._node_id, state=local.state, bytes_done=local.bytes_done, bytes_total=local.bytes_total)
+        if ref.kind is RefKind.FILE:
+            return out
+        alive = {m.info.node_id: m.info.address for m in self._membership.alive()}
+        nodes = [(n, h) for n, h in self._view.nodes() if n in alive]
+        manifest = await self._manifest(ref, [(alive[n], h.refs[ref.canonical]) for n, h in nodes if ref.canonical in h.refs])
+        for node_id, h in nodes:
+            held = holding_in(node_id, ref.canonical, h, manifest)
+            if held is not None:
+                out[node_id] = held
+        return out
+
+    async def _manifest(self, ref: ModelRef, ready: list[tuple[str, str]]) -> Manifest | None:
+        """The model's manifest as ready holders name it ((address, digest) pairs): one this node
+        has or remembers, else one fetched from a holder; None when nobody can say."""
+        own = self._store.ref_digest(ref)
+        for digest in [d for _, d in ready] + ([own] if own else []):
+            found = self._store.manifest(digest) or self._manifests.get(digest)
+            if found is not None:
+                return found
+        for address, digest in ready[:MANIFEST_ASKS]:
+            try:
+                manifest = Manifest.from_bytes(
+                    await asyncio.wait_for(self._client.manifest(address, digest), self._timeout_s), expect_digest=digest
+                )
+            except Exception as e:  # noqa: BLE001 - another holder may answer; else in-flight copies go unseen
+                log.debug("holders: no manifest from address=%s digest=%s error=%s", address, digest, e)
+                continue
+            if manifest.ref != ref.canonical:
+                continue
+            self._manifests[digest] = manifest
+            while len(self._manifests) > MANIFESTS_KEPT:
+                self._manifests.popitem(last=False)
+            return manifest
+        return None

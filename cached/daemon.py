@@ -33,7 +33,7 @@ from cached.api.hf import HfEndpoint
 from cached.api.listener import ListenerGuard, listener_guards
 from cached.api.local import LocalApi
 from cached.api.peer import PeerApi
-from cached.cluster import Catalog, Locator, Reconciler
+from cached.cluster import Catalog, CatalogStatus, Locator, Reconciler
 from cached.cluster import Member as ClusterMember
 from cached.config import DEFAULT_CONFIG_FILE, Config, load
 from cached.errors import CachedError, ConfigError
@@ -47,6 +47,7 @@ from cached.peers.gossip import Gossip, default_advertise
 from cached.peers.holdings import HoldingsView, LocalHoldings
 from cached.peers.mdns import MdnsDiscovery
 from cached.rangeio import ThreadedRangeReader
+from cached.status import StatusBoard, StatusSource
 from cached.peers.membership import MemberInfo, Membership, Status
 from cached.origins.http import HttpOrigin
 from cached.origins.local import FilePolicy, LocalOrigin
@@ -90,6 +91,7 @@ class Daemon:
         self._stopping = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
         self.jobs: Jobs
+        self.status: StatusSource  # with the catalog's replica plan once in a cluster
         self.api: LocalApi
         self.gossip: Gossip | None = None
         self.peer_address: str | None = None
@@ -143,6 +145,7 @@ class Daemon:
             stall_timeout_s=cfg.peer.stall_timeout_s, names_from_peers=cfg.cluster.names_from_peers,
         )
         self.jobs = await self._stack.enter_async_context(Jobs(self.fetcher, self.store, self.metrics, cfg.jobs, clock=self.clock))
+        self.status = StatusBoard(store=self.store, jobs=self.jobs, clock=self.clock)
 
         self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
         self._stack.callback(self.stop)  # runs before the TaskGroup joins: loops end (and wakes the reconciler)
@@ -165,7 +168,7 @@ class Daemon:
             anonymous=HfOrigin(session, cfg.origins.hf, cfg.origins.http, reader, token=None),
         )
         self.api = LocalApi(
-            node_id=cfg.node_id, store=self.store, jobs=self.jobs, fetcher=self.fetcher, metrics=self.metrics, hf=hf,
+            node_id=cfg.node_id, store=self.store, jobs=self.jobs, status=self.status, fetcher=self.fetcher, metrics=self.metrics, hf=hf,
             peers=self.peers_view, catalog=self.catalog, reconciler=self.reconciler, locator=self.locator, clock=self.clock,
             files=self.file_origin,
             admin=AdminPolicy(token=read_admin_token(cfg.api.admin_token_file), group=cfg.api.admin_group),
@@ -233,9 +236,10 @@ class Daemon:
         assert self.gossip is not None
         holdings = self.gossip.holdings
         server_ssl = self._server_ssl
+        self._build_cluster()
         peer_api = PeerApi(
             store=self.store, gossip=self.gossip, metrics=self.metrics, key=self._cluster_key, node_id=cfg.node_id,
-            max_uploads=cfg.peer.max_uploads, serve_rate_bps=cfg.peer.serve_rate_bps,
+            max_uploads=cfg.peer.max_uploads, serve_rate_bps=cfg.peer.serve_rate_bps, status=self.status,
         )
         guard = self._guards["peer"]
         runner = web.AppRunner(
@@ -253,7 +257,7 @@ class Daemon:
             node_id=cfg.node_id, address=advertise, cluster=cfg.cluster.name, incarnation=time.time_ns() // 1_000_000,
             capacity_bytes=self.store.capacity_bytes, labels=cfg.labels,
         )
-        self._start_cluster(peer_api)
+        self._start_cluster()
         self.peer_address = advertise
         assert self._tg is not None
         self._tg.create_task(self.gossip.run(self._stopping), name="peers.gossip")
@@ -269,10 +273,11 @@ class Daemon:
         log.info("peers on node=%s peer_api=%s advertise=%s cluster=%s seeds=%d mdns=%s",
                  cfg.node_id, f"{listen.host}:{port}", advertise, cfg.cluster.name, len(cfg.peer.seeds), cfg.discovery.mdns)
 
-    def _start_cluster(self, peer_api: PeerApi) -> None:
-        """Catalog in gossip, the reconcile loop, cluster-wide locate."""
+    def _build_cluster(self) -> None:
+        """Catalog in gossip, the reconciler, cluster-wide status and locate (no I/O, no task:
+        the peer API answers status with the replica plan from its first request)."""
         gossip = self.gossip
-        assert gossip is not None and self._tg is not None
+        assert gossip is not None
         me = self.cfg.node_id
         self.catalog = Catalog(me, clock=self.clock, metrics=self.metrics, internal_origins=self.cfg.cluster.internal_origins)
         gossip.extra_out = lambda: {"catalog": self.catalog.to_json()}
@@ -295,14 +300,16 @@ class Daemon:
             node_id=me, catalog=self.catalog, store=self.store, jobs=self.jobs, members=members, holders=holders,
             interval_s=max(1.0, self.cfg.peer.gossip_interval_s * 2),
         )
-        self.store.extra_protected = self.reconciler.protects
+        self.status = CatalogStatus(self.status, self.reconciler)
         self.locator = Locator(
-            node_id=me,
-            local_status=lambda ref: self.api.model_object(ref),
-            peers=lambda: [(m.info.node_id, m.info.address) for m in gossip.membership.alive()],
-            remote_status=gossip.client.status,
+            node_id=me, status=self.status, store=self.store, membership=gossip.membership, view=gossip.view, client=gossip.client,
         )
-        peer_api.local_status = lambda ref: self.api.model_object(ref)
+
+    def _start_cluster(self) -> None:
+        """The reconcile loop, once this node's member record is final."""
+        gossip = self.gossip
+        assert gossip is not None and self._tg is not None and self.reconciler is not None
+        self.store.extra_protected = self.reconciler.protects
         gossip.on_status_change = lambda node_id, status: self.reconciler.kick() if self.reconciler else None
         self._tg.create_task(self.reconciler.run(self._stopping), name="cluster.reconcile")
 

@@ -3,7 +3,8 @@
 JSON in and out. Every failure is ``{"error": code, "message": text}`` with a 4xx/5xx status
 chosen here (``STATUS``) from the ``CachedError`` subclass; a malformed body, parameter or ref is
 a 400 and never a 500. Handlers parse strings into types at this edge and call the components;
-they hold no logic of their own beyond shaping answers.
+they hold no logic of their own beyond shaping answers: a model object is the JSON of
+``cached.status.ModelStatus``, and the scheduler extender routes are ``cached.api.k8s``'s.
 
 Before any handler, ``_guard`` refuses what no local client needs (``cached.api.access``): a
 ``Host`` that is not a name of this daemon (421: DNS rebinding), an ``Origin`` of a foreign web
@@ -43,11 +44,14 @@ from cached.errors import (
 )
 from cached.api import openapi
 from cached.api.access import AdminPolicy, Caller, Forbidden, ForeignOrigin, HostPolicy, MisdirectedHost, Unauthenticated, caller_of
+from cached.api.body import read_object
 from cached.api.hf import HfEndpoint
+from cached.api.k8s import K8sExtender
 from cached.cluster import Catalog, Locator, Reconciler, local_only
 from cached.jobs import Jobs
 from cached.metrics import Metrics
 from cached.origins.local import FileNotAllowed, LocalOrigin
+from cached.status import StatusSource
 from cached.store import Store
 from cached.transfer.model import ModelFetcher
 from cached.types import JobState, ModelRef, Priority, RefKind
@@ -56,7 +60,6 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
 EVENTS_KEEPALIVE_S = 15.0
-MAX_INT = 2**63 - 1  # the largest integer a body may carry (JSON numbers beyond are refused)
 # Destructive or cluster-wide: need an admin credential (evict needs one only with force).
 ADMIN_ROUTES = frozenset({("POST", "/v1/pin"), ("POST", "/v1/unpin"), ("POST", "/v1/replicate"), ("POST", "/v1/gc"), ("POST", "/v1/verify")})
 JSON_TYPES = frozenset({"application/json"})
@@ -109,6 +112,7 @@ class LocalApi:
         node_id: str,
         store: Store,
         jobs: Jobs,
+        status: StatusSource,
         fetcher: ModelFetcher,
         metrics: Metrics,
         hf: HfEndpoint | None = None,
@@ -133,6 +137,8 @@ class LocalApi:
         self._catalog = catalog
         self._reconciler = reconciler
         self._locator = locator
+        self._status = status
+        self._k8s = K8sExtender(node_id=node_id, status=status, locator=locator)
         self._node_id = node_id
         self._store = store
         self._jobs = jobs
@@ -168,11 +174,10 @@ class LocalApi:
         r.add_get("/v1/events", self.events)
         r.add_post("/v1/replicate", self.replicate)
         r.add_get("/v1/catalog", self.catalog)
-        r.add_post("/v1/k8s/filter", self.k8s_filter)
-        r.add_post("/v1/k8s/prioritize", self.k8s_prioritize)
         r.add_get("/metrics", self.metrics)
         r.add_get("/healthz", self.healthz)
         r.add_get("/readyz", self.readyz)
+        self._k8s.add_routes(app)
         if self._hf is not None:
             self._hf.add_routes(app)
         return app
@@ -240,18 +245,10 @@ class LocalApi:
         self._admin.check(request.headers.get("Authorization"), self._caller(request))
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
-        raw = await request.read()
-        if not raw:
-            raise RequestError("request body must be a JSON object")
-        try:
-            body = json.loads(raw, parse_int=_bounded_int, parse_constant=_no_constant)
-        except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
-            raise RequestError(f"request body is not valid JSON: {e}") from None
-        except RecursionError:
-            raise RequestError("request body is nested too deeply") from None
-        if not isinstance(body, dict):
-            raise RequestError("request body must be a JSON object")
-        return body
+        return await read_object(request)
+
+    def _model(self, ref: ModelRef) -> dict[str, Any]:
+        return self._status.of(ref).to_json()
 
     @staticmethod
     def _ref(value: Any) -> ModelRef:
@@ -284,80 +281,6 @@ class LocalApi:
                 task.cancel()
         return task.result() if task.done() and not task.cancelled() else None
 
-    def model_object(self, ref: ModelRef) -> dict[str, Any]:
-        job = self._jobs.get(ref)
-        rec = self._store.model(ref)
-        if job is not None and job.active:
-            state = job.state
-        elif rec is not None:
-            state = JobState.READY
-        elif job is not None and job.state is JobState.FAILED:
-            state = JobState.FAILED
-        else:
-            # Never fetched, or fetched and since evicted (a finished job says nothing now).
-            state = JobState.ABSENT
-            job = None
-        claims = self._store.claims
-        obj: dict[str, Any] = {
-            "ref": ref.canonical,
-            "state": state.value,
-            "bytes_total": 0,
-            "bytes_done": 0,
-            "path": None,
-            "hf_path": None,
-            "manifest": None,
-            "pinned": claims.is_pinned(ref.canonical),
-            "leases": [lease.to_json() for lease in claims.leases_for(ref.canonical)],
-            "error": None,
-            "sources": {"peer": 0, "origin": 0},
-        }
-        if job is not None:
-            obj["bytes_total"] = job.progress.bytes_total
-            obj["bytes_done"] = job.progress.bytes_done
-            obj["sources"] = {"peer": job.progress.sources["peer"], "origin": job.progress.sources["origin"]}
-            obj["rate_bps"] = round(job.rate_bps(self._clock()))
-            if state is JobState.FAILED:
-                obj["error"] = job.error
-                obj["error_code"] = job.error_code
-        if self._catalog is not None and self._catalog.get(ref.canonical) is not None and self._reconciler is not None:
-            entry = self._catalog.get(ref.canonical)
-            obj["replicas"] = {
-                "target": entry.replicas,
-                "owners": self._reconciler.owners(ref.canonical),
-                "spare": self._reconciler.demoted(ref.canonical),
-            }
-        if rec is not None and state is JobState.READY:
-            obj["bytes_total"] = obj["bytes_done"] = rec.manifest.total_bytes
-            # What was fetched to make this copy, not what a later no-op prefetch fetched (nothing).
-            obj["sources"] = {"peer": rec.sources.get("peer", 0), "origin": rec.sources.get("origin", 0)}
-            obj["path"] = str(rec.path)
-            obj["manifest"] = f"blake3:{rec.manifest.digest}"
-            obj["revision"] = rec.manifest.revision
-            obj["files"] = len(rec.manifest.files)
-            obj["last_used"] = rec.last_used
-            if ref.kind is RefKind.HF:
-                obj["hf_path"] = str(self._store.hf_dir)
-                obj["snapshot_path"] = str(self._store.hf_snapshot(rec.manifest))
-            # Older revisions that leases still hold (a refresh moved the ref on).
-            obj["revisions"] = [
-                {"revision": rec.manifest.revision, "manifest": f"blake3:{rec.manifest.digest}", "current": True}
-            ] + [
-                {
-                    "revision": m.revision,
-                    "manifest": f"blake3:{m.digest}",
-                    "current": False,
-                    "leases": [lease.lease_id for lease in claims.active_leases() if lease.manifest == m.digest],
-                }
-                for m in self._store.retained_for(ref)
-            ]
-        return obj
-
-    def _known_refs(self) -> list[ModelRef]:
-        refs = {r.ref for r in self._store.models()} | {
-            j.ref.canonical for j in self._jobs.all() if j.active or j.state is JobState.FAILED
-        }
-        return [ModelRef.parse(r) for r in sorted(refs)]
-
     # --- models --------------------------------------------------------------------------------
 
     async def prefetch(self, request: web.Request) -> web.Response:
@@ -385,18 +308,18 @@ class LocalApi:
             # Ready here: answer at once, whatever queue the download jobs are in.
             await self._store.touch(ref)
             self._metrics.prefetch_jobs.labels("ok").inc()  # a prefetch that found it ready is one that succeeded
-            return web.json_response(self.model_object(ref), status=200 if wait else 202)
+            return web.json_response(self._model(ref), status=200 if wait else 202)
         job = self._jobs.submit(ref, priority if not wait else min(priority, Priority.HIGH), refresh=refresh)
         if not wait:
-            return web.json_response(self.model_object(ref), status=202)
+            return web.json_response(self._model(ref), status=202)
         finished = await self._wait_or_close(self._jobs.wait(job, timeout_s))
         if finished is None:
             raise Unavailable("the daemon is stopping; the fetch will resume when it is back")
         if finished and job.state is JobState.FAILED and self._store.model(ref) is None:
-            obj = self.model_object(ref)
+            obj = self._model(ref)
             status = 409 if job.error_code == FetchCancelled.code else _status_for_code(job.error_code)
             return web.json_response({"error": job.error_code, "message": job.error, "model": obj}, status=status)
-        return web.json_response(self.model_object(ref), status=200 if finished else 202)
+        return web.json_response(self._model(ref), status=200 if finished else 202)
 
     async def _authorize_file(self, request: web.Request, ref: ModelRef) -> None:
         """file:// refs: only what the caller could read itself, under the allowed roots."""
@@ -406,11 +329,11 @@ class LocalApi:
         await self._files.authorize(ref, uid=caller.uid, gids=caller.gids)
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response([self.model_object(r) for r in self._known_refs()])
+        return web.json_response([self._model(r) for r in self._status.known()])
 
     async def status(self, request: web.Request) -> web.Response:
         ref = self._ref(request.query.get("ref"))
-        return web.json_response(self.model_object(ref))
+        return web.json_response(self._model(ref))
 
     async def evict(self, request: web.Request) -> web.Response:
         body = await self._body(request)
@@ -419,17 +342,17 @@ class LocalApi:
             self._require_admin(request)
         ref = self._ref(body.get("ref"))
         freed = await self._jobs.evict(ref, force=force)
-        return web.json_response({**self.model_object(ref), "freed_bytes": freed})
+        return web.json_response({**self._model(ref), "freed_bytes": freed})
 
     async def pin(self, request: web.Request) -> web.Response:
         ref = self._ref((await self._body(request)).get("ref"))
         await self._store.claims.pin(ref)
-        return web.json_response(self.model_object(ref))
+        return web.json_response(self._model(ref))
 
     async def unpin(self, request: web.Request) -> web.Response:
         ref = self._ref((await self._body(request)).get("ref"))
         await self._store.claims.unpin(ref)
-        return web.json_response(self.model_object(ref))
+        return web.json_response(self._model(ref))
 
     # --- leases --------------------------------------------------------------------------------
 
@@ -492,11 +415,6 @@ class LocalApi:
 
     def node_object(self) -> dict[str, Any]:
         now = self._clock()
-        by_state: dict[str, int] = {s.value: 0 for s in JobState if s is not JobState.ABSENT}
-        for ref in self._known_refs():
-            state = self.model_object(ref)["state"]
-            if state in by_state:
-                by_state[state] += 1
         return {
             "node_id": self._node_id,
             "version": __version__,
@@ -506,7 +424,7 @@ class LocalApi:
             "capacity_bytes": self._store.capacity_bytes,
             "reserved_bytes": self._store.reserved_bytes,
             "blobs": self._store.blob_count(),
-            "models": by_state,
+            "models": {state.value: n for state, n in self._status.counts().items()},
             "transfers": [
                 {
                     "ref": j.ref.canonical,
@@ -517,7 +435,7 @@ class LocalApi:
                 }
                 for j in self._jobs.active()
             ],
-            "pins": sum(1 for r in self._known_refs() if self._store.claims.is_pinned(r.canonical)),
+            "pins": sum(1 for r in self._status.known() if self._store.claims.is_pinned(r.canonical)),
             "leases": len(self._store.claims.active_leases()),
             "peers": self._peers(),
         }
@@ -535,14 +453,13 @@ class LocalApi:
         ref = self._ref(request.query.get("ref"))
         if self._locator is not None:
             return web.json_response({"ref": ref.canonical, "nodes": await self._locator.locate(ref)})
-        obj = self.model_object(ref)
+        here = self._status.of(ref)
         nodes = []
-        if obj["state"] in ("ready", "fetching", "queued"):
-            job = self._jobs.get(ref)
-            remaining = obj["bytes_total"] - obj["bytes_done"]
-            rate = job.rate_bps(self._clock()) if job is not None else 0
-            eta = 0 if obj["state"] == "ready" else (round(remaining / rate, 1) if rate > 0 else None)
-            nodes.append({"node_id": self._node_id, "state": obj["state"], "bytes_done": obj["bytes_done"], "bytes_total": obj["bytes_total"], "eta_s": eta})
+        if here.state is JobState.READY or here.in_flight:
+            remaining = here.bytes_total - here.bytes_done
+            rate = here.rate_bps or 0
+            eta = 0 if here.state is JobState.READY else (round(remaining / rate, 1) if rate > 0 else None)
+            nodes.append({"node_id": self._node_id, "state": here.state.value, "bytes_done": here.bytes_done, "bytes_total": here.bytes_total, "eta_s": eta})
         return web.json_response({"ref": ref.canonical, "nodes": nodes})
 
     # --- cluster -------------------------------------------------------------------------------
@@ -582,67 +499,6 @@ class LocalApi:
         catalog, _ = self._cluster()
         return web.json_response([self._entry_object(e.ref) for e in catalog.entries()])
 
-    async def _holders(self, pod: Any) -> tuple[ModelRef | None, dict[str, dict[str, Any]], bool]:
-        """(the pod's model, node id -> locate entry, require-local) from ExtenderArgs' Pod."""
-        meta = (pod or {}).get("metadata") or {} if isinstance(pod, dict) else {}
-        annotations = meta.get("annotations") or {} if isinstance(meta, dict) else {}
-        model = annotations.get("cached.io/model") if isinstance(annotations, dict) else None
-        require = str(annotations.get("cached.io/require-local", "")).lower() == "true" if isinstance(annotations, dict) else False
-        if not model:
-            return None, {}, False
-        ref = ModelRef.parse(model)
-        nodes = await self._locator.locate(ref) if self._locator else [
-            {**self.model_object(ref), "node_id": self._node_id}
-        ]
-        return ref, {n["node_id"]: n for n in nodes if n.get("state") in ("ready", "fetching", "queued")}, require
-
-    @staticmethod
-    def _node_names(args: dict[str, Any]) -> list[str]:
-        names = args.get("NodeNames")
-        if names is not None:
-            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-                raise RequestError("'NodeNames' must be a list of node names")
-            return names
-        nodes = args.get("Nodes")
-        items = (nodes.get("items") or []) if isinstance(nodes, dict) else [] if nodes is None else None
-        if not isinstance(items, list) or not all(
-            isinstance(i, dict) and isinstance(i.get("metadata"), dict) and isinstance(i["metadata"].get("name"), str) for i in items
-        ):
-            raise RequestError("'Nodes' must be a NodeList whose items have metadata.name")
-        return [i["metadata"]["name"] for i in items]
-
-    async def k8s_filter(self, request: web.Request) -> web.Response:
-        """Scheduler extender filter: with ``cached.io/require-local: "true"`` only nodes holding a
-        ready copy pass; otherwise every node passes (prioritize does the steering)."""
-        args = await self._body(request)
-        _, holders, require = await self._holders(args.get("Pod"))
-        names = self._node_names(args)
-        keep = [n for n in names if not require or holders.get(n, {}).get("state") == "ready"]
-        failed = {n: "no ready copy of the pod's model (cached.io/require-local)" for n in names if n not in keep}
-        result: dict[str, Any] = {"NodeNames": keep, "FailedNodes": failed, "Error": ""}
-        if isinstance(args.get("Nodes"), dict):
-            items = args["Nodes"].get("items") or []
-            result["Nodes"] = {**args["Nodes"], "items": [i for i in items if i["metadata"]["name"] in keep]}
-            result["NodeNames"] = None
-        return web.json_response(result)
-
-    async def k8s_prioritize(self, request: web.Request) -> web.Response:
-        """HostPriorityList: 10 for a ready copy, 1..9 by progress for a partial one, 0 else."""
-        args = await self._body(request)
-        _, holders, _ = await self._holders(args.get("Pod"))
-        out = []
-        for name in self._node_names(args):
-            h = holders.get(name)
-            if h is None:
-                score = 0
-            elif h["state"] == "ready":
-                score = 10
-            else:
-                frac = h["bytes_done"] / h["bytes_total"] if h.get("bytes_total") else 0.0
-                score = max(1, min(9, int(frac * 9)))
-            out.append({"Host": name, "Score": score})
-        return web.json_response(out)
-
     async def events(self, request: web.Request) -> web.StreamResponse:
         """NDJSON: one event per line; ``?ref=`` filters to one model."""
         only = self._ref(request.query["ref"]).canonical if "ref" in request.query else None
@@ -658,7 +514,7 @@ class LocalApi:
     async def _stream_events(self, resp: web.StreamResponse, only: str | None) -> None:
         async with self._jobs.events.subscribe() as queue:
             if only is not None:
-                first = self.model_object(ModelRef.parse(only))
+                first = self._model(ModelRef.parse(only))
                 await resp.write(json.dumps({"event": "snapshot", **first}).encode() + b"\n")
             while not self._closing.is_set():
                 getter = asyncio.ensure_future(queue.get())
@@ -685,13 +541,8 @@ class LocalApi:
         m = self._metrics
         m.store_bytes.set(self._store.used_bytes)
         m.store_capacity.set(self._store.capacity_bytes)
-        counts = {s: 0 for s in ("queued", "fetching", "ready", "failed")}
-        for ref in self._known_refs():
-            state = self.model_object(ref)["state"]
-            if state in counts:
-                counts[state] += 1
-        for state, n in counts.items():
-            m.models.labels(state).set(n)
+        for state, n in self._status.counts().items():
+            m.models.labels(state.value).set(n)
         m.leases.set(len(self._store.claims.active_leases()))
 
     async def metrics(self, request: web.Request) -> web.Response:
@@ -706,17 +557,6 @@ class LocalApi:
         if not self.ready:
             return web.json_response({"status": "starting"}, status=503)
         return web.json_response({"status": "ready"})
-
-
-def _bounded_int(text: str) -> int:
-    # Before int(): a 5,000-digit number is refused without the quadratic conversion.
-    if len(text.lstrip("-")) > 19 or abs(value := int(text)) > MAX_INT:
-        raise RequestError(f"integer out of range in request body (at most {MAX_INT})")
-    return value
-
-
-def _no_constant(name: str) -> Any:
-    raise RequestError(f"{name} is not a number this API accepts")
 
 
 _CODE_STATUS = {cls.code: status for cls, status in STATUS}

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import re
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 
 from aiohttp import ClientConnectionResetError, web
 
@@ -28,6 +28,7 @@ from cached.metrics import Metrics
 from cached.peers.auth import HEADER_ANSWER, HEADER_NODE, AuthRefused, ClusterKey, RequestVerifier, SignedRequest, sign_answer
 from cached.peers.gossip import Gossip
 from cached.peers.holdings import local_ref
+from cached.status import StatusSource
 from cached.store import Store
 from cached.transfer.budget import TokenBucket
 from cached.types import ModelRef, RefKind
@@ -67,7 +68,7 @@ class _SlottedFile(web.FileResponse):
 class PeerApi:
     def __init__(
         self, *, store: Store, gossip: Gossip, metrics: Metrics, key: ClusterKey, node_id: str, max_uploads: int, serve_rate_bps: int,
-        verifier: RequestVerifier | None = None,
+        status: StatusSource, verifier: RequestVerifier | None = None,
     ) -> None:
         self._store = store
         self._gossip = gossip
@@ -78,7 +79,7 @@ class PeerApi:
         self._uploads = asyncio.Semaphore(max_uploads)
         self._bucket = TokenBucket(serve_rate_bps)
         self._rate_limited = serve_rate_bps > 0
-        self.local_status: Callable[[ModelRef], dict[str, Any]] = lambda ref: {"state": "absent"}
+        self._status = status
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._auth])
@@ -181,7 +182,7 @@ class PeerApi:
         ref = ModelRef.parse(request.query.get("ref", ""))
         if ref.kind is RefKind.FILE:
             raise web.HTTPNotFound()  # its path and state are this node's business only
-        return web.json_response(self.local_status(ref))
+        return web.json_response(self._status.of(ref).to_json())
 
     async def piece_table(self, request: web.Request) -> web.Response:
         blob = request.match_info["id"].removeprefix("blake3:")

@@ -133,6 +133,15 @@ async def test_extender_scores_and_filters_by_where_the_model_is(tmp_path: Path,
         partial = await wait_until(b_partial, timeout_s=10, what="b listed as fetching in locate")
         assert partial["bytes_done"] < SIZE
 
+        # The extender answers from gossip (no request to peers), a round behind locate: wait
+        # until c's holdings view has a's copy and b's partial, as three_nodes waits for views.
+        def c_sees_both() -> bool:
+            view = c.gossip.view  # type: ignore[union-attr]
+            b_holds = view.get("b")
+            return [n for n, _ in view.with_ref(ref)] == ["a"] and b_holds is not None and bool(b_holds.partials)
+
+        await wait_until(c_sees_both, timeout_s=10, what="c's holdings view shows a's copy and b's partial")
+
         with_model = pod({"cached.io/model": ref})
         required = pod({"cached.io/model": ref, "cached.io/require-local": "true"})
 
