@@ -42,7 +42,8 @@ from cached.jobs import Jobs
 from cached.metrics import Metrics
 from cached.peers.client import PeerClient
 from cached.peers.holdings import HoldingsView, NodeHoldings
-from cached.peers.membership import Membership
+from cached.peers.membership import MemberInfo, Membership, Status
+from cached.periodic import every
 from cached.placement import rank
 from cached.status import ModelStatus, Replicas, StatusSource
 from cached.store import Store
@@ -180,6 +181,15 @@ class Catalog:
     def to_json(self) -> list[dict[str, Any]]:
         return [e.to_json() for e in sorted(self._entries.values(), key=lambda e: e.ref)]
 
+    def to_gossip(self) -> dict[str, Any]:
+        """What rides along in every gossip exchange (``Gossip(extra_out=...)``)."""
+        return {"catalog": self.to_json()}
+
+    def from_gossip(self, payload: Mapping[str, Any]) -> None:
+        """Merge the catalog a gossip message carries (``Gossip(extra_in=...)``)."""
+        if isinstance(payload, Mapping):
+            self.merge(payload.get("catalog") or [])
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Member:
@@ -195,6 +205,46 @@ def owners_of(entry: CatalogEntry, members: list[Member]) -> list[str]:
     return rank(entry.ref, [m.node_id for m in eligible], weights)[: entry.replicas]
 
 
+class GossipMembers:
+    """The reconciler's inputs from gossip: live members and who holds what.
+
+    Placement moves a model only when gossip says its holder is dead (``peer.dead_after_s``), not
+    at the first missed heartbeats: a node that is merely slow for a few seconds must not set off
+    a full copy elsewhere. Suspect members stay owners and holders until then."""
+
+    def __init__(self, membership: Membership, view: HoldingsView) -> None:
+        self._membership = membership
+        self._view = view
+
+    def _not_dead(self) -> list[MemberInfo]:
+        return [self._membership.me] + [m.info for m in self._membership.members() if m.status is not Status.DEAD]
+
+    def members(self) -> list[Member]:
+        return [Member(node_id=i.node_id, capacity_bytes=i.capacity_bytes, labels=i.labels) for i in self._not_dead()]
+
+    def holders(self, ref: str) -> set[str]:
+        counted = {i.node_id for i in self._not_dead()}
+        return {n for n, _ in self._view.with_ref(ref) if n in counted}
+
+
+class ReplicaGuard:
+    """The store's ``Protector``: eviction asks it whether the cluster can spare a copy.
+
+    The store is built before the cluster parts (the reconciler needs the store, through the
+    jobs), so the daemon makes the guard first and gives it to both constructors: the store asks
+    it, the reconciler answers through it. Until a reconciler exists, and on a node without a
+    cluster, it protects nothing."""
+
+    def __init__(self) -> None:
+        self._reconciler: Reconciler | None = None
+
+    def protects(self, ref: str) -> bool:
+        return self._reconciler is not None and self._reconciler.protects(ref)
+
+    def answer_with(self, reconciler: "Reconciler") -> None:
+        self._reconciler = reconciler
+
+
 class Reconciler:
     """Compares the catalog with live members and holdings; fetches what this node owns."""
 
@@ -208,6 +258,7 @@ class Reconciler:
         members: Callable[[], list[Member]],
         holders: Callable[[str], set[str]],
         interval_s: float,
+        guard: ReplicaGuard | None = None,
     ) -> None:
         self._node_id = node_id
         self.catalog = catalog
@@ -219,6 +270,8 @@ class Reconciler:
         self.passes = 0  # reconcile passes so far (tests wait on it)
         self._wake = asyncio.Event()
         self._owned: set[str] = set()
+        if guard is not None:
+            guard.answer_with(self)
 
     def owners(self, ref: str) -> list[str]:
         entry = self.catalog.get(ref)
@@ -260,17 +313,11 @@ class Reconciler:
 
     def kick(self) -> None:
         """Reconcile now rather than at the next tick: a member just changed status (a failover
-        should not wait out the timer), or the daemon is stopping."""
+        should not wait out the timer)."""
         self._wake.set()
 
     async def run(self, stopping: asyncio.Event) -> None:
-        while not stopping.is_set():
-            self._wake.clear()
-            self.reconcile()
-            try:
-                await asyncio.wait_for(self._wake.wait(), self._interval_s)
-            except asyncio.TimeoutError:
-                pass
+        await every(self._interval_s, stopping, self.reconcile, now=True, wake=self._wake)
 
 
 class CatalogStatus:

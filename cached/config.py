@@ -3,16 +3,22 @@
 Each component receives only its own section. Every error names the offending key
 (``store.max_bytes: not a size: '12Q'``) so the daemon can exit 78 with one clear line.
 Nothing here reads the environment at import time; ``load`` is handed what it needs.
+
+Each default is written once, on its dataclass field; the table of keys a file may contain
+(``_DEFAULTS``) is derived from those fields. Keys that moved keep their old name as an alias
+(``MOVED_KEYS``): a file or flag may still say ``origins.http.retries``, and an error about its
+value names the key as the user spelled it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, get_type_hints
 
 from cached.errors import ConfigError
 from cached.types import DEFAULT_PIECE_SIZE, MAX_PIECE_SIZE, MIN_PIECE_SIZE, parse_size
@@ -69,10 +75,14 @@ class ListenerLimits:
     max_connections_per_ip: int = 1024
 
 
+# The file spells this field as an octal string ("0660").
+_OCTAL = {"octal": True}
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ApiConfig:
-    listen: Listen
-    socket_mode: int = 0o660
+    listen: Listen = field(default_factory=lambda: Listen.parse(DEFAULT_API_LISTEN, "api.listen"))
+    socket_mode: int = field(default=0o660, metadata=_OCTAL)
     # Admin routes (evict --force, pin, unpin, replicate, gc, verify) need this bearer token, or
     # a unix-socket caller that is root, the daemon's own user, or a member of admin_group.
     admin_token_file: Path | None = None
@@ -85,7 +95,7 @@ class ApiConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PeerConfig:
-    listen: Listen
+    listen: Listen = field(default_factory=lambda: Listen.parse(DEFAULT_PEER_LISTEN, "peer.listen"))
     advertise: str = ""
     seeds: tuple[str, ...] = ()
     gossip_interval_s: float = 1.0
@@ -122,11 +132,19 @@ class DiscoveryConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HttpOriginConfig:
-    connections: int = 8
+    """How the HTTP-speaking origins (http, hf) talk to a server."""
+
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 30.0
-    retries: int = 5
-    backoff_s: float = 0.5
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TransferConfig:
+    """Limits of the transfer layer over every origin (formerly under ``origins.http``)."""
+
+    connections: int = 8  # origin requests in flight for one file
+    retries: int = 5  # of one failed origin request, before the fetch fails
+    backoff_s: float = 0.5  # first delay between retries; doubled each time, with jitter
     backoff_max_s: float = 10.0
     max_rate_bps: int = 0  # origin download budget for the whole node; 0 = unlimited
 
@@ -157,7 +175,7 @@ class OriginsConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StoreConfig:
-    cache_dir: Path
+    cache_dir: Path = Path("/var/cache/cached")  # the file names it at the top level, not under [store]
     max_bytes: int | None = None  # None: 90% of the filesystem holding cache_dir
     piece_size_bytes: int = DEFAULT_PIECE_SIZE
     high_watermark: float = 0.95
@@ -186,79 +204,41 @@ class Config:
     cluster: ClusterConfig
     discovery: DiscoveryConfig
     origins: OriginsConfig
+    transfer: TransferConfig
     store: StoreConfig
     jobs: JobsConfig
     log: LogConfig
 
 
+def _file_form(value: Any, *, octal: bool = False) -> Any:
+    """A default as a TOML file spells it: sections as tables, tuples as lists, paths and
+    addresses as strings."""
+    if isinstance(value, (Path, Listen)):
+        return str(value)
+    if dataclasses.is_dataclass(value):
+        return {f.name: _file_form(getattr(value, f.name), octal=bool(f.metadata.get("octal"))) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [_file_form(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _file_form(v) for k, v in value.items()}
+    if octal:
+        return f"{value:04o}"
+    return value
+
+
+def _file_defaults() -> dict[str, Any]:
+    sections = {name: t for name, t in get_type_hints(Config).items() if dataclasses.is_dataclass(t)}
+    tree = {name: _file_form(t()) for name, t in sections.items()}
+    cache_dir = tree["store"].pop("cache_dir")
+    # node_id: unset means the host name; labels: a free-form table (see _FREEFORM).
+    return {"node_id": None, "labels": {}, "cache_dir": cache_dir, **tree}
+
+
 # Every key the file may contain, with its default. Anything else is a typo and an error.
-_DEFAULTS: dict[str, Any] = {
-    "node_id": None,
-    "labels": {},  # a free-form table (see _FREEFORM), not a section
-    "cache_dir": "/var/cache/cached",
-    "api": {
-        "listen": DEFAULT_API_LISTEN,
-        "socket_mode": "0660",
-        "admin_token_file": None,
-        "admin_group": "",
-        "allowed_hosts": [],
-        "limits": {
-            "header_timeout_s": 10.0,
-            "idle_timeout_s": 60.0,
-            "body_timeout_s": 60.0,
-            "max_connections": 1024,
-            "max_connections_per_ip": 1024,
-        },
-    },
-    "peer": {
-        "listen": DEFAULT_PEER_LISTEN,
-        "advertise": "",
-        "seeds": [],
-        "gossip_interval_s": 1.0,
-        "fanout": 3,
-        "suspect_after_s": 5.0,
-        "dead_after_s": 15.0,
-        "forget_after_s": 3600.0,
-        "max_uploads": 16,
-        "serve_rate_bps": 0,
-        "stall_timeout_s": 10.0,
-        "tls_cert_file": None,
-        "tls_key_file": None,
-        "tls_ca_file": None,
-        "limits": {
-            "header_timeout_s": 10.0,
-            "idle_timeout_s": 60.0,
-            "body_timeout_s": 60.0,
-            "max_connections": 2048,
-            "max_connections_per_ip": 64,
-        },
-    },
-    "cluster": {"name": "default", "token_file": None, "names_from_peers": False, "internal_origins": []},
-    "discovery": {"mdns": True},
-    "origins": {
-        "hf": {"endpoint": "https://huggingface.co", "token_file": None, "refresh_interval_s": 0, "lend_token_to": []},
-        "file": {"allowed_roots": []},
-        "http": {
-            "connections": 8,
-            "connect_timeout_s": 10.0,
-            "read_timeout_s": 30.0,
-            "retries": 5,
-            "backoff_s": 0.5,
-            "backoff_max_s": 10.0,
-            "max_rate_bps": 0,
-        },
-    },
-    "store": {
-        "max_bytes": None,
-        "piece_size_bytes": DEFAULT_PIECE_SIZE,
-        "high_watermark": 0.95,
-        "low_watermark": 0.85,
-        "scrub_interval_s": 7 * 86400,
-        "scrub_rate_bps": 64 << 20,
-    },
-    "jobs": {"max_concurrent": 4},
-    "log": {"format": "text", "level": "info"},
-}
+_DEFAULTS: dict[str, Any] = _file_defaults()
+
+# Old name -> new name of keys that moved. The old name stays accepted in files and flags.
+MOVED_KEYS: Mapping[str, str] = {f"origins.http.{k}": f"transfer.{k}" for k in _DEFAULTS["transfer"]}
 
 
 # Tables whose keys are the user's own (node labels): taken whole, never checked key by key.
@@ -307,13 +287,37 @@ def read_file(path: Path) -> dict[str, Any]:
 def load(file: Path | None, flags: Mapping[str, Any], *, default_file: Path = DEFAULT_CONFIG_FILE) -> Config:
     """Build the frozen Config. ``flags`` maps dotted keys (``store.max_bytes``) to values."""
     tree: dict[str, Any] = _deep_copy(_DEFAULTS)
+    spelled: dict[str, str] = {}  # new key -> the old name its value was given under
     path = file if file is not None else (default_file if default_file.exists() else None)
     if path is not None:
-        _merge(tree, read_file(path))
+        _merge(tree, _move_old_names(read_file(path), spelled))
     for dotted, value in flags.items():
         if value is not None:
-            _set_dotted(tree, dotted, value)
-    return _build(tree)
+            new = MOVED_KEYS.get(dotted, dotted)
+            spelled.pop(new, None)
+            if new != dotted:
+                spelled[new] = dotted
+            _set_dotted(tree, new, value)
+    return _build(tree, spelled)
+
+
+def _move_old_names(data: dict[str, Any], spelled: dict[str, str]) -> dict[str, Any]:
+    """A file's tree with moved keys under their new names; both names at once is an error."""
+    origins = data.get("origins")
+    http = origins.get("http") if isinstance(origins, dict) else None
+    if not isinstance(http, dict):
+        return data  # nothing moved, or a malformed table that _merge reports
+    for old in [f"origins.http.{k}" for k in http if f"origins.http.{k}" in MOVED_KEYS]:
+        new = MOVED_KEYS[old]
+        section, key = new.split(".")
+        target = data.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(section, "expected a table")
+        if key in target:
+            raise ConfigError(old, f"also set as {new}, its new name; keep one")
+        target[key] = http.pop(key)
+        spelled[new] = old
+    return data
 
 
 def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
@@ -433,7 +437,20 @@ def _peer(p: dict[str, Any], seeds: list[str]) -> PeerConfig:
     )
 
 
-def _build(t: dict[str, Any]) -> Config:
+def _transfer(t: dict[str, Any], spelled: Mapping[str, str]) -> TransferConfig:
+    def key(name: str) -> str:
+        return spelled.get(f"transfer.{name}", f"transfer.{name}")
+
+    return TransferConfig(
+        connections=_number(t["connections"], key("connections"), lo=1, hi=64, integer=True),
+        retries=_number(t["retries"], key("retries"), lo=0, hi=100, integer=True),
+        backoff_s=_number(t["backoff_s"], key("backoff_s"), lo=0, hi=600),
+        backoff_max_s=_number(t["backoff_max_s"], key("backoff_max_s"), lo=0, hi=3600),
+        max_rate_bps=_size(t["max_rate_bps"], key("max_rate_bps")),
+    )
+
+
+def _build(t: dict[str, Any], spelled: Mapping[str, str] | None = None) -> Config:
     node_id = t["node_id"] or socket.gethostname()
     _typed(node_id, str, "node_id", "a string")
     if not node_id or len(node_id) > 253 or any(c.isspace() or ord(c) < 0x20 for c in node_id):
@@ -466,13 +483,8 @@ def _build(t: dict[str, Any]) -> Config:
 
     h = t["origins"]["http"]
     http = HttpOriginConfig(
-        connections=_number(h["connections"], "origins.http.connections", lo=1, hi=64, integer=True),
         connect_timeout_s=_number(h["connect_timeout_s"], "origins.http.connect_timeout_s", lo=0.1, hi=600),
         read_timeout_s=_number(h["read_timeout_s"], "origins.http.read_timeout_s", lo=0.1, hi=3600),
-        retries=_number(h["retries"], "origins.http.retries", lo=0, hi=100, integer=True),
-        backoff_s=_number(h["backoff_s"], "origins.http.backoff_s", lo=0, hi=600),
-        backoff_max_s=_number(h["backoff_max_s"], "origins.http.backoff_max_s", lo=0, hi=3600),
-        max_rate_bps=_size(h["max_rate_bps"], "origins.http.max_rate_bps"),
     )
 
     s = t["store"]
@@ -524,6 +536,7 @@ def _build(t: dict[str, Any]) -> Config:
             ),
             file=FileOriginConfig(allowed_roots=_allowed_roots(t["origins"]["file"]["allowed_roots"])),
         ),
+        transfer=_transfer(t["transfer"], spelled or {}),
         store=StoreConfig(
             cache_dir=Path(cache_dir),
             max_bytes=max_bytes,

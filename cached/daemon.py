@@ -1,9 +1,12 @@
 """Composition root: parse flags, build every component, start them in order, stop in reverse.
 
-This is the only module that wires components together. Start order: store (indexed) -> HTTP
-client session -> origins -> jobs -> local API listening -> READY=1. Stop order is the reverse:
-stop accepting, cancel jobs (verified pieces are already on disk), close sessions. A bad config or
-flag exits 78 (EX_CONFIG) with one line on stderr, which systemd's RestartPreventExitStatus honours.
+This is the only module that wires components together; every background loop is the ``run()``
+of the component that owns it, started here in one task group under a name. Start order: store
+(indexed) -> HTTP clients -> origins -> peers and cluster (built, no I/O) -> transfer -> jobs ->
+loops -> peer API listening, then gossip, reconcile, mDNS -> local API listening -> READY=1. Stop
+order is the reverse (an ``AsyncExitStack``): stop accepting, end every loop, cancel jobs
+(verified pieces are already on disk), close sessions. A bad config or flag exits 78
+(EX_CONFIG) with one line on stderr, which systemd's RestartPreventExitStatus honours.
 """
 
 from __future__ import annotations
@@ -12,17 +15,14 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import os
-import re
 import signal
-import socket
 import ssl
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -33,33 +33,37 @@ from cached.api.hf import HfEndpoint
 from cached.api.listener import ListenerGuard, listener_guards
 from cached.api.local import LocalApi
 from cached.api.peer import PeerApi
-from cached.cluster import Catalog, CatalogStatus, Locator, Reconciler
-from cached.cluster import Member as ClusterMember
+from cached.cluster import Catalog, CatalogStatus, GossipMembers, Locator, Reconciler, ReplicaGuard
 from cached.config import DEFAULT_CONFIG_FILE, Config, load
 from cached.errors import CachedError, ConfigError
 from cached.jobs import Jobs
+from cached.logs import set_level, setup_logging
 from cached.metrics import Metrics
 from cached.origins import Origins
 from cached.origins.hf import HfOrigin
+from cached.origins.http import HttpOrigin
+from cached.origins.local import FilePolicy, LocalOrigin
 from cached.peers.auth import ClusterKey
 from cached.peers.client import PeerClient, client_ssl
+from cached.peers.directory import GossipDirectory
 from cached.peers.gossip import Gossip, default_advertise
 from cached.peers.holdings import HoldingsView, LocalHoldings
 from cached.peers.mdns import MdnsDiscovery
+from cached.peers.membership import MemberInfo, Membership
 from cached.rangeio import ThreadedRangeReader
 from cached.status import StatusBoard, StatusSource
-from cached.peers.membership import MemberInfo, Membership, Status
-from cached.origins.http import HttpOrigin
-from cached.origins.local import FilePolicy, LocalOrigin
 from cached.store import Store
+from cached.store.housekeeping import Housekeeping
+from cached.systemd import Watchdog, notify, watchdog_interval_s
+from cached.transfer.blob import BlobFetcher
 from cached.transfer.model import ModelFetcher
-from cached.transfer.scheduler import Scheduler
-from cached.types import ModelRef, Priority, RefKind
+from cached.transfer.refresh import HfRefresh
+from cached.transfer.scrub import Scrub
+from cached.types import RefKind
 
 log = logging.getLogger("cached")
 
 EX_CONFIG = 78
-HOUSEKEEPING_INTERVAL_S = 10.0
 PEER_CONNECT_TIMEOUT_S = 3.0
 # Keys SIGHUP applies in place; any other change is reported as needing a restart.
 RELOADABLE = frozenset(
@@ -77,6 +81,12 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+class Loop(Protocol):
+    """A component with a background loop that runs until the daemon stops."""
+
+    async def run(self, stopping: asyncio.Event) -> None: ...
+
+
 class Daemon:
     """One node. Several can run in one process (tests): each owns its registry, session, store."""
 
@@ -85,21 +95,22 @@ class Daemon:
         self._env = dict(os.environ) if env is None else env
         self.clock = clock
         self.metrics = Metrics()
-        self.store = Store(cfg.store, clock=clock)
+        self.replicas = ReplicaGuard()  # the store asks it; the reconciler, once built, answers
+        self.store = Store(cfg.store, clock=clock, protector=self.replicas)
         self._stack = contextlib.AsyncExitStack()
         self._runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
         self.jobs: Jobs
-        self.status: StatusSource  # with the catalog's replica plan once in a cluster
         self.api: LocalApi
+        self.fetcher: ModelFetcher
+        self.status: StatusSource  # with the catalog's replica plan once in a cluster
         self.gossip: Gossip | None = None
-        self.peer_address: str | None = None
-        self._server_ssl: ssl.SSLContext | None = None
         self.catalog: Catalog | None = None
         self.reconciler: Reconciler | None = None
         self.locator: Locator | None = None
-        self.fetcher: ModelFetcher
+        self.peer_address: str | None = None
+        self._server_ssl: ssl.SSLContext | None = None
         self._guards: dict[str, ListenerGuard] = {}
 
     async def __aenter__(self) -> "Daemon":
@@ -115,13 +126,60 @@ class Daemon:
         await self._stack.aclose()
         log.info("stopped node=%s", self.cfg.node_id)
 
+    # --- start, in order; the exit stack stops in reverse -----------------------------------------
+
     async def _start(self) -> None:
         cfg = self.cfg
         await self.store.open()
         for kind, n in self.store.bad_entries.items():
             self.metrics.store_bad_entries.labels(kind).inc(n)
+        session, reader = self._http_clients()
+        self.hf_origin = HfOrigin(session, cfg.origins.hf, cfg.origins.http, reader, token=hf_token(cfg, self._env))
+        self.file_origin = LocalOrigin(file_policy(cfg))
+        origins = Origins(
+            {RefKind.FILE: self.file_origin, RefKind.HTTP: HttpOrigin(session, cfg.origins.http, reader), RefKind.HF: self.hf_origin}
+        )
+        token = cluster_token(cfg)
+        self._guards = listener_guards(self.metrics, api=cfg.api.limits, peer=cfg.peer.limits if token is not None else None)
+        directory = self._build_peers(session, token) if token is not None else None
+        blobs = BlobFetcher(cfg.transfer, self.metrics, peer_client=directory.client if directory else None)
+        self.fetcher = ModelFetcher(
+            self.store, origins, blobs, self.metrics, peers=directory, grace_s=2.5 * cfg.peer.gossip_interval_s,
+            stall_timeout_s=cfg.peer.stall_timeout_s, names_from_peers=cfg.cluster.names_from_peers,
+        )
+        self.jobs = await self._stack.enter_async_context(Jobs(self.fetcher, self.store, self.metrics, cfg.jobs, clock=self.clock))
+        self.status = StatusBoard(store=self.store, jobs=self.jobs, clock=self.clock)
+        if directory is not None:
+            self._build_cluster(directory)
+
+        self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
+        self._stack.callback(self.stop)  # runs before the TaskGroup joins: every loop ends
+        self._spawn("store.housekeeping", Housekeeping(self.store, self.metrics))
+        if cfg.store.scrub_interval_s > 0:
+            self._spawn("store.scrub", Scrub(self.fetcher, interval_s=cfg.store.scrub_interval_s, rate_bps=cfg.store.scrub_rate_bps))
+        if cfg.origins.hf.refresh_interval_s > 0:
+            self._spawn("hf.refresh", HfRefresh(self.store, self.jobs, interval_s=cfg.origins.hf.refresh_interval_s))
+        watchdog_s = watchdog_interval_s()
+        if watchdog_s is not None:
+            self._spawn("systemd.watchdog", Watchdog(watchdog_s))
+
+        if token is None:
+            log.info("peer networking off: no cluster.token_file (--cluster-token-file); this node works alone")
+        else:
+            await self._serve_peers(token)
+        await self._serve_api(session, reader)
+        log.info("listening node=%s api=%s cache_dir=%s version=%s", cfg.node_id, self.api_address, cfg.store.cache_dir, __version__)
+        notify("READY=1", f"STATUS=serving api={self.api_address}")
+
+    def _spawn(self, name: str, loop: Loop) -> None:
+        assert self._tg is not None
+        self._tg.create_task(loop.run(self._stopping), name=name)
+
+    def _http_clients(self) -> tuple[aiohttp.ClientSession, ThreadedRangeReader]:
+        """The origins' HTTP session (metadata) and range reader (piece bodies), closed on stop."""
+        cfg = self.cfg
         session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=cfg.origins.http.connections * 4, ttl_dns_cache=60),
+            connector=aiohttp.TCPConnector(limit=cfg.transfer.connections * 4, ttl_dns_cache=60),
             auto_decompress=False,
             headers={"User-Agent": f"cached/{__version__}"},
         )
@@ -131,38 +189,10 @@ class Daemon:
             user_agent=f"cached/{__version__}",
         )
         self._stack.callback(reader.close)
-        self.hf_origin = HfOrigin(session, cfg.origins.hf, cfg.origins.http, reader, token=hf_token(cfg, self._env))
-        self.file_origin = LocalOrigin(file_policy(cfg))
-        origins = Origins(
-            {RefKind.FILE: self.file_origin, RefKind.HTTP: HttpOrigin(session, cfg.origins.http, reader), RefKind.HF: self.hf_origin}
-        )
-        token = cluster_token(cfg)
-        self._guards = listener_guards(self.metrics, api=cfg.api.limits, peer=cfg.peer.limits if token is not None else None)
-        directory = self._build_peers(session, token) if token is not None else None
-        scheduler = Scheduler(cfg.origins.http, self.metrics, peer_client=directory.client if directory else None)
-        self.fetcher = ModelFetcher(
-            self.store, origins, scheduler, self.metrics, peers=directory, grace_s=2.5 * cfg.peer.gossip_interval_s,
-            stall_timeout_s=cfg.peer.stall_timeout_s, names_from_peers=cfg.cluster.names_from_peers,
-        )
-        self.jobs = await self._stack.enter_async_context(Jobs(self.fetcher, self.store, self.metrics, cfg.jobs, clock=self.clock))
-        self.status = StatusBoard(store=self.store, jobs=self.jobs, clock=self.clock)
+        return session, reader
 
-        self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
-        self._stack.callback(self.stop)  # runs before the TaskGroup joins: loops end (and wakes the reconciler)
-        self._tg.create_task(self._housekeeping(), name="store.housekeeping")
-        if cfg.store.scrub_interval_s > 0:
-            self._tg.create_task(self._scrub(), name="store.scrub")
-        if cfg.origins.hf.refresh_interval_s > 0:
-            self._tg.create_task(self._refresh_hf(cfg.origins.hf.refresh_interval_s), name="hf.refresh")
-        watchdog_s = watchdog_interval_s()
-        if watchdog_s is not None:
-            self._tg.create_task(self._watchdog(watchdog_s), name="systemd.watchdog")
-
-        if token is None:
-            log.info("peer networking off: no cluster.token_file (--cluster-token-file); this node works alone")
-        else:
-            await self._serve_peers(token)
-
+    async def _serve_api(self, session: aiohttp.ClientSession, reader: ThreadedRangeReader) -> None:
+        cfg = self.cfg
         hf = HfEndpoint(
             store=self.store, jobs=self.jobs, origin=self.hf_origin, lend_token_to=cfg.origins.hf.lend_token_to,
             anonymous=HfOrigin(session, cfg.origins.hf, cfg.origins.http, reader, token=None),
@@ -194,13 +224,11 @@ class Daemon:
         else:
             await guard.start_tcp(self._runner, listen.host, listen.port)
         self.api.ready = True
-        log.info("listening node=%s api=%s cache_dir=%s version=%s", cfg.node_id, self.api_address, cfg.store.cache_dir, __version__)
-        notify("READY=1", f"STATUS=serving api={self.api_address}")
 
-    def _build_peers(self, session: aiohttp.ClientSession, token: str) -> "GossipDirectory":
-        """Membership, holdings and gossip, wired but not yet serving (no I/O)."""
+    def _build_peers(self, session: aiohttp.ClientSession, token: str) -> GossipDirectory:
+        """Membership, holdings and the peer client, wired but not yet serving (no I/O)."""
         cfg = self.cfg
-        holdings = LocalHoldings()
+        self._holdings = holdings = LocalHoldings()
         for op in self.store.holdings_ops():
             holdings.record(op)
         self.store.on_change = holdings.record
@@ -208,7 +236,7 @@ class Daemon:
         # Only the key derived from the token is used from here on; the token never leaves.
         self._cluster_key = ClusterKey(token, cfg.cluster.name)
         # Our address is known once the peer API listens; _serve_peers fills it in.
-        membership = Membership(
+        self._membership = Membership(
             MemberInfo(node_id=cfg.node_id, address="", cluster=cfg.cluster.name, incarnation=0),
             suspect_after_s=cfg.peer.suspect_after_s, dead_after_s=cfg.peer.dead_after_s,
             forget_after_s=cfg.peer.forget_after_s, clock=time.monotonic,
@@ -224,21 +252,37 @@ class Daemon:
             session, reader, self._cluster_key, cfg.node_id, scheme="https" if self._server_ssl else "http",
             ssl_context=client_ssl_ctx, timeout_s=cfg.peer.stall_timeout_s, metrics=self.metrics,
         )
-        self.gossip = Gossip(
-            membership=membership, holdings=holdings, view=HoldingsView(), client=client, metrics=self.metrics,
-            interval_s=cfg.peer.gossip_interval_s, fanout=cfg.peer.fanout, seeds=cfg.peer.seeds,
-            capacity=lambda: self.store.capacity_bytes,
+        return GossipDirectory(self._membership, HoldingsView(), client)
+
+    def _build_cluster(self, directory: GossipDirectory) -> None:
+        """The catalog, the reconcile loop that acts on it, gossip that carries both, and the
+        cluster's view of model status and location (no I/O)."""
+        cfg = self.cfg
+        self.catalog = Catalog(cfg.node_id, clock=self.clock, metrics=self.metrics, internal_origins=cfg.cluster.internal_origins)
+        live = GossipMembers(self._membership, directory.view)
+        self.reconciler = reconciler = Reconciler(
+            node_id=cfg.node_id, catalog=self.catalog, store=self.store, jobs=self.jobs, members=live.members,
+            holders=live.holders, interval_s=max(1.0, cfg.peer.gossip_interval_s * 2), guard=self.replicas,
         )
-        return GossipDirectory(self.gossip, client)
+        self.gossip = Gossip(
+            membership=self._membership, holdings=self._holdings, view=directory.view, client=directory.client,
+            metrics=self.metrics, interval_s=cfg.peer.gossip_interval_s, fanout=cfg.peer.fanout, seeds=cfg.peer.seeds,
+            capacity=lambda: self.store.capacity_bytes, extra_out=self.catalog.to_gossip, extra_in=self.catalog.from_gossip,
+            on_status_change=lambda node_id, status: reconciler.kick(),
+        )
+        self.status = CatalogStatus(self.status, reconciler)
+        self.locator = Locator(
+            node_id=cfg.node_id, status=self.status, store=self.store, membership=self._membership, view=directory.view,
+            client=directory.client,
+        )
 
     async def _serve_peers(self, token: str) -> None:
+        """The peer API listening; then gossip, reconciliation and mDNS under way."""
         cfg = self.cfg
-        assert self.gossip is not None
-        holdings = self.gossip.holdings
-        server_ssl = self._server_ssl
-        self._build_cluster()
+        gossip, reconciler = self.gossip, self.reconciler
+        assert gossip is not None and reconciler is not None
         peer_api = PeerApi(
-            store=self.store, gossip=self.gossip, metrics=self.metrics, key=self._cluster_key, node_id=cfg.node_id,
+            store=self.store, gossip=gossip, metrics=self.metrics, key=self._cluster_key, node_id=cfg.node_id,
             max_uploads=cfg.peer.max_uploads, serve_rate_bps=cfg.peer.serve_rate_bps, status=self.status,
         )
         guard = self._guards["peer"]
@@ -249,76 +293,31 @@ class Daemon:
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)
         listen = cfg.peer.listen
-        await guard.start_tcp(runner, listen.host, listen.port, ssl_context=server_ssl)
+        await guard.start_tcp(runner, listen.host, listen.port, ssl_context=self._server_ssl)
         port = runner.addresses[0][1]
         advertise = cfg.peer.advertise or default_advertise(listen.host, port)
         # Incarnation: start time in ms, so a restarted node always outranks its previous life.
-        self.gossip.membership.me = MemberInfo(
+        gossip.membership.me = MemberInfo(
             node_id=cfg.node_id, address=advertise, cluster=cfg.cluster.name, incarnation=time.time_ns() // 1_000_000,
             capacity_bytes=self.store.capacity_bytes, labels=cfg.labels,
         )
-        self._start_cluster()
         self.peer_address = advertise
-        assert self._tg is not None
-        self._tg.create_task(self.gossip.run(self._stopping), name="peers.gossip")
+        self._spawn("cluster.reconcile", reconciler)
+        self._spawn("peers.gossip", gossip)
         if cfg.discovery.mdns:
+            holdings = self._holdings
             mdns = MdnsDiscovery(
                 node_id=cfg.node_id, cluster=cfg.cluster.name, address=advertise, key=ClusterKey(token, cfg.cluster.name),
-                on_peer=lambda node_id, address: self.gossip.add_seed(address) if self.gossip else None,
+                on_peer=lambda node_id, address: gossip.add_seed(address),
                 on_reject=lambda reason: self.metrics.mdns_rejected.labels(reason).inc(),
                 summary=lambda: (holdings.version, holdings.state.summary()),
             )
             await self._stack.enter_async_context(mdns)
-            self._tg.create_task(self._mdns_refresh(mdns), name="peers.mdns")
+            self._spawn("peers.mdns", mdns)
         log.info("peers on node=%s peer_api=%s advertise=%s cluster=%s seeds=%d mdns=%s",
                  cfg.node_id, f"{listen.host}:{port}", advertise, cfg.cluster.name, len(cfg.peer.seeds), cfg.discovery.mdns)
 
-    def _build_cluster(self) -> None:
-        """Catalog in gossip, the reconciler, cluster-wide status and locate (no I/O, no task:
-        the peer API answers status with the replica plan from its first request)."""
-        gossip = self.gossip
-        assert gossip is not None
-        me = self.cfg.node_id
-        self.catalog = Catalog(me, clock=self.clock, metrics=self.metrics, internal_origins=self.cfg.cluster.internal_origins)
-        gossip.extra_out = lambda: {"catalog": self.catalog.to_json()}
-        gossip.extra_in = lambda payload: self.catalog.merge(payload.get("catalog") or []) if isinstance(payload, dict) else None
-
-        # Placement moves a model only when gossip says its holder is dead (peer.dead_after_s), not
-        # at the first missed heartbeats: a node that is merely slow for a few seconds must not
-        # set off a full copy elsewhere. Suspect members stay owners and holders until then.
-        def not_dead() -> list[MemberInfo]:
-            return [gossip.membership.me] + [m.info for m in gossip.membership.members() if m.status is not Status.DEAD]
-
-        def members() -> list[ClusterMember]:
-            return [ClusterMember(node_id=i.node_id, capacity_bytes=i.capacity_bytes, labels=i.labels) for i in not_dead()]
-
-        def holders(ref: str) -> set[str]:
-            counted = {i.node_id for i in not_dead()}
-            return {n for n, _ in gossip.view.with_ref(ref) if n in counted}
-
-        self.reconciler = Reconciler(
-            node_id=me, catalog=self.catalog, store=self.store, jobs=self.jobs, members=members, holders=holders,
-            interval_s=max(1.0, self.cfg.peer.gossip_interval_s * 2),
-        )
-        self.status = CatalogStatus(self.status, self.reconciler)
-        self.locator = Locator(
-            node_id=me, status=self.status, store=self.store, membership=gossip.membership, view=gossip.view, client=gossip.client,
-        )
-
-    def _start_cluster(self) -> None:
-        """The reconcile loop, once this node's member record is final."""
-        gossip = self.gossip
-        assert gossip is not None and self._tg is not None and self.reconciler is not None
-        self.store.extra_protected = self.reconciler.protects
-        gossip.on_status_change = lambda node_id, status: self.reconciler.kick() if self.reconciler else None
-        self._tg.create_task(self.reconciler.run(self._stopping), name="cluster.reconcile")
-
-    async def _mdns_refresh(self, mdns: MdnsDiscovery) -> None:
-        while not self._stopping.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), 1.0)
-            with contextlib.suppress(Exception):
-                await mdns.refresh()
+    # --- running -----------------------------------------------------------------------------------
 
     def peers_view(self) -> list[dict[str, Any]]:
         if self.gossip is None:
@@ -342,19 +341,9 @@ class Daemon:
 
     def stop(self) -> None:
         self._stopping.set()
-        if self.reconciler is not None:
-            self.reconciler.kick()  # its loop waits on its own wake-up event
 
     async def wait_stopped(self) -> None:
         await self._stopping.wait()
-
-    async def _watchdog(self, interval_s: float) -> None:
-        # Pinged from the event loop itself: if the loop is stuck, systemd stops hearing from us
-        # and restarts the service.
-        while not self._stopping.is_set():
-            notify("WATCHDOG=1")
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), interval_s)
 
     def reload(self, new: Config) -> list[str]:
         """SIGHUP: apply what can change at run time; return the keys that need a restart."""
@@ -364,7 +353,7 @@ class Daemon:
         restart = sorted(changed - RELOADABLE)
         applied = sorted(changed & RELOADABLE)
         if "log.level" in changed:
-            logging.getLogger().setLevel(new.log.level.upper())
+            set_level(new.log.level)
         store = dataclasses.replace(
             self.cfg.store,
             max_bytes=new.store.max_bytes,
@@ -381,52 +370,6 @@ class Daemon:
         log.info("configuration reloaded applied=%s needs_restart=%s", ",".join(applied) or "-", ",".join(restart) or "-")
         notify(f"STATUS=reloaded; restart needed for: {', '.join(restart)}" if restart else "STATUS=reloaded")
         return restart
-
-    async def _scrub(self) -> None:
-        """Bit rot: re-hash every stored blob, paced, once per scrub_interval_s; repair and count."""
-        while not self._stopping.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self.cfg.store.scrub_interval_s)
-            if self._stopping.is_set():
-                return
-            try:
-                report = await self.fetcher.verify(rate_bps=self.cfg.store.scrub_rate_bps)
-            except CachedError as e:
-                log.warning("scrub failed error=%s", e)
-                continue
-            log.info("scrub done checked_bytes=%d bad_pieces=%d repaired_blobs=%d errors=%d",
-                     report.checked_bytes, report.bad_pieces, report.repaired_blobs, len(report.errors))
-
-    async def _refresh_hf(self, interval_s: float) -> None:
-        """Keep branch-tracking hf:// models current: re-resolve, fetch only what changed."""
-        while not self._stopping.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), interval_s)
-            if self._stopping.is_set():
-                return
-            for rec in self.store.models():
-                ref = ModelRef.parse(rec.ref)
-                if ref.kind is RefKind.HF and not re.fullmatch(r"[0-9a-f]{40}", ref.revision):
-                    self.jobs.submit(ref, Priority.LOW, refresh=True)
-
-    async def _housekeeping(self) -> None:
-        while not self._stopping.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), HOUSEKEEPING_INTERVAL_S)
-            if self._stopping.is_set():
-                return
-            try:
-                expired = await self.store.claims.expire()
-                for lease in expired:
-                    log.info("lease expired lease=%s ref=%s holder=%s", lease.lease_id, lease.ref, lease.holder)
-                if expired:
-                    await self.store.release_unretained()
-                freed, evicted = await self.store.gc()
-                if evicted:
-                    self.metrics.evictions.inc(len(evicted))
-                    log.info("evicted under pressure models=%d freed_bytes=%d", len(evicted), freed)
-            except CachedError as e:
-                log.warning("housekeeping failed error=%s", e)
 
 
 def cluster_token(cfg: Config) -> str | None:
@@ -480,100 +423,6 @@ def hf_token(cfg: Config, env: dict[str, str]) -> str | None:
         except OSError as e:
             raise ConfigError("origins.hf.token_file", f"{path}: {e.strerror}") from None
     return env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or None
-
-
-class GossipDirectory:
-    """The transfer layer's view of the cluster (``transfer.sources.PeerDirectory``), over gossip."""
-
-    def __init__(self, gossip: Gossip, client: PeerClient) -> None:
-        self._gossip = gossip
-        self.client = client
-        self.view = gossip.view
-
-    @property
-    def me(self) -> str:
-        return self._gossip.membership.me.node_id
-
-    def alive(self) -> list[tuple[str, str]]:
-        # Suspect members count too: one slow gossip round must not hand their pieces (or their
-        # share of origin reads) to everyone else. Only dead ones are gone.
-        return [
-            (m.info.node_id, m.info.address) for m in self._gossip.membership.members() if m.status is not Status.DEAD
-        ]
-
-    def suspect(self) -> set[str]:
-        # Asked last, and only for what no healthy peer has (see Swarm.peer_sources).
-        return {m.info.node_id for m in self._gossip.membership.members() if m.status is Status.SUSPECT}
-
-
-# --- systemd ------------------------------------------------------------------------------------
-
-
-def watchdog_interval_s() -> float | None:
-    """Half of $WATCHDOG_USEC when the watchdog is meant for this process, else None."""
-    usec = os.environ.get("WATCHDOG_USEC")
-    pid = os.environ.get("WATCHDOG_PID")
-    if not usec or (pid and pid != str(os.getpid())):
-        return None
-    try:
-        return max(0.05, int(usec) / 2e6)
-    except ValueError:
-        return None
-
-
-def notify(*lines: str) -> None:
-    """sd_notify without libsystemd: one datagram to $NOTIFY_SOCKET (no-op when unset)."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            s.connect(addr)
-            s.sendall("\n".join(lines).encode())
-    except OSError as e:
-        log.warning("sd_notify failed socket=%s error=%s", addr, e)
-
-
-# --- logging ------------------------------------------------------------------------------------
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        out = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out)
-
-
-class _JournalFormatter(logging.Formatter):
-    """Prefix each line with its syslog priority (sd-daemon(3)) so ``journalctl -p`` filters."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        n = record.levelno
-        prio = 2 if n >= logging.CRITICAL else 3 if n >= logging.ERROR else 4 if n >= logging.WARNING else 6 if n >= logging.INFO else 7
-        return "\n".join(f"<{prio}>{line}" for line in super().format(record).splitlines())
-
-
-def setup_logging(fmt: str, level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    elif os.environ.get("JOURNAL_STREAM"):
-        # The journal adds its own timestamp; it reads the <N> prefix as the priority.
-        handler.setFormatter(_JournalFormatter("%(levelname)s %(name)s: %(message)s"))
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
 # --- entry point --------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import AsyncIterator, Mapping, Protocol
 
 from cached.errors import RefError
+from cached.rangeio import Sink
 from cached.types import ModelRef, OriginFile, RefKind
 
 
@@ -39,10 +40,12 @@ class Origin(Protocol):
 
     async def read_range(self, file: OriginFile, offset: int, length: int) -> bytes | bytearray: ...
 
-    # Origins that fetch over the network also offer ``read_range_into(file, offset, length,
-    # sink)``: the range handed to ``sink`` in batches on a worker thread (cached.rangeio), which
-    # the scheduler prefers for piece bodies. It is not part of the Protocol so that a plain
-    # read_range is enough for an origin (the file origin reads a local disk).
+    async def read_range_into(self, file: OriginFile, offset: int, length: int, sink: Sink) -> None:
+        """The range handed to ``sink`` (bytes, absolute offset) on a worker thread, in batches
+        as they arrive (network origins, through ``cached.rangeio``) or in one (a local read).
+        The blob fetcher uses it for piece bodies: each batch is hashed and written while the
+        next is on the wire. An exception raised by ``sink`` ends the read and propagates."""
+        ...
 
     def stream(self, file: OriginFile) -> AsyncIterator[bytes]: ...
 

@@ -29,6 +29,7 @@ from typing import AsyncIterator, Iterable, Mapping
 
 from cached.errors import CachedError, OriginChanged, OriginDenied, OriginError, OriginNotFound
 from cached.origins import Resolution
+from cached.rangeio import Sink
 from cached.types import ModelRef, OriginFile, validate_file_path
 
 MAX_FILES = 100_000
@@ -258,6 +259,14 @@ class LocalOrigin:
 
     async def read_range(self, file: OriginFile, offset: int, length: int) -> bytes:
         return await asyncio.to_thread(self._pread, file.locator, offset, length)
+
+    async def read_range_into(self, file: OriginFile, offset: int, length: int, sink: Sink) -> None:
+        """The range handed to ``sink`` in one batch: a local read has nothing to overlap."""
+
+        def read_and_sink() -> None:
+            sink(memoryview(self._pread(file.locator, offset, length)), offset)
+
+        await asyncio.to_thread(read_and_sink)
 
     def _pread(self, path: str, offset: int, length: int) -> bytes:
         try:

@@ -29,6 +29,7 @@ import socket
 from typing import Any, Callable
 
 from cached.metrics import Metrics
+from cached.periodic import every
 from cached.peers.client import AnswerTooLarge, PeerClient, PeerError, PeerUnproven
 from cached.peers.holdings import HoldingsView, LocalHoldings
 from cached.peers.membership import MemberInfo, Membership, Status
@@ -56,6 +57,9 @@ class Gossip:
         fanout: int,
         seeds: tuple[str, ...] = (),
         capacity: Callable[[], int] = lambda: 0,
+        extra_out: Callable[[], dict[str, Any]] = lambda: {},
+        extra_in: Callable[[dict[str, Any]], None] = lambda payload: None,
+        on_status_change: Callable[[str, Status], None] = lambda node_id, status: None,
         rng: random.Random | None = None,
     ) -> None:
         self.membership = membership
@@ -75,12 +79,12 @@ class Gossip:
         self._pulling: set[str] = set()
         self._out_cache: tuple[float, list[dict[str, Any]]] | None = None
         self.rounds = 0
-        # Extra state that rides along in every exchange (the cluster catalog), set by the
-        # composition root: what to send, and how to merge what arrives.
-        self.extra_out: Callable[[], dict[str, Any]] = lambda: {}
-        self.extra_in: Callable[[dict[str, Any]], None] = lambda payload: None
+        # Extra state that rides along in every exchange (the cluster catalog): what to send,
+        # and how to merge what arrives.
+        self._extra_out = extra_out
+        self._extra_in = extra_in
         # Told of every status transition found by a round (alive -> suspect -> dead).
-        self.on_status_change: Callable[[str, Status], None] = lambda node_id, status: None
+        self._on_status_change = on_status_change
 
     @property
     def cluster(self) -> str:
@@ -105,11 +109,11 @@ class Gossip:
         if payload.get("cluster") != self.cluster:
             raise PermissionError(f"gossip from cluster {payload.get('cluster')!r}, we are {self.cluster!r}")
         self._merge(payload["members"], vouched=frozenset({sender}) if sender else frozenset())
-        self.extra_in(payload)
+        self._extra_in(payload)
         return self.message()
 
     def message(self) -> dict[str, Any]:
-        return {"cluster": self.cluster, "members": self._outgoing(), **self.extra_out()}
+        return {"cluster": self.cluster, "members": self._outgoing(), **self._extra_out()}
 
     def _outgoing(self) -> list[dict[str, Any]]:
         """Ourselves, then proven, then other live members (shuffled, so with more than fit each
@@ -165,12 +169,7 @@ class Gossip:
     # --- outgoing ------------------------------------------------------------------------------
 
     async def run(self, stopping: asyncio.Event) -> None:
-        while not stopping.is_set():
-            await self.round()
-            try:
-                await asyncio.wait_for(stopping.wait(), self._interval_s)
-            except asyncio.TimeoutError:
-                pass
+        await every(self._interval_s, stopping, self.round, now=True)
 
     async def round(self) -> None:
         self.membership.beat(holdings_version=self.holdings.version, capacity_bytes=self._capacity())
@@ -179,7 +178,7 @@ class Gossip:
             log.info("peer status changed node=%s status=%s", node_id, status)
             if status is Status.DEAD:
                 self.view.forget(node_id)
-            self.on_status_change(node_id, status)
+            self._on_status_change(node_id, status)
         for node_id in set(n for n, _ in self.view.nodes()) - {m.info.node_id for m in self.membership.members()}:
             self.view.forget(node_id)
         targets = self._targets()
@@ -236,7 +235,7 @@ class Gossip:
             self._found.pop(address, None)
             self._merge(answer.get("members") or [])
             self.membership.prove(address)
-            self.extra_in(answer)
+            self._extra_in(answer)
         except PeerUnproven as e:
             self._metrics.gossip_errors.labels("unauthenticated").inc()
             log.debug("gossip answer not signed with the cluster key peer=%s error=%s", address, e)

@@ -33,6 +33,7 @@ from zeroconf import RecordUpdateListener, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from cached.peers.auth import ClusterKey
+from cached.periodic import every
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ SERVICE = "_cached._tcp.local."
 _TYPE_TXT = 16  # zeroconf.const._TYPE_TXT; the constant is private there
 _MAX_SOURCES = 512  # (service name, TXT) pairs whose senders we remember; LRU
 _MAX_SENDERS_PER_TXT = 8
+REFRESH_S = 1.0  # how often the announcement is checked (it is re-sent only when due)
 _MAX_RESOLVING = 32  # concurrent resolutions; a flood of service names must not spawn a task each
 
 
@@ -219,6 +221,16 @@ class MdnsDiscovery:
         if self._tg is not None:
             tg, self._tg = self._tg, None
             await tg.__aexit__(None, None, None)
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Keep the announcement current until ``stopping`` (the goodbye is ``__aexit__``'s)."""
+        await every(REFRESH_S, stopping, self._refresh_quietly)
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            await self.refresh()
+        except Exception as e:  # noqa: BLE001 - one failed re-announcement; the next tick retries
+            log.debug("mdns refresh failed error=%s", e)
 
     async def refresh(self) -> None:
         """Re-announce if the holdings summary moved (rate-limited) or the timestamp ages."""

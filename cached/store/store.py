@@ -29,6 +29,7 @@ from cached.store import durable, hfview
 from cached.store.claims import Claims
 from cached.store.eviction import Debris, EvictionPlan, ModelUsage, plan_eviction, reclaimable_bytes
 from cached.store.partial import PartialBlob, PieceLogHeader, read_piece_log
+from cached.store.protection import Protector
 from cached.types import DEFAULT_PIECE_SIZE, BlobId, Manifest, ModelRef, RefKind, format_size, hash_piece, piece_span
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class Reservation:
 
 
 class Store:
-    def __init__(self, cfg: StoreConfig, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, cfg: StoreConfig, *, clock: Callable[[], float] = time.time, protector: Protector | None = None) -> None:
         self.cfg = cfg
         self.root = cfg.cache_dir
         self.blobs_dir = self.root / "blobs"
@@ -87,7 +88,7 @@ class Store:
         self._hf_lock = threading.Lock()
         self._hf_sync_lock = asyncio.Lock()
         self.capacity_bytes = 0
-        self.extra_protected: Callable[[str], bool] = lambda ref: False
+        self._protector = protector  # the cluster's say on what must stay (cached.cluster.ReplicaGuard)
         # Told of every change peers may care about (cached.peers.holdings ops); event loop only.
         self.on_change: Callable[[list[Any]], None] = lambda op: None
         # Entries found on disk at open that could not be indexed or rebuilt, by kind; each was
@@ -427,7 +428,7 @@ class Store:
             self.claims.is_pinned(ref)
             or bool(self.claims.leases_for(ref))
             or ref in self._busy
-            or self.extra_protected(ref)
+            or (self._protector is not None and self._protector.protects(ref))
         )
 
     # --- partial blobs -------------------------------------------------------------------------

@@ -26,15 +26,16 @@ from cached.origins import Origin, Origins, Resolution
 from cached.peers.client import PeerError
 from cached.store import ModelRecord, Reservation, Store
 from cached.transfer.plan import ORIGIN
-from cached.transfer.scheduler import Scheduler, _error_kind
+from cached.transfer.blob import BlobFetcher, first_error
 from cached.transfer.sources import PeerDirectory, Swarm
 from cached.types import BlobId, FileEntry, Manifest, ModelRef, OriginFile, RefKind
 
 log = logging.getLogger(__name__)
 
-PEER = "peer"  # the source name the scheduler counts peer bytes under
+PEER = "peer"  # the source name the blob fetcher counts peer bytes under
 
 FILES_AT_ONCE = 4
+RESOLVE_RETRIES = 2  # a listing is small: fail fast rather than keep a launcher waiting
 
 
 @dataclass(slots=True)
@@ -62,7 +63,7 @@ class VerifyReport:
 
 class ModelFetcher:
     def __init__(
-        self, store: Store, origins: Origins, scheduler: Scheduler, metrics: Metrics, *,
+        self, store: Store, origins: Origins, blobs: BlobFetcher, metrics: Metrics, *,
         peers: PeerDirectory | None = None, grace_s: float = 0.0, stall_timeout_s: float = 10.0,
         names_from_peers: bool = False,
     ) -> None:
@@ -72,7 +73,7 @@ class ModelFetcher:
         self._grace_s = grace_s  # how long a new fetch waits to learn who else wants the same file
         self._store = store
         self._origins = origins
-        self._scheduler = scheduler
+        self._blobs = blobs
         self._metrics = metrics
         self._key_locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
@@ -93,16 +94,7 @@ class ModelFetcher:
 
     async def resolve(self, ref: ModelRef) -> Resolution:
         origin = self._origins.for_ref(ref)
-        attempt = 0
-        while True:
-            try:
-                return await origin.resolve(ref)
-            except OriginError as e:
-                self._metrics.origin_errors.labels(_error_kind(e)).inc()
-                if not e.retryable or attempt >= 2:
-                    raise
-                await asyncio.sleep(self._scheduler.backoff_s(attempt))
-                attempt += 1
+        return await self._blobs.retry.call(lambda: origin.resolve(ref), what=f"resolve ref={ref}", retries=RESOLVE_RETRIES)
 
     async def fetch(self, ref: ModelRef, progress: Progress, *, refresh: bool = False) -> ModelRecord:
         """Make ``ref`` ready. ``refresh`` re-resolves a ready ref (a moved branch) and fetches
@@ -168,14 +160,13 @@ class ModelFetcher:
                 fetched[f.path] = blob_id
 
         try:
-            tasks = [asyncio.create_task(one(f), name=f"file:{f.path}") for f in need]
             try:
-                for t in asyncio.as_completed(tasks):
-                    await t
-            finally:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                # The first file that fails cancels the others; the group awaits them all.
+                async with asyncio.TaskGroup() as group:
+                    for f in need:
+                        group.create_task(one(f), name=f"file:{f.path}")
+            except BaseExceptionGroup as eg:
+                raise first_error(eg) from None
             entries = []
             for f in resolution.files:
                 blob = BlobId(have[f.path]) if f.path in have else fetched[f.path]
@@ -219,12 +210,12 @@ class ModelFetcher:
                     )
                     swarm.blob_hex = job.blob_hex
                 try:
-                    await self._scheduler.fetch_blob(partial, f, origin, on_bytes=on_bytes, swarm=swarm)
+                    await self._blobs.fetch_blob(partial, f, origin, on_bytes=on_bytes, swarm=swarm)
                     job.peer_bytes = counted[PEER] > 0 or job.blob_hex is not None
                     if job.blob_hex is not None and BlobId.compute(partial.size, partial.piece_size, [partial.done[i] for i in range(partial.pieces)]).hex != job.blob_hex:
                         raise IntegrityError(f"{f.path}: the assembled blob does not match the id in the peer's manifest")
                     if swarm is not None and swarm.table is not None and not counted[ORIGIN]:
-                        # The scheduler trusts a file that came whole from peers once every piece
+                        # The blob fetcher trusts a file that came whole from peers once every piece
                         # matched the peer's piece table; that table is the peer's word. The
                         # origin's own checksum (hf: sha256 / git sha1) is what names the bytes.
                         await origin.check_content(f, partial.data_path)
@@ -365,7 +356,7 @@ class ModelFetcher:
             if self._peers is not None:
                 swarm = Swarm(self._peers, key=ofile.key, piece_size=piece_size, size=entry.size)
                 swarm.blob_hex, swarm.table = blob_hex, digests
-            await self._scheduler.fetch_blob(partial, ofile, origin, on_bytes=lambda s, n: None, expected=digests, swarm=swarm)
+            await self._blobs.fetch_blob(partial, ofile, origin, on_bytes=lambda s, n: None, expected=digests, swarm=swarm)
             await self._store.finalize(partial, replace=True)
         await self._store.rebuild_views_for_blob(blob_hex)
         log.info("repaired blob blob=blake3:%s pieces=%d ref=%s", blob_hex, len(bad), ref)

@@ -4,7 +4,7 @@ Rules, in order: a piece already in flight is not asked again (except in endgame
 pieces may go to a second source); among the rest, rarest first (held by the fewest peers); each
 goes to the least-loaded peer that holds it and has a free slot; the origin is the last resort,
 used only for pieces no peer holds. Per-source limits and a global limit bound what is in flight.
-The scheduler calls ``assign`` every time a request finishes and runs what it returns.
+The blob fetcher (``transfer.blob``) calls ``assign`` every time a request finishes and runs what it returns.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def assign(
             global_free -= 1
 
     # Endgame: when only a few pieces remain and all are in flight, ask a second source for each,
-    # so one slow source cannot hold the whole blob back. The scheduler cancels the loser.
+    # so one slow source cannot hold the whole blob back. The blob fetcher cancels the loser.
     still_missing = set(missing)
     if not todo and 0 < len(inflight) <= endgame_pieces:
         # Only pieces still missing: a finished piece whose losing copy is being cancelled must

@@ -27,7 +27,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from cached.transfer.scheduler import PEER_FAULT_LIMIT, Scheduler
+from cached.transfer.blob import PEER_FAULT_LIMIT, BlobFetcher
 from tests.integration.test_bitrot import assert_store_sound
 from tests.support.cluster import (
     MIB,
@@ -47,8 +47,8 @@ from tests.support.wait import wait_until
 SIZE = 4 * MIB + 99  # 17 pieces of 256 KiB
 PIECE_FLAG = "256K"
 STALL_TIMEOUT_S = 0.5
-# Requests D keeps in flight to one peer for one blob (the Scheduler's default).
-PEER_LIMIT = inspect.signature(Scheduler.__init__).parameters["peer_limit"].default
+# Requests D keeps in flight to one peer for one blob (the BlobFetcher's default).
+PEER_LIMIT = inspect.signature(BlobFetcher.__init__).parameters["peer_limit"].default
 _PIECE_READ = re.compile(r"^/p2p/v1/(blobs|partials)/[^/]+$")
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from cached.api.client import ApiClient
 from cached.daemon import Daemon
-from cached.transfer.scheduler import PEER_FAULT_LIMIT
+from cached.transfer.blob import PEER_FAULT_LIMIT
 from tests.support.cluster import (
     FAST,
     MIB,
@@ -178,7 +178,7 @@ async def test_a_peer_that_keeps_sending_bad_bytes_is_banned(tmp_path: Path, tok
             await wait_until(lambda bl=bl: blob_holders(b, bl) == {"a", "c"}, timeout_s=10, what="b learns a and c hold both blobs")
         corrupt_pieces(a.store.blob_path(blobs["m0.bin"]), range(size // piece), piece)
 
-        with caplog.at_level(logging.WARNING, logger="cached.transfer.scheduler"):
+        with caplog.at_level(logging.WARNING, logger="cached.transfer.blob"):
             model_b = await prefetch(b, models["m0.bin"]["ref"])
         assert await view_digests(model_b) == {"m0.bin": want["m0.bin"]}
         assert_from_peers(model_b, size)

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cached.config import Config, load
+from cached.config import _DEFAULTS, MOVED_KEYS, Config, TransferConfig, load
 from cached.errors import ConfigError
 from cached.types import DEFAULT_PIECE_SIZE, MAX_PIECE_SIZE, MIN_PIECE_SIZE
 
@@ -103,9 +103,35 @@ def test_file_overrides_defaults_and_flags_override_the_file(tmp_path: Path) -> 
     assert cfg.store.max_bytes == 3 * 1024**4 // 2
     # An absent flag arrives as None and must not clobber the file.
     assert cfg.log.level == "debug"
-    assert cfg.origins.http.retries == 2
+    # origins.http.retries is the old name of transfer.retries, still accepted.
+    assert cfg.transfer.retries == 2
     # Untouched keys keep their defaults.
-    assert cfg.origins.http.connections == load(None, {}, default_file=NO_FILE).origins.http.connections
+    assert cfg.transfer.connections == load(None, {}, default_file=NO_FILE).transfer.connections
+
+
+def test_transfer_limits_are_read_under_their_new_and_their_old_name(tmp_path: Path) -> None:
+    new = load_text(tmp_path, "[transfer]\nretries = 2\nmax_rate_bps = \"1M\"\n")
+    old = load_text(tmp_path, "[origins.http]\nretries = 2\nmax_rate_bps = \"1M\"\n")
+    assert new == old and new.transfer == TransferConfig(retries=2, max_rate_bps=1 << 20)
+    assert load(None, {"origins.http.connections": "3"}, default_file=NO_FILE).transfer.connections == 3
+    assert load(None, {"transfer.connections": "3"}, default_file=NO_FILE).transfer.connections == 3
+    # A flag overrides the file under either name.
+    assert load_text(tmp_path, "[transfer]\nretries = 2\n", {"origins.http.retries": "7"}).transfer.retries == 7
+
+
+def test_a_moved_key_set_under_both_names_is_an_error_naming_the_old_one(tmp_path: Path) -> None:
+    err = config_error(tmp_path, "[origins.http]\nretries = 2\n[transfer]\nretries = 2\n")
+    assert err.key == "origins.http.retries"
+    assert "transfer.retries" in str(err)
+
+
+def test_every_default_is_its_dataclass_field_default() -> None:
+    # The file's table of keys is derived from the dataclasses: one default per key, once.
+    cfg = load(None, {}, default_file=NO_FILE)
+    assert _DEFAULTS["transfer"] == {f.name: getattr(TransferConfig(), f.name) for f in dataclasses.fields(TransferConfig)}
+    assert cfg.transfer == TransferConfig()
+    assert _DEFAULTS["api"]["socket_mode"] == "0660" and cfg.api.socket_mode == 0o660
+    assert "connections" not in _DEFAULTS["origins"]["http"]
 
 
 def test_default_file_is_read_only_when_no_file_is_named(tmp_path: Path) -> None:
@@ -198,6 +224,10 @@ BAD_VALUES = [
     ("origins.http.read_timeout_s", "soon"),
     ("origins.http.retries", -1),
     ("origins.http.backoff_max_s", 1e9),
+    ("transfer.connections", 0),
+    ("transfer.retries", -1),
+    ("transfer.backoff_s", "soon"),
+    ("transfer.max_rate_bps", "12Q"),
     ("store.max_bytes", "12Q"),
     ("store.max_bytes", -5),
     ("store.piece_size_bytes", "1K"),
@@ -239,6 +269,10 @@ NUMERIC_KEYS = [
     "origins.http.retries",
     "origins.http.backoff_s",
     "origins.http.backoff_max_s",
+    "transfer.connections",
+    "transfer.retries",
+    "transfer.backoff_s",
+    "transfer.backoff_max_s",
     "store.max_bytes",
     "store.piece_size_bytes",
     "store.high_watermark",
@@ -268,6 +302,8 @@ valid_numbers = {
     "jobs.max_concurrent": st.integers(1, 64),
     "origins.http.connect_timeout_s": st.floats(0.1, 600),
     "origins.http.backoff_s": st.floats(0, 600),
+    "transfer.connections": st.integers(1, 64),
+    "transfer.backoff_max_s": st.floats(0, 3600),
     "store.high_watermark": st.floats(0.85, 1.0),
     "store.low_watermark": st.floats(0.05, 0.95),
     "store.max_bytes": st.integers(1, 1 << 50),
@@ -287,6 +323,7 @@ def test_a_flag_spelled_as_text_means_what_the_number_means_in_the_file(tmp_path
 
 
 def _default_of(key: str) -> Any:
+    key = MOVED_KEYS.get(key, key)  # the Config holds a moved key under its new name
     node: Any = load(None, {}, default_file=NO_FILE)
     section, *rest = key.split(".")
     node = getattr(node, section)

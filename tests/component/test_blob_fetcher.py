@@ -1,4 +1,4 @@
-"""Scheduler.fetch_blob and ModelFetcher repair against a real origin on 127.0.0.1 and a real Store."""
+"""BlobFetcher.fetch_blob and ModelFetcher repair against a real origin on 127.0.0.1 and a real Store."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import AsyncIterator
 import aiohttp
 import pytest
 
-from cached.config import HttpOriginConfig, StoreConfig
+from cached.config import HttpOriginConfig, StoreConfig, TransferConfig
 from cached.errors import OriginChanged, OriginDenied, OriginError, OriginNotFound
 from cached.metrics import Metrics
 from cached.origins import Origins
@@ -22,7 +22,7 @@ from cached.rangeio import ThreadedRangeReader
 from cached.origins.local import LocalOrigin
 from cached.store import Store
 from cached.transfer.model import ModelFetcher, Progress
-from cached.transfer.scheduler import Scheduler
+from cached.transfer.blob import BlobFetcher
 from cached.types import BlobId, ModelRef, OriginFile, RefKind, hash_piece, piece_count, piece_span
 from tests.support.corrupt import flip_byte
 from tests.support.origin import Origin, write_random_file
@@ -39,9 +39,9 @@ class Env:
     data: bytes
     store: Store
     http: HttpOrigin
-    scheduler: Scheduler
+    blobs: BlobFetcher
     metrics: Metrics
-    cfg: HttpOriginConfig
+    cfg: TransferConfig
 
     @property
     def ref(self) -> ModelRef:
@@ -55,10 +55,13 @@ class Env:
         return self.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
-def config(**kw) -> HttpOriginConfig:
-    base = dict(connections=CONNECTIONS, backoff_s=0.01, backoff_max_s=0.05, retries=5, connect_timeout_s=5.0, read_timeout_s=10.0)
+def config(**kw) -> TransferConfig:
+    base = dict(connections=CONNECTIONS, backoff_s=0.01, backoff_max_s=0.05, retries=5)
     base.update(kw)
-    return HttpOriginConfig(**base)
+    return TransferConfig(**base)
+
+
+HTTP = HttpOriginConfig(connect_timeout_s=5.0, read_timeout_s=10.0)
 
 
 @pytest.fixture
@@ -68,9 +71,9 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     await store.open()
     cfg = config()
     metrics = Metrics()
-    reader = ThreadedRangeReader(connect_timeout_s=cfg.connect_timeout_s, read_timeout_s=cfg.read_timeout_s, user_agent="test")
+    reader = ThreadedRangeReader(connect_timeout_s=HTTP.connect_timeout_s, read_timeout_s=HTTP.read_timeout_s, user_agent="test")
     async with Origin(tmp_path / "www") as origin, aiohttp.ClientSession() as session:
-        yield Env(origin, data, store, HttpOrigin(session, cfg, reader), Scheduler(cfg, metrics), metrics, cfg)
+        yield Env(origin, data, store, HttpOrigin(session, HTTP, reader), BlobFetcher(cfg, metrics), metrics, cfg)
     reader.close()
 
 
@@ -87,7 +90,7 @@ class Tally:
 async def fetch_to_blob(env: Env, f: OriginFile, tally: Tally | None = None) -> bytes:
     """fetch_blob into a store partial, publish it, return the published bytes."""
     async with env.store.partial(key=f.key, size=f.size, piece_size=PIECE, identity_key=f.key) as partial:
-        await env.scheduler.fetch_blob(partial, f, env.http, on_bytes=tally or Tally())
+        await env.blobs.fetch_blob(partial, f, env.http, on_bytes=tally or Tally())
         assert partial.complete
         blob = await env.store.finalize(partial)
     return await asyncio.to_thread(env.store.blob_path(blob.hex).read_bytes)
@@ -121,7 +124,7 @@ async def test_ranges_run_in_parallel_up_to_the_connection_limit(env: Env) -> No
     f = await env.resolve()
     env.origin.faults.delay_s = 0.5  # hold every body back so the requests overlap
     async with env.store.partial(key=f.key, size=f.size, piece_size=PIECE, identity_key=f.key) as partial:
-        task = asyncio.create_task(env.scheduler.fetch_blob(partial, f, env.http, on_bytes=Tally()), name="test:fetch")
+        task = asyncio.create_task(env.blobs.fetch_blob(partial, f, env.http, on_bytes=Tally()), name="test:fetch")
         try:
             await wait_until(lambda: env.origin.counters.gets >= CONNECTIONS, timeout_s=10, what="parallel GETs")
             # Every allowed request is in flight before the first one finished, and no more.
@@ -148,12 +151,12 @@ async def test_503s_are_retried_and_counted(env: Env) -> None:
 
 async def test_retries_run_out(env: Env) -> None:
     cfg = config(retries=2)
-    scheduler = Scheduler(cfg, env.metrics)
+    blobs = BlobFetcher(cfg, env.metrics)
     f = await env.resolve()
     env.origin.faults.fail_first, env.origin.faults.fail_status = 10_000, 502
     async with env.store.partial(key=f.key, size=f.size, piece_size=PIECE, identity_key=f.key) as partial:
         with pytest.raises(OriginError) as info:
-            await scheduler.fetch_blob(partial, f, env.http, on_bytes=Tally())
+            await blobs.fetch_blob(partial, f, env.http, on_bytes=Tally())
         assert info.value.status == 502 and info.value.retryable
         assert not partial.done
     # One piece gave up after 1 + retries attempts; the others were cancelled, none went further.
@@ -166,7 +169,7 @@ async def test_permanent_error_fails_fast(env: Env, status: int, error: type) ->
     env.origin.faults.status = status
     async with env.store.partial(key=f.key, size=f.size, piece_size=PIECE, identity_key=f.key) as partial:
         with pytest.raises(error):
-            await env.scheduler.fetch_blob(partial, f, env.http, on_bytes=Tally())
+            await env.blobs.fetch_blob(partial, f, env.http, on_bytes=Tally())
         assert not partial.done
     # No retries: at most the first wave of requests reached the origin, once each.
     assert 1 <= env.origin.counters.gets <= CONNECTIONS
@@ -205,7 +208,7 @@ async def test_file_changed_mid_fetch_fails_with_origin_changed(env: Env) -> Non
     env.origin.faults.change_after_gets = 2
     async with env.store.partial(key=f.key, size=f.size, piece_size=PIECE, identity_key=f.key) as partial:
         with pytest.raises(OriginChanged):
-            await env.scheduler.fetch_blob(partial, f, env.http, on_bytes=Tally())
+            await env.blobs.fetch_blob(partial, f, env.http, on_bytes=Tally())
         assert len(partial.done) <= 2
     assert env.origin.counters.gets <= 2 + CONNECTIONS  # not retried
 
@@ -215,7 +218,7 @@ async def test_bytes_that_do_not_match_expected_digests_are_refused(env: Env) ->
     wrong = [hash_piece(b"other %d" % i) for i in range(piece_count(SIZE, PIECE))]
     async with env.store.partial(key=f.key, size=f.size, piece_size=PIECE, identity_key=f.key) as partial:
         with pytest.raises(OriginChanged, match="does not match"):
-            await env.scheduler.fetch_blob(partial, f, env.http, on_bytes=Tally(), expected=wrong)
+            await env.blobs.fetch_blob(partial, f, env.http, on_bytes=Tally(), expected=wrong)
         assert not partial.done
     assert env.sample("cached_piece_verify_failures_total", source="origin") >= 1
 
@@ -230,7 +233,7 @@ async def test_origin_gone_mid_fetch_fails_retryable_after_retries_and_keeps_ver
     await env.origin.stop()  # nothing listens on the port any more
     async with env.store.partial(key=f.key, size=f.size, piece_size=PIECE, identity_key=f.key) as partial:
         with pytest.raises(OriginError) as info:
-            await env.scheduler.fetch_blob(partial, f, env.http, on_bytes=Tally())
+            await env.blobs.fetch_blob(partial, f, env.http, on_bytes=Tally())
         assert info.value.retryable
         assert f"127.0.0.1:{env.origin.port}" in info.value.message
         assert sorted(partial.done) == have
@@ -241,7 +244,7 @@ async def test_cancelled_fetch_leaves_a_resumable_partial(env: Env) -> None:
     f = await env.resolve()
     env.origin.faults.rate_bps = 512 * 1024  # slow enough to cancel in the middle
     async with env.store.partial(key=f.key, size=f.size, piece_size=PIECE, identity_key=f.key) as partial:
-        task = asyncio.create_task(env.scheduler.fetch_blob(partial, f, env.http, on_bytes=Tally()), name="test:fetch")
+        task = asyncio.create_task(env.blobs.fetch_blob(partial, f, env.http, on_bytes=Tally()), name="test:fetch")
         try:
             await wait_until(lambda: len(partial.done) >= 3, timeout_s=20, interval_s=0.01, what="three pieces")
         finally:
@@ -255,7 +258,7 @@ async def test_cancelled_fetch_leaves_a_resumable_partial(env: Env) -> None:
     async with env.store.partial(key=f.key, size=f.size, piece_size=PIECE, identity_key=f.key) as partial:
         kept = sorted(partial.done)
         assert len(kept) >= 3
-        await env.scheduler.fetch_blob(partial, f, env.http, on_bytes=Tally())
+        await env.blobs.fetch_blob(partial, f, env.http, on_bytes=Tally())
         blob = await env.store.finalize(partial)
     assert env.store.blob_path(blob.hex).read_bytes() == env.data
     missing = [i for i in range(piece_count(SIZE, PIECE)) if i not in kept]
@@ -268,12 +271,12 @@ async def test_local_origin_gives_identical_bytes_and_catches_a_change_during_im
     data = src.read_bytes()
     store = Store(StoreConfig(cache_dir=tmp_path / "cache", piece_size_bytes=PIECE, max_bytes=64 << 20))
     await store.open()
-    scheduler = Scheduler(config(), Metrics())
+    blobs = BlobFetcher(config(), Metrics())
     origin = LocalOrigin()
     (f,) = (await origin.resolve(ModelRef.parse(f"file://{src}"))).files
     tally = Tally()
     async with store.partial(key=f.key, size=f.size, piece_size=PIECE, identity_key=f.key) as partial:
-        await scheduler.fetch_blob(partial, f, origin, on_bytes=tally)
+        await blobs.fetch_blob(partial, f, origin, on_bytes=tally)
         blob = await store.finalize(partial)
     assert store.blob_path(blob.hex).read_bytes() == data
     assert tally.by_source == {"origin": SIZE}
@@ -286,7 +289,7 @@ async def test_local_origin_gives_identical_bytes_and_catches_a_change_during_im
         fh.write(b"more")
     async with store.partial(key=g.key, size=g.size, piece_size=PIECE, identity_key=g.key) as partial:
         with pytest.raises(OriginChanged):
-            await scheduler.fetch_blob(partial, g, origin, on_bytes=Tally())
+            await blobs.fetch_blob(partial, g, origin, on_bytes=Tally())
 
 
 # --- stream path (no Range) ----------------------------------------------------------------------
@@ -330,7 +333,7 @@ async def test_zero_byte_file(env: Env) -> None:
 
 
 async def fetched_model(env: Env) -> tuple[ModelFetcher, BlobId]:
-    fetcher = ModelFetcher(env.store, Origins({RefKind.HTTP: env.http}), env.scheduler, env.metrics)
+    fetcher = ModelFetcher(env.store, Origins({RefKind.HTTP: env.http}), env.blobs, env.metrics)
     rec = await fetcher.fetch(env.ref, Progress())
     (entry,) = rec.manifest.files
     assert env.origin.counters.bytes_sent == SIZE
@@ -412,7 +415,7 @@ async def test_fetch_reusing_a_stored_file_survives_eviction_of_the_model_that_b
     store = Store(StoreConfig(cache_dir=tmp_path / "cache", piece_size_bytes=PIECE, max_bytes=8 * PIECE), clock=lambda: now[0])
     await store.open()
     metrics = Metrics()
-    fetcher = ModelFetcher(store, Origins({RefKind.FILE: LocalOrigin()}), Scheduler(config(), metrics), metrics)
+    fetcher = ModelFetcher(store, Origins({RefKind.FILE: LocalOrigin()}), BlobFetcher(config(), metrics), metrics)
 
     single = ModelRef.parse(f"file://{src}/x.bin")
     other = ModelRef.parse(f"file://{tmp_path}/other")

@@ -1,12 +1,12 @@
-"""Runs the plan for one blob: peers first, then the origin; verification, retries, limits.
+"""Fetches one blob: runs the plan (peers first, then the origin); verification, retries, limits.
 
 Piece bodies stream through ``cached.rangeio`` on worker threads: each batch is hashed and
 written at its offset as it arrives, and the piece is recorded only once its whole digest is
 known (and matches the expected one). Only one copy of a piece streams to disk at a time; a
 second, endgame copy is read into memory and written only once verified, so the bytes on disk
-are always the bytes whose digest was recorded. Retryable origin errors back off exponentially
-with jitter; a non-retryable one (404, 403, a changed file) stops the blob at once and cancels its
-other requests. A global semaphore bounds origin requests across all jobs. A peer that sends
+are always the bytes whose digest was recorded. Origin requests are retried by ``OriginRetry``
+(``transfer.retry``); a non-retryable error (404, 403, a changed file) stops the blob at once and
+cancels its other requests, which all belong to one task group per blob. A global semaphore bounds origin requests across all jobs. A peer that sends
 bytes that fail verification, or fails repeatedly, is banned for a while (and counted); a peer at
 its serving limit (429) is skipped for a moment. Near the end the last pieces may be asked of two
 sources; the slower copy is cancelled.
@@ -19,19 +19,21 @@ import logging
 import os
 import random
 import time
-
-import blake3
+from dataclasses import dataclass
 from typing import Awaitable, Callable, TypeVar
 
-from cached.config import HttpOriginConfig
+import blake3
+
+from cached.config import TransferConfig
 from cached.errors import IntegrityError, OriginChanged, OriginError
 from cached.metrics import Metrics
 from cached.origins import Origin
-from cached.store.partial import PartialBlob
 from cached.peers.client import PeerBusy, PeerClient, PeerError
 from cached.rangeio import Sink
+from cached.store.partial import PartialBlob
 from cached.transfer.budget import TokenBucket
 from cached.transfer.plan import ORIGIN, SourceView, assign
+from cached.transfer.retry import OriginRetry
 from cached.transfer.sources import PeerSource, Swarm
 from cached.types import OriginFile, piece_span
 
@@ -45,23 +47,35 @@ OnBytes = Callable[[str, int], None]
 T = TypeVar("T")
 
 
-class Scheduler:
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """How one piece request ended; a request task never raises (but may be cancelled), so one
+    failed peer request does not tear down its siblings' task group."""
+
+    recorded: bool = False
+    error: BaseException | None = None
+
+
+async def _outcome(coro: Awaitable[bool]) -> _Outcome:
+    try:
+        return _Outcome(recorded=await coro)
+    except Exception as e:  # noqa: BLE001 - handed to the piece loop, which decides
+        return _Outcome(error=e)
+
+
+class BlobFetcher:
     def __init__(
-        self, cfg: HttpOriginConfig, metrics: Metrics, *, rng: random.Random | None = None, peer_limit: int = 4,
-        peer_client: PeerClient | None = None,
+        self, cfg: TransferConfig, metrics: Metrics, *, retry: OriginRetry | None = None, rng: random.Random | None = None,
+        peer_limit: int = 4, peer_client: PeerClient | None = None,
     ) -> None:
         self._cfg = cfg
         self._metrics = metrics
+        self.retry = retry or OriginRetry(cfg, metrics, rng=rng)
         self._origin_slots = asyncio.Semaphore(cfg.connections * 2)
-        self._rng = rng or random.Random()
         self._peer_limit = peer_limit  # requests in flight to one peer for one blob
         self.peer_client = peer_client
         self._bans: dict[str, float] = {}  # node -> monotonic time its ban ends
         self._origin_budget = TokenBucket(cfg.max_rate_bps)  # bytes/s from origins, node-wide
-
-    def backoff_s(self, attempt: int) -> float:
-        base = min(self._cfg.backoff_max_s, self._cfg.backoff_s * (2**attempt))
-        return base * (0.5 + self._rng.random() / 2)
 
     async def fetch_blob(
         self,
@@ -136,9 +150,27 @@ class Scheduler:
         expected: list[bytes] | None,
         swarm: Swarm | None = None,
     ) -> None:
-        """The piece loop: re-plan after every finished request, over the sources of the moment."""
+        """The piece loop: re-plan after every finished request, over the sources of the moment.
+        Its requests are tasks of one group: however the loop ends, those still running are
+        cancelled and awaited before this returns."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                await self._piece_loop(group, partial, file, origin, on_bytes, expected, swarm)
+        except BaseExceptionGroup as eg:
+            raise first_error(eg) from None
+
+    async def _piece_loop(
+        self,
+        group: asyncio.TaskGroup,
+        partial: PartialBlob,
+        file: OriginFile,
+        origin: Origin,
+        on_bytes: OnBytes,
+        expected: list[bytes] | None,
+        swarm: Swarm | None,
+    ) -> None:
         limit = self._cfg.connections
-        tasks: dict[asyncio.Task[bool], tuple[int, str]] = {}
+        tasks: dict[asyncio.Task[_Outcome], tuple[int, str]] = {}
         faults: dict[str, int] = {}
         banned: set[str] = set()
         cooling: dict[str, float] = {}  # source -> monotonic time until which it is skipped (429)
@@ -193,7 +225,7 @@ class Scheduler:
                         coro = self._piece(partial, file, origin, a.piece, on_bytes, expected, stream=stream)
                     else:
                         coro = self._peer_piece(partial, by_name[a.source], a.piece, on_bytes, stream=stream)
-                    t = asyncio.create_task(coro, name=f"piece:{a.piece}:{a.source}")
+                    t = group.create_task(_outcome(coro), name=f"piece:{a.piece}:{a.source}")
                     tasks[t] = (a.piece, a.source)
                 if not tasks:
                     # Nothing to ask anyone right now (pieces owned by a peer still fetching them):
@@ -203,14 +235,15 @@ class Scheduler:
                 done, _ = await asyncio.wait(tasks, timeout=WAIT_TICK_S * 5 if swarm else None, return_when=asyncio.FIRST_COMPLETED)
                 for t in done:
                     index, src = tasks.pop(t)
-                    exc = t.exception() if not t.cancelled() else None
                     if t.cancelled():
                         continue
+                    outcome = t.result()
+                    exc = outcome.error
                     if exc is None:
                         for other, (i, _) in list(tasks.items()):
                             # Only the copy that recorded the piece cancels the other: a loser that
                             # found it done must not cancel the winner before it counted its bytes.
-                            if i == index and t.result():
+                            if i == index and outcome.recorded:
                                 other.cancel()  # endgame: the slower copy of a finished piece
                         continue
                     if src == ORIGIN:
@@ -230,9 +263,7 @@ class Scheduler:
                         raise exc
         finally:
             for t in tasks:
-                t.cancel()
-            if tasks:
-                await asyncio.gather(*tasks, return_exceptions=True)
+                t.cancel()  # the group awaits them
 
     async def _peer_piece(self, partial: PartialBlob, src: PeerSource, index: int, on_bytes: OnBytes, *, stream: bool) -> bool:
         """One piece from a peer. True if this copy is the one recorded."""
@@ -278,32 +309,21 @@ class Scheduler:
         *, stream: bool = True,
     ) -> bool:
         off, length = piece_span(index, partial.size, partial.piece_size)
-        if stream and hasattr(origin, "read_range_into"):
+        if stream:
             return await self._streamed_piece(partial, file, origin, index, on_bytes, expected)
         data = await self._origin_read(index, length, lambda: origin.read_range(file, off, length))
         return await self._write(partial, index, data, expected, on_bytes)
 
     async def _origin_read(self, index: int, length: int, read: Callable[[], Awaitable[T]]) -> T:
-        """``read()`` within the origin limits (slots, byte budget), retried with backoff while
-        the error allows."""
-        attempt = 0
-        while True:
-            try:
-                async with self._origin_slots:
-                    await self._origin_budget.take(length)
-                    return await read()
-            except OriginError as e:
-                attempt = await self._after_origin_error(e, attempt, index)
+        """``read()`` within the origin limits (slots, byte budget), retried while the error
+        allows; the backoff waits outside the slot."""
 
-    async def _after_origin_error(self, e: OriginError, attempt: int, index: int) -> int:
-        """Count the failure; re-raise it if final, else back off. Returns the next attempt."""
-        self._metrics.origin_errors.labels(_error_kind(e)).inc()
-        if not e.retryable or attempt >= self._cfg.retries:
-            raise e
-        delay = self.backoff_s(attempt)
-        log.warning("origin read failed, retrying piece=%d attempt=%d in=%.1fs error=%s", index, attempt + 1, delay, e)
-        await asyncio.sleep(delay)
-        return attempt + 1
+        async def limited() -> T:
+            async with self._origin_slots:
+                await self._origin_budget.take(length)
+                return await read()
+
+        return await self.retry.call(limited, what=f"read piece={index}")
 
     async def _streamed_piece(
         self, partial: PartialBlob, file: OriginFile, origin: Origin, index: int, on_bytes: OnBytes, expected: list[bytes] | None
@@ -312,9 +332,10 @@ class Scheduler:
         only once its digest is known (and matches ``expected``). Bytes of a failed attempt stay
         unrecorded."""
         off, length = piece_span(index, partial.size, partial.piece_size)
-        read_into = origin.read_range_into  # type: ignore[attr-defined]
         # Each attempt starts a fresh hash; bytes of a failed attempt stay unrecorded.
-        digest = await self._origin_read(index, length, lambda: _stream_into(partial, index, lambda sink: read_into(file, off, length, sink)))
+        digest = await self._origin_read(
+            index, length, lambda: _stream_into(partial, index, lambda sink: origin.read_range_into(file, off, length, sink))
+        )
         if digest is None:
             return False  # the other copy of an endgame pair won
         if expected is not None and digest != expected[index]:
@@ -346,20 +367,12 @@ class Scheduler:
         self, partial: PartialBlob, file: OriginFile, origin: Origin, on_bytes: OnBytes, expected: list[bytes] | None
     ) -> None:
         """Servers without Range: one sequential stream, cut into pieces; restart from 0 on error."""
-        attempt = 0
-        while True:
-            try:
-                async with self._origin_slots:
-                    await self._stream_once(partial, file, origin, on_bytes, expected)
-                return
-            except OriginError as e:
-                self._metrics.origin_errors.labels(_error_kind(e)).inc()
-                if not e.retryable or attempt >= self._cfg.retries:
-                    raise
-                delay = self.backoff_s(attempt)
-                log.warning("origin stream failed, restarting attempt=%d in=%.1fs error=%s", attempt + 1, delay, e)
-                attempt += 1
-                await asyncio.sleep(delay)
+
+        async def once() -> None:
+            async with self._origin_slots:
+                await self._stream_once(partial, file, origin, on_bytes, expected)
+
+        await self.retry.call(once, what="stream")
 
     async def _stream_once(
         self, partial: PartialBlob, file: OriginFile, origin: Origin, on_bytes: OnBytes, expected: list[bytes] | None
@@ -407,11 +420,7 @@ async def _stream_into(partial: PartialBlob, index: int, read_into: Callable[[Si
     return hasher.digest()
 
 
-def _error_kind(e: OriginError) -> str:
-    if e.status is None:
-        return "connection" if e.retryable else "other"
-    if e.status >= 500:
-        return "5xx"
-    if e.status == 429:
-        return "throttled"
-    return "4xx" if e.status >= 400 else "other"
+def first_error(group: BaseExceptionGroup) -> BaseException:
+    """The first error of a task group, as its callers expect it (not wrapped in a group)."""
+    first = group.exceptions[0]
+    return first_error(first) if isinstance(first, BaseExceptionGroup) else first
