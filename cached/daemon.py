@@ -84,7 +84,11 @@ class Daemon:
         self._env = dict(os.environ) if env is None else env
         self.clock = clock
         self.metrics = Metrics()
-        self.store = Store(cfg.store, clock=clock)
+        # This node's holdings as peers see them: told of every store change from the start and
+        # seeded with the store's whole state once it is open (_build_peers); with peer
+        # networking off nobody reads it.
+        self.holdings = LocalHoldings()
+        self.store = Store(cfg.store, clock=clock, on_event=self.holdings.record)
         self._stack = contextlib.AsyncExitStack()
         self._runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
@@ -197,10 +201,9 @@ class Daemon:
     def _build_peers(self, session: aiohttp.ClientSession, token: str) -> "GossipDirectory":
         """Membership, holdings and gossip, wired but not yet serving (no I/O)."""
         cfg = self.cfg
-        holdings = LocalHoldings()
-        for op in self.store.holdings_ops():
-            holdings.record(op)
-        self.store.on_change = holdings.record
+        holdings = self.holdings
+        for event in self.store.state_events():
+            holdings.record(event)
         self._server_ssl, client_ssl_ctx = tls_contexts(cfg)
         # Only the key derived from the token is used from here on; the token never leaves.
         self._cluster_key = ClusterKey(token, cfg.cluster.name)
