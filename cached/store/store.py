@@ -7,8 +7,9 @@ sweeps the debris. Every change peers may care about is announced to ``on_event`
 ``cached.types.StoreEvent``) on the event loop, right after the index changes.
 
 The parts: ``layout`` (paths), ``index`` (the in-memory index and the start-up sweep), ``views``
-(``models/`` and ``hf/``), ``space`` (capacity, reservations, eviction, gc), ``partial`` (one blob
-being assembled), ``verified`` (reading only verified bytes), ``claims`` (pins, leases).
+(``models/`` and ``hf/``), ``space`` (capacity, reservations, eviction, gc), ``assembly`` (the open
+partial blobs), ``partial`` (one blob being assembled), ``verified`` (reading only verified
+bytes), ``claims`` (pins, leases).
 
 What this module does not do: decide where bytes come from (``cached.transfer``), run jobs
 (``cached.jobs``), or decide which node should hold what (``cached.cluster``).
@@ -24,22 +25,23 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Callable, Iterator
+from typing import Callable
 
 from cached.config import StoreConfig
 from cached.errors import IntegrityError, NotFoundError, StoreError
 from cached.store import durable
+from cached.store.assembly import Assembly
 from cached.store.claims import Claims
 from cached.store.eviction import EvictionPlan
 from cached.store.index import Index, ref_record
 from cached.store.layout import Layout
-from cached.store.partial import PartialBlob, PieceLogHeader, read_piece_log
+from cached.store.partial import PartialBlob, read_piece_log
 from cached.store.space import Reservation, Space
 from cached.store.verified import VerifiedFile
 from cached.store.views import Views
 from cached.types import (
-    DEFAULT_PIECE_SIZE, BlobAdded, BlobId, BlobRemoved, Manifest, ManifestAdded, ManifestRemoved, ModelRef, PartialDropped,
-    PartialStarted, PieceVerified, RefChanged, RefKind, StoreEvent, format_size, hash_piece, piece_span,
+    DEFAULT_PIECE_SIZE, BlobAdded, BlobId, BlobRemoved, Manifest, ManifestAdded, ManifestRemoved, ModelRef, RefChanged, RefKind,
+    StoreEvent, format_size, hash_piece, piece_span,
 )
 
 log = logging.getLogger(__name__)
@@ -75,8 +77,7 @@ class Store:
         self._index = Index(self.layout, self.claims)
         self._views = Views(self.layout, self._index)
         self._space = Space(cfg, root=self.root, index=self._index, claims=self.claims, removal=self)
-        self._open_partials: dict[str, tuple[PartialBlob, int]] = {}  # key -> (partial, users)
-        self._partial_locks: dict[str, asyncio.Lock] = {}
+        self._assembly = Assembly(self.layout, self._index, on_event)
 
     # --- start ---------------------------------------------------------------------------------
 
@@ -112,10 +113,7 @@ class Store:
         events: list[StoreEvent] = [BlobAdded(blob_hex=h, size=size, identity_key=keys.get(h, "")) for h, size in index.blobs.items()]
         events += [ManifestAdded(digest=d) for d in sorted(index.manifests)]
         events += [RefChanged(ref=canonical, digest=d) for canonical, (d, _) in sorted(index.refs.items())]
-        for key, (partial, _) in self._open_partials.items():
-            events.append(PartialStarted(key=key, size=partial.size, piece_size=partial.piece_size))
-            events += [PieceVerified(key=key, index=i, digest=d) for i, d in partial.done.items()]
-        return events
+        return events + self._assembly.state_events()
 
     # --- paths and queries ---------------------------------------------------------------------
 
@@ -149,11 +147,10 @@ class Store:
 
     def open_partial(self, key: str) -> PartialBlob | None:
         """The in-progress partial of ``key`` if a fetch has it open (to stream verified pieces)."""
-        entry = self._open_partials.get(key)
-        return entry[0] if entry is not None else None
+        return self._assembly.get(key)
 
     def is_open_partial(self, key: str) -> bool:
-        return key in self._open_partials
+        return self._assembly.get(key) is not None
 
     def manifest(self, digest: str) -> Manifest | None:
         return self._index.manifests.get(digest)
@@ -203,86 +200,20 @@ class Store:
         with contextlib.suppress(OSError):
             await asyncio.to_thread(os.utime, self.layout.ref_path(ref), (now, now))
 
-    # --- partial blobs -------------------------------------------------------------------------
+    # --- partial blobs (``assembly``) ----------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def partial(
+    def partial(
         self, *, key: str, size: int, piece_size: int, identity_key: str, reservation: Reservation | None = None,
-    ) -> AsyncIterator[PartialBlob]:
+    ) -> contextlib.AbstractAsyncContextManager[PartialBlob]:
         """Open (or join) the partial blob ``key``; every user of one key shares one object."""
-        lock = self._partial_locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            entry = self._open_partials.get(key)
-            if entry is None:
-                entry = (await self._open_partial(key, size, piece_size, identity_key, reservation), 0)
-            self._open_partials[key] = (entry[0], entry[1] + 1)
-        try:
-            yield entry[0]
-        finally:
-            partial, users = self._open_partials[key]
-            if users <= 1:
-                del self._open_partials[key]
-                self._partial_locks.pop(key, None)
-                await asyncio.shield(asyncio.to_thread(partial.close_sync))
-            else:
-                self._open_partials[key] = (partial, users - 1)
-
-    async def _open_partial(
-        self, key: str, size: int, piece_size: int, identity_key: str, reservation: Reservation | None,
-    ) -> PartialBlob:
-        loop = asyncio.get_running_loop()
-        header = PieceLogHeader(size=size, piece_size=piece_size, identity_key=identity_key)
-        partial = PartialBlob(
-            key=key, header=header, data_path=self.layout.partial_path(key), log_path=self.layout.partial_log_path(key),
-            # Pieces are recorded in worker threads; peers hear of each on the event loop.
-            on_piece=lambda i, d: loop.call_soon_threadsafe(self._on_event, PieceVerified(key=key, index=i, digest=d)),
-        )
-        fresh = key not in self._index.partial_sizes
-        opening = asyncio.ensure_future(asyncio.to_thread(partial.open_sync))
-        try:
-            kept = await asyncio.shield(opening)
-        except asyncio.CancelledError:
-            # The thread runs on and creates the files: let it finish, close its fds,
-            # and record the files so that evict and gc can find and drop them.
-            await asyncio.gather(opening, return_exceptions=True)
-            if not opening.cancelled() and opening.exception() is None:
-                await asyncio.to_thread(partial.close_sync)
-                self._index.partial_sizes[key] = size
-            raise
-        if kept:
-            log.info("resuming partial blob key=%s verified_pieces=%d of=%d", key[:16], kept, partial.pieces)
-        if fresh and reservation is not None:
-            reservation.consume(size)
-        self._index.partial_sizes[key] = size
-        self._on_event(PartialStarted(key=key, size=size, piece_size=piece_size))
-        for index, digest in list(partial.done.items()):
-            self._on_event(PieceVerified(key=key, index=index, digest=digest))
-        return partial
+        return self._assembly.join(key=key, size=size, piece_size=piece_size, identity_key=identity_key, reservation=reservation)
 
     async def finalize(self, partial: PartialBlob, *, replace: bool = False) -> BlobId:
         """Publish a complete partial as a blob. An identical blob already present wins (dedupe)."""
-        digests = [partial.done[i] for i in range(partial.pieces)]
-        blob_id = BlobId.compute(partial.size, partial.piece_size, digests)
-        if blob_id.hex in self._index.blobs and not replace:
-            await asyncio.to_thread(partial.discard_sync)
-        else:
-            await asyncio.to_thread(partial.finalize_sync, self.blob_path(blob_id.hex), self.sidecar_path(blob_id.hex))
-            self._index.blobs[blob_id.hex] = partial.size
-            self._on_event(BlobAdded(blob_hex=blob_id.hex, size=partial.size, identity_key=partial.header.identity_key))
-        self._index.partial_sizes.pop(partial.key, None)
-        self._on_event(PartialDropped(key=partial.key))
-        if partial.header.identity_key:
-            self._index.blob_by_identity[partial.header.identity_key] = blob_id.hex
-        return blob_id
+        return await self._assembly.finalize(partial, replace=replace)
 
     async def discard_partial(self, key: str) -> None:
-        entry = self._open_partials.get(key)
-        if entry is not None:
-            await asyncio.to_thread(entry[0].discard_sync)
-        else:
-            await asyncio.to_thread(_unlink_partial, self.layout, key)
-        self._index.partial_sizes.pop(key, None)
-        self._on_event(PartialDropped(key=key))
+        await self._assembly.discard(key)
 
     # --- reading verified bytes ----------------------------------------------------------------
 
@@ -298,7 +229,10 @@ class Store:
             except FileNotFoundError:
                 return None  # removed a moment ago
             return VerifiedFile(fd=fd, size=size)
-        partial = self.open_partial(partial_key) if partial_key is not None else None
+        return self._partial_reader(partial_key) if partial_key is not None else None
+
+    def _partial_reader(self, key: str) -> VerifiedFile | None:
+        partial = self.open_partial(key)
         if partial is None:
             return None
         try:
@@ -312,13 +246,21 @@ class Store:
     ) -> bytes | None:
         """Up to ``length`` verified bytes at ``offset``: any bytes of a complete blob (fewer only
         at its end), or the verified run of an open partial. None when nothing at ``offset`` is
-        verified here yet (the piece is still on its way, the partial just went)."""
-        f = await self.open_verified(blob_hex=blob_hex, partial_key=partial_key)
+        verified here (the piece is still on its way, the partial or blob just went)."""
+        if blob_hex is not None:
+            if blob_hex not in self._index.blobs:
+                return None
+            try:
+                # Open, read and close in one worker call: a stream reads a blob a chunk at a time.
+                return await asyncio.to_thread(_pread_file, self.blob_path(blob_hex), offset, length)
+            except FileNotFoundError:
+                return None
+        f = self._partial_reader(partial_key) if partial_key is not None else None
         if f is None:
             return None
         with f:
             stop = f.verified_end(offset, offset + length)
-            if stop <= offset and not f.complete:
+            if stop <= offset:
                 return None
             return await f.read(offset, stop - offset)
 
@@ -509,11 +451,6 @@ def _stub_manifest(ref: ModelRef) -> Manifest | None:
     if ref.kind is not RefKind.HF:
         return None
     return Manifest(ref=ref.canonical, piece_size=DEFAULT_PIECE_SIZE, files=())
-
-
-def _unlink_partial(layout: Layout, key: str) -> None:
-    layout.partial_path(key).unlink(missing_ok=True)
-    layout.partial_log_path(key).unlink(missing_ok=True)
 
 
 def _pread_file(path: Path, off: int, length: int) -> bytes:
