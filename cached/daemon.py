@@ -96,7 +96,11 @@ class Daemon:
         self.clock = clock
         self.metrics = Metrics()
         self.replicas = ReplicaGuard()  # the store asks it; the reconciler, once built, answers
-        self.store = Store(cfg.store, clock=clock, protector=self.replicas)
+        # This node's holdings as peers see them: told of every store change from the start and
+        # seeded with the store's whole state once it is open (_build_peers); with peer
+        # networking off nobody reads it.
+        self.holdings = LocalHoldings()
+        self.store = Store(cfg.store, clock=clock, protector=self.replicas, on_event=self.holdings.record)
         self._stack = contextlib.AsyncExitStack()
         self._runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
@@ -228,10 +232,9 @@ class Daemon:
     def _build_peers(self, session: aiohttp.ClientSession, token: str) -> GossipDirectory:
         """Membership, holdings and the peer client, wired but not yet serving (no I/O)."""
         cfg = self.cfg
-        self._holdings = holdings = LocalHoldings()
-        for op in self.store.holdings_ops():
-            holdings.record(op)
-        self.store.on_change = holdings.record
+        holdings = self.holdings
+        for event in self.store.state_events():
+            holdings.record(event)
         self._server_ssl, client_ssl_ctx = tls_contexts(cfg)
         # Only the key derived from the token is used from here on; the token never leaves.
         self._cluster_key = ClusterKey(token, cfg.cluster.name)
@@ -265,7 +268,7 @@ class Daemon:
             holders=live.holders, interval_s=max(1.0, cfg.peer.gossip_interval_s * 2), guard=self.replicas,
         )
         self.gossip = Gossip(
-            membership=self._membership, holdings=self._holdings, view=directory.view, client=directory.client,
+            membership=self._membership, holdings=self.holdings, view=directory.view, client=directory.client,
             metrics=self.metrics, interval_s=cfg.peer.gossip_interval_s, fanout=cfg.peer.fanout, seeds=cfg.peer.seeds,
             capacity=lambda: self.store.capacity_bytes, extra_out=self.catalog.to_gossip, extra_in=self.catalog.from_gossip,
             on_status_change=lambda node_id, status: reconciler.kick(),
@@ -305,7 +308,7 @@ class Daemon:
         self._spawn("cluster.reconcile", reconciler)
         self._spawn("peers.gossip", gossip)
         if cfg.discovery.mdns:
-            holdings = self._holdings
+            holdings = self.holdings
             mdns = MdnsDiscovery(
                 node_id=cfg.node_id, cluster=cfg.cluster.name, address=advertise, key=ClusterKey(token, cfg.cluster.name),
                 on_peer=lambda node_id, address: gossip.add_seed(address),

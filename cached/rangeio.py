@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import http.client
-import re
 import socket
 import ssl
 import threading
@@ -30,8 +29,9 @@ from email.message import Message
 from typing import Callable, Mapping
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from cached.ranges import content_range
+
 BATCH_BYTES = 128 << 10
-_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _REDIRECTS = (301, 302, 303, 307, 308)
 _DRAIN_LIMIT = 64 << 10  # an error body up to this size is read so the connection can be reused
 
@@ -54,14 +54,6 @@ class Redirected(Exception):
         super().__init__(f"HTTP {status} to {location}")
         self.status = status
         self.location = location
-
-
-def content_range(headers: Mapping[str, str] | Message) -> tuple[int, int, int | None] | None:
-    """(first, last, total or None for "*") of a Content-Range header, or None if malformed."""
-    m = _CONTENT_RANGE.match(headers.get("Content-Range", ""))
-    if not m:
-        return None
-    return int(m.group(1)), int(m.group(2)), None if m.group(3) == "*" else int(m.group(3))
 
 
 class _Call:

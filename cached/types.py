@@ -1,4 +1,4 @@
-"""Value types shared by every layer: refs, blob ids, manifests, job states.
+"""Value types shared by every layer: refs, blob ids, manifests, job states, store events.
 
 Parsing of user-supplied strings into these types happens here, once; code below the edges
 (cli, api, config) only ever sees parsed values. Canonical JSON and digests are defined here so
@@ -385,6 +385,71 @@ class Manifest:
 
 def canonical_json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+# --- store events ----------------------------------------------------------------------------
+# What the store announces after each change peers may care about, in the order it happened. The
+# store calls its listener on the event loop; ``cached.peers.holdings`` turns events into its wire
+# format (the store knows nothing of that format).
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlobAdded:
+    blob_hex: str
+    size: int
+    identity_key: str = ""  # the origin file it was made from ("" when unknown)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlobRemoved:
+    blob_hex: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PartialStarted:
+    """A partial blob is open for writing (also on resume, before its kept pieces are listed)."""
+
+    key: str
+    size: int
+    piece_size: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PieceVerified:
+    key: str
+    index: int
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PartialDropped:
+    """The partial is gone: finalized into a blob (announced just before) or discarded."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ManifestAdded:
+    digest: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ManifestRemoved:
+    digest: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RefChanged:
+    """A ref now names ``digest``; None when the ref was removed. A manifest is always announced
+    (``ManifestAdded``) before the first ref that names it."""
+
+    ref: str  # canonical
+    digest: str | None
+
+
+StoreEvent = (
+    BlobAdded | BlobRemoved | PartialStarted | PieceVerified | PartialDropped | ManifestAdded | ManifestRemoved | RefChanged
+)
 
 
 class JobState(enum.StrEnum):

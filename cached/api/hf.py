@@ -24,7 +24,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
 import re
 import time
 from typing import Any
@@ -35,13 +34,13 @@ from aiohttp import web
 from cached.errors import CachedError, OriginError, RefError
 from cached.jobs import Jobs
 from cached.origins.hf import HfOrigin
+from cached.ranges import parse_range, unsatisfiable
 from cached.store import Store
-from cached.types import FileEntry, JobState, Manifest, ModelRef, OriginFile, Priority, RefKind, piece_span, validate_file_path
+from cached.types import FileEntry, JobState, Manifest, ModelRef, OriginFile, Priority, RefKind, validate_file_path
 
 log = logging.getLogger(__name__)
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 CHUNK = 1 << 20
 STALL_LIMIT_S = 120.0  # give up on a miss whose bytes stopped arriving
 
@@ -335,20 +334,13 @@ class HfEndpoint:
             headers["X-Linked-Size"] = str(size)
         start, end = 0, size - 1
         status = 200
-        rng = request.headers.get("Range")
-        if rng:
-            m = _RANGE.match(rng.strip())
-            if m and any(len(g) > 18 for g in m.groups()):
-                return web.Response(status=416, headers={**headers, "Content-Range": f"bytes */{size}"})
-            if m and (m.group(1) or m.group(2)):
-                if m.group(1):
-                    start, end = int(m.group(1)), min(int(m.group(2)), size - 1) if m.group(2) else size - 1
-                else:
-                    start = max(0, size - int(m.group(2)))
-                if start > end or start >= size:
-                    return web.Response(status=416, headers={**headers, "Content-Range": f"bytes */{size}"})
-                status = 206
-                headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+        rng = parse_range(request.headers.get("Range"))  # one the hub protocol cannot use: the whole file
+        if rng is not None:
+            span = rng.span(size)
+            if span is None:
+                return web.Response(status=416, headers={**headers, "Content-Range": unsatisfiable(size)})
+            start, end, status = span.start, span.end, 206
+            headers["Content-Range"] = span.content_range
         length = max(0, end - start + 1)
         headers["Content-Length"] = str(length)
         if request.method == "HEAD":
@@ -406,10 +398,13 @@ class HfEndpoint:
             if blob_hex is None and key is not None:
                 blob_hex = self._store.blob_for_identity(key)
             if blob_hex is not None:
-                chunk = await asyncio.to_thread(_pread, str(self._store.blob_path(blob_hex)), pos, min(CHUNK, end - pos))
+                chunk = await self._store.read_verified(blob_hex=blob_hex, offset=pos, length=min(CHUNK, end - pos))
+                if chunk is None:
+                    raise ConnectionAbortedError("the file left this node")
             else:
-                assert key is not None
-                chunk = await self._from_partial(key, pos, end)
+                # None until the piece at ``pos`` verified (or the partial finalized meanwhile:
+                # the next round reads the blob).
+                chunk = await self._store.read_verified(partial_key=key, offset=pos, length=min(CHUNK, end - pos))
                 if chunk is None:
                     job = self._jobs.get(ref)
                     if job is not None and job.state is JobState.FAILED:
@@ -423,21 +418,6 @@ class HfEndpoint:
             await resp.write(chunk)
             pos += len(chunk)
             last_progress = time.monotonic()
-
-    async def _from_partial(self, key: str, pos: int, end: int) -> bytes | None:
-        """Verified bytes at ``pos`` from the in-progress partial, or None if not there yet."""
-        partial = self._store.open_partial(key)
-        if partial is None:
-            return None
-        index = pos // partial.piece_size
-        if index not in partial.done:
-            return None
-        off, plen = piece_span(index, partial.size, partial.piece_size)
-        n = min(off + plen, end) - pos
-        try:
-            return await asyncio.to_thread(_pread, str(partial.data_path), pos, n)
-        except FileNotFoundError:
-            return None  # finalized meanwhile: the next round reads the blob
 
 
 def _bad_request(message: str) -> web.HTTPBadRequest:
@@ -453,12 +433,3 @@ def _encoded_path(path: str) -> str:
     except ValueError:
         raise _bad_request(f"invalid file path {path[:300]!r}") from None
     return "/".join(quote(seg, safe="") for seg in path.split("/"))
-
-
-def _pread(path: str, off: int, n: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.pread(fd, n, off)
-    finally:
-        os.close(fd)
-

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import re
 from typing import Awaitable, Callable
 
@@ -28,15 +27,16 @@ from cached.metrics import Metrics
 from cached.peers.auth import HEADER_ANSWER, HEADER_NODE, AuthRefused, ClusterKey, RequestVerifier, SignedRequest, sign_answer
 from cached.peers.gossip import Gossip
 from cached.peers.holdings import local_ref
+from cached.ranges import ByteSpan, parse_range, unsatisfiable
 from cached.status import StatusSource
 from cached.store import Store
+from cached.store.verified import VerifiedFile
 from cached.transfer.budget import TokenBucket
 from cached.types import ModelRef, RefKind
 
 log = logging.getLogger(__name__)
 
 _HEX = re.compile(r"^[0-9a-f]{64}$")
-_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 CHUNK = 1 << 20
 # The largest request is a gossip message: members (capped by bytes in ``Gossip.message``) and
 # the catalog; the client caps a gossip answer at the same size.
@@ -49,7 +49,7 @@ def _unsatisfiable(size: int) -> web.Response:
     other refusal (an empty body had no Content-Type, so a client could not tell what it was)."""
     return web.json_response(
         {"error": "range_not_satisfiable", "message": f"the span is outside the blob ({size} bytes)"},
-        status=416, headers={"Content-Range": f"bytes */{size}"},
+        status=416, headers={"Content-Range": unsatisfiable(size)},
     )
 
 
@@ -186,9 +186,9 @@ class PeerApi:
 
     async def piece_table(self, request: web.Request) -> web.Response:
         blob = request.match_info["id"].removeprefix("blake3:")
-        if not _HEX.match(blob) or not self._store.has_blob(blob):
+        data = await self._store.piece_log(blob) if _HEX.match(blob) else None
+        if data is None:
             raise web.HTTPNotFound()
-        data = await asyncio.to_thread(self._store.sidecar_path(blob).read_bytes)
         return web.Response(body=data, content_type="application/octet-stream")
 
     async def partial_pieces(self, request: web.Request) -> web.Response:
@@ -202,73 +202,70 @@ class PeerApi:
 
     async def blob(self, request: web.Request) -> web.StreamResponse:
         blob = request.match_info["id"].removeprefix("blake3:")
-        if not _HEX.match(blob) or not self._store.has_blob(blob):
+        size = self._store.blob_size(blob) if _HEX.match(blob) else None
+        if size is None:
             raise web.HTTPNotFound()
-        path = self._store.blob_path(blob)
-        size = os.path.getsize(path)
-        return await self._serve(request, str(path), size, lambda start, end: True, sendfile=True)
+        return await self._serve(request, size, blob_hex=blob)
 
     async def partial(self, request: web.Request) -> web.StreamResponse:
-        partial = self._store.open_partial(request.match_info["key"])
+        key = request.match_info["key"]
+        partial = self._store.open_partial(key)
         if partial is None:
             raise web.HTTPNotFound()
-
-        def verified(start: int, end: int) -> bool:
-            first, last = start // partial.piece_size, end // partial.piece_size
-            return all(i in partial.done for i in range(first, last + 1))
-
-        return await self._serve(request, str(partial.data_path), partial.size, verified)
+        return await self._serve(request, partial.size, partial_key=key)
 
     async def _serve(
-        self, request: web.Request, path: str, size: int, allowed: Callable[[int, int], bool], *, sendfile: bool = False
+        self, request: web.Request, size: int, *, blob_hex: str | None = None, partial_key: str | None = None,
     ) -> web.StreamResponse:
-        m = _RANGE.match(request.headers.get("Range", ""))
-        if m and any(len(g) > 18 for g in m.groups()):
-            return _unsatisfiable(size)  # beyond any file
-        if not m:
+        rng = parse_range(request.headers.get("Range"))
+        if rng is None or rng.is_suffix:
             return web.json_response({"error": "range_required", "message": "send Range: bytes=a-b"}, status=416)
-        start = int(m.group(1))
-        end = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
-        if start > end or start >= size:
+        span = rng.span(size)
+        if span is None:
             return _unsatisfiable(size)
-        if not allowed(start, end):
-            # Only verified pieces ever leave this node.
-            return web.json_response({"error": "not_verified", "message": "range covers pieces not verified here"}, status=416)
-        if self._uploads.locked():
-            self._metrics.peer_throttled.inc()
-            return web.json_response({"error": "busy", "message": "serving at capacity"}, status=429, headers={"Retry-After": "1"})
-        length = end - start + 1
-        if sendfile and not self._rate_limited:
-            # A complete, immutable blob with no bandwidth cap: the kernel copies it (sendfile).
-            # aiohttp prepares the response after we return, so the upload slot is held there.
-            self._metrics.served_bytes.inc(length)
-            return _SlottedFile(path, self._uploads, chunk_size=CHUNK)
-        async with self._uploads:
-            try:
-                fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
-            except FileNotFoundError:
-                # The partial was finalized (or dropped) a moment ago; holdings will say so.
-                return web.json_response({"error": "gone", "message": "no longer a partial here"}, status=404)
-            headers = {"Content-Range": f"bytes {start}-{end}/{size}", "Content-Length": str(length), "Accept-Ranges": "bytes"}
-            resp = web.StreamResponse(status=206, headers=headers)
-            resp.content_type = "application/octet-stream"
-            pos = start
-            try:
-                await resp.prepare(request)
-                while pos <= end:
-                    n = min(CHUNK, end - pos + 1)
-                    await self._bucket.take(n)
-                    chunk = await asyncio.to_thread(os.pread, fd, n, pos)
-                    if not chunk:
-                        break
-                    await resp.write(chunk)
-                    pos += len(chunk)
-                    self._metrics.served_bytes.inc(len(chunk))
-                await resp.write_eof()
-            except (ConnectionResetError, ClientConnectionResetError):
-                # The puller hung up (it got the piece elsewhere first): nothing to report.
-                pass
-            finally:
-                os.close(fd)
-            return resp
+        if blob_hex is not None and not self._rate_limited:
+            # A complete, immutable blob (every byte verified) with no bandwidth cap: the kernel
+            # copies it (sendfile). aiohttp prepares the response after we return, so the upload
+            # slot is held there.
+            if self._uploads.locked():
+                return self._busy()
+            self._metrics.served_bytes.inc(span.length)
+            return _SlottedFile(str(self._store.blob_path(blob_hex)), self._uploads, chunk_size=CHUNK)
+        source = await self._store.open_verified(blob_hex=blob_hex, partial_key=partial_key)
+        if source is None:
+            # The partial was finalized (or dropped) a moment ago; holdings will say so.
+            return web.json_response({"error": "gone", "message": "no longer here"}, status=404)
+        with source:
+            if not source.verified(span.start, span.end):
+                # Only verified pieces ever leave this node.
+                return web.json_response({"error": "not_verified", "message": "range covers pieces not verified here"}, status=416)
+            if self._uploads.locked():
+                return self._busy()
+            async with self._uploads:
+                return await self._stream(request, source, span)
 
+    def _busy(self) -> web.Response:
+        self._metrics.peer_throttled.inc()
+        return web.json_response({"error": "busy", "message": "serving at capacity"}, status=429, headers={"Retry-After": "1"})
+
+    async def _stream(self, request: web.Request, source: VerifiedFile, span: ByteSpan) -> web.StreamResponse:
+        headers = {"Content-Range": span.content_range, "Content-Length": str(span.length), "Accept-Ranges": "bytes"}
+        resp = web.StreamResponse(status=206, headers=headers)
+        resp.content_type = "application/octet-stream"
+        pos = span.start
+        try:
+            await resp.prepare(request)
+            while pos <= span.end:
+                n = min(CHUNK, span.end - pos + 1)
+                await self._bucket.take(n)
+                chunk = await source.read(pos, n)
+                if not chunk:
+                    break
+                await resp.write(chunk)
+                pos += len(chunk)
+                self._metrics.served_bytes.inc(len(chunk))
+            await resp.write_eof()
+        except (ConnectionResetError, ClientConnectionResetError):
+            # The puller hung up (it got the piece elsewhere first): nothing to report.
+            pass
+        return resp

@@ -31,7 +31,8 @@ from cached.config import HfOriginConfig, HttpOriginConfig
 from cached.errors import IntegrityError, OriginChanged, OriginDenied, OriginError, OriginNotFound
 from cached.origins import Resolution
 from cached.origins.http import MAX_REDIRECTS, client_error, range_error, status_error
-from cached.rangeio import Check, RangeIOError, Redirected, Sink, ThreadedRangeReader, content_range
+from cached.rangeio import Check, RangeIOError, Redirected, Sink, ThreadedRangeReader
+from cached.ranges import content_range
 from cached.types import ModelRef, OriginFile, validate_file_path
 
 MAX_TREE_PAGES = 1000

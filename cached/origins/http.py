@@ -21,7 +21,8 @@ import aiohttp
 from cached.config import HttpOriginConfig
 from cached.errors import OriginChanged, OriginDenied, OriginError, OriginNotFound
 from cached.origins import Resolution
-from cached.rangeio import Check, RangeIOError, Redirected, Sink, ThreadedRangeReader, content_range
+from cached.rangeio import Check, RangeIOError, Redirected, Sink, ThreadedRangeReader
+from cached.ranges import content_range
 from cached.types import ModelRef, OriginFile
 from yarl import URL
 

@@ -1,17 +1,20 @@
 """Holdings: which blobs, partial blobs (with verified pieces), manifests and refs a node has.
 
-Pure bookkeeping, no I/O. ``LocalHoldings`` numbers every change of this node's store with a
-version and keeps a bounded log of them, so a peer that has version ``v`` gets only the changes
-after ``v`` (a delta), or the whole state when ``v`` is too old for the log. ``HoldingsView``
-keeps the latest state of every other node and answers "who has this blob / this piece".
+Pure bookkeeping, no I/O. ``LocalHoldings`` turns every change of this node's store (a
+``cached.types.StoreEvent``) into a versioned delta and keeps a bounded log of them, so a peer that
+has version ``v`` gets only the changes after ``v`` (a delta), or the whole state when ``v`` is too
+old for the log. ``HoldingsView`` keeps the latest state of every other node and answers "who has
+this blob / this piece".
 
 What is announced is what peers may use: a ``file://`` ref names a path on this node only, so its
 ref op and its manifest never enter ``LocalHoldings`` (a manifest is announced once a shareable
-ref names it; the store always records a manifest just before the ref that names it).
+ref names it; the store always announces a manifest just before the ref that names it).
 
-Deltas are small lists: ``["blob+", hex, size, origin-identity-key]``, ``["blob-", hex]``, ``["manifest+", d]``,
+On the wire (``since`` answers, ``NodeHoldings.apply``) deltas are small lists, one per event:
+``["blob+", hex, size, origin-identity-key]``, ``["blob-", hex]``, ``["manifest+", d]``,
 ``["manifest-", d]``, ``["ref", canonical, digest-or-null]``, ``["partial+", key, size,
-piece_size]``, ``["piece", key, index, digest-hex]``, ``["partial-", key]``.
+piece_size]``, ``["piece", key, index, digest-hex]``, ``["partial-", key]``. ``wire_op`` is the
+one place that maps an event to its list.
 """
 
 from __future__ import annotations
@@ -19,6 +22,11 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
+
+from cached.types import (
+    BlobAdded, BlobRemoved, ManifestAdded, ManifestRemoved, PartialDropped, PartialStarted, PieceVerified, RefChanged,
+    StoreEvent,
+)
 
 MAX_LOG = 20_000
 
@@ -119,30 +127,30 @@ class LocalHoldings:
     def version(self) -> int:
         return self.state.version
 
-    def record(self, op: list[Any]) -> int:
-        """One change of this node's store; returns the version (unchanged when the op stays
+    def record(self, event: StoreEvent) -> int:
+        """One change of this node's store; returns the version (unchanged when the change stays
         local)."""
-        for announced in self._announced(op):
+        for announced in self._announced(event):
             self.state.apply(announced)
             self.state.version += 1
             self._log.append((self.state.version, announced))
         return self.state.version
 
-    def _announced(self, op: list[Any]) -> list[list[Any]]:
-        """What of ``op`` peers may see, as ops (none, it, or a held-back manifest and it)."""
-        kind = op[0] if op else None
-        if kind == "manifest+" and str(op[1]) not in self.state.manifests:
-            self._unnamed.add(str(op[1]))
-            return []
-        if kind == "manifest-" and str(op[1]) in self._unnamed:
-            self._unnamed.discard(str(op[1]))
-            return []
-        if kind == "ref" and local_ref(str(op[1])):
-            return [["ref", op[1], None]] if str(op[1]) in self.state.refs else []
-        if kind == "ref" and op[2] is not None and str(op[2]) in self._unnamed:
-            self._unnamed.discard(str(op[2]))
-            return [["manifest+", op[2]], op]
-        return [op]
+    def _announced(self, event: StoreEvent) -> list[list[Any]]:
+        """What of ``event`` peers may see, as ops (none, it, or a held-back manifest and it)."""
+        match event:
+            case ManifestAdded(digest=d) if d not in self.state.manifests:
+                self._unnamed.add(d)
+                return []
+            case ManifestRemoved(digest=d) if d in self._unnamed:
+                self._unnamed.discard(d)
+                return []
+            case RefChanged(ref=ref) if local_ref(ref):
+                return [["ref", ref, None]] if ref in self.state.refs else []
+            case RefChanged(digest=d) if d is not None and d in self._unnamed:
+                self._unnamed.discard(d)
+                return [["manifest+", d], wire_op(event)]
+        return [wire_op(event)]
 
     def since(self, version: int) -> dict[str, Any]:
         """What a peer that has ``version`` needs: a delta if the log reaches back, else all."""
@@ -152,6 +160,28 @@ class LocalHoldings:
         if 0 < version < self.state.version and version >= oldest - 1:
             return {"version": self.state.version, "base": version, "deltas": [op for v, op in self._log if v > version]}
         return {"version": self.state.version, "snapshot": self.state.to_json()}
+
+
+def wire_op(event: StoreEvent) -> list[Any]:
+    """An event as the delta list peers exchange (the format in the module docstring)."""
+    match event:
+        case BlobAdded(blob_hex=h, size=size, identity_key=key):
+            return ["blob+", h, size, key]
+        case BlobRemoved(blob_hex=h):
+            return ["blob-", h]
+        case ManifestAdded(digest=d):
+            return ["manifest+", d]
+        case ManifestRemoved(digest=d):
+            return ["manifest-", d]
+        case RefChanged(ref=ref, digest=d):
+            return ["ref", ref, d]
+        case PartialStarted(key=key, size=size, piece_size=piece_size):
+            return ["partial+", key, size, piece_size]
+        case PieceVerified(key=key, index=i, digest=d):
+            return ["piece", key, i, d.hex()]
+        case PartialDropped(key=key):
+            return ["partial-", key]
+    raise TypeError(f"not a store event: {event!r}")
 
 
 def local_ref(canonical: str) -> bool:

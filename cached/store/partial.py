@@ -79,7 +79,10 @@ def encode_piece_log(header: PieceLogHeader, records: dict[int, bytes]) -> bytes
 class PartialBlob:
     """One blob being assembled. Shared by every fetcher of the same key (see Store.open_partial)."""
 
-    def __init__(self, *, key: str, header: PieceLogHeader, data_path: Path, log_path: Path) -> None:
+    def __init__(
+        self, *, key: str, header: PieceLogHeader, data_path: Path, log_path: Path,
+        on_piece: Callable[[int, bytes], None] = lambda index, digest: None,
+    ) -> None:
         self.key = key
         self.header = header
         self.data_path = data_path
@@ -93,8 +96,8 @@ class PartialBlob:
         # blocking operation is counted, and close waits for the count to drop to zero.
         self._ops = 0
         self._closing = False
-        # Called (from a worker thread) after each piece is recorded; the store sets it.
-        self.on_piece: Callable[[int, bytes], None] = lambda index, digest: None
+        # Called (from a worker thread) after each piece is recorded.
+        self._on_piece = on_piece
         self._cond = threading.Condition()
         # A recorded piece's bytes are final: peers may already be reading them. A copy that is
         # still streaming into the same piece (endgame) takes the piece's lock for each write and
@@ -244,8 +247,15 @@ class PartialBlob:
                 return False  # the other copy of an endgame pair got here first
             os.write(self._log_fd, _RECORD.pack(index, digest))
             self.done[index] = digest
-        self.on_piece(index, digest)
+        self._on_piece(index, digest)
         return True
+
+    def reader_fd(self) -> int:
+        """A descriptor of the data file for a reader of verified pieces. It is the same inode the
+        partial writes (no path to race with a discard and a new partial of the same key), and it
+        stays valid after the partial is closed or finalized. StoreError once closed."""
+        with self._op():
+            return os.dup(self._fd)
 
     def clone_from_sync(self, src_fd: int) -> bool:
         with self._op():

@@ -212,3 +212,33 @@ async def test_a_stream_still_writing_a_piece_another_copy_recorded_writes_nothi
         assert p.done[2] == hash_piece(piece_of(source, 2))
     finally:
         await asyncio.to_thread(p.close_sync)
+
+
+async def test_on_piece_hears_each_recorded_piece_once(pdir: Path, source: bytes) -> None:
+    heard: list[tuple[int, bytes]] = []
+    header = PieceLogHeader(size=SIZE, piece_size=PIECE, identity_key="test|identity")
+    p = PartialBlob(key="k1", header=header, data_path=pdir / "k1", log_path=pdir / "k1.pieces", on_piece=lambda i, d: heard.append((i, d)))
+    await asyncio.to_thread(p.open_sync)
+    try:
+        await asyncio.to_thread(p.write_piece_sync, 2, piece_of(source, 2))
+        assert await asyncio.to_thread(p.write_piece_sync, 2, piece_of(source, 2)) is None  # a second copy
+        assert heard == [(2, hash_piece(piece_of(source, 2)))]
+    finally:
+        await asyncio.to_thread(p.close_sync)
+
+
+async def test_a_reader_descriptor_outlives_finalize_and_none_is_given_once_closed(pdir: Path, tmp_path: Path, source: bytes) -> None:
+    p = make_partial(pdir)
+    await asyncio.to_thread(p.open_sync)
+    for i in range(p.pieces):
+        await asyncio.to_thread(p.write_piece_sync, i, piece_of(source, i))
+    fd = p.reader_fd()
+    try:
+        await asyncio.to_thread(p.finalize_sync, tmp_path / "blob", tmp_path / "blob.pieces")
+        assert not p.data_path.exists()
+        assert os.pread(fd, SIZE, 0) == source, "the same inode, now the blob"
+        assert os.fstat(fd).st_ino == (tmp_path / "blob").stat().st_ino
+    finally:
+        os.close(fd)
+    with pytest.raises(StoreError):
+        p.reader_fd()

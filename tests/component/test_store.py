@@ -14,10 +14,14 @@ import blake3
 import pytest
 
 from cached.config import StoreConfig
-from cached.errors import NotFoundError, StoreError, StoreFullError
+from cached.errors import IntegrityError, NotFoundError, StoreError, StoreFullError
+from cached.peers.holdings import LocalHoldings
 from cached.store import Store
 from cached.store import durable
-from cached.types import BlobId, FileEntry, Manifest, ModelRef, format_size, hash_piece, piece_span
+from cached.types import (
+    BlobAdded, BlobId, BlobRemoved, FileEntry, Manifest, ManifestAdded, ManifestRemoved, ModelRef, PartialDropped, PartialStarted,
+    PieceVerified, RefChanged, StoreEvent, format_size, hash_piece, piece_span,
+)
 from tests.support.corrupt import flip_byte
 from tests.support.origin import write_random_file
 
@@ -35,9 +39,9 @@ class Clock:
         return self.now
 
 
-def make_store(root: Path, *, max_bytes: int = 64 * MiB, clock: Clock | None = None) -> Store:
+def make_store(root: Path, *, max_bytes: int = 64 * MiB, clock: Clock | None = None, on_event=lambda e: None) -> Store:
     cfg = StoreConfig(cache_dir=root, piece_size_bytes=PIECE, max_bytes=max_bytes)
-    return Store(cfg, clock=clock or Clock())
+    return Store(cfg, clock=clock or Clock(), on_event=on_event)
 
 
 async def opened(root: Path, **kw) -> Store:
@@ -531,3 +535,133 @@ async def test_verify_blob_finds_the_piece_of_a_flipped_byte(tmp_path: Path) -> 
     assert bad == [3, 6]
     assert await store.read_piece(blob.hex, 2, PIECE) == data[2 * PIECE : 3 * PIECE]
     assert len(await store.piece_digests(blob.hex)) == 7
+
+
+async def test_evict_to_runs_the_eviction_plan(tmp_path: Path) -> None:
+    clock = Clock()
+    store = await opened(tmp_path / "cache", max_bytes=64 * PIECE, clock=clock)
+    older, _ = await add_model(store, "file:///models/older", {"w": content(tmp_path, 2 * PIECE, seed=71)})
+    clock.now += 1
+    await add_model(store, "file:///models/newer", {"w": content(tmp_path, 2 * PIECE, seed=72)})
+    plan = store.eviction_plan(store.used_bytes - 1)
+    assert plan.models == (older.canonical,) and plan.freed_bytes == 2 * PIECE and plan.short_bytes == 0
+    assert store.model(older) is not None, "a plan is only a plan"
+    assert await store.evict_to(store.used_bytes - 1) == (2 * PIECE, [older.canonical])
+
+
+# --- events --------------------------------------------------------------------------------------
+
+
+async def test_the_store_announces_each_change_as_an_event_in_order(tmp_path: Path) -> None:
+    events: list[StoreEvent] = []
+    store = make_store(tmp_path / "cache", on_event=events.append)
+    await store.open()
+    assert events == [], "opening announces nothing: a listener starts from state_events()"
+    data = content(tmp_path, 2 * PIECE + 3, seed=100)
+    blob = await add_blob(store, data, key="e1")
+    pieces = [hash_piece(data[o : o + n]) for o, n in (piece_span(i, len(data), PIECE) for i in range(3))]
+    await asyncio.sleep(0)  # pieces are announced from worker threads through the loop
+    assert events[0] == PartialStarted(key="e1", size=len(data), piece_size=PIECE)
+    assert sorted(e.index for e in events[1:4] if isinstance(e, PieceVerified)) == [0, 1, 2]
+    assert {e.digest for e in events[1:4] if isinstance(e, PieceVerified)} == set(pieces)
+    assert events[4:] == [BlobAdded(blob_hex=blob.hex, size=len(data), identity_key="test|e1"), PartialDropped(key="e1")]
+
+    events.clear()
+    ref = ModelRef.parse("file:///models/ev")
+    manifest = Manifest(ref=ref.canonical, piece_size=PIECE, files=(FileEntry(path="w", size=len(data), blob=blob),))
+    await store.commit_model(ref, manifest)
+    assert events == [ManifestAdded(digest=manifest.digest), RefChanged(ref=ref.canonical, digest=manifest.digest)]
+
+    events.clear()
+    await store.remove_model(ref)
+    assert events == [RefChanged(ref=ref.canonical, digest=None), ManifestRemoved(digest=manifest.digest), BlobRemoved(blob_hex=blob.hex)]
+
+    events.clear()
+    async with store.partial(key="gone", size=PIECE, piece_size=PIECE, identity_key="test|gone"):
+        await store.discard_partial("gone")
+    assert events == [PartialStarted(key="gone", size=PIECE, piece_size=PIECE), PartialDropped(key="gone")]
+
+
+async def test_state_events_describe_what_the_live_events_built(tmp_path: Path) -> None:
+    """Holdings fed every event since an empty start equal holdings seeded from state_events(),
+    also after a restart (the daemon seeds its holdings from them)."""
+    live = LocalHoldings()
+    store = make_store(tmp_path / "cache", on_event=live.record)
+    await store.open()
+    _, m1 = await add_model(store, "hf://org/m@main", {"a": content(tmp_path, PIECE, seed=110), "b": content(tmp_path, 3, seed=111)})
+    ref2, _ = await add_model(store, "http://h/x.bin", {"x.bin": content(tmp_path, 2 * PIECE, seed=112)})
+    await add_model(store, "file:///models/local", {"l": content(tmp_path, 5, seed=113)})
+    await store.remove_model(ref2)
+    async with store.partial(key="open", size=2 * PIECE, piece_size=PIECE, identity_key="test|open") as p:
+        await asyncio.to_thread(p.write_piece_sync, 1, content(tmp_path, PIECE, seed=114))
+        await asyncio.sleep(0)
+        seeded = LocalHoldings()
+        for event in store.state_events():
+            seeded.record(event)
+        assert seeded.state.to_json() | {"version": 0} == live.state.to_json() | {"version": 0}
+        assert seeded.state.partials["open"].pieces.keys() == {1}
+
+    reopened = await opened(tmp_path / "cache")
+    after = LocalHoldings()
+    for event in reopened.state_events():
+        after.record(event)
+    assert after.state.to_json() | {"version": 0} == live.state.to_json() | {"partials": {}, "version": 0}
+    assert after.state.refs == {"hf://org/m@main": m1.digest}, "a file:// ref is never announced"
+
+
+# --- reading verified bytes ----------------------------------------------------------------------
+
+
+async def test_read_verified_gives_only_verified_pieces_of_a_partial(tmp_path: Path) -> None:
+    store = await opened(tmp_path / "cache")
+    data = content(tmp_path, 4 * PIECE + 10, seed=120)
+    span = lambda i: data[piece_span(i, len(data), PIECE)[0] : sum(piece_span(i, len(data), PIECE))]  # noqa: E731
+    async with store.partial(key="rv", size=len(data), piece_size=PIECE, identity_key="test|rv") as p:
+        for i in (1, 2, 4):
+            await asyncio.to_thread(p.write_piece_sync, i, span(i))
+        # Piece 0 is written in place but not recorded: its bytes are on disk, not verified.
+        await asyncio.to_thread(p.write_at_sync, span(0), 0, 0)
+
+        assert await store.read_verified(partial_key="rv", offset=0, length=10) is None
+        assert await store.read_verified(partial_key="rv", offset=PIECE + 5, length=10) == data[PIECE + 5 : PIECE + 15]
+        # A verified run ends where the first unverified piece starts.
+        assert await store.read_verified(partial_key="rv", offset=PIECE + 5, length=len(data)) == data[PIECE + 5 : 3 * PIECE]
+        assert await store.read_verified(partial_key="rv", offset=3 * PIECE, length=1) is None
+        assert await store.read_verified(partial_key="rv", offset=4 * PIECE, length=100) == data[4 * PIECE :]
+        assert await store.read_verified(partial_key="nope", offset=0, length=1) is None
+
+        f = await store.open_verified(partial_key="rv")
+        assert f is not None
+        with f:
+            assert f.verified(PIECE, 3 * PIECE - 1) and not f.verified(0, 0) and not f.verified(3 * PIECE - 1, 3 * PIECE)
+            assert not f.verified(4 * PIECE, len(data)), "past the end is never verified"
+            with pytest.raises(IntegrityError):
+                await f.read(PIECE - 1, 2)
+            await asyncio.to_thread(p.write_piece_sync, 0, span(0))
+            await asyncio.to_thread(p.write_piece_sync, 3, span(3))
+            assert f.verified(0, len(data) - 1), "a piece recorded after opening counts at once"
+            blob = await store.finalize(p)
+            # The reader holds its own descriptor: the finalized inode, renamed into blobs/.
+            assert await f.read(0, len(data)) == data
+    assert await store.read_verified(partial_key="rv", offset=0, length=1) is None
+    assert await store.read_verified(blob_hex=blob.hex, offset=3, length=PIECE) == data[3 : PIECE + 3]
+    assert await store.read_verified(blob_hex=blob.hex, offset=len(data) - 2, length=PIECE) == data[-2:]
+    assert await store.read_verified(blob_hex=blob.hex, offset=len(data), length=1) == b"", "the end of a blob"
+    assert await store.read_verified(blob_hex="0" * 64, offset=0, length=1) is None
+    assert await store.piece_log(blob.hex) == store.sidecar_path(blob.hex).read_bytes()
+    assert await store.piece_log("0" * 64) is None
+
+
+async def test_a_verified_reader_closed_mid_read_keeps_its_descriptor_until_the_read_ends(tmp_path: Path) -> None:
+    store = await opened(tmp_path / "cache")
+    data = content(tmp_path, 2 * PIECE, seed=121)
+    blob = await add_blob(store, data, key="cl")
+    f = await store.open_verified(blob_hex=blob.hex)
+    assert f is not None
+    read = asyncio.ensure_future(f.read(0, len(data)))
+    f.close()  # as a cancelled stream does while a worker thread may be in pread
+    try:
+        got = await read
+    except StoreError:
+        return  # closed before the read began: refused, never another file's bytes
+    assert got == data

@@ -32,7 +32,7 @@ from cached.cluster import CatalogEntry
 from cached.daemon import Daemon
 from cached.peers.client import PeerError
 from cached.store import Store
-from cached.types import BlobId, FileEntry, Manifest, ModelRef, piece_span
+from cached.types import BlobId, BlobRemoved, FileEntry, Manifest, ModelRef, piece_span
 from tests.support.cluster import MIB, all_see_all, metric, node_flags, prefetch, token_file  # noqa: F401 - token_file is a fixture
 from tests.support.hub import Hub, git_blob_sha1, random_bytes
 from tests.support.node import test_config as node_config
@@ -201,7 +201,7 @@ async def test_a_forged_locator_is_never_requested_and_the_token_stays_with_the_
         # M keeps the forged config.json to itself, so a victim that believed the manifest would
         # read it from "the origin": the address M chose, with the victim's HF token.
         assert m.gossip is not None
-        m.gossip.holdings.record(["blob-", blob.hex])
+        m.gossip.holdings.record(BlobRemoved(blob_hex=blob.hex))
         v = await start(stack, tmp_path, "v", token_file, hub, m, **victim_flags(tmp_path))
         await wait_until(lambda: all_see_all({"m": m, "v": v}), timeout_s=15, what="m and v see each other")
         await wait_until(lambda: advertises(v, "m", digest), timeout_s=10, what="v learns m's forged manifest")

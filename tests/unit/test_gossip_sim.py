@@ -23,6 +23,7 @@ from cached.peers.client import PeerError
 from cached.peers.gossip import Gossip
 from cached.peers.holdings import HoldingsView, LocalHoldings
 from cached.peers.membership import MemberInfo, Membership, Status
+from cached.types import BlobAdded
 
 FANOUT = 3
 BLOB = "b1" * 32
@@ -83,7 +84,7 @@ def converge(n: int, seed: int, max_rounds: int = 200) -> tuple[int, int]:
         sync_round(clock, nodes, by_address)
         discovery += 1
     changed = nodes[n // 2]
-    changed.holdings.record(["blob+", BLOB, 123])
+    changed.holdings.record(BlobAdded(blob_hex=BLOB, size=123))
     node_id = changed.membership.me.node_id
 
     def behind() -> list[Gossip]:
@@ -172,11 +173,11 @@ async def test_real_gossip_rounds_spread_members_and_holdings_deltas_and_notice_
     src = nodes[5]
     for i in range(3):
         # Blob ops: a manifest alone is held back until a shareable ref names it (issue 18).
-        src.holdings.record(["blob+", f"{i:064x}", 1])
+        src.holdings.record(BlobAdded(blob_hex=f"{i:064x}", size=1))
     sid = src.membership.me.node_id
     await run_rounds(lambda: all(g is src or g.view.version(sid) == src.holdings.version for g in nodes), "first holdings known everywhere")
     pulls_before = len(net.pulls)
-    src.holdings.record(["blob+", BLOB, 4096])
+    src.holdings.record(BlobAdded(blob_hex=BLOB, size=4096))
     r = await run_rounds(lambda: all(g is src or g.view.with_blob(BLOB) == [sid] for g in nodes), "blob known everywhere")
     print(f"real gossip, N={n}: a new blob is in every view after {r} rounds")
     new_pulls = net.pulls[pulls_before:]
@@ -187,7 +188,7 @@ async def test_real_gossip_rounds_spread_members_and_holdings_deltas_and_notice_
     victim = nodes[11]
     vid = victim.membership.me.node_id
     del net.nodes[victim.membership.me.address]
-    victim.holdings.record(["blob+", "c" * 64, 1])
+    victim.holdings.record(BlobAdded(blob_hex="c" * 64, size=1))
     survivors = [g for g in nodes if g is not victim]
 
     def status_everywhere(status: Status) -> bool:
@@ -200,7 +201,7 @@ async def test_real_gossip_rounds_spread_members_and_holdings_deltas_and_notice_
     # It comes back (same id and address, a new incarnation): alive again everywhere.
     reborn = make_node(11, clock, metrics, seeds=(address(0),), seed=4, client=net, incarnation=2, **timing)
     net.nodes[reborn.membership.me.address] = reborn
-    reborn.holdings.record(["blob+", "d" * 64, 1])
+    reborn.holdings.record(BlobAdded(blob_hex="d" * 64, size=1))
     r = await run_rounds(
         lambda: all((m := g.membership.get(vid)) is not None and m.status is Status.ALIVE and m.info.incarnation == 2 for g in survivors)
         and all(g.view.with_blob("d" * 64) == [vid] for g in survivors),

@@ -18,6 +18,8 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from cached.errors import IntegrityError, RefError
+from cached import ranges
+from cached.ranges import ByteSpan, RangeRequest, parse_range
 from cached.types import (
     MAX_PIECE_SIZE,
     MIN_PIECE_SIZE,
@@ -35,6 +37,15 @@ from cached.types import (
     piece_count,
     piece_span,
     validate_file_path,
+    BlobAdded,
+    BlobRemoved,
+    ManifestAdded,
+    ManifestRemoved,
+    PartialDropped,
+    PartialStarted,
+    PieceVerified,
+    RefChanged,
+    StoreEvent,
 )
 
 # The autouse loop guard (tests/conftest.py) counts a plain test's whole run as the loop being
@@ -674,3 +685,126 @@ def test_priority_rejects_unknown_names(text: str) -> None:
 
 def test_high_priority_sorts_before_normal_before_low() -> None:
     assert sorted([Priority.LOW, Priority.HIGH, Priority.NORMAL]) == [Priority.HIGH, Priority.NORMAL, Priority.LOW]
+
+
+# --- store events --------------------------------------------------------------------------------
+
+EVENTS = [
+    BlobAdded(blob_hex="1" * 64, size=10, identity_key="http|u|e|10"),
+    BlobRemoved(blob_hex="1" * 64),
+    PartialStarted(key="k" * 64, size=10, piece_size=MIN_PIECE_SIZE),
+    PieceVerified(key="k" * 64, index=0, digest=b"\0" * 32),
+    PartialDropped(key="k" * 64),
+    ManifestAdded(digest="a" * 64),
+    ManifestRemoved(digest="a" * 64),
+    RefChanged(ref="hf://o/n@main", digest=None),
+]
+
+
+@pytest.mark.parametrize("event", EVENTS, ids=lambda e: type(e).__name__)
+def test_store_events_are_frozen_keyword_only_values(event: StoreEvent) -> None:
+    assert isinstance(event, StoreEvent)  # the union names every kind the store announces
+    fields = dataclasses.asdict(event)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(event, next(iter(fields)), None)
+    assert not hasattr(event, "__dict__"), "slots: many piece events are alive at once during a fetch"
+    assert type(event)(**fields) == event
+    with pytest.raises(TypeError):
+        type(event)(*fields.values())  # keyword-only: a swapped size and piece size cannot compile
+    assert hash(event) == hash(type(event)(**fields))
+
+
+def test_the_event_union_is_exactly_the_eight_kinds() -> None:
+    assert set(StoreEvent.__args__) == {type(e) for e in EVENTS}  # type: ignore[attr-defined]
+
+
+# --- Range and Content-Range (cached.ranges: the package's one parser) ----------------------------
+
+
+@pytest.mark.parametrize(
+    "value, first, last",
+    [
+        ("bytes=0-9", 0, 9),
+        ("bytes=5-", 5, None),
+        ("bytes=-50", None, 50),
+        ("  bytes=7-8 ", 7, 8),
+        ("bytes=99999999999999999999-", ranges.BEYOND, None),  # more than 18 digits: beyond any file
+        ("bytes=0-0000000000000000000001", 0, ranges.BEYOND),
+    ],
+)
+def test_parse_range_reads_the_three_forms(value: str, first: int | None, last: int | None) -> None:
+    assert parse_range(value) == RangeRequest(first=first, last=last)
+
+
+@pytest.mark.parametrize("value", [None, "", "bytes=-", "lines=0-9", "bytes=0-1,5-6", "bytes=a-b", "bytes 0-9", "bytes=0-9-", "bytes=+1-2"])
+def test_parse_range_finds_no_usable_range(value: str | None) -> None:
+    assert parse_range(value) is None
+
+
+@pytest.mark.parametrize(
+    "value, size, span",
+    [
+        ("bytes=0-9", 100, (0, 9)),
+        ("bytes=90-200", 100, (90, 99)),  # the last byte is clamped to the file
+        ("bytes=90-", 100, (90, 99)),
+        ("bytes=-10", 100, (90, 99)),
+        ("bytes=-500", 100, (0, 99)),  # a suffix longer than the file is the whole file
+        ("bytes=0-0", 1, (0, 0)),
+        ("bytes=100-", 100, None),
+        ("bytes=20-10", 100, None),
+        ("bytes=-0", 100, None),
+        ("bytes=0-", 0, None),
+        ("bytes=-5", 0, None),
+        ("bytes=99999999999999999999-", 100, None),
+        ("bytes=0-99999999999999999999", 100, None),  # as before the parsers were one: never satisfiable
+        ("bytes=-99999999999999999999", 100, None),
+    ],
+)
+def test_span_resolves_a_range_against_a_file(value: str, size: int, span: tuple[int, int] | None) -> None:
+    rng = parse_range(value)
+    assert rng is not None
+    got = rng.span(size)
+    assert (None if got is None else (got.start, got.end)) == span
+    if got is not None:
+        assert got.length == got.end - got.start + 1 and got.content_range == f"bytes {got.start}-{got.end}/{size}"
+
+
+@PROPS
+@given(st.integers(0, 1000), st.integers(0, 1200), st.none() | st.integers(0, 1200), st.booleans())
+def test_a_span_is_the_slice_the_range_names(size: int, a: int, b: int | None, suffix: bool) -> None:
+    """Against Python's own slicing: what a Range names in ``data`` is what we serve."""
+    data = bytes(range(256)) * 5
+    data = data[:size]
+    value = f"bytes=-{a}" if suffix else f"bytes={a}-{'' if b is None else b}"
+    rng = parse_range(value)
+    assert rng is not None
+    span = rng.span(size)
+    expected = (data[-a:] if a else b"") if suffix else data[a : None if b is None else b + 1]
+    if span is None:
+        assert expected == b"", value
+    else:
+        assert 0 <= span.start <= span.end < size
+        assert data[span.start : span.end + 1] == expected
+        back = ranges.content_range({"Content-Range": span.content_range})
+        assert back == (span.start, span.end, size)
+
+
+@pytest.mark.parametrize(
+    "value, parsed",
+    [
+        ("bytes 0-9/100", (0, 9, 100)),
+        ("bytes 5-5/*", (5, 5, None)),
+        ("bytes */100", None),
+        ("bytes 0-9", None),
+        ("", None),
+        ("items 0-9/100", None),
+    ],
+)
+def test_content_range(value: str, parsed: tuple[int, int, int | None] | None) -> None:
+    assert ranges.content_range({"Content-Range": value}) == parsed
+    assert ranges.content_range({}) is None
+
+
+def test_unsatisfiable_names_the_size() -> None:
+    assert ranges.unsatisfiable(123) == "bytes */123"
+    assert ByteSpan(start=0, end=0, size=1).content_range == "bytes 0-0/1"
