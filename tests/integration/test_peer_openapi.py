@@ -174,7 +174,9 @@ async def test_the_document_lists_every_peer_route_and_nothing_else(tmp_path: Pa
     assert sorted(r.ok().label for r in results) == OPERATIONS
     async with node(tmp_path) as n:
         assert n.d.gossip is not None
-        api = PeerApi(store=n.d.store, gossip=n.d.gossip, metrics=n.d.metrics, key=KEY, node_id=NODE_ID, max_uploads=1, serve_rate_bps=0)
+        api = PeerApi(
+            store=n.d.store, gossip=n.d.gossip, metrics=n.d.metrics, key=KEY, node_id=NODE_ID, max_uploads=1, serve_rate_bps=0, status=n.d.status,
+        )
         routes = {f"{r.method} {r.resource.canonical}" for r in api.app().router.routes() if r.resource is not None and r.method != "HEAD"}
     assert routes - set(OPERATIONS) == set(), "peer routes without documentation"
     assert set(OPERATIONS) - routes == set(), "documented operations the router does not have"
