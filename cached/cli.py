@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON document")
     common.add_argument(
-        "--admin-token-file", metavar="FILE", default=argparse.SUPPRESS,
+        "--admin-token-file",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
         help="admin token for evict --force, pin, unpin, replicate, gc and verify (default $CACHED_ADMIN_TOKEN_FILE, "
         "then api.admin_token_file of /etc/cached/config.toml when readable; on the unix socket root, the daemon's "
         "user and api.admin_group need none)",
@@ -62,10 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("ref")
     c.add_argument("--wait", action="store_true", help="return when the model is ready; print its path")
     c.add_argument("--priority", choices=["high", "normal", "low"], default="normal")
-    c.add_argument("--timeout", type=float, default=None, metavar="S", help="with --wait: give up waiting after S seconds")
+    c.add_argument(
+        "--timeout", type=float, default=None, metavar="S", help="with --wait: give up waiting after S seconds"
+    )
     c.add_argument("--refresh", action="store_true", help="re-resolve a branch; fetch only the files that changed")
-    c.add_argument("--include", action="append", default=[], metavar="GLOB", help="hf refs: only files matching (repeatable)")
-    c.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="hf refs: skip files matching (repeatable)")
+    c.add_argument(
+        "--include", action="append", default=[], metavar="GLOB", help="hf refs: only files matching (repeatable)"
+    )
+    c.add_argument(
+        "--exclude", action="append", default=[], metavar="GLOB", help="hf refs: skip files matching (repeatable)"
+    )
     c = cmd("path", "print the local directory of a ready model")
     c.add_argument("ref")
     c = cmd("evict", "remove REF from this node")
@@ -189,7 +197,14 @@ async def _cmd_ls(api: ApiClient, args: argparse.Namespace) -> int:
         table.add_column(col)
     for m in models:
         pct = f"{100 * m['bytes_done'] / m['bytes_total']:.0f}%" if m["bytes_total"] else "-"
-        table.add_row(m["ref"], m["state"], format_size(m["bytes_total"]), pct, "yes" if m["pinned"] else "", str(len(m["leases"])))
+        table.add_row(
+            m["ref"],
+            m["state"],
+            format_size(m["bytes_total"]),
+            pct,
+            "yes" if m["pinned"] else "",
+            str(len(m["leases"])),
+        )
     Console(highlight=False).print(table) if models else print("no models")
     return EXIT_OK
 
@@ -213,7 +228,11 @@ async def _cmd_prefetch(api: ApiClient, args: argparse.Namespace) -> int:
             body["timeout_s"] = args.timeout
         model = await api.request("POST", "/v1/prefetch", body=body)
     if model["state"] != "ready":
-        _out(args, model, f"{model['ref']}: {model['state']} ({format_size(model['bytes_done'])} of {format_size(model['bytes_total'])})")
+        _out(
+            args,
+            model,
+            f"{model['ref']}: {model['state']} ({format_size(model['bytes_done'])} of {format_size(model['bytes_total'])})",
+        )
         print(f"cachectl: {model['ref']} is not ready yet ({model['state']})", file=sys.stderr)
         return EXIT_FAILED
     _out(args, model, model["path"])
@@ -225,7 +244,13 @@ async def _prefetch_with_bar(api: ApiClient, args: argparse.Namespace, body: dic
 
     deadline = time.monotonic() + args.timeout if args.timeout else None
     await api.request("POST", "/v1/prefetch", body=body)
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
     from rich.console import Console
 
     # The bar goes to stderr so that `P=$(cachectl prefetch --wait REF)` captures only the path.
@@ -240,11 +265,13 @@ async def _prefetch_with_bar(api: ApiClient, args: argparse.Namespace, body: dic
 
         try:
             await asyncio.wait_for(follow(), None if deadline is None else max(0.0, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
     model = await api.request("GET", "/v1/models/status", params={"ref": args.ref})
     if model["state"] == "failed":
-        raise ApiError(500, model.get("error_code") or "failed", model.get("error") or "prefetch failed", {"model": model})
+        raise ApiError(
+            500, model.get("error_code") or "failed", model.get("error") or "prefetch failed", {"model": model}
+        )
     return model
 
 
@@ -297,7 +324,10 @@ async def _cmd_replicate(api: ApiClient, args: argparse.Namespace) -> int:
 
 async def _cmd_locate(api: ApiClient, args: argparse.Namespace) -> int:
     loc = await api.request("GET", "/v1/locate", params={"ref": args.ref})
-    lines = [f"{n['node_id']}\t{n['state']}\t{format_size(n['bytes_done'])}/{format_size(n['bytes_total'])}" for n in loc["nodes"]]
+    lines = [
+        f"{n['node_id']}\t{n['state']}\t{format_size(n['bytes_done'])}/{format_size(n['bytes_total'])}"
+        for n in loc["nodes"]
+    ]
     _out(args, loc, "\n".join(lines) or f"no node holds {args.ref}")
     return EXIT_OK
 
@@ -320,7 +350,12 @@ async def _cmd_verify(api: ApiClient, args: argparse.Namespace) -> int:
 
 async def _cmd_gc(api: ApiClient, args: argparse.Namespace) -> int:
     result = await api.request("POST", "/v1/gc", body={}, long=True)
-    _out(args, result, f"freed {format_size(result['freed_bytes'])}; evicted {len(result['evicted'])} model(s)" + "".join(f"\n  {r}" for r in result["evicted"]))
+    _out(
+        args,
+        result,
+        f"freed {format_size(result['freed_bytes'])}; evicted {len(result['evicted'])} model(s)"
+        + "".join(f"\n  {r}" for r in result["evicted"]),
+    )
     return EXIT_OK
 
 
@@ -348,7 +383,9 @@ def _human_node(n: dict[str, Any]) -> str:
         f"node:      {n['node_id']} (cached {n['version']}, pid {n['pid']})",
         f"cache:     {n['cache_dir']}",
         f"used:      {format_size(n['used_bytes'])} of {format_size(n['capacity_bytes'])} ({100 * n['used_bytes'] / cap:.1f}%)",
-        "models:    " + ", ".join(f"{k} {v}" for k, v in n["models"].items() if v) if any(n["models"].values()) else "models:    none",
+        "models:    " + ", ".join(f"{k} {v}" for k, v in n["models"].items() if v)
+        if any(n["models"].values())
+        else "models:    none",
         f"claims:    {n['pins']} pinned, {n['leases']} leases",
     ]
     if n["transfers"]:

@@ -32,8 +32,9 @@ import math
 import socket
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Collection, Mapping
+from typing import Any
 
 from yarl import URL
 
@@ -101,12 +102,15 @@ class CatalogEntry:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "ref": self.ref, "replicas": self.replicas, "labels": dict(self.labels),
-            "updated_at": self.updated_at, "updated_by": self.updated_by,
+            "ref": self.ref,
+            "replicas": self.replicas,
+            "labels": dict(self.labels),
+            "updated_at": self.updated_at,
+            "updated_by": self.updated_by,
         }
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "CatalogEntry":
+    def from_json(cls, d: Mapping[str, Any]) -> CatalogEntry:
         ref = ModelRef.parse(str(d["ref"])).canonical
         replicas = int(d["replicas"])
         if not 0 <= replicas <= 1000:
@@ -122,7 +126,11 @@ class Catalog:
     """Last-writer-wins map of catalog entries. Pure; the clock is injected."""
 
     def __init__(
-        self, node_id: str, *, clock: Callable[[], float] = time.time, metrics: Metrics | None = None,
+        self,
+        node_id: str,
+        *,
+        clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
         internal_origins: Collection[str] = (),
     ) -> None:
         self._node_id = node_id
@@ -141,7 +149,9 @@ class Catalog:
         prev = self._entries.get(ref.canonical)
         # Strictly later than what we hold, even if our clock lags the writer's.
         stamp = max(self._clock(), prev.updated_at + 1e-6 if prev else 0.0)
-        entry = CatalogEntry(ref=ref.canonical, replicas=replicas, labels=dict(labels or {}), updated_at=stamp, updated_by=self._node_id)
+        entry = CatalogEntry(
+            ref=ref.canonical, replicas=replicas, labels=dict(labels or {}), updated_at=stamp, updated_by=self._node_id
+        )
         self._entries[ref.canonical] = entry
         return entry
 
@@ -241,7 +251,7 @@ class ReplicaGuard:
     def protects(self, ref: str) -> bool:
         return self._reconciler is not None and self._reconciler.protects(ref)
 
-    def answer_with(self, reconciler: "Reconciler") -> None:
+    def answer_with(self, reconciler: Reconciler) -> None:
         self._reconciler = reconciler
 
 
@@ -288,7 +298,11 @@ class Reconciler:
 
     def demoted(self, ref: str) -> bool:
         """A catalog model held here although this node is not an owner: evictable spare."""
-        return self.catalog.get(ref) is not None and self._node_id not in self.owners(ref) and self._store.model(ModelRef.parse(ref)) is not None
+        return (
+            self.catalog.get(ref) is not None
+            and self._node_id not in self.owners(ref)
+            and self._store.model(ModelRef.parse(ref)) is not None
+        )
 
     def reconcile(self) -> list[str]:
         """One pass. Returns the refs this node started fetching."""
@@ -333,7 +347,8 @@ class CatalogStatus:
         if entry is None:
             return status
         plan = Replicas(
-            target=entry.replicas, owners=tuple(self._reconciler.owners(ref.canonical)),
+            target=entry.replicas,
+            owners=tuple(self._reconciler.owners(ref.canonical)),
             spare=self._reconciler.demoted(ref.canonical),
         )
         return dataclasses.replace(status, replicas=plan)
@@ -378,7 +393,8 @@ def holding_in(node_id: str, canonical: str, holdings: NodeHoldings, manifest: M
             in_flight = True
             done += sum(
                 min(partial.piece_size, partial.size - i * partial.piece_size)
-                for i in partial.pieces if 0 <= i * partial.piece_size < partial.size
+                for i in partial.pieces
+                if 0 <= i * partial.piece_size < partial.size
             )
     if not in_flight:
         return None
@@ -438,9 +454,15 @@ class Locator:
         for a in answers:
             if not a or a.get("state") not in ("ready", "fetching", "queued"):
                 continue
-            total, done, rate = int(a.get("bytes_total") or 0), int(a.get("bytes_done") or 0), float(a.get("rate_bps") or 0)
+            total, done, rate = (
+                int(a.get("bytes_total") or 0),
+                int(a.get("bytes_done") or 0),
+                float(a.get("rate_bps") or 0),
+            )
             eta = 0.0 if a["state"] == "ready" else (round((total - done) / rate, 1) if rate > 0 and total else None)
-            out.append({"node_id": a["node_id"], "state": a["state"], "bytes_done": done, "bytes_total": total, "eta_s": eta})
+            out.append(
+                {"node_id": a["node_id"], "state": a["state"], "bytes_done": done, "bytes_total": total, "eta_s": eta}
+            )
         return sorted(out, key=lambda n: (n["state"] != "ready", -n["bytes_done"], n["node_id"]))
 
     async def holders(self, ref: ModelRef) -> dict[str, Holding]:
@@ -448,12 +470,16 @@ class Locator:
         out: dict[str, Holding] = {}
         local = self._status.of(ref)
         if local.state is JobState.READY or local.in_flight:
-            out[self._node_id] = Holding(node_id=self._node_id, state=local.state, bytes_done=local.bytes_done, bytes_total=local.bytes_total)
+            out[self._node_id] = Holding(
+                node_id=self._node_id, state=local.state, bytes_done=local.bytes_done, bytes_total=local.bytes_total
+            )
         if ref.kind is RefKind.FILE:
             return out
         alive = {m.info.node_id: m.info.address for m in self._membership.alive()}
         nodes = [(n, h) for n, h in self._view.nodes() if n in alive]
-        manifest = await self._manifest(ref, [(alive[n], h.refs[ref.canonical]) for n, h in nodes if ref.canonical in h.refs])
+        manifest = await self._manifest(
+            ref, [(alive[n], h.refs[ref.canonical]) for n, h in nodes if ref.canonical in h.refs]
+        )
         for node_id, h in nodes:
             held = holding_in(node_id, ref.canonical, h, manifest)
             if held is not None:
@@ -471,7 +497,8 @@ class Locator:
         for address, digest in ready[:MANIFEST_ASKS]:
             try:
                 manifest = Manifest.from_bytes(
-                    await asyncio.wait_for(self._client.manifest(address, digest), self._timeout_s), expect_digest=digest
+                    await asyncio.wait_for(self._client.manifest(address, digest), self._timeout_s),
+                    expect_digest=digest,
                 )
             except Exception as e:  # noqa: BLE001 - another holder may answer; else in-flight copies go unseen
                 log.debug("holders: no manifest from address=%s digest=%s error=%s", address, digest, e)

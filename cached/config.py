@@ -16,9 +16,10 @@ import dataclasses
 import os
 import socket
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, get_type_hints
+from typing import Any, get_type_hints
 
 from cached.errors import ConfigError
 from cached.types import DEFAULT_PIECE_SIZE, MAX_PIECE_SIZE, MIN_PIECE_SIZE, parse_size
@@ -37,11 +38,11 @@ class Listen:
     unix_path: str = ""
 
     @classmethod
-    def parse(cls, value: str, key: str) -> "Listen":
+    def parse(cls, value: str, key: str) -> Listen:
         if not isinstance(value, str) or not value:
             raise ConfigError(key, "expected HOST:PORT or unix:/path")
         if value.startswith("unix:"):
-            path = value[len("unix:"):]
+            path = value[len("unix:") :]
             if not path.startswith("/"):
                 raise ConfigError(key, f"unix socket path must be absolute: {value!r}")
             return cls(unix_path=path)
@@ -109,7 +110,9 @@ class PeerConfig:
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_ca_file: Path | None = None  # set: peers must present a certificate signed by it (mutual TLS)
-    limits: ListenerLimits = field(default_factory=lambda: ListenerLimits(max_connections=2048, max_connections_per_ip=64))
+    limits: ListenerLimits = field(
+        default_factory=lambda: ListenerLimits(max_connections=2048, max_connections_per_ip=64)
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -216,7 +219,10 @@ def _file_form(value: Any, *, octal: bool = False) -> Any:
     if isinstance(value, (Path, Listen)):
         return str(value)
     if dataclasses.is_dataclass(value):
-        return {f.name: _file_form(getattr(value, f.name), octal=bool(f.metadata.get("octal"))) for f in dataclasses.fields(value)}
+        return {
+            f.name: _file_form(getattr(value, f.name), octal=bool(f.metadata.get("octal")))
+            for f in dataclasses.fields(value)
+        }
     if isinstance(value, (tuple, list)):
         return [_file_form(v) for v in value]
     if isinstance(value, Mapping):
@@ -321,7 +327,9 @@ def _move_old_names(data: dict[str, Any], spelled: dict[str, str]) -> dict[str, 
 
 
 def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: (_deep_copy(v) if isinstance(v, dict) else (list(v) if isinstance(v, list) else v)) for k, v in d.items()}
+    return {
+        k: (_deep_copy(v) if isinstance(v, dict) else (list(v) if isinstance(v, list) else v)) for k, v in d.items()
+    }
 
 
 def _typed(value: Any, typ: type | tuple[type, ...], key: str, what: str) -> Any:
@@ -373,7 +381,9 @@ def _limits(t: dict[str, Any], section: str) -> ListenerLimits:
         idle_timeout_s=_number(t["idle_timeout_s"], f"{k}.idle_timeout_s", lo=0.1, hi=86400),
         body_timeout_s=_number(t["body_timeout_s"], f"{k}.body_timeout_s", lo=0.1, hi=86400),
         max_connections=_number(t["max_connections"], f"{k}.max_connections", lo=1, hi=1 << 20, integer=True),
-        max_connections_per_ip=_number(t["max_connections_per_ip"], f"{k}.max_connections_per_ip", lo=1, hi=1 << 20, integer=True),
+        max_connections_per_ip=_number(
+            t["max_connections_per_ip"], f"{k}.max_connections_per_ip", lo=1, hi=1 << 20, integer=True
+        ),
     )
 
 
@@ -410,7 +420,10 @@ def _peer(p: dict[str, Any], seeds: list[str]) -> PeerConfig:
     suspect = _number(p["suspect_after_s"], "peer.suspect_after_s", lo=0.1, hi=3600)
     dead = _number(p["dead_after_s"], "peer.dead_after_s", lo=0.2, hi=86400)
     if not interval < suspect < dead:
-        raise ConfigError("peer.dead_after_s", f"need gossip_interval_s < suspect_after_s < dead_after_s ({interval} < {suspect} < {dead})")
+        raise ConfigError(
+            "peer.dead_after_s",
+            f"need gossip_interval_s < suspect_after_s < dead_after_s ({interval} < {suspect} < {dead})",
+        )
     cert = _optional_path(p["tls_cert_file"], "peer.tls_cert_file")
     key = _optional_path(p["tls_key_file"], "peer.tls_key_file")
     if (cert is None) != (key is None):
@@ -506,7 +519,7 @@ def _build(t: dict[str, Any], spelled: Mapping[str, str] | None = None) -> Confi
 
     labels = t["labels"]
     if not isinstance(labels, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
-        raise ConfigError("labels", "expected a table of strings, e.g. labels = { gpu = \"h100\" }")
+        raise ConfigError("labels", 'expected a table of strings, e.g. labels = { gpu = "h100" }')
     return Config(
         node_id=node_id,
         labels=dict(labels),
@@ -522,8 +535,12 @@ def _build(t: dict[str, Any], spelled: Mapping[str, str] | None = None) -> Confi
         cluster=ClusterConfig(
             name=cluster_name,
             token_file=_optional_path(t["cluster"]["token_file"], "cluster.token_file"),
-            names_from_peers=_typed(t["cluster"]["names_from_peers"], bool, "cluster.names_from_peers", "true or false"),
-            internal_origins=_strings(t["cluster"]["internal_origins"], "cluster.internal_origins", "a list of HOST:PORT"),
+            names_from_peers=_typed(
+                t["cluster"]["names_from_peers"], bool, "cluster.names_from_peers", "true or false"
+            ),
+            internal_origins=_strings(
+                t["cluster"]["internal_origins"], "cluster.internal_origins", "a list of HOST:PORT"
+            ),
         ),
         discovery=DiscoveryConfig(mdns=_typed(t["discovery"]["mdns"], bool, "discovery.mdns", "true or false")),
         origins=OriginsConfig(
@@ -531,7 +548,9 @@ def _build(t: dict[str, Any], spelled: Mapping[str, str] | None = None) -> Confi
             hf=HfOriginConfig(
                 endpoint=endpoint.rstrip("/"),
                 token_file=_optional_path(t["origins"]["hf"]["token_file"], "origins.hf.token_file"),
-                refresh_interval_s=_number(t["origins"]["hf"]["refresh_interval_s"], "origins.hf.refresh_interval_s", lo=0, hi=30 * 86400),
+                refresh_interval_s=_number(
+                    t["origins"]["hf"]["refresh_interval_s"], "origins.hf.refresh_interval_s", lo=0, hi=30 * 86400
+                ),
                 lend_token_to=_lend_token_to(t["origins"]["hf"]["lend_token_to"]),
             ),
             file=FileOriginConfig(allowed_roots=_allowed_roots(t["origins"]["file"]["allowed_roots"])),
@@ -546,6 +565,8 @@ def _build(t: dict[str, Any], spelled: Mapping[str, str] | None = None) -> Confi
             scrub_interval_s=_number(s["scrub_interval_s"], "store.scrub_interval_s", lo=0, hi=365 * 86400),
             scrub_rate_bps=_size(s["scrub_rate_bps"], "store.scrub_rate_bps"),
         ),
-        jobs=JobsConfig(max_concurrent=_number(t["jobs"]["max_concurrent"], "jobs.max_concurrent", lo=1, hi=64, integer=True)),
+        jobs=JobsConfig(
+            max_concurrent=_number(t["jobs"]["max_concurrent"], "jobs.max_concurrent", lo=1, hi=64, integer=True)
+        ),
         log=LogConfig(format=fmt, level=level),
     )

@@ -117,7 +117,7 @@ class Daemon:
         self._server_ssl: ssl.SSLContext | None = None
         self._guards: dict[str, ListenerGuard] = {}
 
-    async def __aenter__(self) -> "Daemon":
+    async def __aenter__(self) -> Daemon:
         try:
             await self._start()
         except BaseException:
@@ -141,17 +141,31 @@ class Daemon:
         self.hf_origin = HfOrigin(session, cfg.origins.hf, cfg.origins.http, reader, token=hf_token(cfg, self._env))
         self.file_origin = LocalOrigin(file_policy(cfg))
         origins = Origins(
-            {RefKind.FILE: self.file_origin, RefKind.HTTP: HttpOrigin(session, cfg.origins.http, reader), RefKind.HF: self.hf_origin}
+            {
+                RefKind.FILE: self.file_origin,
+                RefKind.HTTP: HttpOrigin(session, cfg.origins.http, reader),
+                RefKind.HF: self.hf_origin,
+            }
         )
         token = cluster_token(cfg)
-        self._guards = listener_guards(self.metrics, api=cfg.api.limits, peer=cfg.peer.limits if token is not None else None)
+        self._guards = listener_guards(
+            self.metrics, api=cfg.api.limits, peer=cfg.peer.limits if token is not None else None
+        )
         directory = self._build_peers(session, token) if token is not None else None
         blobs = BlobFetcher(cfg.transfer, self.metrics, peer_client=directory.client if directory else None)
         self.fetcher = ModelFetcher(
-            self.store, origins, blobs, self.metrics, peers=directory, grace_s=2.5 * cfg.peer.gossip_interval_s,
-            stall_timeout_s=cfg.peer.stall_timeout_s, names_from_peers=cfg.cluster.names_from_peers,
+            self.store,
+            origins,
+            blobs,
+            self.metrics,
+            peers=directory,
+            grace_s=2.5 * cfg.peer.gossip_interval_s,
+            stall_timeout_s=cfg.peer.stall_timeout_s,
+            names_from_peers=cfg.cluster.names_from_peers,
         )
-        self.jobs = await self._stack.enter_async_context(Jobs(self.fetcher, self.store, self.metrics, cfg.jobs, clock=self.clock))
+        self.jobs = await self._stack.enter_async_context(
+            Jobs(self.fetcher, self.store, self.metrics, cfg.jobs, clock=self.clock)
+        )
         self.status = StatusBoard(store=self.store, jobs=self.jobs, clock=self.clock)
         if directory is not None:
             self._build_cluster(directory)
@@ -160,7 +174,10 @@ class Daemon:
         self._stack.callback(self.stop)  # runs before the TaskGroup joins: every loop ends
         self._spawn("store.housekeeping", Housekeeping(self.store, self.metrics))
         if cfg.store.scrub_interval_s > 0:
-            self._spawn("store.scrub", Scrub(self.fetcher, interval_s=cfg.store.scrub_interval_s, rate_bps=cfg.store.scrub_rate_bps))
+            self._spawn(
+                "store.scrub",
+                Scrub(self.fetcher, interval_s=cfg.store.scrub_interval_s, rate_bps=cfg.store.scrub_rate_bps),
+            )
         if cfg.origins.hf.refresh_interval_s > 0:
             self._spawn("hf.refresh", HfRefresh(self.store, self.jobs, interval_s=cfg.origins.hf.refresh_interval_s))
         watchdog_s = watchdog_interval_s()
@@ -172,7 +189,13 @@ class Daemon:
         else:
             await self._serve_peers(token)
         await self._serve_api(session, reader)
-        log.info("listening node=%s api=%s cache_dir=%s version=%s", cfg.node_id, self.api_address, cfg.store.cache_dir, __version__)
+        log.info(
+            "listening node=%s api=%s cache_dir=%s version=%s",
+            cfg.node_id,
+            self.api_address,
+            cfg.store.cache_dir,
+            __version__,
+        )
         notify("READY=1", f"STATUS=serving api={self.api_address}")
 
     def _spawn(self, name: str, loop: Loop) -> None:
@@ -189,7 +212,8 @@ class Daemon:
         )
         self._stack.push_async_callback(session.close)
         reader = ThreadedRangeReader(
-            connect_timeout_s=cfg.origins.http.connect_timeout_s, read_timeout_s=cfg.origins.http.read_timeout_s,
+            connect_timeout_s=cfg.origins.http.connect_timeout_s,
+            read_timeout_s=cfg.origins.http.read_timeout_s,
             user_agent=f"cached/{__version__}",
         )
         self._stack.callback(reader.close)
@@ -198,12 +222,25 @@ class Daemon:
     async def _serve_api(self, session: aiohttp.ClientSession, reader: ThreadedRangeReader) -> None:
         cfg = self.cfg
         hf = HfEndpoint(
-            store=self.store, jobs=self.jobs, origin=self.hf_origin, lend_token_to=cfg.origins.hf.lend_token_to,
+            store=self.store,
+            jobs=self.jobs,
+            origin=self.hf_origin,
+            lend_token_to=cfg.origins.hf.lend_token_to,
             anonymous=HfOrigin(session, cfg.origins.hf, cfg.origins.http, reader, token=None),
         )
         self.api = LocalApi(
-            node_id=cfg.node_id, store=self.store, jobs=self.jobs, status=self.status, fetcher=self.fetcher, metrics=self.metrics, hf=hf,
-            peers=self.peers_view, catalog=self.catalog, reconciler=self.reconciler, locator=self.locator, clock=self.clock,
+            node_id=cfg.node_id,
+            store=self.store,
+            jobs=self.jobs,
+            status=self.status,
+            fetcher=self.fetcher,
+            metrics=self.metrics,
+            hf=hf,
+            peers=self.peers_view,
+            catalog=self.catalog,
+            reconciler=self.reconciler,
+            locator=self.locator,
+            clock=self.clock,
             files=self.file_origin,
             admin=AdminPolicy(token=read_admin_token(cfg.api.admin_token_file), group=cfg.api.admin_group),
             hosts=HostPolicy(listen_host=cfg.api.listen.host, allowed_hosts=cfg.api.allowed_hosts),
@@ -212,7 +249,11 @@ class Daemon:
         # --wait, a closed event stream) must not leave its handler running.
         guard = self._guards["api"]
         self._runner = web.AppRunner(
-            self.api.app(), handle_signals=False, access_log=None, shutdown_timeout=2.0, handler_cancellation=True,
+            self.api.app(),
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=2.0,
+            handler_cancellation=True,
             **guard.runner_kwargs(),
         )
         await self._runner.setup()
@@ -241,19 +282,29 @@ class Daemon:
         # Our address is known once the peer API listens; _serve_peers fills it in.
         self._membership = Membership(
             MemberInfo(node_id=cfg.node_id, address="", cluster=cfg.cluster.name, incarnation=0),
-            suspect_after_s=cfg.peer.suspect_after_s, dead_after_s=cfg.peer.dead_after_s,
-            forget_after_s=cfg.peer.forget_after_s, clock=time.monotonic,
+            suspect_after_s=cfg.peer.suspect_after_s,
+            dead_after_s=cfg.peer.dead_after_s,
+            forget_after_s=cfg.peer.forget_after_s,
+            clock=time.monotonic,
         )
         reader = ThreadedRangeReader(
             # A peer on the LAN connects in milliseconds; a host that vanished must not hold a
             # piece request for the whole stall timeout before another source is tried.
-            connect_timeout_s=min(PEER_CONNECT_TIMEOUT_S, cfg.peer.stall_timeout_s), read_timeout_s=cfg.peer.stall_timeout_s,
-            user_agent=f"cached/{__version__}", ssl_context=client_ssl_ctx,
+            connect_timeout_s=min(PEER_CONNECT_TIMEOUT_S, cfg.peer.stall_timeout_s),
+            read_timeout_s=cfg.peer.stall_timeout_s,
+            user_agent=f"cached/{__version__}",
+            ssl_context=client_ssl_ctx,
         )
         self._stack.callback(reader.close)
         client = PeerClient(
-            session, reader, self._cluster_key, cfg.node_id, scheme="https" if self._server_ssl else "http",
-            ssl_context=client_ssl_ctx, timeout_s=cfg.peer.stall_timeout_s, metrics=self.metrics,
+            session,
+            reader,
+            self._cluster_key,
+            cfg.node_id,
+            scheme="https" if self._server_ssl else "http",
+            ssl_context=client_ssl_ctx,
+            timeout_s=cfg.peer.stall_timeout_s,
+            metrics=self.metrics,
         )
         return GossipDirectory(self._membership, HoldingsView(), client)
 
@@ -261,21 +312,41 @@ class Daemon:
         """The catalog, the reconcile loop that acts on it, gossip that carries both, and the
         cluster's view of model status and location (no I/O)."""
         cfg = self.cfg
-        self.catalog = Catalog(cfg.node_id, clock=self.clock, metrics=self.metrics, internal_origins=cfg.cluster.internal_origins)
+        self.catalog = Catalog(
+            cfg.node_id, clock=self.clock, metrics=self.metrics, internal_origins=cfg.cluster.internal_origins
+        )
         live = GossipMembers(self._membership, directory.view)
         self.reconciler = reconciler = Reconciler(
-            node_id=cfg.node_id, catalog=self.catalog, store=self.store, jobs=self.jobs, members=live.members,
-            holders=live.holders, interval_s=max(1.0, cfg.peer.gossip_interval_s * 2), guard=self.replicas,
+            node_id=cfg.node_id,
+            catalog=self.catalog,
+            store=self.store,
+            jobs=self.jobs,
+            members=live.members,
+            holders=live.holders,
+            interval_s=max(1.0, cfg.peer.gossip_interval_s * 2),
+            guard=self.replicas,
         )
         self.gossip = Gossip(
-            membership=self._membership, holdings=self.holdings, view=directory.view, client=directory.client,
-            metrics=self.metrics, interval_s=cfg.peer.gossip_interval_s, fanout=cfg.peer.fanout, seeds=cfg.peer.seeds,
-            capacity=lambda: self.store.capacity_bytes, extra_out=self.catalog.to_gossip, extra_in=self.catalog.from_gossip,
+            membership=self._membership,
+            holdings=self.holdings,
+            view=directory.view,
+            client=directory.client,
+            metrics=self.metrics,
+            interval_s=cfg.peer.gossip_interval_s,
+            fanout=cfg.peer.fanout,
+            seeds=cfg.peer.seeds,
+            capacity=lambda: self.store.capacity_bytes,
+            extra_out=self.catalog.to_gossip,
+            extra_in=self.catalog.from_gossip,
             on_status_change=lambda node_id, status: reconciler.kick(),
         )
         self.status = CatalogStatus(self.status, reconciler)
         self.locator = Locator(
-            node_id=cfg.node_id, status=self.status, store=self.store, membership=self._membership, view=directory.view,
+            node_id=cfg.node_id,
+            status=self.status,
+            store=self.store,
+            membership=self._membership,
+            view=directory.view,
             client=directory.client,
         )
 
@@ -285,12 +356,22 @@ class Daemon:
         gossip, reconciler = self.gossip, self.reconciler
         assert gossip is not None and reconciler is not None
         peer_api = PeerApi(
-            store=self.store, gossip=gossip, metrics=self.metrics, key=self._cluster_key, node_id=cfg.node_id,
-            max_uploads=cfg.peer.max_uploads, serve_rate_bps=cfg.peer.serve_rate_bps, status=self.status,
+            store=self.store,
+            gossip=gossip,
+            metrics=self.metrics,
+            key=self._cluster_key,
+            node_id=cfg.node_id,
+            max_uploads=cfg.peer.max_uploads,
+            serve_rate_bps=cfg.peer.serve_rate_bps,
+            status=self.status,
         )
         guard = self._guards["peer"]
         runner = web.AppRunner(
-            peer_api.app(), handle_signals=False, access_log=None, shutdown_timeout=2.0, handler_cancellation=True,
+            peer_api.app(),
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=2.0,
+            handler_cancellation=True,
             **guard.runner_kwargs(),
         )
         await runner.setup()
@@ -301,8 +382,12 @@ class Daemon:
         advertise = cfg.peer.advertise or default_advertise(listen.host, port)
         # Incarnation: start time in ms, so a restarted node always outranks its previous life.
         gossip.membership.me = MemberInfo(
-            node_id=cfg.node_id, address=advertise, cluster=cfg.cluster.name, incarnation=time.time_ns() // 1_000_000,
-            capacity_bytes=self.store.capacity_bytes, labels=cfg.labels,
+            node_id=cfg.node_id,
+            address=advertise,
+            cluster=cfg.cluster.name,
+            incarnation=time.time_ns() // 1_000_000,
+            capacity_bytes=self.store.capacity_bytes,
+            labels=cfg.labels,
         )
         self.peer_address = advertise
         self._spawn("cluster.reconcile", reconciler)
@@ -310,15 +395,25 @@ class Daemon:
         if cfg.discovery.mdns:
             holdings = self.holdings
             mdns = MdnsDiscovery(
-                node_id=cfg.node_id, cluster=cfg.cluster.name, address=advertise, key=ClusterKey(token, cfg.cluster.name),
+                node_id=cfg.node_id,
+                cluster=cfg.cluster.name,
+                address=advertise,
+                key=ClusterKey(token, cfg.cluster.name),
                 on_peer=lambda node_id, address: gossip.add_seed(address),
                 on_reject=lambda reason: self.metrics.mdns_rejected.labels(reason).inc(),
                 summary=lambda: (holdings.version, holdings.state.summary()),
             )
             await self._stack.enter_async_context(mdns)
             self._spawn("peers.mdns", mdns)
-        log.info("peers on node=%s peer_api=%s advertise=%s cluster=%s seeds=%d mdns=%s",
-                 cfg.node_id, f"{listen.host}:{port}", advertise, cfg.cluster.name, len(cfg.peer.seeds), cfg.discovery.mdns)
+        log.info(
+            "peers on node=%s peer_api=%s advertise=%s cluster=%s seeds=%d mdns=%s",
+            cfg.node_id,
+            f"{listen.host}:{port}",
+            advertise,
+            cfg.cluster.name,
+            len(cfg.peer.seeds),
+            cfg.discovery.mdns,
+        )
 
     # --- running -----------------------------------------------------------------------------------
 
@@ -327,8 +422,12 @@ class Daemon:
             return []
         return [
             {
-                "node_id": m.info.node_id, "address": m.info.address, "state": m.status.value,
-                "incarnation": m.info.incarnation, "heartbeat": m.info.heartbeat, "holdings_version": m.info.holdings_version,
+                "node_id": m.info.node_id,
+                "address": m.info.address,
+                "state": m.status.value,
+                "incarnation": m.info.incarnation,
+                "heartbeat": m.info.heartbeat,
+                "holdings_version": m.info.holdings_version,
             }
             for m in self.gossip.membership.members()
         ]
@@ -370,7 +469,9 @@ class Daemon:
         self.cfg = dataclasses.replace(
             self.cfg, store=store, jobs=new.jobs, log=dataclasses.replace(self.cfg.log, level=new.log.level)
         )
-        log.info("configuration reloaded applied=%s needs_restart=%s", ",".join(applied) or "-", ",".join(restart) or "-")
+        log.info(
+            "configuration reloaded applied=%s needs_restart=%s", ",".join(applied) or "-", ",".join(restart) or "-"
+        )
         notify(f"STATUS=reloaded; restart needed for: {', '.join(restart)}" if restart else "STATUS=reloaded")
         return restart
 
@@ -391,8 +492,13 @@ def cluster_token(cfg: Config) -> str | None:
 def file_policy(cfg: Config) -> FilePolicy:
     """file:// imports: the configured roots, never the daemon's own files or store."""
     secrets = (
-        DEFAULT_CONFIG_FILE, cfg.cluster.token_file, cfg.api.admin_token_file, cfg.origins.hf.token_file,
-        cfg.peer.tls_cert_file, cfg.peer.tls_key_file, cfg.peer.tls_ca_file,
+        DEFAULT_CONFIG_FILE,
+        cfg.cluster.token_file,
+        cfg.api.admin_token_file,
+        cfg.origins.hf.token_file,
+        cfg.peer.tls_cert_file,
+        cfg.peer.tls_key_file,
+        cfg.peer.tls_ca_file,
         Path(cfg.api.listen.unix_path) if cfg.api.listen.unix_path else None,
     )
     return FilePolicy.build(cfg.origins.file.allowed_roots, secrets=secrets, private_dirs=(cfg.store.cache_dir,))

@@ -15,8 +15,9 @@ import heapq
 import itertools
 import logging
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from cached.config import JobsConfig
 from cached.errors import CachedError, ConflictError, FetchCancelled, NotFoundError
@@ -104,7 +105,7 @@ class Jobs:
         self._tg: asyncio.TaskGroup | None = None
         self.events = Events()
 
-    async def __aenter__(self) -> "Jobs":
+    async def __aenter__(self) -> Jobs:
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
         self._ticker = self._tg.create_task(self._progress_loop(), name="jobs.progress")
@@ -162,7 +163,7 @@ class Jobs:
         try:
             await asyncio.wait_for(job.done.wait(), timeout_s)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     async def cancel(self, ref: ModelRef, reason: str = "cancelled") -> bool:
@@ -219,7 +220,11 @@ class Jobs:
             priority, _, job = self._waiting[0]
             # Foreground first: background work (normal/low) never takes the last slot, so a
             # launcher waiting on --wait (high) starts at once even while prefetches run.
-            if priority > Priority.HIGH and self._cfg.max_concurrent > 1 and self._background() >= self._cfg.max_concurrent - 1:
+            if (
+                priority > Priority.HIGH
+                and self._cfg.max_concurrent > 1
+                and self._background() >= self._cfg.max_concurrent - 1
+            ):
                 return
             heapq.heappop(self._waiting)
             self._running += 1
@@ -236,7 +241,9 @@ class Jobs:
         try:
             await self._fetcher.fetch(job.ref, job.progress, refresh=job.refresh)
         except asyncio.CancelledError:
-            self._finish(job, JobState.FAILED, FetchCancelled("cancelled (the model was evicted or the daemon is stopping)"))
+            self._finish(
+                job, JobState.FAILED, FetchCancelled("cancelled (the model was evicted or the daemon is stopping)")
+            )
             self._metrics.fetch_duration.labels("cancelled").observe(time.monotonic() - started)
         except CachedError as e:
             log.warning("prefetch failed ref=%s error=%s", job.ref, e)
@@ -251,7 +258,10 @@ class Jobs:
             self._metrics.fetch_duration.labels("ok").observe(time.monotonic() - started)
             log.info(
                 "model ready ref=%s bytes=%d origin_bytes=%d peer_bytes=%d seconds=%.2f",
-                job.ref, job.progress.bytes_total, job.progress.sources["origin"], job.progress.sources["peer"],
+                job.ref,
+                job.progress.bytes_total,
+                job.progress.sources["origin"],
+                job.progress.sources["peer"],
                 time.monotonic() - started,
             )
         finally:

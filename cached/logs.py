@@ -31,7 +31,17 @@ class JournalFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         n = record.levelno
-        prio = 2 if n >= logging.CRITICAL else 3 if n >= logging.ERROR else 4 if n >= logging.WARNING else 6 if n >= logging.INFO else 7
+        prio = (
+            2
+            if n >= logging.CRITICAL
+            else 3
+            if n >= logging.ERROR
+            else 4
+            if n >= logging.WARNING
+            else 6
+            if n >= logging.INFO
+            else 7
+        )
         return "\n".join(f"<{prio}>{line}" for line in super().format(record).splitlines())
 
 

@@ -35,7 +35,9 @@ class Metrics:
             buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
             registry=r,
         )
-        self.prefetch_jobs = Counter("cached_prefetch_jobs", "Prefetch jobs finished, by result.", ["result"], registry=r)
+        self.prefetch_jobs = Counter(
+            "cached_prefetch_jobs", "Prefetch jobs finished, by result.", ["result"], registry=r
+        )
         self.origin_errors = Counter(
             "cached_origin_errors", "Failed origin requests, by kind of failure.", ["kind"], registry=r
         )
@@ -56,7 +58,8 @@ class Metrics:
             "cached_peer_auth_refused",
             "Peer API requests refused by signature check, by reason (missing, malformed, stale, bad_mac, "
             "body_mismatch, replay, nonce_cache_full, body_too_large).",
-            ["reason"], registry=r,
+            ["reason"],
+            registry=r,
         )
         self.peer_unauthenticated = Counter(
             "cached_peer_unauthenticated",
@@ -64,28 +67,35 @@ class Metrics:
             registry=r,
         )
         self.peer_answer_too_large = Counter(
-            "cached_peer_answer_too_large", "Peer answers abandoned past their size cap, by route.", ["route"], registry=r
+            "cached_peer_answer_too_large",
+            "Peer answers abandoned past their size cap, by route.",
+            ["route"],
+            registry=r,
         )
         self.gossip_members_dropped = Counter(
             "cached_gossip_members_dropped",
             "Member entries from gossip not taken, by reason (full: membership at its cap; message: past the per-message cap).",
-            ["reason"], registry=r,
+            ["reason"],
+            registry=r,
         )
         self.peer_throttled = Counter(
             "cached_peer_throttled", "Peer API requests answered 429 because serving was at its limit.", registry=r
         )
         self.peer_manifest_rejected = Counter(
             "cached_peer_manifest_rejected",
-            "Peer manifests ignored because they disagree with the origin's listing of the ref.", registry=r,
+            "Peer manifests ignored because they disagree with the origin's listing of the ref.",
+            registry=r,
         )
         self.peer_content_rejected = Counter(
             "cached_peer_content_rejected",
-            "Files whose bytes from peers failed the origin's own checksum (fetched again from the origin).", registry=r,
+            "Files whose bytes from peers failed the origin's own checksum (fetched again from the origin).",
+            registry=r,
         )
         self.catalog_dropped = Counter(
             "cached_catalog_entries_dropped",
             "Catalog entries from gossip that were dropped, by reason (local_ref: file:// or an internal address).",
-            ["reason"], registry=r,
+            ["reason"],
+            registry=r,
         )
         self.leases = Gauge("cached_leases", "Active launcher leases.", registry=r)
         self.mdns_rejected = Counter(
@@ -97,21 +107,26 @@ class Metrics:
         self.listener_max_connections = Gauge(
             "cached_listener_max_connections",
             "The connection cap in force, by listener (max_connections, after clamping to the open-file limit).",
-            ["listener"], registry=r,
+            ["listener"],
+            registry=r,
         )
         self.listener_refused = Counter(
-            "cached_listener_refused", "Connections closed at accept for being over a cap, by listener and cap.",
-            ["listener", "reason"], registry=r,
+            "cached_listener_refused",
+            "Connections closed at accept for being over a cap, by listener and cap.",
+            ["listener", "reason"],
+            registry=r,
         )
         self.listener_timeouts = Counter(
             "cached_listener_timeouts",
             "Connections closed for not completing request headers (header) or a body (body) in time, by listener.",
-            ["listener", "kind"], registry=r,
+            ["listener", "kind"],
+            registry=r,
         )
         self.store_bad_entries = Counter(
             "cached_store_bad_entries",
             "Entries found on disk at start that could not be indexed or rebuilt and were skipped, by kind.",
-            ["kind"], registry=r,
+            ["kind"],
+            registry=r,
         )
         # Pre-create label values so dashboards see zeros rather than absent series.
         for source in ("origin", "peer"):

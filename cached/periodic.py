@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 Tick = Callable[[], Any]  # a plain function or a coroutine function; what it returns is not used
 

@@ -9,7 +9,7 @@ logarithmic method, so a member of weight 2 owns about twice the keys of a membe
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import blake3
 

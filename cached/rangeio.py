@@ -24,9 +24,9 @@ import http.client
 import socket
 import ssl
 import threading
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from email.message import Message
-from typing import Callable, Mapping
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from cached.ranges import content_range
@@ -84,8 +84,14 @@ class _Call:
 
 class ThreadedRangeReader:
     def __init__(
-        self, *, connect_timeout_s: float, read_timeout_s: float, user_agent: str, threads: int = 64,
-        ssl_context: ssl.SSLContext | None = None, idle_per_host: int = 32,
+        self,
+        *,
+        connect_timeout_s: float,
+        read_timeout_s: float,
+        user_agent: str,
+        threads: int = 64,
+        ssl_context: ssl.SSLContext | None = None,
+        idle_per_host: int = 32,
     ) -> None:
         self._connect_timeout_s = connect_timeout_s
         self._read_timeout_s = read_timeout_s
@@ -99,8 +105,15 @@ class ThreadedRangeReader:
         self._closed = False
 
     async def read_into(
-        self, url: str, offset: int, length: int, sink: Sink, *, check: Check,
-        headers: Mapping[str, str] | None = None, batch: int = BATCH_BYTES,
+        self,
+        url: str,
+        offset: int,
+        length: int,
+        sink: Sink,
+        *,
+        check: Check,
+        headers: Mapping[str, str] | None = None,
+        batch: int = BATCH_BYTES,
     ) -> None:
         """GET ``url`` for bytes [offset, offset+length) and feed them to ``sink`` in order.
 
@@ -114,13 +127,17 @@ class ThreadedRangeReader:
         call = _Call()
         self._calls.add(call)
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self._pool, self._read_sync, call, url, offset, length, sink, check, dict(headers or {}), batch)
+        fut = loop.run_in_executor(
+            self._pool, self._read_sync, call, url, offset, length, sink, check, dict(headers or {}), batch
+        )
         try:
             await asyncio.shield(fut)
         except asyncio.CancelledError:
             fut.add_done_callback(_consume)  # the thread ends on its own; its error is moot
             if fut.cancelled() and not _being_cancelled():
-                raise RangeIOError("protocol", f"{_redact(url)}: reader closed") from None  # close() dropped it from the queue
+                raise RangeIOError(
+                    "protocol", f"{_redact(url)}: reader closed"
+                ) from None  # close() dropped it from the queue
             if not call.abort():
                 # One batch is being written: wait for that single write (the shut socket ends
                 # the thread right after) so that nothing lands once this call has returned,
@@ -134,7 +151,9 @@ class ThreadedRangeReader:
         finally:
             self._calls.discard(call)
 
-    async def read(self, url: str, offset: int, length: int, *, check: Check, headers: Mapping[str, str] | None = None) -> bytearray:
+    async def read(
+        self, url: str, offset: int, length: int, *, check: Check, headers: Mapping[str, str] | None = None
+    ) -> bytearray:
         """The same request, collected in memory."""
         buf = bytearray(length)
         view = memoryview(buf)
@@ -159,7 +178,15 @@ class ThreadedRangeReader:
     # --- worker thread --------------------------------------------------------------------------
 
     def _read_sync(
-        self, call: _Call, url: str, offset: int, length: int, sink: Sink, check: Check, headers: dict[str, str], batch: int,
+        self,
+        call: _Call,
+        url: str,
+        offset: int,
+        length: int,
+        sink: Sink,
+        check: Check,
+        headers: dict[str, str],
+        batch: int,
     ) -> None:
         shown = _redact(url)  # messages never carry a signed query or credentials
         if call.aborted:
@@ -171,12 +198,17 @@ class ThreadedRangeReader:
                 raise ValueError("not an http(s) URL")
             key = (scheme, parts.hostname, parts.port or (443 if scheme == "https" else 80))
             # A Location header may carry raw non-ASCII; escapes already there are kept.
-            target = quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""), safe="!#$%&'()*+,/:;=?@[]~")
+            target = quote(
+                (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), safe="!#$%&'()*+,/:;=?@[]~"
+            )
         except ValueError as e:
             raise RangeIOError("protocol", f"{shown}: bad URL: {e}") from None
         url = shown
         headers = {
-            "Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity", "User-Agent": self._user_agent, **headers
+            "Range": f"bytes={offset}-{offset + length - 1}",
+            "Accept-Encoding": "identity",
+            "User-Agent": self._user_agent,
+            **headers,
         }
         conn, reused = self._take(key)
         handled = False  # the connection went back to the pool or was closed
@@ -222,7 +254,9 @@ class ThreadedRangeReader:
             return RangeIOError("protocol", f"{url}: aborted")
         if isinstance(e, socket.timeout):
             if call.sock is None:
-                return RangeIOError("connect", f"{url}: connecting to {where} timed out after {self._connect_timeout_s:g}s")
+                return RangeIOError(
+                    "connect", f"{url}: connecting to {where} timed out after {self._connect_timeout_s:g}s"
+                )
             return RangeIOError("timeout", f"{url}: timed out: no bytes for {self._read_timeout_s:g}s")
         if isinstance(e, http.client.HTTPException):
             return RangeIOError("protocol", f"{url}: bad HTTP answer: {type(e).__name__}: {e}")
@@ -230,7 +264,9 @@ class ThreadedRangeReader:
             return RangeIOError("connect", f"{url}: cannot connect to {where}: {e.strerror or e}")
         return RangeIOError("incomplete", f"{url}: connection lost: {e.strerror or e}")
 
-    def _send(self, call: _Call, conn: http.client.HTTPConnection, target: str, headers: dict[str, str]) -> http.client.HTTPResponse:
+    def _send(
+        self, call: _Call, conn: http.client.HTTPConnection, target: str, headers: dict[str, str]
+    ) -> http.client.HTTPResponse:
         with call.sock_lock:
             call.sock = None  # a connect timeout after a stale pooled socket is a connect failure
         if conn.sock is None:
@@ -247,7 +283,9 @@ class ThreadedRangeReader:
         if resp.status == 206:
             span = content_range(resp.msg)
             if span is None or span[0] != offset or span[1] != offset + length - 1:
-                raise RangeIOError("protocol", f"{url}: server answered a different range ({resp.getheader('Content-Range')!r})")
+                raise RangeIOError(
+                    "protocol", f"{url}: server answered a different range ({resp.getheader('Content-Range')!r})"
+                )
             if resp.length is not None and resp.length != length:
                 raise RangeIOError("protocol", f"{url}: Content-Length {resp.length} for a {length}-byte range")
         elif resp.status == 200:
@@ -258,7 +296,9 @@ class ThreadedRangeReader:
         else:
             raise RangeIOError("protocol", f"{url}: unexpected HTTP {resp.status} for a ranged read")
 
-    def _body(self, call: _Call, url: str, resp: http.client.HTTPResponse, offset: int, length: int, sink: Sink, batch: int) -> None:
+    def _body(
+        self, call: _Call, url: str, resp: http.client.HTTPResponse, offset: int, length: int, sink: Sink, batch: int
+    ) -> None:
         buf = memoryview(bytearray(min(batch, length) or 1))
         pos, end = offset, offset + length
         while pos < end:
@@ -274,7 +314,13 @@ class ThreadedRangeReader:
             pos += n
 
     def _finish(
-        self, call: _Call, key: tuple[str, str, int], conn: http.client.HTTPConnection, resp: http.client.HTTPResponse, *, drain: bool = False
+        self,
+        call: _Call,
+        key: tuple[str, str, int],
+        conn: http.client.HTTPConnection,
+        resp: http.client.HTTPResponse,
+        *,
+        drain: bool = False,
     ) -> None:
         """Keep the connection for the next request if its answer was read to the end."""
         if drain and resp.length is not None and resp.length <= _DRAIN_LIMIT:
@@ -289,7 +335,9 @@ class ThreadedRangeReader:
     def _new(self, key: tuple[str, str, int]) -> http.client.HTTPConnection:
         scheme, host, port = key
         if scheme == "https":
-            return http.client.HTTPSConnection(host, port, timeout=self._connect_timeout_s, context=self._ssl or ssl.create_default_context())
+            return http.client.HTTPSConnection(
+                host, port, timeout=self._connect_timeout_s, context=self._ssl or ssl.create_default_context()
+            )
         return http.client.HTTPConnection(host, port, timeout=self._connect_timeout_s)
 
     def _take(self, key: tuple[str, str, int]) -> tuple[http.client.HTTPConnection, bool]:
@@ -322,6 +370,6 @@ def _being_cancelled() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-def _consume(fut: "asyncio.Future[None]") -> None:
+def _consume(fut: asyncio.Future[None]) -> None:
     if not fut.cancelled():
         fut.exception()

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from cached.jobs import Jobs
 from cached.store import Store
@@ -46,7 +47,11 @@ class Revision:
     leases: tuple[str, ...] = ()  # lease ids holding an older revision
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"revision": self.revision, "manifest": f"blake3:{self.manifest}", "current": self.current}
+        out: dict[str, Any] = {
+            "revision": self.revision,
+            "manifest": f"blake3:{self.manifest}",
+            "current": self.current,
+        }
         if not self.current:
             out["leases"] = list(self.leases)
         return out
@@ -166,19 +171,28 @@ class StatusBoard:
             state, job = JobState.ABSENT, None
         claims = self._store.claims
         status = ModelStatus(
-            ref=ref.canonical, state=state, pinned=claims.is_pinned(ref.canonical), leases=tuple(claims.leases_for(ref.canonical))
+            ref=ref.canonical,
+            state=state,
+            pinned=claims.is_pinned(ref.canonical),
+            leases=tuple(claims.leases_for(ref.canonical)),
         )
         if job is not None:
             p, failed = job.progress, state is JobState.FAILED
             status = dataclasses.replace(
-                status, bytes_total=p.bytes_total, bytes_done=p.bytes_done,
-                sources=SourceBytes(peer=p.sources["peer"], origin=p.sources["origin"]), rate_bps=job.rate_bps(self._clock()),
-                error=job.error if failed else None, error_code=job.error_code if failed else None,
+                status,
+                bytes_total=p.bytes_total,
+                bytes_done=p.bytes_done,
+                sources=SourceBytes(peer=p.sources["peer"], origin=p.sources["origin"]),
+                rate_bps=job.rate_bps(self._clock()),
+                error=job.error if failed else None,
+                error_code=job.error_code if failed else None,
             )
         if rec is not None and state is JobState.READY:
             # What was fetched to make this copy, not what a later no-op prefetch fetched (nothing).
             status = dataclasses.replace(
-                status, bytes_total=rec.manifest.total_bytes, bytes_done=rec.manifest.total_bytes,
+                status,
+                bytes_total=rec.manifest.total_bytes,
+                bytes_done=rec.manifest.total_bytes,
                 sources=SourceBytes(peer=rec.sources.get("peer", 0), origin=rec.sources.get("origin", 0)),
                 copy=self._copy(ref, rec.manifest, path=str(rec.path), last_used=rec.last_used),
             )
@@ -191,14 +205,23 @@ class StatusBoard:
         # Older revisions that leases still hold (a refresh moved the ref on).
         older = tuple(
             Revision(
-                revision=m.revision, manifest=m.digest, current=False,
-                leases=tuple(lease.lease_id for lease in self._store.claims.active_leases() if lease.manifest == m.digest),
+                revision=m.revision,
+                manifest=m.digest,
+                current=False,
+                leases=tuple(
+                    lease.lease_id for lease in self._store.claims.active_leases() if lease.manifest == m.digest
+                ),
             )
             for m in self._store.retained_for(ref)
         )
         return Copy(
-            path=path, manifest=manifest.digest, revision=manifest.revision, files=len(manifest.files), last_used=last_used,
-            hf_path=str(self._store.hf_dir) if hf else None, snapshot_path=str(snapshot) if hf else None,
+            path=path,
+            manifest=manifest.digest,
+            revision=manifest.revision,
+            files=len(manifest.files),
+            last_used=last_used,
+            hf_path=str(self._store.hf_dir) if hf else None,
+            snapshot_path=str(snapshot) if hf else None,
             revisions=(current, *older),
         )
 

@@ -13,21 +13,24 @@ import json
 import posixpath
 import re
 import struct
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 from urllib.parse import quote, unquote
 
 import blake3
 from yarl import URL
 
-from cached.errors import RefError, IntegrityError
+from cached.errors import IntegrityError, RefError
 
 DEFAULT_PIECE_SIZE = 16 * 1024 * 1024
 MIN_PIECE_SIZE = 64 * 1024
 MAX_PIECE_SIZE = 256 * 1024 * 1024
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_HOST = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}[A-Za-z0-9_])?)*\.?$")
+_HOST = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}[A-Za-z0-9_])?)*\.?$"
+)
 _HF_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _HF_REVISION = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._/-]*$")
 
@@ -61,11 +64,11 @@ class BlobId:
             raise ValueError(f"blob id must be 64 lower-case hex digits, got {self.hex!r}")
 
     @classmethod
-    def parse(cls, value: str) -> "BlobId":
+    def parse(cls, value: str) -> BlobId:
         return cls(_digest_hex(value, "blob id"))
 
     @classmethod
-    def compute(cls, size: int, piece_size: int, piece_digests: Iterable[bytes]) -> "BlobId":
+    def compute(cls, size: int, piece_size: int, piece_digests: Iterable[bytes]) -> BlobId:
         h = blake3.blake3(b"cached-blob-v1\0")
         h.update(struct.pack("<QQ", size, piece_size))
         for d in piece_digests:
@@ -114,7 +117,7 @@ class ModelRef:
     exclude: tuple[str, ...] = ()
 
     @classmethod
-    def parse(cls, text: str) -> "ModelRef":
+    def parse(cls, text: str) -> ModelRef:
         if not isinstance(text, str):
             raise RefError(repr(text), "a ref must be a string")
         raw = text.strip()
@@ -139,8 +142,8 @@ class ModelRef:
         raise RefError(raw, f"unknown scheme {scheme!r} (use hf://, http://, https:// or file://)")
 
     @classmethod
-    def _parse_hf(cls, raw: str) -> "ModelRef":
-        body, _, query = raw[len("hf://"):].partition("?")
+    def _parse_hf(cls, raw: str) -> ModelRef:
+        body, _, query = raw[len("hf://") :].partition("?")
         include, exclude = _parse_patterns(raw, query)
         repo, at, revision = body.partition("@")
         if at and not revision:
@@ -155,7 +158,10 @@ class ModelRef:
             if not _HF_PART.match(part) or ".." in part or "--" in part or part.endswith((".", "-", ".git")):
                 raise RefError(raw, f"invalid repo name part {part!r}")
         if len(revision.encode()) > MAX_REVISION_BYTES:
-            raise RefError(raw, f"revision is {len(revision.encode())} bytes, longer than {MAX_REVISION_BYTES} (a git ref name; it becomes a file name)")
+            raise RefError(
+                raw,
+                f"revision is {len(revision.encode())} bytes, longer than {MAX_REVISION_BYTES} (a git ref name; it becomes a file name)",
+            )
         if (
             not _HF_REVISION.match(revision)
             or "//" in revision
@@ -163,9 +169,16 @@ class ModelRef:
             or any(seg in (".", "..") for seg in revision.split("/"))
         ):
             raise RefError(raw, f"invalid revision {revision!r}")
-        return cls(kind=RefKind.HF, canonical=_hf_canonical(repo, revision, include, exclude), repo=repo, revision=revision, include=include, exclude=exclude)
+        return cls(
+            kind=RefKind.HF,
+            canonical=_hf_canonical(repo, revision, include, exclude),
+            repo=repo,
+            revision=revision,
+            include=include,
+            exclude=exclude,
+        )
 
-    def with_patterns(self, include: Iterable[str] = (), exclude: Iterable[str] = ()) -> "ModelRef":
+    def with_patterns(self, include: Iterable[str] = (), exclude: Iterable[str] = ()) -> ModelRef:
         """This hf ref narrowed by more include/exclude patterns (a prefetch request's)."""
         if self.kind is not RefKind.HF:
             raise RefError(self.canonical, "include/exclude patterns apply to hf:// refs only")
@@ -176,12 +189,12 @@ class ModelRef:
         return ModelRef.parse(_hf_canonical(self.repo, self.revision, inc, exc))
 
     @property
-    def base(self) -> "ModelRef":
+    def base(self) -> ModelRef:
         """The ref without include/exclude patterns (the whole repo at that revision)."""
         return self if not (self.include or self.exclude) else ModelRef.parse(f"hf://{self.repo}@{self.revision}")
 
     @classmethod
-    def _parse_http(cls, raw: str) -> "ModelRef":
+    def _parse_http(cls, raw: str) -> ModelRef:
         try:
             url = URL(raw)
         except (ValueError, TypeError) as e:
@@ -201,8 +214,8 @@ class ModelRef:
         return cls(kind=RefKind.HTTP, canonical=str(url), url=str(url))
 
     @classmethod
-    def _parse_file(cls, raw: str) -> "ModelRef":
-        rest = raw[len("file://"):]
+    def _parse_file(cls, raw: str) -> ModelRef:
+        rest = raw[len("file://") :]
         host, slash, path = rest.partition("/")
         if host not in ("", "localhost"):
             raise RefError(raw, "file refs must be file:///absolute/path (no host)")
@@ -317,12 +330,14 @@ class FileEntry:
         return {"path": self.path, "size": self.size, "blob": str(self.blob), "origin": dict(self.origin)}
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "FileEntry":
+    def from_json(cls, d: Mapping[str, Any]) -> FileEntry:
         size = d["size"]
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise ValueError(f"bad size {size!r}")
         origin = d.get("origin") or {}
-        if not isinstance(origin, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in origin.items()):
+        if not isinstance(origin, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in origin.items()
+        ):
             raise ValueError("origin must map strings to strings")
         return cls(path=validate_file_path(d["path"]), size=size, blob=BlobId.parse(d["blob"]), origin=origin)
 
@@ -364,7 +379,7 @@ class Manifest:
         return blake3.blake3(self.canonical_bytes()).hexdigest()
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, expect_digest: str | None = None) -> "Manifest":
+    def from_bytes(cls, data: bytes, *, expect_digest: str | None = None) -> Manifest:
         if expect_digest is not None and blake3.blake3(data).hexdigest() != expect_digest:
             raise IntegrityError(f"manifest does not match digest blake3:{expect_digest}")
         try:
@@ -448,7 +463,14 @@ class RefChanged:
 
 
 StoreEvent = (
-    BlobAdded | BlobRemoved | PartialStarted | PieceVerified | PartialDropped | ManifestAdded | ManifestRemoved | RefChanged
+    BlobAdded
+    | BlobRemoved
+    | PartialStarted
+    | PieceVerified
+    | PartialDropped
+    | ManifestAdded
+    | ManifestRemoved
+    | RefChanged
 )
 
 
@@ -468,7 +490,7 @@ class Priority(enum.IntEnum):
     LOW = 2
 
     @classmethod
-    def parse(cls, value: str) -> "Priority":
+    def parse(cls, value: str) -> Priority:
         try:
             return cls[value.upper()]
         except (KeyError, AttributeError):

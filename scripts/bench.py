@@ -84,6 +84,7 @@ def blake3_file(path: Path) -> str:
 
 def cpu_busy(seconds: float = 2.0) -> float:
     """Share of all CPUs that was busy over ``seconds`` (from /proc/stat); -1 where unavailable."""
+
     def sample() -> tuple[int, int]:
         with open("/proc/stat") as f:
             v = [int(x) for x in f.readline().split()[1:]]
@@ -117,7 +118,10 @@ class OtherWork:
             with open("/proc/stat") as f:
                 v = [int(x) for x in f.readline().split()[1:3]]
             total = (v[0] + v[1]) / self.TICK
-            ours = resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime + resource.getrusage(resource.RUSAGE_SELF).ru_utime
+            ours = (
+                resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
+                + resource.getrusage(resource.RUSAGE_SELF).ru_utime
+            )
             for pid in self.pids:
                 with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
                     ours += int(f.read().rpartition(")")[2].split()[11]) / self.TICK
@@ -125,7 +129,7 @@ class OtherWork:
         except (OSError, ValueError):
             return 0.0, 0.0
 
-    def __enter__(self) -> "OtherWork":
+    def __enter__(self) -> OtherWork:
         self._t0 = time.monotonic()
         self._start = self._snap()
         return self
@@ -166,7 +170,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(pred, timeout_s: float, what: str, proc: subprocess.Popen | None = None, logfile: Path | None = None) -> None:
+def wait_for(
+    pred, timeout_s: float, what: str, proc: subprocess.Popen | None = None, logfile: Path | None = None
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -261,7 +267,9 @@ def start_aiohttp(work: Path, root: Path) -> Server:
     logf = open(work / "server.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, str(Path(__file__).resolve()), "_serve", str(root)],
-        stdout=subprocess.PIPE, stderr=logf, cwd=work,
+        stdout=subprocess.PIPE,
+        stderr=logf,
+        cwd=work,
     )
     logf.close()
     assert proc.stdout is not None
@@ -302,7 +310,9 @@ http {{
 """
     )
     logf = open(work / "server.log", "wb")
-    proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(ndir), "-e", str(ndir / "error.log")], stdout=logf, stderr=logf)
+    proc = subprocess.Popen(
+        [nginx, "-c", str(conf), "-p", str(ndir), "-e", str(ndir / "error.log")], stdout=logf, stderr=logf
+    )
     logf.close()
 
     def up() -> bool:
@@ -329,7 +339,7 @@ class Variant:
     from_peer: bool = False  # pull from one peer daemon that already holds the file, not the server
 
     @classmethod
-    def parse(cls, spec: str) -> "Variant":
+    def parse(cls, spec: str) -> Variant:
         piece_s, _, conn_s = spec.partition(":")
         piece = parse_size(piece_s) if piece_s else None
         conn = int(conn_s) if conn_s else None
@@ -362,17 +372,29 @@ class Daemon:
         self.work.mkdir(parents=True)
         cfg = self.work / "config.toml"
         # An explicit file, so that a host's /etc/cached/config.toml never leaks into the numbers.
-        text = f"[origins.http]\nconnections = {self.variant.connections}\n" if self.variant.connections else "# defaults\n"
+        text = (
+            f"[origins.http]\nconnections = {self.variant.connections}\n"
+            if self.variant.connections
+            else "# defaults\n"
+        )
         cfg.write_text(text + self.cluster)
         argv = [
-            sys.executable, "-m", "cached",
-            "--config", str(cfg),
-            "--node-id", self.node_id,
-            "--cache-dir", str(self.cache_dir),
-            "--api-listen", f"unix:{self.sock}",
-            "--peer-listen", f"127.0.0.1:{self.peer_port}",
+            sys.executable,
+            "-m",
+            "cached",
+            "--config",
+            str(cfg),
+            "--node-id",
+            self.node_id,
+            "--cache-dir",
+            str(self.cache_dir),
+            "--api-listen",
+            f"unix:{self.sock}",
+            "--peer-listen",
+            f"127.0.0.1:{self.peer_port}",
             "--no-mdns",
-            "--hf-endpoint", "http://127.0.0.1:9",
+            "--hf-endpoint",
+            "http://127.0.0.1:9",
         ]
         if self.variant.piece:
             argv += ["--piece-size", str(self.variant.piece)]
@@ -381,16 +403,29 @@ class Daemon:
         logf = open(self.log_path, "ab")
         self.proc = subprocess.Popen(argv, stdout=logf, stderr=logf, env=env, cwd=self.work)
         logf.close()
-        wait_for(lambda: self.sock.exists() and self.cachectl("status", check=False, timeout_s=10).returncode == 0,
-                 30.0, f"daemon {self.variant.label}", self.proc, self.log_path)
+        wait_for(
+            lambda: self.sock.exists() and self.cachectl("status", check=False, timeout_s=10).returncode == 0,
+            30.0,
+            f"daemon {self.variant.label}",
+            self.proc,
+            self.log_path,
+        )
 
     def cachectl(self, *args: str, check: bool = True, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        r = subprocess.run([sys.executable, "-m", "cached.cli", "--api", f"unix:{self.sock}", *args],
-                           capture_output=True, text=True, env=env, timeout=timeout_s, stdin=subprocess.DEVNULL)
+        r = subprocess.run(
+            [sys.executable, "-m", "cached.cli", "--api", f"unix:{self.sock}", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout_s,
+            stdin=subprocess.DEVNULL,
+        )
         if check and r.returncode != 0:
-            raise RuntimeError(f"cachectl {' '.join(args)} exited {r.returncode}: {r.stderr.strip()}\n"
-                               f"daemon log tail:\n{self.log_path.read_text(errors='replace')[-2000:]}")
+            raise RuntimeError(
+                f"cachectl {' '.join(args)} exited {r.returncode}: {r.stderr.strip()}\n"
+                f"daemon log tail:\n{self.log_path.read_text(errors='replace')[-2000:]}"
+            )
         return r
 
     def stop(self) -> None:
@@ -401,20 +436,41 @@ def run_curl(url: str, out: Path, timeout_s: float) -> tuple[float, float]:
     """(seconds for curl alone, seconds for curl + fsync of the output)."""
     out.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    subprocess.run(["curl", "-s", "-S", "-f", "--max-time", str(int(timeout_s)), "-o", str(out), url],
-                   check=True, timeout=timeout_s + 10, stdin=subprocess.DEVNULL)
+    subprocess.run(
+        ["curl", "-s", "-S", "-f", "--max-time", str(int(timeout_s)), "-o", str(out), url],
+        check=True,
+        timeout=timeout_s + 10,
+        stdin=subprocess.DEVNULL,
+    )
     t1 = time.perf_counter()
     fsync_path(out)
     t2 = time.perf_counter()
     return t1 - t0, t2 - t0
 
 
-def run_cached(d: Daemon, url: str, timeout_s: float, py_spy: str | None, profile_out: Path | None) -> tuple[float, Path]:
+def run_cached(
+    d: Daemon, url: str, timeout_s: float, py_spy: str | None, profile_out: Path | None
+) -> tuple[float, Path]:
     spy = None
     if py_spy and profile_out and d.proc is not None:
-        spy = subprocess.Popen([py_spy, "record", "--pid", str(d.proc.pid), "--rate", "100", "--threads", "--nonblocking",
-                                "--format", "raw", "-o", str(profile_out)],
-                               stdout=subprocess.DEVNULL, stderr=open(d.work / "py-spy.log", "wb"))
+        spy = subprocess.Popen(
+            [
+                py_spy,
+                "record",
+                "--pid",
+                str(d.proc.pid),
+                "--rate",
+                "100",
+                "--threads",
+                "--nonblocking",
+                "--format",
+                "raw",
+                "-o",
+                str(profile_out),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(d.work / "py-spy.log", "wb"),
+        )
         time.sleep(1.0)  # let py-spy attach before the clock starts
     try:
         t0 = time.perf_counter()
@@ -478,27 +534,64 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3, help="runs per contender; medians are reported (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds of every contender first (default 1)")
     p.add_argument("--keep", action="store_true", help="keep the work dir (source, logs, caches) and print its path")
-    p.add_argument("--server", choices=("auto", "aiohttp", "nginx"), default="auto",
-                   help="static server; auto = nginx if installed, else aiohttp (default auto)")
+    p.add_argument(
+        "--server",
+        choices=("auto", "aiohttp", "nginx"),
+        default="auto",
+        help="static server; auto = nginx if installed, else aiohttp (default auto)",
+    )
     p.add_argument("--nginx-bin", metavar="PATH", help="nginx binary to use (default: nginx on PATH or in /usr/sbin)")
-    p.add_argument("--variant", action="append", default=[], metavar="PIECE:CONN",
-                   help="extra daemon setting to measure, e.g. 4M:8 (piece size : origins.http.connections); repeatable")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="PIECE:CONN",
+        help="extra daemon setting to measure, e.g. 4M:8 (piece size : origins.http.connections); repeatable",
+    )
     p.add_argument("--sweep", action="store_true", help=f"add the variants {' '.join(SWEEP)}")
-    p.add_argument("--peer", action="store_true",
-                   help="add 'cached from 1 peer': a second daemon pulls the file from one peer daemon that holds it")
-    p.add_argument("--tmpdir", default=os.environ.get("BENCH_TMPDIR") or str(REPO / "bench-out"),
-                   help="parent of the work dir; must be on the filesystem under test (default $REPO/bench-out)")
+    p.add_argument(
+        "--peer",
+        action="store_true",
+        help="add 'cached from 1 peer': a second daemon pulls the file from one peer daemon that holds it",
+    )
+    p.add_argument(
+        "--tmpdir",
+        default=os.environ.get("BENCH_TMPDIR") or str(REPO / "bench-out"),
+        help="parent of the work dir; must be on the filesystem under test (default $REPO/bench-out)",
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="bound on any one transfer, seconds (default 600)")
-    p.add_argument("--py-spy", metavar="PATH", help="py-spy binary: record the daemon during its first run (raw stacks)")
-    p.add_argument("--pause", type=float, default=3.0, metavar="S",
-                   help="pause before every timed run, after a sync (default 3; see settle() for why)")
-    p.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
-                   help="before the runs and before each timed run, wait up to S seconds for the CPUs to be idle")
-    p.add_argument("--retry-noisy", type=int, default=2, metavar="N",
-                   help=f"repeat a timed run up to N times while other work used > {NOISY_CPUS} CPUs during it (default 2)")
-    p.add_argument("--nice", type=int, default=0, metavar="N",
-                   help="run the whole benchmark (server, daemons, curl) at this nice value; a negative one "
-                        "(root) keeps other work on a shared machine from skewing the figures")
+    p.add_argument(
+        "--py-spy", metavar="PATH", help="py-spy binary: record the daemon during its first run (raw stacks)"
+    )
+    p.add_argument(
+        "--pause",
+        type=float,
+        default=3.0,
+        metavar="S",
+        help="pause before every timed run, after a sync (default 3; see settle() for why)",
+    )
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="before the runs and before each timed run, wait up to S seconds for the CPUs to be idle",
+    )
+    p.add_argument(
+        "--retry-noisy",
+        type=int,
+        default=2,
+        metavar="N",
+        help=f"repeat a timed run up to N times while other work used > {NOISY_CPUS} CPUs during it (default 2)",
+    )
+    p.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run the whole benchmark (server, daemons, curl) at this nice value; a negative one "
+        "(root) keeps other work on a shared machine from skewing the figures",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args(argv)
 
@@ -528,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     server: Server | None = None
     daemons: list[Daemon] = []
     seeder: Daemon | None = None
-    started = dt.datetime.now(dt.timezone.utc)
+    started = dt.datetime.now(dt.UTC)
     try:
         root = work / "www"
         root.mkdir()
@@ -615,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
                 name = "curl" if c == "curl" else c.variant.label  # type: ignore[union-attr]
                 prof = work / f"py-spy-{daemons.index(c)}.txt" if run == 0 and isinstance(c, Daemon) else None
                 best: tuple[tuple[float, ...], float] | None = None
-                for attempt in range(1 + (0 if warmup else args.retry_noisy)):
+                for _attempt in range(1 + (0 if warmup else args.retry_noisy)):
                     vals, cores = timed(c, prof)
                     shown = f"{vals[0]:.2f}s, curl+fsync {vals[1]:.2f}s" if c == "curl" else f"{vals[0]:.2f}s"
                     noisy = cores > NOISY_CPUS
@@ -650,39 +743,75 @@ def main(argv: list[str] | None = None) -> int:
         rows = [("curl -o", base_alone, curl_alone), ("curl -o + fsync", base_sync, curl_sync)]
         rows += [(d.variant.label, median(d.times), d.times) for d in daemons]
         print()
-        print(f"file {fmt_size(size)} ({size} bytes), {args.runs} runs (+{args.warmup} warm-up), medians; server: {server.kind}; "
-              f"{os.cpu_count()} CPUs; Python {platform.python_version()}; nice {os.getpriority(os.PRIO_PROCESS, 0)}")
+        print(
+            f"file {fmt_size(size)} ({size} bytes), {args.runs} runs (+{args.warmup} warm-up), medians; server: {server.kind}; "
+            f"{os.cpu_count()} CPUs; Python {platform.python_version()}; nice {os.getpriority(os.PRIO_PROCESS, 0)}"
+        )
         print(f"{'method':<34} {'median s':>9} {'MB/s':>8} {'vs curl+fsync':>14} {'vs curl':>8}   runs (s)")
         for name, t, raw in rows:
-            print(f"{name:<34} {t:>9.2f} {mb / t:>8.0f} {base_sync / t:>14.2f} {base_alone / t:>8.2f}   "
-                  + " ".join(f"{x:.2f}" for x in raw))
+            print(
+                f"{name:<34} {t:>9.2f} {mb / t:>8.0f} {base_sync / t:>14.2f} {base_alone / t:>8.2f}   "
+                + " ".join(f"{x:.2f}" for x in raw)
+            )
         busy_after = cpu_busy(1.0)
         worst = max(other, default=0.0)
-        print(f"other work on the machine: {busy_before:.0%} of the CPUs busy before the runs, {busy_after:.0%} after; "
-              f"during the timed runs up to {worst:.2f} CPUs of user time (median {median(other):.2f})"
-              + ("  <-- other work was running: figures are skewed" if max(busy_before, busy_after) > 0.10 or worst > NOISY_CPUS else ""))
-        print(f"(cachectl start + one RPC, included in every cached figure: median {median(overhead):.2f}s; "
-              f"a whole prefetch of a 1 MiB file: median {median(fixed):.2f}s)")
+        print(
+            f"other work on the machine: {busy_before:.0%} of the CPUs busy before the runs, {busy_after:.0%} after; "
+            f"during the timed runs up to {worst:.2f} CPUs of user time (median {median(other):.2f})"
+            + (
+                "  <-- other work was running: figures are skewed"
+                if max(busy_before, busy_after) > 0.10 or worst > NOISY_CPUS
+                else ""
+            )
+        )
+        print(
+            f"(cachectl start + one RPC, included in every cached figure: median {median(overhead):.2f}s; "
+            f"a whole prefetch of a 1 MiB file: median {median(fixed):.2f}s)"
+        )
         ratio = base_sync / median(daemons[0].times)
         met = ratio >= TARGET
-        print(f"primary ratio (cached defaults vs curl+fsync): {ratio:.3f} -> "
-              f"{'target met' if met else 'target missed'} (target >= {TARGET})")
+        print(
+            f"primary ratio (cached defaults vs curl+fsync): {ratio:.3f} -> "
+            f"{'target met' if met else 'target missed'} (target >= {TARGET})"
+        )
         peer_ratio = None
         if seeder is not None:
             peer_ratio = base_sync / median(daemons[-1].times)
-            print(f"peer ratio (cached from 1 peer vs curl+fsync from {server.kind.split()[0]}): {peer_ratio:.3f} -> "
-                  f"{'target met' if peer_ratio >= TARGET else 'target missed'} (target >= {TARGET}); every byte came from the peer")
+            print(
+                f"peer ratio (cached from 1 peer vs curl+fsync from {server.kind.split()[0]}): {peer_ratio:.3f} -> "
+                f"{'target met' if peer_ratio >= TARGET else 'target missed'} (target >= {TARGET}); every byte came from the peer"
+            )
 
         if args.json:
-            Path(args.json).write_text(json.dumps({
-                "date": started.isoformat(timespec="seconds"),
-                "command": " ".join(["scripts/bench", *(argv if argv is not None else sys.argv[1:])]),
-                "size_bytes": size, "runs": args.runs, "warmup": args.warmup, "pause_s": args.pause, "nice": os.getpriority(os.PRIO_PROCESS, 0), "server": server.kind, "cpus": os.cpu_count(),
-                "background_cpu_before": busy_before, "background_cpu_after": busy_after, "other_work_cpus_per_run": other, "curl_s": curl_alone, "curl_fsync_s": curl_sync, "cachectl_overhead_s": overhead, "prefetch_1mib_s": fixed,
-                "cached": {d.variant.label: d.times for d in daemons},
-                "ratio_vs_curl_fsync": ratio, "ratio_vs_curl": base_alone / median(daemons[0].times),
-                "target_met": met, "peer_ratio_vs_curl_fsync": peer_ratio,
-            }, indent=2) + "\n")
+            Path(args.json).write_text(
+                json.dumps(
+                    {
+                        "date": started.isoformat(timespec="seconds"),
+                        "command": " ".join(["scripts/bench", *(argv if argv is not None else sys.argv[1:])]),
+                        "size_bytes": size,
+                        "runs": args.runs,
+                        "warmup": args.warmup,
+                        "pause_s": args.pause,
+                        "nice": os.getpriority(os.PRIO_PROCESS, 0),
+                        "server": server.kind,
+                        "cpus": os.cpu_count(),
+                        "background_cpu_before": busy_before,
+                        "background_cpu_after": busy_after,
+                        "other_work_cpus_per_run": other,
+                        "curl_s": curl_alone,
+                        "curl_fsync_s": curl_sync,
+                        "cachectl_overhead_s": overhead,
+                        "prefetch_1mib_s": fixed,
+                        "cached": {d.variant.label: d.times for d in daemons},
+                        "ratio_vs_curl_fsync": ratio,
+                        "ratio_vs_curl": base_alone / median(daemons[0].times),
+                        "target_met": met,
+                        "peer_ratio_vs_curl_fsync": peer_ratio,
+                    },
+                    indent=2,
+                )
+                + "\n"
+            )
         return 0
     finally:
         for d in [*daemons, *([seeder] if seeder else [])]:

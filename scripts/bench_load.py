@@ -32,9 +32,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -62,11 +63,27 @@ def own_daemon(workdir: Path) -> Any:
     config.write_text("")  # never pick up /etc/cached/config.toml
     log = open(workdir / "daemon.log", "ab")
     argv = [
-        sys.executable, "-m", "cached", "--config", str(config), "--node-id", "bench-load",
-        "--cache-dir", str(workdir / "cache"), "--api-listen", f"127.0.0.1:{port}",
-        "--peer-listen", "127.0.0.1:0", "--no-mdns", "--hf-endpoint", "http://127.0.0.1:9", "--log-level", "warning",
+        sys.executable,
+        "-m",
+        "cached",
+        "--config",
+        str(config),
+        "--node-id",
+        "bench-load",
+        "--cache-dir",
+        str(workdir / "cache"),
+        "--api-listen",
+        f"127.0.0.1:{port}",
+        "--peer-listen",
+        "127.0.0.1:0",
+        "--no-mdns",
+        "--hf-endpoint",
+        "http://127.0.0.1:9",
+        "--log-level",
+        "warning",
         # The launchers' models are file:// refs under workdir/models (prepare() makes them).
-        "--allow-file-root", str(workdir / "models"),
+        "--allow-file-root",
+        str(workdir / "models"),
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("NOTIFY_SOCKET", None)
@@ -157,12 +174,14 @@ async def call(s: aiohttp.ClientSession, method: str, url: str, stats: Stats, ro
             ok = resp.status == want
             stats.record(route, started, ok, f"HTTP {resp.status} {str(body)[:120]}")
             return body if ok else None
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+    except (TimeoutError, aiohttp.ClientError, ValueError) as e:
         stats.record(route, started, False, f"{type(e).__name__}: {e}")
         return None
 
 
-async def launcher(n: int, s: aiohttp.ClientSession, base: str, refs: list[str], stats: Stats, stop_at: float, max_requests: int) -> None:
+async def launcher(
+    n: int, s: aiohttp.ClientSession, base: str, refs: list[str], stats: Stats, stop_at: float, max_requests: int
+) -> None:
     ref = refs[n % len(refs)]
     while time.monotonic() < stop_at and stats.requests < max_requests:
         model = await call(s, "POST", f"{base}/v1/prefetch", stats, "prefetch", 200, json={"ref": ref, "wait": True})
@@ -170,9 +189,19 @@ async def launcher(n: int, s: aiohttp.ClientSession, base: str, refs: list[str],
             # 200 means ready: a launcher reads the path from this very answer.
             stats.errors["prefetch"] += 1
             if len(stats.error_samples) < 10:
-                stats.error_samples.append(f"prefetch: HTTP 200 but state={model.get('state')!r} path={model.get('path')!r}")
+                stats.error_samples.append(
+                    f"prefetch: HTTP 200 but state={model.get('state')!r} path={model.get('path')!r}"
+                )
         await call(s, "GET", f"{base}/v1/models/status", stats, "status", 200, params={"ref": ref})
-        lease = await call(s, "POST", f"{base}/v1/leases", stats, "lease", 201, json={"ref": ref, "holder": f"bench-launcher-{n}", "ttl_s": 120})
+        lease = await call(
+            s,
+            "POST",
+            f"{base}/v1/leases",
+            stats,
+            "lease",
+            201,
+            json={"ref": ref, "holder": f"bench-launcher-{n}", "ttl_s": 120},
+        )
         if lease is not None:
             await call(s, "DELETE", f"{base}/v1/leases/{lease['lease_id']}", stats, "release", 200)
 
@@ -205,7 +234,9 @@ async def prepare(s: aiohttp.ClientSession, base: str, workdir: Path, models: in
             p.chmod(0o755)
         (d / "config.json").write_text(json.dumps({"model_type": "bench", "i": i}))
         (d / "weights.bin").write_bytes(os.urandom(256 * 1024))
-        async with s.post(f"{base}/v1/prefetch", json={"ref": f"file://{d}", "wait": True}, timeout=aiohttp.ClientTimeout(total=60)) as resp:
+        async with s.post(
+            f"{base}/v1/prefetch", json={"ref": f"file://{d}", "wait": True}, timeout=aiohttp.ClientTimeout(total=60)
+        ) as resp:
             body = await resp.json()
             if resp.status != 200 or body.get("state") != "ready":
                 raise SystemExit(f"bench_load: cannot prepare {d}: {resp.status} {body}")
@@ -213,7 +244,9 @@ async def prepare(s: aiohttp.ClientSession, base: str, workdir: Path, models: in
     return refs
 
 
-async def wait_healthy(s: aiohttp.ClientSession, base: str, proc: subprocess.Popen[bytes] | None, timeout_s: float = 30.0) -> dict[str, Any]:
+async def wait_healthy(
+    s: aiohttp.ClientSession, base: str, proc: subprocess.Popen[bytes] | None, timeout_s: float = 30.0
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -226,7 +259,9 @@ async def wait_healthy(s: aiohttp.ClientSession, base: str, proc: subprocess.Pop
     raise SystemExit("bench_load: the daemon did not answer in time")
 
 
-async def run(args: argparse.Namespace, api: str, workdir: Path, proc: subprocess.Popen[bytes] | None) -> dict[str, Any]:
+async def run(
+    args: argparse.Namespace, api: str, workdir: Path, proc: subprocess.Popen[bytes] | None
+) -> dict[str, Any]:
     async with session_for(api, args.launchers) as (s, base):
         node = await wait_healthy(s, base, proc)
         pid = proc.pid if proc is not None else node.get("pid")
@@ -241,7 +276,9 @@ async def run(args: argparse.Namespace, api: str, workdir: Path, proc: subproces
         sampler = asyncio.create_task(sample_memory(pid, args.seconds, stop, memory), name="bench.memory")
         try:
             await asyncio.wait_for(
-                asyncio.gather(*(launcher(i, s, base, refs, stats, stop_at, args.max_requests) for i in range(args.launchers))),
+                asyncio.gather(
+                    *(launcher(i, s, base, refs, stats, stop_at, args.max_requests) for i in range(args.launchers))
+                ),
                 args.seconds + GRACE_S,
             )
         finally:
@@ -256,16 +293,29 @@ async def run(args: argparse.Namespace, api: str, workdir: Path, proc: subproces
         lat = sorted(stats.latencies[route])
         q = statistics.quantiles(lat, n=100, method="inclusive") if len(lat) >= 2 else [lat[0] if lat else 0.0] * 99
         routes[route] = {
-            "requests": len(lat), "rps": round(len(lat) / elapsed, 1), "errors": stats.errors[route],
-            "p50_ms": round(q[49] * 1000, 2), "p95_ms": round(q[94] * 1000, 2), "p99_ms": round(q[98] * 1000, 2),
+            "requests": len(lat),
+            "rps": round(len(lat) / elapsed, 1),
+            "errors": stats.errors[route],
+            "p50_ms": round(q[49] * 1000, 2),
+            "p95_ms": round(q[94] * 1000, 2),
+            "p99_ms": round(q[98] * 1000, 2),
         }
     return {
-        "launchers": args.launchers, "seconds": round(elapsed, 1), "models": len(refs),
-        "requests": stats.requests, "rps": round(stats.requests / elapsed, 1), "errors": sum(stats.errors.values()),
-        "routes": routes, "error_samples": stats.error_samples, "leases_left": leftover,
+        "launchers": args.launchers,
+        "seconds": round(elapsed, 1),
+        "models": len(refs),
+        "requests": stats.requests,
+        "rps": round(stats.requests / elapsed, 1),
+        "errors": sum(stats.errors.values()),
+        "routes": routes,
+        "error_samples": stats.error_samples,
+        "leases_left": leftover,
         "rss_mib": {k: round(v / (1 << 20), 1) for k, v in memory.items() if v is not None},
-        "daemon_cpu_percent": round(100 * (cpu1 - cpu0) / elapsed, 1) if cpu0 is not None and cpu1 is not None else None,
-        "load_average_before": [round(x, 2) for x in load_avg], "cpus": os.cpu_count(),
+        "daemon_cpu_percent": round(100 * (cpu1 - cpu0) / elapsed, 1)
+        if cpu0 is not None and cpu1 is not None
+        else None,
+        "load_average_before": [round(x, 2) for x in load_avg],
+        "cpus": os.cpu_count(),
     }
 
 
@@ -277,9 +327,16 @@ def report(r: dict[str, Any]) -> str:
         "| route | requests | req/s | errors | p50 ms | p95 ms | p99 ms |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    names = {"prefetch": "POST /v1/prefetch (wait, ready)", "status": "GET /v1/models/status", "lease": "POST /v1/leases", "release": "DELETE /v1/leases/{id}"}
+    names = {
+        "prefetch": "POST /v1/prefetch (wait, ready)",
+        "status": "GET /v1/models/status",
+        "lease": "POST /v1/leases",
+        "release": "DELETE /v1/leases/{id}",
+    }
     for route, x in r["routes"].items():
-        lines.append(f"| {names[route]} | {x['requests']} | {x['rps']} | {x['errors']} | {x['p50_ms']} | {x['p95_ms']} | {x['p99_ms']} |")
+        lines.append(
+            f"| {names[route]} | {x['requests']} | {x['rps']} | {x['errors']} | {x['p50_ms']} | {x['p95_ms']} | {x['p99_ms']} |"
+        )
     lines.append(f"| all | {r['requests']} | {r['rps']} | {r['errors']} | | | |")
     m = r["rss_mib"]
     lines += [

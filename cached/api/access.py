@@ -66,7 +66,11 @@ class Caller:
     def describe(self) -> str:
         if self.uid is None:
             return "an unidentified TCP caller"
-        return f"uid {self.uid}" + (f" (pid {self.pid})" if self.pid else "") + (" on the unix socket" if self.unix else " over loopback TCP")
+        return (
+            f"uid {self.uid}"
+            + (f" (pid {self.pid})" if self.pid else "")
+            + (" on the unix socket" if self.unix else " over loopback TCP")
+        )
 
 
 UNKNOWN = Caller(uid=None)
@@ -83,7 +87,10 @@ def read_admin_token(path: Path | None) -> str | None:
     except UnicodeDecodeError:
         raise ConfigError("api.admin_token_file", f"{path}: not a text file") from None
     if len(token) < MIN_ADMIN_TOKEN_CHARS or not token.isascii() or not token.isprintable():
-        raise ConfigError("api.admin_token_file", f"{path}: the token must be at least {MIN_ADMIN_TOKEN_CHARS} printable ASCII characters")
+        raise ConfigError(
+            "api.admin_token_file",
+            f"{path}: the token must be at least {MIN_ADMIN_TOKEN_CHARS} printable ASCII characters",
+        )
     return token
 
 
@@ -209,7 +216,9 @@ class AdminPolicy:
     def _how_to(self) -> str:
         ways = []
         if self._token is not None:
-            ways.append("send the token of api.admin_token_file as 'Authorization: Bearer <token>' (cachectl --admin-token-file FILE or $CACHED_ADMIN_TOKEN_FILE)")
+            ways.append(
+                "send the token of api.admin_token_file as 'Authorization: Bearer <token>' (cachectl --admin-token-file FILE or $CACHED_ADMIN_TOKEN_FILE)"
+            )
         else:
             ways.append("the daemon has no admin token (start it with --admin-token-file FILE to allow one)")
         group = f", or a member of group {self._group!r} (api.admin_group)" if self._group else ""

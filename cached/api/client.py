@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
 
@@ -33,7 +34,7 @@ class ApiError(CachedError):
 def parse_address(addr: str) -> tuple[str, str | None]:
     """(base URL, unix socket path or None)."""
     if addr.startswith("unix:"):
-        return "http://localhost", addr[len("unix:"):]
+        return "http://localhost", addr[len("unix:") :]
     if addr.startswith(("http://", "https://")):
         return addr.rstrip("/"), None
     if ":" in addr:
@@ -56,7 +57,7 @@ class ApiClient:
         self._session: aiohttp.ClientSession | None = None
         self._admin_token = admin_token
 
-    async def __aenter__(self) -> "ApiClient":
+    async def __aenter__(self) -> ApiClient:
         token = self._admin_token
         if token is None and os.environ.get(ADMIN_TOKEN_ENV):
             try:
@@ -73,13 +74,21 @@ class ApiClient:
             await self._session.close()
 
     async def request(
-        self, method: str, path: str, *, body: dict[str, Any] | None = None, params: dict[str, str] | None = None, long: bool = False
+        self,
+        method: str,
+        path: str,
+        *,
+        body: dict[str, Any] | None = None,
+        params: dict[str, str] | None = None,
+        long: bool = False,
     ) -> Any:
         """One call. ``long`` (and any ``wait`` body) lifts the total timeout: the daemon decides."""
         assert self._session is not None
         timeout = aiohttp.ClientTimeout(total=None, connect=5) if long or (body or {}).get("wait") else self._timeout
         try:
-            async with self._session.request(method, self.base + path, json=body, params=params, timeout=timeout) as resp:
+            async with self._session.request(
+                method, self.base + path, json=body, params=params, timeout=timeout
+            ) as resp:
                 text = await resp.text()
                 try:
                     data = json.loads(text) if text else None
@@ -98,7 +107,9 @@ class ApiClient:
         assert self._session is not None
         params = {"ref": ref} if ref else None
         try:
-            async with self._session.get(self.base + "/v1/events", params=params, timeout=aiohttp.ClientTimeout(total=None, connect=5)) as resp:
+            async with self._session.get(
+                self.base + "/v1/events", params=params, timeout=aiohttp.ClientTimeout(total=None, connect=5)
+            ) as resp:
                 if resp.status >= 400:
                     raise ApiError(resp.status, "http_error", await resp.text())
                 async for line in resp.content:

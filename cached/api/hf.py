@@ -52,7 +52,11 @@ def _lfs_pointer_size(sha256: str, size: int) -> int:
 def _tree_entry(f: FileEntry) -> dict[str, Any]:
     entry: dict[str, Any] = {"type": "file", "oid": f.origin.get("git_sha1", ""), "size": f.size, "path": f.path}
     if f.origin.get("sha256"):
-        entry["lfs"] = {"oid": f.origin["sha256"], "size": f.size, "pointerSize": _lfs_pointer_size(f.origin["sha256"], f.size)}
+        entry["lfs"] = {
+            "oid": f.origin["sha256"],
+            "size": f.size,
+            "pointerSize": _lfs_pointer_size(f.origin["sha256"], f.size),
+        }
     return entry
 
 
@@ -91,7 +95,13 @@ class HfEndpoint:
     used for every upstream call made on a caller's behalf unless the repo is lent the token."""
 
     def __init__(
-        self, *, store: Store, jobs: Jobs, origin: HfOrigin, anonymous: HfOrigin | None = None, lend_token_to: tuple[str, ...] = (),
+        self,
+        *,
+        store: Store,
+        jobs: Jobs,
+        origin: HfOrigin,
+        anonymous: HfOrigin | None = None,
+        lend_token_to: tuple[str, ...] = (),
     ) -> None:
         self._store = store
         self._jobs = jobs
@@ -208,11 +218,24 @@ class HfEndpoint:
                 entry = _tree_entry(f)
                 s.update(size=f.size, blobId=entry["oid"])
                 if "lfs" in entry:
-                    s["lfs"] = {"sha256": entry["lfs"]["oid"], "size": f.size, "pointerSize": entry["lfs"]["pointerSize"]}
+                    s["lfs"] = {
+                        "sha256": entry["lfs"]["oid"],
+                        "size": f.size,
+                        "pointerSize": entry["lfs"]["pointerSize"],
+                    }
             siblings.append(s)
         return web.json_response(
-            {"_id": repo, "id": repo, "modelId": repo, "sha": m.revision, "private": False, "disabled": False,
-             "gated": False, "tags": [], "siblings": siblings}
+            {
+                "_id": repo,
+                "id": repo,
+                "modelId": repo,
+                "sha": m.revision,
+                "private": False,
+                "disabled": False,
+                "gated": False,
+                "tags": [],
+                "siblings": siblings,
+            }
         )
 
     def _listing(self, m: Manifest, prefix: str, recursive: bool) -> list[dict[str, Any]] | None:
@@ -244,9 +267,13 @@ class HfEndpoint:
             path = request.match_info.get("path", "").strip("/")
             tail = f"/tree/{quote(rev, safe='')}" + (f"/{_encoded_path(path)}" if path else "")
             return await self._passthrough(request, repo, tail)
-        listing = self._listing(m, request.match_info.get("path", ""), request.query.get("recursive", "").lower() == "true")
+        listing = self._listing(
+            m, request.match_info.get("path", ""), request.query.get("recursive", "").lower() == "true"
+        )
         if listing is None:
-            return hf_error(404, "EntryNotFound", f"{request.match_info.get('path')} not found in {repo}@{m.revision}", m.revision)
+            return hf_error(
+                404, "EntryNotFound", f"{request.match_info.get('path')} not found in {repo}@{m.revision}", m.revision
+            )
         return web.json_response(listing)
 
     async def paths_info(self, request: web.Request) -> web.Response:
@@ -276,7 +303,10 @@ class HfEndpoint:
         origin, token = self._upstream(request, repo)
         try:
             status, headers, content_type, body = await origin.relay(
-                request.method, path + ("?" + query if query else ""), token=token, data=data,
+                request.method,
+                path + ("?" + query if query else ""),
+                token=token,
+                data=data,
                 content_type=request.headers.get("Content-Type"),
             )
         except OriginError as e:
@@ -308,7 +338,11 @@ class HfEndpoint:
             return origin_error_response(e)
         local = self._local_file(repo, commit, path)
         if local is not None:
-            meta = {"size": local.size, "git_sha1": local.origin.get("git_sha1", ""), "sha256": local.origin.get("sha256")}
+            meta = {
+                "size": local.size,
+                "git_sha1": local.origin.get("git_sha1", ""),
+                "sha256": local.origin.get("sha256"),
+            }
             ofile = None
         else:
             whole = self._whole_manifest(repo, commit)
@@ -320,7 +354,11 @@ class HfEndpoint:
                 return origin_error_response(e, commit)
             if ofile is None:
                 return hf_error(404, "EntryNotFound", f"{path} does not exist in {repo}@{commit}", commit)
-            meta = {"size": ofile.size, "git_sha1": ofile.checksums.get("git_sha1", ""), "sha256": ofile.checksums.get("sha256")}
+            meta = {
+                "size": ofile.size,
+                "git_sha1": ofile.checksums.get("git_sha1", ""),
+                "sha256": ofile.checksums.get("sha256"),
+            }
 
         size = meta["size"]
         headers = {
@@ -390,7 +428,9 @@ class HfEndpoint:
         ref = ModelRef.parse(self._file_ref(repo, commit, path))
         self._jobs.submit(ref, Priority.HIGH)
 
-    async def _send(self, resp: web.StreamResponse, blob_hex: str | None, key: str | None, start: int, length: int, ref: ModelRef) -> None:
+    async def _send(
+        self, resp: web.StreamResponse, blob_hex: str | None, key: str | None, start: int, length: int, ref: ModelRef
+    ) -> None:
         """Stream bytes [start, start+length): from the blob, or from the partial as pieces verify."""
         pos, end = start, start + length
         last_progress = time.monotonic()

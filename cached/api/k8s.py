@@ -70,7 +70,11 @@ class K8sExtender:
         local = self._status.of(ref)
         if local.state is not JobState.READY and not local.in_flight:
             return {}
-        return {self._node_id: Holding(node_id=self._node_id, state=local.state, bytes_done=local.bytes_done, bytes_total=local.bytes_total)}
+        return {
+            self._node_id: Holding(
+                node_id=self._node_id, state=local.state, bytes_done=local.bytes_done, bytes_total=local.bytes_total
+            )
+        }
 
 
 def score(holding: Holding | None) -> int:
@@ -107,7 +111,8 @@ def _node_names(args: dict[str, Any]) -> list[str]:
     nodes = args.get("Nodes")
     items = (nodes.get("items") or []) if isinstance(nodes, dict) else [] if nodes is None else None
     if not isinstance(items, list) or not all(
-        isinstance(i, dict) and isinstance(i.get("metadata"), dict) and isinstance(i["metadata"].get("name"), str) for i in items
+        isinstance(i, dict) and isinstance(i.get("metadata"), dict) and isinstance(i["metadata"].get("name"), str)
+        for i in items
     ):
         raise RequestError("'Nodes' must be a NodeList whose items have metadata.name")
     return [i["metadata"]["name"] for i in items]

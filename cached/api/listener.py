@@ -33,7 +33,8 @@ import ssl
 import struct
 import time
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -71,14 +72,19 @@ def clamp(limits: dict[str, ListenerLimits], fd_limit: int) -> dict[str, Listene
             log.warning(
                 "listener=%s connection caps clamped to keep %d file descriptors in reserve (open-file limit %d): "
                 "max_connections %d -> %d, max_connections_per_ip %d -> %d",
-                name, RESERVE_FDS, fd_limit, lim.max_connections, new.max_connections,
-                lim.max_connections_per_ip, new.max_connections_per_ip,
+                name,
+                RESERVE_FDS,
+                fd_limit,
+                lim.max_connections,
+                new.max_connections,
+                lim.max_connections_per_ip,
+                new.max_connections_per_ip,
             )
         out[name] = new
     return out
 
 
-def listener_guards(metrics: Metrics, **limits: ListenerLimits | None) -> dict[str, "ListenerGuard"]:
+def listener_guards(metrics: Metrics, **limits: ListenerLimits | None) -> dict[str, ListenerGuard]:
     """One guard per listener that is on (``api=..., peer=...``), caps clamped to the fd budget."""
     on = {name: lim for name, lim in limits.items() if lim is not None}
     return {name: ListenerGuard(name, lim, metrics) for name, lim in clamp(on, raise_fd_limit()).items()}
@@ -105,7 +111,9 @@ class ListenerGuard:
         """Keyword arguments for ``web.AppRunner`` (handed on to aiohttp's RequestHandler)."""
         return {"keepalive_timeout": self.limits.idle_timeout_s}
 
-    async def start_tcp(self, runner: web.AppRunner, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None) -> None:
+    async def start_tcp(
+        self, runner: web.AppRunner, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         self._attach(runner)
         await _GuardedTCPSite(runner, host, port, guard=self, ssl_context=ssl_context).start()
 
@@ -176,7 +184,12 @@ class ListenerGuard:
         self._unreported.clear()
         log.warning(
             "listener=%s closing connections over its limits (%s) last_peer=%s open=%d max_connections=%d max_connections_per_ip=%d",
-            self.name, summary, peer, self._open, self.limits.max_connections, self.limits.max_connections_per_ip,
+            self.name,
+            summary,
+            peer,
+            self._open,
+            self.limits.max_connections,
+            self.limits.max_connections_per_ip,
         )
 
 
@@ -265,7 +278,9 @@ def _peer_key(transport: asyncio.BaseTransport) -> str:
     sock = transport.get_extra_info("socket")
     if sock is not None and sock.family == socket.AF_UNIX:
         try:
-            _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            _, uid, _ = struct.unpack(
+                "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            )
             return f"uid:{uid}"
         except OSError:
             pass
@@ -278,7 +293,9 @@ class _GuardedTCPSite(web.TCPSite):
 
     __slots__ = ("_guard",)
 
-    def __init__(self, runner: web.AppRunner, host: str, port: int, *, guard: ListenerGuard, ssl_context: ssl.SSLContext | None) -> None:
+    def __init__(
+        self, runner: web.AppRunner, host: str, port: int, *, guard: ListenerGuard, ssl_context: ssl.SSLContext | None
+    ) -> None:
         super().__init__(runner, host, port, ssl_context=ssl_context, reuse_address=True)
         self._guard = guard
 
@@ -288,8 +305,13 @@ class _GuardedTCPSite(web.TCPSite):
         assert server is not None
         extra = {"ssl_handshake_timeout": self._guard.limits.header_timeout_s} if self._ssl_context else {}
         self._server = await asyncio.get_running_loop().create_server(
-            self._guard.protocol_factory(server), self._host, self._port, ssl=self._ssl_context,
-            backlog=self._backlog, reuse_address=self._reuse_address, **extra,
+            self._guard.protocol_factory(server),
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+            **extra,
         )
         self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
 
@@ -306,5 +328,7 @@ class _GuardedUnixSite(web.UnixSite):
         server = self._runner.server
         assert server is not None
         self._server = await asyncio.get_running_loop().create_unix_server(
-            self._guard.protocol_factory(server), self._path, backlog=self._backlog,
+            self._guard.protocol_factory(server),
+            self._path,
+            backlog=self._backlog,
         )

@@ -22,12 +22,28 @@ import os
 import socket
 import time
 import weakref
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from cached import __version__
+from cached.api import openapi
+from cached.api.access import (
+    AdminPolicy,
+    Caller,
+    Forbidden,
+    ForeignOrigin,
+    HostPolicy,
+    MisdirectedHost,
+    Unauthenticated,
+    caller_of,
+)
+from cached.api.body import read_object
+from cached.api.hf import HfEndpoint
+from cached.api.k8s import K8sExtender
+from cached.cluster import Catalog, Locator, Reconciler, local_only
 from cached.errors import (
     CachedError,
     ConflictError,
@@ -42,12 +58,6 @@ from cached.errors import (
     RequestError,
     StoreFullError,
 )
-from cached.api import openapi
-from cached.api.access import AdminPolicy, Caller, Forbidden, ForeignOrigin, HostPolicy, MisdirectedHost, Unauthenticated, caller_of
-from cached.api.body import read_object
-from cached.api.hf import HfEndpoint
-from cached.api.k8s import K8sExtender
-from cached.cluster import Catalog, Locator, Reconciler, local_only
 from cached.jobs import Jobs
 from cached.metrics import Metrics
 from cached.origins.local import FileNotAllowed, LocalOrigin
@@ -61,12 +71,15 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20
 EVENTS_KEEPALIVE_S = 15.0
 # Destructive or cluster-wide: need an admin credential (evict needs one only with force).
-ADMIN_ROUTES = frozenset({("POST", "/v1/pin"), ("POST", "/v1/unpin"), ("POST", "/v1/replicate"), ("POST", "/v1/gc"), ("POST", "/v1/verify")})
+ADMIN_ROUTES = frozenset(
+    {("POST", "/v1/pin"), ("POST", "/v1/unpin"), ("POST", "/v1/replicate"), ("POST", "/v1/gc"), ("POST", "/v1/verify")}
+)
 JSON_TYPES = frozenset({"application/json"})
 
 
 class UnsupportedMediaType(CachedError):
     code = "unsupported_media_type"
+
 
 class Unavailable(CachedError):
     code = "unavailable"
@@ -185,7 +198,9 @@ class LocalApi:
     # --- plumbing ------------------------------------------------------------------------------
 
     @web.middleware
-    async def _errors(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    async def _errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         try:
             return await handler(request)
         except CachedError as e:
@@ -199,7 +214,9 @@ class LocalApi:
                 raise
             code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(e.status, "bad_request")
             self._metrics.api_errors.labels(code).inc()
-            resp = error_response(e.status, code, e.reason if e.status != 404 else f"no route {request.method} {request.path}")
+            resp = error_response(
+                e.status, code, e.reason if e.status != 404 else f"no route {request.method} {request.path}"
+            )
             for k, v in e.headers.items():
                 if k.lower().startswith("x-error-"):
                     resp.headers[k] = v  # the HF endpoint's error codes
@@ -212,20 +229,26 @@ class LocalApi:
             return error_response(500, "internal", f"internal error ({type(e).__name__}); see the daemon log")
 
     @web.middleware
-    async def _guard(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    async def _guard(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         """What is refused before any handler runs (see the module docstring)."""
         sock = request.transport.get_extra_info("socket") if request.transport is not None else None
         unix = sock is not None and sock.family == socket.AF_UNIX
         local = request.transport.get_extra_info("sockname") if request.transport is not None and not unix else None
         self._hosts.check(
-            host=request.headers.get("Host"), origin=request.headers.get("Origin"), unix=unix,
+            host=request.headers.get("Host"),
+            origin=request.headers.get("Origin"),
+            unix=unix,
             local_ip=local[0] if isinstance(local, tuple) and local else None,
         )
         if (request.method, request.path) in ADMIN_ROUTES:
             self._require_admin(request)
         if request.path.startswith("/v1/") and request.method in ("POST", "PUT", "PATCH", "DELETE"):
             # An empty body carries nothing to forge; any other body must be JSON.
-            has_body = (request.content_length or 0) > 0 or "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+            has_body = (request.content_length or 0) > 0 or "chunked" in request.headers.get(
+                "Transfer-Encoding", ""
+            ).lower()
             if has_body and request.content_type not in JSON_TYPES:
                 raise UnsupportedMediaType(
                     f"request bodies must be JSON (Content-Type: application/json), not {request.content_type!r}"
@@ -377,7 +400,9 @@ class LocalApi:
         # For hf refs the per-commit snapshot: it stays valid after a refresh moves the ref on.
         snapshot = self._store.hf_snapshot(rec.manifest)
         path = snapshot if snapshot is not None else rec.path
-        return web.json_response({**lease.to_json(), "path": str(path), "hf_path": str(self._store.hf_dir) if snapshot else None}, status=201)
+        return web.json_response(
+            {**lease.to_json(), "path": str(path), "hf_path": str(self._store.hf_dir) if snapshot else None}, status=201
+        )
 
     async def release_lease(self, request: web.Request) -> web.Response:
         lease = await self._store.claims.release(request.match_info["lease_id"])
@@ -459,7 +484,15 @@ class LocalApi:
             remaining = here.bytes_total - here.bytes_done
             rate = here.rate_bps or 0
             eta = 0 if here.state is JobState.READY else (round(remaining / rate, 1) if rate > 0 else None)
-            nodes.append({"node_id": self._node_id, "state": here.state.value, "bytes_done": here.bytes_done, "bytes_total": here.bytes_total, "eta_s": eta})
+            nodes.append(
+                {
+                    "node_id": self._node_id,
+                    "state": here.state.value,
+                    "bytes_done": here.bytes_done,
+                    "bytes_total": here.bytes_total,
+                    "eta_s": eta,
+                }
+            )
         return web.json_response({"ref": ref.canonical, "nodes": nodes})
 
     # --- cluster -------------------------------------------------------------------------------
@@ -520,7 +553,9 @@ class LocalApi:
                 getter = asyncio.ensure_future(queue.get())
                 closing = asyncio.ensure_future(self._closing.wait())
                 try:
-                    await asyncio.wait({getter, closing}, timeout=EVENTS_KEEPALIVE_S, return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait(
+                        {getter, closing}, timeout=EVENTS_KEEPALIVE_S, return_when=asyncio.FIRST_COMPLETED
+                    )
                 finally:
                     closing.cancel()
                     if not getter.done():

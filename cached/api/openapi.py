@@ -68,12 +68,25 @@ def document() -> dict[str, Any]:
                         },
                         ["ref"],
                     ),
-                    "responses": {"200": _ok("ready", MODEL), "202": _ok("accepted, or still fetching", MODEL), **ERRORS},
+                    "responses": {
+                        "200": _ok("ready", MODEL),
+                        "202": _ok("accepted, or still fetching", MODEL),
+                        **ERRORS,
+                    },
                 }
             },
-            "/v1/models": {"get": {"summary": "models known here", "responses": {"200": _ok("models", {"type": "array", "items": MODEL})}}},
+            "/v1/models": {
+                "get": {
+                    "summary": "models known here",
+                    "responses": {"200": _ok("models", {"type": "array", "items": MODEL})},
+                }
+            },
             "/v1/models/status": {
-                "get": {"summary": "one model", "parameters": [REF_QUERY], "responses": {"200": _ok("model", MODEL), **ERRORS}}
+                "get": {
+                    "summary": "one model",
+                    "parameters": [REF_QUERY],
+                    "responses": {"200": _ok("model", MODEL), **ERRORS},
+                }
             },
             "/v1/evict": {
                 "post": {
@@ -86,11 +99,13 @@ def document() -> dict[str, Any]:
             },
             **{
                 f"/v1/{verb}": {
-                    "post": _admin({
-                        "summary": f"{verb} a model (admin)",
-                        "requestBody": _body({"ref": REF}, ["ref"]),
-                        "responses": {"200": _ok("model", MODEL), **ERRORS},
-                    })
+                    "post": _admin(
+                        {
+                            "summary": f"{verb} a model (admin)",
+                            "requestBody": _body({"ref": REF}, ["ref"]),
+                            "responses": {"200": _ok("model", MODEL), **ERRORS},
+                        }
+                    )
                 }
                 for verb in ("pin", "unpin")
             },
@@ -99,7 +114,11 @@ def document() -> dict[str, Any]:
                 "post": {
                     "summary": "take a lease on a ready model",
                     "requestBody": _body(
-                        {"ref": REF, "holder": {"type": "string"}, "ttl_s": {"type": "number", "minimum": 1, "maximum": 604800}},
+                        {
+                            "ref": REF,
+                            "holder": {"type": "string"},
+                            "ttl_s": {"type": "number", "minimum": 1, "maximum": 604800},
+                        },
                         ["ref", "holder"],
                     ),
                     "responses": {"201": _ok("lease", {"type": "object"}), **ERRORS},
@@ -113,49 +132,75 @@ def document() -> dict[str, Any]:
                 }
             },
             "/v1/verify": {
-                "post": _admin({
-                    "summary": "re-hash stored blobs and repair bad pieces (admin)",
-                    "requestBody": {"required": False, **_json({"type": "object", "properties": {"ref": REF}})},
-                    "responses": {"200": _ok("report", {"type": "object"}), **ERRORS},
-                })
+                "post": _admin(
+                    {
+                        "summary": "re-hash stored blobs and repair bad pieces (admin)",
+                        "requestBody": {"required": False, **_json({"type": "object", "properties": {"ref": REF}})},
+                        "responses": {"200": _ok("report", {"type": "object"}), **ERRORS},
+                    }
+                )
             },
-            "/v1/gc": {"post": _admin({"summary": "run eviction now (admin)", "responses": {"200": _ok("result", {"type": "object"}), **ERRORS}})},
+            "/v1/gc": {
+                "post": _admin(
+                    {
+                        "summary": "run eviction now (admin)",
+                        "responses": {"200": _ok("result", {"type": "object"}), **ERRORS},
+                    }
+                )
+            },
             "/v1/node": {"get": {"summary": "node summary", "responses": {"200": _ok("node", {"type": "object"})}}},
             "/v1/peers": {"get": {"summary": "membership", "responses": {"200": _ok("peers", {"type": "array"})}}},
             "/v1/locate": {
-                "get": {"summary": "who holds a model", "parameters": [REF_QUERY], "responses": {"200": _ok("nodes", {"type": "object"}), **ERRORS}}
+                "get": {
+                    "summary": "who holds a model",
+                    "parameters": [REF_QUERY],
+                    "responses": {"200": _ok("nodes", {"type": "object"}), **ERRORS},
+                }
             },
             "/v1/replicate": {
-                "post": _admin({
-                    "summary": "keep N copies in the cluster (admin)",
-                    "requestBody": _body(
-                        {
-                            "ref": REF,
-                            "replicas": {"type": "integer", "minimum": 0, "maximum": 1000},
-                            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-                        },
-                        ["ref", "replicas"],
-                    ),
-                    "responses": {"200": _ok("catalog entry", {"type": "object"}), **ERRORS},
-                })
+                "post": _admin(
+                    {
+                        "summary": "keep N copies in the cluster (admin)",
+                        "requestBody": _body(
+                            {
+                                "ref": REF,
+                                "replicas": {"type": "integer", "minimum": 0, "maximum": 1000},
+                                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                            },
+                            ["ref", "replicas"],
+                        ),
+                        "responses": {"200": _ok("catalog entry", {"type": "object"}), **ERRORS},
+                    }
+                )
             },
-            "/v1/catalog": {"get": {"summary": "the cluster catalog", "responses": {"200": _ok("entries", {"type": "array"}), **ERRORS}}},
+            "/v1/catalog": {
+                "get": {
+                    "summary": "the cluster catalog",
+                    "responses": {"200": _ok("entries", {"type": "array"}), **ERRORS},
+                }
+            },
             "/v1/k8s/filter": {
                 "post": {
                     "summary": "scheduler extender filter",
-                    "requestBody": _body({"Pod": {"type": "object"}, "NodeNames": {"type": "array", "items": {"type": "string"}}}, []),
+                    "requestBody": _body(
+                        {"Pod": {"type": "object"}, "NodeNames": {"type": "array", "items": {"type": "string"}}}, []
+                    ),
                     "responses": {"200": _ok("ExtenderFilterResult", {"type": "object"}), **ERRORS},
                 }
             },
             "/v1/k8s/prioritize": {
                 "post": {
                     "summary": "scheduler extender prioritize",
-                    "requestBody": _body({"Pod": {"type": "object"}, "NodeNames": {"type": "array", "items": {"type": "string"}}}, []),
+                    "requestBody": _body(
+                        {"Pod": {"type": "object"}, "NodeNames": {"type": "array", "items": {"type": "string"}}}, []
+                    ),
                     "responses": {"200": _ok("HostPriorityList", {"type": "array"}), **ERRORS},
                 }
             },
             "/healthz": {"get": {"summary": "process alive", "responses": {"200": _ok("ok", {"type": "object"})}}},
-            "/readyz": {"get": {"summary": "store indexed, APIs up", "responses": {"200": _ok("ready"), "503": _ok("starting")}}},
+            "/readyz": {
+                "get": {"summary": "store indexed, APIs up", "responses": {"200": _ok("ready"), "503": _ok("starting")}}
+            },
         },
         "components": {
             "securitySchemes": {
@@ -185,10 +230,13 @@ def document() -> dict[str, Any]:
                         "pinned": {"type": "boolean"},
                         "leases": {"type": "array"},
                         "error": {"type": "string", "nullable": True},
-                        "sources": {"type": "object", "properties": {"peer": {"type": "integer"}, "origin": {"type": "integer"}}},
+                        "sources": {
+                            "type": "object",
+                            "properties": {"peer": {"type": "integer"}, "origin": {"type": "integer"}},
+                        },
                     },
                     "required": ["ref", "state", "bytes_total", "bytes_done", "pinned", "leases", "sources"],
                 },
-            }
+            },
         },
     }

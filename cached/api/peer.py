@@ -18,13 +18,21 @@ import asyncio
 import json
 import logging
 import re
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import ClientConnectionResetError, web
 
 from cached.errors import CachedError
 from cached.metrics import Metrics
-from cached.peers.auth import HEADER_ANSWER, HEADER_NODE, AuthRefused, ClusterKey, RequestVerifier, SignedRequest, sign_answer
+from cached.peers.auth import (
+    HEADER_ANSWER,
+    HEADER_NODE,
+    AuthRefused,
+    ClusterKey,
+    RequestVerifier,
+    SignedRequest,
+    sign_answer,
+)
 from cached.peers.gossip import Gossip
 from cached.peers.holdings import local_ref
 from cached.ranges import ByteSpan, parse_range, unsatisfiable
@@ -49,7 +57,8 @@ def _unsatisfiable(size: int) -> web.Response:
     other refusal (an empty body had no Content-Type, so a client could not tell what it was)."""
     return web.json_response(
         {"error": "range_not_satisfiable", "message": f"the span is outside the blob ({size} bytes)"},
-        status=416, headers={"Content-Range": unsatisfiable(size)},
+        status=416,
+        headers={"Content-Range": unsatisfiable(size)},
     )
 
 
@@ -67,8 +76,17 @@ class _SlottedFile(web.FileResponse):
 
 class PeerApi:
     def __init__(
-        self, *, store: Store, gossip: Gossip, metrics: Metrics, key: ClusterKey, node_id: str, max_uploads: int, serve_rate_bps: int,
-        status: StatusSource, verifier: RequestVerifier | None = None,
+        self,
+        *,
+        store: Store,
+        gossip: Gossip,
+        metrics: Metrics,
+        key: ClusterKey,
+        node_id: str,
+        max_uploads: int,
+        serve_rate_bps: int,
+        status: StatusSource,
+        verifier: RequestVerifier | None = None,
     ) -> None:
         self._store = store
         self._gossip = gossip
@@ -97,7 +115,9 @@ class PeerApi:
         return app
 
     @web.middleware
-    async def _auth(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    async def _auth(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         try:
             # The MAC is checked on the headers first, so nobody without the key makes us read a body.
             claim = self._verifier.check(request.method, request.raw_path, request.headers)
@@ -118,8 +138,14 @@ class PeerApi:
         self._metrics.peer_auth_failures.inc()
         self._metrics.peer_auth_refused.labels(e.reason).inc()
         if e.status == 503:
-            return web.json_response({"error": "busy", "message": "too many requests in the replay window"}, status=503, headers={"Retry-After": "1"})
-        return web.json_response({"error": "unauthorized", "message": f"request not signed with the cluster key ({e.reason})"}, status=401)
+            return web.json_response(
+                {"error": "busy", "message": "too many requests in the replay window"},
+                status=503,
+                headers={"Retry-After": "1"},
+            )
+        return web.json_response(
+            {"error": "unauthorized", "message": f"request not signed with the cluster key ({e.reason})"}, status=401
+        )
 
     async def _sign_answer(self, request: web.Request, response: web.StreamResponse) -> None:
         """Sign every answer to an accepted request: over the body when we hold it, else (a
@@ -133,8 +159,12 @@ class PeerApi:
         else:
             h = response.headers
             mac = sign_answer(
-                self._key, self._node_id, signed.nonce, response.status,
-                content_range=h.get("Content-Range", ""), content_length=h.get("Content-Length", ""),
+                self._key,
+                self._node_id,
+                signed.nonce,
+                response.status,
+                content_range=h.get("Content-Range", ""),
+                content_length=h.get("Content-Length", ""),
             )
         response.headers[HEADER_NODE] = self._node_id
         response.headers[HEADER_ANSWER] = mac
@@ -197,7 +227,11 @@ class PeerApi:
             raise web.HTTPNotFound()
         done = dict(partial.done)
         return web.json_response(
-            {"size": partial.size, "piece_size": partial.piece_size, "pieces": {str(i): d.hex() for i, d in done.items()}}
+            {
+                "size": partial.size,
+                "piece_size": partial.piece_size,
+                "pieces": {str(i): d.hex() for i, d in done.items()},
+            }
         )
 
     async def blob(self, request: web.Request) -> web.StreamResponse:
@@ -215,7 +249,12 @@ class PeerApi:
         return await self._serve(request, partial.size, partial_key=key)
 
     async def _serve(
-        self, request: web.Request, size: int, *, blob_hex: str | None = None, partial_key: str | None = None,
+        self,
+        request: web.Request,
+        size: int,
+        *,
+        blob_hex: str | None = None,
+        partial_key: str | None = None,
     ) -> web.StreamResponse:
         rng = parse_range(request.headers.get("Range"))
         if rng is None or rng.is_suffix:
@@ -238,7 +277,9 @@ class PeerApi:
         with source:
             if not source.verified(span.start, span.end):
                 # Only verified pieces ever leave this node.
-                return web.json_response({"error": "not_verified", "message": "range covers pieces not verified here"}, status=416)
+                return web.json_response(
+                    {"error": "not_verified", "message": "range covers pieces not verified here"}, status=416
+                )
             if self._uploads.locked():
                 return self._busy()
             async with self._uploads:
@@ -246,7 +287,9 @@ class PeerApi:
 
     def _busy(self) -> web.Response:
         self._metrics.peer_throttled.inc()
-        return web.json_response({"error": "busy", "message": "serving at capacity"}, status=429, headers={"Retry-After": "1"})
+        return web.json_response(
+            {"error": "busy", "message": "serving at capacity"}, status=429, headers={"Retry-After": "1"}
+        )
 
     async def _stream(self, request: web.Request, source: VerifiedFile, span: ByteSpan) -> web.StreamResponse:
         headers = {"Content-Range": span.content_range, "Content-Length": str(span.length), "Accept-Ranges": "bytes"}

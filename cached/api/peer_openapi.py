@@ -24,7 +24,12 @@ from cached.api.peer import MAX_BODY_BYTES
 from cached.peers import auth
 from cached.peers.gossip import MAX_MEMBERS_PER_MESSAGE
 from cached.peers.membership import (
-    MAX_ADDRESS_CHARS, MAX_ID_CHARS, MAX_INT, MAX_LABEL_KEY_CHARS, MAX_LABEL_VALUE_CHARS, MAX_LABELS,
+    MAX_ADDRESS_CHARS,
+    MAX_ID_CHARS,
+    MAX_INT,
+    MAX_LABEL_KEY_CHARS,
+    MAX_LABEL_VALUE_CHARS,
+    MAX_LABELS,
 )
 
 HEX64 = "^[0-9a-f]{64}$"
@@ -40,7 +45,10 @@ LABELS = {
 # The five request headers of ``peers.auth``; a request needs all of them (one requirement).
 SECURITY_SCHEMES = {
     "peerNode": (auth.HEADER_NODE, "the sender's node id (1..253 printable ASCII characters)"),
-    "peerTime": (auth.HEADER_TIME, f"unix time in seconds when signed; within {auth.WINDOW_S} s of the receiver's clock"),
+    "peerTime": (
+        auth.HEADER_TIME,
+        f"unix time in seconds when signed; within {auth.WINDOW_S} s of the receiver's clock",
+    ),
     "peerNonce": (auth.HEADER_NONCE, "32..128 lower-case hex characters, never reused"),
     "peerBodyDigest": (auth.HEADER_BODY, "hex SHA-256 of the request body (of b'' when there is none)"),
     "peerAuth": (
@@ -53,7 +61,11 @@ SECURITY = [{name: [] for name in SECURITY_SCHEMES}]
 
 _ERROR_SCHEMA = {"$ref": "#/components/schemas/Error"}
 _SIGNED = {
-    auth.HEADER_NODE: {"required": True, "description": "the answering node's id", "schema": {"type": "string", "minLength": 1, "maxLength": 253}},
+    auth.HEADER_NODE: {
+        "required": True,
+        "description": "the answering node's id",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 253},
+    },
     auth.HEADER_ANSWER: {
         "required": True,
         "description": "HMAC over ('cached-answer', request nonce, status, body digest or range headers, node id)",
@@ -79,7 +91,10 @@ def _error(description: str) -> dict[str, Any]:
 # Answers any operation may give: refused (not signed), the replay cache full, or a handler's 4xx.
 COMMON = {
     "400": _error("malformed parameter or body"),
-    "401": {"description": "not signed with the cluster key (nothing reached a handler; not signed)", "content": _json(_ERROR_SCHEMA)},
+    "401": {
+        "description": "not signed with the cluster key (nothing reached a handler; not signed)",
+        "content": _json(_ERROR_SCHEMA),
+    },
     "503": {
         "description": "the replay cache is full of unexpired nonces: retry (not signed)",
         "headers": _RETRY_AFTER,
@@ -98,7 +113,9 @@ RANGE_ANSWERS = {
     "206": _signed(
         "the verified bytes of the span (the answer MAC covers Content-Range and Content-Length)",
         {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-        **{"Content-Range": {"required": True, "schema": {"type": "string", "pattern": "^bytes [0-9]+-[0-9]+/[0-9]+$"}}},
+        **{
+            "Content-Range": {"required": True, "schema": {"type": "string", "pattern": "^bytes [0-9]+-[0-9]+/[0-9]+$"}}
+        },
     ),
     "416": _signed(
         "no Range, a span outside the blob (with Content-Range: bytes */size), or over pieces not verified here",
@@ -112,13 +129,22 @@ RANGE_ANSWERS = {
     },
 }
 REF_QUERY = {
-    "name": "ref", "in": "query", "required": True, "schema": {"type": "string", "minLength": 1},
+    "name": "ref",
+    "in": "query",
+    "required": True,
+    "schema": {"type": "string", "minLength": 1},
     "description": "hf:// or http(s):// ref (file:// refs are 404: local to their node)",
 }
 
 
 def _path(name: str, pattern: str, description: str) -> dict[str, Any]:
-    return {"name": name, "in": "path", "required": True, "description": description, "schema": {"type": "string", "pattern": pattern}}
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "description": description,
+        "schema": {"type": "string", "pattern": pattern},
+    }
 
 
 def _get(summary: str, responses: dict[str, Any], parameters: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -134,15 +160,27 @@ PARTIAL = _path("key", HEX64, "partial key: BLAKE3 hex of the origin identity (h
 
 def schemas() -> dict[str, Any]:
     return {
-        "Error": {"type": "object", "properties": {"error": {"type": "string"}, "message": {"type": "string"}}, "required": ["error", "message"]},
+        "Error": {
+            "type": "object",
+            "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
+            "required": ["error", "message"],
+        },
         "Member": {
             "type": "object",
             "description": "one node as gossip describes it; a malformed entry is dropped and counted, the rest of the message taken",
             "properties": {
                 "node_id": {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS},
-                "address": {"type": "string", "minLength": 1, "maxLength": MAX_ADDRESS_CHARS, "description": "HOST:PORT of its peer API"},
+                "address": {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": MAX_ADDRESS_CHARS,
+                    "description": "HOST:PORT of its peer API",
+                },
                 "cluster": {"type": "string", "maxLength": MAX_ID_CHARS},
-                "incarnation": {**COUNT, "description": "start time in ms; more than a day past the receiver's clock is refused"},
+                "incarnation": {
+                    **COUNT,
+                    "description": "start time in ms; more than a day past the receiver's clock is refused",
+                },
                 "heartbeat": COUNT,
                 "holdings_version": COUNT,
                 "capacity_bytes": COUNT,
@@ -165,8 +203,16 @@ def schemas() -> dict[str, Any]:
         "Gossip": {
             "type": "object",
             "properties": {
-                "cluster": {"type": "string", "maxLength": MAX_ID_CHARS, "description": "another cluster's message is 403"},
-                "members": {"type": "array", "maxItems": MAX_MEMBERS_PER_MESSAGE, "items": {"$ref": "#/components/schemas/Member"}},
+                "cluster": {
+                    "type": "string",
+                    "maxLength": MAX_ID_CHARS,
+                    "description": "another cluster's message is 403",
+                },
+                "members": {
+                    "type": "array",
+                    "maxItems": MAX_MEMBERS_PER_MESSAGE,
+                    "items": {"$ref": "#/components/schemas/Member"},
+                },
                 "catalog": {"type": "array", "items": {"$ref": "#/components/schemas/CatalogEntry"}},
             },
             "required": ["cluster", "members"],
@@ -186,7 +232,10 @@ def schemas() -> dict[str, Any]:
                         "blob_keys": {"type": "object", "additionalProperties": {"type": "string"}},
                         "manifests": {"type": "array", "items": {"type": "string"}},
                         "refs": {"type": "object", "additionalProperties": {"type": "string"}},
-                        "partials": {"type": "object", "additionalProperties": {"$ref": "#/components/schemas/PieceTable"}},
+                        "partials": {
+                            "type": "object",
+                            "additionalProperties": {"$ref": "#/components/schemas/PieceTable"},
+                        },
                     },
                     "required": ["version", "blobs", "manifests", "refs", "partials"],
                 },
@@ -229,7 +278,10 @@ def schemas() -> dict[str, Any]:
         },
         "RefDigest": {
             "type": "object",
-            "properties": {"ref": {"type": "string"}, "manifest": {"type": "string", "pattern": "^blake3:[0-9a-f]{64}$"}},
+            "properties": {
+                "ref": {"type": "string"},
+                "manifest": {"type": "string", "pattern": "^blake3:[0-9a-f]{64}$"},
+            },
             "required": ["ref", "manifest"],
         },
         "Model": local_openapi.document()["components"]["schemas"]["Model"],
@@ -261,16 +313,31 @@ def peer_document() -> dict[str, Any]:
             "/p2p/v1/holdings": _get(
                 "what this node holds: deltas since a version, or a snapshot",
                 {"200": _signed("holdings", _json({"$ref": "#/components/schemas/Holdings"}))},
-                [{"name": "since", "in": "query", "required": False, "schema": COUNT, "description": "the version the caller has (0: none)"}],
+                [
+                    {
+                        "name": "since",
+                        "in": "query",
+                        "required": False,
+                        "schema": COUNT,
+                        "description": "the version the caller has (0: none)",
+                    }
+                ],
             ),
             "/p2p/v1/blobs/{id}": _get("a span of a complete blob", {**RANGE_ANSWERS, **NOT_FOUND}, [BLOB, RANGE]),
             "/p2p/v1/blobs/{id}/pieces": _get(
                 "a complete blob's piece table (the piece log: header and BLAKE3 of every piece)",
-                {"200": _signed("piece log", {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}), **NOT_FOUND},
+                {
+                    "200": _signed(
+                        "piece log", {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+                    ),
+                    **NOT_FOUND,
+                },
                 [BLOB],
             ),
             "/p2p/v1/partials/{key}": _get(
-                "a span of a blob still downloading, over verified pieces only", {**RANGE_ANSWERS, **NOT_FOUND}, [PARTIAL, RANGE]
+                "a span of a blob still downloading, over verified pieces only",
+                {**RANGE_ANSWERS, **NOT_FOUND},
+                [PARTIAL, RANGE],
             ),
             "/p2p/v1/partials/{key}/pieces": _get(
                 "the verified pieces of a blob still downloading",
@@ -280,7 +347,13 @@ def peer_document() -> dict[str, Any]:
             "/p2p/v1/manifests/{digest}": _get(
                 "a manifest by digest (never a file:// model's)",
                 {"200": _signed("manifest", _json({"$ref": "#/components/schemas/Manifest"})), **NOT_FOUND},
-                [_path("digest", BLOB_ID, "manifest digest: BLAKE3 hex of its canonical JSON, optionally prefixed blake3:")],
+                [
+                    _path(
+                        "digest",
+                        BLOB_ID,
+                        "manifest digest: BLAKE3 hex of its canonical JSON, optionally prefixed blake3:",
+                    )
+                ],
             ),
             "/p2p/v1/refs": _get(
                 "the manifest digest this node holds for a ref",

@@ -9,9 +9,10 @@ transfer layer does that. Errors are ``OriginError`` subclasses with ``retryable
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Mapping, Protocol
+from typing import Protocol
 
 from cached.errors import RefError
 from cached.rangeio import Sink

@@ -19,9 +19,10 @@ import fnmatch
 import hashlib
 import re
 import time
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from email.message import Message
-from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import quote, urljoin
 
 import aiohttp
@@ -49,9 +50,17 @@ def hf_error(status: int, headers: Any, what: str) -> OriginError:
     message = headers.get("X-Error-Message", "")
     detail = f"{what}: HTTP {status}" + (f" {code}" if code else "") + (f" ({message})" if message else "")
     if code == "GatedRepo":
-        return OriginDenied(f"{detail}: the repo is gated; set a token the repo has granted (HF_TOKEN or origins.hf.token_file)", status=status, upstream_code=code)
+        return OriginDenied(
+            f"{detail}: the repo is gated; set a token the repo has granted (HF_TOKEN or origins.hf.token_file)",
+            status=status,
+            upstream_code=code,
+        )
     if code == "RepoNotFound":
-        return OriginNotFound(f"{detail}: no such repo, or it is private and the token does not grant it", status=status, upstream_code=code)
+        return OriginNotFound(
+            f"{detail}: no such repo, or it is private and the token does not grant it",
+            status=status,
+            upstream_code=code,
+        )
     if code in ("RevisionNotFound", "EntryNotFound"):
         return OriginNotFound(detail, status=status, upstream_code=code)
     if status in (401, 403):
@@ -81,14 +90,21 @@ def sha256_sync(path: Path) -> str:
 
 class HfOrigin:
     def __init__(
-        self, session: aiohttp.ClientSession, cfg: HfOriginConfig, http_cfg: HttpOriginConfig, reader: ThreadedRangeReader,
-        *, token: str | None = None,
+        self,
+        session: aiohttp.ClientSession,
+        cfg: HfOriginConfig,
+        http_cfg: HttpOriginConfig,
+        reader: ThreadedRangeReader,
+        *,
+        token: str | None = None,
     ) -> None:
         self._session = session
         self._reader = reader  # file bytes: worker threads, off the event loop
         self.endpoint = cfg.endpoint.rstrip("/")
         self._token = token
-        self._timeout = aiohttp.ClientTimeout(total=None, connect=http_cfg.connect_timeout_s, sock_read=http_cfg.read_timeout_s)
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=http_cfg.connect_timeout_s, sock_read=http_cfg.read_timeout_s
+        )
         self._cdn: dict[str, tuple[str, float]] = {}  # resolve URL -> (redirect target, expiry)
 
     # --- requests ------------------------------------------------------------------------------
@@ -97,11 +113,15 @@ class HfOrigin:
         token = token or self._token
         return {"authorization": f"Bearer {token}"} if token else {}
 
-    async def api_json(self, path: str, *, params: dict[str, str] | None = None, token: str | None = None) -> tuple[Any, aiohttp.typedefs.LooseHeaders]:
+    async def api_json(
+        self, path: str, *, params: dict[str, str] | None = None, token: str | None = None
+    ) -> tuple[Any, aiohttp.typedefs.LooseHeaders]:
         """GET ``{endpoint}{path}`` (already quoted) and return (JSON, headers)."""
         url = self.endpoint + path
         try:
-            async with self._session.get(URL(url, encoded=True), params=params, headers=self._auth(token), timeout=self._timeout) as resp:
+            async with self._session.get(
+                URL(url, encoded=True), params=params, headers=self._auth(token), timeout=self._timeout
+            ) as resp:
                 if resp.status != 200:
                     raise hf_error(resp.status, resp.headers, url)
                 try:
@@ -110,7 +130,7 @@ class HfOrigin:
                     raise OriginError(f"{url}: the hub answered something that is not JSON", retryable=True) from None
         except OriginError:
             raise
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        except (TimeoutError, aiohttp.ClientError) as e:
             raise client_error(e, url) from None
 
     async def commit_of(self, repo: str, revision: str, *, token: str | None = None) -> tuple[str, dict[str, Any]]:
@@ -128,7 +148,9 @@ class HfOrigin:
             if url is None:
                 return entries
             try:
-                async with self._session.get(URL(url, encoded=True), headers=self._auth(token), timeout=self._timeout) as resp:
+                async with self._session.get(
+                    URL(url, encoded=True), headers=self._auth(token), timeout=self._timeout
+                ) as resp:
                     if resp.status != 200:
                         raise hf_error(resp.status, resp.headers, url)
                     page = await resp.json(content_type=None)
@@ -136,29 +158,39 @@ class HfOrigin:
                     url = str(nxt["url"]) if nxt else None
             except OriginError:
                 raise
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+            except (TimeoutError, aiohttp.ClientError, ValueError) as e:
                 raise client_error(e, url or "") from None
             if not isinstance(page, list):
                 raise OriginError(f"{self.endpoint}: tree listing of {repo} is not a list")
             entries.extend(e for e in page if isinstance(e, dict) and e.get("type") == "file")
         raise OriginError(f"{self.endpoint}: tree listing of {repo} has more than {MAX_TREE_PAGES} pages")
 
-    async def paths_info(self, repo: str, commit: str, paths: list[str], *, token: str | None = None) -> list[dict[str, Any]]:
+    async def paths_info(
+        self, repo: str, commit: str, paths: list[str], *, token: str | None = None
+    ) -> list[dict[str, Any]]:
         url = f"{self.endpoint}/api/models/{quote(repo)}/paths-info/{commit}"
         form = [("paths", p) for p in paths] + [("expand", "false")]
         try:
-            async with self._session.post(URL(url, encoded=True), data=form, headers=self._auth(token), timeout=self._timeout) as resp:
+            async with self._session.post(
+                URL(url, encoded=True), data=form, headers=self._auth(token), timeout=self._timeout
+            ) as resp:
                 if resp.status != 200:
                     raise hf_error(resp.status, resp.headers, url)
                 entries = await resp.json(content_type=None)
         except OriginError:
             raise
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+        except (TimeoutError, aiohttp.ClientError, ValueError) as e:
             raise client_error(e, url) from None
         return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
 
     async def relay(
-        self, method: str, path_and_query: str, *, token: str | None, data: bytes | None = None, content_type: str | None = None
+        self,
+        method: str,
+        path_and_query: str,
+        *,
+        token: str | None,
+        data: bytes | None = None,
+        content_type: str | None = None,
     ) -> tuple[int, dict[str, str], str, bytes]:
         """One API call relayed as is (already-encoded path): (status, headers, content type, body)."""
         url = URL(self.endpoint + path_and_query, encoded=True)
@@ -168,7 +200,7 @@ class HfOrigin:
         try:
             async with self._session.request(method, url, headers=headers, data=data, timeout=self._timeout) as resp:
                 return resp.status, dict(resp.headers), resp.content_type, await resp.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        except (TimeoutError, aiohttp.ClientError) as e:
             raise client_error(e, str(url)) from None
 
     # --- origin protocol -----------------------------------------------------------------------
@@ -186,7 +218,10 @@ class HfOrigin:
                 continue
             files.append(self.origin_file(ref.repo, sha, e))
         if not files:
-            raise OriginNotFound(f"{ref}: no files at commit {sha}" + (" match the include/exclude patterns" if ref.include or ref.exclude else ""))
+            raise OriginNotFound(
+                f"{ref}: no files at commit {sha}"
+                + (" match the include/exclude patterns" if ref.include or ref.exclude else "")
+            )
         return Resolution(files=tuple(files), revision=sha)
 
     async def file_for(
@@ -205,7 +240,11 @@ class HfOrigin:
             raise OriginError(f"{ref}: {path!r} is not a file of this ref", retryable=False)
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise OriginError(f"{ref}: bad size {size!r} for {path!r}", retryable=False)
-        if (sha256 and not _HEX64.match(sha256)) or (git_sha1 and not _HEX40.match(git_sha1)) or not (sha256 or git_sha1):
+        if (
+            (sha256 and not _HEX64.match(sha256))
+            or (git_sha1 and not _HEX40.match(git_sha1))
+            or not (sha256 or git_sha1)
+        ):
             raise OriginError(f"{ref}: {path!r} has no valid sha256 or git sha1", retryable=False)
         entry: dict[str, Any] = {"path": path, "size": size, "oid": git_sha1}
         if sha256:
@@ -238,10 +277,15 @@ class HfOrigin:
         return None
 
     async def read_range(self, file: OriginFile, offset: int, length: int) -> bytes | bytearray:
-        return await self._via_cdn(file, lambda url, check, headers: self._reader.read(url, offset, length, check=check, headers=headers))
+        return await self._via_cdn(
+            file, lambda url, check, headers: self._reader.read(url, offset, length, check=check, headers=headers)
+        )
 
     async def read_range_into(self, file: OriginFile, offset: int, length: int, sink: Sink) -> None:
-        await self._via_cdn(file, lambda url, check, headers: self._reader.read_into(url, offset, length, sink, check=check, headers=headers))
+        await self._via_cdn(
+            file,
+            lambda url, check, headers: self._reader.read_into(url, offset, length, sink, check=check, headers=headers),
+        )
 
     async def _via_cdn(self, file: OriginFile, request: Callable[[str, Check, dict[str, str]], Awaitable[T]]) -> T:
         """Ask the hub; on a redirect remember the CDN URL and ask it, with no token unless it is
@@ -274,7 +318,11 @@ class HfOrigin:
         def check(status: int, headers: Message) -> None:
             if cdn and status in (401, 403):
                 self._cdn.pop(file.locator, None)  # expired signature: ask the hub again
-                raise OriginError(f"{file.locator}: the CDN refused the signed URL (HTTP {status}); asking again", status=status, retryable=True)
+                raise OriginError(
+                    f"{file.locator}: the CDN refused the signed URL (HTTP {status}); asking again",
+                    status=status,
+                    retryable=True,
+                )
             if status == 200:
                 return  # the reader takes a 200 only as the whole file (offset 0, exact length)
             if status != 206:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from email.message import Message
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable, Mapping, TypeVar
+from typing import TypeVar
 from urllib.parse import urljoin
 
 import aiohttp
+from yarl import URL
 
 from cached.config import HttpOriginConfig
 from cached.errors import OriginChanged, OriginDenied, OriginError, OriginNotFound
@@ -24,7 +26,6 @@ from cached.origins import Resolution
 from cached.rangeio import Check, RangeIOError, Redirected, Sink, ThreadedRangeReader
 from cached.ranges import content_range
 from cached.types import ModelRef, OriginFile
-from yarl import URL
 
 _STREAM_CHUNK = 1 << 20
 MAX_REDIRECTS = 10
@@ -68,7 +69,9 @@ class HttpOrigin:
     async def resolve(self, ref: ModelRef) -> Resolution:
         url = ref.url
         try:
-            async with self._session.head(url, allow_redirects=True, timeout=self._timeout, headers={"Accept-Encoding": "identity"}) as resp:
+            async with self._session.head(
+                url, allow_redirects=True, timeout=self._timeout, headers={"Accept-Encoding": "identity"}
+            ) as resp:
                 if resp.status in (405, 501):
                     return Resolution(files=(await self._probe_with_get(url, ref),))
                 if resp.status != 200:
@@ -82,13 +85,15 @@ class HttpOrigin:
                 return Resolution(files=(await self._probe_with_get(url, ref),))
         except OriginError:
             raise
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        except (TimeoutError, aiohttp.ClientError) as e:
             raise client_error(e, url) from None
         return Resolution(files=(self._file(ref, url, size, etag, last_modified, ranges),))
 
     async def _probe_with_get(self, url: str, ref: ModelRef) -> OriginFile:
         try:
-            async with self._session.get(url, headers={"Range": "bytes=0-0", "Accept-Encoding": "identity"}, timeout=self._timeout) as resp:
+            async with self._session.get(
+                url, headers={"Range": "bytes=0-0", "Accept-Encoding": "identity"}, timeout=self._timeout
+            ) as resp:
                 etag = resp.headers.get("ETag", "")
                 last_modified = resp.headers.get("Last-Modified", "")
                 if resp.status == 206:
@@ -103,7 +108,7 @@ class HttpOrigin:
                 raise status_error(resp.status, url, resp.reason or "")
         except OriginError:
             raise
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        except (TimeoutError, aiohttp.ClientError) as e:
             raise client_error(e, url) from None
 
     async def file_for(
@@ -115,7 +120,12 @@ class HttpOrigin:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise OriginError(f"{ref}: bad size {size!r}", retryable=False)
         return self._file(
-            ref, ref.url, size, str(checksums.get("etag", "")), str(checksums.get("last_modified", "")), checksums.get("ranges") == "1"
+            ref,
+            ref.url,
+            size,
+            str(checksums.get("etag", "")),
+            str(checksums.get("last_modified", "")),
+            checksums.get("ranges") == "1",
         )
 
     @staticmethod
@@ -148,12 +158,16 @@ class HttpOrigin:
         return {}
 
     async def read_range(self, file: OriginFile, offset: int, length: int) -> bytes | bytearray:
-        return await self._follow(file, lambda u, h: self._reader.read(u, offset, length, check=self._checker(file), headers=h))
+        return await self._follow(
+            file, lambda u, h: self._reader.read(u, offset, length, check=self._checker(file), headers=h)
+        )
 
     async def read_range_into(self, file: OriginFile, offset: int, length: int, sink: Sink) -> None:
         """The range handed to ``sink`` batch by batch on a worker thread as it arrives, so the
         caller can hash and write each while the next is on the wire."""
-        await self._follow(file, lambda u, h: self._reader.read_into(u, offset, length, sink, check=self._checker(file), headers=h))
+        await self._follow(
+            file, lambda u, h: self._reader.read_into(u, offset, length, sink, check=self._checker(file), headers=h)
+        )
 
     async def _follow(self, file: OriginFile, request: Callable[[str, dict[str, str]], Awaitable[T]]) -> T:
         """``request(url, headers)`` on the file's URL and on each redirect. Credentials in the
@@ -181,7 +195,9 @@ class HttpOrigin:
     def _checker(file: OriginFile) -> Check:
         def check(status: int, headers: Message) -> None:
             if status == 200:
-                raise OriginChanged(f"{file.locator}: the file changed at the origin (validator no longer matches)", status=200)
+                raise OriginChanged(
+                    f"{file.locator}: the file changed at the origin (validator no longer matches)", status=200
+                )
             if status != 206:
                 raise status_error(status, file.locator)
             span = content_range(headers)
@@ -197,13 +213,15 @@ class HttpOrigin:
                 if resp.status != 200:
                     raise status_error(resp.status, url, resp.reason or "")
                 etag = resp.headers.get("ETag", "")
-                if resp.content_length not in (None, file.size) or (file.checksums.get("etag") and etag != file.checksums["etag"]):
+                if resp.content_length not in (None, file.size) or (
+                    file.checksums.get("etag") and etag != file.checksums["etag"]
+                ):
                     raise OriginChanged(f"{url}: the file changed at the origin")
                 async for chunk in resp.content.iter_chunked(_STREAM_CHUNK):
                     yield chunk
         except OriginError:
             raise
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        except (TimeoutError, aiohttp.ClientError) as e:
             raise client_error(e, url) from None
 
     async def check_unchanged(self, file: OriginFile) -> None:
@@ -211,7 +229,9 @@ class HttpOrigin:
         # still streaming is only seen by asking once more after the last piece is in.
         url = file.locator
         try:
-            async with self._session.head(url, allow_redirects=True, timeout=self._timeout, headers={"Accept-Encoding": "identity"}) as resp:
+            async with self._session.head(
+                url, allow_redirects=True, timeout=self._timeout, headers={"Accept-Encoding": "identity"}
+            ) as resp:
                 if resp.status in (405, 501):
                     return  # no HEAD: the per-request checks are all there is
                 if resp.status != 200:
@@ -220,7 +240,7 @@ class HttpOrigin:
                 size = resp.content_length
         except OriginError:
             raise
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        except (TimeoutError, aiohttp.ClientError) as e:
             raise client_error(e, url) from None
         before = file.checksums.get("etag") or file.checksums.get("last_modified", "")
         if validator != before or (size is not None and size != file.size):

@@ -23,9 +23,9 @@ import collections
 import errno
 import os
 import stat
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Iterable, Mapping
 
 from cached.errors import CachedError, OriginChanged, OriginDenied, OriginError, OriginNotFound
 from cached.origins import Resolution
@@ -52,7 +52,9 @@ class FilePolicy:
     protected_dirs: tuple[str, ...] = ()
 
     @classmethod
-    def build(cls, roots: Iterable[Path], *, secrets: Iterable[Path | None] = (), private_dirs: Iterable[Path] = ()) -> "FilePolicy":
+    def build(
+        cls, roots: Iterable[Path], *, secrets: Iterable[Path | None] = (), private_dirs: Iterable[Path] = ()
+    ) -> FilePolicy:
         files, inodes = set(), set()
         for p in secrets:
             if p is None:
@@ -97,7 +99,7 @@ def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def may_read(uid: int | None, gids: frozenset[int], real: str, st: os.stat_result, dir_mode: "DirModes") -> bool:
+def may_read(uid: int | None, gids: frozenset[int], real: str, st: os.stat_result, dir_mode: DirModes) -> bool:
     """Could ``uid`` (None: an unknown user, "other" bits only) read the file at real path ``real``?"""
     if uid == 0:
         return True
@@ -147,7 +149,9 @@ def _os_error(e: OSError, path: str) -> OriginError:
     if e.errno in (errno.EACCES, errno.EPERM):
         return OriginDenied(f"{path}: permission denied", status=403)
     # EIO, ESTALE, ETIMEDOUT on NFS are transient from our point of view.
-    return OriginError(f"{path}: {e.strerror}", retryable=e.errno in (errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN))
+    return OriginError(
+        f"{path}: {e.strerror}", retryable=e.errno in (errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN)
+    )
 
 
 class LocalOrigin:
@@ -174,14 +178,18 @@ class LocalOrigin:
                     raise OriginChanged(f"{f.locator}: changed since the caller's access was checked; prefetch again")
         return resolution
 
-    def _check(self, path: str, st: os.stat_result, caller: tuple[int | None, frozenset[int]] | None, dirs: DirModes) -> None:
+    def _check(
+        self, path: str, st: os.stat_result, caller: tuple[int | None, frozenset[int]] | None, dirs: DirModes
+    ) -> None:
         if self._policy is None:
             return
         real = os.path.realpath(path)
         self._policy.check(real, st, path)
         if caller is not None and not may_read(caller[0], caller[1], real, st, dirs):
             who = "an unidentified caller (only world-readable files)" if caller[0] is None else f"uid {caller[0]}"
-            raise FileNotAllowed(f"{path}: {who} may not read this file (by its mode bits and its directories'), so the daemon will not import it")
+            raise FileNotAllowed(
+                f"{path}: {who} may not read this file (by its mode bits and its directories'), so the daemon will not import it"
+            )
 
     def _resolve_sync(self, root: str, caller: tuple[int | None, frozenset[int]] | None) -> Resolution:
         dirs = DirModes()
@@ -195,7 +203,9 @@ class LocalOrigin:
         if stat.S_ISREG(st.st_mode):
             self._check(root, st, caller, dirs)
             name = os.path.basename(root)
-            return Resolution(files=(OriginFile(path=name, size=st.st_size, identity=_identity(root, st), locator=root),))
+            return Resolution(
+                files=(OriginFile(path=name, size=st.st_size, identity=_identity(root, st), locator=root),)
+            )
         if not stat.S_ISDIR(st.st_mode):
             raise OriginError(f"{root}: not a regular file or directory")
         files: list[OriginFile] = []

@@ -46,8 +46,8 @@ import hmac
 import re
 import secrets
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 _DOMAIN = b"cached-peer-auth-v1"
 
@@ -109,7 +109,14 @@ def new_nonce() -> str:
 
 
 def sign_request(
-    key: ClusterKey, node_id: str, method: str, path_qs: str, body: bytes = b"", *, now: float | None = None, nonce: str | None = None,
+    key: ClusterKey,
+    node_id: str,
+    method: str,
+    path_qs: str,
+    body: bytes = b"",
+    *,
+    now: float | None = None,
+    nonce: str | None = None,
 ) -> dict[str, str]:
     """The headers that authenticate one request; compute them afresh for every request sent."""
     ts = str(int(time.time() if now is None else now))
@@ -151,7 +158,12 @@ class RequestVerifier:
     """Checks signed requests; remembers nonces for the window (bounded)."""
 
     def __init__(
-        self, key: ClusterKey, *, window_s: int = WINDOW_S, max_nonces: int = MAX_NONCES, clock: Callable[[], float] = time.time,
+        self,
+        key: ClusterKey,
+        *,
+        window_s: int = WINDOW_S,
+        max_nonces: int = MAX_NONCES,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._key = key
         self._window_s = window_s
@@ -167,9 +179,11 @@ class RequestVerifier:
         """Raises ``AuthRefused``; on success the nonce is spent."""
         return self.accept(self.check(method, path_qs, headers), body)
 
-    def check(self, method: str, path_qs: str, headers: Mapping[str, str]) -> "Claim":
+    def check(self, method: str, path_qs: str, headers: Mapping[str, str]) -> Claim:
         """The headers alone (before any body is read): format, freshness and MAC."""
-        node, ts, nonce, digest, mac = (_header(headers, h) for h in (HEADER_NODE, HEADER_TIME, HEADER_NONCE, HEADER_BODY, HEADER_MAC))
+        node, ts, nonce, digest, mac = (
+            _header(headers, h) for h in (HEADER_NODE, HEADER_TIME, HEADER_NONCE, HEADER_BODY, HEADER_MAC)
+        )
         if mac is None:
             raise AuthRefused("missing")
         if node is None or ts is None or nonce is None or digest is None:
@@ -182,7 +196,7 @@ class RequestVerifier:
             raise AuthRefused("bad_mac")
         return Claim(node_id=node, nonce=nonce, body_sha256=digest, time=int(ts))
 
-    def accept(self, claim: "Claim", body: bytes) -> SignedRequest:
+    def accept(self, claim: Claim, body: bytes) -> SignedRequest:
         """The body against the signed digest, then the nonce spent (so only a request that
         proved the token can take a place in the replay cache)."""
         if not hmac.compare_digest(claim.body_sha256, body_digest(body)):
@@ -212,8 +226,16 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
 # --- answers -------------------------------------------------------------------------------------
 
 
-def sign_answer(key: ClusterKey, node_id: str, nonce: str, status: int, *, body: bytes | None = None,
-                content_range: str = "", content_length: str = "") -> str:
+def sign_answer(
+    key: ClusterKey,
+    node_id: str,
+    nonce: str,
+    status: int,
+    *,
+    body: bytes | None = None,
+    content_range: str = "",
+    content_length: str = "",
+) -> str:
     """The ``X-Cached-Answer`` of one answer: over its whole body when given, else its range headers."""
     if body is not None:
         return key.sign(_ANSWER, nonce, str(status), "body", body_digest(body), node_id)

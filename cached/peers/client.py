@@ -16,7 +16,6 @@ verify bytes against digests and manifests against their digest.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import ssl
 from email.message import Message
@@ -83,8 +82,16 @@ def client_ssl(cert: str | None, key: str | None, ca: str | None) -> ssl.SSLCont
 
 class PeerClient:
     def __init__(
-        self, session: aiohttp.ClientSession, reader: ThreadedRangeReader, key: ClusterKey, node_id: str, *, scheme: str = "http",
-        timeout_s: float = 10.0, ssl_context: ssl.SSLContext | None = None, metrics: Metrics | None = None,
+        self,
+        session: aiohttp.ClientSession,
+        reader: ThreadedRangeReader,
+        key: ClusterKey,
+        node_id: str,
+        *,
+        scheme: str = "http",
+        timeout_s: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._session = session
         self._reader = reader  # piece bodies: worker threads, off the event loop (same TLS context)
@@ -117,7 +124,12 @@ class PeerClient:
             headers["Content-Type"] = "application/json"
         try:
             async with self._session.request(
-                method, self.url(address, path), data=body or None, headers=headers, timeout=self._timeout, ssl=self._ssl,
+                method,
+                self.url(address, path),
+                data=body or None,
+                headers=headers,
+                timeout=self._timeout,
+                ssl=self._ssl,
             ) as resp:
                 if resp.status != 200:
                     raise self._status_error(resp.status, address, path)
@@ -127,7 +139,7 @@ class PeerClient:
                 return data
         except PeerError:
             raise
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, OSError) as e:
+        except (TimeoutError, aiohttp.ClientError, ValueError, OSError) as e:
             raise PeerError(f"peer {address}{path}: {type(e).__name__}: {e}") from None
 
     async def _capped(self, resp: aiohttp.ClientResponse, cap: int, address: str, path: str, route: str) -> bytes:

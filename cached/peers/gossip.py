@@ -26,13 +26,14 @@ import asyncio
 import logging
 import random
 import socket
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from cached.metrics import Metrics
-from cached.periodic import every
 from cached.peers.client import AnswerTooLarge, PeerClient, PeerError, PeerUnproven
 from cached.peers.holdings import HoldingsView, LocalHoldings
 from cached.peers.membership import MemberInfo, Membership, Status
+from cached.periodic import every
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,11 @@ class Gossip:
         if not isinstance(raw, dict) or not isinstance(node_id := raw.get("node_id"), str):
             return False
         cur = self.membership.get(node_id)
-        return cur is not None and raw.get("incarnation") == cur.info.incarnation and raw.get("heartbeat") == cur.info.heartbeat
+        return (
+            cur is not None
+            and raw.get("incarnation") == cur.info.incarnation
+            and raw.get("heartbeat") == cur.info.heartbeat
+        )
 
     # --- outgoing ------------------------------------------------------------------------------
 
@@ -252,11 +257,14 @@ class Gossip:
 
     async def _pull_holdings(self) -> None:
         stale = [
-            m for m in self.membership.alive()
+            m
+            for m in self.membership.alive()
             if m.info.holdings_version > self.view.version(m.info.node_id) and m.info.node_id not in self._pulling
         ]
         if stale:
-            await asyncio.gather(*(asyncio.wait_for(self._pull(m.info), self._round_timeout_s) for m in stale), return_exceptions=True)
+            await asyncio.gather(
+                *(asyncio.wait_for(self._pull(m.info), self._round_timeout_s) for m in stale), return_exceptions=True
+            )
 
     async def _pull(self, info: MemberInfo) -> None:
         self._pulling.add(info.node_id)

@@ -20,11 +20,19 @@ one place that maps an event to its list.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from cached.types import (
-    BlobAdded, BlobRemoved, ManifestAdded, ManifestRemoved, PartialDropped, PartialStarted, PieceVerified, RefChanged,
+    BlobAdded,
+    BlobRemoved,
+    ManifestAdded,
+    ManifestRemoved,
+    PartialDropped,
+    PartialStarted,
+    PieceVerified,
+    RefChanged,
     StoreEvent,
 )
 
@@ -97,7 +105,7 @@ class NodeHoldings:
         }
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "NodeHoldings":
+    def from_json(cls, d: Mapping[str, Any]) -> NodeHoldings:
         h = cls(
             version=int(d["version"]),
             blobs={str(k): int(v) for k, v in dict(d.get("blobs") or {}).items()},
@@ -107,7 +115,9 @@ class NodeHoldings:
         )
         for k, p in dict(d.get("partials") or {}).items():
             h.partials[str(k)] = PartialInfo(
-                size=int(p["size"]), piece_size=int(p["piece_size"]), pieces={int(i): str(x) for i, x in dict(p.get("pieces") or {}).items()}
+                size=int(p["size"]),
+                piece_size=int(p["piece_size"]),
+                pieces={int(i): str(x) for i, x in dict(p.get("pieces") or {}).items()},
             )
         return h
 
@@ -158,7 +168,11 @@ class LocalHoldings:
             return {"version": self.state.version, "base": version, "deltas": []}
         oldest = self._log[0][0] if self._log else self.state.version + 1
         if 0 < version < self.state.version and version >= oldest - 1:
-            return {"version": self.state.version, "base": version, "deltas": [op for v, op in self._log if v > version]}
+            return {
+                "version": self.state.version,
+                "base": version,
+                "deltas": [op for v, op in self._log if v > version],
+            }
         return {"version": self.state.version, "snapshot": self.state.to_json()}
 
 
@@ -206,7 +220,9 @@ class HoldingsView:
             return
         cur = self._nodes.get(node_id)
         if cur is None or cur.version != int(answer["base"]):
-            raise ValueError(f"delta for {node_id} is based on version {answer.get('base')}, we have {self.version(node_id)}")
+            raise ValueError(
+                f"delta for {node_id} is based on version {answer.get('base')}, we have {self.version(node_id)}"
+            )
         for op in answer["deltas"]:
             cur.apply(list(op))
         cur.version = int(answer["version"])

@@ -26,8 +26,9 @@ import ipaddress
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from zeroconf import RecordUpdateListener, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
@@ -190,13 +191,18 @@ class MdnsDiscovery:
             addresses=addresses,
             port=int(port),
             properties={
-                "node_id": self._node_id, "cluster": self._cluster, "addr": self._address,
-                "hv": str(version), "hc": str(count), "ts": ts, "mac": mac,
+                "node_id": self._node_id,
+                "cluster": self._cluster,
+                "addr": self._address,
+                "hv": str(version),
+                "hc": str(count),
+                "ts": ts,
+                "mac": mac,
             },
             server=f"{self._node_id.replace('.', '-')}.local.",
         )
 
-    async def __aenter__(self) -> "MdnsDiscovery":
+    async def __aenter__(self) -> MdnsDiscovery:
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
         self._aiozc = AsyncZeroconf()
@@ -237,7 +243,12 @@ class MdnsDiscovery:
         if self._aiozc is None:
             return
         since = time.monotonic() - self._last_update
-        if not reannounce_due(since_s=since, moved=self._summary() != self._announced, min_update_s=self._min_update_s, reannounce_s=self._reannounce_s):
+        if not reannounce_due(
+            since_s=since,
+            moved=self._summary() != self._announced,
+            min_update_s=self._min_update_s,
+            reannounce_s=self._reannounce_s,
+        ):
             return
         self._last_update = time.monotonic()
         self._info = self._service_info()
@@ -273,8 +284,12 @@ class MdnsDiscovery:
         if props.get("node_id") == self._node_id:
             return  # ourselves, heard back through another interface
         verdict = check_announcement(
-            props, key=self._key, cluster=self._cluster, senders=self._txt_senders.senders(name, info.text or b""),
-            now=self._clock(), window_s=self._window_s,
+            props,
+            key=self._key,
+            cluster=self._cluster,
+            senders=self._txt_senders.senders(name, info.text or b""),
+            now=self._clock(),
+            window_s=self._window_s,
         )
         if isinstance(verdict, str):
             self._reject(name, verdict)
@@ -285,4 +300,9 @@ class MdnsDiscovery:
         self._on_reject(reason)
         if (name, reason) not in self._logged and len(self._logged) < 256:  # once per name, bounded
             self._logged.add((name, reason))
-            log.warning("mdns announcement ignored name=%s reason=%s unknown_senders=%d", name, reason, self._txt_senders.unknown)
+            log.warning(
+                "mdns announcement ignored name=%s reason=%s unknown_senders=%d",
+                name,
+                reason,
+                self._txt_senders.unknown,
+            )

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 MAX_INT = 2**63 - 1
 MAX_FUTURE_MS = 86_400_000  # an incarnation is a start time in ms; a day ahead of us is a lie
@@ -79,18 +80,29 @@ class MemberInfo:
             if not isinstance(v, str) or len(v) > cap or (name == "node_id" and not v):
                 raise ValueError(f"bad member entry: {name}")
         if len(self.labels) > MAX_LABELS or not all(
-            isinstance(k, str) and isinstance(v, str) and 0 < len(k) <= MAX_LABEL_KEY_CHARS and len(v) <= MAX_LABEL_VALUE_CHARS
+            isinstance(k, str)
+            and isinstance(v, str)
+            and 0 < len(k) <= MAX_LABEL_KEY_CHARS
+            and len(v) <= MAX_LABEL_VALUE_CHARS
             for k, v in self.labels.items()
         ):
-            raise ValueError(f"bad member entry: labels (at most {MAX_LABELS}, key <= {MAX_LABEL_KEY_CHARS}, value <= {MAX_LABEL_VALUE_CHARS} chars)")
+            raise ValueError(
+                f"bad member entry: labels (at most {MAX_LABELS}, key <= {MAX_LABEL_KEY_CHARS}, value <= {MAX_LABEL_VALUE_CHARS} chars)"
+            )
 
     @property
     def wire_size(self) -> int:
         """About how many bytes ``to_json`` takes in a message (for message budgets)."""
-        return 200 + len(self.node_id) + len(self.address) + len(self.cluster) + sum(len(k) + len(v) + 6 for k, v in self.labels.items())
+        return (
+            200
+            + len(self.node_id)
+            + len(self.address)
+            + len(self.cluster)
+            + sum(len(k) + len(v) + 6 for k, v in self.labels.items())
+        )
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "MemberInfo":
+    def from_json(cls, d: Mapping[str, Any]) -> MemberInfo:
         """Strict: a malformed entry raises ValueError (the caller counts and drops it). Strings
         must be strings and integers integers (never coerced: ``int("9"*4300)`` is a weapon)."""
         if not isinstance(d, Mapping) or not d.get("address"):
@@ -226,7 +238,13 @@ class Membership:
         moves: list[tuple[str, Status]] = []
         for node_id, m in list(self._members.items()):
             age = now - m.last_progress
-            status = Status.ALIVE if age < self._suspect_after_s else Status.SUSPECT if age < self._dead_after_s else Status.DEAD
+            status = (
+                Status.ALIVE
+                if age < self._suspect_after_s
+                else Status.SUSPECT
+                if age < self._dead_after_s
+                else Status.DEAD
+            )
             if status is Status.DEAD and age >= self._dead_after_s + self._forget_after_s:
                 del self._members[node_id]
                 continue

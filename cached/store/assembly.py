@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 
 from cached.store.index import Index
 from cached.store.layout import Layout
@@ -44,7 +44,13 @@ class Assembly:
 
     @contextlib.asynccontextmanager
     async def join(
-        self, *, key: str, size: int, piece_size: int, identity_key: str, reservation: Reservation | None = None,
+        self,
+        *,
+        key: str,
+        size: int,
+        piece_size: int,
+        identity_key: str,
+        reservation: Reservation | None = None,
     ) -> AsyncIterator[PartialBlob]:
         """Open (or join) the partial blob ``key``; every user of one key shares one object."""
         lock = self._locks.setdefault(key, asyncio.Lock())
@@ -65,12 +71,20 @@ class Assembly:
                 self._open[key] = (partial, users - 1)
 
     async def _open_partial(
-        self, key: str, size: int, piece_size: int, identity_key: str, reservation: Reservation | None,
+        self,
+        key: str,
+        size: int,
+        piece_size: int,
+        identity_key: str,
+        reservation: Reservation | None,
     ) -> PartialBlob:
         loop = asyncio.get_running_loop()
         header = PieceLogHeader(size=size, piece_size=piece_size, identity_key=identity_key)
         partial = PartialBlob(
-            key=key, header=header, data_path=self._layout.partial_path(key), log_path=self._layout.partial_log_path(key),
+            key=key,
+            header=header,
+            data_path=self._layout.partial_path(key),
+            log_path=self._layout.partial_log_path(key),
             # Pieces are recorded in worker threads; peers hear of each on the event loop.
             on_piece=lambda i, d: loop.call_soon_threadsafe(self._on_event, PieceVerified(key=key, index=i, digest=d)),
         )

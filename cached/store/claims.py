@@ -11,9 +11,9 @@ import asyncio
 import json
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from cached.errors import NotFoundError, RequestError
 from cached.store import durable
@@ -33,7 +33,12 @@ class Lease:
     manifest: str = ""  # the exact revision leased: it stays on disk even if the ref moves on
 
     def to_json(self) -> dict[str, object]:
-        out: dict[str, object] = {"lease_id": self.lease_id, "ref": self.ref, "holder": self.holder, "expires_at": self.expires_at}
+        out: dict[str, object] = {
+            "lease_id": self.lease_id,
+            "ref": self.ref,
+            "holder": self.holder,
+            "expires_at": self.expires_at,
+        }
         if self.manifest:
             out["manifest"] = f"blake3:{self.manifest}"
         return out
@@ -62,7 +67,10 @@ class Claims:
             try:
                 d = json.loads(p.read_text())
                 lease = Lease(
-                    lease_id=d["lease_id"], ref=d["ref"], holder=d["holder"], expires_at=float(d["expires_at"]),
+                    lease_id=d["lease_id"],
+                    ref=d["ref"],
+                    holder=d["holder"],
+                    expires_at=float(d["expires_at"]),
                     manifest=str(d.get("manifest", "")).removeprefix("blake3:"),
                 )
                 self._leases[lease.lease_id] = lease
@@ -98,7 +106,11 @@ class Claims:
         if not 1 <= ttl_s <= MAX_LEASE_TTL_S:
             raise RequestError(f"ttl_s must be between 1 and {MAX_LEASE_TTL_S} seconds, got {ttl_s}")
         lease = Lease(
-            lease_id=secrets.token_hex(8), ref=ref.canonical, holder=holder, expires_at=self._clock() + ttl_s, manifest=manifest
+            lease_id=secrets.token_hex(8),
+            ref=ref.canonical,
+            holder=holder,
+            expires_at=self._clock() + ttl_s,
+            manifest=manifest,
         )
         await asyncio.to_thread(
             durable.atomic_write, self._leases_dir / f"{lease.lease_id}.json", json.dumps(lease.to_json()).encode()

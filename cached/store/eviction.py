@@ -8,8 +8,8 @@ A model's cost is the bytes it alone holds: blobs shared with a surviving model 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -18,9 +18,9 @@ import logging
 import os
 import re
 import secrets
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 from cached.store import durable
 from cached.types import MAX_NAME_BYTES
@@ -120,9 +120,16 @@ def _fits_on_disk(repo: str, r: HfRevision) -> bool:
     """A revision whose names cannot be files here is left out of the view, not allowed to fail
     the whole repo: the commit names snapshots/<commit>, the revision names refs/<revision>."""
     segments = r.revision.split("/")
-    if _COMMIT.match(r.commit) and all(s not in ("", ".", "..") and len(s.encode()) <= MAX_NAME_BYTES for s in segments):
+    if _COMMIT.match(r.commit) and all(
+        s not in ("", ".", "..") and len(s.encode()) <= MAX_NAME_BYTES for s in segments
+    ):
         return True
-    log.warning("leaving out of the hf view repo=%s revision=%.64r commit=%.64r reason=not a safe file name", repo, r.revision, r.commit)
+    log.warning(
+        "leaving out of the hf view repo=%s revision=%.64r commit=%.64r reason=not a safe file name",
+        repo,
+        r.revision,
+        r.commit,
+    )
     return False
 
 

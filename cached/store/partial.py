@@ -17,8 +17,8 @@ import json
 import os
 import struct
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 from pathlib import Path
 
 from cached.errors import IntegrityError, StoreError
@@ -53,7 +53,9 @@ def decode_piece_log(raw: bytes, path: str = "piece log") -> tuple[PieceLogHeade
     (hlen,) = struct.unpack_from("<I", raw, 4)
     try:
         h = json.loads(raw[8 : 8 + hlen])
-        header = PieceLogHeader(size=int(h["size"]), piece_size=int(h["piece_size"]), identity_key=str(h.get("identity_key", "")))
+        header = PieceLogHeader(
+            size=int(h["size"]), piece_size=int(h["piece_size"]), identity_key=str(h.get("identity_key", ""))
+        )
     except (ValueError, KeyError, TypeError) as e:
         raise StoreError(f"{path}: bad header: {e}") from None
     if header.size < 0 or header.piece_size <= 0:
@@ -80,7 +82,12 @@ class PartialBlob:
     """One blob being assembled. Shared by every fetcher of the same key (see Store.open_partial)."""
 
     def __init__(
-        self, *, key: str, header: PieceLogHeader, data_path: Path, log_path: Path,
+        self,
+        *,
+        key: str,
+        header: PieceLogHeader,
+        data_path: Path,
+        log_path: Path,
         on_piece: Callable[[int, bytes], None] = lambda index, digest: None,
     ) -> None:
         self.key = key
@@ -178,7 +185,9 @@ class PartialBlob:
                 kept[index] = digest
         return kept
 
-    def write_piece_sync(self, index: int, data: bytes | bytearray | memoryview, expected: bytes | None = None) -> bytes | None:
+    def write_piece_sync(
+        self, index: int, data: bytes | bytearray | memoryview, expected: bytes | None = None
+    ) -> bytes | None:
         """Verify ``data`` (against ``expected`` when the digest is known), write it, record it.
         Returns the digest, or None if another copy of the piece was recorded first (endgame)."""
         if not 0 <= index < self.pieces:

@@ -15,15 +15,16 @@ import contextlib
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
 from cached.config import StoreConfig
 from cached.errors import StoreFullError
-from cached.store.protection import Protector
 from cached.store.claims import Claims
 from cached.store.eviction import Debris, EvictionPlan, ModelUsage, plan_eviction, reclaimable_bytes
 from cached.store.index import Index
+from cached.store.protection import Protector
 from cached.types import ModelRef, format_size
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class Removal(Protocol):
 class Reservation:
     """Space promised to a fetch before its partial files exist; shrinks as they are created."""
 
-    def __init__(self, space: "Space", nbytes: int, evicted: list[str] | None = None) -> None:
+    def __init__(self, space: Space, nbytes: int, evicted: list[str] | None = None) -> None:
         self._space = space
         self.remaining = nbytes
         self.evicted = evicted or []  # models evicted to make room for it
@@ -58,7 +59,14 @@ class Reservation:
 
 class Space:
     def __init__(
-        self, cfg: StoreConfig, *, root: Path, index: Index, claims: Claims, removal: Removal, protector: Protector | None = None,
+        self,
+        cfg: StoreConfig,
+        *,
+        root: Path,
+        index: Index,
+        claims: Claims,
+        removal: Removal,
+        protector: Protector | None = None,
     ) -> None:
         self._cfg = cfg
         self._root = root  # cfg.cache_dir at start: a reload does not move the store
@@ -144,9 +152,15 @@ class Space:
             # Blobs a running fetch holds count as held by a model nothing may evict.
             models.append(ModelUsage(ref="", last_used=0.0, blobs=frozenset(self._pending), protected=True))
         in_use = index.blobs_in_use()
-        debris = [Debris(kind="blob", key=b, size=s) for b, s in index.blobs.items() if b not in in_use and b not in self._pending]
+        debris = [
+            Debris(kind="blob", key=b, size=s)
+            for b, s in index.blobs.items()
+            if b not in in_use and b not in self._pending
+        ]
         debris += [
-            Debris(kind="partial", key=k, size=s) for k, s in index.partial_sizes.items() if not self._removal.is_open_partial(k)
+            Debris(kind="partial", key=k, size=s)
+            for k, s in index.partial_sizes.items()
+            if not self._removal.is_open_partial(k)
         ]
         return models, debris
 
@@ -154,8 +168,11 @@ class Space:
         """What eviction would remove to bring usage (with reservations) down to ``target_bytes``."""
         models, debris = self._usage()
         return plan_eviction(
-            models=models, blob_sizes=self._index.blobs, debris=debris,
-            used_bytes=self.used_bytes + self.reserved_bytes, target_bytes=target_bytes,
+            models=models,
+            blob_sizes=self._index.blobs,
+            debris=debris,
+            used_bytes=self.used_bytes + self.reserved_bytes,
+            target_bytes=target_bytes,
         )
 
     async def evict_to(self, target_bytes: int) -> tuple[int, list[str]]:

@@ -23,9 +23,9 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from cached.config import StoreConfig
 from cached.errors import IntegrityError, NotFoundError, StoreError
@@ -41,8 +41,20 @@ from cached.store.space import Reservation, Space
 from cached.store.verified import VerifiedFile
 from cached.store.views import Views
 from cached.types import (
-    DEFAULT_PIECE_SIZE, BlobAdded, BlobId, BlobRemoved, Manifest, ManifestAdded, ManifestRemoved, ModelRef, RefChanged, RefKind,
-    StoreEvent, format_size, hash_piece, piece_span,
+    DEFAULT_PIECE_SIZE,
+    BlobAdded,
+    BlobId,
+    BlobRemoved,
+    Manifest,
+    ManifestAdded,
+    ManifestRemoved,
+    ModelRef,
+    RefChanged,
+    RefKind,
+    StoreEvent,
+    format_size,
+    hash_piece,
+    piece_span,
 )
 
 log = logging.getLogger(__name__)
@@ -59,7 +71,11 @@ class ModelRecord:
 
 class Store:
     def __init__(
-        self, cfg: StoreConfig, *, clock: Callable[[], float] = time.time, on_event: Callable[[StoreEvent], None] = lambda e: None,
+        self,
+        cfg: StoreConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        on_event: Callable[[StoreEvent], None] = lambda e: None,
         protector: Protector | None = None,
     ) -> None:
         self.cfg = cfg
@@ -78,7 +94,9 @@ class Store:
         self._on_event = on_event
         self._index = Index(self.layout, self.claims)
         self._views = Views(self.layout, self._index)
-        self._space = Space(cfg, root=self.root, index=self._index, claims=self.claims, removal=self, protector=protector)
+        self._space = Space(
+            cfg, root=self.root, index=self._index, claims=self.claims, removal=self, protector=protector
+        )
         self._assembly = Assembly(self.layout, self._index, on_event)
 
     # --- start ---------------------------------------------------------------------------------
@@ -87,8 +105,12 @@ class Store:
         await asyncio.to_thread(self._open_sync)
         log.info(
             "store indexed dir=%s blobs=%d models=%d partials=%d used=%s capacity=%s",
-            self.root, len(self._index.blobs), len(self._index.refs), len(self._index.partial_sizes),
-            format_size(self.used_bytes), format_size(self.capacity_bytes),
+            self.root,
+            len(self._index.blobs),
+            len(self._index.refs),
+            len(self._index.partial_sizes),
+            format_size(self.used_bytes),
+            format_size(self.capacity_bytes),
         )
 
     def _open_sync(self) -> None:
@@ -112,7 +134,9 @@ class Store:
         """The whole current state as events: what a listener that starts now must hear first."""
         index = self._index
         keys = {h: k for k, h in index.blob_by_identity.items()}
-        events: list[StoreEvent] = [BlobAdded(blob_hex=h, size=size, identity_key=keys.get(h, "")) for h, size in index.blobs.items()]
+        events: list[StoreEvent] = [
+            BlobAdded(blob_hex=h, size=size, identity_key=keys.get(h, "")) for h, size in index.blobs.items()
+        ]
         events += [ManifestAdded(digest=d) for d in sorted(index.manifests)]
         events += [RefChanged(ref=canonical, digest=d) for canonical, (d, _) in sorted(index.refs.items())]
         return events + self._assembly.state_events()
@@ -167,7 +191,10 @@ class Store:
             return None
         digest, last_used = entry
         return ModelRecord(
-            ref=ref.canonical, manifest=self._index.manifests[digest], last_used=last_used, path=self.view_path(ref),
+            ref=ref.canonical,
+            manifest=self._index.manifests[digest],
+            last_used=last_used,
+            path=self.view_path(ref),
             sources=dict(self._index.sources.get(ref.canonical, {})),
         )
 
@@ -191,7 +218,11 @@ class Store:
         """Older revisions of ``ref`` still held by leases."""
         manifests = self._index.manifests
         current = self._index.refs.get(ref.canonical, ("", 0.0))[0]
-        return [manifests[d] for d in sorted(self.retained_digests()) if d in manifests and d != current and manifests[d].ref == ref.canonical]
+        return [
+            manifests[d]
+            for d in sorted(self.retained_digests())
+            if d in manifests and d != current and manifests[d].ref == ref.canonical
+        ]
 
     async def touch(self, ref: ModelRef) -> None:
         entry = self._index.refs.get(ref.canonical)
@@ -205,10 +236,18 @@ class Store:
     # --- partial blobs (``assembly``) ----------------------------------------------------------
 
     def partial(
-        self, *, key: str, size: int, piece_size: int, identity_key: str, reservation: Reservation | None = None,
+        self,
+        *,
+        key: str,
+        size: int,
+        piece_size: int,
+        identity_key: str,
+        reservation: Reservation | None = None,
     ) -> contextlib.AbstractAsyncContextManager[PartialBlob]:
         """Open (or join) the partial blob ``key``; every user of one key shares one object."""
-        return self._assembly.join(key=key, size=size, piece_size=piece_size, identity_key=identity_key, reservation=reservation)
+        return self._assembly.join(
+            key=key, size=size, piece_size=piece_size, identity_key=identity_key, reservation=reservation
+        )
 
     async def finalize(self, partial: PartialBlob, *, replace: bool = False) -> BlobId:
         """Publish a complete partial as a blob. An identical blob already present wins (dedupe)."""
@@ -219,7 +258,9 @@ class Store:
 
     # --- reading verified bytes ----------------------------------------------------------------
 
-    async def open_verified(self, *, blob_hex: str | None = None, partial_key: str | None = None) -> VerifiedFile | None:
+    async def open_verified(
+        self, *, blob_hex: str | None = None, partial_key: str | None = None
+    ) -> VerifiedFile | None:
         """The complete blob ``blob_hex``, or the partial ``partial_key`` a fetch has open, for
         reading only its verified bytes; None if this node has neither (any more)."""
         if blob_hex is not None:
@@ -244,7 +285,12 @@ class Store:
         return VerifiedFile(fd=fd, size=partial.size, piece_size=partial.piece_size, done=partial.done)
 
     async def read_verified(
-        self, *, blob_hex: str | None = None, partial_key: str | None = None, offset: int, length: int,
+        self,
+        *,
+        blob_hex: str | None = None,
+        partial_key: str | None = None,
+        offset: int,
+        length: int,
     ) -> bytes | None:
         """Up to ``length`` verified bytes at ``offset``: any bytes of a complete blob (fewer only
         at its end), or the verified run of an open partial. None when nothing at ``offset`` is
@@ -280,7 +326,10 @@ class Store:
     async def piece_digests(self, blob_hex: str) -> list[bytes]:
         header, records = await asyncio.to_thread(read_piece_log, self.sidecar_path(blob_hex))
         n = len(records)
-        if sorted(records) != list(range(n)) or BlobId.compute(header.size, header.piece_size, [records[i] for i in range(n)]).hex != blob_hex:
+        if (
+            sorted(records) != list(range(n))
+            or BlobId.compute(header.size, header.piece_size, [records[i] for i in range(n)]).hex != blob_hex
+        ):
             raise IntegrityError(f"piece table of blob blake3:{blob_hex} does not match its id")
         return [records[i] for i in range(n)]
 
@@ -305,7 +354,9 @@ class Store:
 
     # --- publishing ----------------------------------------------------------------------------
 
-    async def commit_model(self, ref: ModelRef, manifest: Manifest, *, sources: dict[str, int] | None = None) -> ModelRecord:
+    async def commit_model(
+        self, ref: ModelRef, manifest: Manifest, *, sources: dict[str, int] | None = None
+    ) -> ModelRecord:
         """Manifest, then view, then ref (last): the model is visible only once all is in place."""
         index = self._index
         missing = [f.path for f in manifest.files if f.blob.hex not in index.blobs]

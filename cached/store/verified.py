@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from typing import Mapping
+from collections.abc import Mapping
 
 from cached.errors import IntegrityError, StoreError
 
@@ -92,7 +92,7 @@ class VerifiedFile:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> "VerifiedFile":
+    def __enter__(self) -> VerifiedFile:
         return self
 
     def __exit__(self, *exc: object) -> None:

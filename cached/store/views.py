@@ -139,11 +139,21 @@ class Views:
                 continue
             ref = ModelRef.parse(m.ref)
             files = tuple(
-                hfview.HfFile(path=f.path, size=f.size, blob_hex=f.blob.hex, git_sha1=f.origin.get("git_sha1", ""), sha256=f.origin.get("sha256"))
+                hfview.HfFile(
+                    path=f.path,
+                    size=f.size,
+                    blob_hex=f.blob.hex,
+                    git_sha1=f.origin.get("git_sha1", ""),
+                    sha256=f.origin.get("sha256"),
+                )
                 for f in m.files
             )
             # Retained old revisions (named=False) keep their snapshot but no refs/ entry.
-            out.append(hfview.HfRevision(revision=ref.revision, commit=m.revision, files=files, named=current.get(m.ref) == digest))
+            out.append(
+                hfview.HfRevision(
+                    revision=ref.revision, commit=m.revision, files=files, named=current.get(m.ref) == digest
+                )
+            )
         return out
 
     def _sync_hf_sync(self, repo: str, revisions: list[hfview.HfRevision]) -> None:
@@ -168,7 +178,12 @@ class Views:
         """``hf/models--org--name/snapshots/<commit>``: a per-commit path that outlives a refresh."""
         if not manifest.ref.startswith("hf://") or manifest.revision is None:
             return None
-        return self._layout.hf_dir / hfview.repo_folder(ModelRef.parse(manifest.ref).repo) / "snapshots" / manifest.revision
+        return (
+            self._layout.hf_dir
+            / hfview.repo_folder(ModelRef.parse(manifest.ref).repo)
+            / "snapshots"
+            / manifest.revision
+        )
 
 
 def hf_repo(ref: str) -> str | None:

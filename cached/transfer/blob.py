@@ -19,8 +19,9 @@ import logging
 import os
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable, TypeVar
+from typing import TypeVar
 
 import blake3
 
@@ -65,8 +66,14 @@ async def _outcome(coro: Awaitable[bool]) -> _Outcome:
 
 class BlobFetcher:
     def __init__(
-        self, cfg: TransferConfig, metrics: Metrics, *, retry: OriginRetry | None = None, rng: random.Random | None = None,
-        peer_limit: int = 4, peer_client: PeerClient | None = None,
+        self,
+        cfg: TransferConfig,
+        metrics: Metrics,
+        *,
+        retry: OriginRetry | None = None,
+        rng: random.Random | None = None,
+        peer_limit: int = 4,
+        peer_client: PeerClient | None = None,
     ) -> None:
         self._cfg = cfg
         self._metrics = metrics
@@ -98,7 +105,9 @@ class BlobFetcher:
 
         if partial.complete:
             pass  # resumed with every piece verified: only the whole-file checks remain
-        elif swarm is None and not (expected is None and not partial.done and await self._try_clone(partial, file, origin, on_bytes)):
+        elif swarm is None and not (
+            expected is None and not partial.done and await self._try_clone(partial, file, origin, on_bytes)
+        ):
             if origin.supports_ranges(file):
                 await self._fetch_ranges(partial, file, origin, on_bytes, expected)
             else:
@@ -198,20 +207,37 @@ class BlobFetcher:
                 every = frozenset(range(partial.pieces))
                 views = [
                     SourceView(
-                        name=p.node_id, is_origin=False, limit=self._peer_limit, inflight=load.get(p.node_id, 0),
+                        name=p.node_id,
+                        is_origin=False,
+                        limit=self._peer_limit,
+                        inflight=load.get(p.node_id, 0),
                         # never ask a peer again for a piece it already sent wrong
-                        pieces=(every if p.pieces is None else p.pieces) - frozenset(i for i, bad in bad_from.items() if p.node_id in bad),
+                        pieces=(every if p.pieces is None else p.pieces)
+                        - frozenset(i for i, bad in bad_from.items() if p.node_id in bad),
                     )
                     for p in peers
                 ]
-                origin_ok = [i for i in missing if swarm is None or swarm.origin_allowed(i, out | bad_from.get(i, set()))]
+                origin_ok = [
+                    i for i in missing if swarm is None or swarm.origin_allowed(i, out | bad_from.get(i, set()))
+                ]
                 # Sharing the origin with others who want the same file: ask it for few pieces at a
                 # time, so each finishes early and can be relayed while the next ones come in
                 # (all pieces in flight at once would all land at the very end).
                 origin_limit = limit if swarm is None else max(1, limit // max(1, swarm.wanting()))
-                views.append(SourceView(name=ORIGIN, is_origin=True, limit=origin_limit, inflight=load.get(ORIGIN, 0), pieces=frozenset(origin_ok)))
+                views.append(
+                    SourceView(
+                        name=ORIGIN,
+                        is_origin=True,
+                        limit=origin_limit,
+                        inflight=load.get(ORIGIN, 0),
+                        pieces=frozenset(origin_ok),
+                    )
+                )
                 plan = assign(
-                    missing=missing, inflight=inflight, sources=views, global_free=origin_limit + len(peers) * self._peer_limit - len(tasks),
+                    missing=missing,
+                    inflight=inflight,
+                    sources=views,
+                    global_free=origin_limit + len(peers) * self._peer_limit - len(tasks),
                     endgame_pieces=2 if swarm is not None else 0,
                 )
                 streaming = set(inflight)
@@ -232,7 +258,9 @@ class BlobFetcher:
                     # look again shortly, as the peers' holdings move on.
                     await asyncio.sleep(WAIT_TICK_S)
                     continue
-                done, _ = await asyncio.wait(tasks, timeout=WAIT_TICK_S * 5 if swarm else None, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    tasks, timeout=WAIT_TICK_S * 5 if swarm else None, return_when=asyncio.FIRST_COMPLETED
+                )
                 for t in done:
                     index, src = tasks.pop(t)
                     if t.cancelled():
@@ -265,7 +293,9 @@ class BlobFetcher:
             for t in tasks:
                 t.cancel()  # the group awaits them
 
-    async def _peer_piece(self, partial: PartialBlob, src: PeerSource, index: int, on_bytes: OnBytes, *, stream: bool) -> bool:
+    async def _peer_piece(
+        self, partial: PartialBlob, src: PeerSource, index: int, on_bytes: OnBytes, *, stream: bool
+    ) -> bool:
         """One piece from a peer. True if this copy is the one recorded."""
         off, length = piece_span(index, partial.size, partial.piece_size)
         assert self.peer_client is not None, "peer sources need a PeerClient"
@@ -273,7 +303,11 @@ class BlobFetcher:
         try:
             if stream:
                 client = self.peer_client
-                digest = await _stream_into(partial, index, lambda sink: client.read_range_into(src.address, src.kind, src.name, off, length, sink))
+                digest = await _stream_into(
+                    partial,
+                    index,
+                    lambda sink: client.read_range_into(src.address, src.kind, src.name, off, length, sink),
+                )
                 if digest is None:
                     return False  # the other copy of an endgame pair won
                 if digest != expected:
@@ -305,8 +339,15 @@ class BlobFetcher:
         return {n for n, until in self._bans.items() if until > now}
 
     async def _piece(
-        self, partial: PartialBlob, file: OriginFile, origin: Origin, index: int, on_bytes: OnBytes, expected: list[bytes] | None,
-        *, stream: bool = True,
+        self,
+        partial: PartialBlob,
+        file: OriginFile,
+        origin: Origin,
+        index: int,
+        on_bytes: OnBytes,
+        expected: list[bytes] | None,
+        *,
+        stream: bool = True,
     ) -> bool:
         off, length = piece_span(index, partial.size, partial.piece_size)
         if stream:
@@ -326,7 +367,13 @@ class BlobFetcher:
         return await self.retry.call(limited, what=f"read piece={index}")
 
     async def _streamed_piece(
-        self, partial: PartialBlob, file: OriginFile, origin: Origin, index: int, on_bytes: OnBytes, expected: list[bytes] | None
+        self,
+        partial: PartialBlob,
+        file: OriginFile,
+        origin: Origin,
+        index: int,
+        on_bytes: OnBytes,
+        expected: list[bytes] | None,
     ) -> bool:
         """A piece hashed and written batch by batch on a worker thread as it arrives; recorded
         only once its digest is known (and matches ``expected``). Bytes of a failed attempt stay
@@ -334,7 +381,9 @@ class BlobFetcher:
         off, length = piece_span(index, partial.size, partial.piece_size)
         # Each attempt starts a fresh hash; bytes of a failed attempt stay unrecorded.
         digest = await self._origin_read(
-            index, length, lambda: _stream_into(partial, index, lambda sink: origin.read_range_into(file, off, length, sink))
+            index,
+            length,
+            lambda: _stream_into(partial, index, lambda sink: origin.read_range_into(file, off, length, sink)),
         )
         if digest is None:
             return False  # the other copy of an endgame pair won
@@ -355,7 +404,9 @@ class BlobFetcher:
         self, partial: PartialBlob, index: int, data: bytes | bytearray, expected: list[bytes] | None, on_bytes: OnBytes
     ) -> bool:
         try:
-            recorded = await asyncio.to_thread(partial.write_piece_sync, index, data, expected[index] if expected else None)
+            recorded = await asyncio.to_thread(
+                partial.write_piece_sync, index, data, expected[index] if expected else None
+            )
         except IntegrityError:
             raise self._origin_mismatch(index) from None
         if recorded is None:

@@ -17,16 +17,16 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 from cached.errors import CachedError, IntegrityError, OriginError, StoreError, StoreFullError
 from cached.metrics import Metrics
 from cached.origins import Origin, Origins, Resolution
 from cached.peers.client import PeerError
 from cached.store import ModelRecord, Reservation, Store
-from cached.transfer.plan import ORIGIN
 from cached.transfer.blob import BlobFetcher, first_error
+from cached.transfer.plan import ORIGIN
 from cached.transfer.sources import PeerDirectory, Swarm
 from cached.types import BlobId, FileEntry, Manifest, ModelRef, OriginFile, RefKind
 
@@ -63,8 +63,15 @@ class VerifyReport:
 
 class ModelFetcher:
     def __init__(
-        self, store: Store, origins: Origins, blobs: BlobFetcher, metrics: Metrics, *,
-        peers: PeerDirectory | None = None, grace_s: float = 0.0, stall_timeout_s: float = 10.0,
+        self,
+        store: Store,
+        origins: Origins,
+        blobs: BlobFetcher,
+        metrics: Metrics,
+        *,
+        peers: PeerDirectory | None = None,
+        grace_s: float = 0.0,
+        stall_timeout_s: float = 10.0,
         names_from_peers: bool = False,
     ) -> None:
         self._names_from_peers = names_from_peers  # trust every token holder for names when the origin is down
@@ -94,7 +101,9 @@ class ModelFetcher:
 
     async def resolve(self, ref: ModelRef) -> Resolution:
         origin = self._origins.for_ref(ref)
-        return await self._blobs.retry.call(lambda: origin.resolve(ref), what=f"resolve ref={ref}", retries=RESOLVE_RETRIES)
+        return await self._blobs.retry.call(
+            lambda: origin.resolve(ref), what=f"resolve ref={ref}", retries=RESOLVE_RETRIES
+        )
 
     async def fetch(self, ref: ModelRef, progress: Progress, *, refresh: bool = False) -> ModelRecord:
         """Make ``ref`` ready. ``refresh`` re-resolves a ready ref (a moved branch) and fetches
@@ -106,7 +115,11 @@ class ModelFetcher:
             return existing
         origin = self._origins.for_ref(ref)
         resolution, known, piece_size = await self._names(ref, origin)
-        if existing is not None and resolution.revision is not None and resolution.revision == existing.manifest.revision:
+        if (
+            existing is not None
+            and resolution.revision is not None
+            and resolution.revision == existing.manifest.revision
+        ):
             await self._store.touch(ref)
             progress.bytes_total = progress.bytes_done = existing.manifest.total_bytes
             return existing
@@ -153,7 +166,12 @@ class ModelFetcher:
                     # not what the origin says it is: the peer lied about the bytes. Once more,
                     # from the origin alone.
                     self._metrics.peer_content_rejected.inc()
-                    log.warning("bytes from peers refused by the origin's checksum; fetching from the origin ref=%s path=%s error=%s", ref, f.path, e)
+                    log.warning(
+                        "bytes from peers refused by the origin's checksum; fetching from the origin ref=%s path=%s error=%s",
+                        ref,
+                        f.path,
+                        e,
+                    )
                     job = _FileJob(f, piece_size, None, reservation, progress)
                     blob_id = await self._fetch_file(job, origin, peers=False)
                 self._store.hold_blob(blob_id.hex)
@@ -172,7 +190,9 @@ class ModelFetcher:
                 blob = BlobId(have[f.path]) if f.path in have else fetched[f.path]
                 entries.append(FileEntry(path=f.path, size=f.size, blob=blob, origin=_origin_meta(f)))
             # Always built here, from the origin's answer: a peer's manifest only ever lent blob ids.
-            manifest = Manifest(ref=ref.canonical, revision=resolution.revision, piece_size=piece_size, files=tuple(entries))
+            manifest = Manifest(
+                ref=ref.canonical, revision=resolution.revision, piece_size=piece_size, files=tuple(entries)
+            )
             return await self._store.commit_model(ref, manifest, sources=dict(progress.sources))
         except StoreFullError:
             # The issue's promise: a prefetch that cannot fit leaves no partial files behind.
@@ -184,7 +204,7 @@ class ModelFetcher:
             for blob in list(have.values()) + [b.hex for b in fetched.values()]:
                 self._store.unhold_blob(blob)
 
-    async def _fetch_file(self, job: "_FileJob", origin: Origin, *, peers: bool) -> BlobId:
+    async def _fetch_file(self, job: _FileJob, origin: Origin, *, peers: bool) -> BlobId:
         """One origin file into a blob, pieces from peers when ``peers``. On an IntegrityError
         nothing of it is kept and what it added to the progress is taken back."""
         f, progress = job.file, job.progress
@@ -205,15 +225,27 @@ class ModelFetcher:
                 swarm = None
                 if peers and self._peers is not None:
                     swarm = Swarm(
-                        self._peers, key=f.key, piece_size=job.piece_size, size=f.size, grace_s=self._grace_s,
+                        self._peers,
+                        key=f.key,
+                        piece_size=job.piece_size,
+                        size=f.size,
+                        grace_s=self._grace_s,
                         stall_timeout_s=self._stall_timeout_s,
                     )
                     swarm.blob_hex = job.blob_hex
                 try:
                     await self._blobs.fetch_blob(partial, f, origin, on_bytes=on_bytes, swarm=swarm)
                     job.peer_bytes = counted[PEER] > 0 or job.blob_hex is not None
-                    if job.blob_hex is not None and BlobId.compute(partial.size, partial.piece_size, [partial.done[i] for i in range(partial.pieces)]).hex != job.blob_hex:
-                        raise IntegrityError(f"{f.path}: the assembled blob does not match the id in the peer's manifest")
+                    if (
+                        job.blob_hex is not None
+                        and BlobId.compute(
+                            partial.size, partial.piece_size, [partial.done[i] for i in range(partial.pieces)]
+                        ).hex
+                        != job.blob_hex
+                    ):
+                        raise IntegrityError(
+                            f"{f.path}: the assembled blob does not match the id in the peer's manifest"
+                        )
                     if swarm is not None and swarm.table is not None and not counted[ORIGIN]:
                         # The blob fetcher trusts a file that came whole from peers once every piece
                         # matched the peer's piece table; that table is the peer's word. The
@@ -249,10 +281,16 @@ class ModelFetcher:
             node_id, hint = found
             log.warning(
                 "origin unreachable: files named by a peer's manifest (cluster.names_from_peers) ref=%s peer=%s error=%s",
-                ref, node_id, e,
+                ref,
+                node_id,
+                e,
             )
             files = [await origin.file_for(ref, hint.revision, x.path, x.size, _checksums(x)) for x in hint.files]
-            return Resolution(files=tuple(files), revision=hint.revision), {x.path: x.blob.hex for x in hint.files}, hint.piece_size
+            return (
+                Resolution(files=tuple(files), revision=hint.revision),
+                {x.path: x.blob.hex for x in hint.files},
+                hint.piece_size,
+            )
         found = await self._manifest_from_peers(ref) if ref.kind is not RefKind.FILE else None
         if found is None:
             return resolution, {}, piece_size
@@ -328,7 +366,12 @@ class ModelFetcher:
         for rec in self._store.models():
             if any(f.blob.hex == blob_hex for f in rec.manifest.files):
                 ref = ModelRef.parse(rec.ref)
-                log.error("model withdrawn: a corrupt blob could not be repaired ref=%s blob=blake3:%s error=%s", ref, blob_hex, why)
+                log.error(
+                    "model withdrawn: a corrupt blob could not be repaired ref=%s blob=blake3:%s error=%s",
+                    ref,
+                    blob_hex,
+                    why,
+                )
                 with contextlib.suppress(CachedError):
                     await self._store.remove_model(ref)
         if self._store.has_partial(blob_hex):  # the failed repair's half-built copy
@@ -346,7 +389,9 @@ class ModelFetcher:
         # The address comes from the ref, not from the stored manifest's ``locator``.
         ofile = await origin.file_for(ref, revision, entry.path, entry.size, _checksums(entry))
         bad_set = set(bad)
-        async with self._store.partial(key=blob_hex, size=entry.size, piece_size=piece_size, identity_key=ofile.key) as partial:
+        async with self._store.partial(
+            key=blob_hex, size=entry.size, piece_size=piece_size, identity_key=ofile.key
+        ) as partial:
             for i in range(partial.pieces):
                 if i in bad_set or i in partial.done:
                     continue
@@ -356,7 +401,9 @@ class ModelFetcher:
             if self._peers is not None:
                 swarm = Swarm(self._peers, key=ofile.key, piece_size=piece_size, size=entry.size)
                 swarm.blob_hex, swarm.table = blob_hex, digests
-            await self._blobs.fetch_blob(partial, ofile, origin, on_bytes=lambda s, n: None, expected=digests, swarm=swarm)
+            await self._blobs.fetch_blob(
+                partial, ofile, origin, on_bytes=lambda s, n: None, expected=digests, swarm=swarm
+            )
             await self._store.finalize(partial, replace=True)
         await self._store.rebuild_views_for_blob(blob_hex)
         log.info("repaired blob blob=blake3:%s pieces=%d ref=%s", blob_hex, len(bad), ref)

@@ -9,8 +9,8 @@ The blob fetcher (``transfer.blob``) calls ``assign`` every time a request finis
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 ORIGIN = "origin"
 

@@ -34,5 +34,8 @@ class Scrub:
             return
         log.info(
             "scrub done checked_bytes=%d bad_pieces=%d repaired_blobs=%d errors=%d",
-            report.checked_bytes, report.bad_pieces, report.repaired_blobs, len(report.errors),
+            report.checked_bytes,
+            report.bad_pieces,
+            report.repaired_blobs,
+            len(report.errors),
         )

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
+from cached.errors import StoreError
 from cached.peers.client import PeerClient
 from cached.peers.holdings import HoldingsView
 from cached.placement import rank
-from cached.errors import StoreError
 from cached.store.partial import decode_piece_log
 from cached.types import BlobId, piece_count
 
@@ -130,7 +131,11 @@ class Swarm:
             return healthy
         covered = frozenset().union(*(p.pieces or frozenset() for p in healthy))
         every = frozenset(range(piece_count(self._size, self._piece_size)))
-        rest = [dataclasses.replace(p, pieces=(every if p.pieces is None else p.pieces) - covered) for p in out if p.node_id in suspect]
+        rest = [
+            dataclasses.replace(p, pieces=(every if p.pieces is None else p.pieces) - covered)
+            for p in out
+            if p.node_id in suspect
+        ]
         return healthy + [p for p in rest if p.pieces]
 
     def origin_allowed(self, index: int, refused: set[str] = frozenset()) -> bool:  # type: ignore[assignment]
@@ -181,5 +186,3 @@ def parse_piece_table(raw: bytes, blob_hex: str) -> list[bytes] | None:
     if BlobId.compute(header.size, header.piece_size, table).hex != blob_hex:
         return None
     return table
-
-

@@ -11,8 +11,9 @@ import os
 import shutil
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import cbench
 from cbench.bench import Bench
@@ -27,53 +28,120 @@ from cbench.role_torrent import role_leech, role_seed
 from cbench.source import daemon_code, git_info
 from cbench.swarm import run_swarm
 
-ROLES: dict[str, Callable[[list[str]], None]] = {"_origin": role_origin, "_seed": role_seed, "_leech": role_leech, "_direct": role_direct}
+ROLES: dict[str, Callable[[list[str]], None]] = {
+    "_origin": role_origin,
+    "_seed": role_seed,
+    "_leech": role_leech,
+    "_direct": role_direct,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=(cbench.__doc__ or "").split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", type=size_arg, default=size_arg("1G"), help="model size (default 1G; 256M for a quick run)")
+    p = argparse.ArgumentParser(
+        description=(cbench.__doc__ or "").split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--size", type=size_arg, default=size_arg("1G"), help="model size (default 1G; 256M for a quick run)"
+    )
     p.add_argument("--nodes", type=int, default=8, help="node namespaces (default 8, at most 200)")
     p.add_argument("--skip-torrent", action="store_true", help="do not run the libtorrent swarm")
-    p.add_argument("--methods", default="cached,torrent,direct", help="which methods, in this order (default cached,torrent,direct)")
+    p.add_argument(
+        "--methods",
+        default="cached,torrent,direct",
+        help="which methods, in this order (default cached,torrent,direct)",
+    )
     p.add_argument("--origin-rate", type=parse_rate, default=parse_rate("200mbit"))
     p.add_argument("--node-rate", type=parse_rate, default=parse_rate("1gbit"))
-    p.add_argument("--piece-size", type=size_arg, default=size_arg("16M"), help="cached --piece-size (default 16M, the daemon's default)")
-    p.add_argument("--origin-connections", type=int, default=8, help="cached origins.http.connections per node (default 8, the daemon's default)")
-    p.add_argument("--stall-timeout", type=float, default=0, help="cached peer.stall_timeout_s (default: the daemon's own)")
+    p.add_argument(
+        "--piece-size",
+        type=size_arg,
+        default=size_arg("16M"),
+        help="cached --piece-size (default 16M, the daemon's default)",
+    )
+    p.add_argument(
+        "--origin-connections",
+        type=int,
+        default=8,
+        help="cached origins.http.connections per node (default 8, the daemon's default)",
+    )
+    p.add_argument(
+        "--stall-timeout", type=float, default=0, help="cached peer.stall_timeout_s (default: the daemon's own)"
+    )
     p.add_argument("--gossip-interval", type=float, default=0.5, help="cached peer.gossip_interval_s (default 0.5)")
     p.add_argument("--timeout", type=float, default=1200, help="global deadline in seconds (default 1200)")
-    p.add_argument("--workdir", type=Path, default=Path("/var/tmp/cbench"), help="model file, node data, logs (default /var/tmp/cbench)")
-    p.add_argument("--out", type=Path, default=None, help="write results JSON and Markdown here (default WORKDIR/results)")
-    p.add_argument("--plot", type=Path, default=None,
-                   help="plot file (default docs/bench-cluster.png; failover: WORKDIR/results/failover.png)")
-    p.add_argument("--cached-python", type=Path, default=REPO / ".venv" / "bin" / "python", help="interpreter that has cached installed")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("/var/tmp/cbench"),
+        help="model file, node data, logs (default /var/tmp/cbench)",
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="write results JSON and Markdown here (default WORKDIR/results)"
+    )
+    p.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="plot file (default docs/bench-cluster.png; failover: WORKDIR/results/failover.png)",
+    )
+    p.add_argument(
+        "--cached-python",
+        type=Path,
+        default=REPO / ".venv" / "bin" / "python",
+        help="interpreter that has cached installed",
+    )
     p.add_argument("--keep", action="store_true", help="keep the daemons' cache dirs after the run")
-    p.add_argument("--method-timeout", type=float, default=0,
-                   help="seconds one method may take (default: 4x lower bound + 60 s; direct: 1.5x nodes x lower bound + 60 s)")
+    p.add_argument(
+        "--method-timeout",
+        type=float,
+        default=0,
+        help="seconds one method may take (default: 4x lower bound + 60 s; direct: 1.5x nodes x lower bound + 60 s)",
+    )
     add_failover_flags(p)
-    p.add_argument("--cached-variant", action="append", default=[], metavar="LABEL=[PYTHONPATH][;piece_size=4M][;connections=2][;stall_timeout=60]",
-                   help="also run cached from another source tree (a patched copy) and/or with other settings, "
-                        "reported as 'cached (LABEL)'; repeatable")
+    p.add_argument(
+        "--cached-variant",
+        action="append",
+        default=[],
+        metavar="LABEL=[PYTHONPATH][;piece_size=4M][;connections=2][;stall_timeout=60]",
+        help="also run cached from another source tree (a patched copy) and/or with other settings, "
+        "reported as 'cached (LABEL)'; repeatable",
+    )
     return p
 
 
 def add_failover_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("failover scenario (--scenario failover)")
-    g.add_argument("--scenario", choices=("swarm", "failover"), default="swarm",
-                   help="swarm (default): N nodes want the model at once, cached vs torrent vs direct; "
-                        "failover: replicate --replicas R, kill a holder, time the replacement copy")
+    g.add_argument(
+        "--scenario",
+        choices=("swarm", "failover"),
+        default="swarm",
+        help="swarm (default): N nodes want the model at once, cached vs torrent vs direct; "
+        "failover: replicate --replicas R, kill a holder, time the replacement copy",
+    )
     g.add_argument("--replicas", type=int, default=2, help="catalog replicas (default 2)")
-    g.add_argument("--kill", default="first",
-                   help="which holder dies: first or second owner in HRW order, or a node id like n3 (default first)")
-    g.add_argument("--kill-mode", choices=("process", "node"), default="process",
-                   help="process (default): SIGKILL the daemon (its host still answers with RST); "
-                        "node: also take its link down first (a vanished host: connections time out)")
-    g.add_argument("--cached-src", default="tree", metavar="tree|head|DIR",
-                   help="tree (default): daemons run cached/ as it is in this checkout; head: a copy of the committed "
-                        "cached/ at HEAD (git archive into WORKDIR/src-SHA), unaffected by uncommitted edits; "
-                        "DIR: a directory holding a cached/ package (a patched copy), put on the daemons' PYTHONPATH")
-    g.add_argument("--suspect-after", type=float, default=0, help="cached peer.suspect_after_s (default: the daemon's own)")
+    g.add_argument(
+        "--kill",
+        default="first",
+        help="which holder dies: first or second owner in HRW order, or a node id like n3 (default first)",
+    )
+    g.add_argument(
+        "--kill-mode",
+        choices=("process", "node"),
+        default="process",
+        help="process (default): SIGKILL the daemon (its host still answers with RST); "
+        "node: also take its link down first (a vanished host: connections time out)",
+    )
+    g.add_argument(
+        "--cached-src",
+        default="tree",
+        metavar="tree|head|DIR",
+        help="tree (default): daemons run cached/ as it is in this checkout; head: a copy of the committed "
+        "cached/ at HEAD (git archive into WORKDIR/src-SHA), unaffected by uncommitted edits; "
+        "DIR: a directory holding a cached/ package (a patched copy), put on the daemons' PYTHONPATH",
+    )
+    g.add_argument(
+        "--suspect-after", type=float, default=0, help="cached peer.suspect_after_s (default: the daemon's own)"
+    )
     g.add_argument("--dead-after", type=float, default=0, help="cached peer.dead_after_s (default: the daemon's own)")
 
 

@@ -37,9 +37,12 @@ class Bench:
     procs: Processes
 
     @classmethod
-    def create(cls, args: argparse.Namespace) -> "Bench":
+    def create(cls, args: argparse.Namespace) -> Bench:
         return cls(
-            args=args, work=args.workdir, deadline=time.monotonic() + args.timeout, bench_py=sys.executable,
+            args=args,
+            work=args.workdir,
+            deadline=time.monotonic() + args.timeout,
+            bench_py=sys.executable,
             cached_py=os.path.abspath(args.cached_python),  # the daemons start in WORKDIR/cwd
             procs=Processes(args.workdir / "cwd"),
         )
@@ -61,13 +64,23 @@ class Bench:
 
     async def spawn_role(self, name: str, ns: str, role: str, *args: str, stdin: bool = False) -> Child:
         """A role of this script (``_origin``, ``_seed``, ...) in ``ns``, stderr to logs/NAME.log."""
-        return await self.procs.spawn(name, ns, self.bench_py, str(SCRIPT), role, *args, stdin=stdin, log_to=self.log_path(name))
+        return await self.procs.spawn(
+            name, ns, self.bench_py, str(SCRIPT), role, *args, stdin=stdin, log_to=self.log_path(name)
+        )
 
     async def start_origin(self, model: Model, stats_file: Path) -> Child:
         stats_file.unlink(missing_ok=True)
         origin = await self.spawn_role(
-            "origin", ORIGIN_NS, "_origin", str(model.path.parent), "--bind", ORIGIN_IP,
-            "--port", str(HTTP_PORT), "--stats", str(stats_file),
+            "origin",
+            ORIGIN_NS,
+            "_origin",
+            str(model.path.parent),
+            "--bind",
+            ORIGIN_IP,
+            "--port",
+            str(HTTP_PORT),
+            "--stats",
+            str(stats_file),
         )
         await self.procs.expect(origin, "ready", 60)
         return origin

@@ -7,10 +7,10 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
 
 from cbench.bench import Bench, Model, prepare_model
 from cbench.common import fmt_size, log

@@ -38,7 +38,8 @@ def write_cluster_files(base: Path, peer: dict[str, Any], connections: int) -> C
     token.chmod(0o600)
     conf = base / "cached.toml"
     conf.write_text(
-        "[peer]\n" + "".join(f"{k} = {v}\n" for k, v in peer.items())
+        "[peer]\n"
+        + "".join(f"{k} = {v}\n" for k, v in peer.items())
         + f"[origins.http]\nconnections = {connections}\n"
         + '[log]\nlevel = "info"\n'
     )
@@ -48,9 +49,26 @@ def write_cluster_files(base: Path, peer: dict[str, Any], connections: int) -> C
 def daemon_cmd(bench: Bench, files: ClusterFiles, i: int, piece_size: int) -> list[str]:
     sock = files.base / f"n{i}.sock"
     cmd = [
-        bench.cached_py, "-m", "cached", "--config", str(files.conf), "--node-id", f"n{i}", "--cache-dir", str(files.base / f"n{i}"),
-        "--api-listen", f"unix:{sock}", "--peer-listen", f"{node_ip(i)}:{PEER_PORT}", "--advertise", f"{node_ip(i)}:{PEER_PORT}",
-        "--cluster-token-file", str(files.token), "--no-mdns", "--piece-size", str(piece_size),
+        bench.cached_py,
+        "-m",
+        "cached",
+        "--config",
+        str(files.conf),
+        "--node-id",
+        f"n{i}",
+        "--cache-dir",
+        str(files.base / f"n{i}"),
+        "--api-listen",
+        f"unix:{sock}",
+        "--peer-listen",
+        f"{node_ip(i)}:{PEER_PORT}",
+        "--advertise",
+        f"{node_ip(i)}:{PEER_PORT}",
+        "--cluster-token-file",
+        str(files.token),
+        "--no-mdns",
+        "--piece-size",
+        str(piece_size),
     ]
     if i != 1:
         cmd += ["--seed", f"{node_ip(1)}:{PEER_PORT}"]
@@ -74,7 +92,9 @@ async def launch_cached(
 def api_session(sock: Path) -> Any:
     import aiohttp
 
-    return aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sock)), timeout=aiohttp.ClientTimeout(total=None))
+    return aiohttp.ClientSession(
+        connector=aiohttp.UnixConnector(path=str(sock)), timeout=aiohttp.ClientTimeout(total=None)
+    )
 
 
 async def await_membership(bench: Bench, kids: list[Child], socks: list[Path]) -> tuple[list[Any], float]:
@@ -134,7 +154,14 @@ def daemon_peer_defaults(bench: Bench, pythonpath: str) -> dict[str, Any]:
     )
     try:
         env = {**os.environ, "PYTHONPATH": pythonpath} if pythonpath else None
-        r = subprocess.run([bench.cached_py, "-c", code], capture_output=True, text=True, timeout=60, cwd=str(bench.work / "cwd"), env=env)
+        r = subprocess.run(
+            [bench.cached_py, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=str(bench.work / "cwd"),
+            env=env,
+        )
         return json.loads(r.stdout)
     except (OSError, subprocess.SubprocessError, ValueError):
         return {}

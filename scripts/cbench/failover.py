@@ -32,7 +32,9 @@ async def run_failover_scenario(bench: Bench) -> dict[str, Any]:
     a = bench.args
     async with cluster(bench) as c:
         await sync_disks()
-        log(f"--- failover: replicate {fmt_size(a.size)} --replicas {a.replicas} on {a.nodes} nodes, then kill a holder")
+        log(
+            f"--- failover: replicate {fmt_size(a.size)} --replicas {a.replicas} on {a.nodes} nodes, then kill a holder"
+        )
         try:
             return await run_failover(bench, c.model, c.stats_file)
         except (RuntimeError, TimeoutError, OSError) as e:
@@ -42,9 +44,20 @@ async def run_failover_scenario(bench: Bench) -> dict[str, Any]:
 
 def new_record(bench: Bench) -> dict[str, Any]:
     a = bench.args
-    return {"scenario": "failover", "ok": False, "notes": [], "size": a.size, "nodes": a.nodes,
-            "node_rate": a.node_rate, "origin_rate": a.origin_rate, "replicas": a.replicas,
-            "kill": a.kill, "kill_mode": a.kill_mode, "piece_size": a.piece_size, "git": a.git}
+    return {
+        "scenario": "failover",
+        "ok": False,
+        "notes": [],
+        "size": a.size,
+        "nodes": a.nodes,
+        "node_rate": a.node_rate,
+        "origin_rate": a.origin_rate,
+        "replicas": a.replicas,
+        "kill": a.kill,
+        "kill_mode": a.kill_mode,
+        "piece_size": a.piece_size,
+        "git": a.git,
+    }
 
 
 async def peer_settings(bench: Bench, r: dict[str, Any]) -> tuple[dict[str, float], float]:
@@ -52,13 +65,20 @@ async def peer_settings(bench: Bench, r: dict[str, Any]) -> tuple[dict[str, floa
     a = bench.args
     defaults = await asyncio.to_thread(daemon_peer_defaults, bench, a.pythonpath)
     peer: dict[str, float] = {"gossip_interval_s": a.gossip_interval}
-    for key, val in (("suspect_after_s", a.suspect_after), ("dead_after_s", a.dead_after), ("stall_timeout_s", a.stall_timeout)):
+    for key, val in (
+        ("suspect_after_s", a.suspect_after),
+        ("dead_after_s", a.dead_after),
+        ("stall_timeout_s", a.stall_timeout),
+    ):
         if val:
             peer[key] = val
     eff = {**defaults, **peer}
-    r["peer_config"] = {k: eff.get(k) for k in ("gossip_interval_s", "suspect_after_s", "dead_after_s", "stall_timeout_s")}
-    r["peer_config_from"] = {k: ("config file" if k in peer else "daemon default" if k in defaults else "unknown")
-                             for k in r["peer_config"]}
+    r["peer_config"] = {
+        k: eff.get(k) for k in ("gossip_interval_s", "suspect_after_s", "dead_after_s", "stall_timeout_s")
+    }
+    r["peer_config_from"] = {
+        k: ("config file" if k in peer else "daemon default" if k in defaults else "unknown") for k in r["peer_config"]
+    }
     return peer, float(eff.get("dead_after_s") or 15.0)
 
 
@@ -93,7 +113,9 @@ class Watch:
 class FailoverRun:
     """One failover, step by step; ``close`` stops whatever is still watching."""
 
-    def __init__(self, bench: Bench, r: dict[str, Any], kids: list[Child], stats_file: Path, model: Model, dead_after: float) -> None:
+    def __init__(
+        self, bench: Bench, r: dict[str, Any], kids: list[Child], stats_file: Path, model: Model, dead_after: float
+    ) -> None:
         self.bench, self.a, self.r = bench, bench.args, r
         self.kids, self.stats_file, self.model, self.dead_after = kids, stats_file, model, dead_after
         self.sessions: list[Any] = []
@@ -127,7 +149,9 @@ class FailoverRun:
         a, r = self.a, self.r
         before = await origin_stats(self.stats_file)
         t_rep = time.monotonic()
-        async with self.sessions[0].post("http://node/v1/replicate", json={"ref": MODEL_URL, "replicas": a.replicas}) as resp:
+        async with self.sessions[0].post(
+            "http://node/v1/replicate", json={"ref": MODEL_URL, "replicas": a.replicas}
+        ) as resp:
             body = await resp.json()
             if resp.status != 200:
                 raise RuntimeError(f"replicate: HTTP {resp.status}: {body}")
@@ -160,8 +184,14 @@ class FailoverRun:
         self.r["budget_s"] = round(w.budget, 1)
         opened = {node: asyncio.Event() for node in survivors}
         for node, s in survivors.items():
-            self.streams.append(asyncio.create_task(asyncio.wait_for(
-                follow_events(s, node, canonical, w.events, opened[node], w.replaced, set(holders)), w.budget + 30)))
+            self.streams.append(
+                asyncio.create_task(
+                    asyncio.wait_for(
+                        follow_events(s, node, canonical, w.events, opened[node], w.replaced, set(holders)),
+                        w.budget + 30,
+                    )
+                )
+            )
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in opened.values())), 10)
         self.sampler_task = asyncio.create_task(sampler(w.samples, self.stop_sampler, a.timeout))
@@ -178,13 +208,15 @@ class FailoverRun:
         if a.kill_mode == "node":
             link_down(node_ns(vi))
         os.killpg(victim_kid.proc.pid, signal.SIGKILL)
-        log(f"failover: killed {r['victim']} ({a.kill_mode}); waiting for the replacement copy (at most {w.budget:.0f}s)")
+        log(
+            f"failover: killed {r['victim']} ({a.kill_mode}); waiting for the replacement copy (at most {w.budget:.0f}s)"
+        )
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(victim_kid.proc.wait(), 10)
         watcher = asyncio.create_task(watch_peers(survivors, r["victim"], t0_wall, t0 + self.dead_after + 60, w.views))
         try:
             await asyncio.wait_for(w.replaced.wait(), w.budget)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             r["notes"].append(f"no replacement copy ready within {w.budget:.0f}s of the kill")
         t_end_wall = time.time()
         with contextlib.suppress(asyncio.TimeoutError):
@@ -215,7 +247,9 @@ class FailoverRun:
         st = await get_json(s, "/v1/models/status", MODEL_URL, 5)
         if st is None:
             return
-        self.r["replacement_status"] = {k: st.get(k) for k in ("state", "bytes_total", "sources", "replicas", "manifest")}
+        self.r["replacement_status"] = {
+            k: st.get(k) for k in ("state", "bytes_total", "sources", "replicas", "manifest")
+        }
         if st.get("state") == "ready" and st.get("path"):
             p = Path(st["path"])
             f = p / MODEL_NAME if p.is_dir() else p

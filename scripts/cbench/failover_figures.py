@@ -6,8 +6,9 @@ written to failover-STAMP.json as it is); the only I/O is reading the daemons' l
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from cbench.failover_watch import log_events
 from cbench.measure import Samples
@@ -27,8 +28,9 @@ def who_fetched(r: dict[str, Any], events: list[dict[str, Any]]) -> str | None:
     return repl
 
 
-def detections(r: dict[str, Any], survivors: list[str], views: dict[str, dict[str, float]], logs: Path,
-               t0_wall: float) -> dict[str, dict[str, Any]]:
+def detections(
+    r: dict[str, Any], survivors: list[str], views: dict[str, dict[str, float]], logs: Path, t0_wall: float
+) -> dict[str, dict[str, Any]]:
     """Per survivor: seconds after the kill when it marked the victim suspect and dead; sets views,
     suspect_s and dead_s (first / median / last over the survivors)."""
     victim = r["victim"]
@@ -48,8 +50,14 @@ def detections(r: dict[str, Any], survivors: list[str], views: dict[str, dict[st
     return per
 
 
-def replacement_timeline(r: dict[str, Any], events: list[dict[str, Any]], repl: str, per: dict[str, dict[str, Any]],
-                         logs: Path, t0_wall: float) -> None:
+def replacement_timeline(
+    r: dict[str, Any],
+    events: list[dict[str, Any]],
+    repl: str,
+    per: dict[str, dict[str, Any]],
+    logs: Path,
+    t0_wall: float,
+) -> None:
     """The replacement's job events (queued, fetching, ready, failed), its progress, its view of
     the victim and its own log lines, in seconds after the kill."""
     rel: Callable[[float], float] = lambda t: round(t - t0_wall, 3)  # noqa: E731
@@ -57,7 +65,9 @@ def replacement_timeline(r: dict[str, Any], events: list[dict[str, Any]], repl: 
     for kind in JOB_EVENTS:
         t = next((e["time"] for e in mine if e.get("event") == kind), None)
         r[f"{kind}_s"] = rel(t) if t is not None else None
-    r["progress"] = [(rel(e["time"]), e.get("bytes_done", 0)) for e in mine if e.get("event") in ("progress", "fetching", "ready")]
+    r["progress"] = [
+        (rel(e["time"]), e.get("bytes_done", 0)) for e in mine if e.get("event") in ("progress", "fetching", "ready")
+    ]
     r["replacement_view"] = per.get(repl, {})
     logged = log_events(logs / f"failover-{repl}.log", t0_wall)
     r["replacement_log"] = [f"+{t - t0_wall:.3f}s {msg}"[:240] for t, msg in logged][:60]
@@ -69,10 +79,14 @@ def link_figures(r: dict[str, Any], samples: Samples, t0: float) -> None:
     if len(samples) < 2:
         return
     first, last = samples[0][1], samples[-1][1]
-    r["link_bytes"] = {dev: {"sent": last[dev][0] - first.get(dev, (0, 0))[0], "received": last[dev][1] - first.get(dev, (0, 0))[1]}
-                       for dev in last}
-    r["link_samples"] = {dev: [(round(t - t0, 3), c.get(dev, (0, 0))[0] - first.get(dev, (0, 0))[0]) for t, c in samples]
-                         for dev in ["s-origin"] + [f"s-{h}" for h in r["surviving_holders"]]}
+    r["link_bytes"] = {
+        dev: {"sent": last[dev][0] - first.get(dev, (0, 0))[0], "received": last[dev][1] - first.get(dev, (0, 0))[1]}
+        for dev in last
+    }
+    r["link_samples"] = {
+        dev: [(round(t - t0, 3), c.get(dev, (0, 0))[0] - first.get(dev, (0, 0))[0]) for t, c in samples]
+        for dev in ["s-origin"] + [f"s-{h}" for h in r["surviving_holders"]]
+    }
 
 
 def bounds(r: dict[str, Any], a: argparse.Namespace) -> None:
@@ -102,7 +116,8 @@ def verdict(r: dict[str, Any], replicas: int) -> None:
     """ok = the replacement is ready, its file verified, and locate shows ``replicas`` ready copies."""
     src = (r.get("replacement_status") or {}).get("sources") or {}
     r["ok"] = bool(
-        r.get("replacement_file_ok") and (r.get("replacement_status") or {}).get("state") == "ready"
+        r.get("replacement_file_ok")
+        and (r.get("replacement_status") or {}).get("state") == "ready"
         and sum(1 for x in r.get("locate_after") or [] if x.get("state") == "ready") >= replicas
     )
     r["peer_bytes"], r["origin_bytes_replacement"] = src.get("peer"), src.get("origin")

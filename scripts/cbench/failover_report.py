@@ -48,11 +48,17 @@ def what_happened(r: dict[str, Any], a: argparse.Namespace) -> list[str]:
 
 
 def detection_table(r: dict[str, Any]) -> list[str]:
-    lines = ["", "| from the kill | first survivor | median | last survivor | the replacement |", "|---|---|---|---|---|"]
+    lines = [
+        "",
+        "| from the kill | first survivor | median | last survivor | the replacement |",
+        "|---|---|---|---|---|",
+    ]
     rv = r.get("replacement_view") or {}
     for st in ("suspect", "dead"):
         d = r.get(f"{st}_s") or {}
-        lines.append(f"| survivors mark {r['victim']} {st} | {_t(d.get('first'))} | {_t(d.get('median'))} | {_t(d.get('last'))} | {_t(rv.get(st))} |")
+        lines.append(
+            f"| survivors mark {r['victim']} {st} | {_t(d.get('first'))} | {_t(d.get('median'))} | {_t(d.get('last'))} | {_t(rv.get(st))} |"
+        )
     return lines
 
 
@@ -76,34 +82,78 @@ def where_time_goes(r: dict[str, Any], a: argparse.Namespace) -> list[str]:
     lines = ["", "Where the time goes (seconds after the kill):"]
     trig = r.get("trigger")
     if trig:
-        lines.append(f"- the replacement stopped counting {r['victim']} as a live owner when it marked it **{trig}** "
-                     f"(at {_t(rv.get(trig))}); its reconcile loop queued the fetch {_t(r.get('reconcile_delay_s'))} later")
+        lines.append(
+            f"- the replacement stopped counting {r['victim']} as a live owner when it marked it **{trig}** "
+            f"(at {_t(rv.get(trig))}); its reconcile loop queued the fetch {_t(r.get('reconcile_delay_s'))} later"
+        )
     if r.get("transfer_s") is not None:
         rate = a.size * 8 / r["transfer_s"] / 1e6
-        lines.append(f"- transfer (fetching -> ready, includes manifest/piece-table lookups, verify, fsync, commit): "
-                     f"{r['transfer_s']:.2f} s = {rate:.0f} Mbit/s effective, vs {wire:.2f} s at the link rate")
+        lines.append(
+            f"- transfer (fetching -> ready, includes manifest/piece-table lookups, verify, fsync, commit): "
+            f"{r['transfer_s']:.2f} s = {rate:.0f} Mbit/s effective, vs {wire:.2f} s at the link rate"
+        )
     if r.get("lower_bound_suspect_s") is not None and trig == "suspect":
-        lines.append(f"- bound from the replacement's *suspect* mark instead (what the daemon acts on): "
-                     f"{r['lower_bound_suspect_s']:.2f} s" + (f" -> total / that = {r['total_s'] / r['lower_bound_suspect_s']:.2f}x" if r.get("total_s") else ""))
+        lines.append(
+            f"- bound from the replacement's *suspect* mark instead (what the daemon acts on): "
+            f"{r['lower_bound_suspect_s']:.2f} s"
+            + (f" -> total / that = {r['total_s'] / r['lower_bound_suspect_s']:.2f}x" if r.get("total_s") else "")
+        )
     lb = r.get("link_bytes") or {}
     if lb:
         sent = ", ".join(f"{dev[2:]} {fmt_size(v['sent'])}" for dev, v in sorted(lb.items()) if v["sent"] > (1 << 20))
         lines.append(f"- link bytes sent during the failover (switch veth counters, > 1 MiB): {sent or 'none'}")
     if r.get("loadavg_at_kill"):
-        lines.append(f"- load average at the kill: {' / '.join(map(str, r['loadavg_at_kill']))} (1/5/15 min, {os.cpu_count()} CPUs, shared machine)")
-    lines.append(f"- verified: {'yes' if r.get('ok') else 'NO'} (replacement ready, BLAKE3 of its file matches, "
-                 f"{sum(1 for x in r.get('locate_after') or [] if x.get('state') == 'ready')} ready copies in locate)")
+        lines.append(
+            f"- load average at the kill: {' / '.join(map(str, r['loadavg_at_kill']))} (1/5/15 min, {os.cpu_count()} CPUs, shared machine)"
+        )
+    lines.append(
+        f"- verified: {'yes' if r.get('ok') else 'NO'} (replacement ready, BLAKE3 of its file matches, "
+        f"{sum(1 for x in r.get('locate_after') or [] if x.get('state') == 'ready')} ready copies in locate)"
+    )
     for note in r.get("notes", []):
         lines.append(f"- note: {note}")
     return lines
 
 
 def summary_failover(r: dict[str, Any]) -> dict[str, Any]:
-    keys = ("scenario", "ok", "git", "size", "nodes", "node_rate", "origin_rate", "replicas", "kill_mode", "peer_config",
-            "initial_s", "initial_origin_bytes", "holders", "victim", "replacement", "fetchers", "suspect_s", "dead_s",
-            "detection_s", "trigger", "queued_s", "fetching_s", "ready_s", "reconcile_delay_s", "transfer_s", "total_s",
-            "wire_s", "lower_bound_s", "ratio", "lower_bound_suspect_s", "origin_bytes_failover", "origin_requests_failover",
-            "peer_bytes", "origin_bytes_replacement", "loadavg_at_kill", "notes")
+    keys = (
+        "scenario",
+        "ok",
+        "git",
+        "size",
+        "nodes",
+        "node_rate",
+        "origin_rate",
+        "replicas",
+        "kill_mode",
+        "peer_config",
+        "initial_s",
+        "initial_origin_bytes",
+        "holders",
+        "victim",
+        "replacement",
+        "fetchers",
+        "suspect_s",
+        "dead_s",
+        "detection_s",
+        "trigger",
+        "queued_s",
+        "fetching_s",
+        "ready_s",
+        "reconcile_delay_s",
+        "transfer_s",
+        "total_s",
+        "wire_s",
+        "lower_bound_s",
+        "ratio",
+        "lower_bound_suspect_s",
+        "origin_bytes_failover",
+        "origin_requests_failover",
+        "peer_bytes",
+        "origin_bytes_replacement",
+        "loadavg_at_kill",
+        "notes",
+    )
     return {k: r.get(k) for k in keys if k in r}
 
 
@@ -115,29 +165,62 @@ def draw_failover(ax: Any, r: dict[str, Any], title: str | None = None) -> None:
     wire = size * 8 / node_rate
     prog = r.get("progress") or []
     if prog:
-        ax.plot([t for t, _ in prog], [b / gib for _, b in prog], color="tab:red", lw=1.8, marker=".",
-                label=f"replacement {r.get('replacement')}: verified bytes (job events)")
+        ax.plot(
+            [t for t, _ in prog],
+            [b / gib for _, b in prog],
+            color="tab:red",
+            lw=1.8,
+            marker=".",
+            label=f"replacement {r.get('replacement')}: verified bytes (job events)",
+        )
     for dev, pts in (r.get("link_samples") or {}).items():
-        ax.plot([t for t, _ in pts], [b / gib for _, b in pts], lw=1.1, ls="-" if dev != "s-origin" else ":",
-                color="tab:blue" if dev != "s-origin" else "black",
-                label=f"bytes sent by {dev[2:]} (link counter, sampled every {SAMPLE_S} s)")
+        ax.plot(
+            [t for t, _ in pts],
+            [b / gib for _, b in pts],
+            lw=1.1,
+            ls="-" if dev != "s-origin" else ":",
+            color="tab:blue" if dev != "s-origin" else "black",
+            label=f"bytes sent by {dev[2:]} (link counter, sampled every {SAMPLE_S} s)",
+        )
     det = r.get("detection_s")
     if det is not None:
-        ax.plot([det, det + wire], [0, size / gib], color="grey", ls="--", lw=1,
-                label=f"lower bound: dead mark + size / link rate = {det + wire:.1f} s")
+        ax.plot(
+            [det, det + wire],
+            [0, size / gib],
+            color="grey",
+            ls="--",
+            lw=1,
+            label=f"lower bound: dead mark + size / link rate = {det + wire:.1f} s",
+        )
     rv = r.get("replacement_view") or {}
     if rv.get("suspect") is not None:
-        ax.plot([rv["suspect"], rv["suspect"] + wire], [0, size / gib], color="grey", ls=":", lw=1,
-                label=f"suspect mark + size / link rate = {rv['suspect'] + wire:.1f} s")
-    marks = [("suspect", rv.get("suspect"), "tab:orange"), ("dead", rv.get("dead"), "tab:purple"),
-             ("fetch starts", r.get("fetching_s"), "tab:green"), ("ready", r.get("ready_s"), "tab:red")]
+        ax.plot(
+            [rv["suspect"], rv["suspect"] + wire],
+            [0, size / gib],
+            color="grey",
+            ls=":",
+            lw=1,
+            label=f"suspect mark + size / link rate = {rv['suspect'] + wire:.1f} s",
+        )
+    marks = [
+        ("suspect", rv.get("suspect"), "tab:orange"),
+        ("dead", rv.get("dead"), "tab:purple"),
+        ("fetch starts", r.get("fetching_s"), "tab:green"),
+        ("ready", r.get("ready_s"), "tab:red"),
+    ]
     for label, t, color in marks:
         if t is not None:
             ax.axvline(t, color=color, lw=0.9, ls="-.", label=f"{label} ({t:.1f} s)")
     ax.set_xlabel(f"s since the kill of {r.get('victim')} ({r.get('kill_mode')})")
     ax.set_ylabel("GiB")
-    ax.set_title(title or (f"Failover: {fmt_size(size)} model, replicas {r.get('replicas')}, {r.get('nodes')} nodes @ "
-                           f"{node_rate / 1e6:.0f} Mbit/s (total {_t(r.get('total_s'))}, {r.get('ratio', '-')}x the bound)"), fontsize=10)
+    ax.set_title(
+        title
+        or (
+            f"Failover: {fmt_size(size)} model, replicas {r.get('replicas')}, {r.get('nodes')} nodes @ "
+            f"{node_rate / 1e6:.0f} Mbit/s (total {_t(r.get('total_s'))}, {r.get('ratio', '-')}x the bound)"
+        ),
+        fontsize=10,
+    )
     ax.legend(fontsize=7, loc="upper left")
     ax.set_xlim(left=-1)
 
@@ -176,4 +259,3 @@ def finish_failover(r: dict[str, Any], a: argparse.Namespace, out: Path) -> int:
         log(f"no plot (matplotlib missing: {e})")
     log(f"results: {out}/failover.md, failover-{stamp}.json, failover.jsonl")
     return 0 if r.get("ok") else 1
-

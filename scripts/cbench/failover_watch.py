@@ -31,8 +31,15 @@ async def wait_ready_copies(s: Any, ref: str, want: int, budget: float) -> list[
     raise TimeoutError(f"fewer than {want} ready copies after {budget:.0f}s: {nodes}")
 
 
-async def follow_events(s: Any, node: str, ref: str, out: list[dict[str, Any]], opened: asyncio.Event,
-                        done: asyncio.Event, holders: set[str]) -> None:
+async def follow_events(
+    s: Any,
+    node: str,
+    ref: str,
+    out: list[dict[str, Any]],
+    opened: asyncio.Event,
+    done: asyncio.Event,
+    holders: set[str],
+) -> None:
     """``GET /v1/events?ref=`` on one node: every job event (with the daemon's wall-clock time).
     Ends when the caller cancels it (the caller bounds it in time)."""
     async with s.get("http://node/v1/events", params={"ref": ref}) as resp:
@@ -50,8 +57,9 @@ async def follow_events(s: Any, node: str, ref: str, out: list[dict[str, Any]], 
                     done.set()
 
 
-async def watch_peers(sessions: dict[str, Any], victim: str, t0_wall: float, until: float,
-                      out: dict[str, dict[str, float]]) -> None:
+async def watch_peers(
+    sessions: dict[str, Any], victim: str, t0_wall: float, until: float, out: dict[str, dict[str, float]]
+) -> None:
     """Poll every survivor's ``GET /v1/peers`` every FAILOVER_POLL_S (bounded by ``until``, a
     monotonic time): when it first shows the victim suspect, dead (seconds after the kill)."""
     for _ in range(int(max(0.0, until - time.monotonic()) / FAILOVER_POLL_S) + 1):
@@ -67,7 +75,7 @@ async def _view(node: str, s: Any, victim: str, t0_wall: float, out: dict[str, d
     try:
         async with s.get("http://node/v1/peers", timeout=aiohttp.ClientTimeout(total=2)) as r:
             peers = await r.json()
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+    except (TimeoutError, aiohttp.ClientError, ValueError):
         return
     t = time.time() - t0_wall
     state = next((p["state"] for p in peers if p["node_id"] == victim), "absent")
@@ -94,6 +102,8 @@ async def get_json(s: Any, path: str, ref: str, timeout: float) -> Any:
     import aiohttp
 
     with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, ValueError):
-        async with s.get(f"http://node{path}", params={"ref": ref}, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+        async with s.get(
+            f"http://node{path}", params={"ref": ref}, timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as resp:
             return await resp.json()
     return None

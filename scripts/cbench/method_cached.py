@@ -16,7 +16,9 @@ from cbench.daemons import await_membership, launch_cached, write_cluster_files
 from cbench.measure import MethodResult, measuring
 
 
-async def run_cached(bench: Bench, model: Model, stats_file: Path, name: str = "cached", variant: dict[str, Any] | None = None) -> MethodResult:
+async def run_cached(
+    bench: Bench, model: Model, stats_file: Path, name: str = "cached", variant: dict[str, Any] | None = None
+) -> MethodResult:
     a = bench.args
     v = variant or {}
     pythonpath = v.get("path", "")
@@ -51,7 +53,9 @@ async def run_cached(bench: Bench, model: Model, stats_file: Path, name: str = "
 
 
 async def prefetch(bench: Bench, s: Any) -> dict[str, Any]:
-    async with s.post("http://node/v1/prefetch", json={"ref": MODEL_URL, "wait": True, "timeout_s": int(bench.remaining())}) as r:
+    async with s.post(
+        "http://node/v1/prefetch", json={"ref": MODEL_URL, "wait": True, "timeout_s": int(bench.remaining())}
+    ) as r:
         body = await r.json()
     body["_t_done"] = time.monotonic()
     body["_status"] = r.status
@@ -85,8 +89,10 @@ async def answer(task: asyncio.Task[dict[str, Any]], s: Any, budget: float) -> A
     try:
         async with s.get("http://node/v1/models/status", params={"ref": MODEL_URL}) as r:
             st = await r.json()
-        return RuntimeError(f"not ready after {budget:.0f}s: state={st.get('state')} "
-                            f"bytes_done={st.get('bytes_done')} sources={st.get('sources')}")
+        return RuntimeError(
+            f"not ready after {budget:.0f}s: state={st.get('state')} "
+            f"bytes_done={st.get('bytes_done')} sources={st.get('sources')}"
+        )
     except aiohttp.ClientError as e:
         return e
 
@@ -110,4 +116,3 @@ def check_answers(res: MethodResult, answers: list[Any], model: Model, name: str
             res.ok = False
             res.notes.append(f"cached n{i}: file at {f} missing or wrong")
     res.extra["sources"] = per_node
-

@@ -18,10 +18,22 @@ async def run_direct(bench: Bench, model: Model, stats_file: Path) -> MethodResu
     kids = []
     for i in range(1, bench.args.nodes + 1):
         out = bench.work / "direct" / f"n{i}" / MODEL_NAME
-        kids.append(await bench.spawn_role(
-            f"direct-n{i}", node_ns(i), "_direct", "--url", MODEL_URL, "--out", str(out), "--expect", model.digest,
-            "--max-seconds", str(int(bench.remaining())), stdin=True,
-        ))
+        kids.append(
+            await bench.spawn_role(
+                f"direct-n{i}",
+                node_ns(i),
+                "_direct",
+                "--url",
+                MODEL_URL,
+                "--out",
+                str(out),
+                "--expect",
+                model.digest,
+                "--max-seconds",
+                str(int(bench.remaining())),
+                stdin=True,
+            )
+        )
     for k in kids:
         await bench.procs.expect(k, "ready", 60)
     before = await origin_stats(stats_file)

@@ -27,8 +27,20 @@ async def run_torrent(bench: Bench, model: Model) -> MethodResult:
     stats = bench.work / "seed-stats.json"
     stats.unlink(missing_ok=True)
     seed = await bench.spawn_role(
-        "seed", ORIGIN_NS, "_seed", "--torrent", str(model.torrent), "--save", str(model.path.parent),
-        "--bind", ORIGIN_IP, "--stats", str(stats), "--max-seconds", str(int(bench.remaining())), stdin=True,
+        "seed",
+        ORIGIN_NS,
+        "_seed",
+        "--torrent",
+        str(model.torrent),
+        "--save",
+        str(model.path.parent),
+        "--bind",
+        ORIGIN_IP,
+        "--stats",
+        str(stats),
+        "--max-seconds",
+        str(int(bench.remaining())),
+        stdin=True,
     )
     await bench.procs.expect(seed, "ready", 60)
     kids = await start_leechers(bench, model)
@@ -58,10 +70,24 @@ async def start_leechers(bench: Bench, model: Model) -> list[Child]:
         peers = [ORIGIN_IP] + [node_ip(j) for j in range(1, n + 1) if j != i]
         save = bench.work / "torrent" / f"n{i}"
         save.mkdir(parents=True, exist_ok=True)
-        kids.append(await bench.spawn_role(
-            f"leech-n{i}", node_ns(i), "_leech", "--torrent", str(model.torrent), "--save", str(save),
-            "--bind", node_ip(i), "--peers", ",".join(peers), "--max-seconds", str(int(bench.remaining())), stdin=True,
-        ))
+        kids.append(
+            await bench.spawn_role(
+                f"leech-n{i}",
+                node_ns(i),
+                "_leech",
+                "--torrent",
+                str(model.torrent),
+                "--save",
+                str(save),
+                "--bind",
+                node_ip(i),
+                "--peers",
+                ",".join(peers),
+                "--max-seconds",
+                str(int(bench.remaining())),
+                stdin=True,
+            )
+        )
     for k in kids:
         await bench.procs.expect(k, "ready", 60)
     return kids

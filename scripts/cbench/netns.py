@@ -50,8 +50,23 @@ def tbf(ns: str, dev: str, rate_bps: int) -> None:
     # burst: at least one timer tick's worth of bytes at this rate (HZ may be as low as 100), and
     # larger than a GSO super-packet so tbf does not have to segment; latency bounds the queue.
     burst = max(64 << 10, rate_bps // 8 // 100)
-    sh("tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf",
-       "rate", f"{rate_bps}bit", "burst", str(burst), "latency", "25ms")
+    sh(
+        "tc",
+        "-n",
+        ns,
+        "qdisc",
+        "replace",
+        "dev",
+        dev,
+        "root",
+        "tbf",
+        "rate",
+        f"{rate_bps}bit",
+        "burst",
+        str(burst),
+        "latency",
+        "25ms",
+    )
 
 
 def add_host(ns: str, ip: str, rate: int, sw_dev: str) -> None:

@@ -34,9 +34,15 @@ class Processes:
     async def spawn(self, name: str, ns: str, *cmd: str, log_to: Path | None = None, stdin: bool = False) -> Child:
         err = open(log_to, "ab") if log_to else asyncio.subprocess.DEVNULL
         proc = await asyncio.create_subprocess_exec(
-            "ip", "netns", "exec", ns, *cmd,
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            *cmd,
             stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=err, start_new_session=True,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=err,
+            start_new_session=True,
             cwd=str(self.cwd),  # empty: `python -m cached` imports ./cached before PYTHONPATH
         )
         if log_to:
@@ -55,7 +61,7 @@ class Processes:
                 raise TimeoutError(f"{child.name}: no '{key}' within {timeout:.0f}s")
             try:
                 msg = await asyncio.wait_for(child.lines.get(), min(left, 1.0))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if child.proc.returncode is not None:
                     raise RuntimeError(f"{child.name} exited with {child.proc.returncode} before '{key}'") from None
                 continue
@@ -77,7 +83,7 @@ class Processes:
         for c in children:
             try:
                 await asyncio.wait_for(c.proc.wait(), grace_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(c.proc.pid, signal.SIGKILL)
                 with contextlib.suppress(asyncio.TimeoutError):

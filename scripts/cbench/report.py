@@ -19,7 +19,8 @@ def report(results: list[MethodResult], a: argparse.Namespace) -> str:
         f"{a.nodes} nodes at {a.node_rate / 1e6:.0f} Mbit/s, origin at {a.origin_rate / 1e6:.0f} Mbit/s, "
         f"model {fmt_size(a.size)}; lower bound (model size / origin rate) = {bound:.1f} s",
         f"cached: git {a.git}, --piece-size {fmt_size(a.piece_size)}, origins.http.connections={a.origin_connections}, "
-        f"peer.gossip_interval_s={a.gossip_interval}" + (f", peer.stall_timeout_s={a.stall_timeout}" if a.stall_timeout else "")
+        f"peer.gossip_interval_s={a.gossip_interval}"
+        + (f", peer.stall_timeout_s={a.stall_timeout}" if a.stall_timeout else "")
         + f"; {os.cpu_count()} CPUs",
         "",
         "| method | all nodes verified | vs lower bound | first / median node | origin payload sent | vs model size | origin wire bytes | verified |",
@@ -30,7 +31,10 @@ def report(results: list[MethodResult], a: argparse.Namespace) -> str:
     for r in results:
         if r.name.startswith("cached") and "config" in r.extra:
             cfg = "; ".join(line for line in r.extra["config"].splitlines() if "=" in line or "--" in line)
-            lines.append(f"- config ({r.name}): {cfg}" + (f"; code from {r.extra['pythonpath']}" if r.extra.get("pythonpath") else ""))
+            lines.append(
+                f"- config ({r.name}): {cfg}"
+                + (f"; code from {r.extra['pythonpath']}" if r.extra.get("pythonpath") else "")
+            )
     for r in results:
         for note in r.notes:
             lines.append(f"- note ({r.name}): {note}")
@@ -59,23 +63,42 @@ def targets(results: list[MethodResult], a: argparse.Namespace, bound: float) ->
         if c.all_done_s is None:
             lines.append(f"- {c.name}: not every node finished, so every target is MISSED")
             continue
-        lines.append(f"- {c.name} within 1.15x of the lower bound: {c.all_done_s / bound:.2f}x -> {'met' if c.all_done_s <= 1.15 * bound else 'MISSED'}")
-        lines.append(f"- {c.name} origin bytes <= 1.05x model size: {c.origin_payload / a.size:.3f}x -> {'met' if c.origin_payload <= 1.05 * a.size else 'MISSED'}")
+        lines.append(
+            f"- {c.name} within 1.15x of the lower bound: {c.all_done_s / bound:.2f}x -> {'met' if c.all_done_s <= 1.15 * bound else 'MISSED'}"
+        )
+        lines.append(
+            f"- {c.name} origin bytes <= 1.05x model size: {c.origin_payload / a.size:.3f}x -> {'met' if c.origin_payload <= 1.05 * a.size else 'MISSED'}"
+        )
         if b and b.all_done_s is not None:
-            lines.append(f"- {c.name} faster than the BitTorrent swarm: {c.all_done_s:.1f} s vs {b.all_done_s:.1f} s "
-                         f"({b.all_done_s / c.all_done_s:.2f}x) -> {'met' if c.all_done_s < b.all_done_s else 'MISSED'}")
+            lines.append(
+                f"- {c.name} faster than the BitTorrent swarm: {c.all_done_s:.1f} s vs {b.all_done_s:.1f} s "
+                f"({b.all_done_s / c.all_done_s:.2f}x) -> {'met' if c.all_done_s < b.all_done_s else 'MISSED'}"
+            )
     return lines
 
 
 def write_results(results: list[MethodResult], a: argparse.Namespace, text: str, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(text + "\n")
-    (out / "results.json").write_text(json.dumps({
-        "size": a.size, "nodes": a.nodes, "origin_rate": a.origin_rate, "node_rate": a.node_rate, "piece_size": a.piece_size,
-        "origin_connections": a.origin_connections, "variants": a.variants, "gossip_interval_s": a.gossip_interval, "cpus": os.cpu_count(),
-        "git": a.git,
-        "results": [r.__dict__ for r in results],
-    }, indent=1, default=str))
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "size": a.size,
+                "nodes": a.nodes,
+                "origin_rate": a.origin_rate,
+                "node_rate": a.node_rate,
+                "piece_size": a.piece_size,
+                "origin_connections": a.origin_connections,
+                "variants": a.variants,
+                "gossip_interval_s": a.gossip_interval,
+                "cpus": os.cpu_count(),
+                "git": a.git,
+                "results": [r.__dict__ for r in results],
+            },
+            indent=1,
+            default=str,
+        )
+    )
 
 
 def finish_swarm(results: list[MethodResult], a: argparse.Namespace, out: Path) -> int:
@@ -109,7 +132,9 @@ def draw_completion(ax: Any, shown: list[MethodResult], colors: dict[str, str], 
         cap = r.extra.get("budget_s", max((s for s in r.node_s if s), default=1.0))
         ys = [s if s is not None else cap for s in r.node_s]
         hatch = [None if s is not None else "xx" for s in r.node_s]
-        label = f"{r.name} (all: {r.all_done_s:.1f} s)" if r.all_done_s else f"{r.name} (hatched: not done by {cap:.0f} s)"
+        label = (
+            f"{r.name} (all: {r.all_done_s:.1f} s)" if r.all_done_s else f"{r.name} (hatched: not done by {cap:.0f} s)"
+        )
         bars = ax.bar(xs, ys, width=width, color=colors[r.name], label=label)
         for bar, h in zip(bars, hatch):
             if h:
@@ -120,8 +145,10 @@ def draw_completion(ax: Any, shown: list[MethodResult], colors: dict[str, str], 
     ax.set_xlabel("node")
     ax.set_ylabel("s until verified copy")
     ax.set_xticks(range(1, a.nodes + 1))
-    ax.set_title(f"Per-node completion: {fmt_size(a.size)} model, {a.nodes} nodes @ {a.node_rate / 1e6:.0f} Mbit/s, "
-                 f"origin @ {a.origin_rate / 1e6:.0f} Mbit/s")
+    ax.set_title(
+        f"Per-node completion: {fmt_size(a.size)} model, {a.nodes} nodes @ {a.node_rate / 1e6:.0f} Mbit/s, "
+        f"origin @ {a.origin_rate / 1e6:.0f} Mbit/s"
+    )
     ax.set_yscale("log")
     ax.legend(fontsize=8)
 
@@ -135,8 +162,13 @@ def draw_throughput(ax: Any, shown: list[MethodResult], colors: dict[str, str], 
             if t1 > t0:
                 ts.append((t0 + t1) / 2)
                 rates.append((b1 - b0) * 8 / (t1 - t0) / 1e6)
-        ax.plot(ts, rates, color=colors[r.name], lw=1.2,
-                label=f"{r.name}: origin sent {r.origin_wire / a.size:.2f}x model (wire)")
+        ax.plot(
+            ts,
+            rates,
+            color=colors[r.name],
+            lw=1.2,
+            label=f"{r.name}: origin sent {r.origin_wire / a.size:.2f}x model (wire)",
+        )
     ax.axhline(a.origin_rate / 1e6, color="black", ls="--", lw=1, label="origin link rate")
     ax.set_xlabel("s since start")
     ax.set_ylabel("origin throughput, Mbit/s")

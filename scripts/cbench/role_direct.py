@@ -26,7 +26,20 @@ def role_direct(argv: list[str]) -> None:
         return
     t_go = time.monotonic()
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["curl", "-sS", "-f", "--max-time", str(int(a.max_seconds)), "-o", str(a.out), a.url], capture_output=True, text=True)
+    r = subprocess.run(
+        ["curl", "-sS", "-f", "--max-time", str(int(a.max_seconds)), "-o", str(a.out), a.url],
+        capture_output=True,
+        text=True,
+    )
     t_curl = time.monotonic()
     ok = r.returncode == 0 and blake3_file(a.out) == a.expect
-    emit({"done": True, "ok": ok, "t_go": t_go, "t_curl": t_curl, "t_done": time.monotonic(), "err": r.stderr.strip()[:200]})
+    emit(
+        {
+            "done": True,
+            "ok": ok,
+            "t_go": t_go,
+            "t_curl": t_curl,
+            "t_done": time.monotonic(),
+            "err": r.stderr.strip()[:200],
+        }
+    )

@@ -37,14 +37,21 @@ def piece_length(torrent: Path) -> int:
 def lt_session(bind_ip: str) -> Any:
     import libtorrent as lt
 
-    return lt.session({
-        "listen_interfaces": f"{bind_ip}:{BT_PORT}",
-        "enable_dht": False, "enable_lsd": False, "enable_upnp": False, "enable_natpmp": False,
-        "dht_bootstrap_nodes": "", "enable_ip_notifier": False,
-        "enable_incoming_utp": False, "enable_outgoing_utp": False,  # TCP, like cached and curl
-        "alert_mask": 0,
-        "user_agent": "cbench",
-    })
+    return lt.session(
+        {
+            "listen_interfaces": f"{bind_ip}:{BT_PORT}",
+            "enable_dht": False,
+            "enable_lsd": False,
+            "enable_upnp": False,
+            "enable_natpmp": False,
+            "dht_bootstrap_nodes": "",
+            "enable_ip_notifier": False,
+            "enable_incoming_utp": False,
+            "enable_outgoing_utp": False,  # TCP, like cached and curl
+            "alert_mask": 0,
+            "user_agent": "cbench",
+        }
+    )
 
 
 def add_torrent(ses: Any, ti: Any, save: Path, seed: bool) -> Any:
@@ -77,7 +84,11 @@ def role_seed(argv: list[str]) -> None:
     while not control.quit.is_set() and time.monotonic() < deadline:
         s = h.status()
         tmp = a.stats.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"t": time.monotonic(), "bytes": s.total_payload_upload, "wire": s.total_upload, "peers": s.num_peers}))
+        tmp.write_text(
+            json.dumps(
+                {"t": time.monotonic(), "bytes": s.total_payload_upload, "wire": s.total_upload, "peers": s.num_peers}
+            )
+        )
         os.replace(tmp, a.stats)
         control.quit.wait(0.2)
 
@@ -118,7 +129,15 @@ def leech(h: Any, peers: list[tuple[str, int]], control: Control, deadline: floa
     while not control.quit.is_set() and time.monotonic() < deadline:
         s = h.status()
         if not done_sent and s.is_finished and s.state in (lt.torrent_status.seeding, lt.torrent_status.finished):
-            emit({"done": True, "t_go": t_go, "t_done": time.monotonic(), "down": s.total_payload_download, "up": s.total_payload_upload})
+            emit(
+                {
+                    "done": True,
+                    "t_go": t_go,
+                    "t_done": time.monotonic(),
+                    "down": s.total_payload_download,
+                    "up": s.total_payload_upload,
+                }
+            )
             done_sent = True
         if time.monotonic() - last_connect > 2.0 and s.num_peers < len(peers):
             for peer in peers:  # a dropped or refused early connection: try again (bounded by deadline)

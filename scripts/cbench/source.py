@@ -15,8 +15,15 @@ from cbench.common import REPO
 def git_info() -> str:
     """Which code the daemons ran (read-only git commands)."""
     try:
-        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "cached"], capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--", "cached"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return head + (" (cached/ modified)" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -24,13 +31,17 @@ def git_info() -> str:
 
 def export_head(workdir: Path) -> tuple[str, str]:
     """A copy of the committed cached/ package at HEAD (read-only git commands), for PYTHONPATH."""
-    sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    sha = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+    ).stdout.strip()
     dest = workdir / f"src-{sha[:12]}"
     if not (dest / "cached" / "__init__.py").exists():
         tmp = workdir / f"src-{sha[:12]}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", "HEAD", "cached"], capture_output=True, timeout=60, check=True).stdout
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", "HEAD", "cached"], capture_output=True, timeout=60, check=True
+        ).stdout
         subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, timeout=60, check=True)
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(tmp, dest)

@@ -46,10 +46,12 @@ async def run_method(bench: Bench, c: Cluster, name: str) -> MethodResult:
         return await run_torrent(bench, c.model)
     if name == "cached":
         return await run_cached(bench, c.model, c.stats_file)
-    label = name[len("cached:"):]
+    label = name[len("cached:") :]
     return await run_cached(bench, c.model, c.stats_file, name=f"cached ({label})", variant=bench.args.variants[label])
 
 
 def summary_line(r: MethodResult, a: argparse.Namespace) -> str:
     t = f"{r.all_done_s:.1f}s" if r.all_done_s is not None else "not all nodes done"
-    return f"all done {t}, origin sent {fmt_size(r.origin_payload)} payload ({r.origin_payload / a.size:.3f}x), ok={r.ok}"
+    return (
+        f"all done {t}, origin sent {fmt_size(r.origin_payload)} payload ({r.origin_payload / a.size:.3f}x), ok={r.ok}"
+    )

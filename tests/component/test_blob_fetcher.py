@@ -6,9 +6,9 @@ import asyncio
 import os
 import stat
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
 
 import aiohttp
 import pytest
@@ -18,11 +18,11 @@ from cached.errors import OriginChanged, OriginDenied, OriginError, OriginNotFou
 from cached.metrics import Metrics
 from cached.origins import Origins
 from cached.origins.http import HttpOrigin
-from cached.rangeio import ThreadedRangeReader
 from cached.origins.local import LocalOrigin
+from cached.rangeio import ThreadedRangeReader
 from cached.store import Store
-from cached.transfer.model import ModelFetcher, Progress
 from cached.transfer.blob import BlobFetcher
+from cached.transfer.model import ModelFetcher, Progress
 from cached.types import BlobId, ModelRef, OriginFile, RefKind, hash_piece, piece_count, piece_span
 from tests.support.corrupt import flip_byte
 from tests.support.origin import Origin, write_random_file
@@ -71,7 +71,9 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     await store.open()
     cfg = config()
     metrics = Metrics()
-    reader = ThreadedRangeReader(connect_timeout_s=HTTP.connect_timeout_s, read_timeout_s=HTTP.read_timeout_s, user_agent="test")
+    reader = ThreadedRangeReader(
+        connect_timeout_s=HTTP.connect_timeout_s, read_timeout_s=HTTP.read_timeout_s, user_agent="test"
+    )
     async with Origin(tmp_path / "www") as origin, aiohttp.ClientSession() as session:
         yield Env(origin, data, store, HttpOrigin(session, HTTP, reader), BlobFetcher(cfg, metrics), metrics, cfg)
     reader.close()
@@ -331,7 +333,6 @@ async def test_zero_byte_file(env: Env) -> None:
 # --- verify and repair ---------------------------------------------------------------------------
 
 
-
 async def fetched_model(env: Env) -> tuple[ModelFetcher, BlobId]:
     fetcher = ModelFetcher(env.store, Origins({RefKind.HTTP: env.http}), env.blobs, env.metrics)
     rec = await fetcher.fetch(env.ref, Progress())
@@ -412,7 +413,9 @@ async def test_fetch_reusing_a_stored_file_survives_eviction_of_the_model_that_b
     y = write_random_file(src / "y.bin", 3 * PIECE, seed=2).read_bytes()
     write_random_file(tmp_path / "other" / "z.bin", 3 * PIECE, seed=3)
     now = [1000.0]
-    store = Store(StoreConfig(cache_dir=tmp_path / "cache", piece_size_bytes=PIECE, max_bytes=8 * PIECE), clock=lambda: now[0])
+    store = Store(
+        StoreConfig(cache_dir=tmp_path / "cache", piece_size_bytes=PIECE, max_bytes=8 * PIECE), clock=lambda: now[0]
+    )
     await store.open()
     metrics = Metrics()
     fetcher = ModelFetcher(store, Origins({RefKind.FILE: LocalOrigin()}), BlobFetcher(config(), metrics), metrics)

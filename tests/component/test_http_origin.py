@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 import aiohttp
 import pytest
@@ -29,7 +29,9 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[Origin, bytes]]:
 
 @pytest.fixture
 async def http() -> AsyncIterator[HttpOrigin]:
-    reader = ThreadedRangeReader(connect_timeout_s=CFG.connect_timeout_s, read_timeout_s=CFG.read_timeout_s, user_agent="test")
+    reader = ThreadedRangeReader(
+        connect_timeout_s=CFG.connect_timeout_s, read_timeout_s=CFG.read_timeout_s, user_agent="test"
+    )
     async with aiohttp.ClientSession() as session:
         yield HttpOrigin(session, CFG, reader)
     reader.close()
@@ -94,7 +96,12 @@ async def test_server_without_range_support_and_head(served, http: HttpOrigin) -
 
 @pytest.mark.parametrize(
     ("status", "error", "retryable"),
-    [(404, OriginNotFound, False), (410, OriginNotFound, False), (403, OriginDenied, False), (401, OriginDenied, False)],
+    [
+        (404, OriginNotFound, False),
+        (410, OriginNotFound, False),
+        (403, OriginDenied, False),
+        (401, OriginDenied, False),
+    ],
 )
 async def test_client_error_statuses_are_typed_and_final(served, http: HttpOrigin, status, error, retryable) -> None:
     origin, _ = served

@@ -9,8 +9,9 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -31,7 +32,7 @@ NOTES = b"release notes\n"
 NOTES_PR = b"notes from a pull request\n"
 
 # Every client script starts with this: helpers to run a call and report a result or the exception type.
-PRELUDE = r'''
+PRELUDE = r"""
 import hashlib, json, os, sys, traceback
 import huggingface_hub as hh
 from huggingface_hub import HfApi, hf_hub_download, list_repo_files, model_info, snapshot_download
@@ -49,7 +50,7 @@ def fetch(*a, **kw):
     return {"path": p, "sha256": sha(p), "blob": os.path.basename(os.path.realpath(p))}
 def dl(name, *a, **kw):
     attempt(name, lambda: fetch(*a, **kw))
-'''
+"""
 EPILOGUE = "\nprint(json.dumps(OUT, default=str))\n"
 
 
@@ -360,7 +361,7 @@ attempt("snap", lambda: snapshot_download("acme/xet-%s", cache_dir=%r))
     assert lines.count(f"GET /api/models/acme/xet-a/xet-read-token/{c_a}") == 2
     assert not any("/acme/xet-b/xet-read-token" in line for line in lines)
     # With xetHash in /tree, snapshot_download skipped the HEAD of the LFS file (only the first dl HEADed it).
-    assert lines.count(f"HEAD /acme/xet-a/resolve/main/model.safetensors") == 1
+    assert lines.count("HEAD /acme/xet-a/resolve/main/model.safetensors") == 1
     assert not any(line.startswith(f"HEAD /acme/xet-a/resolve/{c_a}/model.safetensors") for line in lines)
 
 
@@ -447,7 +448,10 @@ async def test_api_routes_on_the_wire(hub: Hub, tiny: Tiny) -> None:
         entry = {e["path"]: e for e in tree}
         ptr = lfs_pointer(sha256(WEIGHTS_V2), len(WEIGHTS_V2))
         assert entry["model.safetensors"] == {
-            "type": "file", "oid": git_blob_sha1(ptr), "size": len(WEIGHTS_V2), "path": "model.safetensors",
+            "type": "file",
+            "oid": git_blob_sha1(ptr),
+            "size": len(WEIGHTS_V2),
+            "path": "model.safetensors",
             "lfs": {"oid": sha256(WEIGHTS_V2), "size": len(WEIGHTS_V2), "pointerSize": len(ptr)},
         }
         assert entry["nested"]["type"] == "directory" and entry["nested"]["size"] == 0
@@ -467,7 +471,7 @@ async def test_api_routes_on_the_wire(hub: Hub, tiny: Tiny) -> None:
             nxt = link.split(";")[0].strip("<>")
             assert nxt.startswith(hub.url) and link.endswith('rel="next"')
             seen.append(nxt)
-            path = nxt[len(hub.url):]
+            path = nxt[len(hub.url) :]
         assert paged == tree and seen == [hub.url + f"/api/models/{REPO}/tree/main?recursive=true&cursor=3"]
 
         hub.tree_xet_hash = True

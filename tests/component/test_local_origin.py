@@ -155,8 +155,12 @@ async def test_a_policy_refuses_outside_the_roots_symlinks_out_and_the_daemons_s
     origin = LocalOrigin(FilePolicy.build([root], secrets=[secret], private_dirs=[tmp_path / "cache"]))
     await origin.authorize(file_ref(root / "ok.bin"), uid=0)
     assert len((await origin.resolve(file_ref(root / "ok.bin"))).files) == 1
-    for path, why in ((root / "out.bin", "not under an allowed"), (root / "hardlink.token", "never imported"),
-                      (tmp_path / "elsewhere.bin", "not under an allowed"), (root, "never imported|not under")):
+    for path, why in (
+        (root / "out.bin", "not under an allowed"),
+        (root / "hardlink.token", "never imported"),
+        (tmp_path / "elsewhere.bin", "not under an allowed"),
+        (root, "never imported|not under"),
+    ):
         with pytest.raises(FileNotAllowed, match=why):
             await origin.authorize(file_ref(path), uid=0)
     with pytest.raises(FileNotAllowed, match="--allow-file-root"):

@@ -163,7 +163,9 @@ async def test_reopen_with_unreadable_log_starts_over(pdir: Path, source: bytes)
         again.close_sync()
 
 
-async def test_finalize_publishes_read_only_blob_named_by_its_piece_root(pdir: Path, tmp_path: Path, source: bytes) -> None:
+async def test_finalize_publishes_read_only_blob_named_by_its_piece_root(
+    pdir: Path, tmp_path: Path, source: bytes
+) -> None:
     p = make_partial(pdir)
     await asyncio.to_thread(p.open_sync)
     for index in range(p.pieces):
@@ -206,7 +208,9 @@ async def test_a_stream_still_writing_a_piece_another_copy_recorded_writes_nothi
         off, length = piece_span(2, SIZE, PIECE)
         assert await asyncio.to_thread(p.write_at_sync, piece_of(source, 2)[:100], off, 2)
         assert await asyncio.to_thread(p.write_piece_sync, 2, piece_of(source, 2)) is not None
-        assert not await asyncio.to_thread(p.write_at_sync, b"\0" * 100, off + 100, 2), "the late stream is told to stop"
+        assert not await asyncio.to_thread(p.write_at_sync, b"\0" * 100, off + 100, 2), (
+            "the late stream is told to stop"
+        )
         assert not await asyncio.to_thread(p.record_sync, 2, hash_piece(b"other")), "and cannot record"
         assert p.data_path.read_bytes()[off : off + length] == piece_of(source, 2)
         assert p.done[2] == hash_piece(piece_of(source, 2))
@@ -217,7 +221,13 @@ async def test_a_stream_still_writing_a_piece_another_copy_recorded_writes_nothi
 async def test_on_piece_hears_each_recorded_piece_once(pdir: Path, source: bytes) -> None:
     heard: list[tuple[int, bytes]] = []
     header = PieceLogHeader(size=SIZE, piece_size=PIECE, identity_key="test|identity")
-    p = PartialBlob(key="k1", header=header, data_path=pdir / "k1", log_path=pdir / "k1.pieces", on_piece=lambda i, d: heard.append((i, d)))
+    p = PartialBlob(
+        key="k1",
+        header=header,
+        data_path=pdir / "k1",
+        log_path=pdir / "k1.pieces",
+        on_piece=lambda i, d: heard.append((i, d)),
+    )
     await asyncio.to_thread(p.open_sync)
     try:
         await asyncio.to_thread(p.write_piece_sync, 2, piece_of(source, 2))
@@ -227,7 +237,9 @@ async def test_on_piece_hears_each_recorded_piece_once(pdir: Path, source: bytes
         await asyncio.to_thread(p.close_sync)
 
 
-async def test_a_reader_descriptor_outlives_finalize_and_none_is_given_once_closed(pdir: Path, tmp_path: Path, source: bytes) -> None:
+async def test_a_reader_descriptor_outlives_finalize_and_none_is_given_once_closed(
+    pdir: Path, tmp_path: Path, source: bytes
+) -> None:
     p = make_partial(pdir)
     await asyncio.to_thread(p.open_sync)
     for i in range(p.pieces):

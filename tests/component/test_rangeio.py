@@ -6,8 +6,8 @@ import asyncio
 import socket
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 import aiohttp
 import pytest
@@ -55,7 +55,7 @@ class Server:
         self.runner: web.AppRunner | None = None
         self.port = 0
 
-    async def start(self, **runner_kw: object) -> "Server":
+    async def start(self, **runner_kw: object) -> Server:
         app = web.Application()
         app.router.add_get("/moved", self._moved)
         app.router.add_get("/moved-far", self._moved_far)
@@ -99,12 +99,20 @@ class Server:
         self.auth.append(request.headers.get("Authorization"))
         first, last = self._span(request)
         return web.Response(
-            status=206, body=self.data[first : last + 1], headers={"Content-Range": f"bytes {first}-{last}/{len(self.data)}"}
+            status=206,
+            body=self.data[first : last + 1],
+            headers={"Content-Range": f"bytes {first}-{last}/{len(self.data)}"},
         )
 
     async def _slow(self, request: web.Request) -> web.StreamResponse:
         first, last = self._span(request)
-        resp = web.StreamResponse(status=206, headers={"Content-Range": f"bytes {first}-{last}/{len(self.data)}", "Content-Length": str(last - first + 1)})
+        resp = web.StreamResponse(
+            status=206,
+            headers={
+                "Content-Range": f"bytes {first}-{last}/{len(self.data)}",
+                "Content-Length": str(last - first + 1),
+            },
+        )
         await resp.prepare(request)
         try:
             for pos in range(first, last + 1, 64 << 10):  # bounded: one pass over the range
@@ -120,7 +128,9 @@ class Server:
             await self.runner.cleanup()
 
 
-async def test_a_range_arrives_in_order_at_its_offsets_and_the_connection_is_reused(reader: ThreadedRangeReader) -> None:
+async def test_a_range_arrives_in_order_at_its_offsets_and_the_connection_is_reused(
+    reader: ThreadedRangeReader,
+) -> None:
     server = await Server(bytes(range(256)) * (SIZE // 256)).start()
     try:
         out = bytearray(SIZE)
@@ -144,14 +154,18 @@ async def test_a_connection_the_server_closed_while_idle_is_replaced_silently(re
     server = await Server(b"x" * SIZE).start(keepalive_timeout=0.05)
     try:
         assert await reader.read(server.url("/file"), 0, 1000, check=accept_206) == b"x" * 1000
-        await wait_until(lambda: not server.runner.server.connections, timeout_s=5, what="the server to drop the idle connection")
+        await wait_until(
+            lambda: not server.runner.server.connections, timeout_s=5, what="the server to drop the idle connection"
+        )
         assert await reader.read(server.url("/file"), 1000, 1000, check=accept_206) == b"x" * 1000
         assert len(server.peers) == 2
     finally:
         await server.stop()
 
 
-async def test_a_cancelled_read_never_calls_its_sink_again_and_drops_the_connection(reader: ThreadedRangeReader) -> None:
+async def test_a_cancelled_read_never_calls_its_sink_again_and_drops_the_connection(
+    reader: ThreadedRangeReader,
+) -> None:
     server = await Server(b"y" * SIZE).start()
     try:
         calls = [0]
@@ -159,7 +173,9 @@ async def test_a_cancelled_read_never_calls_its_sink_again_and_drops_the_connect
         def sink(data: memoryview, pos: int) -> None:
             calls[0] += 1
 
-        task = asyncio.create_task(reader.read_into(server.url("/slow"), 0, SIZE, sink, check=accept_206, batch=16 << 10))
+        task = asyncio.create_task(
+            reader.read_into(server.url("/slow"), 0, SIZE, sink, check=accept_206, batch=16 << 10)
+        )
         await wait_until(lambda: calls[0] >= 3, timeout_s=10, what="the body to start")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -172,7 +188,9 @@ async def test_a_cancelled_read_never_calls_its_sink_again_and_drops_the_connect
         await server.stop()
 
 
-async def test_a_redirect_is_reported_and_the_http_origin_follows_it(reader: ThreadedRangeReader, tmp_path: Path) -> None:
+async def test_a_redirect_is_reported_and_the_http_origin_follows_it(
+    reader: ThreadedRangeReader, tmp_path: Path
+) -> None:
     server = await Server(bytes(range(256)) * 4096).start()
     try:
         with pytest.raises(Redirected) as e:
@@ -180,7 +198,9 @@ async def test_a_redirect_is_reported_and_the_http_origin_follows_it(reader: Thr
         assert (e.value.status, e.value.location) == (302, "/file")
         async with aiohttp.ClientSession() as session:
             origin = HttpOrigin(session, HttpOriginConfig(), reader)
-            moved = OriginFile(path="f", size=len(server.data), identity="x", checksums={"ranges": "1"}, locator=server.url("/moved"))
+            moved = OriginFile(
+                path="f", size=len(server.data), identity="x", checksums={"ranges": "1"}, locator=server.url("/moved")
+            )
             assert await origin.read_range(moved, 256, 512) == server.data[256:768]
     finally:
         await server.stop()
@@ -264,6 +284,7 @@ async def test_a_cancel_while_a_batch_is_in_the_sink_returns_only_after_that_bat
 async def test_a_refused_answer_with_its_body_unread_does_not_poison_the_pool(reader: ThreadedRangeReader) -> None:
     server = await Server(bytes(range(256)) * (SIZE // 256)).start()
     try:
+
         def refuse(status: int, headers: object) -> None:
             raise RuntimeError("no")
 
@@ -274,14 +295,18 @@ async def test_a_refused_answer_with_its_body_unread_does_not_poison_the_pool(re
         await server.stop()
 
 
-async def test_bad_redirect_targets_are_clear_errors_and_raw_utf8_locations_are_followed(reader: ThreadedRangeReader) -> None:
+async def test_bad_redirect_targets_are_clear_errors_and_raw_utf8_locations_are_followed(
+    reader: ThreadedRangeReader,
+) -> None:
     server = await Server(bytes(range(256)) * 4096).start()
     try:
         async with aiohttp.ClientSession() as session:
             origin = HttpOrigin(session, HttpOriginConfig(), reader)
 
             def file_at(path: str) -> OriginFile:
-                return OriginFile(path="f", size=len(server.data), identity="x", checksums={"ranges": "1"}, locator=server.url(path))
+                return OriginFile(
+                    path="f", size=len(server.data), identity="x", checksums={"ranges": "1"}, locator=server.url(path)
+                )
 
             assert await origin.read_range(file_at("/moved-utf8"), 100, 50) == server.data[100:150]
             with pytest.raises(OriginError, match="bad URL"):
@@ -298,10 +323,18 @@ async def test_credentials_in_the_url_go_to_that_origin_only_and_no_message_show
         async with aiohttp.ClientSession() as session:
             origin = HttpOrigin(session, HttpOriginConfig(), reader)
             url = f"http://user:secret@127.0.0.1:{home.port}"
-            file = OriginFile(path="f", size=len(home.data), identity="x", checksums={"ranges": "1"}, locator=f"{url}/file")
+            file = OriginFile(
+                path="f", size=len(home.data), identity="x", checksums={"ranges": "1"}, locator=f"{url}/file"
+            )
             assert await origin.read_range(file, 0, 10) == home.data[:10]
             assert home.auth == ["Basic dXNlcjpzZWNyZXQ="]  # base64 of user:secret
-            away = OriginFile(path="f", size=len(home.data), identity="x", checksums={"ranges": "1"}, locator=f"{url}/moved-far?to={far.url('/file')}")
+            away = OriginFile(
+                path="f",
+                size=len(home.data),
+                identity="x",
+                checksums={"ranges": "1"},
+                locator=f"{url}/moved-far?to={far.url('/file')}",
+            )
             assert await origin.read_range(away, 0, 10) == far.data[:10]
             assert far.auth == [None], "credentials never follow a redirect to another origin"
     finally:
@@ -315,7 +348,9 @@ async def test_credentials_in_the_url_go_to_that_origin_only_and_no_message_show
     assert e.value.kind == "timeout" and "SIGNED" not in str(e.value), str(e.value)
 
 
-async def test_a_whole_file_answer_without_length_serves_a_range_at_offset_zero_only(reader: ThreadedRangeReader) -> None:
+async def test_a_whole_file_answer_without_length_serves_a_range_at_offset_zero_only(
+    reader: ThreadedRangeReader,
+) -> None:
     server = await Server(bytes(range(256)) * 4096).start()
     try:
         ok = lambda status, headers: None  # noqa: E731

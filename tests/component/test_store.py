@@ -16,11 +16,24 @@ import pytest
 from cached.config import StoreConfig
 from cached.errors import IntegrityError, NotFoundError, StoreError, StoreFullError
 from cached.peers.holdings import LocalHoldings
-from cached.store import Store
-from cached.store import durable
+from cached.store import Store, durable
 from cached.types import (
-    BlobAdded, BlobId, BlobRemoved, FileEntry, Manifest, ManifestAdded, ManifestRemoved, ModelRef, PartialDropped, PartialStarted,
-    PieceVerified, RefChanged, StoreEvent, format_size, hash_piece, piece_span,
+    BlobAdded,
+    BlobId,
+    BlobRemoved,
+    FileEntry,
+    Manifest,
+    ManifestAdded,
+    ManifestRemoved,
+    ModelRef,
+    PartialDropped,
+    PartialStarted,
+    PieceVerified,
+    RefChanged,
+    StoreEvent,
+    format_size,
+    hash_piece,
+    piece_span,
 )
 from tests.support.corrupt import flip_byte
 from tests.support.origin import write_random_file
@@ -73,7 +86,6 @@ async def add_model(store: Store, ref_text: str, files: dict[str, bytes]) -> tup
     return ref, manifest
 
 
-
 # --- publishing ----------------------------------------------------------------------------------
 
 
@@ -112,7 +124,9 @@ async def test_store_is_group_readable_never_group_writable_and_closed_to_others
     old = os.umask(umask)
     try:
         store = await opened(tmp_path / "cache")
-        ref, manifest = await add_model(store, "file:///models/m1", {"a.bin": b"a" * 3 * PIECE, "sub/dir/b.bin": b"b" * 9})
+        ref, manifest = await add_model(
+            store, "file:///models/m1", {"a.bin": b"a" * 3 * PIECE, "sub/dir/b.bin": b"b" * 9}
+        )
         await store.claims.pin(ref)  # claims/pins/ too
     finally:
         os.umask(old)
@@ -137,7 +151,9 @@ async def test_commit_writes_the_ref_last(tmp_path: Path) -> None:
     data = content(tmp_path, 2 * PIECE, seed=3)
     ref = ModelRef.parse("file:///models/order")
     blob = await add_blob(store, data, key="order")
-    manifest = Manifest(ref=ref.canonical, piece_size=PIECE, files=(FileEntry(path="w.bin", size=len(data), blob=blob),))
+    manifest = Manifest(
+        ref=ref.canonical, piece_size=PIECE, files=(FileEntry(path="w.bin", size=len(data), blob=blob),)
+    )
 
     # Make the view impossible to publish: the models directory is replaced by a file.
     durable.remove_tree(store.models_dir)
@@ -160,10 +176,14 @@ async def test_commit_writes_the_ref_last(tmp_path: Path) -> None:
 async def test_recommit_swaps_the_view_and_drops_what_only_the_old_manifest_used(tmp_path: Path) -> None:
     store = await opened(tmp_path / "cache")
     keep = content(tmp_path, PIECE, seed=5)
-    v1, m1 = await add_model(store, "file:///models/rev", {"keep.bin": keep, "w.bin": content(tmp_path, 2 * PIECE, seed=6)})
+    v1, m1 = await add_model(
+        store, "file:///models/rev", {"keep.bin": keep, "w.bin": content(tmp_path, 2 * PIECE, seed=6)}
+    )
     v2_data = content(tmp_path, 2 * PIECE, seed=7)
     blob = await add_blob(store, v2_data, key="rev-2")
-    m2 = Manifest(ref=v1.canonical, piece_size=PIECE, files=(m1.files[0], FileEntry(path="w2.bin", size=len(v2_data), blob=blob)))
+    m2 = Manifest(
+        ref=v1.canonical, piece_size=PIECE, files=(m1.files[0], FileEntry(path="w2.bin", size=len(v2_data), blob=blob))
+    )
 
     await store.commit_model(v1, m2)
 
@@ -207,7 +227,9 @@ async def test_open_sweeps_debris_and_rebuilds_views(tmp_path: Path) -> None:
     keep_a = content(tmp_path, 2 * PIECE + 7, seed=10)
     keep_b = content(tmp_path, PIECE, seed=11)
     keep, keep_manifest = await add_model(store, "file:///models/keep", {"a.bin": keep_a, "d/b.bin": keep_b})
-    broken, broken_manifest = await add_model(store, "file:///models/broken", {"c.bin": content(tmp_path, PIECE, seed=12)})
+    broken, broken_manifest = await add_model(
+        store, "file:///models/broken", {"c.bin": content(tmp_path, PIECE, seed=12)}
+    )
     no_sidecar = await add_blob(store, content(tmp_path, PIECE + 3, seed=13), key="no-sidecar")
     no_blob = await add_blob(store, content(tmp_path, PIECE + 4, seed=14), key="no-blob")
     async with store.partial(key="resumable", size=2 * PIECE, piece_size=PIECE, identity_key="test|resumable") as p:
@@ -221,7 +243,11 @@ async def test_open_sweeps_debris_and_rebuilds_views(tmp_path: Path) -> None:
     paths = make_store(root)  # path helpers only; never opened
     paths.sidecar_path(no_sidecar.hex).unlink()
     paths.blob_path(no_blob.hex).unlink()
-    orphan = Manifest(ref="file:///models/orphan", piece_size=PIECE, files=(FileEntry(path="o", size=len(keep_b), blob=keep_manifest.files[1].blob),))
+    orphan = Manifest(
+        ref="file:///models/orphan",
+        piece_size=PIECE,
+        files=(FileEntry(path="o", size=len(keep_b), blob=keep_manifest.files[1].blob),),
+    )
     durable.atomic_write(root / "manifests" / f"{orphan.digest}.json", orphan.canonical_bytes(), mode=durable.BLOB_MODE)
     broken_blob = broken_manifest.files[0].blob.hex
     paths.blob_path(broken_blob).unlink()
@@ -271,7 +297,9 @@ async def plant_hf_model(store: Store, canonical: str, commit: str, data: bytes,
     return manifest
 
 
-async def test_open_skips_a_ref_whose_revision_is_too_long_for_a_file_name(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_open_skips_a_ref_whose_revision_is_too_long_for_a_file_name(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     # The finding: a 245-character hf revision, prefetched once, made every later start fail
     # with "File name too long" while rebuilding hf/models--org--name/refs/<revision>.
     root = tmp_path / "cache"
@@ -281,9 +309,17 @@ async def test_open_skips_a_ref_whose_revision_is_too_long_for_a_file_name(tmp_p
     planted = await plant_hf_model(store, long_ref, "c" * 40, content(tmp_path, 100, seed=31), key="long")
     ok = await plant_hf_model(store, "hf://org/name@main", "d" * 40, content(tmp_path, 120, seed=32), key="main")
     # A lease of an older version retains the long ref's manifest too: that path must not fail either.
-    (root / "claims" / "leases" / "l1.json").write_text(json.dumps(
-        {"lease_id": "l1", "ref": long_ref, "holder": "old", "expires_at": 1e12, "manifest": f"blake3:{planted.digest}"}
-    ))
+    (root / "claims" / "leases" / "l1.json").write_text(
+        json.dumps(
+            {
+                "lease_id": "l1",
+                "ref": long_ref,
+                "holder": "old",
+                "expires_at": 1e12,
+                "manifest": f"blake3:{planted.digest}",
+            }
+        )
+    )
     (root / "claims" / "leases" / "l2.json").write_text("{not json")
     bad_manifest = store.manifest_path("e" * 64)
     bad_manifest.write_bytes(b"{not json")
@@ -313,12 +349,14 @@ async def test_the_hf_view_leaves_out_a_commit_that_is_not_a_safe_name(tmp_path:
     await plant_hf_model(store, "hf://org/name@v1", "../" * 13 + "x", content(tmp_path, 100, seed=33), key="evil")
     await plant_hf_model(store, "hf://org/name@main", "d" * 40, content(tmp_path, 120, seed=34), key="main")
     del store
-    store = await opened(root)
+    await opened(root)  # a restart: the view is swept and rebuilt from what was indexed
     top = root / "hf" / "models--org--name"
     assert (top / "refs" / "main").read_text() == "d" * 40
     assert not (top / "refs" / "v1").exists()
     assert sorted(p.name for p in (top / "snapshots").iterdir()) == ["d" * 40]
-    assert sorted(p.name for p in root.iterdir()) == sorted(["blobs", "partial", "manifests", "refs", "models", "hf", "tmp", "claims"])
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        ["blobs", "partial", "manifests", "refs", "models", "hf", "tmp", "claims"]
+    )
 
 
 async def test_open_repoints_a_view_file_that_is_a_copy(tmp_path: Path) -> None:
@@ -360,7 +398,7 @@ async def test_remove_model_deletes_only_blobs_no_other_manifest_uses(tmp_path: 
     y, my = await add_model(store, "file:///models/y", {"shared.bin": shared, "y.bin": only_y})
     shared_hex = mx.files[0].blob.hex
     assert my.files[0].blob.hex == shared_hex
-    x_hex, y_hex = mx.files[1].blob.hex, my.files[1].blob.hex
+    x_hex = mx.files[1].blob.hex
 
     freed = await store.remove_model(x)
 
@@ -456,7 +494,9 @@ async def test_evict_to_spares_pinned_leased_and_busy_models_and_goes_lru(tmp_pa
     refs: dict[str, ModelRef] = {}
     for i, name in enumerate(names):
         clock.now = 1000.0 + i  # created oldest first: the protected ones are the least recently used
-        refs[name], _ = await add_model(store, f"file:///models/{name}", {"w": content(tmp_path, 2 * PIECE, seed=60 + i)})
+        refs[name], _ = await add_model(
+            store, f"file:///models/{name}", {"w": content(tmp_path, 2 * PIECE, seed=60 + i)}
+        )
     await store.claims.pin(refs["pinned"])
     lease = await store.claims.take_lease(refs["leased"], "launcher-1", ttl_s=3600)
     clock.now = 2000.0
@@ -492,7 +532,9 @@ async def test_eviction_keeps_a_blob_that_a_running_fetch_holds(tmp_path: Path) 
     clock = Clock()
     store = await opened(tmp_path / "cache", max_bytes=64 * PIECE, clock=clock)
     shared = content(tmp_path, 2 * PIECE, seed=90)
-    old, old_manifest = await add_model(store, "file:///models/old", {"shared.bin": shared, "o.bin": content(tmp_path, PIECE, seed=91)})
+    old, old_manifest = await add_model(
+        store, "file:///models/old", {"shared.bin": shared, "o.bin": content(tmp_path, PIECE, seed=91)}
+    )
     shared_blob = old_manifest.files[0].blob
 
     store.hold_blob(shared_blob.hex)  # as ModelFetcher.fetch does for a file it already has
@@ -504,7 +546,11 @@ async def test_eviction_keeps_a_blob_that_a_running_fetch_holds(tmp_path: Path) 
         assert store.blob_path(shared_blob.hex).exists()
         assert freed == PIECE  # only o.bin was freed
         new = ModelRef.parse("file:///models/new")
-        manifest = Manifest(ref=new.canonical, piece_size=PIECE, files=(FileEntry(path="shared.bin", size=len(shared), blob=shared_blob),))
+        manifest = Manifest(
+            ref=new.canonical,
+            piece_size=PIECE,
+            files=(FileEntry(path="shared.bin", size=len(shared), blob=shared_blob),),
+        )
         await store.commit_model(new, manifest)
     finally:
         store.unhold_blob(shared_blob.hex)
@@ -564,7 +610,10 @@ async def test_the_store_announces_each_change_as_an_event_in_order(tmp_path: Pa
     assert events[0] == PartialStarted(key="e1", size=len(data), piece_size=PIECE)
     assert sorted(e.index for e in events[1:4] if isinstance(e, PieceVerified)) == [0, 1, 2]
     assert {e.digest for e in events[1:4] if isinstance(e, PieceVerified)} == set(pieces)
-    assert events[4:] == [BlobAdded(blob_hex=blob.hex, size=len(data), identity_key="test|e1"), PartialDropped(key="e1")]
+    assert events[4:] == [
+        BlobAdded(blob_hex=blob.hex, size=len(data), identity_key="test|e1"),
+        PartialDropped(key="e1"),
+    ]
 
     events.clear()
     ref = ModelRef.parse("file:///models/ev")
@@ -574,7 +623,11 @@ async def test_the_store_announces_each_change_as_an_event_in_order(tmp_path: Pa
 
     events.clear()
     await store.remove_model(ref)
-    assert events == [RefChanged(ref=ref.canonical, digest=None), ManifestRemoved(digest=manifest.digest), BlobRemoved(blob_hex=blob.hex)]
+    assert events == [
+        RefChanged(ref=ref.canonical, digest=None),
+        ManifestRemoved(digest=manifest.digest),
+        BlobRemoved(blob_hex=blob.hex),
+    ]
 
     events.clear()
     async with store.partial(key="gone", size=PIECE, piece_size=PIECE, identity_key="test|gone"):
@@ -588,7 +641,9 @@ async def test_state_events_describe_what_the_live_events_built(tmp_path: Path) 
     live = LocalHoldings()
     store = make_store(tmp_path / "cache", on_event=live.record)
     await store.open()
-    _, m1 = await add_model(store, "hf://org/m@main", {"a": content(tmp_path, PIECE, seed=110), "b": content(tmp_path, 3, seed=111)})
+    _, m1 = await add_model(
+        store, "hf://org/m@main", {"a": content(tmp_path, PIECE, seed=110), "b": content(tmp_path, 3, seed=111)}
+    )
     ref2, _ = await add_model(store, "http://h/x.bin", {"x.bin": content(tmp_path, 2 * PIECE, seed=112)})
     await add_model(store, "file:///models/local", {"l": content(tmp_path, 5, seed=113)})
     await store.remove_model(ref2)
@@ -625,7 +680,10 @@ async def test_read_verified_gives_only_verified_pieces_of_a_partial(tmp_path: P
         assert await store.read_verified(partial_key="rv", offset=0, length=10) is None
         assert await store.read_verified(partial_key="rv", offset=PIECE + 5, length=10) == data[PIECE + 5 : PIECE + 15]
         # A verified run ends where the first unverified piece starts.
-        assert await store.read_verified(partial_key="rv", offset=PIECE + 5, length=len(data)) == data[PIECE + 5 : 3 * PIECE]
+        assert (
+            await store.read_verified(partial_key="rv", offset=PIECE + 5, length=len(data))
+            == data[PIECE + 5 : 3 * PIECE]
+        )
         assert await store.read_verified(partial_key="rv", offset=3 * PIECE, length=1) is None
         assert await store.read_verified(partial_key="rv", offset=4 * PIECE, length=100) == data[4 * PIECE :]
         assert await store.read_verified(partial_key="nope", offset=0, length=1) is None
@@ -633,7 +691,9 @@ async def test_read_verified_gives_only_verified_pieces_of_a_partial(tmp_path: P
         f = await store.open_verified(partial_key="rv")
         assert f is not None
         with f:
-            assert f.verified(PIECE, 3 * PIECE - 1) and not f.verified(0, 0) and not f.verified(3 * PIECE - 1, 3 * PIECE)
+            assert (
+                f.verified(PIECE, 3 * PIECE - 1) and not f.verified(0, 0) and not f.verified(3 * PIECE - 1, 3 * PIECE)
+            )
             assert not f.verified(4 * PIECE, len(data)), "past the end is never verified"
             with pytest.raises(IntegrityError):
                 await f.read(PIECE - 1, 2)

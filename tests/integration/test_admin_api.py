@@ -42,7 +42,9 @@ def api_errors(d: Daemon, code: str) -> float:
     return d.metrics.registry.get_sample_value("cached_api_errors_total", {"code": code}) or 0.0
 
 
-async def raw(base: str, method: str, path: str, *, data: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+async def raw(
+    base: str, method: str, path: str, *, data: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
     async with aiohttp.ClientSession() as s, s.request(method, base + path, data=data, headers=headers or {}) as resp:
         text = await resp.text()
         try:
@@ -82,7 +84,9 @@ async def test_a_cross_site_text_plain_evict_force_is_refused_and_the_model_stay
         for host in ("localhost", "127.0.0.1", f"127.0.0.1:{d.api_address.rsplit(':', 1)[1]}"):
             got, _ = await raw(d.api_address, "GET", "/v1/node", headers={"Host": host, "Origin": f"http://{host}"})
             assert got == 200, host
-        got, answer = await raw(d.api_address, "POST", "/v1/evict", data=body, headers={"Content-Type": "application/json", **ADMIN})
+        got, answer = await raw(
+            d.api_address, "POST", "/v1/evict", data=body, headers={"Content-Type": "application/json", **ADMIN}
+        )
         assert got == 200 and answer["state"] == "absent", answer
 
 
@@ -91,8 +95,12 @@ async def test_admin_routes_need_a_credential(tmp_path: Path) -> None:
     async with Origin(tmp_path / "origin") as origin, running_daemon(tmp_path / "cache", **FLAGS) as d:
         ref = await ready_model(d, origin)
         routes = [
-            ("/v1/pin", {"ref": ref}), ("/v1/unpin", {"ref": ref}), ("/v1/evict", {"ref": ref, "force": True}),
-            ("/v1/replicate", {"ref": ref, "replicas": 1}), ("/v1/gc", {}), ("/v1/verify", {}),
+            ("/v1/pin", {"ref": ref}),
+            ("/v1/unpin", {"ref": ref}),
+            ("/v1/evict", {"ref": ref, "force": True}),
+            ("/v1/replicate", {"ref": ref, "replicas": 1}),
+            ("/v1/gc", {}),
+            ("/v1/verify", {}),
         ]
         js = {"Content-Type": "application/json"}
         for path, body in routes:
@@ -100,9 +108,13 @@ async def test_admin_routes_need_a_credential(tmp_path: Path) -> None:
             got, answer = await raw(d.api_address, "POST", path, data=data, headers=js)
             assert got == 401 and answer["error"] == "admin_required", (path, got, answer)
             assert "--admin-token-file" in answer["message"], answer
-            got, answer = await raw(d.api_address, "POST", path, data=data, headers={**js, "Authorization": "Bearer wrong-token-0123456789"})
+            got, answer = await raw(
+                d.api_address, "POST", path, data=data, headers={**js, "Authorization": "Bearer wrong-token-0123456789"}
+            )
             assert got == 403 and answer["error"] == "forbidden", (path, got, answer)
-            got, answer = await raw(d.api_address, "POST", path, data=data, headers={**js, "Authorization": "Bearer \udcff\udcfe"})
+            got, answer = await raw(
+                d.api_address, "POST", path, data=data, headers={**js, "Authorization": "Bearer \udcff\udcfe"}
+            )
             assert got in (400, 403), (path, got, answer)  # a non-UTF-8 token: refused, never a 500
         async with ApiClient(d.api_address) as api:
             assert (await api.request("GET", "/v1/models/status", params={"ref": ref}))["pinned"]
@@ -112,7 +124,9 @@ async def test_admin_routes_need_a_credential(tmp_path: Path) -> None:
         got, answer = await raw(d.api_address, "POST", "/v1/evict", data=json.dumps({"ref": ref}).encode(), headers=js)
         assert got == 409, answer
         for path, body in routes[:2] + routes[4:]:
-            got, answer = await raw(d.api_address, "POST", path, data=json.dumps(body).encode(), headers={**js, **ADMIN})
+            got, answer = await raw(
+                d.api_address, "POST", path, data=json.dumps(body).encode(), headers={**js, **ADMIN}
+            )
             assert got in (200, 409), (path, got, answer)  # replicate: 409 on a node without a cluster
 
 
@@ -127,6 +141,7 @@ async def test_unix_socket_admins_are_root_the_daemon_user_or_the_admin_group(tm
     try:
         flags = {**FLAGS, "api.listen": f"unix:{sock}", "api.socket_mode": "0666"}
         async with running_daemon(tmp_path / "cache", **flags):
+
             def ask(uid: int, headers: dict[str, str] | None = None) -> Any:
                 return request_as(uid, uid, unix=str(sock), method="POST", target="/v1/gc", body={}, headers=headers)
 
@@ -135,7 +150,9 @@ async def test_unix_socket_admins_are_root_the_daemon_user_or_the_admin_group(tm
             assert (await asyncio.to_thread(ask, 0)).status == 200
             assert (await asyncio.to_thread(ask, NOBODY, ADMIN)).status == 200, "the token works for anyone"
             # Any Host on the unix socket; open routes open to nobody too.
-            a = await asyncio.to_thread(lambda: request_as(NOBODY, NOBODY, unix=str(sock), target="/v1/node", headers={"Host": "whatever"}))
+            a = await asyncio.to_thread(
+                lambda: request_as(NOBODY, NOBODY, unix=str(sock), target="/v1/node", headers={"Host": "whatever"})
+            )
             assert a.status == 200, a
     finally:
         import shutil
@@ -163,7 +180,9 @@ async def test_a_huge_integer_is_a_400_and_no_traceback(tmp_path: Path, caplog: 
         assert api_errors(d, "internal") == 0
 
 
-async def test_a_client_hanging_up_on_the_event_stream_is_not_an_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_client_hanging_up_on_the_event_stream_is_not_an_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     async with running_daemon(tmp_path / "cache", **FLAGS) as d:
         host, port = d.api_address.removeprefix("http://").rsplit(":", 1)
         with caplog.at_level(logging.DEBUG):
@@ -174,9 +193,13 @@ async def test_a_client_hanging_up_on_the_event_stream_is_not_an_error(tmp_path:
                 head = await reader.readuntil(b"\r\n\r\n")
                 assert head.startswith(b"HTTP/1.1 200"), head
                 # Hang up hard (RST), then make the stream write: a job event for every subscriber.
-                writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                writer.transport.get_extra_info("socket").setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                )
                 writer.close()
                 d.jobs.events.publish({"event": "test", "ref": "hf://a/b"})
             await wait_until(lambda: not d.jobs.events._subscribers, timeout_s=20)
-        assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], [
+            r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR
+        ]
         assert api_errors(d, "internal") == 0

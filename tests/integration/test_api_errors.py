@@ -67,7 +67,9 @@ BAD_REFS = [
 async def send(session: aiohttp.ClientSession, base: str, case: Case) -> tuple[int, str, Any]:
     headers = {"Content-Type": "application/json"} if case.body is not None else {}
     headers["Authorization"] = f"Bearer {ADMIN_TOKEN}"  # admin routes reach their own checks
-    async with session.request(case.method, base + case.path, data=case.body, params=case.query, headers=headers) as resp:
+    async with session.request(
+        case.method, base + case.path, data=case.body, params=case.query, headers=headers
+    ) as resp:
         text = await resp.text(errors="replace")
         try:
             body = json.loads(text)
@@ -118,7 +120,9 @@ async def test_bad_refs_are_400_on_every_route_and_touch_nothing(tmp_path: Path)
             cases.append(Case("GET", "/v1/models/status", query={"ref": ref}, status=400, code="bad_ref"))
         for route in ("/v1/evict", "/v1/pin", "/v1/unpin", "/v1/verify"):
             cases.append(Case("POST", route, js({"ref": "ftp://x"}), 400, "bad_ref"))
-        cases.append(Case("POST", "/v1/leases", js({"ref": "file:///../etc", "holder": "h", "ttl_s": 60}), 400, "bad_ref"))
+        cases.append(
+            Case("POST", "/v1/leases", js({"ref": "file:///../etc", "holder": "h", "ttl_s": 60}), 400, "bad_ref")
+        )
         cases.append(Case("GET", "/v1/locate", query={"ref": "hf://"}, status=400, code="bad_ref"))
         problems = await check_cases(d.api_address, cases)
         assert not problems, "\n".join(problems)
@@ -159,7 +163,9 @@ async def test_malformed_bodies_are_clear_400s(tmp_path: Path) -> None:
             Case("POST", "/v1/prefetch", js({"ref": good, "timeout_s": "soon"}), 400, "bad_request"),
             Case("POST", "/v1/prefetch", js({"ref": good, "timeout_s": -1}), 400, "bad_request"),
             Case("POST", "/v1/prefetch", b'{"ref": "' + good.encode() + b'", "timeout_s": NaN}', 400, "bad_request"),
-            Case("POST", "/v1/prefetch", b'{"ref": "' + good.encode() + b'", "timeout_s": Infinity}', 400, "bad_request"),
+            Case(
+                "POST", "/v1/prefetch", b'{"ref": "' + good.encode() + b'", "timeout_s": Infinity}', 400, "bad_request"
+            ),
             # Invalid UTF-8, in the value and in the structure.
             Case("POST", "/v1/prefetch", b'{"ref": "file:///tmp/\xff\xfe"}', 400, "bad_request"),
             Case("POST", "/v1/prefetch", b"\xff\xfe\x00{", 400, "bad_request"),
@@ -210,7 +216,11 @@ async def test_unknown_routes_methods_and_oversized_bodies(tmp_path: Path) -> No
 
 async def test_origin_404_fails_the_model_with_an_error_naming_the_url(tmp_path: Path) -> None:
     (tmp_path / "origin").mkdir()
-    async with Origin(tmp_path / "origin") as origin, running_daemon(tmp_path / "cache", **FLAGS) as d, ApiClient(d.api_address) as api:
+    async with (
+        Origin(tmp_path / "origin") as origin,
+        running_daemon(tmp_path / "cache", **FLAGS) as d,
+        ApiClient(d.api_address) as api,
+    ):
         ref = origin.file_url("missing.gguf")
         with pytest.raises(ApiError) as e:
             await api.request("POST", "/v1/prefetch", body={"ref": ref, "wait": True})
@@ -235,7 +245,11 @@ async def test_connection_refused_fails_after_retries_with_a_clear_message(tmp_p
     closed = await Origin(tmp_path / "origin").start()
     dead_url = closed.file_url("model.gguf")
     await closed.stop()  # nothing listens on that port any more
-    async with Origin(tmp_path / "origin") as origin, running_daemon(tmp_path / "cache", **FLAGS) as d, ApiClient(d.api_address) as api:
+    async with (
+        Origin(tmp_path / "origin") as origin,
+        running_daemon(tmp_path / "cache", **FLAGS) as d,
+        ApiClient(d.api_address) as api,
+    ):
         with pytest.raises(ApiError) as e:
             await api.request("POST", "/v1/prefetch", body={"ref": dead_url, "wait": True})
         assert e.value.status == 502 and e.value.code == "origin_error"

@@ -35,8 +35,8 @@ from tests.support.cluster import (
     metric,
     node_flags,
     prefetch,
-    view_digests,
     token_file,  # noqa: F401 - the fixture
+    view_digests,
 )
 from tests.support.corrupt import flip_byte
 from tests.support.node import running_daemon
@@ -93,10 +93,16 @@ async def rot(blob: Path, pieces: list[int], *, check: bool = True) -> None:
         assert await asyncio.to_thread(bad_pieces_on_disk, blob) == pieces
 
 
-async def pair(stack: contextlib.AsyncExitStack, tmp_path: Path, token_file: Path, **extra: Any) -> tuple[Daemon, Daemon]:
+async def pair(
+    stack: contextlib.AsyncExitStack, tmp_path: Path, token_file: Path, **extra: Any
+) -> tuple[Daemon, Daemon]:
     """Two nodes of one cluster, b seeded from a; returns once each lists the other alive."""
-    a = await stack.enter_async_context(running_daemon(tmp_path / "a", node_id="a", **node_flags(token_file, piece="256K", **extra)))
-    b = await stack.enter_async_context(running_daemon(tmp_path / "b", node_id="b", **node_flags(token_file, a, piece="256K", **extra)))
+    a = await stack.enter_async_context(
+        running_daemon(tmp_path / "a", node_id="a", **node_flags(token_file, piece="256K", **extra))
+    )
+    b = await stack.enter_async_context(
+        running_daemon(tmp_path / "b", node_id="b", **node_flags(token_file, a, piece="256K", **extra))
+    )
     await wait_until(lambda: all_see_all({"a": a, "b": b}), timeout_s=15, what="a and b see each other")
     return a, b
 
@@ -114,11 +120,16 @@ async def status(d: Daemon, ref: str) -> dict[str, Any]:
 # --- one node: the scrub finds it, the origin repairs it ------------------------------------------
 
 
-async def test_the_background_scrub_finds_rot_and_repairs_it_from_the_origin(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_the_background_scrub_finds_rot_and_repairs_it_from_the_origin(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     src = write_random_file(tmp_path / "origin" / "model.bin", SIZE, seed=301)
     want = await view_digests({"path": str(src.parent)})
     caplog.set_level(logging.INFO, logger="cached")
-    async with Origin(src.parent) as origin, running_daemon(tmp_path / "a", **{"store.piece_size_bytes": "256K", **SCRUB}) as d:
+    async with (
+        Origin(src.parent) as origin,
+        running_daemon(tmp_path / "a", **{"store.piece_size_bytes": "256K", **SCRUB}) as d,
+    ):
         model = await prefetch(d, origin.file_url("model.bin"))
         blob = d.store.blob_path(blobs_of(d, model)["model.bin"])
         await wait_until(lambda: scrub_reports(caplog), timeout_s=10, what="a first scrub")
@@ -136,7 +147,9 @@ async def test_the_background_scrub_finds_rot_and_repairs_it_from_the_origin(tmp
         await wait_until(found_then_clean, timeout_s=15, what="a scrub that repairs, then a clean one")
         assert await blob_clean(blob)
         assert await metric(d, "cached_verify_bad_pieces_total") == 2, "each bad piece counted once"
-        assert origin.counters.bytes_sent - sent == PIECE + (SIZE - 16 * PIECE), "only the two bad pieces were read again"
+        assert origin.counters.bytes_sent - sent == PIECE + (SIZE - 16 * PIECE), (
+            "only the two bad pieces were read again"
+        )
         assert await view_digests(model) == want
         assert os.path.samefile(Path(model["path"]) / "model.bin", blob), "the view follows the repaired blob"
         await asyncio.to_thread(assert_store_sound, d)
@@ -146,7 +159,9 @@ async def test_the_background_scrub_finds_rot_and_repairs_it_from_the_origin(tmp
 
 
 @pytest.mark.parametrize("detect", ["verify", "scrub"])
-async def test_rot_is_repaired_from_a_peer_with_the_origin_stopped(tmp_path: Path, token_file: Path, detect: str) -> None:
+async def test_rot_is_repaired_from_a_peer_with_the_origin_stopped(
+    tmp_path: Path, token_file: Path, detect: str
+) -> None:
     src = write_random_file(tmp_path / "origin" / "model.bin", SIZE, seed=311)
     want = await view_digests({"path": str(src.parent)})
     extra = SCRUB if detect == "scrub" else {}
@@ -188,7 +203,9 @@ async def test_rot_is_repaired_from_a_peer_with_the_origin_stopped(tmp_path: Pat
         await asyncio.to_thread(assert_store_sound, a)
 
 
-async def test_rot_on_both_nodes_at_one_piece_takes_that_piece_from_the_origin(tmp_path: Path, token_file: Path) -> None:
+async def test_rot_on_both_nodes_at_one_piece_takes_that_piece_from_the_origin(
+    tmp_path: Path, token_file: Path
+) -> None:
     """The peer's copy of piece 7 is rotten too: its bytes are refused, the origin supplies that one
     piece, the peer the other; then the peer heals its own piece 7 from the repaired node."""
     src = write_random_file(tmp_path / "origin" / "model.bin", SIZE, seed=321)
@@ -199,14 +216,20 @@ async def test_rot_on_both_nodes_at_one_piece_takes_that_piece_from_the_origin(t
         model_a = await prefetch(a, origin.file_url("model.bin"))
         await prefetch(b, model_a["ref"])
         blob_hex = blobs_of(a, model_a)["model.bin"]
-        await wait_until(lambda: blob_holders(a, blob_hex) == {"b"} and blob_holders(b, blob_hex) == {"a"}, timeout_s=10, what="each knows the other holds the blob")
+        await wait_until(
+            lambda: blob_holders(a, blob_hex) == {"b"} and blob_holders(b, blob_hex) == {"a"},
+            timeout_s=10,
+            what="each knows the other holds the blob",
+        )
         await rot(a.store.blob_path(blob_hex), [2, 7])
         await rot(b.store.blob_path(blob_hex), [7])
         origin.reset()
 
         report = await verify(a)
         assert (report["bad_pieces"], report["repaired_blobs"], report["errors"]) == (2, 1, []), report
-        assert await metric(a, "cached_piece_verify_failures_total", source="peer") >= 1, "b's rotten piece 7 was refused"
+        assert await metric(a, "cached_piece_verify_failures_total", source="peer") >= 1, (
+            "b's rotten piece 7 was refused"
+        )
         assert origin.counters.ranges == [f"{7 * PIECE}-{8 * PIECE - 1}"], "the origin supplied piece 7 only"
         assert await blob_clean(a.store.blob_path(blob_hex))
 

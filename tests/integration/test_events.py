@@ -13,7 +13,10 @@ from tests.support.origin import Origin, write_random_file
 async def test_events_stream_queued_fetching_progress_ready_for_one_ref(tmp_path: Path) -> None:
     size = 4 * 1024 * 1024
     write_random_file(tmp_path / "o" / "m.bin", size)
-    async with Origin(tmp_path / "o") as origin, running_daemon(tmp_path / "c", **{"store.piece_size_bytes": "64K"}) as d:
+    async with (
+        Origin(tmp_path / "o") as origin,
+        running_daemon(tmp_path / "c", **{"store.piece_size_bytes": "64K"}) as d,
+    ):
         origin.faults.rate_bps = 256 * 1024  # 8 connections: ~2 s, long enough for progress events
         ref = origin.file_url("m.bin")
         other = origin.file_url("other.bin")
@@ -50,6 +53,7 @@ async def test_events_report_a_failure_with_its_error(tmp_path: Path) -> None:
     async with Origin(tmp_path / "o") as origin, running_daemon(tmp_path / "c") as d:
         ref = origin.file_url("missing.bin")
         async with ApiClient(d.api_address) as api:
+
             async def first_final() -> dict:
                 async for ev in api.events(ref):
                     if ev["state"] == "failed":

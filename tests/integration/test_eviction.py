@@ -51,7 +51,11 @@ def partial_files(cache: Path) -> list[str]:
 async def test_prefetch_under_pressure_evicts_lru_never_pinned_or_leased(tmp_path: Path) -> None:
     make_models(tmp_path / "origin", "a.bin", "b.bin", "c.bin", "d.bin")
     cache = tmp_path / "cache"
-    async with Origin(tmp_path / "origin") as origin, running_daemon(cache, **FLAGS) as d, ApiClient(d.api_address) as api:
+    async with (
+        Origin(tmp_path / "origin") as origin,
+        running_daemon(cache, **FLAGS) as d,
+        ApiClient(d.api_address) as api,
+    ):
         a, b, c, dd = (origin.file_url(n) for n in ("a.bin", "b.bin", "c.bin", "d.bin"))
         await prefetch(api, a)
         model_b = await prefetch(api, b)
@@ -83,7 +87,11 @@ async def test_prefetch_under_pressure_evicts_lru_never_pinned_or_leased(tmp_pat
 async def test_prefetch_that_cannot_fit_beside_protected_models_fails_store_full(tmp_path: Path) -> None:
     make_models(tmp_path / "origin", "a.bin", "b.bin", "c.bin")
     cache = tmp_path / "cache"
-    async with Origin(tmp_path / "origin") as origin, running_daemon(cache, **FLAGS) as d, ApiClient(d.api_address) as api:
+    async with (
+        Origin(tmp_path / "origin") as origin,
+        running_daemon(cache, **FLAGS) as d,
+        ApiClient(d.api_address) as api,
+    ):
         a, b, c = (origin.file_url(n) for n in ("a.bin", "b.bin", "c.bin"))
         await prefetch(api, a)
         await prefetch(api, b)
@@ -107,7 +115,11 @@ async def test_prefetch_larger_than_the_whole_store_fails_and_evicts_nothing(tmp
     make_models(tmp_path / "origin", "a.bin")
     write_random_file(tmp_path / "origin" / "huge.bin", 4 * MiB, seed=7)
     cache = tmp_path / "cache"
-    async with Origin(tmp_path / "origin") as origin, running_daemon(cache, **FLAGS) as d, ApiClient(d.api_address) as api:
+    async with (
+        Origin(tmp_path / "origin") as origin,
+        running_daemon(cache, **FLAGS) as d,
+        ApiClient(d.api_address) as api,
+    ):
         a, huge = origin.file_url("a.bin"), origin.file_url("huge.bin")
         await prefetch(api, a)
 
@@ -124,7 +136,11 @@ async def test_gc_brings_usage_under_the_low_watermark_and_spares_pinned(tmp_pat
     make_models(tmp_path / "origin", "a.bin", "b.bin")
     cache = tmp_path / "cache"
     flags = {**FLAGS, "store.high_watermark": 0.5, "store.low_watermark": 0.4}
-    async with Origin(tmp_path / "origin") as origin, running_daemon(cache, **flags) as d, ApiClient(d.api_address) as api:
+    async with (
+        Origin(tmp_path / "origin") as origin,
+        running_daemon(cache, **flags) as d,
+        ApiClient(d.api_address) as api,
+    ):
         a, b = origin.file_url("a.bin"), origin.file_url("b.bin")
         idle = await api.request("POST", "/v1/gc")
         assert idle == {"freed_bytes": 0, "evicted": []}
@@ -149,7 +165,11 @@ async def test_gc_brings_usage_under_the_low_watermark_and_spares_pinned(tmp_pat
 async def test_evict_is_refused_while_pinned_or_leased_unless_forced(tmp_path: Path) -> None:
     make_models(tmp_path / "origin", "a.bin", size=300 * 1024)
     cache = tmp_path / "cache"
-    async with Origin(tmp_path / "origin") as origin, running_daemon(cache, **FLAGS) as d, ApiClient(d.api_address) as api:
+    async with (
+        Origin(tmp_path / "origin") as origin,
+        running_daemon(cache, **FLAGS) as d,
+        ApiClient(d.api_address) as api,
+    ):
         a = origin.file_url("a.bin")
         model = await prefetch(api, a)
 
@@ -186,7 +206,11 @@ async def test_evicting_an_in_progress_fetch_cancels_it_and_removes_partial_file
     size = 2 * MiB
     write_random_file(tmp_path / "origin" / "slow.bin", size, seed=40)
     cache = tmp_path / "cache"
-    async with Origin(tmp_path / "origin") as origin, running_daemon(cache, **FLAGS) as d, ApiClient(d.api_address) as api:
+    async with (
+        Origin(tmp_path / "origin") as origin,
+        running_daemon(cache, **FLAGS) as d,
+        ApiClient(d.api_address) as api,
+    ):
         ref = origin.file_url("slow.bin")
         origin.faults.rate_bps = 64 * 1024  # each 64 KiB piece takes about a second
         accepted = await api.request("POST", "/v1/prefetch", body={"ref": ref})
@@ -220,7 +244,11 @@ async def test_a_model_evicted_under_pressure_reads_as_absent(tmp_path: Path) ->
     """Status, the node summary and the model list must agree with the disk after an eviction."""
     make_models(tmp_path / "origin", "a.bin", "b.bin", "c.bin")
     cache = tmp_path / "cache"
-    async with Origin(tmp_path / "origin") as origin, running_daemon(cache, **FLAGS) as d, ApiClient(d.api_address) as api:
+    async with (
+        Origin(tmp_path / "origin") as origin,
+        running_daemon(cache, **FLAGS) as d,
+        ApiClient(d.api_address) as api,
+    ):
         a, b, c = (origin.file_url(n) for n in ("a.bin", "b.bin", "c.bin"))
         for ref in (a, b, c):
             await prefetch(api, ref)
@@ -241,7 +269,11 @@ async def test_evicting_a_fetch_just_as_its_partial_is_created_leaves_nothing_be
     """
     write_random_file(tmp_path / "origin" / "slow.bin", 8 * MiB, seed=41)
     cache = tmp_path / "cache"
-    async with Origin(tmp_path / "origin") as origin, running_daemon(cache, **{"store.piece_size_bytes": "64K"}) as d, ApiClient(d.api_address) as api:
+    async with (
+        Origin(tmp_path / "origin") as origin,
+        running_daemon(cache, **{"store.piece_size_bytes": "64K"}) as d,
+        ApiClient(d.api_address) as api,
+    ):
         ref = origin.file_url("slow.bin")
         origin.faults.rate_bps = 64 * 1024
         for attempt in range(12):

@@ -77,21 +77,28 @@ async def test_first_client_fills_the_node_later_clients_read_only_the_node(tmp_
 
             first = await run_client(
                 f"ARGS = {json.dumps({'repo': TINY})!r}\n" + DOWNLOAD_CLIENT,
-                {"HF_ENDPOINT": endpoint, "HF_HUB_CACHE": str(tmp_path / "client-1")}, version,
+                {"HF_ENDPOINT": endpoint, "HF_HUB_CACHE": str(tmp_path / "client-1")},
+                version,
             )
             assert first["snapshot"] == want
-            assert (first["config.json"], first["model.safetensors"]) == (want["config.json"], want["model.safetensors"])
+            assert (first["config.json"], first["model.safetensors"]) == (
+                want["config.json"],
+                want["model.safetensors"],
+            )
             # Each file left the hub once, although the client asked for two of them twice.
             assert hub.counters.file_bytes == sum(b.size for b in files.values())
             assert hub.counters.count(kind="xet-token") == 0
             await wait_until(lambda: node_settled(api), timeout_s=30, what="the endpoint's fetches to be published")
             held = await api.request("GET", "/v1/models")
-            assert sum(m["bytes_total"] for m in held) == sum(b.size for b in files.values())  # the node holds each file once
+            assert sum(m["bytes_total"] for m in held) == sum(
+                b.size for b in files.values()
+            )  # the node holds each file once
 
             hub.reset()
             second = await run_client(
                 f"ARGS = {json.dumps({'repo': TINY, 'transformers': True})!r}\n" + DOWNLOAD_CLIENT,
-                {"HF_ENDPOINT": endpoint, "HF_HUB_CACHE": str(tmp_path / "client-2")}, version,
+                {"HF_ENDPOINT": endpoint, "HF_HUB_CACHE": str(tmp_path / "client-2")},
+                version,
             )
             assert second["snapshot"] == want
             assert second["autoconfig"] == "gpt2"
@@ -169,7 +176,10 @@ async def test_no_xet_on_resolve_tree_or_paths_info(tmp_path: Path) -> None:
                 async with http.post(base + info_path, data=form) as r:
                     assert r.status == 200
                     text = await r.text()
-                assert "xetHash" not in text and {e["path"] for e in json.loads(text)} == {"model.safetensors", "config.json"}
+                assert "xetHash" not in text and {e["path"] for e in json.loads(text)} == {
+                    "model.safetensors",
+                    "config.json",
+                }
 
             async def check_resolve(method: str) -> None:
                 async with http.request(method, f"{base}/{TINY}/resolve/main/model.safetensors") as r:
@@ -215,7 +225,9 @@ emit(out)
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-async def test_errors_raise_the_typed_client_error(tmp_path: Path, version: str, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_errors_raise_the_typed_client_error(
+    tmp_path: Path, version: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("HF_TOKEN", raising=False)  # the daemon has no token of its own
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
     async with Hub(tokens={TOKEN}) as hub:
@@ -227,7 +239,8 @@ async def test_errors_raise_the_typed_client_error(tmp_path: Path, version: str,
             args = {"repo": TINY, "other": "acme/other", "gated": GATED, "token": TOKEN}
             out = await run_client(
                 f"ARGS = {json.dumps(args)!r}\n" + ERRORS_CLIENT,
-                {"HF_ENDPOINT": d.api_address + "/hf", "HF_HUB_CACHE": str(tmp_path / "client")}, version,
+                {"HF_ENDPOINT": d.api_address + "/hf", "HF_HUB_CACHE": str(tmp_path / "client")},
+                version,
             )
 
     expected = {
@@ -267,12 +280,20 @@ async def test_passthrough_sends_the_callers_token_never_the_daemons(tmp_path: P
     async with Hub(tokens={DAEMON_TOKEN, TOKEN}) as hub:
         hub.add_repo(GATED, tiny_model_files(weights_size=10_000, seed=5), gated=True)
         hub.add_repo("lent/model", tiny_model_files(weights_size=10_000, seed=6), gated=True)
-        flags = {**FLAGS, "origins.hf.endpoint": hub.url, "origins.hf.token_file": str(tmp_path / "hf.token"),
-                 "origins.hf.lend_token_to": ["lent"]}
+        flags = {
+            **FLAGS,
+            "origins.hf.endpoint": hub.url,
+            "origins.hf.token_file": str(tmp_path / "hf.token"),
+            "origins.hf.lend_token_to": ["lent"],
+        }
         async with running_daemon(tmp_path / "cache", **flags) as d, aiohttp.ClientSession() as s:
             base = d.api_address + "/hf"
-            calls = [f"/api/models/{GATED}", f"/api/models/{GATED}/revision/main", f"/api/models/{GATED}/tree/main",
-                     f"/{GATED}/resolve/main/config.json"]
+            calls = [
+                f"/api/models/{GATED}",
+                f"/api/models/{GATED}/revision/main",
+                f"/api/models/{GATED}/tree/main",
+                f"/{GATED}/resolve/main/config.json",
+            ]
             for path in calls:
                 async with s.get(base + path) as resp:
                     assert resp.status in (401, 403), (path, resp.status)
@@ -317,6 +338,11 @@ async def test_dot_dot_segments_are_400_and_never_reach_the_hub(tmp_path: Path) 
                 writer.close()
                 status = int(answer.split(b" ", 2)[1])
                 assert status in (400, 404), (target, answer[:300])
-            assert not [r.target for r in hub.counters.log if ".." in r.target or "%2e" in r.target.lower()], hub.counters.log
-            async with aiohttp.ClientSession() as s, s.get(d.api_address + "/hf/api/models/acme/public/tree/main") as resp:
+            assert not [r.target for r in hub.counters.log if ".." in r.target or "%2e" in r.target.lower()], (
+                hub.counters.log
+            )
+            async with (
+                aiohttp.ClientSession() as s,
+                s.get(d.api_address + "/hf/api/models/acme/public/tree/main") as resp,
+            ):
                 assert resp.status == 200, "ordinary paths still pass"

@@ -104,7 +104,9 @@ async def test_include_and_exclude_fetch_only_matching_files(tmp_path: Path) -> 
 
             hub.reset()
             weights = await prefetch(api, f"hf://{TINY}", include=["*.safetensors"], exclude=["nested/*"])
-            assert sorted(f for f in Path(weights["path"]).rglob("*") if f.is_file()) == [Path(weights["path"]) / "model.safetensors"]
+            assert sorted(f for f in Path(weights["path"]).rglob("*") if f.is_file()) == [
+                Path(weights["path"]) / "model.safetensors"
+            ]
             assert hub.counters.file_bytes == len(data["model.safetensors"])
 
             status, body = await prefetch_fails(api, f"hf://{TINY}?include=*.gguf")
@@ -119,7 +121,10 @@ async def test_lfs_via_cdn_redirect_token_stays_with_the_hub(tmp_path: Path) -> 
         hub.add_repo(GATED, tiny_model_files(), gated=True)
         data = hub_files(hub, GATED)
         lfs = sum(len(b.data) for b in hub.repo(GATED).resolve("main").files.values() if b.lfs)
-        async with daemon(tmp_path, hub, **{"origins.hf.token_file": str(token_file)}) as d, ApiClient(d.api_address) as api:
+        async with (
+            daemon(tmp_path, hub, **{"origins.hf.token_file": str(token_file)}) as d,
+            ApiClient(d.api_address) as api,
+        ):
             model = await prefetch(api, f"hf://{GATED}")
             assert snapshot_files(model) == data
     c = hub.counters

@@ -84,7 +84,10 @@ async def test_refresh_fetches_only_the_change_and_a_lease_keeps_the_old_revisio
         files = {**tiny_model_files(), "shared.bin": random_bytes(100_000, seed=7)}
         old = hub.add_repo(TINY, files)
         old_files = {p: b for p, b in hub.repo(TINY).commits[old].files.items()}
-        async with running_daemon(cache, **{**FLAGS, "origins.hf.endpoint": hub.url}) as d, ApiClient(d.api_address) as api:
+        async with (
+            running_daemon(cache, **{**FLAGS, "origins.hf.endpoint": hub.url}) as d,
+            ApiClient(d.api_address) as api,
+        ):
             first = await api.request("POST", "/v1/prefetch", body={"ref": REF, "wait": True})
             assert first["revision"] == old
             hf = Path(first["hf_path"])
@@ -161,7 +164,10 @@ async def test_refresh_fetches_only_the_change_and_a_lease_keeps_the_old_revisio
 async def test_refresh_of_an_unmoved_branch_fetches_nothing(tmp_path: Path) -> None:
     async with Hub() as hub:
         hub.add_repo(TINY, tiny_model_files())
-        async with running_daemon(tmp_path / "cache", **{**FLAGS, "origins.hf.endpoint": hub.url}) as d, ApiClient(d.api_address) as api:
+        async with (
+            running_daemon(tmp_path / "cache", **{**FLAGS, "origins.hf.endpoint": hub.url}) as d,
+            ApiClient(d.api_address) as api,
+        ):
             first = await api.request("POST", "/v1/prefetch", body={"ref": REF, "wait": True})
             hub.reset()
             again = await api.request("POST", "/v1/prefetch", body={"ref": REF, "refresh": True, "wait": True})

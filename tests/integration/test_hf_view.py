@@ -51,14 +51,21 @@ def tree_state(root: Path) -> dict[str, tuple[Any, ...]]:
             p = Path(dirpath) / name
             st = p.lstat()
             rel = p.relative_to(root).as_posix()
-            state[rel] = ("link", os.readlink(p)) if p.is_symlink() else ("node", st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)
+            state[rel] = (
+                ("link", os.readlink(p))
+                if p.is_symlink()
+                else ("node", st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)
+            )
     return state
 
 
 async def test_view_is_a_canonical_hub_cache(tmp_path: Path) -> None:
     async with Hub() as hub:
         repo = build_hub(hub)
-        async with running_daemon(tmp_path / "cache", **{**FLAGS, "origins.hf.endpoint": hub.url}) as d, ApiClient(d.api_address) as api:
+        async with (
+            running_daemon(tmp_path / "cache", **{**FLAGS, "origins.hf.endpoint": hub.url}) as d,
+            ApiClient(d.api_address) as api,
+        ):
             models = await prefetch_all(api)
             assert models["main"]["revision"] == models["v1.0"]["revision"] == repo["main"]
             assert models["refs/pr/1"]["revision"] == repo["pr"]
@@ -151,7 +158,10 @@ emit(out)
 async def test_offline_real_client_reads_the_view(tmp_path: Path, version: str) -> None:
     async with Hub() as hub:
         repo = build_hub(hub)
-        async with running_daemon(tmp_path / "cache", **{**FLAGS, "origins.hf.endpoint": hub.url}) as d, ApiClient(d.api_address) as api:
+        async with (
+            running_daemon(tmp_path / "cache", **{**FLAGS, "origins.hf.endpoint": hub.url}) as d,
+            ApiClient(d.api_address) as api,
+        ):
             models = await prefetch_all(api)
             hf = Path(models["main"]["hf_path"])
             snapshots = hf / "models--acme--tiny-model" / "snapshots"
@@ -171,13 +181,22 @@ async def test_offline_real_client_reads_the_view(tmp_path: Path, version: str) 
         for rev in ("main", repo["main"], "v1.0"):
             for path, blob in repo["files"].items():
                 got = out[f"dl {rev} {path}"]
-                assert got.get("ok") == {"path": str(snapshots / repo["main"] / path), "sha256": blob.sha256}, (rev, path, got)
-        pr_notes = {"path": str(snapshots / repo["pr"] / "nested/notes.txt"), "sha256": hashlib.sha256(PR_NOTES).hexdigest()}
+                assert got.get("ok") == {"path": str(snapshots / repo["main"] / path), "sha256": blob.sha256}, (
+                    rev,
+                    path,
+                    got,
+                )
+        pr_notes = {
+            "path": str(snapshots / repo["pr"] / "nested/notes.txt"),
+            "sha256": hashlib.sha256(PR_NOTES).hexdigest(),
+        }
         assert out["dl refs/pr/1"] == {"ok": pr_notes}
         assert out["dl pr commit"] == {"ok": pr_notes}
 
         main_snapshot = str(snapshots / repo["main"])
-        assert out["snapshot main"] == {"ok": {"path": main_snapshot, "files": {p: b.sha256 for p, b in repo["files"].items()}}}
+        assert out["snapshot main"] == {
+            "ok": {"path": main_snapshot, "files": {p: b.sha256 for p, b in repo["files"].items()}}
+        }
         assert out["snapshot commit"] == {"ok": main_snapshot}
         assert out["snapshot refs/pr/1"] == {"ok": str(snapshots / repo["pr"])}
         assert out["snapshot json only"] == {"ok": main_snapshot}
@@ -203,12 +222,20 @@ async def test_concurrent_prefetches_of_one_repo_keep_the_view_whole(tmp_path: P
         files = {**tiny_model_files(), **{f"shard-{i:02d}.txt": b"%d\n" % i * (100 + i) for i in range(13)}}
         commit = hub.add_repo(TINY, files)
         paths = sorted(hub.repo(TINY).commits[commit].files)
-        async with running_daemon(tmp_path / "cache", **{**FLAGS, "origins.hf.endpoint": hub.url}) as d, ApiClient(d.api_address) as api:
+        async with (
+            running_daemon(tmp_path / "cache", **{**FLAGS, "origins.hf.endpoint": hub.url}) as d,
+            ApiClient(d.api_address) as api,
+        ):
             results = await asyncio.gather(
-                *(api.request("POST", "/v1/prefetch", body={"ref": f"hf://{TINY}@main?include={p}", "wait": True}) for p in paths),
+                *(
+                    api.request("POST", "/v1/prefetch", body={"ref": f"hf://{TINY}@main?include={p}", "wait": True})
+                    for p in paths
+                ),
                 return_exceptions=True,
             )
-            failed = {p: str(r) for p, r in zip(paths, results) if isinstance(r, BaseException) or r["state"] != "ready"}
+            failed = {
+                p: str(r) for p, r in zip(paths, results) if isinstance(r, BaseException) or r["state"] != "ready"
+            }
             assert not failed, failed
             snap = tmp_path / "cache" / "hf" / "models--acme--tiny-model" / "snapshots" / commit
             present = sorted(p.relative_to(snap).as_posix() for p in snap.rglob("*") if p.is_symlink() and p.exists())

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -27,7 +28,12 @@ from tests.support.wait import wait_until
 TOKEN = "extender-cluster-token-0123456789"
 MIB = 1 << 20
 SIZE = 8 * MIB
-FAST = {"peer.gossip_interval_s": 0.2, "peer.suspect_after_s": 1.0, "peer.dead_after_s": 2.0, "store.piece_size_bytes": "1M"}
+FAST = {
+    "peer.gossip_interval_s": 0.2,
+    "peer.suspect_after_s": 1.0,
+    "peer.dead_after_s": 2.0,
+    "store.piece_size_bytes": "1M",
+}
 CANDIDATES = ["a", "b", "c", "elsewhere"]  # "elsewhere": a node the scheduler knows and the cache does not
 SLOW_BPS = 256 * 1024
 
@@ -35,14 +41,20 @@ SLOW_BPS = 256 * 1024
 def pod(annotations: dict[str, str] | None = None) -> dict[str, Any]:
     """A v1.Pod as the scheduler sends it (trimmed, but with the fields real pods carry)."""
     meta: dict[str, Any] = {
-        "name": "vllm-0", "namespace": "inference", "uid": "5c1f0d7e-8f2a-4d34-9d1e-0e6f5b7a9c11",
-        "labels": {"app": "vllm"}, "creationTimestamp": None,
+        "name": "vllm-0",
+        "namespace": "inference",
+        "uid": "5c1f0d7e-8f2a-4d34-9d1e-0e6f5b7a9c11",
+        "labels": {"app": "vllm"},
+        "creationTimestamp": None,
     }
     if annotations is not None:
         meta["annotations"] = annotations
     return {
         "metadata": meta,
-        "spec": {"containers": [{"name": "server", "image": "vllm/vllm-openai:latest", "resources": {}}], "schedulerName": "default-scheduler"},
+        "spec": {
+            "containers": [{"name": "server", "image": "vllm/vllm-openai:latest", "resources": {}}],
+            "schedulerName": "default-scheduler",
+        },
         "status": {"phase": "Pending"},
     }
 
@@ -85,7 +97,9 @@ async def post_raw(d: Daemon, path: str, data: bytes) -> tuple[int, Any]:
 
 
 def scores(answer: list[dict[str, Any]]) -> dict[str, int]:
-    assert all(set(h) == {"Host", "Score"} and isinstance(h["Score"], int) and 0 <= h["Score"] <= 10 for h in answer), answer
+    assert all(set(h) == {"Host", "Score"} and isinstance(h["Score"], int) and 0 <= h["Score"] <= 10 for h in answer), (
+        answer
+    )
     return {h["Host"]: h["Score"] for h in answer}
 
 
@@ -183,8 +197,12 @@ async def test_extender_scores_and_filters_by_where_the_model_is(tmp_path: Path,
             assert [i["metadata"]["name"] for i in answer["Nodes"]["items"]] == CANDIDATES
         # A model nobody holds: every node scores 0, and require-local lets none through.
         nowhere = origin.file_url("not-cached.gguf")
-        assert set(scores(await call(c, "POST", "/v1/k8s/prioritize", by_names(pod({"cached.io/model": nowhere})))).values()) == {0}
-        answer = await call(c, "POST", "/v1/k8s/filter", by_names(pod({"cached.io/model": nowhere, "cached.io/require-local": "true"})))
+        assert set(
+            scores(await call(c, "POST", "/v1/k8s/prioritize", by_names(pod({"cached.io/model": nowhere})))).values()
+        ) == {0}
+        answer = await call(
+            c, "POST", "/v1/k8s/filter", by_names(pod({"cached.io/model": nowhere, "cached.io/require-local": "true"}))
+        )
         assert answer["NodeNames"] == [] and set(answer["FailedNodes"]) == set(CANDIDATES)
 
         # Stop the slow transfer now rather than at shutdown.
@@ -199,11 +217,20 @@ MALFORMED = [
     pytest.param(b'"ExtenderArgs"', id="a-string"),
     pytest.param(json.dumps(by_names(pod({"cached.io/model": "not a ref"}))).encode(), id="annotation-not-a-ref"),
     pytest.param(json.dumps(by_names(pod({"cached.io/model": 7}))).encode(), id="annotation-a-number"),  # type: ignore[dict-item]
-    pytest.param(json.dumps({"Pod": pod(), "Nodes": {"items": [1, 2]}, "NodeNames": None}).encode(), id="items-not-objects"),
-    pytest.param(json.dumps({"Pod": pod(), "Nodes": {"items": "a,b"}, "NodeNames": None}).encode(), id="items-a-string"),
-    pytest.param(json.dumps({"Pod": pod(), "Nodes": {"items": [{"metadata": "a"}]}, "NodeNames": None}).encode(), id="item-metadata-a-string"),
+    pytest.param(
+        json.dumps({"Pod": pod(), "Nodes": {"items": [1, 2]}, "NodeNames": None}).encode(), id="items-not-objects"
+    ),
+    pytest.param(
+        json.dumps({"Pod": pod(), "Nodes": {"items": "a,b"}, "NodeNames": None}).encode(), id="items-a-string"
+    ),
+    pytest.param(
+        json.dumps({"Pod": pod(), "Nodes": {"items": [{"metadata": "a"}]}, "NodeNames": None}).encode(),
+        id="item-metadata-a-string",
+    ),
     pytest.param(json.dumps({"Pod": pod(), "Nodes": None, "NodeNames": "a"}).encode(), id="nodenames-a-string"),
-    pytest.param(json.dumps({"Pod": pod(), "Nodes": None, "NodeNames": [1, None]}).encode(), id="nodenames-not-strings"),
+    pytest.param(
+        json.dumps({"Pod": pod(), "Nodes": None, "NodeNames": [1, None]}).encode(), id="nodenames-not-strings"
+    ),
 ]
 
 
@@ -213,4 +240,6 @@ async def test_a_body_that_is_not_extender_args_is_400(tmp_path: Path, token_fil
         for verb in ("filter", "prioritize"):
             status, answer = await post_raw(d, f"/v1/k8s/{verb}", body)
             assert status == 400, (verb, status, answer)
-            assert isinstance(answer, dict) and answer["error"] in ("bad_request", "bad_ref") and answer["message"], answer
+            assert isinstance(answer, dict) and answer["error"] in ("bad_request", "bad_ref") and answer["message"], (
+                answer
+            )

@@ -27,7 +27,11 @@ async def status(api: ApiClient, ref: str) -> dict[str, Any]:
 
 async def test_lease_take_list_release(tmp_path: Path) -> None:
     write_random_file(tmp_path / "origin" / "m.gguf", 200 * 1024, seed=31)
-    async with Origin(tmp_path / "origin") as origin, running_daemon(tmp_path / "cache", **FLAGS) as d, ApiClient(d.api_address) as api:
+    async with (
+        Origin(tmp_path / "origin") as origin,
+        running_daemon(tmp_path / "cache", **FLAGS) as d,
+        ApiClient(d.api_address) as api,
+    ):
         ref = origin.file_url("m.gguf")
         model = await ready_model(api, ref)
 
@@ -61,7 +65,11 @@ async def test_lease_take_list_release(tmp_path: Path) -> None:
 
 async def test_lease_is_refused_for_a_model_that_is_not_ready_here(tmp_path: Path) -> None:
     write_random_file(tmp_path / "origin" / "slow.bin", 1024 * 1024, seed=32)
-    async with Origin(tmp_path / "origin") as origin, running_daemon(tmp_path / "cache", **FLAGS) as d, ApiClient(d.api_address) as api:
+    async with (
+        Origin(tmp_path / "origin") as origin,
+        running_daemon(tmp_path / "cache", **FLAGS) as d,
+        ApiClient(d.api_address) as api,
+    ):
         absent = origin.file_url("never-fetched.bin")
         with pytest.raises(ApiError) as e:
             await api.request("POST", "/v1/leases", body={"ref": absent, "holder": "llama.cpp", "ttl_s": 60})
@@ -83,7 +91,11 @@ async def test_lease_is_refused_for_a_model_that_is_not_ready_here(tmp_path: Pat
 
 async def test_lease_expires_after_its_ttl_and_stops_protecting_the_model(tmp_path: Path) -> None:
     write_random_file(tmp_path / "origin" / "m.bin", 100 * 1024, seed=33)
-    async with Origin(tmp_path / "origin") as origin, running_daemon(tmp_path / "cache", **FLAGS) as d, ApiClient(d.api_address) as api:
+    async with (
+        Origin(tmp_path / "origin") as origin,
+        running_daemon(tmp_path / "cache", **FLAGS) as d,
+        ApiClient(d.api_address) as api,
+    ):
         ref = origin.file_url("m.bin")
         await ready_model(api, ref)
         lease = await api.request("POST", "/v1/leases", body={"ref": ref, "holder": "short-lived", "ttl_s": 1})

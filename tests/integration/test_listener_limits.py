@@ -18,8 +18,9 @@ import shutil
 import socket
 import ssl
 import subprocess
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -64,7 +65,7 @@ async def closed_by_server(conn: Conn, timeout_s: float = 10.0) -> bool:
     """True once the server has closed the connection (EOF or reset); False if still open."""
     try:
         return await asyncio.wait_for(conn[0].read(1), timeout_s) == b""
-    except asyncio.TimeoutError:  # before OSError: TimeoutError is one
+    except TimeoutError:  # before OSError: TimeoutError is one
         return False
     except (ConnectionError, OSError):
         return True
@@ -114,7 +115,9 @@ async def test_a_flood_from_one_address_gets_its_share_and_the_daemon_still_answ
         conns = [await connect(f"http://{d.peer_address}", "127.0.0.2") for _ in range(300)]
         try:
             # The first 20 are held open (idle); every one past the per-address cap is closed at once.
-            results = await asyncio.gather(*(closed_by_server(c, timeout_s=0.5 if i < 20 else 10) for i, c in enumerate(conns)))
+            results = await asyncio.gather(
+                *(closed_by_server(c, timeout_s=0.5 if i < 20 else 10) for i, c in enumerate(conns))
+            )
             assert results == [False] * 20 + [True] * 280
             assert sample(d, "cached_listener_connections", listener="peer") == 20
             assert sample(d, "cached_listener_refused_total", listener="peer", reason="max_connections_per_ip") == 280
@@ -159,7 +162,9 @@ async def test_idle_connections_and_a_half_sent_request_line_are_closed_after_th
         try:
             assert all(await asyncio.gather(*(closed_by_server(c, timeout_s=20) for c in idle + [slow])))
             assert sample(d, "cached_listener_timeouts_total", listener="peer", kind="header") == 31
-            await wait_until(lambda: sample(d, "cached_listener_connections", listener="peer") == 0, what="slots released")
+            await wait_until(
+                lambda: sample(d, "cached_listener_connections", listener="peer") == 0, what="slots released"
+            )
             # A connection that sends its request in time is served as usual.
             assert await peer_status_from(d, "127.0.0.4") == 401
         finally:
@@ -193,8 +198,16 @@ async def test_a_body_that_trickles_slower_than_the_body_timeout_is_cut(
     flags = {**limits("peer", body_timeout_s=0.5), **limits("api", body_timeout_s=0.5)}
     async with peer_node(tmp_path, token_file, **flags) as d:
         for address, listener, head in (
-            (f"http://{d.peer_address}", "peer", b"POST /p2p/v1/gossip HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n"),
-            (d.api_address, "api", b"POST /v1/prefetch HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"),
+            (
+                f"http://{d.peer_address}",
+                "peer",
+                b"POST /p2p/v1/gossip HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n",
+            ),
+            (
+                d.api_address,
+                "api",
+                b"POST /v1/prefetch HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{",
+            ),
         ):
             conn = await connect(address, "127.0.0.5")
             try:
@@ -209,13 +222,17 @@ async def test_a_body_that_trickles_slower_than_the_body_timeout_is_cut(
 # --- the local API listener ------------------------------------------------------------------------
 
 
-async def test_the_local_api_over_tcp_has_the_same_caps_and_deadlines(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_the_local_api_over_tcp_has_the_same_caps_and_deadlines(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO)
     flags = limits("api", max_connections=30, max_connections_per_ip=10, header_timeout_s=60)
     async with running_daemon(tmp_path / "node", **flags) as d:
         conns = [await connect(d.api_address, "127.0.0.2") for _ in range(100)]
         try:
-            closed = await asyncio.gather(*(closed_by_server(c, timeout_s=0.5 if i < 10 else 10) for i, c in enumerate(conns)))
+            closed = await asyncio.gather(
+                *(closed_by_server(c, timeout_s=0.5 if i < 10 else 10) for i, c in enumerate(conns))
+            )
             assert closed == [False] * 10 + [True] * 90
             assert sample(d, "cached_listener_refused_total", listener="api", reason="max_connections_per_ip") == 90
             assert await healthz(d) == 200
@@ -233,14 +250,18 @@ async def test_the_local_api_over_tcp_has_the_same_caps_and_deadlines(tmp_path: 
     no_tracebacks(caplog)
 
 
-async def test_the_local_api_on_a_unix_socket_caps_each_calling_user(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_the_local_api_on_a_unix_socket_caps_each_calling_user(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO)
     sock = tmp_path / "api.sock"
     flags = {"api.listen": f"unix:{sock}", **limits("api", max_connections_per_ip=5, header_timeout_s=60)}
     async with running_daemon(tmp_path / "node", **flags) as d:
         conns = [await asyncio.open_unix_connection(str(sock)) for _ in range(12)]
         try:
-            closed = await asyncio.gather(*(closed_by_server(c, timeout_s=0.5 if i < 5 else 10) for i, c in enumerate(conns)))
+            closed = await asyncio.gather(
+                *(closed_by_server(c, timeout_s=0.5 if i < 5 else 10) for i, c in enumerate(conns))
+            )
             assert closed == [False] * 5 + [True] * 7
             assert sample(d, "cached_listener_refused_total", listener="api", reason="max_connections_per_ip") == 7
         finally:
@@ -252,22 +273,48 @@ async def test_the_local_api_on_a_unix_socket_caps_each_calling_user(tmp_path: P
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a test certificate")
-async def test_a_tls_connection_that_never_handshakes_is_closed(tmp_path: Path, token_file: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_tls_connection_that_never_handshakes_is_closed(
+    tmp_path: Path, token_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO)
     d_ = tmp_path / "pki"
     d_.mkdir()
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "k.pem", "-out", "c.pem", "-days", "2",
-         "-subj", "/CN=node", "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True, cwd=d_,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "k.pem",
+            "-out",
+            "c.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=node",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        cwd=d_,
     )
-    flags = {"peer.tls_cert_file": str(d_ / "c.pem"), "peer.tls_key_file": str(d_ / "k.pem"), **limits("peer", header_timeout_s=0.5)}
+    flags = {
+        "peer.tls_cert_file": str(d_ / "c.pem"),
+        "peer.tls_key_file": str(d_ / "k.pem"),
+        **limits("peer", header_timeout_s=0.5),
+    }
     async with peer_node(tmp_path, token_file, **flags) as d:
         silent = await connect(f"http://{d.peer_address}", "127.0.0.6")  # TCP only: no ClientHello
         ctx = ssl.create_default_context(cafile=str(d_ / "c.pem"))
         host, port = hostport(d.peer_address)
         # Handshake done, then no request: the header deadline applies as on plain TCP.
-        idle = await asyncio.open_connection(host, port, ssl=ctx, server_hostname="127.0.0.1", local_addr=("127.0.0.6", 0))
+        idle = await asyncio.open_connection(
+            host, port, ssl=ctx, server_hostname="127.0.0.1", local_addr=("127.0.0.6", 0)
+        )
         try:
             assert await closed_by_server(silent, timeout_s=20)
             assert await closed_by_server(idle, timeout_s=20)
@@ -281,7 +328,10 @@ async def test_a_tls_connection_that_never_handshakes_is_closed(tmp_path: Path, 
 
 
 def test_caps_are_clamped_to_leave_file_descriptors_in_reserve() -> None:
-    api, peer = ListenerLimits(max_connections=1024, max_connections_per_ip=128), ListenerLimits(max_connections=2048, max_connections_per_ip=64)
+    api, peer = (
+        ListenerLimits(max_connections=1024, max_connections_per_ip=128),
+        ListenerLimits(max_connections=2048, max_connections_per_ip=64),
+    )
     out = clamp({"api": api, "peer": peer}, fd_limit=1024)
     assert out["api"].max_connections + out["peer"].max_connections <= 1024 - RESERVE_FDS
     assert out["api"].max_connections_per_ip <= out["api"].max_connections
@@ -307,7 +357,9 @@ class LowFdDaemon(DaemonProcess):
         raise AssertionError("no peer_api= line in the daemon log")
 
 
-@pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit (util-linux) to start the daemon with a low fd limit")
+@pytest.mark.skipif(
+    shutil.which("prlimit") is None, reason="needs prlimit (util-linux) to start the daemon with a low fd limit"
+)
 def test_a_connection_flood_cannot_exhaust_the_daemons_file_descriptors(tmp_path: Path, token_file: Path) -> None:
     # The finding: 20,000 idle connections took every file descriptor and the log filled with
     # tracebacks. Here the open-file limit is 400 and the flood 1,000 connections from one address.
@@ -315,7 +367,7 @@ def test_a_connection_flood_cannot_exhaust_the_daemons_file_descriptors(tmp_path
     socks: list[socket.socket] = []
     try:
         port = node.peer_port()
-        for i in range(1000):
+        for _ in range(1000):
             s = socket.socket()
             s.settimeout(5)
             s.bind(("127.0.1.1", 0))
@@ -334,7 +386,11 @@ def test_a_connection_flood_cannot_exhaust_the_daemons_file_descriptors(tmp_path
     log = node.log_path.read_text()
     assert "Traceback" not in log and "Too many open files" not in log, log[-3000:]
     assert "clamped" in log
-    refused = [line for line in text.splitlines() if line.startswith('cached_listener_refused_total{listener="peer",reason="max_connections_per_ip"}')]
+    refused = [
+        line
+        for line in text.splitlines()
+        if line.startswith('cached_listener_refused_total{listener="peer",reason="max_connections_per_ip"}')
+    ]
     assert refused and float(refused[0].split()[-1]) > 0, text[-2000:]
 
 

@@ -69,7 +69,7 @@ class LyingProxy:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    async def __aenter__(self) -> "LyingProxy":
+    async def __aenter__(self) -> LyingProxy:
         self._session = aiohttp.ClientSession(auto_decompress=False)
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
@@ -96,15 +96,26 @@ class LyingProxy:
             self.lies += 1
             return web.json_response({"error": "internal", "message": "injected"}, status=500)
         assert self._session is not None
-        headers = {k: v for k, v in request.headers.items() if k.lower() in ("range", "content-type") or k.lower().startswith("x-cached-")}
+        headers = {
+            k: v
+            for k, v in request.headers.items()
+            if k.lower() in ("range", "content-type") or k.lower().startswith("x-cached-")
+        }
         body = await request.read()
         async with self._session.request(
-            request.method, f"http://{self.upstream}{request.rel_url}", headers=headers, data=body or None,
+            request.method,
+            f"http://{self.upstream}{request.rel_url}",
+            headers=headers,
+            data=body or None,
         ) as up:
             data = await up.read()
             status = up.status
             # The node's signed-answer headers pass through: the proxy lies in the bytes only.
-            out = {k: up.headers[k] for k in ("Content-Type", "Content-Range", "Retry-After", "X-Cached-Node", "X-Cached-Answer") if k in up.headers}
+            out = {
+                k: up.headers[k]
+                for k in ("Content-Type", "Content-Range", "Retry-After", "X-Cached-Node", "X-Cached-Answer")
+                if k in up.headers
+            }
         if mode is None or status != 206 or not data:
             return web.Response(status=status, body=data, headers=out)
         self.lies += 1
@@ -134,16 +145,24 @@ def peer_api_port(caplog: pytest.LogCaptureFixture, node_id: str) -> str:
 
 
 @pytest.mark.parametrize("mode", ["flip", "truncate", "stall", "500"])
-async def test_a_lying_peer_is_banned_and_the_download_is_exact(tmp_path: Path, token_file: Path, caplog: pytest.LogCaptureFixture, mode: str) -> None:
+async def test_a_lying_peer_is_banned_and_the_download_is_exact(
+    tmp_path: Path, token_file: Path, caplog: pytest.LogCaptureFixture, mode: str
+) -> None:
     srcs = [write_random_file(tmp_path / "origin" / f"m{i}.bin", SIZE, seed=400 + i) for i in range(2)]
     want = await asyncio.to_thread(sha256_tree, srcs[0].parent)
     caplog.set_level(logging.INFO, logger="cached")
     async with contextlib.AsyncExitStack() as stack:
         origin = await stack.enter_async_context(Origin(srcs[0].parent))
         proxy = await stack.enter_async_context(LyingProxy())
-        h = await stack.enter_async_context(running_daemon(tmp_path / "h", node_id="h", **node_flags(token_file, piece=PIECE_FLAG)))
+        h = await stack.enter_async_context(
+            running_daemon(tmp_path / "h", node_id="h", **node_flags(token_file, piece=PIECE_FLAG))
+        )
         liar = await stack.enter_async_context(
-            running_daemon(tmp_path / "l", node_id="l", **node_flags(token_file, h, piece=PIECE_FLAG, **{"peer.advertise": proxy.address}))
+            running_daemon(
+                tmp_path / "l",
+                node_id="l",
+                **node_flags(token_file, h, piece=PIECE_FLAG, **{"peer.advertise": proxy.address}),
+            )
         )
         assert liar.peer_address == proxy.address
         proxy.upstream = peer_api_port(caplog, "l")
@@ -160,9 +179,15 @@ async def test_a_lying_peer_is_banned_and_the_download_is_exact(tmp_path: Path, 
 
         # A stalled read is given up after peer.stall_timeout_s (PeerClient's read timeout).
         stall = {"peer.stall_timeout_s": STALL_TIMEOUT_S}
-        d = await stack.enter_async_context(running_daemon(tmp_path / "d", node_id="d", **node_flags(token_file, h, piece=PIECE_FLAG, **stall)))
+        d = await stack.enter_async_context(
+            running_daemon(tmp_path / "d", node_id="d", **node_flags(token_file, h, piece=PIECE_FLAG, **stall))
+        )
         for blob in blobs:
-            await wait_until(lambda blob=blob: blob_holders(d, blob) == {"h", "l"}, timeout_s=10, what="d learns h and l hold both blobs")
+            await wait_until(
+                lambda blob=blob: blob_holders(d, blob) == {"h", "l"},
+                timeout_s=10,
+                what="d learns h and l hold both blobs",
+            )
         proxy.mode = mode
         reads_before, origin_gets = proxy.piece_reads, (origin.counters.gets, origin.counters.bytes_sent)
 
@@ -189,6 +214,8 @@ async def test_a_lying_peer_is_banned_and_the_download_is_exact(tmp_path: Path, 
         assert model1["sources"] == {"peer": SIZE, "origin": 0}
         assert proxy.piece_reads == reads_after_ban, "d asked the banned peer again"
         # d names each ref at the origin (one HEAD each: names come from origins), nothing more.
-        assert (origin.counters.gets, origin.counters.bytes_sent) == origin_gets, "an honest peer had it all: no byte from the origin"
+        assert (origin.counters.gets, origin.counters.bytes_sent) == origin_gets, (
+            "an honest peer had it all: no byte from the origin"
+        )
         await asyncio.to_thread(assert_store_sound, d)
         print(f"\nlying peer mode={mode}: piece reads to L={asked} lies={proxy.lies} refused_by_blake3={refused:.0f}")

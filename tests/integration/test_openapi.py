@@ -24,9 +24,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import zlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -145,14 +146,26 @@ def _rewrite_refs(n: Node, case: Any) -> None:
     for part in (case.body, case.query):
         if isinstance(part, dict) and isinstance(part.get("ref"), str):
             part["ref"] = n.pick_ref(part["ref"])
-    if isinstance(case.body, dict) and isinstance(case.body.get("Pod"), dict) and case.operation.path.startswith("/v1/k8s/"):
+    if (
+        isinstance(case.body, dict)
+        and isinstance(case.body.get("Pod"), dict)
+        and case.operation.path.startswith("/v1/k8s/")
+    ):
         # Give the extender a pod that names a model, as kube-scheduler would.
         seed = repr(case.body).encode("utf-8", "surrogatepass")
-        case.body["Pod"] = {"metadata": {"annotations": {"cached.io/model": n.pick_ref(seed.decode("utf-8", "surrogatepass"))}}}
+        case.body["Pod"] = {
+            "metadata": {"annotations": {"cached.io/model": n.pick_ref(seed.decode("utf-8", "surrogatepass"))}}
+        }
 
 
 def test_the_admin_split_is_in_the_document() -> None:
-    assert ADMIN_OPERATIONS == ["POST /v1/gc", "POST /v1/pin", "POST /v1/replicate", "POST /v1/unpin", "POST /v1/verify"]
+    assert ADMIN_OPERATIONS == [
+        "POST /v1/gc",
+        "POST /v1/pin",
+        "POST /v1/replicate",
+        "POST /v1/unpin",
+        "POST /v1/verify",
+    ]
     assert openapi.document()["components"]["securitySchemes"]["adminToken"]["scheme"] == "bearer"
 
 
@@ -172,8 +185,13 @@ async def test_schemathesis_finds_no_server_error(tmp_path: Path, label: str, au
             session = requests.Session()
 
             @settings(
-                max_examples=MAX_EXAMPLES, derandomize=True, deadline=None, database=None,
-                phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck), print_blob=False,
+                max_examples=MAX_EXAMPLES,
+                derandomize=True,
+                deadline=None,
+                database=None,
+                phases=[Phase.explicit, Phase.generate],
+                suppress_health_check=list(HealthCheck),
+                print_blob=False,
             )
             @given(operation.as_strategy(generation_mode=mode))
             def one(case: Any) -> None:
@@ -181,7 +199,10 @@ async def test_schemathesis_finds_no_server_error(tmp_path: Path, label: str, au
                 response = case.call(base_url=n.base, session=session, timeout=30, headers=headers)
                 sent[mode.value] += 1
                 if refused_only and response.status_code not in (401, 403):
-                    failures.setdefault(f"{mode.value}: {response.status_code}", f"{mode.value}: admin route answered {response.status_code} without a credential: {response.text[:300]}")
+                    failures.setdefault(
+                        f"{mode.value}: {response.status_code}",
+                        f"{mode.value}: admin route answered {response.status_code} without a credential: {response.text[:300]}",
+                    )
                 try:
                     case.validate_response(response, checks=CHECKS)
                 except Exception as e:  # noqa: BLE001 - collected, reported together below
@@ -199,7 +220,9 @@ async def test_schemathesis_finds_no_server_error(tmp_path: Path, label: str, au
 
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             await asyncio.to_thread(run, mode)
-        assert not failures, f"{len(failures)} distinct failure(s) on {label}:\n\n" + "\n\n".join(sorted(failures.values())[:5])
+        assert not failures, f"{len(failures)} distinct failure(s) on {label}:\n\n" + "\n\n".join(
+            sorted(failures.values())[:5]
+        )
         assert sent["positive"] >= 1
         async with ApiClient(n.base) as api:
             assert await api.request("GET", "/healthz") == {"status": "ok"}

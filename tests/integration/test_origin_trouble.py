@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -118,7 +119,9 @@ async def test_origin_down_fails_clearly_then_works_once_it_is_back(tmp_path: Pa
 
         async with origin_on(src.parent, port):
             model = await prefetch(d, ref)
-        assert await asyncio.to_thread(sha256, Path(model["path"]) / "model.bin") == await asyncio.to_thread(sha256, src)
+        assert await asyncio.to_thread(sha256, Path(model["path"]) / "model.bin") == await asyncio.to_thread(
+            sha256, src
+        )
 
 
 async def test_origin_going_down_mid_download_keeps_verified_pieces_for_the_retry(tmp_path: Path) -> None:
@@ -135,7 +138,9 @@ async def test_origin_going_down_mid_download_keeps_verified_pieces_for_the_retr
         before = await origin_errors(d, "connection")
         st = await wait_until(lambda: failed(d, ref), timeout_s=15, what="the fetch to give up")
         assert "cannot connect" in st["error"], st
-        assert await origin_errors(d, "connection") >= before + RETRIES + 1, "every attempt of the last piece was counted"
+        assert await origin_errors(d, "connection") >= before + RETRIES + 1, (
+            "every attempt of the last piece was counted"
+        )
         assert_nothing_published(d, ref)
         kept = await asyncio.to_thread(kept_bytes, d)
         assert 0 < kept < SIZE, kept
@@ -143,9 +148,10 @@ async def test_origin_going_down_mid_download_keeps_verified_pieces_for_the_retr
         async with origin_on(src.parent, port) as back:
             model = await prefetch(d, ref)
         assert back.counters.bytes_sent == SIZE - kept, "only the pieces not verified before were fetched"
-        assert await asyncio.to_thread(sha256, Path(model["path"]) / "model.bin") == await asyncio.to_thread(sha256, src)
+        assert await asyncio.to_thread(sha256, Path(model["path"]) / "model.bin") == await asyncio.to_thread(
+            sha256, src
+        )
         await asyncio.to_thread(assert_store_sound, d)
-
 
 
 @pytest.mark.parametrize("fault", ["down", "503"])
@@ -167,7 +173,9 @@ async def test_a_failing_resolve_is_retried_and_counted_as_an_origin_error(tmp_p
         if fault == "503":
             assert "HTTP 503" in err.message, err.message
             assert origin.counters.heads == 3, "the resolve was tried three times"
-        assert await origin_errors(d, kind) >= 3, f"failed resolves are not counted in cached_origin_errors_total{{kind={kind!r}}}"
+        assert await origin_errors(d, kind) >= 3, (
+            f"failed resolves are not counted in cached_origin_errors_total{{kind={kind!r}}}"
+        )
 
 
 # --- slow ----------------------------------------------------------------------------------------
@@ -190,25 +198,32 @@ async def test_a_slow_origin_times_out_and_is_retried_until_it_answers(tmp_path:
         async with ApiClient(d.api_address) as api:
             await api.request("POST", "/v1/prefetch", body={"ref": ref})
         seen = await origin_errors(d, "connection")
-        await wait_until(lambda: more_errors(d, "connection", seen), timeout_s=10, what="a timeout in the second attempt")
+        await wait_until(
+            lambda: more_errors(d, "connection", seen), timeout_s=10, what="a timeout in the second attempt"
+        )
         origin.faults.delay_s = 0.0
         model = await prefetch(d, ref)
-        assert await asyncio.to_thread(sha256, Path(model["path"]) / "model.bin") == await asyncio.to_thread(sha256, src)
+        assert await asyncio.to_thread(sha256, Path(model["path"]) / "model.bin") == await asyncio.to_thread(
+            sha256, src
+        )
         await asyncio.to_thread(assert_store_sound, d)
-
 
 
 # --- 5xx -----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("fail_status", "kind"), [(503, "5xx"), (429, "throttled")])
-async def test_errors_for_a_while_are_retried_and_the_fetch_succeeds(tmp_path: Path, fail_status: int, kind: str) -> None:
+async def test_errors_for_a_while_are_retried_and_the_fetch_succeeds(
+    tmp_path: Path, fail_status: int, kind: str
+) -> None:
     src = write_random_file(tmp_path / "origin" / "model.bin", SIZE, seed=504)
     failures = 5
     async with origin_on(src.parent) as origin, running_daemon(tmp_path / "n", **FLAGS) as d:
         origin.faults.fail_first, origin.faults.fail_status = failures, fail_status
         model = await prefetch(d, origin.file_url("model.bin"))
-        assert await asyncio.to_thread(sha256, Path(model["path"]) / "model.bin") == await asyncio.to_thread(sha256, src)
+        assert await asyncio.to_thread(sha256, Path(model["path"]) / "model.bin") == await asyncio.to_thread(
+            sha256, src
+        )
         assert model["sources"] == {"peer": 0, "origin": SIZE}
         assert await origin_errors(d, kind) == failures, "each failed request counted once"
         assert origin.counters.gets == PIECES + failures, "each failure retried once; no piece fetched twice"
@@ -234,7 +249,9 @@ async def test_errors_forever_fail_with_the_status_and_publish_nothing(tmp_path:
 
         origin.faults.fail_first = 0
         model = await prefetch(d, ref)
-        assert await asyncio.to_thread(sha256, Path(model["path"]) / "model.bin") == await asyncio.to_thread(sha256, src)
+        assert await asyncio.to_thread(sha256, Path(model["path"]) / "model.bin") == await asyncio.to_thread(
+            sha256, src
+        )
 
 
 # --- the file changes under the same URL ---------------------------------------------------------
@@ -242,7 +259,10 @@ async def test_errors_forever_fail_with_the_status_and_publish_nothing(tmp_path:
 
 async def test_a_new_validator_mid_download_stops_the_fetch_and_the_next_one_starts_clean(tmp_path: Path) -> None:
     src = write_random_file(tmp_path / "origin" / "model.bin", SIZE, seed=506)
-    async with origin_on(src.parent) as origin, running_daemon(tmp_path / "n", **{**FLAGS, "origins.http.connections": 2}) as d:
+    async with (
+        origin_on(src.parent) as origin,
+        running_daemon(tmp_path / "n", **{**FLAGS, "origins.http.connections": 2}) as d,
+    ):
         ref = origin.file_url("model.bin")
         origin.faults.change_after_gets = 6  # from the 7th GET on, the ETag is a new one
 
@@ -255,8 +275,12 @@ async def test_a_new_validator_mid_download_stops_the_fetch_and_the_next_one_sta
 
         sent = origin.counters.bytes_sent
         model = await prefetch(d, ref)
-        assert origin.counters.bytes_sent - sent == SIZE, "the new version is fetched whole: no piece of the old one is reused"
-        assert await asyncio.to_thread(sha256, Path(model["path"]) / "model.bin") == await asyncio.to_thread(sha256, src)
+        assert origin.counters.bytes_sent - sent == SIZE, (
+            "the new version is fetched whole: no piece of the old one is reused"
+        )
+        assert await asyncio.to_thread(sha256, Path(model["path"]) / "model.bin") == await asyncio.to_thread(
+            sha256, src
+        )
 
 
 def rewrite_in_place(path: Path, size: int, seed: int, *, truncate: bool) -> str:
@@ -271,7 +295,10 @@ def rewrite_in_place(path: Path, size: int, seed: int, *, truncate: bool) -> str
 
 async def test_a_file_rewritten_in_place_with_a_new_size_mid_download_is_never_mixed(tmp_path: Path) -> None:
     src = write_random_file(tmp_path / "origin" / "model.bin", SIZE, seed=507)
-    async with origin_on(src.parent) as origin, running_daemon(tmp_path / "n", **{**FLAGS, "origins.http.connections": 4}) as d:
+    async with (
+        origin_on(src.parent) as origin,
+        running_daemon(tmp_path / "n", **{**FLAGS, "origins.http.connections": 4}) as d,
+    ):
         ref = origin.file_url("model.bin")
         origin.faults.rate_bps = 1 * MIB
         async with ApiClient(d.api_address) as api:
@@ -289,18 +316,25 @@ async def test_a_file_rewritten_in_place_with_a_new_size_mid_download_is_never_m
         assert await asyncio.to_thread(sha256, Path(model["path"]) / "model.bin") == new_sha, "exactly the new bytes"
 
 
-async def test_a_file_rewritten_in_place_while_its_last_pieces_are_on_the_wire_is_never_published_mixed(tmp_path: Path) -> None:
+async def test_a_file_rewritten_in_place_while_its_last_pieces_are_on_the_wire_is_never_published_mixed(
+    tmp_path: Path,
+) -> None:
     """The hardest moment: every range is already requested (with If-Range, which the server
     checked before the change), and the bodies still streaming read the new content."""
     size = 8 * PIECE
     src = write_random_file(tmp_path / "origin" / "model.bin", size, seed=509)
     old_sha = await asyncio.to_thread(sha256, src)
-    async with origin_on(src.parent) as origin, running_daemon(tmp_path / "n", **{**FLAGS, "origins.http.connections": 4}) as d:
+    async with (
+        origin_on(src.parent) as origin,
+        running_daemon(tmp_path / "n", **{**FLAGS, "origins.http.connections": 4}) as d,
+    ):
         ref = origin.file_url("model.bin")
         origin.faults.rate_bps = 512 * 1024  # half a second per piece
         async with ApiClient(d.api_address) as api:
             await api.request("POST", "/v1/prefetch", body={"ref": ref})
-        await wait_until(lambda: len(origin.counters.ranges) >= 8, timeout_s=10, interval_s=0.01, what="every piece requested")
+        await wait_until(
+            lambda: len(origin.counters.ranges) >= 8, timeout_s=10, interval_s=0.01, what="every piece requested"
+        )
         new_sha = await asyncio.to_thread(rewrite_in_place, src, size + PIECE, 510, truncate=False)
 
         st = await wait_until(lambda: finished(d, ref), timeout_s=15, what="the fetch to end")

@@ -17,28 +17,28 @@ from pathlib import Path
 import pytest
 
 from cached.api.client import ApiClient, ApiError
-from tests.support.origin import Origin, write_random_file
-from tests.support.wait import wait_until
-
 from tests.support.cluster import (  # noqa: F401 - token_file is a fixture
     MIB,
-    cluster,
-    prefetch,
-    metric,
-    tree_digests,
-    view_digests,
-    knows_ref_from,
+    assert_from_peers,
     blob_holders,
     blobs_of,
-    assert_from_peers,
+    cluster,
+    knows_ref_from,
+    metric,
+    prefetch,
     token_file,
+    tree_digests,
+    view_digests,
 )
-
+from tests.support.origin import Origin, write_random_file
+from tests.support.wait import wait_until
 
 # --- one node fetched it: the others take it from peers ---------------------------------------------
 
 
-async def test_an_http_file_one_node_fetched_reaches_the_others_without_touching_the_origin(tmp_path: Path, token_file: Path) -> None:
+async def test_an_http_file_one_node_fetched_reaches_the_others_without_touching_the_origin(
+    tmp_path: Path, token_file: Path
+) -> None:
     size = 16 * MIB + 12345
     src = write_random_file(tmp_path / "origin" / "model.gguf", size, seed=21)
     async with contextlib.AsyncExitStack() as stack:
@@ -52,12 +52,16 @@ async def test_an_http_file_one_node_fetched_reaches_the_others_without_touching
         ref = model_a["ref"]
         blob = blobs_of(a, model_a)["model.gguf"]
         for d in (b, c):
-            await wait_until(lambda d=d: knows_ref_from(d, ref, {"a"}), timeout_s=10, what=f"{d.cfg.node_id} learns a holds {ref}")
+            await wait_until(
+                lambda d=d: knows_ref_from(d, ref, {"a"}), timeout_s=10, what=f"{d.cfg.node_id} learns a holds {ref}"
+            )
         before = (origin.counters.requests, origin.counters.heads, origin.counters.gets, origin.counters.bytes_sent)
 
         model_b = await prefetch(b, ref)
         assert_from_peers(model_b, size)
-        assert model_b["manifest"] == model_a["manifest"], "b's own manifest, from the origin's answer, is the same as a's"
+        assert model_b["manifest"] == model_a["manifest"], (
+            "b's own manifest, from the origin's answer, is the same as a's"
+        )
         assert await view_digests(model_b) == want
         assert await metric(b, "cached_fetched_bytes_total", source="peer") == size
         assert await metric(b, "cached_fetched_bytes_total", source="origin") == 0
@@ -67,7 +71,9 @@ async def test_an_http_file_one_node_fetched_reaches_the_others_without_touching
             "b resolved the ref at the origin (one HEAD) and took every byte from peers"
         )
 
-        await wait_until(lambda: blob_holders(c, blob) >= {"a", "b"}, timeout_s=10, what="c learns a and b hold the blob")
+        await wait_until(
+            lambda: blob_holders(c, blob) >= {"a", "b"}, timeout_s=10, what="c learns a and b hold the blob"
+        )
         model_c = await prefetch(c, ref)
         assert_from_peers(model_c, size)
         assert await view_digests(model_c) == want
@@ -79,12 +85,18 @@ async def test_an_http_file_one_node_fetched_reaches_the_others_without_touching
 
 
 @pytest.mark.parametrize("origin_after", ["kept", "moved-away"])
-async def test_a_file_directory_one_node_imported_stays_on_that_node(tmp_path: Path, token_file: Path, origin_after: str) -> None:
+async def test_a_file_directory_one_node_imported_stays_on_that_node(
+    tmp_path: Path, token_file: Path, origin_after: str
+) -> None:
     """file:// names a path on one node (issue 18): peers never learn the ref, never resolve it
     through the node that imported it, and take none of its bytes. ``kept``: b imports the same
     path from its own disk; ``moved-away``: the path is gone on b, so b has nothing to import."""
     src = tmp_path / "src" / "my-model"
-    sizes = {"config.json": 517, "weights/model-00001-of-00002.bin": 12 * MIB + 3, "weights/model-00002-of-00002.bin": 8 * MIB}
+    sizes = {
+        "config.json": 517,
+        "weights/model-00001-of-00002.bin": 12 * MIB + 3,
+        "weights/model-00002-of-00002.bin": 8 * MIB,
+    }
     for i, (rel, n) in enumerate(sizes.items()):
         write_random_file(src / rel, n, seed=30 + i)
     total = sum(sizes.values())
@@ -98,7 +110,9 @@ async def test_a_file_directory_one_node_imported_stays_on_that_node(tmp_path: P
         ref = model_a["ref"]
         # b hears from a (gossip rounds pass) but never of this ref.
         rounds = await metric(b, "cached_gossip_rounds_total")
-        await wait_until(lambda: metric_above(b, "cached_gossip_rounds_total", rounds + 5), timeout_s=10, what="gossip rounds")
+        await wait_until(
+            lambda: metric_above(b, "cached_gossip_rounds_total", rounds + 5), timeout_s=10, what="gossip rounds"
+        )
         assert not knows_ref_from(b, ref, {"a"})
         if origin_after == "moved-away":
             src.rename(src.with_name("elsewhere"))
@@ -150,5 +164,7 @@ async def test_four_nodes_asking_at_once_read_the_origin_about_once(
         assert len({m["manifest"] for m in models}) == 1, "all four built the same manifest"
         # Each node's sources count every byte of its copy once: an endgame pair (the last pieces
         # asked of two sources) adds one copy, never both or neither.
-        assert [m["sources"]["peer"] + m["sources"]["origin"] for m in models] == [size] * 4, [m["sources"] for m in models]
+        assert [m["sources"]["peer"] + m["sources"]["origin"] for m in models] == [size] * 4, [
+            m["sources"] for m in models
+        ]
         assert sum(m["sources"]["origin"] for m in models) == origin.counters.bytes_sent

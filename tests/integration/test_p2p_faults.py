@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import pytest
 
@@ -79,28 +79,47 @@ async def test_a_peer_killed_mid_transfer_the_puller_finishes_from_the_other(tmp
         # a is a real process, so that it can be SIGKILLed in the middle of a send. It serves
         # slowly: the pieces b asks of it are still on their way when it dies.
         config = tmp_path / "a.toml"
-        config.write_text("[peer]\n" + "".join(f"{k.removeprefix('peer.')} = {v}\n" for k, v in FAST.items()) + 'serve_rate_bps = "512K"\n')
+        config.write_text(
+            "[peer]\n"
+            + "".join(f"{k.removeprefix('peer.')} = {v}\n" for k, v in FAST.items())
+            + 'serve_rate_bps = "512K"\n'
+        )
         (tmp_path / "a").mkdir()
         a = DaemonProcess(
-            tmp_path / "a", "--node-id", "a", "--config", str(config), "--cluster-token-file", str(token_file),
-            "--piece-size", "1M", "--seed", str(b.peer_address),
+            tmp_path / "a",
+            "--node-id",
+            "a",
+            "--config",
+            str(config),
+            "--cluster-token-file",
+            str(token_file),
+            "--piece-size",
+            "1M",
+            "--seed",
+            str(b.peer_address),
         )
         stack.push_async_callback(asyncio.to_thread, a.stop)
         await asyncio.to_thread(a.start)
-        await wait_until(lambda: "a" in {m.info.node_id for m in b.gossip.membership.alive()}, timeout_s=15, what="b sees a")
+        await wait_until(
+            lambda: "a" in {m.info.node_id for m in b.gossip.membership.alive()}, timeout_s=15, what="b sees a"
+        )
         async with ApiClient(a.api) as api:
             model_a = await api.request("POST", "/v1/prefetch", body={"ref": ref, "wait": True})
         assert model_a["sources"] == {"peer": 0, "origin": size}, "nobody else had it: a read the origin"
 
         c = await stack.enter_async_context(running_daemon(tmp_path / "c", node_id="c", **node_flags(token_file, b)))
         blob = blobs_of(c, await model_status(c, ref))["model.bin"]
-        await wait_until(lambda: blob_holders(b, blob) == {"a", "c"}, timeout_s=15, what="b learns that a and c hold the blob")
+        await wait_until(
+            lambda: blob_holders(b, blob) == {"a", "c"}, timeout_s=15, what="b learns that a and c hold the blob"
+        )
         before = (origin.counters.gets, origin.counters.bytes_sent)  # b names the ref at the origin (a HEAD), no more
 
         async def only_as_pieces_left() -> bool:
             """a has sent something, and b has everything but the few pieces it asked of a."""
-            return (await metric(a.api, "cached_served_bytes_total") > 0
-                    and (await model_status(b, ref))["bytes_done"] >= size - 4 * MIB)
+            return (
+                await metric(a.api, "cached_served_bytes_total") > 0
+                and (await model_status(b, ref))["bytes_done"] >= size - 4 * MIB
+            )
 
         fetch_b = asyncio.create_task(prefetch(b, ref), name="test:prefetch-b")
         try:
@@ -117,15 +136,24 @@ async def test_a_peer_killed_mid_transfer_the_puller_finishes_from_the_other(tmp
         assert_from_peers(model_b, size)
         assert await view_digests(model_b) == want
         assert await metric(c, "cached_served_bytes_total") > c_served_at_kill, "c served what a could not"
-        assert (origin.counters.gets, origin.counters.bytes_sent) == before, "a's death did not send b to the origin: c still had it all"
+        assert (origin.counters.gets, origin.counters.bytes_sent) == before, (
+            "a's death did not send b to the origin: c still had it all"
+        )
 
 
 # --- a peer with corrupt pieces ---------------------------------------------------------------------
 
 
 async def holders_ready(
-    stack: contextlib.AsyncExitStack, tmp_path: Path, token_file: Path, origin: Origin, *,
-    names: str, files: list[str], holders: str, piece: str,
+    stack: contextlib.AsyncExitStack,
+    tmp_path: Path,
+    token_file: Path,
+    origin: Origin,
+    *,
+    names: str,
+    files: list[str],
+    holders: str,
+    piece: str,
 ) -> tuple[dict[str, Daemon], dict[str, dict]]:
     """Start one node per letter of ``names``; the first of ``holders`` fetches ``files`` from the
     origin, the others from it (before anything is corrupted)."""
@@ -138,7 +166,9 @@ async def holders_ready(
     return nodes, models
 
 
-async def test_corrupt_pieces_from_a_peer_are_refused_and_fetched_from_another(tmp_path: Path, token_file: Path) -> None:
+async def test_corrupt_pieces_from_a_peer_are_refused_and_fetched_from_another(
+    tmp_path: Path, token_file: Path
+) -> None:
     size, piece = 16 * MIB, MIB
     src = write_random_file(tmp_path / "origin" / "model.bin", size, seed=61)
     want = await tree_digests(src.parent)
@@ -150,7 +180,9 @@ async def test_corrupt_pieces_from_a_peer_are_refused_and_fetched_from_another(t
         a, b = nodes["a"], nodes["b"]
         ref = models["model.bin"]["ref"]
         blob = blobs_of(a, models["model.bin"])["model.bin"]
-        await wait_until(lambda: blob_holders(b, blob) == {"a", "c"}, timeout_s=10, what="b learns a and c hold the blob")
+        await wait_until(
+            lambda: blob_holders(b, blob) == {"a", "c"}, timeout_s=10, what="b learns a and c hold the blob"
+        )
         # b's first requests alternate between its two sources, a first: pieces 0 and 2 go to a.
         corrupt_pieces(a.store.blob_path(blob), [0, 2], piece)
         before = origin.counters.bytes_sent
@@ -163,7 +195,9 @@ async def test_corrupt_pieces_from_a_peer_are_refused_and_fetched_from_another(t
         assert origin.counters.bytes_sent == before
 
 
-async def test_a_peer_that_keeps_sending_bad_bytes_is_banned(tmp_path: Path, token_file: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_peer_that_keeps_sending_bad_bytes_is_banned(
+    tmp_path: Path, token_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     size, piece = 8 * MIB, 256 * 1024
     srcs = [write_random_file(tmp_path / "origin" / f"m{i}.bin", size, seed=70 + i) for i in range(2)]
     want = await tree_digests(srcs[0].parent)
@@ -175,7 +209,9 @@ async def test_a_peer_that_keeps_sending_bad_bytes_is_banned(tmp_path: Path, tok
         a, b, c = nodes["a"], nodes["b"], nodes["c"]
         blobs = {name: blobs_of(a, m)[name] for name, m in models.items()}
         for bl in blobs.values():
-            await wait_until(lambda bl=bl: blob_holders(b, bl) == {"a", "c"}, timeout_s=10, what="b learns a and c hold both blobs")
+            await wait_until(
+                lambda bl=bl: blob_holders(b, bl) == {"a", "c"}, timeout_s=10, what="b learns a and c hold both blobs"
+            )
         corrupt_pieces(a.store.blob_path(blobs["m0.bin"]), range(size // piece), piece)
 
         with caplog.at_level(logging.WARNING, logger="cached.transfer.blob"):
@@ -197,7 +233,9 @@ async def test_a_peer_that_keeps_sending_bad_bytes_is_banned(tmp_path: Path, tok
         assert await metric(b, "cached_piece_verify_failures_total", source="peer") == failures
 
 
-async def test_bad_pieces_from_the_only_peer_holding_the_blob_are_fetched_from_the_origin(tmp_path: Path, token_file: Path) -> None:
+async def test_bad_pieces_from_the_only_peer_holding_the_blob_are_fetched_from_the_origin(
+    tmp_path: Path, token_file: Path
+) -> None:
     """a is the only live holder and sends two corrupt pieces: b takes those two from the origin."""
     size, piece = 8 * MIB, 256 * 1024
     src = write_random_file(tmp_path / "origin" / "model.bin", size, seed=81)
@@ -215,8 +253,12 @@ async def test_bad_pieces_from_the_only_peer_holding_the_blob_are_fetched_from_t
 
         async with ApiClient(b.api_address) as api:
             # A puller that never looks past the peer holding the blob waits forever: bound the wait.
-            model_b = await api.request("POST", "/v1/prefetch", body={"ref": models["model.bin"]["ref"], "wait": True, "timeout_s": 8})
-        assert model_b["state"] == "ready", f"b is stuck: {model_b['bytes_done']}/{size} bytes, sources {model_b['sources']}"
+            model_b = await api.request(
+                "POST", "/v1/prefetch", body={"ref": models["model.bin"]["ref"], "wait": True, "timeout_s": 8}
+            )
+        assert model_b["state"] == "ready", (
+            f"b is stuck: {model_b['bytes_done']}/{size} bytes, sources {model_b['sources']}"
+        )
         assert await view_digests(model_b) == want
         assert await metric(b, "cached_piece_verify_failures_total", source="peer") >= 2
         assert 2 * piece <= model_b["sources"]["origin"] == origin.counters.bytes_sent - before
@@ -226,7 +268,9 @@ async def test_bad_pieces_from_the_only_peer_holding_the_blob_are_fetched_from_t
 
 
 @pytest.mark.parametrize("other_holder", [True, False], ids=["another-holder", "only-the-busy-holder"])
-async def test_a_peer_at_its_upload_limit_answers_429_and_both_pullers_finish(tmp_path: Path, token_file: Path, other_holder: bool) -> None:
+async def test_a_peer_at_its_upload_limit_answers_429_and_both_pullers_finish(
+    tmp_path: Path, token_file: Path, other_holder: bool
+) -> None:
     size = 8 * MIB + 5
     src = write_random_file(tmp_path / "origin" / "model.bin", size, seed=91)
     want = await tree_digests(src.parent)
@@ -238,16 +282,25 @@ async def test_a_peer_at_its_upload_limit_answers_429_and_both_pullers_finish(tm
             # c imports the model on its own (not through a's single upload slot), then joins.
             async with running_daemon(tmp_path / "c", node_id="c", **{"store.piece_size_bytes": "1M"}) as c_alone:
                 await prefetch(c_alone, ref)
-        a = await stack.enter_async_context(running_daemon(tmp_path / "a", node_id="a", **node_flags(token_file, **busy)))
+        a = await stack.enter_async_context(
+            running_daemon(tmp_path / "a", node_id="a", **node_flags(token_file, **busy))
+        )
         model_a = await prefetch(a, ref)
         nodes = {"a": a}
         for n in ["b", "d"] + (["c"] if other_holder else []):
-            nodes[n] = await stack.enter_async_context(running_daemon(tmp_path / n, node_id=n, **node_flags(token_file, a)))
+            nodes[n] = await stack.enter_async_context(
+                running_daemon(tmp_path / n, node_id=n, **node_flags(token_file, a))
+            )
         blob = blobs_of(a, model_a)["model.bin"]
         holders = {"a", "c"} if other_holder else {"a"}
         for n in ("b", "d"):
-            await wait_until(lambda n=n: blob_holders(nodes[n], blob) == holders, timeout_s=10, what=f"{n} learns who holds the blob")
-        before = (origin.counters.gets, origin.counters.bytes_sent)  # b and d name the ref at the origin (a HEAD each), no more
+            await wait_until(
+                lambda n=n: blob_holders(nodes[n], blob) == holders, timeout_s=10, what=f"{n} learns who holds the blob"
+            )
+        before = (
+            origin.counters.gets,
+            origin.counters.bytes_sent,
+        )  # b and d name the ref at the origin (a HEAD each), no more
 
         pulled = await asyncio.gather(prefetch(nodes["b"], ref), prefetch(nodes["d"], ref))
 

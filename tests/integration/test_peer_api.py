@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 from urllib.parse import quote, urlencode
 
 import aiohttp
@@ -55,7 +56,14 @@ def url(d: Daemon, path: str, **query: str) -> str:
     return f"{u}?{urlencode(query, quote_via=quote)}" if query else u
 
 
-def req(s: aiohttp.ClientSession, method: str, u: str, *, data: bytes | str | None = None, headers: dict[str, str] | None = None) -> Any:
+def req(
+    s: aiohttp.ClientSession,
+    method: str,
+    u: str,
+    *,
+    data: bytes | str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Any:
     """A request signed with the cluster key, as a peer sends it (a fresh nonce each time)."""
     return s.request(method, u, data=data, headers={**signed(TOKEN, method, u, data or b""), **(headers or {})})
 
@@ -104,11 +112,15 @@ BAD_AUTH: dict[str, Callable[[str, str, bytes], dict[str, str]]] = {
 
 @pytest.mark.parametrize("auth", ["missing", "bare-token", "wrong-key"])
 @pytest.mark.parametrize(("method", "path"), ROUTES, ids=[p.split("?")[0].replace(ZERO, "ID") for _, p in ROUTES])
-async def test_every_route_refuses_a_missing_or_wrong_token(tmp_path: Path, token_file: Path, method: str, path: str, auth: str) -> None:
+async def test_every_route_refuses_a_missing_or_wrong_token(
+    tmp_path: Path, token_file: Path, method: str, path: str, auth: str
+) -> None:
     async with running_daemon(tmp_path / "n", **flags(token_file)) as d, peer_session() as s:
         body = json.dumps({"cluster": "default", "members": []}) if method == "POST" else ""
         u = url(d, path)
-        async with s.request(method, u, data=body or None, headers={**BAD_AUTH[auth](method, u, body.encode()), "Range": "bytes=0-0"}) as resp:
+        async with s.request(
+            method, u, data=body or None, headers={**BAD_AUTH[auth](method, u, body.encode()), "Range": "bytes=0-0"}
+        ) as resp:
             assert resp.status == 401, await resp.text()
             assert (await resp.json())["error"] == "unauthorized"
             assert "X-Cached-Answer" not in resp.headers, "a refused request gets no signed answer"
@@ -158,7 +170,14 @@ async def test_complete_blob_is_served_by_id_with_range(tmp_path: Path, token_fi
     async with running_daemon(tmp_path / "n", **flags(token_file)) as d, peer_session() as s:
         _, _, blob = await served_model(d, src)
         served_before = counter(d, "cached_served_bytes_total")
-        ranges = [(0, PIECE - 1), (PIECE, 2 * PIECE - 1), (PIECE - 10, 3 * PIECE + 9), (size - 123, size - 1), (0, size - 1), (7, 7)]
+        ranges = [
+            (0, PIECE - 1),
+            (PIECE, 2 * PIECE - 1),
+            (PIECE - 10, 3 * PIECE + 9),
+            (size - 123, size - 1),
+            (0, size - 1),
+            (7, 7),
+        ]
         for start, end in ranges:
             async with req(s, "GET", url(d, f"/blobs/{blob}"), headers={"Range": f"bytes={start}-{end}"}) as resp:
                 assert resp.status == 206, (start, end, resp.status)
@@ -168,7 +187,10 @@ async def test_complete_blob_is_served_by_id_with_range(tmp_path: Path, token_fi
             async with req(s, "GET", url(d, f"/blobs/blake3:{blob}"), headers={"Range": rng}) as resp:
                 assert resp.status == 206, rng
                 assert await resp.read() == want, rng
-        assert counter(d, "cached_served_bytes_total") - served_before == sum(e - s_ + 1 for s_, e in ranges) + 50 + size - 10
+        assert (
+            counter(d, "cached_served_bytes_total") - served_before
+            == sum(e - s_ + 1 for s_, e in ranges) + 50 + size - 10
+        )
         for headers, status in (
             ({}, 416),  # no Range: peers always ask for a span
             ({"Range": f"bytes={size}-{size + 10}"}, 416),
@@ -205,7 +227,11 @@ async def test_piece_table_verifies_against_the_blob_id(tmp_path: Path, token_fi
 
 async def test_manifest_by_digest_and_ref_to_digest(tmp_path: Path, token_file: Path) -> None:
     src = write_random_file(tmp_path / "src" / "w.bin", 2 * PIECE, seed=4)
-    async with Origin(src.parent) as origin, running_daemon(tmp_path / "n", **flags(token_file)) as d, peer_session() as s:
+    async with (
+        Origin(src.parent) as origin,
+        running_daemon(tmp_path / "n", **flags(token_file)) as d,
+        peer_session() as s,
+    ):
         model = await prefetch(d, origin.file_url("w.bin"))
         digest = model["manifest"].removeprefix("blake3:")
         manifest = d.store.manifest(digest)
@@ -242,13 +268,17 @@ async def test_a_malformed_ref_is_400_not_500(tmp_path: Path, token_file: Path, 
             assert resp.status == 400, f"GET /p2p/v1/refs?ref={ref!r} answered {resp.status}: {await resp.text()}"
 
 
-async def test_a_partial_blob_serves_only_its_verified_pieces_while_downloading(tmp_path: Path, token_file: Path) -> None:
+async def test_a_partial_blob_serves_only_its_verified_pieces_while_downloading(
+    tmp_path: Path, token_file: Path
+) -> None:
     pieces = 48
     src = write_random_file(tmp_path / "origin" / "big.gguf", pieces * PIECE - 1000, seed=5)
     data = src.read_bytes()
-    async with Origin(src.parent) as origin, running_daemon(
-        tmp_path / "n", **flags(token_file, **{"origins.http.connections": 2})
-    ) as d, peer_session() as s:
+    async with (
+        Origin(src.parent) as origin,
+        running_daemon(tmp_path / "n", **flags(token_file, **{"origins.http.connections": 2})) as d,
+        peer_session() as s,
+    ):
         origin.faults.rate_bps = 256 * 1024  # a piece takes ~0.25 s per connection: ~6 s in all
         ref = origin.file_url("big.gguf")
         async with ApiClient(d.api_address) as api:
@@ -280,7 +310,11 @@ async def test_a_partial_blob_serves_only_its_verified_pieces_while_downloading(
 
             last = pieces - 1
             assert str(last) not in table["pieces"]
-            for rng in (f"bytes={last * PIECE}-{len(data) - 1}", f"bytes={start}-{last * PIECE + 10}", f"bytes={len(data) - 1}-"):
+            for rng in (
+                f"bytes={last * PIECE}-{len(data) - 1}",
+                f"bytes={start}-{last * PIECE + 10}",
+                f"bytes={len(data) - 1}-",
+            ):
                 async with req(s, "GET", url(d, f"/partials/{key}"), headers={"Range": rng}) as resp:
                     status, answer = resp.status, await resp.json()
                 async with req(s, "GET", url(d, f"/partials/{key}/pieces")) as resp:
@@ -297,9 +331,12 @@ async def test_past_max_uploads_the_answer_is_429_with_retry_after(tmp_path: Pat
     src = write_random_file(tmp_path / "src" / "w.bin", 2 * 1024 * 1024 + 7, seed=6)
     data = src.read_bytes()
     size = len(data)
-    async with running_daemon(
-        tmp_path / "n", **flags(token_file, **{"peer.max_uploads": 1, "peer.serve_rate_bps": "512K"})
-    ) as d, peer_session() as s:
+    async with (
+        running_daemon(
+            tmp_path / "n", **flags(token_file, **{"peer.max_uploads": 1, "peer.serve_rate_bps": "512K"})
+        ) as d,
+        peer_session() as s,
+    ):
         _, _, blob = await served_model(d, src)
         # One slow download holds the only slot (the rate cap makes it last seconds) ...
         first = await req(s, "GET", url(d, f"/blobs/{blob}"), headers={"Range": f"bytes=0-{size - 1}"})
@@ -384,12 +421,16 @@ async def test_malformed_member_entries_are_dropped_never_500(tmp_path: Path, to
 async def test_gossip_from_another_cluster_is_403_and_not_merged(tmp_path: Path, token_file: Path) -> None:
     async with running_daemon(tmp_path / "n", **flags(token_file)) as d, peer_session() as s:
         member = {"node_id": "o", "address": "127.0.0.1:9", "cluster": "other", "incarnation": 1}
-        async with req(s, "POST", url(d, "/gossip"), data=json.dumps({"cluster": "other", "members": [member]})) as resp:
+        async with req(
+            s, "POST", url(d, "/gossip"), data=json.dumps({"cluster": "other", "members": [member]})
+        ) as resp:
             assert resp.status == 403
             assert (await resp.json())["error"] == "other_cluster"
         assert d.gossip is not None and d.gossip.membership.members() == []
         member = {**member, "cluster": "default"}
-        async with req(s, "POST", url(d, "/gossip"), data=json.dumps({"cluster": "default", "members": [member]})) as resp:
+        async with req(
+            s, "POST", url(d, "/gossip"), data=json.dumps({"cluster": "default", "members": [member]})
+        ) as resp:
             assert resp.status == 200
             answer = await resp.json()
         assert answer["cluster"] == "default" and answer["members"][0]["node_id"] == "server"

@@ -33,19 +33,24 @@ import asyncio
 import contextlib
 import logging
 import zlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
+from multidict import CIMultiDict
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import content_type_conformance, response_headers_conformance, response_schema_conformance
-from multidict import CIMultiDict
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+)
 
 from cached.api.peer import PeerApi
 from cached.api.peer_openapi import SECURITY_SCHEMES, peer_document
@@ -100,7 +105,9 @@ class Node:
         if case.headers and "Range" in case.headers:
             # Mostly within one piece (the partial serves pieces 0 and 2 only), sometimes to the end.
             start = (tag >> 4) % 4 * PIECE + (tag >> 6) % 1000
-            case.headers["Range"] = f"bytes={start}-" if tag & 16 == 0 and tag & 32 == 0 else f"bytes={start}-{start + (tag >> 10) % 5000}"
+            case.headers["Range"] = (
+                f"bytes={start}-" if tag & 16 == 0 and tag & 32 == 0 else f"bytes={start}-{start + (tag >> 10) % 5000}"
+            )
 
     def keep_on_loopback(self, case: Any) -> None:
         """Rewrite what generated gossip could make the daemon contact (see the module docstring)."""
@@ -139,13 +146,19 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
             manifest = d.store.manifest(model["manifest"].removeprefix("blake3:"))
             assert manifest is not None and manifest.files[0].size == src.stat().st_size
             # A blob still downloading, as a fetch holds it open: pieces 0 and 2 verified.
-            async with d.store.partial(key=PARTIAL_KEY, size=len(partial_data), piece_size=PIECE, identity_key=PARTIAL_KEY) as partial:
+            async with d.store.partial(
+                key=PARTIAL_KEY, size=len(partial_data), piece_size=PIECE, identity_key=PARTIAL_KEY
+            ) as partial:
                 for i in PARTIAL_PIECES:
                     chunk = partial_data[i * PIECE : (i + 1) * PIECE]
                     await asyncio.to_thread(partial.write_piece_sync, i, chunk, hash_piece(chunk))
                 yield Node(
-                    d=d, base=f"http://{d.peer_address}", model_ref=model["ref"], blob=manifest.files[0].blob.hex,
-                    blob_size=manifest.files[0].size, manifest=manifest.digest,
+                    d=d,
+                    base=f"http://{d.peer_address}",
+                    model_ref=model["ref"],
+                    blob=manifest.files[0].blob.hex,
+                    blob_size=manifest.files[0].size,
+                    manifest=manifest.digest,
                 )
 
 
@@ -175,9 +188,20 @@ async def test_the_document_lists_every_peer_route_and_nothing_else(tmp_path: Pa
     async with node(tmp_path) as n:
         assert n.d.gossip is not None
         api = PeerApi(
-            store=n.d.store, gossip=n.d.gossip, metrics=n.d.metrics, key=KEY, node_id=NODE_ID, max_uploads=1, serve_rate_bps=0, status=n.d.status,
+            store=n.d.store,
+            gossip=n.d.gossip,
+            metrics=n.d.metrics,
+            key=KEY,
+            node_id=NODE_ID,
+            max_uploads=1,
+            serve_rate_bps=0,
+            status=n.d.status,
         )
-        routes = {f"{r.method} {r.resource.canonical}" for r in api.app().router.routes() if r.resource is not None and r.method != "HEAD"}
+        routes = {
+            f"{r.method} {r.resource.canonical}"
+            for r in api.app().router.routes()
+            if r.resource is not None and r.method != "HEAD"
+        }
     assert routes - set(OPERATIONS) == set(), "peer routes without documentation"
     assert set(OPERATIONS) - routes == set(), "documented operations the router does not have"
 
@@ -187,10 +211,16 @@ def test_the_document_is_valid_against_the_openapi_3_meta_schema() -> None:
 
 
 def test_every_operation_requires_the_five_signature_headers() -> None:
-    headers = {s["name"] for s in DOCUMENT["components"]["securitySchemes"].values() if s["type"] == "apiKey" and s["in"] == "header"}
+    headers = {
+        s["name"]
+        for s in DOCUMENT["components"]["securitySchemes"].values()
+        if s["type"] == "apiKey" and s["in"] == "header"
+    }
     assert headers == {"X-Cached-Node", "X-Cached-Time", "X-Cached-Nonce", "X-Cached-Body-SHA256", "X-Cached-Auth"}
     assert DOCUMENT["security"] == [{name: [] for name in SECURITY_SCHEMES}]
-    assert all("security" not in op for item in DOCUMENT["paths"].values() for op in item.values()), "no operation is exempt"
+    assert all("security" not in op for item in DOCUMENT["paths"].values() for op in item.values()), (
+        "no operation is exempt"
+    )
     assert all("401" in op["responses"] for item in DOCUMENT["paths"].values() for op in item.values())
 
 
@@ -208,7 +238,10 @@ async def test_an_unsatisfiable_range_is_a_signed_json_error_with_content_range(
     assert response.headers["Content-Range"] == f"bytes */{n.blob_size}"
     assert response.headers.get("Content-Type", "").startswith("application/json"), response.headers
     assert response.json()["error"] == "range_not_satisfiable"
-    assert verify_body_answer(KEY, response.request.headers[HEADER_NONCE], 416, response.headers, response.content) == NODE_ID
+    assert (
+        verify_body_answer(KEY, response.request.headers[HEADER_NONCE], 416, response.headers, response.content)
+        == NODE_ID
+    )
 
 
 # --- schemathesis against a real daemon ----------------------------------------------------------
@@ -234,7 +267,9 @@ def _wrong_answer(signing: bool, response: Any) -> str | None:
 
 
 @pytest.mark.parametrize(("label", "mode"), RUNS)
-async def test_schemathesis_finds_no_server_error(tmp_path: Path, label: str, mode: str, caplog: pytest.LogCaptureFixture) -> None:
+async def test_schemathesis_finds_no_server_error(
+    tmp_path: Path, label: str, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO)
     method, path = label.split(" ", 1)
     signing = mode == "signed"
@@ -252,8 +287,13 @@ async def test_schemathesis_finds_no_server_error(tmp_path: Path, label: str, mo
             session = requests.Session()
 
             @settings(
-                max_examples=MAX_EXAMPLES, derandomize=True, deadline=None, database=None,
-                phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck), print_blob=False,
+                max_examples=MAX_EXAMPLES,
+                derandomize=True,
+                deadline=None,
+                database=None,
+                phases=[Phase.explicit, Phase.generate],
+                suppress_health_check=list(HealthCheck),
+                print_blob=False,
             )
             @given(operation.as_strategy(generation_mode=generation))
             def one(case: Any) -> None:
@@ -282,7 +322,9 @@ async def test_schemathesis_finds_no_server_error(tmp_path: Path, label: str, mo
 
         for generation in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             await asyncio.to_thread(run, generation)
-        assert not failures, f"{len(failures)} distinct failure(s) on {label} ({mode}):\n\n" + "\n\n".join(sorted(failures.values())[:5])
+        assert not failures, f"{len(failures)} distinct failure(s) on {label} ({mode}):\n\n" + "\n\n".join(
+            sorted(failures.values())[:5]
+        )
         assert sum(statuses.values()) >= MAX_EXAMPLES
         refused = counter(n.d, "cached_peer_auth_failures_total")
         if signing:
@@ -291,6 +333,8 @@ async def test_schemathesis_finds_no_server_error(tmp_path: Path, label: str, mo
         else:
             assert refused == sum(statuses.values()), "every unsigned request was refused and counted"
         assert n.d.gossip is not None
-        assert all(m.info.address == CLOSED for m in n.d.gossip.membership.members()), "members only ever on the closed loopback port"
+        assert all(m.info.address == CLOSED for m in n.d.gossip.membership.members()), (
+            "members only ever on the closed loopback port"
+        )
     bad = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
     assert not bad, [r.getMessage()[:300] for r in bad]

@@ -18,7 +18,9 @@ from tests.support.peerauth import key, signed
 from tests.support.wait import wait_until
 
 TOKEN = "tls-test-token-0123456789"
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make test certificates")
+pytestmark = pytest.mark.skipif(
+    shutil.which("openssl") is None, reason="needs the openssl command to make test certificates"
+)
 
 
 def make_pki(d: Path) -> dict[str, Path]:
@@ -28,10 +30,40 @@ def make_pki(d: Path) -> dict[str, Path]:
     def run(*args: str) -> None:
         subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
 
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=cached-test-ca")
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=cached-test-ca",
+    )
     (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
     run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "node.key", "-out", "node.csr", "-subj", "/CN=node")
-    run("x509", "-req", "-in", "node.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", "node.crt", "-days", "2", "-extfile", "ext.cnf")
+    run(
+        "x509",
+        "-req",
+        "-in",
+        "node.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "node.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    )
     return {"ca": d / "ca.crt", "cert": d / "node.crt", "key": d / "node.key"}
 
 
@@ -40,12 +72,19 @@ async def test_two_nodes_gossip_over_mutual_tls_and_a_plain_client_is_refused(tm
     token = tmp_path / "token"
     token.write_text(TOKEN)
     tls = {
-        "cluster.token_file": str(token), "peer.gossip_interval_s": 0.2, "peer.suspect_after_s": 2.0, "peer.dead_after_s": 4.0,
-        "peer.tls_cert_file": str(pki["cert"]), "peer.tls_key_file": str(pki["key"]), "peer.tls_ca_file": str(pki["ca"]),
+        "cluster.token_file": str(token),
+        "peer.gossip_interval_s": 0.2,
+        "peer.suspect_after_s": 2.0,
+        "peer.dead_after_s": 4.0,
+        "peer.tls_cert_file": str(pki["cert"]),
+        "peer.tls_key_file": str(pki["key"]),
+        "peer.tls_ca_file": str(pki["ca"]),
     }
     async with contextlib.AsyncExitStack() as stack:
         a = await stack.enter_async_context(running_daemon(tmp_path / "a", node_id="a", **tls))
-        b = await stack.enter_async_context(running_daemon(tmp_path / "b", node_id="b", **{**tls, "peer.seeds": [a.peer_address]}))
+        b = await stack.enter_async_context(
+            running_daemon(tmp_path / "b", node_id="b", **{**tls, "peer.seeds": [a.peer_address]})
+        )
 
         async def met() -> bool:
             async with ApiClient(a.api_address) as api:

@@ -55,7 +55,7 @@ class FakePeer:
         self.address = ""
         self._runner: web.AppRunner | None = None
 
-    async def __aenter__(self) -> "FakePeer":
+    async def __aenter__(self) -> FakePeer:
         app = web.Application()
         if self.sign_token is not None:
             sign_answers(app, self.sign_token)
@@ -78,15 +78,27 @@ class FakePeer:
 def invented(n: int, *, prefix: str = "fake", heartbeat: int = 1) -> list[dict[str, Any]]:
     # Loopback addresses where nothing listens: dialling one is refused at once, nowhere else.
     return [
-        {"node_id": f"{prefix}-{i:05d}", "address": f"127.0.0.1:{1 + i % 1000}", "cluster": "default", "incarnation": 1, "heartbeat": heartbeat}
+        {
+            "node_id": f"{prefix}-{i:05d}",
+            "address": f"127.0.0.1:{1 + i % 1000}",
+            "cluster": "default",
+            "incarnation": 1,
+            "heartbeat": heartbeat,
+        }
         for i in range(n)
     ]
 
 
-async def gossip_as_token_holder(s: aiohttp.ClientSession, d: Daemon, members: list[Any], *, node_id: str = "attacker") -> int:
+async def gossip_as_token_holder(
+    s: aiohttp.ClientSession, d: Daemon, members: list[Any], *, node_id: str = "attacker"
+) -> int:
     url = f"http://{d.peer_address}/p2p/v1/gossip"
     body = json.dumps({"cluster": "default", "members": members}).encode()
-    async with s.post(url, data=body, headers={**signed(TOKEN, "POST", url, body, node_id=node_id), "Content-Type": "application/json"}) as resp:
+    async with s.post(
+        url,
+        data=body,
+        headers={**signed(TOKEN, "POST", url, body, node_id=node_id), "Content-Type": "application/json"},
+    ) as resp:
         await resp.read()
         return resp.status
 
@@ -105,13 +117,16 @@ def reals_alive(nodes: dict[str, Daemon]) -> bool:
 
 
 @pytest.mark.parametrize("signing", ["unsigned", "wrong-key"])
-async def test_a_fake_seed_never_sees_the_token_and_its_answer_adds_no_member(tmp_path: Path, token_file: Path, signing: str) -> None:
+async def test_a_fake_seed_never_sees_the_token_and_its_answer_adds_no_member(
+    tmp_path: Path, token_file: Path, signing: str
+) -> None:
     lure = {"node_id": "lure", "address": "127.0.0.1:9", "cluster": "default", "incarnation": 1, "heartbeat": 5}
     fake_answer = {"cluster": "default", "members": [lure]}
     sign_token = None if signing == "unsigned" else "not-the-cluster-token-0123456789"
-    async with FakePeer(fake_answer, sign_token=sign_token) as fake, running_daemon(
-        tmp_path / "a", node_id="a", **node_flags(token_file, **{"peer.seeds": []})
-    ) as a:
+    async with (
+        FakePeer(fake_answer, sign_token=sign_token) as fake,
+        running_daemon(tmp_path / "a", node_id="a", **node_flags(token_file, **{"peer.seeds": []})) as a,
+    ):
         assert a.gossip is not None
         a.gossip.add_seed(fake.address)  # as an mDNS announcement with an arbitrary address does
         await wait_until(lambda: len(fake.requests) >= 3, timeout_s=10, what="the daemon gossiping to the fake seed")
@@ -120,7 +135,9 @@ async def test_a_fake_seed_never_sees_the_token_and_its_answer_adds_no_member(tm
             assert TOKEN.encode() not in raw, f"the cluster token reached a stranger: {raw[:300]!r}"
             assert b"authorization" not in raw.lower(), "no bearer credential of any kind"
             assert any(k.lower() == b"x-cached-auth" for k, _ in headers), "the request is signed instead"
-        await wait_until(lambda: counter(a, "cached_peer_unauthenticated_total") >= 3, timeout_s=10, what="unproven answers counted")
+        await wait_until(
+            lambda: counter(a, "cached_peer_unauthenticated_total") >= 3, timeout_s=10, what="unproven answers counted"
+        )
         assert counter(a, "cached_gossip_errors_total", kind="unauthenticated") >= 3
         assert a.gossip.membership.get("lure") is None, "nothing of an unproven answer is merged"
         assert a.gossip.membership.members() == []
@@ -151,7 +168,9 @@ async def test_a_replayed_or_tampered_signed_request_is_refused_and_counted(tmp_
             assert resp.status == 401, "a body other than the one signed"
         async with s.post(url + "?x=1", data=body, headers=fresh) as resp:
             assert resp.status == 401, "a path other than the one signed"
-        async with s.post(url, data=body, headers={**fresh, "X-Cached-Time": str(int(fresh["X-Cached-Time"]) + 1)}) as resp:
+        async with s.post(
+            url, data=body, headers={**fresh, "X-Cached-Time": str(int(fresh["X-Cached-Time"]) + 1)}
+        ) as resp:
             assert resp.status == 401, "a time other than the one signed"
         old = signed(TOKEN, "POST", url, body, now=time.time() - 600)
         async with s.post(url, data=body, headers=old) as resp:
@@ -218,7 +237,13 @@ async def test_absurd_incarnations_are_refused_and_a_node_keeps_its_own(tmp_path
         s = await stack.enter_async_context(aiohttp.ClientSession())
         day_ahead = (time.time_ns() // 1_000_000) + 2 * 86_400_000
         for poison in (int("9" * 4300), 2**63, day_ahead):
-            entry = {"node_id": "a", "address": a.peer_address, "cluster": "default", "incarnation": poison, "heartbeat": 1}
+            entry = {
+                "node_id": "a",
+                "address": a.peer_address,
+                "cluster": "default",
+                "incarnation": poison,
+                "heartbeat": 1,
+            }
             for target in (a, b):  # to the node itself, and to a peer that would pass it on
                 assert await gossip_as_token_holder(s, target, [entry]) == 200
         assert a.gossip.membership.me.incarnation == mine
@@ -229,19 +254,28 @@ async def test_absurd_incarnations_are_refused_and_a_node_keeps_its_own(tmp_path
         assert counter(b, "cached_gossip_members_dropped_total", reason="future") == 1
         # Past what a JSON integer may hold here, the message itself is a 400, counted.
         url = f"http://{a.peer_address}/p2p/v1/gossip"
-        body = b'{"cluster": "default", "members": [{"node_id": "a", "address": "x:1", "cluster": "default", "incarnation": ' + b"9" * 5000 + b"}]}"
+        body = (
+            b'{"cluster": "default", "members": [{"node_id": "a", "address": "x:1", "cluster": "default", "incarnation": '
+            + b"9" * 5000
+            + b"}]}"
+        )
         async with s.post(url, data=body, headers=signed(TOKEN, "POST", url, body)) as resp:
             assert resp.status == 400
         assert a.gossip.membership.me.incarnation == mine
         # a keeps gossiping: its heartbeat goes on reaching b.
         hb = b.gossip.membership.get("a").info.heartbeat  # type: ignore[union-attr]
-        await wait_until(lambda: b.gossip.membership.get("a").info.heartbeat >= hb + 5, timeout_s=10, what="a's heartbeats reach b")  # type: ignore[union-attr]
+        await wait_until(
+            lambda: b.gossip.membership.get("a").info.heartbeat >= hb + 5, timeout_s=10, what="a's heartbeats reach b"
+        )  # type: ignore[union-attr]
         assert all_see_all(nodes)
 
     # A restart on the same cache is fine too (the poison was never stored anywhere).
     async with contextlib.AsyncExitStack() as stack:
         nodes = await cluster(stack, tmp_path, token_file, "ab")
-        assert nodes["a"].gossip is not None and nodes["a"].gossip.membership.me.incarnation < int(time.time() * 1000) + 1000
+        assert (
+            nodes["a"].gossip is not None
+            and nodes["a"].gossip.membership.me.incarnation < int(time.time() * 1000) + 1000
+        )
 
 
 # --- (e) a huge gossip answer -------------------------------------------------------------------------
@@ -260,7 +294,9 @@ async def test_a_huge_signed_gossip_answer_is_cut_at_the_cap(tmp_path: Path, tok
         nonce = request.headers.get(HEADER_NONCE, "")
         # Signed correctly over the whole 500 MiB body: only the size is wrong.
         mac = key.sign("cached-answer", nonce, "200", "body", digest, "huge")
-        resp = web.StreamResponse(status=200, headers={HEADER_NODE: "huge", HEADER_ANSWER: mac, "Content-Type": "application/json"})
+        resp = web.StreamResponse(
+            status=200, headers={HEADER_NODE: "huge", HEADER_ANSWER: mac, "Content-Type": "application/json"}
+        )
         resp.enable_chunked_encoding()  # no Content-Length: the client has to count
         await resp.prepare(request)
         n = 0
@@ -282,7 +318,11 @@ async def test_a_huge_signed_gossip_answer_is_cut_at_the_cap(tmp_path: Path, tok
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         fake = f"127.0.0.1:{runner.addresses[0][1]}"
         async with running_daemon(tmp_path / "a", node_id="a", **node_flags(token_file, **{"peer.seeds": [fake]})) as a:
-            await wait_until(lambda: counter(a, "cached_peer_answer_too_large_total", route="gossip") >= 2, timeout_s=30, what="answers cut at the cap")
+            await wait_until(
+                lambda: counter(a, "cached_peer_answer_too_large_total", route="gossip") >= 2,
+                timeout_s=30,
+                what="answers cut at the cap",
+            )
             assert counter(a, "cached_gossip_errors_total", kind="too_large") >= 2
             await wait_until(lambda: len(sent) >= 2, timeout_s=10, what="the fake peer noticing the hang-up")
             # The client stopped reading past the cap: what the peer could push is the cap plus
@@ -303,12 +343,23 @@ def _zeros_sha256(total: int, chunk: bytes) -> str:
 # --- (f) a non-UTF-8 Authorization header ------------------------------------------------------------
 
 
-async def test_non_utf8_authorization_is_401_without_a_traceback(tmp_path: Path, token_file: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_non_utf8_authorization_is_401_without_a_traceback(
+    tmp_path: Path, token_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     async with running_daemon(tmp_path / "a", node_id="a", **node_flags(token_file)) as a:
         host, _, port = (a.peer_address or "").rpartition(":")
-        for header in (b"Authorization: Bearer \xff\xfe\x80" + TOKEN.encode(), b"X-Cached-Auth: \xff" * 3, b"X-Cached-Node: \xc3\x28"):
-            raw = await asyncio.to_thread(_raw_get, host, int(port), b"GET /p2p/v1/holdings?since=0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + header + b"\r\n\r\n")
+        for header in (
+            b"Authorization: Bearer \xff\xfe\x80" + TOKEN.encode(),
+            b"X-Cached-Auth: \xff" * 3,
+            b"X-Cached-Node: \xc3\x28",
+        ):
+            raw = await asyncio.to_thread(
+                _raw_get,
+                host,
+                int(port),
+                b"GET /p2p/v1/holdings?since=0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + header + b"\r\n\r\n",
+            )
             assert raw.startswith(b"HTTP/1.1 401"), raw[:200]
         assert counter(a, "cached_peer_auth_failures_total") == 3
     bad = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]

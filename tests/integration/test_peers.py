@@ -91,7 +91,9 @@ async def test_three_nodes_find_each_other_notice_a_death_and_a_return(tmp_path:
         await wait_until(all_see_all, timeout_s=15, what="every node lists the other two alive")
         for name, d in nodes.items():
             listed = await api_get(d, "/v1/peers")
-            assert {p["node_id"]: p["address"] for p in listed} == {n: o.peer_address for n, o in nodes.items() if n != name}
+            assert {p["node_id"]: p["address"] for p in listed} == {
+                n: o.peer_address for n, o in nodes.items() if n != name
+            }
             assert all({"node_id", "address", "state"} <= set(p) for p in listed), listed
             node = await api_get(d, "/v1/node")
             assert node["node_id"] == name
@@ -142,7 +144,11 @@ async def test_a_wrong_token_is_refused_and_another_cluster_ignored(tmp_path: Pa
         a = await stack.enter_async_context(running_daemon(tmp_path / "a", node_id="a", **node_flags(token_file)))
         b = await stack.enter_async_context(running_daemon(tmp_path / "b", node_id="b", **node_flags(token_file, a)))
         intruder = await stack.enter_async_context(
-            running_daemon(tmp_path / "w", node_id="intruder", **node_flags(token_file, a, b, **{"cluster.token_file": str(wrong_token)}))
+            running_daemon(
+                tmp_path / "w",
+                node_id="intruder",
+                **node_flags(token_file, a, b, **{"cluster.token_file": str(wrong_token)}),
+            )
         )
         stranger = await stack.enter_async_context(
             running_daemon(tmp_path / "o", node_id="stranger", **node_flags(token_file, a, **{"cluster.name": "other"}))
@@ -158,14 +164,18 @@ async def test_a_wrong_token_is_refused_and_another_cluster_ignored(tmp_path: Pa
                 and await metric(a, "cached_peer_auth_refused_total", reason="bad_mac") >= 6
             )
 
-        await wait_until(refused_a_few_times, timeout_s=15, what="several refused gossip rounds from the intruder and the stranger")
+        await wait_until(
+            refused_a_few_times, timeout_s=15, what="several refused gossip rounds from the intruder and the stranger"
+        )
         await wait_until(lambda: sees_alive(a, {"b"}), timeout_s=10, what="a sees b")
         await wait_until(lambda: sees_alive(b, {"a"}), timeout_s=10, what="b sees a")
         assert await peer_states(a) == {"b": "alive"}, "neither the intruder nor the stranger is listed"
         assert await peer_states(b) == {"a": "alive"}
         assert await peer_states(intruder) == {}, "a refused node learns nothing of the cluster"
         assert await peer_states(stranger) == {}
-        assert await metric(a, "cached_gossip_errors_total", kind="unauthorized") == 0, "a's own gossip is never refused"
+        assert await metric(a, "cached_gossip_errors_total", kind="unauthorized") == 0, (
+            "a's own gossip is never refused"
+        )
 
 
 async def test_holdings_reach_other_nodes_through_gossip(tmp_path: Path, token_file: Path) -> None:
@@ -189,7 +199,9 @@ async def test_holdings_reach_other_nodes_through_gossip(tmp_path: Path, token_f
         blob = manifest.files[0].blob.hex
         rounds_then = b.gossip.rounds
 
-        await wait_until(lambda: b.gossip.view.with_blob(blob) == ["a"], timeout_s=10, what="b's view lists a as holder of the blob")
+        await wait_until(
+            lambda: b.gossip.view.with_blob(blob) == ["a"], timeout_s=10, what="b's view lists a as holder of the blob"
+        )
         assert b.gossip.rounds - rounds_then <= 5, f"took {b.gossip.rounds - rounds_then} of b's gossip rounds"
         assert b.gossip.view.with_ref(model["ref"]) == [("a", digest)]
         assert not b.gossip.view.with_partial(blob), "no partial left once the blob is complete"
@@ -204,25 +216,46 @@ DEEP = "[" * 100_000 + "]" * 100_000
 
 
 def fake_member(address: str, holdings_version: int) -> str:
-    return json.dumps({"node_id": FAKE_ID, "address": address, "cluster": "default", "incarnation": 1,
-                       "heartbeat": int(time.monotonic() * 10), "holdings_version": holdings_version})
+    return json.dumps(
+        {
+            "node_id": FAKE_ID,
+            "address": address,
+            "cluster": "default",
+            "incarnation": 1,
+            "heartbeat": int(time.monotonic() * 10),
+            "holdings_version": holdings_version,
+        }
+    )
 
 
 GARBAGE_ANSWERS = {
     # (gossip answer, holdings answer); {me} is the fake's own, well-formed member entry
     "gossip-not-object": ("[1, 2, 3]", None),
     "gossip-members-not-list": ('{"cluster": "default", "members": 5}', None),
-    "gossip-entry-inf-incarnation": ('{"cluster": "default", "members": [{me}, {"node_id": "x", "address": "h:1", "cluster": "default", "incarnation": ' + INF + "}]}", None),
+    "gossip-entry-inf-incarnation": (
+        '{"cluster": "default", "members": [{me}, {"node_id": "x", "address": "h:1", "cluster": "default", "incarnation": '
+        + INF
+        + "}]}",
+        None,
+    ),
     "gossip-deep-nesting": ('{"cluster": "default", "members": ' + DEEP + "}", None),
     "holdings-not-object": ('{"cluster": "default", "members": [{me}]}', "[]"),
-    "holdings-inf-version": ('{"cluster": "default", "members": [{me}]}', '{"version": 1, "snapshot": {"version": ' + INF + "}}"),
-    "holdings-inf-size": ('{"cluster": "default", "members": [{me}]}', '{"version": 1, "snapshot": {"version": 1, "blobs": {"ab": ' + INF + "}}}"),
+    "holdings-inf-version": (
+        '{"cluster": "default", "members": [{me}]}',
+        '{"version": 1, "snapshot": {"version": ' + INF + "}}",
+    ),
+    "holdings-inf-size": (
+        '{"cluster": "default", "members": [{me}]}',
+        '{"version": 1, "snapshot": {"version": 1, "blobs": {"ab": ' + INF + "}}}",
+    ),
     "holdings-deep-nesting": ('{"cluster": "default", "members": [{me}]}', '{"version": 1, "snapshot": ' + DEEP + "}"),
 }
 
 
 @pytest.mark.parametrize("answers", list(GARBAGE_ANSWERS.values()), ids=list(GARBAGE_ANSWERS))
-async def test_garbage_from_a_peer_is_counted_and_never_stops_gossip(tmp_path: Path, token_file: Path, answers: tuple[str, str | None]) -> None:
+async def test_garbage_from_a_peer_is_counted_and_never_stops_gossip(
+    tmp_path: Path, token_file: Path, answers: tuple[str, str | None]
+) -> None:
     """An authenticated peer answering nonsense costs one failed exchange, never the gossip loop."""
     gossip_answer, holdings_answer = answers
     hits = {"gossip": 0, "holdings": 0}
@@ -252,8 +285,14 @@ async def test_garbage_from_a_peer_is_counted_and_never_stops_gossip(tmp_path: P
             await wait_until(lambda: hits[want] >= 3, timeout_s=10, what=f"the daemon keeps asking the peer ({want})")
             rounds = a.gossip.rounds
             await wait_until(lambda: a.gossip.rounds >= rounds + 2, timeout_s=10, what="gossip rounds go on")
-            errors = {labels: v for (name, labels), v in (await metrics(a)).items() if name == "cached_gossip_errors_total" and v}
-            assert errors, "each refused answer is counted (malformed, or holdings/unreachable when the JSON itself is bad)"
+            errors = {
+                labels: v
+                for (name, labels), v in (await metrics(a)).items()
+                if name == "cached_gossip_errors_total" and v
+            }
+            assert errors, (
+                "each refused answer is counted (malformed, or holdings/unreachable when the JSON itself is bad)"
+            )
             assert "x" not in await peer_states(a)
             if holdings_answer:
                 assert a.gossip.view.get(FAKE_ID) is None or a.gossip.view.get(FAKE_ID).version == 0

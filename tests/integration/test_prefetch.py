@@ -24,7 +24,19 @@ from tests.support.wait import wait_until
 
 PIECE = 64 * 1024
 FLAGS = {"store.piece_size_bytes": "64K"}
-MODEL_FIELDS = {"ref", "state", "bytes_total", "bytes_done", "path", "hf_path", "manifest", "pinned", "leases", "error", "sources"}
+MODEL_FIELDS = {
+    "ref",
+    "state",
+    "bytes_total",
+    "bytes_done",
+    "path",
+    "hf_path",
+    "manifest",
+    "pinned",
+    "leases",
+    "error",
+    "sources",
+}
 
 
 def manifest_blobs(cache: Path, model: dict[str, Any]) -> dict[str, Path]:
@@ -74,8 +86,12 @@ async def test_file_directory_prefetch_gives_read_only_hardlinks_to_blobs(tmp_pa
     src = tmp_path / "src" / "my-model"
     files = {
         "config.json": (src / "config.json"),
-        "weights/model-00001-of-00002.safetensors": write_random_file(src / "weights/model-00001-of-00002.safetensors", 700 * 1024 + 3, seed=1),
-        "weights/model-00002-of-00002.safetensors": write_random_file(src / "weights/model-00002-of-00002.safetensors", 5 * PIECE, seed=2),
+        "weights/model-00001-of-00002.safetensors": write_random_file(
+            src / "weights/model-00001-of-00002.safetensors", 700 * 1024 + 3, seed=1
+        ),
+        "weights/model-00002-of-00002.safetensors": write_random_file(
+            src / "weights/model-00002-of-00002.safetensors", 5 * PIECE, seed=2
+        ),
         "tokenizer/deep/tokenizer.model": write_random_file(src / "tokenizer/deep/tokenizer.model", 1000, seed=3),
     }
     files["config.json"].write_text('{"architectures": ["Llama"]}\n')
@@ -107,7 +123,11 @@ async def test_http_prefetch_twice_reads_the_origin_once(tmp_path: Path) -> None
     size = 2 * 1024 * 1024 + 5
     src = write_random_file(tmp_path / "origin" / "model.gguf", size, seed=7)
     cache = tmp_path / "cache"
-    async with Origin(tmp_path / "origin") as origin, running_daemon(cache, **FLAGS) as d, ApiClient(d.api_address) as api:
+    async with (
+        Origin(tmp_path / "origin") as origin,
+        running_daemon(cache, **FLAGS) as d,
+        ApiClient(d.api_address) as api,
+    ):
         ref = origin.file_url("model.gguf")
         model = await api.request("POST", "/v1/prefetch", body={"ref": ref, "wait": True})
         assert_model_object(model, ref=ref, size=size)
@@ -117,7 +137,9 @@ async def test_http_prefetch_twice_reads_the_origin_once(tmp_path: Path) -> None
         before = (origin.counters.requests, origin.counters.bytes_sent)
 
         again = await api.request("POST", "/v1/prefetch", body={"ref": ref, "wait": True})
-        assert (origin.counters.requests, origin.counters.bytes_sent) == before, "a ready model must not touch the origin"
+        assert (origin.counters.requests, origin.counters.bytes_sent) == before, (
+            "a ready model must not touch the origin"
+        )
         assert again["state"] == "ready"
         assert (again["path"], again["manifest"], again["bytes_done"]) == (model["path"], model["manifest"], size)
 
@@ -132,7 +154,11 @@ async def test_sources_still_report_origin_bytes_after_a_repeat_prefetch(tmp_pat
     """CONTRACT: ``sources`` is the bytes fetched for this model on this node, by source."""
     size = 300 * 1024
     write_random_file(tmp_path / "origin" / "m.bin", size, seed=8)
-    async with Origin(tmp_path / "origin") as origin, running_daemon(tmp_path / "cache", **FLAGS) as d, ApiClient(d.api_address) as api:
+    async with (
+        Origin(tmp_path / "origin") as origin,
+        running_daemon(tmp_path / "cache", **FLAGS) as d,
+        ApiClient(d.api_address) as api,
+    ):
         ref = origin.file_url("m.bin")
         first = await api.request("POST", "/v1/prefetch", body={"ref": ref, "wait": True})
         assert first["sources"]["origin"] == size
@@ -147,7 +173,11 @@ async def test_ten_concurrent_prefetches_read_the_origin_once(tmp_path: Path) ->
     size = 3 * 1024 * 1024 + 123
     src = write_random_file(tmp_path / "origin" / "big.bin", size, seed=9)
     cache = tmp_path / "cache"
-    async with Origin(tmp_path / "origin") as origin, running_daemon(cache, **FLAGS) as d, ApiClient(d.api_address) as api:
+    async with (
+        Origin(tmp_path / "origin") as origin,
+        running_daemon(cache, **FLAGS) as d,
+        ApiClient(d.api_address) as api,
+    ):
         ref = origin.file_url("big.bin")
         results = await asyncio.gather(
             *(api.request("POST", "/v1/prefetch", body={"ref": ref, "wait": True}) for _ in range(10))
@@ -165,7 +195,11 @@ async def test_ten_concurrent_prefetches_read_the_origin_once(tmp_path: Path) ->
 async def test_metrics_count_fetched_bytes_jobs_store_and_models(tmp_path: Path) -> None:
     size = 1024 * 1024 + 77
     write_random_file(tmp_path / "origin" / "w.bin", size, seed=10)
-    async with Origin(tmp_path / "origin") as origin, running_daemon(tmp_path / "cache", **FLAGS) as d, ApiClient(d.api_address) as api:
+    async with (
+        Origin(tmp_path / "origin") as origin,
+        running_daemon(tmp_path / "cache", **FLAGS) as d,
+        ApiClient(d.api_address) as api,
+    ):
         ref = origin.file_url("w.bin")
         await api.request("POST", "/v1/prefetch", body={"ref": ref, "wait": True})
         m = await scrape(d.api_address)

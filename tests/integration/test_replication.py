@@ -15,8 +15,9 @@ import asyncio
 import contextlib
 import dataclasses
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -35,7 +36,9 @@ MIB = 1 << 20
 SIZE = 8 * MIB
 DEAD_S = 2.0
 FAST = {
-    "peer.gossip_interval_s": 0.2, "peer.suspect_after_s": 1.0, "peer.dead_after_s": DEAD_S,
+    "peer.gossip_interval_s": 0.2,
+    "peer.suspect_after_s": 1.0,
+    "peer.dead_after_s": DEAD_S,
     "store.piece_size_bytes": "1M",
     # Every node the same capacity below 1 GiB: equal HRW weights, so placement.owners() over the
     # node ids is what the cluster must compute.
@@ -72,7 +75,9 @@ class Cluster:
         self.flags: dict[str, dict[str, Any]] = {}
         self._stacks: dict[str, contextlib.AsyncExitStack] = {}
 
-    async def start(self, name: str, labels: dict[str, str] | None = None, cache: str | None = None, **extra: Any) -> Daemon:
+    async def start(
+        self, name: str, labels: dict[str, str] | None = None, cache: str | None = None, **extra: Any
+    ) -> Daemon:
         seeds = [d.peer_address for d in self.nodes.values()][:1]
         flags = {"cluster.token_file": str(self.token_file), **FAST, **self.base, "peer.seeds": seeds, **extra}
         cache_dir = self.tmp_path / (cache or name)
@@ -197,13 +202,17 @@ async def test_replicate_fails_over_to_the_next_node_and_demotes_it_when_the_own
 
     await wait_until(lambda: catalogs_agree(cluster, [entry]), timeout_s=10, what="the entry on every node")
     await wait_until(
-        lambda: _eq(ready_on(cluster.nodes[bystanders[1]], ref), {first, second}), timeout_s=30, what="both owners ready"
+        lambda: _eq(ready_on(cluster.nodes[bystanders[1]], ref), {first, second}),
+        timeout_s=30,
+        what="both owners ready",
     )
     for d in cluster.nodes.values():
         assert await ready_on(d, ref) == {first, second}, "locate answers the same on every node"
     located = (await call(cluster.nodes[bystanders[1]], "GET", "/v1/locate", ref=ref))["nodes"]
     assert sorted(n["node_id"] for n in located) == sorted([first, second]), located  # nobody else, not even queued
-    assert all(n["state"] == "ready" and n["bytes_done"] == n["bytes_total"] == SIZE and n["eta_s"] == 0 for n in located)
+    assert all(
+        n["state"] == "ready" and n["bytes_done"] == n["bytes_total"] == SIZE and n["eta_s"] == 0 for n in located
+    )
     assert origin.counters.bytes_sent == SIZE, "the origin sends the model once between the owners"
     for n in bystanders:
         model = await status(cluster.nodes[n], ref)
@@ -301,7 +310,9 @@ async def test_an_owner_that_is_only_suspect_is_not_replaced(cluster: Cluster, o
     (owner,) = owners(ref, sorted(cluster.nodes), 1)
     others = [n for n in sorted(cluster.nodes) if n != owner]
     await call(cluster.nodes[others[0]], "POST", "/v1/replicate", {"ref": ref, "replicas": 1})
-    await wait_until(lambda: _eq(ready_on(cluster.nodes[others[0]], ref), {owner}), timeout_s=30, what="the owner ready")
+    await wait_until(
+        lambda: _eq(ready_on(cluster.nodes[others[0]], ref), {owner}), timeout_s=30, what="the owner ready"
+    )
 
     await cluster.stop(owner)
 
@@ -315,7 +326,8 @@ async def test_an_owner_that_is_only_suspect_is_not_replaced(cluster: Cluster, o
     start = {n: cluster.nodes[n].reconciler.passes for n in others}  # type: ignore[union-attr]
     await wait_until(
         lambda: all(cluster.nodes[n].reconciler.passes >= start[n] + 3 for n in others),  # type: ignore[union-attr]
-        timeout_s=15, what="three more reconcile passes on every survivor",
+        timeout_s=15,
+        what="three more reconcile passes on every survivor",
     )
     assert suspect_everywhere(), "still suspect, not dead, after those passes"
     for n in others:
@@ -379,7 +391,9 @@ async def test_a_peer_that_never_answers_does_not_stall_a_nodes_heartbeat(cluste
     hole = await asyncio.start_server(swallow, "127.0.0.1", 0)
     try:
         x = await cluster.start("x")
-        y = await cluster.start("y", **{"peer.seeds": [x.peer_address, f"127.0.0.1:{hole.sockets[0].getsockname()[1]}"]})
+        y = await cluster.start(
+            "y", **{"peer.seeds": [x.peer_address, f"127.0.0.1:{hole.sockets[0].getsockname()[1]}"]}
+        )
         await wait_until(cluster.all_see_all, timeout_s=15, what="x and y see each other")
         await wait_until(lambda: opened, timeout_s=5, what="y contacts the silent address")
         assert x.gossip is not None and y.gossip is not None
@@ -414,10 +428,14 @@ async def test_labels_keep_a_model_on_matching_nodes_only(cluster: Cluster, orig
     eligible = owners(ref, ["c", "d"], 2)
 
     # More replicas than matching nodes: every matching node, and no other.
-    entry = await call(cluster.nodes["a"], "POST", "/v1/replicate", {"ref": ref, "replicas": 3, "labels": {"gpu": "h100"}})
+    entry = await call(
+        cluster.nodes["a"], "POST", "/v1/replicate", {"ref": ref, "replicas": 3, "labels": {"gpu": "h100"}}
+    )
     assert entry == {"ref": ref, "replicas": 3, "labels": {"gpu": "h100"}, "owners": eligible}
     await wait_until(lambda: catalogs_agree(cluster, [entry]), timeout_s=10, what="the labelled entry on every node")
-    await wait_until(lambda: _eq(ready_on(cluster.nodes["b"], ref), {"c", "d"}), timeout_s=30, what="both h100 nodes ready")
+    await wait_until(
+        lambda: _eq(ready_on(cluster.nodes["b"], ref), {"c", "d"}), timeout_s=30, what="both h100 nodes ready"
+    )
     located = (await call(cluster.nodes["a"], "GET", "/v1/locate", ref=ref))["nodes"]
     assert sorted(n["node_id"] for n in located) == ["c", "d"], located
     for n in ("a", "b"):
@@ -427,11 +445,20 @@ async def test_labels_keep_a_model_on_matching_nodes_only(cluster: Cluster, orig
 
     # A constraint no node meets: in the catalog, owned by nobody, fetched by nobody.
     other = origin.file_url("model.gguf")
-    entry = await call(cluster.nodes["c"], "POST", "/v1/replicate", {"ref": other, "replicas": 2, "labels": {"gpu": "tpu"}})
+    entry = await call(
+        cluster.nodes["c"], "POST", "/v1/replicate", {"ref": other, "replicas": 2, "labels": {"gpu": "tpu"}}
+    )
     assert entry["owners"] == []
     await wait_until(
-        lambda: catalogs_agree(cluster, sorted([entry, {"ref": ref, "replicas": 3, "labels": {"gpu": "h100"}, "owners": eligible}], key=lambda e: e["ref"])),
-        timeout_s=10, what="both entries on every node",
+        lambda: catalogs_agree(
+            cluster,
+            sorted(
+                [entry, {"ref": ref, "replicas": 3, "labels": {"gpu": "h100"}, "owners": eligible}],
+                key=lambda e: e["ref"],
+            ),
+        ),
+        timeout_s=10,
+        what="both entries on every node",
     )
     for d in cluster.nodes.values():
         d.reconciler.reconcile()  # type: ignore[union-attr]  # one pass now, rather than waiting for the loop
@@ -475,9 +502,13 @@ BAD_REPLICATE = [
 ]
 
 
-async def test_a_bad_replicate_request_is_400_and_changes_nothing(tmp_path: Path, token_file: Path, origin: Origin) -> None:
+async def test_a_bad_replicate_request_is_400_and_changes_nothing(
+    tmp_path: Path, token_file: Path, origin: Origin
+) -> None:
     ref = origin.file_url("model.gguf")
-    async with running_daemon(tmp_path / "solo", node_id="solo", **{"cluster.token_file": str(token_file), **FAST, **internal(origin)}) as d:
+    async with running_daemon(
+        tmp_path / "solo", node_id="solo", **{"cluster.token_file": str(token_file), **FAST, **internal(origin)}
+    ) as d:
         for bad in BAD_REPLICATE:
             body = {k: (ref if v == "{ref}" else v) for k, v in bad.items()}
             with pytest.raises(ApiError) as err:
@@ -489,18 +520,29 @@ async def test_a_bad_replicate_request_is_400_and_changes_nothing(tmp_path: Path
     assert origin.counters.requests == 0
 
 
-async def test_replicate_of_a_local_file_or_an_unlisted_internal_url_is_400(tmp_path: Path, token_file: Path, origin: Origin) -> None:
+async def test_replicate_of_a_local_file_or_an_unlisted_internal_url_is_400(
+    tmp_path: Path, token_file: Path, origin: Origin
+) -> None:
     """Issue 18: such a ref names something on one node only; replicating it would make every
     owner read its own file or internal address and serve what it got to the cluster."""
     src = write_random_file(tmp_path / "src" / "w.bin", 1000, seed=3)
     port = URL(origin.url).port
-    local = [f"file://{src}", f"http://127.0.0.2:{port}/model.gguf", f"http://localhost:{port}/model.gguf", "http://169.254.169.254/x.bin"]
-    async with running_daemon(tmp_path / "solo", node_id="solo", **{"cluster.token_file": str(token_file), **FAST, **internal(origin)}) as d:
+    local = [
+        f"file://{src}",
+        f"http://127.0.0.2:{port}/model.gguf",
+        f"http://localhost:{port}/model.gguf",
+        "http://169.254.169.254/x.bin",
+    ]
+    async with running_daemon(
+        tmp_path / "solo", node_id="solo", **{"cluster.token_file": str(token_file), **FAST, **internal(origin)}
+    ) as d:
         for ref in local:
             with pytest.raises(ApiError) as err:
                 await call(d, "POST", "/v1/replicate", {"ref": ref, "replicas": 1})
             assert (err.value.status, err.value.code) == (400, "bad_request"), (ref, err.value.status, err.value.body)
-            assert "cannot replicate" in err.value.message and ("file://" in err.value.message or "internal address" in err.value.message)
+            assert "cannot replicate" in err.value.message and (
+                "file://" in err.value.message or "internal address" in err.value.message
+            )
         assert await call(d, "GET", "/v1/catalog") == []
         # The one internal origin the operator listed is still allowed.
         await call(d, "POST", "/v1/replicate", {"ref": origin.file_url("model.gguf"), "replicas": 1})

@@ -11,7 +11,10 @@ from tests.support.origin import Origin, write_random_file
 
 async def test_http_prefetch_gives_identical_read_only_hardlink(tmp_path: Path) -> None:
     src = write_random_file(tmp_path / "origin" / "model.gguf", 3 * 1024 * 1024 + 17)
-    async with Origin(tmp_path / "origin") as origin, running_daemon(tmp_path / "cache", **{"store.piece_size_bytes": "256K"}) as d:
+    async with (
+        Origin(tmp_path / "origin") as origin,
+        running_daemon(tmp_path / "cache", **{"store.piece_size_bytes": "256K"}) as d,
+    ):
         async with ApiClient(d.api_address) as api:
             model = await api.request("POST", "/v1/prefetch", body={"ref": origin.file_url("model.gguf"), "wait": True})
         assert model["state"] == "ready"

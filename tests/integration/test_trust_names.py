@@ -19,8 +19,9 @@ import asyncio
 import contextlib
 import dataclasses
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
 import blake3
@@ -59,7 +60,7 @@ class Recorder:
         self.seen.append((request.method, request.path_qs, dict(request.headers)))
         return web.Response(status=404)
 
-    async def __aenter__(self) -> "Recorder":
+    async def __aenter__(self) -> Recorder:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -84,7 +85,16 @@ def hub_files(hub: Hub) -> dict[str, bytes]:
     return {p: b.data for p, b in hub.repo(REPO).resolve("main").files.items()}
 
 
-async def start(stack: contextlib.AsyncExitStack, tmp_path: Path, name: str, token: Path, hub: Hub, *seeds: Daemon, labels: dict[str, str] | None = None, **extra: Any) -> Daemon:
+async def start(
+    stack: contextlib.AsyncExitStack,
+    tmp_path: Path,
+    name: str,
+    token: Path,
+    hub: Hub,
+    *seeds: Daemon,
+    labels: dict[str, str] | None = None,
+    **extra: Any,
+) -> Daemon:
     flags = {"node_id": name, "origins.hf.endpoint": hub.url, **node_flags(token, *seeds, piece=PIECE), **extra}
     cfg = node_config(tmp_path / name, **flags)
     if labels:
@@ -109,7 +119,9 @@ async def put_blob(store: Store, data: bytes, piece_size: int) -> BlobId:
         return await store.finalize(partial)
 
 
-async def forge(m: Daemon, config: bytes, origin: dict[str, str] | None = None, weights_locator: str | None = None) -> tuple[str, BlobId]:
+async def forge(
+    m: Daemon, config: bytes, origin: dict[str, str] | None = None, weights_locator: str | None = None
+) -> tuple[str, BlobId]:
     """M republishes REF with ``config`` as config.json (its own manifest, committed through its
     Store, so its holdings advertise it). Returns (the forged manifest's digest, the forged blob)."""
     ref = ModelRef.parse(REF)
@@ -120,12 +132,18 @@ async def forge(m: Daemon, config: bytes, origin: dict[str, str] | None = None, 
     for f in real.manifest.files:
         if f.path == "config.json":
             sha1 = git_blob_sha1(config)
-            meta = origin if origin is not None else {"identity": f"gitblob|{sha1}|{len(config)}", "locator": f.origin["locator"], "git_sha1": sha1}
+            meta = (
+                origin
+                if origin is not None
+                else {"identity": f"gitblob|{sha1}|{len(config)}", "locator": f.origin["locator"], "git_sha1": sha1}
+            )
             f = FileEntry(path=f.path, size=len(config), blob=blob, origin=meta)
         elif weights_locator is not None:
             f = dataclasses.replace(f, origin={**f.origin, "locator": weights_locator})
         files.append(f)
-    forged = Manifest(ref=real.manifest.ref, revision=real.manifest.revision, piece_size=real.manifest.piece_size, files=tuple(files))
+    forged = Manifest(
+        ref=real.manifest.ref, revision=real.manifest.revision, piece_size=real.manifest.piece_size, files=tuple(files)
+    )
     await m.store.commit_model(ref, forged)
     return forged.digest, blob
 
@@ -154,7 +172,9 @@ def advertises(v: Daemon, node: str, digest: str) -> bool:
 
 
 @pytest.mark.parametrize("lie", ["other-file", "same-metadata"])
-async def test_a_token_holders_forged_manifest_does_not_rewrite_the_model(tmp_path: Path, token_file: Path, lie: str) -> None:
+async def test_a_token_holders_forged_manifest_does_not_rewrite_the_model(
+    tmp_path: Path, token_file: Path, lie: str
+) -> None:
     """``other-file``: M's manifest names another config.json (its own size and sha1); V must see
     it disagrees with the hub's listing. ``same-metadata``: M copies the hub's size, sha1 and
     identity for config.json but points at its own bytes of the same size; V must catch it by the
@@ -187,7 +207,9 @@ async def test_a_token_holders_forged_manifest_does_not_rewrite_the_model(tmp_pa
 # --- (b) a peer's locator never gets the token ------------------------------------------------------
 
 
-async def test_a_forged_locator_is_never_requested_and_the_token_stays_with_the_hub(tmp_path: Path, token_file: Path) -> None:
+async def test_a_forged_locator_is_never_requested_and_the_token_stays_with_the_hub(
+    tmp_path: Path, token_file: Path
+) -> None:
     async with contextlib.AsyncExitStack() as stack:
         hub = await stack.enter_async_context(hub_with_llama())
         want = hub_files(hub)
@@ -227,7 +249,9 @@ async def test_a_forged_locator_is_never_requested_and_the_token_stays_with_the_
 # --- (c) gossiped catalog entries for local files and internal URLs --------------------------------
 
 
-async def test_gossiped_catalog_entries_for_a_local_file_or_an_internal_url_are_dropped(tmp_path: Path, token_file: Path) -> None:
+async def test_gossiped_catalog_entries_for_a_local_file_or_an_internal_url_are_dropped(
+    tmp_path: Path, token_file: Path
+) -> None:
     async with contextlib.AsyncExitStack() as stack:
         hub = await stack.enter_async_context(hub_with_llama())
         rec = await stack.enter_async_context(Recorder())
@@ -240,14 +264,21 @@ async def test_gossiped_catalog_entries_for_a_local_file_or_an_internal_url_are_
         for r in refs:
             # M's own Catalog.set refuses these; a malicious node writes its memory directly.
             canonical = ModelRef.parse(r).canonical
-            m.catalog._entries[canonical] = CatalogEntry(ref=canonical, replicas=2, labels={"role": "victim"}, updated_at=time.time(), updated_by="m")
+            m.catalog._entries[canonical] = CatalogEntry(
+                ref=canonical, replicas=2, labels={"role": "victim"}, updated_at=time.time(), updated_by="m"
+            )
 
         await wait_until(
             lambda: metric_at_least(v, "cached_catalog_entries_dropped_total", len(refs), reason="local_ref"),
-            timeout_s=10, what="v drops the gossiped entries",
+            timeout_s=10,
+            what="v drops the gossiped entries",
         )
         passes = v.reconciler.passes
-        await wait_until(lambda: v.reconciler is not None and v.reconciler.passes >= passes + 2, timeout_s=10, what="two reconcile passes")
+        await wait_until(
+            lambda: v.reconciler is not None and v.reconciler.passes >= passes + 2,
+            timeout_s=10,
+            what="two reconcile passes",
+        )
         assert rec.seen == [], "the victim fetched an internal URL it was told about by gossip"
         for r in refs:
             ref = ModelRef.parse(r)
@@ -270,13 +301,17 @@ async def test_names_from_peers_only_when_enabled_and_the_hub_is_unreachable(tmp
         want = hub_files(hub)
         h = await start(stack, tmp_path, "h", token_file, hub)
         model_h = await prefetch(h, REF)
-        on = await start(stack, tmp_path, "on", token_file, hub, h, **{"cluster.names_from_peers": True, **victim_flags(tmp_path)})
+        on = await start(
+            stack, tmp_path, "on", token_file, hub, h, **{"cluster.names_from_peers": True, **victim_flags(tmp_path)}
+        )
         off = await start(stack, tmp_path, "off", token_file, hub, h, **victim_flags(tmp_path))
         nodes = {"h": h, "on": on, "off": off}
         await wait_until(lambda: all_see_all(nodes), timeout_s=15, what="all see all")
         digest = model_h["manifest"].removeprefix("blake3:")
         for d in (on, off):
-            await wait_until(lambda d=d: advertises(d, "h", digest), timeout_s=10, what="the honest peer's ref is known")
+            await wait_until(
+                lambda d=d: advertises(d, "h", digest), timeout_s=10, what="the honest peer's ref is known"
+            )
         await hub.stop()
 
         # Off (the default): the hub alone names the files; it is down, so the prefetch fails.
@@ -294,13 +329,17 @@ async def test_names_from_peers_only_when_enabled_and_the_hub_is_unreachable(tmp
         assert model["sources"] == {"peer": sum(len(b) for b in want.values()), "origin": 0}
         manifest = on.store.manifest(model["manifest"].removeprefix("blake3:"))
         assert manifest is not None
-        assert all(f.origin["locator"].startswith(f"http://127.0.0.1:{hub.port}/{REPO}/resolve/") for f in manifest.files)
+        assert all(
+            f.origin["locator"].startswith(f"http://127.0.0.1:{hub.port}/{REPO}/resolve/") for f in manifest.files
+        )
 
 
 async def views_without_endpoint(model: dict[str, Any]) -> list[dict[str, bytes]]:
     """Every file of the models/ and hf/ views (the hub is down: its /hf endpoint would ask it)."""
     roots = (Path(model["path"]), Path(model["snapshot_path"]))
-    return [{str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()} for root in roots]
+    return [
+        {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()} for root in roots
+    ]
 
 
 # --- (e) file:// stays on the node that imported it --------------------------------------------------
@@ -318,7 +357,11 @@ async def test_a_file_ref_is_invisible_to_peers_and_cannot_be_replicated(tmp_pat
         model = await prefetch(a, f"file://{src}")
         ref = ModelRef.parse(model["ref"])
         await prefetch(a, REF)  # an hf model, announced as usual: gossip is flowing
-        await wait_until(lambda: advertises(b, "a", a.store.ref_digest(ModelRef.parse(REF)) or ""), timeout_s=10, what="b learns a's hf ref")
+        await wait_until(
+            lambda: advertises(b, "a", a.store.ref_digest(ModelRef.parse(REF)) or ""),
+            timeout_s=10,
+            what="b learns a's hf ref",
+        )
 
         assert b.gossip is not None and a.gossip is not None
         assert b.gossip.view.with_ref(ref.canonical) == [], "b never learns a's file:// ref"

@@ -30,7 +30,6 @@ def blob_of(cache: Path, model: dict[str, Any], rel: str) -> Path:
     return cache / "blobs" / hex_[:2] / hex_
 
 
-
 def assert_view_sound(cache: Path, model: dict[str, Any], rel: str, src: Path) -> None:
     view = Path(model["path"]) / rel
     assert view.read_bytes() == src.read_bytes()
@@ -44,7 +43,11 @@ async def test_flipped_byte_is_found_and_only_its_piece_is_refetched(tmp_path: P
     size = 1024 * 1024 + 100  # 17 pieces, the last one short
     src = write_random_file(tmp_path / "origin" / "model.gguf", size, seed=21)
     cache = tmp_path / "cache"
-    async with Origin(tmp_path / "origin") as origin, running_daemon(cache, **FLAGS) as d, ApiClient(d.api_address) as api:
+    async with (
+        Origin(tmp_path / "origin") as origin,
+        running_daemon(cache, **FLAGS) as d,
+        ApiClient(d.api_address) as api,
+    ):
         ref = origin.file_url("model.gguf")
         model = await api.request("POST", "/v1/prefetch", body={"ref": ref, "wait": True})
         blob = blob_of(cache, model, "model.gguf")
@@ -74,7 +77,11 @@ async def test_several_bad_pieces_including_the_short_last_one(tmp_path: Path) -
     size = 10 * PIECE + 999
     src = write_random_file(tmp_path / "origin" / "w.bin", size, seed=22)
     cache = tmp_path / "cache"
-    async with Origin(tmp_path / "origin") as origin, running_daemon(cache, **FLAGS) as d, ApiClient(d.api_address) as api:
+    async with (
+        Origin(tmp_path / "origin") as origin,
+        running_daemon(cache, **FLAGS) as d,
+        ApiClient(d.api_address) as api,
+    ):
         ref = origin.file_url("w.bin")
         model = await api.request("POST", "/v1/prefetch", body={"ref": ref, "wait": True})
         blob = blob_of(cache, model, "w.bin")

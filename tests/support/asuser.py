@@ -28,13 +28,31 @@ class Answer:
 
 
 def request_as(
-    uid: int, gid: int, *, unix: str | None = None, tcp: tuple[str, int] | None = None, method: str = "GET", target: str = "/healthz",
-    body: Any = None, headers: dict[str, str] | None = None, timeout_s: float = 30.0,
+    uid: int,
+    gid: int,
+    *,
+    unix: str | None = None,
+    tcp: tuple[str, int] | None = None,
+    method: str = "GET",
+    target: str = "/healthz",
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    timeout_s: float = 30.0,
 ) -> Answer:
     payload = json.dumps(body).encode() if body is not None else b""
-    head = {"Host": "localhost", "Connection": "close", **({"Content-Type": "application/json"} if body is not None else {}), **(headers or {})}
+    head = {
+        "Host": "localhost",
+        "Connection": "close",
+        **({"Content-Type": "application/json"} if body is not None else {}),
+        **(headers or {}),
+    }
     head["Content-Length"] = str(len(payload))
-    raw = f"{method} {target} HTTP/1.1\r\n".encode() + b"".join(f"{k}: {v}\r\n".encode() for k, v in head.items()) + b"\r\n" + payload
+    raw = (
+        f"{method} {target} HTTP/1.1\r\n".encode()
+        + b"".join(f"{k}: {v}\r\n".encode() for k, v in head.items())
+        + b"\r\n"
+        + payload
+    )
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -60,7 +78,7 @@ def request_as(
         finally:
             with contextlib.suppress(OSError):
                 while out:
-                    out = out[os.write(w, out):]
+                    out = out[os.write(w, out) :]
             os._exit(0)
     os.close(w)
     data = b""
@@ -100,5 +118,5 @@ def _dechunk(data: bytes) -> bytes:
         size = int(size_line.split(b";")[0] or b"0", 16)
         if size == 0:
             break
-        out, data = out + data[:size], data[size + 2:]
+        out, data = out + data[:size], data[size + 2 :]
     return out

@@ -10,8 +10,10 @@ import contextlib
 import hashlib
 from pathlib import Path
 from typing import Any
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
 from cached.api.client import ApiClient
 from cached.daemon import Daemon
 from tests.support.node import running_daemon
@@ -32,16 +34,25 @@ def token_file(tmp_path: Path) -> Path:
 
 def node_flags(token_file: Path, *seeds: Daemon, piece: str = "1M", **extra: Any) -> dict[str, Any]:
     return {
-        "cluster.token_file": str(token_file), **FAST, "store.piece_size_bytes": piece,
-        "peer.seeds": [s.peer_address for s in seeds], **extra,
+        "cluster.token_file": str(token_file),
+        **FAST,
+        "store.piece_size_bytes": piece,
+        "peer.seeds": [s.peer_address for s in seeds],
+        **extra,
     }
 
 
-async def cluster(stack: contextlib.AsyncExitStack, tmp_path: Path, token_file: Path, names: str, **extra: Any) -> dict[str, Daemon]:
+async def cluster(
+    stack: contextlib.AsyncExitStack, tmp_path: Path, token_file: Path, names: str, **extra: Any
+) -> dict[str, Daemon]:
     """One node per letter of ``names`` (stopped with ``stack``), all seeded from the first;
     returns once every node lists every other alive."""
     first = names[0]
-    nodes = {first: await stack.enter_async_context(running_daemon(tmp_path / first, node_id=first, **node_flags(token_file, **extra)))}
+    nodes = {
+        first: await stack.enter_async_context(
+            running_daemon(tmp_path / first, node_id=first, **node_flags(token_file, **extra))
+        )
+    }
     for n in names[1:]:
         nodes[n] = await stack.enter_async_context(
             running_daemon(tmp_path / n, node_id=n, **node_flags(token_file, nodes[first], **extra))

@@ -24,8 +24,9 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -37,13 +38,20 @@ VERSIONS = ("2", "0.36")
 CLOSED_ENDPOINT = "http://127.0.0.1:9"  # discard port: refused at once
 INSTALL_TIMEOUT_S = 600.0
 
-_DROP_PREFIXES = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "PYTORCH_TRANSFORMERS_", "PYTORCH_PRETRAINED_", "XDG_CACHE_HOME")
+_DROP_PREFIXES = (
+    "HF_",
+    "HUGGINGFACE_",
+    "TRANSFORMERS_",
+    "PYTORCH_TRANSFORMERS_",
+    "PYTORCH_PRETRAINED_",
+    "XDG_CACHE_HOME",
+)
 _DROP = {"VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "TORCH_HOME"}
 
 # Put in front of every client script: ``emit`` prints the result, ``attempt`` turns an exception
 # into data (its class, the class names it derives from and the message) so one script can check
 # several calls and still print one JSON summary.
-PRELUDE = '''
+PRELUDE = """
 import hashlib as _hashlib, json as _json, os as _os, sys as _sys
 
 def emit(obj):
@@ -59,7 +67,7 @@ def attempt(fn, *args, **kwargs):
         return {"ok": fn(*args, **kwargs)}
     except Exception as e:
         return {"error": type(e).__name__, "mro": [c.__name__ for c in type(e).__mro__], "message": str(e)[:2000]}
-'''
+"""
 
 
 class ClientFailed(AssertionError):
@@ -94,13 +102,18 @@ async def run_client(code: str, env: Mapping[str, str], version: str = "2", *, t
     hf_home = env.get("HF_HOME") or await asyncio.to_thread(tempfile.mkdtemp, prefix="hf-home-")
     try:
         proc = await asyncio.create_subprocess_exec(
-            python, "-c", PRELUDE + "\n" + code,
-            env=client_env(env, hf_home), cwd=hf_home,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            python,
+            "-c",
+            PRELUDE + "\n" + code,
+            env=client_env(env, hf_home),
+            cwd=hf_home,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         try:
             out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
+        except (TimeoutError, asyncio.CancelledError):
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
@@ -111,11 +124,15 @@ async def run_client(code: str, env: Mapping[str, str], version: str = "2", *, t
     stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
     lines = [line for line in stdout.splitlines() if line.strip()]
     if proc.returncode != 0 or not lines:
-        raise ClientFailed(f"huggingface_hub {version} client exited {proc.returncode}\n--- stdout\n{stdout[-3000:]}\n--- stderr\n{stderr[-6000:]}")
+        raise ClientFailed(
+            f"huggingface_hub {version} client exited {proc.returncode}\n--- stdout\n{stdout[-3000:]}\n--- stderr\n{stderr[-6000:]}"
+        )
     try:
         return json.loads(lines[-1])
     except ValueError:
-        raise ClientFailed(f"client's last line is not JSON: {lines[-1][:500]!r}\n--- stderr\n{stderr[-4000:]}") from None
+        raise ClientFailed(
+            f"client's last line is not JSON: {lines[-1][:500]!r}\n--- stderr\n{stderr[-4000:]}"
+        ) from None
 
 
 # --- interpreters -------------------------------------------------------------------------------
@@ -166,11 +183,15 @@ async def _run_or_skip(argv: list[str], what: str) -> None:
     global _skip_036
     env = {k: v for k, v in os.environ.items() if k not in _DROP}
     proc = await asyncio.create_subprocess_exec(
-        *argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        *argv,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), INSTALL_TIMEOUT_S)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         proc.kill()
         await proc.wait()
         out = b"timed out"

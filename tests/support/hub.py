@@ -31,9 +31,10 @@ import fnmatch
 import hashlib
 import json
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 from aiohttp import web
@@ -92,7 +93,7 @@ class Blob:
     pointer_size: int | None = None
 
     @classmethod
-    def of(cls, data: bytes, lfs: bool) -> "Blob":
+    def of(cls, data: bytes, lfs: bool) -> Blob:
         sha256 = hashlib.sha256(data).hexdigest()
         if lfs:
             ptr = lfs_pointer(sha256, len(data))
@@ -345,7 +346,7 @@ class Hub:
         """The CDN on the hub's host name but another port (for ``redirect_other_port``)."""
         return f"http://{HOST}:{self.cdn_local_port}"
 
-    async def start(self, port: int = 0) -> "Hub":
+    async def start(self, port: int = 0) -> Hub:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._hub_handler)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -370,7 +371,7 @@ class Hub:
                 await runner.cleanup()
         self._runner = self._cdn_runner = None
 
-    async def __aenter__(self) -> "Hub":
+    async def __aenter__(self) -> Hub:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:
@@ -495,7 +496,7 @@ class Hub:
         body = f"tree {trees['']}\n" + (f"parent {parent.sha}\n" if parent else "")
         body += f"author {ident}\ncommitter {ident}\n\n{title}\n"
         sha = _git_hash(b"commit", body.encode())
-        date = datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+        date = datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
         repo.commits[sha] = Commit(sha, parent.sha if parent else None, files, trees, title, date)
         return sha
 
@@ -556,9 +557,7 @@ class Hub:
             candidates.append((rest[0], rest[2], rest[3:]))
         if not candidates:
             return "other", self._not_found
-        repo_id, rev, fpath = next(
-            (c for c in candidates if (rtype, unquote(c[0])) in self.repos), candidates[0]
-        )
+        repo_id, rev, fpath = next((c for c in candidates if (rtype, unquote(c[0])) in self.repos), candidates[0])
         return "resolve", lambda r: self._resolve(r, rtype, unquote(repo_id), unquote(rev), unquote("/".join(fpath)))
 
     def _route_api(self, rtype: str, segs: list[str]) -> tuple[str, Any]:
@@ -804,7 +803,7 @@ class Hub:
         commit = self._commit_for(repo, rev)
         sub = sub.strip("/")
         if sub and sub not in commit.trees:
-            raise _Error(404, "EntryNotFound", f"{sub} does not exist on \"{rev}\"", {"X-Repo-Commit": commit.sha})
+            raise _Error(404, "EntryNotFound", f'{sub} does not exist on "{rev}"', {"X-Repo-Commit": commit.sha})
         recursive, expand = self._flag(request, "recursive"), self._flag(request, "expand")
         prefix = f"{sub}/" if sub else ""
         paths = [p for p in [*commit.dirs, *commit.files] if p.startswith(prefix) and p != sub]

@@ -25,8 +25,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -128,16 +129,30 @@ class NsNode:
 
     def start(self, token_file: Path, config: Path) -> None:
         argv = [
-            "ip", "netns", "exec", self.ns, sys.executable, "-m", "cached",
-            "--config", str(config),
-            "--node-id", self.node_id,
-            "--cache-dir", str(self.dir / "cache"),
-            "--api-listen", self.api,
-            "--peer-listen", f"{self.host}:0",
-            "--cluster", self.cluster,
-            "--cluster-token-file", str(token_file),
+            "ip",
+            "netns",
+            "exec",
+            self.ns,
+            sys.executable,
+            "-m",
+            "cached",
+            "--config",
+            str(config),
+            "--node-id",
+            self.node_id,
+            "--cache-dir",
+            str(self.dir / "cache"),
+            "--api-listen",
+            self.api,
+            "--peer-listen",
+            f"{self.host}:0",
+            "--cluster",
+            self.cluster,
+            "--cluster-token-file",
+            str(token_file),
             "--mdns",
-            "--hf-endpoint", "http://127.0.0.1:9",
+            "--hf-endpoint",
+            "http://127.0.0.1:9",
         ]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         env.pop("NOTIFY_SOCKET", None)
@@ -148,7 +163,11 @@ class NsNode:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         return subprocess.run(
             ["ip", "netns", "exec", self.ns, sys.executable, "-m", "cached.cli", "--api", self.api, "--json", *args],
-            capture_output=True, text=True, env=env, timeout=20, stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=20,
+            stdin=subprocess.DEVNULL,
         )
 
     def peers(self) -> list[dict[str, Any]] | None:
@@ -185,7 +204,9 @@ class NsNode:
         return self.proc.returncode
 
     def tail(self) -> str:
-        return f"--- {self.node_id} log ---\n" + (self.log.read_text(errors="replace")[-3000:] if self.log.exists() else "(none)")
+        return f"--- {self.node_id} log ---\n" + (
+            self.log.read_text(errors="replace")[-3000:] if self.log.exists() else "(none)"
+        )
 
 
 def poll(pred: Callable[[], Any], what: str, nodes: list[NsNode], timeout_s: float = 40.0) -> Any:

@@ -18,8 +18,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from cached.config import Config, load
 from cached.daemon import Daemon
@@ -86,18 +87,25 @@ class DaemonProcess:
 
     def argv(self) -> list[str]:
         return [
-            sys.executable, "-m", "cached",
-            "--node-id", "proc-node",
-            "--cache-dir", str(self.cache_dir),
-            "--api-listen", self.api,
-            "--peer-listen", "127.0.0.1:0",
+            sys.executable,
+            "-m",
+            "cached",
+            "--node-id",
+            "proc-node",
+            "--cache-dir",
+            str(self.cache_dir),
+            "--api-listen",
+            self.api,
+            "--peer-listen",
+            "127.0.0.1:0",
             "--no-mdns",
-            "--hf-endpoint", "http://127.0.0.1:9",
+            "--hf-endpoint",
+            "http://127.0.0.1:9",
             *(arg for root in self.file_roots for arg in ("--allow-file-root", str(root))),
             *self.extra,
         ]
 
-    def start(self, timeout_s: float = 20.0) -> "DaemonProcess":
+    def start(self, timeout_s: float = 20.0) -> DaemonProcess:
         self.socket.unlink(missing_ok=True)
         log = open(self.log_path, "ab")
         env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -117,7 +125,10 @@ class DaemonProcess:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         r = subprocess.run(
             [sys.executable, "-m", "cached.cli", "--api", self.api, *args],
-            capture_output=True, text=True, env=env, timeout=timeout_s,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout_s,
         )
         if check and r.returncode != 0:
             raise AssertionError(f"cachectl {' '.join(args)} exited {r.returncode}: {r.stderr}")

@@ -64,7 +64,7 @@ class Origin:
     def reset(self) -> None:
         self.counters = Counters()
 
-    async def start(self, port: int = 0) -> "Origin":
+    async def start(self, port: int = 0) -> Origin:
         app = web.Application()
         app.router.add_get("/__counters", self._counters)
         app.router.add_route("*", "/{path:.*}", self._handle)
@@ -80,7 +80,7 @@ class Origin:
             await self._runner.cleanup()
             self._runner = None
 
-    async def __aenter__(self) -> "Origin":
+    async def __aenter__(self) -> Origin:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:

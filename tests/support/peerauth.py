@@ -22,8 +22,16 @@ def key(token: str, cluster: str = CLUSTER) -> ClusterKey:
     return ClusterKey(token, cluster)
 
 
-def signed(token: str, method: str, url: str, body: bytes | str = b"", *, node_id: str = "test-peer",
-           cluster: str = CLUSTER, **kw: Any) -> dict[str, str]:
+def signed(
+    token: str,
+    method: str,
+    url: str,
+    body: bytes | str = b"",
+    *,
+    node_id: str = "test-peer",
+    cluster: str = CLUSTER,
+    **kw: Any,
+) -> dict[str, str]:
     """Headers that authenticate one request to ``url`` (path and query as aiohttp sends them)."""
     raw = body.encode() if isinstance(body, str) else body
     return sign_request(key(token, cluster), node_id, method, URL(url).raw_path_qs, raw, **kw)
@@ -39,8 +47,14 @@ def sign_answers(app: web.Application, token: str, *, node_id: str = "fake-peer"
             mac = sign_answer(k, node_id, nonce, response.status, body=bytes(response.body or b""))
         else:
             h = response.headers
-            mac = sign_answer(k, node_id, nonce, response.status, content_range=h.get("Content-Range", ""),
-                              content_length=h.get("Content-Length", ""))
+            mac = sign_answer(
+                k,
+                node_id,
+                nonce,
+                response.status,
+                content_range=h.get("Content-Range", ""),
+                content_length=h.get("Content-Length", ""),
+            )
         response.headers[HEADER_NODE] = node_id
         response.headers[HEADER_ANSWER] = mac
 

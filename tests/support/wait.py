@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 
-async def wait_until(pred: Callable[[], Any | Awaitable[Any]], *, timeout_s: float = 30.0, interval_s: float = 0.05, what: str = "") -> Any:
+async def wait_until(
+    pred: Callable[[], Any | Awaitable[Any]], *, timeout_s: float = 30.0, interval_s: float = 0.05, what: str = ""
+) -> Any:
     """Poll ``pred`` (sync or async) until it returns a truthy value; return that value."""
     deadline = time.monotonic() + timeout_s
     while True:

@@ -118,7 +118,9 @@ async def test_a_store_an_older_version_left_with_a_too_long_revision_starts_wit
             async with ApiClient(d.api) as api:
                 status = await api.request("GET", "/v1/models/status", params={"ref": good})
             assert status["state"] == "ready"
-            assert (d.cache_dir / "hf" / f"models--{TINY.replace('/', '--')}" / "refs" / "main").read_text() == hub.head(TINY)
+            assert (
+                d.cache_dir / "hf" / f"models--{TINY.replace('/', '--')}" / "refs" / "main"
+            ).read_text() == hub.head(TINY)
 
             await restart(d)  # the entry is gone: a clean start, nothing more to skip
             assert await metric(d, 'cached_store_bad_entries_total{kind="ref"}') in (None, 0.0)

@@ -16,8 +16,9 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -26,13 +27,27 @@ from tests.support.origin import Origin, write_random_file
 
 pytestmark = pytest.mark.system
 
-MODEL_KEYS = {"ref", "state", "bytes_total", "bytes_done", "path", "hf_path", "manifest", "pinned", "leases", "error", "sources"}
+MODEL_KEYS = {
+    "ref",
+    "state",
+    "bytes_total",
+    "bytes_done",
+    "path",
+    "hf_path",
+    "manifest",
+    "pinned",
+    "leases",
+    "error",
+    "sources",
+}
 
 
 # --- helpers --------------------------------------------------------------------------------------
 
 
-async def cachectl(*args: str, api: str | None, env: dict[str, str] | None = None, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
+async def cachectl(
+    *args: str, api: str | None, env: dict[str, str] | None = None, timeout_s: float = 60.0
+) -> subprocess.CompletedProcess[str]:
     """Run ``cachectl`` (stdin not a tty, like a script) without blocking the loop."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO)}
     full_env.pop("CACHED_API", None)
@@ -85,20 +100,31 @@ class TcpDaemon:
         self.proc: subprocess.Popen[bytes] | None = None
         self.address = ""
 
-    def start(self, timeout_s: float = 20.0) -> "TcpDaemon":
+    def start(self, timeout_s: float = 20.0) -> TcpDaemon:
         argv = [
-            sys.executable, "-m", "cached",
-            "--node-id", "tcp-node",
-            "--cache-dir", str(self.workdir / "cache"),
-            "--api-listen", "127.0.0.1:0",
-            "--peer-listen", "127.0.0.1:0",
+            sys.executable,
+            "-m",
+            "cached",
+            "--node-id",
+            "tcp-node",
+            "--cache-dir",
+            str(self.workdir / "cache"),
+            "--api-listen",
+            "127.0.0.1:0",
+            "--peer-listen",
+            "127.0.0.1:0",
             "--no-mdns",
-            "--hf-endpoint", "http://127.0.0.1:9",
-            "--admin-token-file", str(ADMIN_TOKEN_FILE),
-            "--allow-file-root", str(TEST_FILE_ROOT),
+            "--hf-endpoint",
+            "http://127.0.0.1:9",
+            "--admin-token-file",
+            str(ADMIN_TOKEN_FILE),
+            "--allow-file-root",
+            str(TEST_FILE_ROOT),
         ]
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=log, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
+            self.proc = subprocess.Popen(
+                argv, stdout=log, stderr=log, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -382,7 +408,11 @@ async def test_an_api_address_that_does_not_parse_is_a_usage_error() -> None:
 )
 async def test_unreachable_daemon_exits_3(form: str, command: list[str], tmp_path: Path) -> None:
     port = closed_port()
-    api = {"unix": f"unix:{tmp_path / 'absent.sock'}", "host-port": f"127.0.0.1:{port}", "http": f"http://127.0.0.1:{port}"}[form]
+    api = {
+        "unix": f"unix:{tmp_path / 'absent.sock'}",
+        "host-port": f"127.0.0.1:{port}",
+        "http": f"http://127.0.0.1:{port}",
+    }[form]
     r = await cachectl(*command, api=api)
     assert r.returncode == 3, (r.returncode, r.stderr)
     assert "cannot reach" in r.stderr
@@ -402,8 +432,14 @@ async def test_api_accepts_http_host_port_and_unix_forms(node: DaemonProcess, tc
         assert one_json(r)["node_id"] == node_id, api
 
 
-async def test_cached_api_environment_variable_is_used(node: DaemonProcess, tcp_node: TcpDaemon, tmp_path: Path) -> None:
-    for env_api, node_id in ((node.api, "proc-node"), (tcp_node.address, "tcp-node"), (f"http://{tcp_node.address}", "tcp-node")):
+async def test_cached_api_environment_variable_is_used(
+    node: DaemonProcess, tcp_node: TcpDaemon, tmp_path: Path
+) -> None:
+    for env_api, node_id in (
+        (node.api, "proc-node"),
+        (tcp_node.address, "tcp-node"),
+        (f"http://{tcp_node.address}", "tcp-node"),
+    ):
         r = await cachectl("--json", "status", api=None, env={"CACHED_API": env_api})
         assert r.returncode == 0, (env_api, r.stderr)
         assert one_json(r)["node_id"] == node_id
@@ -440,12 +476,18 @@ async def test_admin_commands_over_tcp_need_the_admin_token(tcp_node: TcpDaemon,
     wrong.write_text("not-the-admin-token-0123456789")
     r = await cachectl("--admin-token-file", str(wrong), "pin", ref, api=tcp_node.address, env=bare)
     assert r.returncode == 1 and "forbidden" in r.stderr, r.stderr
-    r = await cachectl("--admin-token-file", str(tmp_path / "missing.token"), "pin", ref, api=tcp_node.address, env=bare)
+    r = await cachectl(
+        "--admin-token-file", str(tmp_path / "missing.token"), "pin", ref, api=tcp_node.address, env=bare
+    )
     assert r.returncode == 2 and "--admin-token-file" in r.stderr, r.stderr
 
-    r = await cachectl("--admin-token-file", str(ADMIN_TOKEN_FILE), "--json", "pin", ref, api=tcp_node.address, env=bare)
+    r = await cachectl(
+        "--admin-token-file", str(ADMIN_TOKEN_FILE), "--json", "pin", ref, api=tcp_node.address, env=bare
+    )
     assert r.returncode == 0 and one_json(r)["pinned"] is True, r.stderr
-    r = await cachectl("evict", ref, "--force", api=tcp_node.address, env={"CACHED_ADMIN_TOKEN_FILE": str(ADMIN_TOKEN_FILE)})
+    r = await cachectl(
+        "evict", ref, "--force", api=tcp_node.address, env={"CACHED_ADMIN_TOKEN_FILE": str(ADMIN_TOKEN_FILE)}
+    )
     assert r.returncode == 0, r.stderr
     r = await cachectl("--json", "status", ref, api=tcp_node.address, env=bare)
     assert one_json(r)["state"] == "absent"

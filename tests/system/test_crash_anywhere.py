@@ -82,7 +82,9 @@ def verify_blob(path: Path) -> None:
     with open(path, "rb") as f:
         for i in range(n):
             off, length = piece_span(i, header.size, header.piece_size)
-            assert hash_piece(os.pread(f.fileno(), length, off)) == records[i], f"blob {path.name}: piece {i} is corrupt"
+            assert hash_piece(os.pread(f.fileno(), length, off)) == records[i], (
+                f"blob {path.name}: piece {i} is corrupt"
+            )
 
 
 def recorded_pieces(cache: Path) -> dict[str, set[int]]:
@@ -137,7 +139,9 @@ def audit(cache: Path, *, restarted: bool) -> dict[str, set[int]]:
         digest = lines[1].removeprefix("blake3:")
         manifest = Manifest.from_bytes((cache / "manifests" / f"{digest}.json").read_bytes(), expect_digest=digest)
         for entry in manifest.files:
-            assert entry.blob.hex in verified, f"ref {ref} names blob {entry.blob.hex[:16]}, which is not a verified blob"
+            assert entry.blob.hex in verified, (
+                f"ref {ref} names blob {entry.blob.hex[:16]}, which is not a verified blob"
+            )
         views[ref_file.name] = {entry.path: entry.blob.hex for entry in manifest.files}
 
     by_inode = {v: k for k, v in verified.items()}
@@ -146,7 +150,9 @@ def audit(cache: Path, *, restarted: bool) -> dict[str, set[int]]:
             st = p.stat()
             assert (st.st_dev, st.st_ino) in by_inode, f"{p} is in models/ but is not a published blob"
     if restarted:
-        assert {p.name for p in models_dir.iterdir()} == set(views), "a view without its ref (or a ref without its view)"
+        assert {p.name for p in models_dir.iterdir()} == set(views), (
+            "a view without its ref (or a ref without its view)"
+        )
         for escaped, files in views.items():
             for rel, blob_hex in files.items():
                 assert os.path.samefile(models_dir / escaped / rel, blobs_dir / blob_hex[:2] / blob_hex)
@@ -163,7 +169,9 @@ async def start(node: DaemonProcess) -> None:
     def spawn() -> subprocess.Popen[bytes]:
         node.socket.unlink(missing_ok=True)
         with open(node.log_path, "ab") as log:
-            return subprocess.Popen(node.argv(), stdout=log, stderr=log, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
+            return subprocess.Popen(
+                node.argv(), stdout=log, stderr=log, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO
+            )
 
     node.proc = await asyncio.to_thread(spawn)
 

@@ -45,7 +45,10 @@ def new_node(workdir: Path, *extra: str) -> DaemonProcess:
 async def cachectl(d: DaemonProcess, *args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "cached.cli", "--api", d.api, *args]
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        *argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     try:
@@ -70,7 +73,11 @@ def escaped(ref: str) -> str:
 
 def published_files(cache: Path) -> tuple[list[Path], list[Path]]:
     """(blob files under blobs/ without their sidecars, every file under models/)."""
-    blobs = [p for p in (cache / "blobs").rglob("*") if p.is_file() and not p.name.endswith(".pieces")] if (cache / "blobs").exists() else []
+    blobs = (
+        [p for p in (cache / "blobs").rglob("*") if p.is_file() and not p.name.endswith(".pieces")]
+        if (cache / "blobs").exists()
+        else []
+    )
     views = [p for p in (cache / "models").rglob("*") if p.is_file()] if (cache / "models").exists() else []
     return blobs, views
 
@@ -157,7 +164,9 @@ async def test_sigkill_mid_download_resumes_with_verified_pieces(tmp_path: Path)
     assert await asyncio.to_thread(sha256, view / "big.gguf") == want
     # Resumed: the verified pieces were kept; only the rest (and the pieces in flight at the
     # kill) came from the origin again.
-    assert total_sent < 1.6 * SIZE, f"origin sent {total_sent / SIZE:.2f}x the file ({sent_before_kill} before the kill)"
+    assert total_sent < 1.6 * SIZE, (
+        f"origin sent {total_sent / SIZE:.2f}x the file ({sent_before_kill} before the kill)"
+    )
     assert total_sent - sent_before_kill < SIZE
 
     blobs, views = await asyncio.to_thread(assert_nothing_partial_published, cache, {SIZE})

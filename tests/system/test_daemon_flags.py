@@ -68,7 +68,7 @@ class Daemon:
         self.stderr_path = workdir / "daemon.stderr"
         self.proc: asyncio.subprocess.Process | None = None
 
-    async def start(self, api: str, timeout_s: float = 20.0) -> "Daemon":
+    async def start(self, api: str, timeout_s: float = 20.0) -> Daemon:
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env(), cwd=REPO
@@ -89,7 +89,7 @@ class Daemon:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(self.proc.wait(), 15)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
         return self.proc.returncode
@@ -103,13 +103,18 @@ def write_config(path: Path, text: str) -> Path:
 def safe_flags(tmp_path: Path) -> list[str]:
     """Flags that keep a daemon on loopback with mDNS off, should one start by mistake."""
     return [
-        "--cache-dir", str(tmp_path / "cache"),
-        "--api-listen", f"unix:{tmp_path / 'api.sock'}",
-        "--peer-listen", "127.0.0.1:0",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--api-listen",
+        f"unix:{tmp_path / 'api.sock'}",
+        "--peer-listen",
+        "127.0.0.1:0",
         "--no-mdns",
-        "--hf-endpoint", "http://127.0.0.1:9",
+        "--hf-endpoint",
+        "http://127.0.0.1:9",
         # Some tests import file:// refs from tmp_path; no daemon imports from anywhere unasked.
-        "--allow-file-root", str(tmp_path),
+        "--allow-file-root",
+        str(tmp_path),
     ]
 
 
@@ -275,11 +280,17 @@ async def test_flags_override_the_config_file(tmp_path: Path) -> None:
     d = Daemon(
         tmp_path,
         cached(
-            "--config", str(cfg), "--no-mdns",
-            "--node-id", "node-from-flag",
-            "--cache-dir", str(flag_cache),
-            "--api-listen", flag_api,
-            "--max-cache-bytes", "2G",
+            "--config",
+            str(cfg),
+            "--no-mdns",
+            "--node-id",
+            "node-from-flag",
+            "--cache-dir",
+            str(flag_cache),
+            "--api-listen",
+            flag_api,
+            "--max-cache-bytes",
+            "2G",
         ),
     )
     try:

@@ -17,8 +17,9 @@ import asyncio
 import hashlib
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -43,7 +44,9 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         pytest.skip("mounting a tmpfs needs root")
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK // MiB}m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={DISK // MiB}m", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip() or r.returncode}")
     try:
@@ -104,8 +107,12 @@ async def serves(d: Daemon) -> None:
 # --- the filesystem is full: ENOSPC from fallocate -----------------------------------------------------
 
 
-async def test_enospc_fails_clearly_leaves_nothing_and_the_daemon_keeps_serving(tmp_path: Path, small_disk: Path) -> None:
-    want = await asyncio.to_thread(make_models, tmp_path / "origin", {"old.bin": 8 * MiB, "huge.bin": 30 * MiB, "small.bin": 4 * MiB})
+async def test_enospc_fails_clearly_leaves_nothing_and_the_daemon_keeps_serving(
+    tmp_path: Path, small_disk: Path
+) -> None:
+    want = await asyncio.to_thread(
+        make_models, tmp_path / "origin", {"old.bin": 8 * MiB, "huge.bin": 30 * MiB, "small.bin": 4 * MiB}
+    )
     cache = small_disk / "cache"
     flags = {"store.piece_size_bytes": PIECE_FLAG, "store.max_bytes": "1G"}  # the store believes it has 1 GiB
     async with Origin(tmp_path / "origin") as origin, running_daemon(cache, **flags) as d:
@@ -139,7 +146,9 @@ async def test_enospc_evicts_the_lru_model_when_that_makes_room(tmp_path: Path, 
     flags = {"store.piece_size_bytes": PIECE_FLAG, "store.max_bytes": "1G"}
     async with Origin(tmp_path / "origin") as origin, running_daemon(cache, **flags) as d:
         old = await prefetch(d, origin.file_url("old.bin"))
-        assert disk_free(small_disk) < 18 * MiB < disk_free(small_disk) + 8 * MiB, "new.bin fits only once old.bin is gone"
+        assert disk_free(small_disk) < 18 * MiB < disk_free(small_disk) + 8 * MiB, (
+            "new.bin fits only once old.bin is gone"
+        )
 
         async with ApiClient(d.api_address) as api:
             try:
@@ -156,10 +165,19 @@ async def test_enospc_evicts_the_lru_model_when_that_makes_room(tmp_path: Path, 
 # --- the store's own accounting: capacity = 90% of the tmpfs ----------------------------------------
 
 
-async def test_within_capacity_the_lru_model_is_evicted_and_a_model_that_can_never_fit_evicts_nothing(tmp_path: Path, small_disk: Path) -> None:
-    want = await asyncio.to_thread(make_models, tmp_path / "origin", {"old.bin": 8 * MiB, "new.bin": 14 * MiB, "huge.bin": 30 * MiB, "small.bin": 2 * MiB})
+async def test_within_capacity_the_lru_model_is_evicted_and_a_model_that_can_never_fit_evicts_nothing(
+    tmp_path: Path, small_disk: Path
+) -> None:
+    want = await asyncio.to_thread(
+        make_models,
+        tmp_path / "origin",
+        {"old.bin": 8 * MiB, "new.bin": 14 * MiB, "huge.bin": 30 * MiB, "small.bin": 2 * MiB},
+    )
     cache = small_disk / "cache"
-    async with Origin(tmp_path / "origin") as origin, running_daemon(cache, **{"store.piece_size_bytes": PIECE_FLAG}) as d:
+    async with (
+        Origin(tmp_path / "origin") as origin,
+        running_daemon(cache, **{"store.piece_size_bytes": PIECE_FLAG}) as d,
+    ):
         capacity = d.store.capacity_bytes
         assert capacity == int(DISK * 0.9)
         old = await prefetch(d, origin.file_url("old.bin"))
@@ -183,5 +201,6 @@ async def test_within_capacity_the_lru_model_is_evicted_and_a_model_that_can_nev
         small = await prefetch(d, origin.file_url("small.bin"))
         assert await sha_of(small, "small.bin") == want["small.bin"]
         await asyncio.to_thread(assert_store_sound, d)
-        assert await metric(d, "cached_evictions_total") == 1, "the eviction a prefetch made is not counted in cached_evictions_total"
-
+        assert await metric(d, "cached_evictions_total") == 1, (
+            "the eviction a prefetch made is not counted in cached_evictions_total"
+        )

@@ -16,8 +16,8 @@ import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -96,8 +96,14 @@ def prefetch_body(path: Path) -> dict[str, object]:
 def unix_daemon(world: Path) -> Iterator[DaemonProcess]:
     config = world / "config.toml"
     config.write_text('[api]\nsocket_mode = "0666"\n')
-    proc = DaemonProcess(world, "--config", str(config), "--cluster-token-file", str(world / "models" / "cluster.token"),
-                         file_roots=(world / "models",))
+    proc = DaemonProcess(
+        world,
+        "--config",
+        str(config),
+        "--cluster-token-file",
+        str(world / "models" / "cluster.token"),
+        file_roots=(world / "models",),
+    )
     try:
         yield proc.start()
     finally:
@@ -109,24 +115,39 @@ def test_nobody_on_the_unix_socket_imports_only_what_it_could_read(world: Path) 
     with unix_daemon(world) as d:
         sock = str(d.socket)
         for name, why in REFUSED.items():
-            a = request_as(NOBODY, NOBODY, unix=sock, method="POST", target="/v1/prefetch", body=prefetch_body(root / name))
+            a = request_as(
+                NOBODY, NOBODY, unix=sock, method="POST", target="/v1/prefetch", body=prefetch_body(root / name)
+            )
             assert a.status == 403, (name, a)
             assert a.body["error"] == "file_not_allowed" and why in a.body["message"], (name, a.body)
             assert name in a.body["message"], "the refusal names the file"
-        a = request_as(NOBODY, NOBODY, unix=sock, method="POST", target="/v1/prefetch", body=prefetch_body(world / "outside" / "public.bin"))
+        a = request_as(
+            NOBODY,
+            NOBODY,
+            unix=sock,
+            method="POST",
+            target="/v1/prefetch",
+            body=prefetch_body(world / "outside" / "public.bin"),
+        )
         assert a.status == 403 and "--allow-file-root" in a.body["message"], a
 
-        a = request_as(NOBODY, NOBODY, unix=sock, method="POST", target="/v1/prefetch", body=prefetch_body(root / "public.bin"))
+        a = request_as(
+            NOBODY, NOBODY, unix=sock, method="POST", target="/v1/prefetch", body=prefetch_body(root / "public.bin")
+        )
         assert a.status == 200 and a.body["state"] == "ready", a
         assert (Path(a.body["path"]) / "public.bin").read_bytes() == PUBLIC
 
         # Root may import its own 0640 file; the daemon's token stays refused even to root.
         a = request_as(0, 0, unix=sock, method="POST", target="/v1/prefetch", body=prefetch_body(root / "secret.token"))
         assert a.status == 200 and a.body["state"] == "ready", a
-        a = request_as(0, 0, unix=sock, method="POST", target="/v1/prefetch", body=prefetch_body(root / "cluster.token"))
+        a = request_as(
+            0, 0, unix=sock, method="POST", target="/v1/prefetch", body=prefetch_body(root / "cluster.token")
+        )
         assert a.status == 403 and "never imported" in a.body["message"], a
         # ... and a root import does not open it to nobody: asking again is checked again.
-        a = request_as(NOBODY, NOBODY, unix=sock, method="POST", target="/v1/prefetch", body=prefetch_body(root / "secret.token"))
+        a = request_as(
+            NOBODY, NOBODY, unix=sock, method="POST", target="/v1/prefetch", body=prefetch_body(root / "secret.token")
+        )
         assert a.status == 403, a
 
         models = request_as(0, 0, unix=sock, target="/v1/models").body
@@ -142,7 +163,9 @@ async def test_nobody_over_loopback_tcp_is_identified_and_checked_the_same_way(w
         host, port = d.api_address.removeprefix("http://").rsplit(":", 1)
 
         def ask(path: Path) -> object:
-            return request_as(NOBODY, NOBODY, tcp=(host, int(port)), method="POST", target="/v1/prefetch", body=prefetch_body(path))
+            return request_as(
+                NOBODY, NOBODY, tcp=(host, int(port)), method="POST", target="/v1/prefetch", body=prefetch_body(path)
+            )
 
         for name, why in REFUSED.items():
             a = await asyncio.to_thread(ask, root / name)
@@ -156,7 +179,10 @@ async def test_nobody_over_loopback_tcp_is_identified_and_checked_the_same_way(w
 
 async def test_no_roots_configured_means_no_file_imports(tmp_path: Path) -> None:
     (tmp_path / "m.bin").write_bytes(b"x" * 100)
-    async with running_daemon(tmp_path / "cache", **{"origins.file.allowed_roots": []}) as d, ApiClient(d.api_address) as api:
+    async with (
+        running_daemon(tmp_path / "cache", **{"origins.file.allowed_roots": []}) as d,
+        ApiClient(d.api_address) as api,
+    ):
         with pytest.raises(Exception) as e:
             await api.request("POST", "/v1/prefetch", body={"ref": f"file://{tmp_path / 'm.bin'}", "wait": True})
         assert getattr(e.value, "status", None) == 403 and "--allow-file-root" in e.value.message

@@ -25,8 +25,9 @@ import select
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -109,7 +110,11 @@ class Helper:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", ns, sys.executable, "-c", script, *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=REPO,
         )
         self.lines: list[str] = []
 
@@ -175,8 +180,15 @@ def world(lan: Network, tmp_path: Path) -> Iterator[dict[str, Any]]:
     try:
         helper(RECORDER_SCRIPT, str(record), lan.ip(RECORDER), str(RECORDER_PORT))
         yield {
-            "victim": victim, "real": real, "attacker_ns": attacker_ns, "helper": helper, "token": token,
-            "config": config, "record": record, "spoofed": f"{lan.ip(RECORDER)}:{RECORDER_PORT}", "lan": lan,
+            "victim": victim,
+            "real": real,
+            "attacker_ns": attacker_ns,
+            "helper": helper,
+            "token": token,
+            "config": config,
+            "record": record,
+            "spoofed": f"{lan.ip(RECORDER)}:{RECORDER_PORT}",
+            "lan": lan,
         }
     finally:
         for h in helpers:
@@ -211,8 +223,14 @@ def more_gossip_rounds(victim: NsNode, real: NsNode, rounds: int = 5) -> None:
     """Time passes in gossip rounds, not seconds: the heartbeat the victim sees of the real node moves on."""
     peers = poll(lambda: sees_alive(victim, real.node_id), "the real node alive", [victim, real])
     hb = {p["node_id"]: p for p in peers}[real.node_id]["heartbeat"]
-    poll(lambda: (p := victim.peers()) is not None and any(x["node_id"] == real.node_id and x["heartbeat"] >= hb + rounds for x in p),
-         "more gossip rounds", [victim, real])
+    poll(
+        lambda: (
+            (p := victim.peers()) is not None
+            and any(x["node_id"] == real.node_id and x["heartbeat"] >= hb + rounds for x in p)
+        ),
+        "more gossip rounds",
+        [victim, real],
+    )
 
 
 def test_spoofed_announcement_is_never_contacted_and_a_real_node_is_still_found(world: dict[str, Any]) -> None:
@@ -227,7 +245,11 @@ def test_spoofed_announcement_is_never_contacted_and_a_real_node_is_still_found(
 
     # A real node with the token, no seeds on either side: found by mDNS alone.
     real.start(world["token"], world["config"])
-    poll(lambda: sees_alive(victim, "node-b") and sees_alive(real, "node-a"), "node-a and node-b to find each other by mDNS", [victim, real])
+    poll(
+        lambda: sees_alive(victim, "node-b") and sees_alive(real, "node-a"),
+        "node-a and node-b to find each other by mDNS",
+        [victim, real],
+    )
     more_gossip_rounds(victim, real)
 
     assert_never_contacted(record)
@@ -255,13 +277,18 @@ def test_a_replayed_signed_announcement_is_rejected_moved_or_not(world: dict[str
 
     victim.start(world["token"], world["config"])
     poll(lambda: victim.peers() is not None, "the victim's API", [victim, real])
-    poll(lambda: contacts(record) or (rejected(victim, "bad_mac") >= 1 and rejected(victim, "source_mismatch") >= 1),
-         "the victim to hear both replays", [victim, real])
+    poll(
+        lambda: contacts(record) or (rejected(victim, "bad_mac") >= 1 and rejected(victim, "source_mismatch") >= 1),
+        "the victim to hear both replays",
+        [victim, real],
+    )
     assert_never_contacted(record)
 
     poll(lambda: sees_alive(victim, "node-b"), "node-a to find the real node-b", [victim, real])
     more_gossip_rounds(victim, real)
     assert_never_contacted(record)
     listed = victim.peers()
-    assert listed is not None and [(p["node_id"], p["address"].rpartition(":")[0]) for p in listed] == [("node-b", real.host)], listed
+    assert listed is not None and [(p["node_id"], p["address"].rpartition(":")[0]) for p in listed] == [
+        ("node-b", real.host)
+    ], listed
     assert victim.stop() == 0, victim.tail()

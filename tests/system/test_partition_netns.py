@@ -35,8 +35,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -161,18 +162,34 @@ class Node:
 
     def start(self, token: Path, config: Path, seeds: list[str]) -> None:
         argv = [
-            "ip", "netns", "exec", self.ns, sys.executable, "-m", "cached",
-            "--config", str(config),
-            "--node-id", self.node_id,
-            "--cache-dir", str(self.dir / "cache"),
-            "--api-listen", f"unix:{self.socket}",
-            "--peer-listen", self.peer,
-            "--advertise", self.peer,
-            "--cluster-token-file", str(token),
+            "ip",
+            "netns",
+            "exec",
+            self.ns,
+            sys.executable,
+            "-m",
+            "cached",
+            "--config",
+            str(config),
+            "--node-id",
+            self.node_id,
+            "--cache-dir",
+            str(self.dir / "cache"),
+            "--api-listen",
+            f"unix:{self.socket}",
+            "--peer-listen",
+            self.peer,
+            "--advertise",
+            self.peer,
+            "--cluster-token-file",
+            str(token),
             "--no-mdns",
-            "--hf-endpoint", "http://127.0.0.1:9",
-            "--max-cache-bytes", "1G",  # the same capacity everywhere: equal HRW weights
-            "--piece-size", "256K",
+            "--hf-endpoint",
+            "http://127.0.0.1:9",
+            "--max-cache-bytes",
+            "1G",  # the same capacity everywhere: equal HRW weights
+            "--piece-size",
+            "256K",
         ]
         for s in seeds:
             argv += ["--seed", s]
@@ -184,7 +201,12 @@ class Node:
     def call(self, method: str, path: str, body: Any = None) -> Any:
         conn = _UnixHTTPConnection(str(self.socket))
         try:
-            conn.request(method, path, body=json.dumps(body) if body is not None else None, headers={"Content-Type": "application/json"})
+            conn.request(
+                method,
+                path,
+                body=json.dumps(body) if body is not None else None,
+                headers={"Content-Type": "application/json"},
+            )
             resp = conn.getresponse()
             data = json.loads(resp.read() or b"null")
             if resp.status >= 400:
@@ -251,7 +273,7 @@ class Watch:
                 if state is not None and state != "alive":
                     self.lapses.append(f"{me.node_id} sees {other.node_id} {state}")
 
-    def __enter__(self) -> "Watch":
+    def __enter__(self) -> Watch:
         self._thread.start()
         return self
 
@@ -302,8 +324,22 @@ def test_a_cut_owner_is_replaced_from_the_survivor_and_heals(tmp_path: Path, net
     ref = f"http://{ORIGIN_IP}:{ORIGIN_PORT}/model.bin"
 
     origin = subprocess.Popen(
-        ["ip", "netns", "exec", network.switch, sys.executable, "-c", ORIGIN_SCRIPT, str(model.parent), ORIGIN_IP, str(ORIGIN_PORT)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)},
+        [
+            "ip",
+            "netns",
+            "exec",
+            network.switch,
+            sys.executable,
+            "-c",
+            ORIGIN_SCRIPT,
+            str(model.parent),
+            ORIGIN_IP,
+            str(ORIGIN_PORT),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     nodes = [Node(ns, tmp_path, f"node-{i}", network.ip(i)) for i, ns in enumerate(network.nodes, start=1)]
     by_id = {n.node_id: n for n in nodes}
@@ -335,19 +371,30 @@ def test_a_cut_owner_is_replaced_from_the_survivor_and_heals(tmp_path: Path, net
         spare = by_id[spare_id]
         network.set_link(index[cut.node_id], up=False)
         with Watch(survivor, spare) as watch:  # the two still connected must never lose each other
-            poll(lambda: survivor.peers().get(cut.node_id) == "dead" and spare.peers().get(cut.node_id) == "dead",
-                 f"{cut.node_id} declared dead by the others", nodes)
+            poll(
+                lambda: survivor.peers().get(cut.node_id) == "dead" and spare.peers().get(cut.node_id) == "dead",
+                f"{cut.node_id} declared dead by the others",
+                nodes,
+            )
             new_owners = sorted([survivor.node_id, spare.node_id])
-            poll(lambda: sorted(survivor.owners(ref) or []) == new_owners == sorted(spare.owners(ref) or []),
-                 f"{spare.node_id} promoted to owner", nodes)
-            copy = poll(lambda: (m := spare.model(ref)).get("state") == "ready" and m, f"a ready copy on {spare.node_id}", nodes)
+            poll(
+                lambda: sorted(survivor.owners(ref) or []) == new_owners == sorted(spare.owners(ref) or []),
+                f"{spare.node_id} promoted to owner",
+                nodes,
+            )
+            copy = poll(
+                lambda: (m := spare.model(ref)).get("state") == "ready" and m, f"a ready copy on {spare.node_id}", nodes
+            )
             # The cut node saw the same partition from its side.
             poll(lambda: set(cut.peers().values()) == {"dead"}, f"{cut.node_id} to see the others dead", nodes)
         assert not watch.lapses, (
             f"{survivor.node_id} and {spare.node_id} stayed connected, yet during the partition they saw each other as: "
-            f"{sorted(set(watch.lapses))} ({len(watch.lapses)} of {watch.samples} samples)\n" + "\n".join(n.tail() for n in nodes)
+            f"{sorted(set(watch.lapses))} ({len(watch.lapses)} of {watch.samples} samples)\n"
+            + "\n".join(n.tail() for n in nodes)
         )
-        assert copy["sources"] == {"peer": MODEL_SIZE, "origin": 0}, f"the stand-in copy came from the survivor: {copy['sources']}"
+        assert copy["sources"] == {"peer": MODEL_SIZE, "origin": 0}, (
+            f"the stand-in copy came from the survivor: {copy['sources']}"
+        )
         assert copy["manifest"] == survivor.model(ref)["manifest"]
         assert cut.model(ref)["state"] == "ready", "the cut node keeps its copy"
 
@@ -357,7 +404,11 @@ def test_a_cut_owner_is_replaced_from_the_survivor_and_heals(tmp_path: Path, net
         poll(lambda: all(n.owners(ref) == owners for n in nodes), "the original owners back on every node", nodes)
         for o in owners:
             assert by_id[o].model(ref)["state"] == "ready", o
-        demoted = poll(lambda: (m := spare.model(ref)).get("replicas", {}).get("spare") and m, f"{spare.node_id}'s copy demoted", nodes)
+        demoted = poll(
+            lambda: (m := spare.model(ref)).get("replicas", {}).get("spare") and m,
+            f"{spare.node_id}'s copy demoted",
+            nodes,
+        )
         assert demoted["state"] == "ready", "a demoted copy is kept, not deleted"
         assert demoted["replicas"]["owners"] == owners
 

@@ -10,8 +10,9 @@ one, and its announcements are counted as rejected (``other_cluster``). Needs ro
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -50,7 +51,9 @@ def nodes(lan: Network, tmp_path: Path) -> Iterator[Callable[[str, int, str], Ns
             node.stop()
 
 
-def test_mdns_finds_peers_of_the_same_cluster_and_ignores_another(tmp_path: Path, nodes: Callable[[str, int, str], NsNode]) -> None:
+def test_mdns_finds_peers_of_the_same_cluster_and_ignores_another(
+    tmp_path: Path, nodes: Callable[[str, int, str], NsNode]
+) -> None:
     token = tmp_path / "cluster.token"
     token.write_text(TOKEN)
     token.chmod(0o600)
@@ -81,7 +84,11 @@ def test_mdns_finds_peers_of_the_same_cluster_and_ignores_another(tmp_path: Path
 
     # A few more gossip rounds (the heartbeat each sees of the other moves on): still no stranger.
     hb = by_id["node-a"]["node-b"]["heartbeat"]
-    poll(lambda: (p := a.peers()) is not None and any(x["node_id"] == "node-b" and x["heartbeat"] >= hb + 5 for x in p), "more gossip rounds", everyone)
+    poll(
+        lambda: (p := a.peers()) is not None and any(x["node_id"] == "node-b" and x["heartbeat"] >= hb + 5 for x in p),
+        "more gossip rounds",
+        everyone,
+    )
     for n in (a, b):
         listed = n.peers()
         assert listed is not None
@@ -97,7 +104,11 @@ def test_mdns_finds_peers_of_the_same_cluster_and_ignores_another(tmp_path: Path
     # The stranger's announcements were heard and dropped (and it dropped theirs); the real
     # neighbours' signed ones never were.
     for n in everyone:
-        poll(lambda: n.metric("cached_mdns_rejected_total", reason="other_cluster") >= 1, f"{n.node_id} to drop the other cluster's announcement", everyone)
+        poll(
+            lambda n=n: n.metric("cached_mdns_rejected_total", reason="other_cluster") >= 1,
+            f"{n.node_id} to drop the other cluster's announcement",
+            everyone,
+        )
     for n in (a, b):
         for reason in ("unsigned", "bad_mac", "stale", "source_mismatch", "malformed"):
             assert n.metric("cached_mdns_rejected_total", reason=reason) == 0, (n.node_id, reason, n.tail())

@@ -28,8 +28,17 @@ async def test_progress_bar_goes_to_the_terminal_and_the_path_to_stdout(tmp_path
             master, slave = pty.openpty()
             env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "120", "TERM": "xterm"}
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "cached.cli", "--api", daemon.api, "prefetch", "--wait", origin.file_url("m.bin"),
-                stdout=subprocess.PIPE, stderr=slave, env=env,
+                sys.executable,
+                "-m",
+                "cached.cli",
+                "--api",
+                daemon.api,
+                "prefetch",
+                "--wait",
+                origin.file_url("m.bin"),
+                stdout=subprocess.PIPE,
+                stderr=slave,
+                env=env,
             )
             os.close(slave)
             terminal = bytearray()

@@ -24,9 +24,10 @@ import sys
 import tempfile
 import time
 import tomllib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -71,7 +72,9 @@ class Ran:
     err: str
 
 
-async def run(*argv: str | Path, input: bytes | None = None, env: dict[str, str] | None = None, timeout_s: float = 60.0) -> Ran:
+async def run(
+    *argv: str | Path, input: bytes | None = None, env: dict[str, str] | None = None, timeout_s: float = 60.0
+) -> Ran:
     """A subprocess without blocking the event loop (the in-process origin must keep serving)."""
     proc = await asyncio.create_subprocess_exec(
         *map(str, argv),
@@ -93,7 +96,11 @@ async def run(*argv: str | Path, input: bytes | None = None, env: dict[str, str]
 
 def child_env(**extra: str) -> dict[str, str]:
     # What systemd hands the test runner itself (under a CI service) must not reach a daemon.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_SOCKET", "WATCHDOG_", "JOURNAL_STREAM", "CACHED_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("NOTIFY_SOCKET", "WATCHDOG_", "JOURNAL_STREAM", "CACHED_"))
+    }
     env["PYTHONPATH"] = str(REPO)
     env.update(extra)
     return env
@@ -106,7 +113,9 @@ async def cachectl(api: str, *args: str, timeout_s: float = 60.0) -> Ran:
 class Daemon:
     """``python -m cached`` as a child process with the environment systemd would give it."""
 
-    def __init__(self, workdir: Path, *flags: str, config: Path | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, workdir: Path, *flags: str, config: Path | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self.workdir = workdir
         self.cache_dir = workdir / "cache"
         self.socket = workdir / "api.sock"
@@ -117,13 +126,20 @@ class Daemon:
             config.touch()
             flags = ("--cache-dir", str(self.cache_dir), *flags)
         self.argv = [
-            sys.executable, "-m", "cached",
-            "--config", str(config),
-            "--node-id", "svc-node",
-            "--api-listen", self.api,
-            "--peer-listen", "127.0.0.1:0",
+            sys.executable,
+            "-m",
+            "cached",
+            "--config",
+            str(config),
+            "--node-id",
+            "svc-node",
+            "--api-listen",
+            self.api,
+            "--peer-listen",
+            "127.0.0.1:0",
             "--no-mdns",
-            "--hf-endpoint", "http://127.0.0.1:9",
+            "--hf-endpoint",
+            "http://127.0.0.1:9",
             *flags,
         ]
         self.env = child_env(**(env or {}))
@@ -143,7 +159,7 @@ class Daemon:
                 self.argv, stdout=log, stderr=log, env=self.env, cwd=self.workdir, umask=unit_umask()
             )
 
-    async def start(self, timeout_s: float = 20.0) -> "Daemon":
+    async def start(self, timeout_s: float = 20.0) -> Daemon:
         self.spawn()
         await wait_until(self.ready, timeout_s=timeout_s, what=f"daemon ready; log:\n{self.log()}")
         return self
@@ -177,7 +193,9 @@ class Daemon:
 
     async def wait_exit(self, timeout_s: float = 20.0) -> int:
         assert self.proc is not None
-        await wait_until(lambda: self.proc.poll() is not None, timeout_s=timeout_s, what=f"daemon exit; log:\n{self.log()}")
+        await wait_until(
+            lambda: self.proc.poll() is not None, timeout_s=timeout_s, what=f"daemon exit; log:\n{self.log()}"
+        )
         return self.proc.returncode
 
     async def request(self, method: str, path: str, **kw: Any) -> Any:
@@ -216,7 +234,7 @@ class NotifySocket:
             try:
                 data = await asyncio.wait_for(loop.sock_recv(self.sock, 65536), 0.2)
                 return dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 # Anything sent before an exit is already queued: an exit with nothing is final.
                 d.check_alive()
                 if time.monotonic() > deadline:
@@ -363,8 +381,16 @@ async def test_bad_config_exits_78_which_the_unit_does_not_restart(tmp_path: Pat
     bad = tmp_path / "config.toml"
     bad.write_text('cache_dir = "relative/dir"\n')
     ran = await run(
-        sys.executable, "-m", "cached", "--config", bad, "--no-mdns", "--hf-endpoint", "http://127.0.0.1:9",
-        env=child_env(), timeout_s=30,
+        sys.executable,
+        "-m",
+        "cached",
+        "--config",
+        bad,
+        "--no-mdns",
+        "--hf-endpoint",
+        "http://127.0.0.1:9",
+        env=child_env(),
+        timeout_s=30,
     )
     assert ran.rc == EX_CONFIG == int(parse_unit(UNIT.read_text())["Service"]["RestartPreventExitStatus"][-1])
     assert ran.err.strip().count("\n") == 0 and "cache_dir" in ran.err
@@ -378,9 +404,22 @@ async def test_api_address_in_use_fails_with_one_line_not_a_traceback(tmp_path: 
         busy.listen()
         port = busy.getsockname()[1]
         ran = await run(
-            sys.executable, "-m", "cached", "--config", tmp_path / "empty.toml", "--cache-dir", tmp_path / "cache",
-            "--api-listen", f"127.0.0.1:{port}", "--peer-listen", "127.0.0.1:0", "--no-mdns",
-            "--hf-endpoint", "http://127.0.0.1:9", env=child_env(), timeout_s=30,
+            sys.executable,
+            "-m",
+            "cached",
+            "--config",
+            tmp_path / "empty.toml",
+            "--cache-dir",
+            tmp_path / "cache",
+            "--api-listen",
+            f"127.0.0.1:{port}",
+            "--peer-listen",
+            "127.0.0.1:0",
+            "--no-mdns",
+            "--hf-endpoint",
+            "http://127.0.0.1:9",
+            env=child_env(),
+            timeout_s=30,
         )
     assert ran.rc == 1
     assert "Traceback" not in ran.err, ran.err
@@ -403,9 +442,16 @@ async def test_config_example_lists_every_key_with_its_default(tmp_path: Path) -
     defaults = flatten(load(None, {}, default_file=Path("/nonexistent")))
     # Shown values are the defaults, except keys whose default is "unset" (shown as an example).
     unset = {
-        "node_id", "store.max_bytes", "cluster.token_file", "origins.hf.token_file",
-        "peer.tls_cert_file", "peer.tls_key_file", "peer.tls_ca_file",
-        "api.admin_token_file", "api.admin_group", "origins.file.allowed_roots",
+        "node_id",
+        "store.max_bytes",
+        "cluster.token_file",
+        "origins.hf.token_file",
+        "peer.tls_cert_file",
+        "peer.tls_key_file",
+        "peer.tls_ca_file",
+        "api.admin_token_file",
+        "api.admin_group",
+        "origins.file.allowed_roots",
     }
     assert {k: v for k, v in example.items() if k not in unset} == {k: v for k, v in defaults.items() if k not in unset}
     for key in unset:
@@ -599,11 +645,7 @@ async def test_models_are_readable_by_the_daemons_group_and_by_no_other_user() -
 
 
 def write_config(path: Path, *, cache_dir: Path, level: str, max_bytes: str) -> None:
-    path.write_text(
-        f'cache_dir = "{cache_dir}"\n'
-        f"[store]\nmax_bytes = \"{max_bytes}\"\n"
-        f'[log]\nlevel = "{level}"\n'
-    )
+    path.write_text(f'cache_dir = "{cache_dir}"\n[store]\nmax_bytes = "{max_bytes}"\n[log]\nlevel = "{level}"\n')
 
 
 async def test_sighup_applies_capacity_and_log_level_and_names_keys_needing_restart(tmp_path: Path) -> None:
@@ -758,7 +800,9 @@ async def test_install_into_a_root_lays_out_what_the_unit_expects_and_is_idempot
     assert binary.is_symlink() and os.readlink(binary) == "/opt/cached/venv/bin/cached"
     assert os.readlink(root / "usr/local/bin/cachectl") == "/opt/cached/venv/bin/cachectl"
     config = root / exec_start[exec_start.index("--config") + 1].lstrip("/")
-    assert flatten(load(config, {"node_id": "n"})) == flatten(load(None, {"node_id": "n"}, default_file=Path("/nonexistent")))
+    assert flatten(load(config, {"node_id": "n"})) == flatten(
+        load(None, {"node_id": "n"}, default_file=Path("/nonexistent"))
+    )
     doc = svc["Unit"]["Documentation"][-1].removeprefix("file:")
     assert (root / doc.lstrip("/")).read_bytes() == (REPO / "docs" / "install.md").read_bytes()
     assert f"created    {config}" in first.out

@@ -26,8 +26,8 @@ import signal
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import aiohttp
 import pytest
@@ -161,7 +161,11 @@ async def test_a_gated_repo_is_served_on_the_local_api_only(tmp_path: Path) -> N
                     f"/p2p/v1/hf/{GATED}/resolve/main/config.json",
                     f"/p2p/v1/{GATED}/resolve/main/config.json",
                 ):
-                    for headers, status in (({}, 401), ({"Authorization": f"Bearer {CLUSTER_TOKEN}"}, 401), (signed(CLUSTER_TOKEN, "GET", peer + path), 404)):
+                    for headers, status in (
+                        ({}, 401),
+                        ({"Authorization": f"Bearer {CLUSTER_TOKEN}"}, 401),
+                        (signed(CLUSTER_TOKEN, "GET", peer + path), 404),
+                    ):
                         async with s.get(peer + path, headers=headers) as resp:
                             body = await resp.read()
                             assert resp.status == status, (path, headers, resp.status, body[:200])
@@ -174,5 +178,8 @@ async def test_a_gated_repo_is_served_on_the_local_api_only(tmp_path: Path) -> N
                 blob = next(f.blob.hex for f in manifest.files if f.path == "config.json")
                 async with s.get(f"{peer}/p2p/v1/blobs/{blob}", headers={"Range": "bytes=0-"}) as resp:
                     assert resp.status == 401
-                async with s.get(f"{peer}/p2p/v1/blobs/{blob}", headers={"Range": "bytes=0-", **signed(CLUSTER_TOKEN, "GET", f"{peer}/p2p/v1/blobs/{blob}")}) as resp:
+                async with s.get(
+                    f"{peer}/p2p/v1/blobs/{blob}",
+                    headers={"Range": "bytes=0-", **signed(CLUSTER_TOKEN, "GET", f"{peer}/p2p/v1/blobs/{blob}")},
+                ) as resp:
                     assert resp.status == 206 and await resp.read() == files["config.json"]

@@ -170,7 +170,13 @@ LOCAL_ONLY = [
     "http://224.0.0.251/x.gguf",
     "http://[ff02::fb]/x.gguf",
 ]
-SHAREABLE = ["hf://org/llama@main", REF, "https://10.0.0.5/m.gguf", "http://192.168.1.9:8000/m.gguf", "https://huggingface.co/x/y.bin"]
+SHAREABLE = [
+    "hf://org/llama@main",
+    REF,
+    "https://10.0.0.5/m.gguf",
+    "http://192.168.1.9:8000/m.gguf",
+    "https://huggingface.co/x/y.bin",
+]
 
 
 @pytest.mark.parametrize("ref", LOCAL_ONLY)
@@ -307,9 +313,13 @@ class FakeJobs:
 def reconciler(me: str, live: list[str], holders: set[str], ready: set[str]) -> tuple[Reconciler, FakeJobs]:
     jobs = FakeJobs()
     r = Reconciler(
-        node_id=me, catalog=Catalog(me), store=FakeStore(ready), jobs=jobs,  # type: ignore[arg-type]
+        node_id=me,
+        catalog=Catalog(me),
+        store=FakeStore(ready),
+        jobs=jobs,  # type: ignore[arg-type]
         members=lambda: [Member(node_id=n, capacity_bytes=GIB, labels={}) for n in live],
-        holders=lambda ref: set(holders), interval_s=1.0,
+        holders=lambda ref: set(holders),
+        interval_s=1.0,
     )
     return r, jobs
 

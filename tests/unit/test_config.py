@@ -110,8 +110,8 @@ def test_file_overrides_defaults_and_flags_override_the_file(tmp_path: Path) -> 
 
 
 def test_transfer_limits_are_read_under_their_new_and_their_old_name(tmp_path: Path) -> None:
-    new = load_text(tmp_path, "[transfer]\nretries = 2\nmax_rate_bps = \"1M\"\n")
-    old = load_text(tmp_path, "[origins.http]\nretries = 2\nmax_rate_bps = \"1M\"\n")
+    new = load_text(tmp_path, '[transfer]\nretries = 2\nmax_rate_bps = "1M"\n')
+    old = load_text(tmp_path, '[origins.http]\nretries = 2\nmax_rate_bps = "1M"\n')
     assert new == old and new.transfer == TransferConfig(retries=2, max_rate_bps=1 << 20)
     assert load(None, {"origins.http.connections": "3"}, default_file=NO_FILE).transfer.connections == 3
     assert load(None, {"transfer.connections": "3"}, default_file=NO_FILE).transfer.connections == 3
@@ -128,7 +128,9 @@ def test_a_moved_key_set_under_both_names_is_an_error_naming_the_old_one(tmp_pat
 def test_every_default_is_its_dataclass_field_default() -> None:
     # The file's table of keys is derived from the dataclasses: one default per key, once.
     cfg = load(None, {}, default_file=NO_FILE)
-    assert _DEFAULTS["transfer"] == {f.name: getattr(TransferConfig(), f.name) for f in dataclasses.fields(TransferConfig)}
+    assert _DEFAULTS["transfer"] == {
+        f.name: getattr(TransferConfig(), f.name) for f in dataclasses.fields(TransferConfig)
+    }
     assert cfg.transfer == TransferConfig()
     assert _DEFAULTS["api"]["socket_mode"] == "0660" and cfg.api.socket_mode == 0o660
     assert "connections" not in _DEFAULTS["origins"]["http"]
@@ -144,7 +146,9 @@ def test_default_file_is_read_only_when_no_file_is_named(tmp_path: Path) -> None
 
 
 def test_loads_do_not_leak_into_each_other(tmp_path: Path) -> None:
-    load_text(tmp_path, '[peer]\nseeds = ["10.0.0.1:7471"]\n[store]\nmax_bytes = "1T"\n', {"peer.seeds": ["10.0.0.2:7471"]})
+    load_text(
+        tmp_path, '[peer]\nseeds = ["10.0.0.1:7471"]\n[store]\nmax_bytes = "1T"\n', {"peer.seeds": ["10.0.0.2:7471"]}
+    )
     fresh = load(None, {}, default_file=NO_FILE)
     assert fresh.peer.seeds == ()
     assert fresh.store.max_bytes is None
@@ -290,7 +294,9 @@ not_a_count = st.one_of(
 
 @PROPS
 @given(st.sampled_from(NUMERIC_KEYS), not_a_count)
-def test_a_negative_or_non_numeric_value_for_any_numeric_key_names_that_key(tmp_path: Path, key: str, value: Any) -> None:
+def test_a_negative_or_non_numeric_value_for_any_numeric_key_names_that_key(
+    tmp_path: Path, key: str, value: Any
+) -> None:
     err = config_error(tmp_path, toml_for(key, value))
     assert err.key == key
     assert key in str(err)

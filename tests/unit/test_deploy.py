@@ -98,7 +98,12 @@ def test_daemonset_runs_non_root_off_the_host_network_without_a_service_account_
     assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
     assert sc["capabilities"] == {"drop": ["ALL"]}
     # The same memory bound as the systemd unit.
-    unit = {k: v for k, _, v in (line.partition("=") for line in UNIT.read_text().splitlines() if "=" in line and not line.startswith("#"))}
+    unit = {
+        k: v
+        for k, _, v in (
+            line.partition("=") for line in UNIT.read_text().splitlines() if "=" in line and not line.startswith("#")
+        )
+    }
     limit = container["resources"]["limits"]["memory"]
     assert parse_size(limit.removesuffix("i")) == parse_size(unit["MemoryMax"]), (limit, unit["MemoryMax"])
 
@@ -107,7 +112,11 @@ def test_daemonset_runs_non_root_off_the_host_network_without_a_service_account_
     (init,) = spec["initContainers"]
     isc = init["securityContext"]
     assert isc["runAsUser"] == 0 and isc["allowPrivilegeEscalation"] is False and isc["readOnlyRootFilesystem"] is True
-    assert isc["capabilities"]["drop"] == ["ALL"] and set(isc["capabilities"]["add"]) <= {"CHOWN", "FOWNER", "DAC_READ_SEARCH"}
+    assert isc["capabilities"]["drop"] == ["ALL"] and set(isc["capabilities"]["add"]) <= {
+        "CHOWN",
+        "FOWNER",
+        "DAC_READ_SEARCH",
+    }
     script = init["command"][-1]
     owner = f"{pod_sc['runAsUser']}:{pod_sc['runAsGroup']}"
     assert f"chown -h {owner}" in script and 'chmod 0750 "$d"' in script and f"{owner}:750" in script
@@ -237,12 +246,16 @@ def peer_tls(*args: str | Path) -> subprocess.CompletedProcess[str]:
 
 
 def tls_for(pki: Path, name: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    cfg = load(None, {
-        "node_id": name,
-        "peer.tls_cert_file": str(pki / f"{name}.crt"),
-        "peer.tls_key_file": str(pki / f"{name}.key"),
-        "peer.tls_ca_file": str(pki / "ca.crt"),
-    }, default_file=Path("/nonexistent"))
+    cfg = load(
+        None,
+        {
+            "node_id": name,
+            "peer.tls_cert_file": str(pki / f"{name}.crt"),
+            "peer.tls_key_file": str(pki / f"{name}.key"),
+            "peer.tls_ca_file": str(pki / "ca.crt"),
+        },
+        default_file=Path("/nonexistent"),
+    )
     server, client = tls_contexts(cfg)
     assert server is not None and client is not None
     return server, client

@@ -6,7 +6,7 @@ The properties compare the plan with an independent account of what deleting its
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -19,7 +19,9 @@ PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCh
 BLOBS = [f"b{i}" for i in range(10)]
 
 
-def freed_by(models_gone: set[str], debris_gone: Sequence[Debris], models: Sequence[ModelUsage], blob_sizes: dict[str, int]) -> int:
+def freed_by(
+    models_gone: set[str], debris_gone: Sequence[Debris], models: Sequence[ModelUsage], blob_sizes: dict[str, int]
+) -> int:
     """Bytes actually released by deleting these models and this debris, and nothing else."""
     kept: set[str] = set()
     gone: set[str] = set()
@@ -34,7 +36,9 @@ def worlds(draw: st.DrawFn) -> dict:
     size_bytes = draw(st.binary(min_size=len(BLOBS), max_size=len(BLOBS)))
     present = draw(st.integers(0, (1 << len(BLOBS)) - 1))
     blob_sizes = {b: size_bytes[i] * 4 for i, b in enumerate(BLOBS) if present >> i & 1}
-    rows = draw(st.lists(st.tuples(st.integers(0, 20), st.integers(0, (1 << len(BLOBS)) - 1), st.booleans()), max_size=8))
+    rows = draw(
+        st.lists(st.tuples(st.integers(0, 20), st.integers(0, (1 << len(BLOBS)) - 1), st.booleans()), max_size=8)
+    )
     models = [
         ModelUsage(
             ref=f"hf://org/m{i}@main",

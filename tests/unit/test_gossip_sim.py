@@ -42,20 +42,42 @@ def address(i: int) -> str:
     return f"sim-{i}:7471"
 
 
-def make_node(i: int, clock: SimClock, metrics: Metrics, *, seeds: tuple[str, ...], seed: int, client: Any = None,
-              incarnation: int = 1, suspect_after_s: float = 1e6, dead_after_s: float = 2e6, forget_after_s: float = 1e6) -> Gossip:
+def make_node(
+    i: int,
+    clock: SimClock,
+    metrics: Metrics,
+    *,
+    seeds: tuple[str, ...],
+    seed: int,
+    client: Any = None,
+    incarnation: int = 1,
+    suspect_after_s: float = 1e6,
+    dead_after_s: float = 2e6,
+    forget_after_s: float = 1e6,
+) -> Gossip:
     me = MemberInfo(node_id=f"n{i:03d}", address=address(i), cluster="sim", incarnation=incarnation)
-    membership = Membership(me, suspect_after_s=suspect_after_s, dead_after_s=dead_after_s, forget_after_s=forget_after_s, clock=clock)
+    membership = Membership(
+        me, suspect_after_s=suspect_after_s, dead_after_s=dead_after_s, forget_after_s=forget_after_s, clock=clock
+    )
     return Gossip(
-        membership=membership, holdings=LocalHoldings(), view=HoldingsView(), client=client, metrics=metrics,
-        interval_s=1.0, fanout=FANOUT, seeds=seeds, rng=random.Random(seed * 1_000_003 + i),
+        membership=membership,
+        holdings=LocalHoldings(),
+        view=HoldingsView(),
+        client=client,
+        metrics=metrics,
+        interval_s=1.0,
+        fanout=FANOUT,
+        seeds=seeds,
+        rng=random.Random(seed * 1_000_003 + i),
     )
 
 
 def chain(n: int, seed: int) -> tuple[SimClock, list[Gossip]]:
     """Node i knows only node i+1 (the last knows nobody and waits to be found)."""
     clock, metrics = SimClock(), Metrics()
-    return clock, [make_node(i, clock, metrics, seeds=(address(i + 1),) if i + 1 < n else (), seed=seed) for i in range(n)]
+    return clock, [
+        make_node(i, clock, metrics, seeds=(address(i + 1),) if i + 1 < n else (), seed=seed) for i in range(n)
+    ]
 
 
 def sync_round(clock: SimClock, nodes: list[Gossip], by_address: dict[str, Gossip]) -> None:
@@ -112,8 +134,12 @@ def test_membership_and_a_change_reach_200_members_in_log_n_rounds() -> None:
     print(f"\ngossip convergence (fanout={FANOUT}, chain of seeds, seed=7): {report}")
     for n, (discovery, spread) in results.items():
         bound = 3 * math.ceil(math.log2(n))
-        assert spread <= bound, f"N={n}: a holdings change took {spread} rounds to reach everyone, bound {bound}; {report}"
-        assert discovery <= bound, f"N={n}: membership took {discovery} rounds to converge from a chain, bound {bound}; {report}"
+        assert spread <= bound, (
+            f"N={n}: a holdings change took {spread} rounds to reach everyone, bound {bound}; {report}"
+        )
+        assert discovery <= bound, (
+            f"N={n}: membership took {discovery} rounds to converge from a chain, bound {bound}; {report}"
+        )
 
 
 # --- the real gossip round over an in-memory network ----------------------------------------------
@@ -153,7 +179,10 @@ async def test_real_gossip_rounds_spread_members_and_holdings_deltas_and_notice_
     n = 30
     clock, metrics, net = SimClock(), Metrics(), LoopbackPeers()
     timing = {"suspect_after_s": 3.0, "dead_after_s": 6.0, "forget_after_s": 100.0}
-    nodes = [make_node(i, clock, metrics, seeds=(address(i + 1),) if i + 1 < n else (), seed=3, client=net, **timing) for i in range(n)]
+    nodes = [
+        make_node(i, clock, metrics, seeds=(address(i + 1),) if i + 1 < n else (), seed=3, client=net, **timing)
+        for i in range(n)
+    ]
     net.nodes = {g.membership.me.address: g for g in nodes}
 
     async def run_rounds(until: Any, what: str, limit: int = 40) -> int:
@@ -166,7 +195,10 @@ async def test_real_gossip_rounds_spread_members_and_holdings_deltas_and_notice_
         raise AssertionError(f"{what}: not reached in {limit} rounds")
 
     ids = {g.membership.me.node_id for g in nodes}
-    r = await run_rounds(lambda: all({m.info.node_id for m in g.membership.alive()} == ids - {g.membership.me.node_id} for g in nodes), "all know all")
+    r = await run_rounds(
+        lambda: all({m.info.node_id for m in g.membership.alive()} == ids - {g.membership.me.node_id} for g in nodes),
+        "all know all",
+    )
     print(f"\nreal gossip, N={n}: all know all after {r} rounds")
 
     # A blob on one node: everyone's view lists it within a few rounds, as a delta pull.
@@ -175,13 +207,20 @@ async def test_real_gossip_rounds_spread_members_and_holdings_deltas_and_notice_
         # Blob ops: a manifest alone is held back until a shareable ref names it (issue 18).
         src.holdings.record(BlobAdded(blob_hex=f"{i:064x}", size=1))
     sid = src.membership.me.node_id
-    await run_rounds(lambda: all(g is src or g.view.version(sid) == src.holdings.version for g in nodes), "first holdings known everywhere")
+    await run_rounds(
+        lambda: all(g is src or g.view.version(sid) == src.holdings.version for g in nodes),
+        "first holdings known everywhere",
+    )
     pulls_before = len(net.pulls)
     src.holdings.record(BlobAdded(blob_hex=BLOB, size=4096))
-    r = await run_rounds(lambda: all(g is src or g.view.with_blob(BLOB) == [sid] for g in nodes), "blob known everywhere")
+    r = await run_rounds(
+        lambda: all(g is src or g.view.with_blob(BLOB) == [sid] for g in nodes), "blob known everywhere"
+    )
     print(f"real gossip, N={n}: a new blob is in every view after {r} rounds")
     new_pulls = net.pulls[pulls_before:]
-    assert new_pulls and all(since > 0 for since in new_pulls), f"peers already holding a version pull deltas, not snapshots: {new_pulls}"
+    assert new_pulls and all(since > 0 for since in new_pulls), (
+        f"peers already holding a version pull deltas, not snapshots: {new_pulls}"
+    )
     assert metrics.gossip_errors.labels("malformed")._value.get() == 0
 
     # One node dies: suspect, then dead, everywhere; its holdings leave the views.
@@ -203,8 +242,13 @@ async def test_real_gossip_rounds_spread_members_and_holdings_deltas_and_notice_
     net.nodes[reborn.membership.me.address] = reborn
     reborn.holdings.record(BlobAdded(blob_hex="d" * 64, size=1))
     r = await run_rounds(
-        lambda: all((m := g.membership.get(vid)) is not None and m.status is Status.ALIVE and m.info.incarnation == 2 for g in survivors)
-        and all(g.view.with_blob("d" * 64) == [vid] for g in survivors),
+        lambda: (
+            all(
+                (m := g.membership.get(vid)) is not None and m.status is Status.ALIVE and m.info.incarnation == 2
+                for g in survivors
+            )
+            and all(g.view.with_blob("d" * 64) == [vid] for g in survivors)
+        ),
         "reborn node alive with its holdings everywhere",
     )
     print(f"real gossip, N={n}: a restarted node is alive again everywhere after {r} rounds")
@@ -216,16 +260,26 @@ async def test_real_gossip_rounds_spread_members_and_holdings_deltas_and_notice_
 
 def test_targets_favour_proven_members_probe_seeds_always_and_dead_ones_in_rotation() -> None:
     clock, metrics = SimClock(), Metrics()
-    g = make_node(0, clock, metrics, seeds=(address(1),), seed=5, suspect_after_s=1.0, dead_after_s=2.0, forget_after_s=1e6)
+    g = make_node(
+        0, clock, metrics, seeds=(address(1),), seed=5, suspect_after_s=1.0, dead_after_s=2.0, forget_after_s=1e6
+    )
     real = [MemberInfo(node_id=f"n{i:03d}", address=address(i), cluster="sim", incarnation=1) for i in (1, 2, 3)]
     g.membership.merge(real)
     for r in real:
         g.membership.prove(r.address)  # they answered our signed requests
     # The real node 3 goes silent and dies; 5,000 invented members arrive, then die too.
     clock.now += 0.5
-    g.membership.merge([MemberInfo(node_id=f"fake{i:05d}", address=f"fake-{i}:1", cluster="sim", incarnation=1) for i in range(5000)])
+    g.membership.merge(
+        [MemberInfo(node_id=f"fake{i:05d}", address=f"fake-{i}:1", cluster="sim", incarnation=1) for i in range(5000)]
+    )
     for n in (1, 2):
-        g.membership.merge([MemberInfo(node_id=f"n{n:03d}", address=address(n), cluster="sim", incarnation=1, heartbeat=int(clock.now * 10))])
+        g.membership.merge(
+            [
+                MemberInfo(
+                    node_id=f"n{n:03d}", address=address(n), cluster="sim", incarnation=1, heartbeat=int(clock.now * 10)
+                )
+            ]
+        )
         g.membership.prove(address(n))
     picks = []
     for _ in range(20):
@@ -239,7 +293,13 @@ def test_targets_favour_proven_members_probe_seeds_always_and_dead_ones_in_rotat
     # within two rounds, not one round in 5,000.
     clock.now += 3.0
     for n in (1, 2):
-        g.membership.merge([MemberInfo(node_id=f"n{n:03d}", address=address(n), cluster="sim", incarnation=1, heartbeat=int(clock.now * 10))])
+        g.membership.merge(
+            [
+                MemberInfo(
+                    node_id=f"n{n:03d}", address=address(n), cluster="sim", incarnation=1, heartbeat=int(clock.now * 10)
+                )
+            ]
+        )
     g.membership.refresh()
     assert g.membership.counts()["dead"] == 5001
     seen = set()

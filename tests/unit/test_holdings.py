@@ -18,7 +18,14 @@ from hypothesis import strategies as st
 
 from cached.peers.holdings import HoldingsView, LocalHoldings, NodeHoldings, wire_op
 from cached.types import (
-    BlobAdded, BlobRemoved, ManifestAdded, ManifestRemoved, PartialDropped, PartialStarted, PieceVerified, RefChanged,
+    BlobAdded,
+    BlobRemoved,
+    ManifestAdded,
+    ManifestRemoved,
+    PartialDropped,
+    PartialStarted,
+    PieceVerified,
+    RefChanged,
     StoreEvent,
 )
 
@@ -40,12 +47,19 @@ hexes = st.sampled_from([B1, B2, "3" * 64])
 keys = st.sampled_from([K1, "j" * 64])
 events = st.one_of(
     st.builds(BlobAdded, blob_hex=hexes, size=st.integers(0, 10**12)),
-    st.builds(BlobAdded, blob_hex=hexes, size=st.integers(0, 10**12), identity_key=st.sampled_from(["", "http|u|e|1", "file|p|m"])),
+    st.builds(
+        BlobAdded,
+        blob_hex=hexes,
+        size=st.integers(0, 10**12),
+        identity_key=st.sampled_from(["", "http|u|e|1", "file|p|m"]),
+    ),
     st.builds(BlobRemoved, blob_hex=hexes),
     st.builds(ManifestAdded, digest=hexes),
     st.builds(ManifestRemoved, digest=hexes),
     st.builds(RefChanged, ref=st.sampled_from(["file:///m", "hf://o/n@main"]), digest=st.none() | hexes),
-    st.builds(PartialStarted, key=keys, size=st.sampled_from([100, 1 << 20]), piece_size=st.sampled_from([64 << 10, 1 << 20])),
+    st.builds(
+        PartialStarted, key=keys, size=st.sampled_from([100, 1 << 20]), piece_size=st.sampled_from([64 << 10, 1 << 20])
+    ),
     st.builds(PieceVerified, key=keys, index=st.integers(0, 20), digest=hexes.map(bytes.fromhex)),
     st.builds(PartialDropped, key=keys),
 )
@@ -85,8 +99,11 @@ def test_a_file_ref_and_its_manifest_are_never_announced() -> None:
     h = LocalHoldings()
     h.record(BlobAdded(blob_hex=B1, size=10))
     for event in (
-        ManifestAdded(digest=M1), RefChanged(ref="file:///etc/secret", digest=M1), RefChanged(ref="FILE:///x", digest=M1),
-        RefChanged(ref="file:///etc/secret", digest=None), ManifestRemoved(digest=M1),
+        ManifestAdded(digest=M1),
+        RefChanged(ref="file:///etc/secret", digest=M1),
+        RefChanged(ref="FILE:///x", digest=M1),
+        RefChanged(ref="file:///etc/secret", digest=None),
+        ManifestRemoved(digest=M1),
     ):
         assert h.record(event) == 1, f"{event} stays on this node"
     assert h.state.refs == {} and h.state.manifests == set()
@@ -101,12 +118,21 @@ def test_a_file_ref_and_its_manifest_are_never_announced() -> None:
 def test_since_gives_exactly_the_ops_after_v() -> None:
     h = LocalHoldings()
     all_events: list[StoreEvent] = [
-        BlobAdded(blob_hex=B1, size=10), PartialStarted(key=K1, size=200, piece_size=64 << 10),
-        PieceVerified(key=K1, index=0, digest=bytes.fromhex(B2)), BlobRemoved(blob_hex=B1), PartialDropped(key=K1),
+        BlobAdded(blob_hex=B1, size=10),
+        PartialStarted(key=K1, size=200, piece_size=64 << 10),
+        PieceVerified(key=K1, index=0, digest=bytes.fromhex(B2)),
+        BlobRemoved(blob_hex=B1),
+        PartialDropped(key=K1),
     ]
     for event in all_events:
         h.record(event)
-    all_ops = [["blob+", B1, 10, ""], ["partial+", K1, 200, 64 << 10], ["piece", K1, 0, B2], ["blob-", B1], ["partial-", K1]]
+    all_ops = [
+        ["blob+", B1, 10, ""],
+        ["partial+", K1, 200, 64 << 10],
+        ["piece", K1, 0, B2],
+        ["blob-", B1],
+        ["partial-", K1],
+    ]
     for v in range(1, len(all_ops)):
         assert h.since(v) == {"version": 5, "base": v, "deltas": all_ops[v:]}
     assert h.since(5) == {"version": 5, "base": 5, "deltas": []}, "up to date: nothing to send"
@@ -151,7 +177,11 @@ def test_view_follows_snapshot_then_deltas() -> None:
 
 def test_update_with_a_mismatched_base_raises() -> None:
     src = LocalHoldings()
-    for event in (BlobAdded(blob_hex=B1, size=1), BlobAdded(blob_hex=B2, size=2), PartialStarted(key=K1, size=10, piece_size=64 << 10)):
+    for event in (
+        BlobAdded(blob_hex=B1, size=1),
+        BlobAdded(blob_hex=B2, size=2),
+        PartialStarted(key=K1, size=10, piece_size=64 << 10),
+    ):
         src.record(event)
     view = HoldingsView()
     with pytest.raises(ValueError, match="based on version"):
@@ -169,11 +199,17 @@ def test_who_has_what() -> None:
     view = HoldingsView()
     a, b = LocalHoldings(), LocalHoldings()
     for event in (
-        BlobAdded(blob_hex=B1, size=10), PartialStarted(key=K1, size=300, piece_size=64 << 10),
-        PieceVerified(key=K1, index=0, digest=bytes.fromhex(B2)), RefChanged(ref="hf://o/m@main", digest=M1),
+        BlobAdded(blob_hex=B1, size=10),
+        PartialStarted(key=K1, size=300, piece_size=64 << 10),
+        PieceVerified(key=K1, index=0, digest=bytes.fromhex(B2)),
+        RefChanged(ref="hf://o/m@main", digest=M1),
     ):
         a.record(event)
-    for event in (BlobAdded(blob_hex=B1, size=10), BlobAdded(blob_hex=B2, size=20), RefChanged(ref="hf://o/m@main", digest=M1)):
+    for event in (
+        BlobAdded(blob_hex=B1, size=10),
+        BlobAdded(blob_hex=B2, size=20),
+        RefChanged(ref="hf://o/m@main", digest=M1),
+    ):
         b.record(event)
     view.update("node-b", wire(b.since(0)))
     view.update("node-a", wire(a.since(0)))
@@ -202,7 +238,16 @@ def test_piece_of_an_unknown_partial_is_ignored_and_a_resized_partial_starts_ove
 
 @pytest.mark.parametrize(
     "op",
-    [[], ["nope", 1], ["blob+", B1], ["blob+", B1, "x"], ["partial+", K1, 10, 0], ["partial+", K1, -1, 10], ["piece"], ["ref", "x"]],
+    [
+        [],
+        ["nope", 1],
+        ["blob+", B1],
+        ["blob+", B1, "x"],
+        ["partial+", K1, 10, 0],
+        ["partial+", K1, -1, 10],
+        ["piece"],
+        ["ref", "x"],
+    ],
 )
 def test_malformed_ops_raise(op: list[Any]) -> None:
     with pytest.raises((ValueError, IndexError, TypeError)):
@@ -211,7 +256,9 @@ def test_malformed_ops_raise(op: list[Any]) -> None:
 
 @PROPS
 @given(st.lists(events, max_size=40), st.data())
-def test_any_since_answer_brings_a_view_at_v_to_the_current_state(history: list[StoreEvent], data: st.DataObject) -> None:
+def test_any_since_answer_brings_a_view_at_v_to_the_current_state(
+    history: list[StoreEvent], data: st.DataObject
+) -> None:
     max_log = data.draw(st.integers(1, 50), label="max_log")
     src = LocalHoldings(max_log=max_log)
     cut = data.draw(st.integers(0, len(history)), label="cut")

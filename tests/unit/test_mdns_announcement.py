@@ -25,9 +25,20 @@ NOW = 1_700_000_000.0
 WINDOW = 600.0
 
 
-def signed(node_id: str = "node-b", address: str = "198.18.0.2:7471", ts: int = int(NOW), key: ClusterKey = KEY, cluster: str = "alpha") -> dict[str, str]:
+def signed(
+    node_id: str = "node-b",
+    address: str = "198.18.0.2:7471",
+    ts: int = int(NOW),
+    key: ClusterKey = KEY,
+    cluster: str = "alpha",
+) -> dict[str, str]:
     return {
-        "node_id": node_id, "cluster": cluster, "addr": address, "hv": "3", "hc": "1", "ts": str(ts),
+        "node_id": node_id,
+        "cluster": cluster,
+        "addr": address,
+        "hv": "3",
+        "hc": "1",
+        "ts": str(ts),
         "mac": announcement_mac(key, node_id, cluster, address, str(ts)),
     }
 
@@ -83,7 +94,10 @@ def test_stale_other_cluster_and_other_key() -> None:
     assert check(signed(ts="soon")) == "malformed"  # type: ignore[arg-type]
 
 
-@given(st.dictionaries(st.sampled_from(["node_id", "cluster", "addr", "ts", "mac", "hv", "x"]), st.text(max_size=80)), st.sets(st.text(max_size=40), max_size=3))
+@given(
+    st.dictionaries(st.sampled_from(["node_id", "cluster", "addr", "ts", "mac", "hv", "x"]), st.text(max_size=80)),
+    st.sets(st.text(max_size=40), max_size=3),
+)
 def test_any_txt_gives_an_answer_never_an_exception(props: dict[str, str], senders: set[str]) -> None:
     verdict = check(props, senders=senders)
     assert isinstance(verdict, Announcement) or verdict in MDNS_REJECT_REASONS
@@ -112,8 +126,12 @@ def test_txt_senders_finds_the_packet_each_record_came_in() -> None:
     txt = lambda text: DNSText(name, const._TYPE_TXT, const._CLASS_IN, 4500, text)  # noqa: E731
     from_b = _response(txt(b"\x05a=one"), source="198.18.0.2")
     from_x = _response(txt(b"\x05a=one"), source="198.18.0.66")  # the same TXT, replayed elsewhere
-    other_type = _response(DNSText("x._other._tcp.local.", const._TYPE_TXT, const._CLASS_IN, 4500, b"\x05a=one"), source="198.18.0.9")
-    zc = SimpleNamespace(engine=SimpleNamespace(protocols=[SimpleNamespace(last_message=None), SimpleNamespace(last_message=from_b)]))
+    other_type = _response(
+        DNSText("x._other._tcp.local.", const._TYPE_TXT, const._CLASS_IN, 4500, b"\x05a=one"), source="198.18.0.9"
+    )
+    zc = SimpleNamespace(
+        engine=SimpleNamespace(protocols=[SimpleNamespace(last_message=None), SimpleNamespace(last_message=from_b)])
+    )
     senders = TxtSenders()
     senders.async_update_records(zc, 0.0, [RecordUpdate(r, None) for r in from_b.answers()])
     assert senders.senders(name.upper(), b"\x05a=one") == {"198.18.0.2"}
@@ -122,5 +140,7 @@ def test_txt_senders_finds_the_packet_each_record_came_in() -> None:
     assert senders.senders(name, b"\x05a=one") == {"198.18.0.2", "198.18.0.66"}
     assert senders.senders(name, b"\x05a=two") == set()
     # A record from no packet we can see (or of another service type) is never given a sender.
-    senders.async_update_records(zc, 0.0, [RecordUpdate(txt(b"\x05a=two"), None)] + [RecordUpdate(r, None) for r in other_type.answers()])
+    senders.async_update_records(
+        zc, 0.0, [RecordUpdate(txt(b"\x05a=two"), None)] + [RecordUpdate(r, None) for r in other_type.answers()]
+    )
     assert senders.senders(name, b"\x05a=two") == set() and senders.unknown == 1

@@ -31,12 +31,23 @@ class Clock:
 
 
 def info(node_id: str, incarnation: int = 1, heartbeat: int = 0, *, cluster: str = "c1", **kw: object) -> MemberInfo:
-    return MemberInfo(node_id=node_id, address=f"127.0.0.1:{7000 + len(node_id)}", cluster=cluster, incarnation=incarnation, heartbeat=heartbeat, **kw)  # type: ignore[arg-type]
+    return MemberInfo(
+        node_id=node_id,
+        address=f"127.0.0.1:{7000 + len(node_id)}",
+        cluster=cluster,
+        incarnation=incarnation,
+        heartbeat=heartbeat,
+        **kw,
+    )  # type: ignore[arg-type]
 
 
 def membership(clock: Clock, node_id: str = "me", cluster: str = "c1", incarnation: int = 10) -> Membership:
     return Membership(
-        info(node_id, incarnation, cluster=cluster), suspect_after_s=SUSPECT, dead_after_s=DEAD, forget_after_s=FORGET, clock=clock
+        info(node_id, incarnation, cluster=cluster),
+        suspect_after_s=SUSPECT,
+        dead_after_s=DEAD,
+        forget_after_s=FORGET,
+        clock=clock,
     )
 
 
@@ -61,7 +72,9 @@ def test_a_new_member_is_added_alive_and_reported_changed() -> None:
         ((2, 0), (1, 999), False),  # an old life, however many beats it had
     ],
 )
-def test_only_a_strictly_newer_incarnation_heartbeat_replaces_an_entry(have: tuple[int, int], incoming: tuple[int, int], wins: bool) -> None:
+def test_only_a_strictly_newer_incarnation_heartbeat_replaces_an_entry(
+    have: tuple[int, int], incoming: tuple[int, int], wins: bool
+) -> None:
     m = membership(Clock())
     m.merge([info("a", *have, holdings_version=1)])
     changed = m.merge([info("a", *incoming, holdings_version=2)])
@@ -121,7 +134,9 @@ def test_beat_advances_heartbeat_and_publishes_facts() -> None:
     first = m.beat(holdings_version=7, capacity_bytes=100)
     assert first.age == (4, 1) and first.holdings_version == 7 and first.capacity_bytes == 100
     second = m.beat()
-    assert second.age == (4, 2) and second.holdings_version == 7 and second.capacity_bytes == 100, "unset facts are kept"
+    assert second.age == (4, 2) and second.holdings_version == 7 and second.capacity_bytes == 100, (
+        "unset facts are kept"
+    )
     assert m.snapshot()[0] == second
 
 
@@ -239,7 +254,9 @@ def test_malformed_member_entries_raise_value_error(raw: dict) -> None:
 # --- properties ------------------------------------------------------------------------------------
 
 ages = st.tuples(st.integers(0, 5), st.integers(0, 20))
-gossip_lists = st.lists(st.tuples(st.sampled_from(["a", "b", "c", "me"]), ages, st.sampled_from(["c1", "c1", "c2"])), max_size=40)
+gossip_lists = st.lists(
+    st.tuples(st.sampled_from(["a", "b", "c", "me"]), ages, st.sampled_from(["c1", "c1", "c2"])), max_size=40
+)
 
 
 @PROPS

@@ -44,8 +44,15 @@ def verifier(clock: Clock, **kw: int) -> RequestVerifier:
     return RequestVerifier(ClusterKey(TOKEN, "default"), clock=clock, **kw)
 
 
-def request(body: bytes = b"", path: str = "/p2p/v1/gossip", method: str = "POST", *, token: str = TOKEN,
-            cluster: str = "default", now: float = NOW) -> dict[str, str]:
+def request(
+    body: bytes = b"",
+    path: str = "/p2p/v1/gossip",
+    method: str = "POST",
+    *,
+    token: str = TOKEN,
+    cluster: str = "default",
+    now: float = NOW,
+) -> dict[str, str]:
     return sign_request(ClusterKey(token, cluster), "node-a", method, path, body, now=now)
 
 
@@ -104,7 +111,10 @@ def test_a_changed_header_is_refused(header: str) -> None:
 
 def test_wrong_key_other_cluster_and_missing_headers_are_refused() -> None:
     v = verifier(Clock())
-    assert refused(v, "GET", "/p", request(path="/p", method="GET", token="another-token-0123456789"), b"").reason == "bad_mac"
+    assert (
+        refused(v, "GET", "/p", request(path="/p", method="GET", token="another-token-0123456789"), b"").reason
+        == "bad_mac"
+    )
     assert refused(v, "GET", "/p", request(path="/p", method="GET", cluster="other"), b"").reason == "bad_mac"
     assert refused(v, "GET", "/p", {}, b"").reason == "missing"
     assert refused(v, "GET", "/p", {"Authorization": f"Bearer {TOKEN}"}, b"").reason == "missing"
@@ -158,7 +168,10 @@ def test_an_answer_verifies_only_for_its_request_nonce_status_and_body() -> None
     assert verify_body_answer(key, nonce, 200, {HEADER_NODE: "\udcff", HEADER_ANSWER: "\udcff"}, body) is None
     # A request MAC is never an answer MAC.
     h = sign_request(key, "node-b", "POST", "/p2p/v1/gossip", body)
-    assert verify_body_answer(key, h[HEADER_NONCE], 200, {HEADER_NODE: "node-b", HEADER_ANSWER: h[HEADER_MAC]}, body) is None
+    assert (
+        verify_body_answer(key, h[HEADER_NONCE], 200, {HEADER_NODE: "node-b", HEADER_ANSWER: h[HEADER_MAC]}, body)
+        is None
+    )
 
 
 def test_a_range_answer_signs_its_range_headers() -> None:

@@ -36,7 +36,9 @@ def binomial_sd(n: int, p: float) -> float:
 @settings(max_examples=60, deadline=None)
 @given(
     key=st.text(min_size=1, max_size=40),
-    members=st.lists(st.text(alphabet="abcdefghij-0123456789", min_size=1, max_size=12), min_size=1, max_size=12, unique=True),
+    members=st.lists(
+        st.text(alphabet="abcdefghij-0123456789", min_size=1, max_size=12), min_size=1, max_size=12, unique=True
+    ),
     replicas=st.integers(min_value=0, max_value=14),
     seed=st.integers(min_value=0, max_value=2**32 - 1),
 )

@@ -14,21 +14,46 @@ from cached.store.claims import Lease
 from cached.types import BlobId, FileEntry, JobState, Manifest, OriginFile
 
 D1, D2 = "1" * 64, "2" * 64
-BASE_KEYS = ["ref", "state", "bytes_total", "bytes_done", "path", "hf_path", "manifest", "pinned", "leases", "error", "sources"]
+BASE_KEYS = [
+    "ref",
+    "state",
+    "bytes_total",
+    "bytes_done",
+    "path",
+    "hf_path",
+    "manifest",
+    "pinned",
+    "leases",
+    "error",
+    "sources",
+]
 
 
 def test_an_absent_model_has_the_base_keys_only_in_contract_order() -> None:
     got = ModelStatus(ref="https://h/m.gguf", state=JobState.ABSENT).to_json()
     assert list(got) == BASE_KEYS
     assert got == {
-        "ref": "https://h/m.gguf", "state": "absent", "bytes_total": 0, "bytes_done": 0, "path": None, "hf_path": None,
-        "manifest": None, "pinned": False, "leases": [], "error": None, "sources": {"peer": 0, "origin": 0},
+        "ref": "https://h/m.gguf",
+        "state": "absent",
+        "bytes_total": 0,
+        "bytes_done": 0,
+        "path": None,
+        "hf_path": None,
+        "manifest": None,
+        "pinned": False,
+        "leases": [],
+        "error": None,
+        "sources": {"peer": 0, "origin": 0},
     }
 
 
 def test_a_fetching_model_adds_its_rate_rounded() -> None:
     got = ModelStatus(
-        ref="https://h/m.gguf", state=JobState.FETCHING, bytes_total=100, bytes_done=40, rate_bps=1234.6,
+        ref="https://h/m.gguf",
+        state=JobState.FETCHING,
+        bytes_total=100,
+        bytes_done=40,
+        rate_bps=1234.6,
         sources=SourceBytes(peer=30, origin=10),
     ).to_json()
     assert list(got) == BASE_KEYS + ["rate_bps"]
@@ -37,7 +62,11 @@ def test_a_fetching_model_adds_its_rate_rounded() -> None:
 
 def test_a_failed_model_carries_its_error_and_code_after_the_rate() -> None:
     got = ModelStatus(
-        ref="https://h/m.gguf", state=JobState.FAILED, error="origin said 404", error_code="origin_not_found", rate_bps=0.0,
+        ref="https://h/m.gguf",
+        state=JobState.FAILED,
+        error="origin said 404",
+        error_code="origin_not_found",
+        rate_bps=0.0,
     ).to_json()
     assert list(got) == BASE_KEYS + ["rate_bps", "error_code"]
     assert (got["error"], got["error_code"]) == ("origin said 404", "origin_not_found")
@@ -46,10 +75,21 @@ def test_a_failed_model_carries_its_error_and_code_after_the_rate() -> None:
 def test_a_ready_hf_model_in_the_catalog_has_every_key() -> None:
     lease = Lease(lease_id="l1", ref="hf://org/m@main", holder="vllm@pod-1", expires_at=5000.0, manifest=D2)
     status = ModelStatus(
-        ref="hf://org/m@main", state=JobState.READY, bytes_total=9, bytes_done=9, pinned=True, leases=(lease,),
-        rate_bps=0.0, replicas=Replicas(target=2, owners=("a", "b"), spare=False),
+        ref="hf://org/m@main",
+        state=JobState.READY,
+        bytes_total=9,
+        bytes_done=9,
+        pinned=True,
+        leases=(lease,),
+        rate_bps=0.0,
+        replicas=Replicas(target=2, owners=("a", "b"), spare=False),
         copy=Copy(
-            path="/c/models/m", manifest=D1, revision="c0ffee", files=3, last_used=1000.5, hf_path="/c/hf",
+            path="/c/models/m",
+            manifest=D1,
+            revision="c0ffee",
+            files=3,
+            last_used=1000.5,
+            hf_path="/c/hf",
             snapshot_path="/c/hf/models--org--m/snapshots/c0ffee",
             revisions=(
                 Revision(revision="c0ffee", manifest=D1, current=True),
@@ -58,9 +98,25 @@ def test_a_ready_hf_model_in_the_catalog_has_every_key() -> None:
         ),
     )
     got = status.to_json()
-    assert list(got) == BASE_KEYS + ["rate_bps", "replicas", "revision", "files", "last_used", "snapshot_path", "revisions"]
+    assert list(got) == BASE_KEYS + [
+        "rate_bps",
+        "replicas",
+        "revision",
+        "files",
+        "last_used",
+        "snapshot_path",
+        "revisions",
+    ]
     assert got["path"] == "/c/models/m" and got["hf_path"] == "/c/hf" and got["manifest"] == f"blake3:{D1}"
-    assert got["leases"] == [{"lease_id": "l1", "ref": "hf://org/m@main", "holder": "vllm@pod-1", "expires_at": 5000.0, "manifest": f"blake3:{D2}"}]
+    assert got["leases"] == [
+        {
+            "lease_id": "l1",
+            "ref": "hf://org/m@main",
+            "holder": "vllm@pod-1",
+            "expires_at": 5000.0,
+            "manifest": f"blake3:{D2}",
+        }
+    ]
     assert got["replicas"] == {"target": 2, "owners": ["a", "b"], "spare": False}
     assert got["revisions"] == [
         {"revision": "c0ffee", "manifest": f"blake3:{D1}", "current": True},
@@ -70,7 +126,14 @@ def test_a_ready_hf_model_in_the_catalog_has_every_key() -> None:
 
 
 def test_a_ready_non_hf_model_has_no_snapshot_path() -> None:
-    copy = Copy(path="/c/models/m", manifest=D1, revision=None, files=1, last_used=1.0, revisions=(Revision(revision=None, manifest=D1, current=True),))
+    copy = Copy(
+        path="/c/models/m",
+        manifest=D1,
+        revision=None,
+        files=1,
+        last_used=1.0,
+        revisions=(Revision(revision=None, manifest=D1, current=True),),
+    )
     got = ModelStatus(ref="https://h/m.gguf", state=JobState.READY, copy=copy).to_json()
     assert list(got) == BASE_KEYS + ["revision", "files", "last_used", "revisions"]
     assert got["hf_path"] is None and got["revision"] is None
@@ -83,7 +146,9 @@ REF = "https://models.example/m"
 
 
 def entry(path: str, size: int, blob_digit: str) -> FileEntry:
-    return FileEntry(path=path, size=size, blob=BlobId(blob_digit * 64), origin={"identity": f"{REF}/{path}|etag|{size}"})
+    return FileEntry(
+        path=path, size=size, blob=BlobId(blob_digit * 64), origin={"identity": f"{REF}/{path}|etag|{size}"}
+    )
 
 
 def key_of(f: FileEntry) -> str:
@@ -97,7 +162,9 @@ TOTAL = 5 * PIECE + 100
 
 def test_a_ref_in_the_holdings_is_a_ready_copy() -> None:
     h = NodeHoldings(refs={REF: MANIFEST.digest})
-    assert holding_in("a", REF, h, MANIFEST) == Holding(node_id="a", state=JobState.READY, bytes_done=TOTAL, bytes_total=TOTAL)
+    assert holding_in("a", REF, h, MANIFEST) == Holding(
+        node_id="a", state=JobState.READY, bytes_done=TOTAL, bytes_total=TOTAL
+    )
     assert holding_in("a", REF, h, None) == Holding(node_id="a", state=JobState.READY, bytes_done=0, bytes_total=0)
 
 
@@ -131,5 +198,9 @@ def test_scores() -> None:
     assert score(None) == 0
     assert score(Holding(node_id="a", state=JobState.READY, bytes_done=0, bytes_total=0)) == 10
     assert score(Holding(node_id="a", state=JobState.QUEUED, bytes_done=0, bytes_total=0)) == 1
-    assert score(Holding(node_id="a", state=JobState.FETCHING, bytes_done=99, bytes_total=100)) == 8  # floor of 9 x progress
-    assert score(Holding(node_id="a", state=JobState.FETCHING, bytes_done=100, bytes_total=100)) == 9  # complete, not yet ready
+    assert (
+        score(Holding(node_id="a", state=JobState.FETCHING, bytes_done=99, bytes_total=100)) == 8
+    )  # floor of 9 x progress
+    assert (
+        score(Holding(node_id="a", state=JobState.FETCHING, bytes_done=100, bytes_total=100)) == 9
+    )  # complete, not yet ready

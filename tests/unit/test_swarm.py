@@ -49,7 +49,9 @@ class FakeDirectory:
 
 
 def partial_snapshot(pieces: dict[int, str] | None = None, *, version: int = 1) -> dict:
-    return {"snapshot": {"version": version, "partials": {KEY: {"size": SIZE, "piece_size": PIECE, "pieces": pieces or {}}}}}
+    return {
+        "snapshot": {"version": version, "partials": {KEY: {"size": SIZE, "piece_size": PIECE, "pieces": pieces or {}}}}
+    }
 
 
 class Clock:
@@ -60,7 +62,9 @@ class Clock:
         return self.now
 
 
-def swarm_of(me: str, wanting: list[str], *, alive: list[str] | None = None, **kw: object) -> tuple[Swarm, FakeDirectory]:
+def swarm_of(
+    me: str, wanting: list[str], *, alive: list[str] | None = None, **kw: object
+) -> tuple[Swarm, FakeDirectory]:
     """``me``'s swarm for KEY, where every node of ``wanting`` (but ``me``) holds a partial of it."""
     view = HoldingsView()
     for n in wanting:
@@ -170,7 +174,9 @@ def test_a_refused_owner_does_not_own_pieces() -> None:
 def test_peer_sources_list_live_partial_holders_with_their_verified_pieces_only() -> None:
     swarm, directory = swarm_of("n0", ["n0", "n1", "n2", "n3"], alive=["n1", "n2"])
     directory.view.update("n1", partial_snapshot({0: DIGEST, 3: DIGEST, 4: "not-a-digest"}, version=2))
-    other_size = {"snapshot": {"version": 2, "partials": {KEY: {"size": SIZE, "piece_size": PIECE // 2, "pieces": {0: DIGEST}}}}}
+    other_size = {
+        "snapshot": {"version": 2, "partials": {KEY: {"size": SIZE, "piece_size": PIECE // 2, "pieces": {0: DIGEST}}}}
+    }
     directory.view.update("n2", other_size)
     sources = swarm.peer_sources(set())
     assert [(s.node_id, s.kind, s.pieces) for s in sources] == [("n1", "partials", frozenset({0, 3}))]
@@ -187,7 +193,8 @@ def test_a_suspect_peer_is_a_source_only_for_pieces_no_healthy_peer_holds() -> N
     assert [s.node_id for s in swarm.peer_sources(set())] == ["n1", "n2"]
     directory.suspects = {"n2"}
     assert [(s.node_id, s.pieces) for s in swarm.peer_sources(set())] == [
-        ("n1", frozenset({0, 1})), ("n2", frozenset({2}))
+        ("n1", frozenset({0, 1})),
+        ("n2", frozenset({2})),
     ], "n2 alone has piece 2: a source for that piece only"
     directory.view.update("n1", partial_snapshot({0: DIGEST, 1: DIGEST, 2: DIGEST}, version=3))
     assert [s.node_id for s in swarm.peer_sources(set())] == ["n1"], "n1 covers it all: n2 is left out"
@@ -202,8 +209,10 @@ def sidecar(tmp_path: Path) -> tuple[bytes, str, list[bytes]]:
     size, piece = 5 * 64 * 1024 + 77, 64 * 1024
     data = os.urandom(size)
     partial = PartialBlob(
-        key="x" * 64, header=PieceLogHeader(size=size, piece_size=piece, identity_key="http|u|e|1"),
-        data_path=tmp_path / "p", log_path=tmp_path / "p.pieces",
+        key="x" * 64,
+        header=PieceLogHeader(size=size, piece_size=piece, identity_key="http|u|e|1"),
+        data_path=tmp_path / "p",
+        log_path=tmp_path / "p.pieces",
     )
     partial.open_sync()
     for i in reversed(range(partial.pieces)):  # pieces arrive in any order
@@ -220,7 +229,9 @@ def test_a_real_sidecar_gives_the_piece_table(sidecar: tuple[bytes, str, list[by
 
 def _reencode(raw: bytes, *, size: int = 0, piece_size: int = 0, records: dict[int, bytes] | None = None) -> bytes:
     header, recs = decode_piece_log(raw)
-    header = PieceLogHeader(size=header.size + size, piece_size=header.piece_size + piece_size, identity_key=header.identity_key)
+    header = PieceLogHeader(
+        size=header.size + size, piece_size=header.piece_size + piece_size, identity_key=header.identity_key
+    )
     return encode_piece_log(header, recs if records is None else records)
 
 

@@ -21,7 +21,9 @@ N = 16  # pieces per blob in generated cases
 
 
 def peer(name: str, limit: int = 4, inflight: int = 0, pieces: set[int] | None = None) -> SourceView:
-    return SourceView(name=name, is_origin=False, limit=limit, inflight=inflight, pieces=None if pieces is None else frozenset(pieces))
+    return SourceView(
+        name=name, is_origin=False, limit=limit, inflight=inflight, pieces=None if pieces is None else frozenset(pieces)
+    )
 
 
 def origin(limit: int = 4, inflight: int = 0) -> SourceView:
@@ -35,8 +37,13 @@ def bits(mask: int) -> set[int]:
 @st.composite
 def situations(draw: st.DrawFn) -> dict:
     full = (1 << N) - 1
-    peer_rows = draw(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 5), st.none() | st.integers(0, full)), max_size=4))
-    sources = [peer(f"p{i}", limit, inflight, None if mask is None else bits(mask)) for i, (limit, inflight, mask) in enumerate(peer_rows)]
+    peer_rows = draw(
+        st.lists(st.tuples(st.integers(0, 5), st.integers(0, 5), st.none() | st.integers(0, full)), max_size=4)
+    )
+    sources = [
+        peer(f"p{i}", limit, inflight, None if mask is None else bits(mask))
+        for i, (limit, inflight, mask) in enumerate(peer_rows)
+    ]
     if draw(st.booleans()):
         sources.append(origin(draw(st.integers(0, 5)), draw(st.integers(0, 5))))
     names = [s.name for s in sources] or [ORIGIN]
@@ -203,7 +210,9 @@ def test_endgame_asks_a_second_source_only_for_the_last_pieces() -> None:
     assert sorted(out, key=lambda a: a.piece) == [Assignment(0, "a"), Assignment(1, "a")]
     # More in flight than the endgame threshold, or pieces still unrequested: no duplicates.
     assert assign(missing=[0, 1], inflight=inflight, sources=sources, global_free=8, endgame_pieces=1) == []
-    assert assign(missing=[0, 1, 2], inflight=inflight, sources=sources, global_free=8, endgame_pieces=4) == [Assignment(2, "a")]
+    assert assign(missing=[0, 1, 2], inflight=inflight, sources=sources, global_free=8, endgame_pieces=4) == [
+        Assignment(2, "a")
+    ]
 
 
 def test_nothing_is_asked_without_budget_or_slots() -> None:

@@ -17,35 +17,35 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from cached.errors import IntegrityError, RefError
 from cached import ranges
+from cached.errors import IntegrityError, RefError
 from cached.ranges import ByteSpan, RangeRequest, parse_range
 from cached.types import (
+    MAX_NAME_BYTES,
     MAX_PIECE_SIZE,
+    MAX_REVISION_BYTES,
     MIN_PIECE_SIZE,
+    BlobAdded,
     BlobId,
+    BlobRemoved,
     FileEntry,
     Manifest,
+    ManifestAdded,
+    ManifestRemoved,
     ModelRef,
+    PartialDropped,
+    PartialStarted,
+    PieceVerified,
     Priority,
+    RefChanged,
     RefKind,
-    MAX_NAME_BYTES,
-    MAX_REVISION_BYTES,
+    StoreEvent,
     format_size,
     hash_piece,
     parse_size,
     piece_count,
     piece_span,
     validate_file_path,
-    BlobAdded,
-    BlobRemoved,
-    ManifestAdded,
-    ManifestRemoved,
-    PartialDropped,
-    PartialStarted,
-    PieceVerified,
-    RefChanged,
-    StoreEvent,
 )
 
 # The autouse loop guard (tests/conftest.py) counts a plain test's whole run as the loop being
@@ -54,6 +54,7 @@ from cached.types import (
 PROPS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 # --- strategies ----------------------------------------------------------------------------------
+
 
 def chars(*ranges: tuple[int, int]) -> st.SearchStrategy[str]:
     # Code point ranges rather than st.characters(): category and codec based alphabets build
@@ -66,10 +67,14 @@ def chars(*ranges: tuple[int, int]) -> st.SearchStrategy[str]:
 any_char = chars((0, 0x7F), (0x80, 0xFFFF), (0xD800, 0xDFFF), (0x10000, 0x10FFFF))
 unicode_char = chars((0, 0x7F), (0x80, 0xD7FF), (0xE000, 0x10FFFF))  # no lone surrogates
 ref_alphabet = st.one_of(st.sampled_from(list("/.@%:?#~-_ aZ09\\")), any_char)
-schemes = st.sampled_from(["hf://", "HF://", "http://", "https://", "HTTPS://", "file://", "file:///", "file://localhost/", ""])
+schemes = st.sampled_from(
+    ["hf://", "HF://", "http://", "https://", "HTTPS://", "file://", "file:///", "file://localhost/", ""]
+)
 ref_like = st.builds(str.__add__, schemes, st.text(ref_alphabet, max_size=60))
 # The same without lone surrogates, for properties of refs that do parse.
-ref_like_text = st.builds(str.__add__, schemes, st.text(st.sampled_from(list("/.@%:?#~-_ aZ09\\")) | unicode_char, max_size=60))
+ref_like_text = st.builds(
+    str.__add__, schemes, st.text(st.sampled_from(list("/.@%:?#~-_ aZ09\\")) | unicode_char, max_size=60)
+)
 # Shapes that parse() accepts often enough to exercise canonical forms.
 alnum = st.sampled_from("abcXYZ0129")
 hf_part = st.builds(str.__add__, alnum, st.text(st.sampled_from("abZ09._-"), max_size=12))
@@ -114,8 +119,18 @@ def valid_refs(draw: st.DrawFn) -> ModelRef:
         ("hf://gpt2", RefKind.HF, "hf://gpt2@main", {"repo": "gpt2", "revision": "main"}),
         ("hf://org/name@refs/pr/1", RefKind.HF, "hf://org/name@refs/pr/1", {"revision": "refs/pr/1"}),
         ("  HF://Org/Name_2.5  \n", RefKind.HF, "hf://Org/Name_2.5@main", {"repo": "Org/Name_2.5"}),
-        ("https://example.com/m/model.gguf", RefKind.HTTP, "https://example.com/m/model.gguf", {"url": "https://example.com/m/model.gguf"}),
-        ("http://example.com/model.gguf#part", RefKind.HTTP, "http://example.com/model.gguf", {"url": "http://example.com/model.gguf"}),
+        (
+            "https://example.com/m/model.gguf",
+            RefKind.HTTP,
+            "https://example.com/m/model.gguf",
+            {"url": "https://example.com/m/model.gguf"},
+        ),
+        (
+            "http://example.com/model.gguf#part",
+            RefKind.HTTP,
+            "http://example.com/model.gguf",
+            {"url": "http://example.com/model.gguf"},
+        ),
         ("file:///srv/models/llama", RefKind.FILE, "file:///srv/models/llama", {"path": "/srv/models/llama"}),
         ("file://localhost/srv/m.gguf", RefKind.FILE, "file:///srv/m.gguf", {"path": "/srv/m.gguf"}),
         ("file:///srv//models/", RefKind.FILE, "file:///srv/models", {"path": "/srv/models"}),
@@ -355,8 +370,15 @@ hex64 = st.binary(min_size=32, max_size=32).map(bytes.hex)
 
 
 @PROPS
-@given(st.integers(0, 1 << 45), st.integers(MIN_PIECE_SIZE, MAX_PIECE_SIZE), st.lists(digest32, min_size=2, max_size=6), st.data())
-def test_blob_id_depends_on_length_piece_size_and_each_ordered_digest(size: int, piece_size: int, digests: list[bytes], data: st.DataObject) -> None:
+@given(
+    st.integers(0, 1 << 45),
+    st.integers(MIN_PIECE_SIZE, MAX_PIECE_SIZE),
+    st.lists(digest32, min_size=2, max_size=6),
+    st.data(),
+)
+def test_blob_id_depends_on_length_piece_size_and_each_ordered_digest(
+    size: int, piece_size: int, digests: list[bytes], data: st.DataObject
+) -> None:
     base = BlobId.compute(size, piece_size, digests)
     assert BlobId.compute(size, piece_size, iter(digests)) == base
     assert BlobId.compute(size + 1, piece_size, digests) != base
@@ -380,7 +402,18 @@ def test_blob_id_parses_its_own_wire_and_file_name_spellings(h: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["", "blake3:", "a" * 63, "a" * 65, "A" * 64, "blake3:" + "g" * 64, "sha256:" + "a" * 64, " " + "a" * 64, "blake3:blake3:" + "a" * 64]
+    "text",
+    [
+        "",
+        "blake3:",
+        "a" * 63,
+        "a" * 65,
+        "A" * 64,
+        "blake3:" + "g" * 64,
+        "sha256:" + "a" * 64,
+        " " + "a" * 64,
+        "blake3:blake3:" + "a" * 64,
+    ],
 )
 def test_blob_id_rejects_anything_but_64_lowercase_hex(text: str) -> None:
     with pytest.raises(ValueError):
@@ -430,7 +463,21 @@ def test_hash_piece_is_blake3_for_small_and_threaded_sizes() -> None:
 @pytest.mark.parametrize(
     "path",
     [
-        "", "/etc/passwd", "../x", "a/../b", "a/..", "./a", "a/./b", ".", "..", "a//b", "a/", "a\\b", "..\\x", "a\0b", "x" * 1025,
+        "",
+        "/etc/passwd",
+        "../x",
+        "a/../b",
+        "a/..",
+        "./a",
+        "a/./b",
+        ".",
+        "..",
+        "a//b",
+        "a/",
+        "a\\b",
+        "..\\x",
+        "a\0b",
+        "x" * 1025,
         "x" * (MAX_NAME_BYTES + 1),  # one name longer than the store can write (temp name > 255)
         "d/" + "日" * 81,  # 243 bytes in UTF-8, 81 characters
         "/".join(["日" * 60] * 6),  # 1085 bytes, 365 characters
@@ -445,8 +492,13 @@ def test_hostile_file_paths_are_rejected(path: str) -> None:
 @pytest.mark.parametrize(
     "path",
     [
-        "config.json", "sub/dir/model-00001-of-00002.safetensors", ".gitattributes", "a..b/c", "日本/モデル.bin",
-        "x" * MAX_NAME_BYTES, "/".join(["y" * 200] * 5),
+        "config.json",
+        "sub/dir/model-00001-of-00002.safetensors",
+        ".gitattributes",
+        "a..b/c",
+        "日本/モデル.bin",
+        "x" * MAX_NAME_BYTES,
+        "/".join(["y" * 200] * 5),
     ],
 )
 def test_ordinary_file_paths_are_kept_verbatim(path: str) -> None:
@@ -468,9 +520,19 @@ def test_an_accepted_file_path_stays_strictly_inside_the_model_directory(path: s
 
 # --- Manifest ----------------------------------------------------------------------------------------
 
-file_path = st.lists(st.builds(str.__add__, st.sampled_from("ab09_-"), st.text(st.sampled_from("ab09._-"), max_size=6)), min_size=1, max_size=3).map("/".join)
+file_path = st.lists(
+    st.builds(str.__add__, st.sampled_from("ab09_-"), st.text(st.sampled_from("ab09._-"), max_size=6)),
+    min_size=1,
+    max_size=3,
+).map("/".join)
 origin_meta = st.sampled_from([{}, {"etag": "e1"}, {"sha256": "ab", "url": "http://h/a"}])
-file_entry = st.builds(lambda p, s, b, o: FileEntry(path=p, size=s, blob=BlobId(b), origin=o), file_path, st.integers(0, 1 << 40), hex64, origin_meta)
+file_entry = st.builds(
+    lambda p, s, b, o: FileEntry(path=p, size=s, blob=BlobId(b), origin=o),
+    file_path,
+    st.integers(0, 1 << 40),
+    hex64,
+    origin_meta,
+)
 manifests = st.builds(
     lambda ref, rev, ps, files: Manifest(ref=ref, revision=rev, piece_size=ps, files=tuple(files)),
     st.text(unicode_char, max_size=8),
@@ -536,7 +598,13 @@ _GOOD_FILE = {"path": "a.bin", "size": 3, "blob": "blake3:" + "ab" * 32, "origin
 
 
 def _doc(**over: object) -> bytes:
-    doc = {"version": 1, "ref": "hf://org/name@main", "revision": None, "piece_size": MIN_PIECE_SIZE, "files": [_GOOD_FILE]}
+    doc = {
+        "version": 1,
+        "ref": "hf://org/name@main",
+        "revision": None,
+        "piece_size": MIN_PIECE_SIZE,
+        "files": [_GOOD_FILE],
+    }
     doc.update(over)
     return json.dumps(doc).encode()
 
@@ -585,8 +653,18 @@ def test_arbitrary_bytes_parse_or_raise_integrity_error(data: bytes) -> None:
 
 
 # Infinity is left to the explicit case above.
-json_leaf = st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.floats(allow_infinity=False) | st.text(unicode_char, max_size=8)
-json_value = st.recursive(json_leaf, lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(unicode_char, max_size=6), kids, max_size=3), max_leaves=12)
+json_leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(1 << 70), 1 << 70)
+    | st.floats(allow_infinity=False)
+    | st.text(unicode_char, max_size=8)
+)
+json_value = st.recursive(
+    json_leaf,
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(unicode_char, max_size=6), kids, max_size=3),
+    max_leaves=12,
+)
 
 
 @PROPS
@@ -634,7 +712,12 @@ def test_parse_size_rejects_non_sizes(text: str | int) -> None:
 
 
 @PROPS
-@given(st.integers(0, (1 << 53) - 1), st.sampled_from([("", 0), ("K", 10), ("M", 20), ("G", 30), ("T", 40), ("P", 50)]), st.sampled_from(["", "B", "iB"]), st.booleans())
+@given(
+    st.integers(0, (1 << 53) - 1),
+    st.sampled_from([("", 0), ("K", 10), ("M", 20), ("G", 30), ("T", 40), ("P", 50)]),
+    st.sampled_from(["", "B", "iB"]),
+    st.booleans(),
+)
 def test_parse_size_is_exact_for_whole_numbers(n: int, unit: tuple[str, int], suffix: str, lower: bool) -> None:
     letter, shift = unit
     if not letter and suffix == "iB":
@@ -736,7 +819,9 @@ def test_parse_range_reads_the_three_forms(value: str, first: int | None, last: 
     assert parse_range(value) == RangeRequest(first=first, last=last)
 
 
-@pytest.mark.parametrize("value", [None, "", "bytes=-", "lines=0-9", "bytes=0-1,5-6", "bytes=a-b", "bytes 0-9", "bytes=0-9-", "bytes=+1-2"])
+@pytest.mark.parametrize(
+    "value", [None, "", "bytes=-", "lines=0-9", "bytes=0-1,5-6", "bytes=a-b", "bytes 0-9", "bytes=0-9-", "bytes=+1-2"]
+)
 def test_parse_range_finds_no_usable_range(value: str | None) -> None:
     assert parse_range(value) is None
 
