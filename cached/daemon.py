@@ -140,6 +140,7 @@ class Daemon:
         session, reader = self._http_clients()
         self.hf_origin = HfOrigin(session, cfg.origins.hf, cfg.origins.http, reader, token=hf_token(cfg, self._env))
         self.file_origin = LocalOrigin(file_policy(cfg))
+        self._stack.callback(self.file_origin.close)
         origins = Origins(
             {
                 RefKind.FILE: self.file_origin,

@@ -16,6 +16,7 @@ Every refusal is counted in ``cached_api_errors_total`` by its code.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import os
@@ -70,6 +71,12 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
 EVENTS_KEEPALIVE_S = 15.0
+# A positive file:// check of a ready model stands this long for the same caller and ref: the
+# walk of the source took a quarter of the daemon's CPU under scripts/bench_load.py when done on
+# every prefetch. A revoked permission is honoured within this time (the store's own files are
+# readable by the cached group regardless; docs/security.md).
+FILE_DECISION_TTL_S = 5.0
+MAX_FILE_DECISIONS = 4096
 # Destructive or cluster-wide: need an admin credential (evict needs one only with force).
 ADMIN_ROUTES = frozenset(
     {("POST", "/v1/pin"), ("POST", "/v1/unpin"), ("POST", "/v1/replicate"), ("POST", "/v1/gc"), ("POST", "/v1/verify")}
@@ -146,6 +153,8 @@ class LocalApi:
         # and the loopback TCP lookup reads /proc/net/tcp, which took 40% of the event loop under
         # scripts/bench_load.py when it ran for every request.
         self._callers: weakref.WeakKeyDictionary[Any, Caller] = weakref.WeakKeyDictionary()
+        # (uid, gids, ref) -> until when a positive file:// check of a ready model stands.
+        self._file_decisions: collections.OrderedDict[tuple[Any, ...], float] = collections.OrderedDict()
         self._peers = peers
         self._catalog = catalog
         self._reconciler = reconciler
@@ -325,7 +334,7 @@ class LocalApi:
         if timeout_s is not None and not 0 < timeout_s <= 86400:
             raise RequestError("'timeout_s' must be between 0 and 86400")
         if ref.kind is RefKind.FILE:
-            await self._authorize_file(request, ref)
+            await self._authorize_file(request, ref, ready=self._store.model(ref) is not None)
         current = self._jobs.get(ref)
         if not refresh and self._store.model(ref) is not None and (current is None or not current.active):
             # Ready here: answer at once, whatever queue the download jobs are in.
@@ -344,12 +353,24 @@ class LocalApi:
             return web.json_response({"error": job.error_code, "message": job.error, "model": obj}, status=status)
         return web.json_response(self._model(ref), status=200 if finished else 202)
 
-    async def _authorize_file(self, request: web.Request, ref: ModelRef) -> None:
-        """file:// refs: only what the caller could read itself, under the allowed roots."""
+    async def _authorize_file(self, request: web.Request, ref: ModelRef, *, ready: bool) -> None:
+        """file:// refs: only what the caller could read itself, under the allowed roots.
+
+        A launcher asks for its ready model again and again; the answer for the same caller and
+        ref is kept for FILE_DECISION_TTL_S, so those calls cost no walk of the source. Only for a
+        ready model: an import always checks the files it is about to copy."""
         if self._files is None:
             raise FileNotAllowed(f"{ref}: file:// imports are off on this daemon")
         caller = self._caller(request)
+        key = (caller.uid, caller.gids, ref.canonical)
+        now = time.monotonic()
+        if ready and self._file_decisions.get(key, 0.0) > now:
+            return
         await self._files.authorize(ref, uid=caller.uid, gids=caller.gids)
+        self._file_decisions[key] = now + FILE_DECISION_TTL_S
+        self._file_decisions.move_to_end(key)
+        while len(self._file_decisions) > MAX_FILE_DECISIONS:
+            self._file_decisions.popitem(last=False)
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response([self._model(r) for r in self._status.known()])
