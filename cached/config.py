@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from cached.errors import ConfigError
-from cached.types import DEFAULT_PIECE_SIZE, MAX_PIECE_SIZE, MIN_PIECE_SIZE, parse_size
+from cached.types import (
+    DEFAULT_PIECE_SIZE,
+    MAX_LABEL_KEY_CHARS,
+    MAX_LABEL_VALUE_CHARS,
+    MAX_LABELS,
+    MAX_PIECE_SIZE,
+    MIN_PIECE_SIZE,
+    parse_size,
+)
 
 DEFAULT_CONFIG_FILE = Path("/etc/cached/config.toml")
 DEFAULT_API_LISTEN = "127.0.0.1:7470"
@@ -520,6 +528,14 @@ def _build(t: dict[str, Any], spelled: Mapping[str, str] | None = None) -> Confi
     labels = t["labels"]
     if not isinstance(labels, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
         raise ConfigError("labels", 'expected a table of strings, e.g. labels = { gpu = "h100" }')
+    if len(labels) > MAX_LABELS or not all(
+        0 < len(k) <= MAX_LABEL_KEY_CHARS and len(v) <= MAX_LABEL_VALUE_CHARS for k, v in labels.items()
+    ):
+        raise ConfigError(
+            "labels",
+            f"at most {MAX_LABELS} labels, keys of 1..{MAX_LABEL_KEY_CHARS} and values of at most "
+            f"{MAX_LABEL_VALUE_CHARS} characters (peers refuse a member with more)",
+        )
     return Config(
         node_id=node_id,
         labels=dict(labels),

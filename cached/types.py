@@ -26,6 +26,11 @@ from cached.errors import IntegrityError, RefError
 DEFAULT_PIECE_SIZE = 16 * 1024 * 1024
 MIN_PIECE_SIZE = 64 * 1024
 MAX_PIECE_SIZE = 256 * 1024 * 1024
+# Node labels travel in every gossip message: a node refuses a member whose labels exceed these,
+# so the config refuses them too (a node must never start with labels its peers would drop).
+MAX_LABELS = 32
+MAX_LABEL_KEY_CHARS = 63
+MAX_LABEL_VALUE_CHARS = 253
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _HOST = re.compile(

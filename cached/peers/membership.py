@@ -25,14 +25,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from cached.types import MAX_LABEL_KEY_CHARS, MAX_LABEL_VALUE_CHARS, MAX_LABELS
+
 MAX_INT = 2**63 - 1
 MAX_FUTURE_MS = 86_400_000  # an incarnation is a start time in ms; a day ahead of us is a lie
 MAX_MEMBERS = 10_000
 MAX_ID_CHARS = 253
 MAX_ADDRESS_CHARS = 300
-MAX_LABELS = 32
-MAX_LABEL_KEY_CHARS = 63
-MAX_LABEL_VALUE_CHARS = 253
 
 
 class Status(enum.StrEnum):

@@ -409,3 +409,20 @@ def test_advertise_is_validated_as_host_port(tmp_path: Path) -> None:
     # like peer.listen and peer.seeds do.
     err = config_error(tmp_path, '[peer]\nadvertise = "not an address"\n')
     assert err.key == "peer.advertise"
+
+
+def test_labels_past_what_peers_accept_are_a_config_error() -> None:
+    # A member whose labels exceed these is refused by every peer (peers.membership): a node
+    # configured so must not start and then be dropped from its cluster without a word.
+    from cached.types import MAX_LABEL_KEY_CHARS, MAX_LABELS
+
+    for labels in (
+        {f"k{i}": "v" for i in range(MAX_LABELS + 1)},
+        {"k" * (MAX_LABEL_KEY_CHARS + 1): "v"},
+        {"gpu": "x" * 254},
+    ):
+        with pytest.raises(ConfigError) as e:
+            load(None, {"cache_dir": "/tmp/c", "labels": labels}, default_file=Path("/nonexistent"))
+        assert e.value.key == "labels"
+    cfg = load(None, {"cache_dir": "/tmp/c", "labels": {"gpu": "h100", "zone": "a"}}, default_file=Path("/nonexistent"))
+    assert cfg.labels == {"gpu": "h100", "zone": "a"}
