@@ -586,3 +586,19 @@ def _build(t: dict[str, Any], spelled: Mapping[str, str] | None = None) -> Confi
         ),
         log=LogConfig(format=fmt, level=level),
     )
+
+
+MIN_TOKEN_CHARS = 16
+
+
+def read_secret(path: Path, key: str, *, min_chars: int = 0) -> str:
+    """A token from a file the operator named (read once, at start); errors name the key."""
+    try:
+        token = path.read_text().strip()
+    except OSError as e:
+        raise ConfigError(key, f"{path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(key, f"{path}: not a text file") from None
+    if min_chars and (len(token) < min_chars or not token.isascii() or not token.isprintable()):
+        raise ConfigError(key, f"{path}: the token must be at least {min_chars} printable ASCII characters")
+    return token

@@ -34,7 +34,7 @@ from cached.api.listener import ListenerGuard, listener_guards
 from cached.api.local import LocalApi
 from cached.api.peer import PeerApi
 from cached.cluster import Catalog, CatalogStatus, GossipMembers, Locator, Reconciler, ReplicaGuard
-from cached.config import DEFAULT_CONFIG_FILE, Config, load
+from cached.config import DEFAULT_CONFIG_FILE, MIN_TOKEN_CHARS, Config, load, read_secret
 from cached.errors import CachedError, ConfigError
 from cached.jobs import Jobs
 from cached.logs import set_level, setup_logging
@@ -481,13 +481,7 @@ def cluster_token(cfg: Config) -> str | None:
     path = cfg.cluster.token_file
     if path is None:
         return None
-    try:
-        token = path.read_text().strip()
-    except OSError as e:
-        raise ConfigError("cluster.token_file", f"{path}: {e.strerror}") from None
-    if len(token) < 16:
-        raise ConfigError("cluster.token_file", f"{path}: the token must be at least 16 characters")
-    return token
+    return read_secret(path, "cluster.token_file", min_chars=MIN_TOKEN_CHARS)
 
 
 def file_policy(cfg: Config) -> FilePolicy:
@@ -528,10 +522,7 @@ def hf_token(cfg: Config, env: dict[str, str]) -> str | None:
     """The hub token: origins.hf.token_file, else $HF_TOKEN (as huggingface_hub itself reads it)."""
     path = cfg.origins.hf.token_file
     if path is not None:
-        try:
-            return path.read_text().strip() or None
-        except OSError as e:
-            raise ConfigError("origins.hf.token_file", f"{path}: {e.strerror}") from None
+        return read_secret(path, "origins.hf.token_file") or None
     return env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or None
 
 

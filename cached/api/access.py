@@ -28,9 +28,9 @@ from typing import Any
 
 from yarl import URL
 
-from cached.errors import CachedError, ConfigError
+from cached.config import MIN_TOKEN_CHARS, read_secret
+from cached.errors import CachedError
 
-MIN_ADMIN_TOKEN_CHARS = 16
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "127.0.0.1", "::1", "ip6-localhost"})
 
 
@@ -80,18 +80,7 @@ def read_admin_token(path: Path | None) -> str | None:
     """The admin token from ``api.admin_token_file`` (read once, at start)."""
     if path is None:
         return None
-    try:
-        token = path.read_text().strip()
-    except OSError as e:
-        raise ConfigError("api.admin_token_file", f"{path}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError("api.admin_token_file", f"{path}: not a text file") from None
-    if len(token) < MIN_ADMIN_TOKEN_CHARS or not token.isascii() or not token.isprintable():
-        raise ConfigError(
-            "api.admin_token_file",
-            f"{path}: the token must be at least {MIN_ADMIN_TOKEN_CHARS} printable ASCII characters",
-        )
-    return token
+    return read_secret(path, "api.admin_token_file", min_chars=MIN_TOKEN_CHARS)
 
 
 # --- who is calling ------------------------------------------------------------------------------
