@@ -49,6 +49,11 @@ def require_netns() -> None:
         pytest.skip("needs the ip command (iproute2)")
 
 
+def port_of(label: str) -> str:
+    """The switch-side end of a host's veth (its cable to the switch)."""
+    return f"p-{label}"[:15]
+
+
 class Network:
     """A switch namespace with a bridge; ``add_host`` plugs a new namespace into it."""
 
@@ -73,7 +78,7 @@ class Network:
         ns = self.prefix + label
         sh("ip", "netns", "add", ns)
         self.made.append(ns)
-        port = f"p-{label}"[:15]
+        port = port_of(label)
         # Created inside the switch namespace, the peer end goes straight into the host's:
         # neither end ever exists in the host machine's namespace.
         sh("ip", "-n", self.switch, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns)
@@ -101,7 +106,7 @@ class Network:
         assert not left, f"namespaces left behind: {left}"
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
+class UnixHTTPConnection(http.client.HTTPConnection):
     def __init__(self, path: str) -> None:
         super().__init__("localhost", timeout=10)
         self._path = path
@@ -176,7 +181,7 @@ class NsNode:
 
     def metric(self, name: str, **labels: str) -> float:
         """One sample of ``/metrics``, read over the API's unix socket (no network involved)."""
-        conn = _UnixHTTPConnection(str(self.socket))
+        conn = UnixHTTPConnection(str(self.socket))
         try:
             conn.request("GET", "/metrics")
             text = conn.getresponse().read().decode()

@@ -1,7 +1,7 @@
 """A network partition, for real: one owner's link goes down, the cluster re-replicates, it heals.
 
-Topology, built by the test and deleted by it (the recipe of ``test_peers_netns.py`` and
-``scripts/bench_cluster.py``): a switch namespace holding a bridge, and one namespace per node
+Topology, built by the test and deleted by it (the recipe of ``tests/support/netns.py`` and
+``scripts/cbench``): a switch namespace holding a bridge, and one namespace per node
 with a veth whose other end is a port of the bridge. Addresses are in 198.18.0.0/15; nothing is
 configured in the host's namespace, so no packet can reach a real interface. The switch
 namespace also runs a tiny static HTTP server (aiohttp, with Range) as the origin.
@@ -22,15 +22,10 @@ Needs root and ``ip netns``; skipped otherwise. Every wait is bounded in time an
 
 from __future__ import annotations
 
-import contextlib
-import http.client
 import json
 import os
-import secrets
 import select
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -41,6 +36,8 @@ from typing import Any
 
 import pytest
 
+from tests.support import netns
+from tests.support.netns import sh
 from tests.support.node import REPO
 from tests.support.origin import write_random_file
 
@@ -74,75 +71,25 @@ web.run_app(app, host=sys.argv[2], port=int(sys.argv[3]), print=lambda *a: print
 """
 
 
-def sh(*argv: str, check: bool = True, timeout_s: float = 20.0) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
-    if check and r.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: {r.stderr.strip() or r.stdout.strip()}")
-    return r
-
-
-class Network:
-    """A switch namespace with a bridge, and one namespace per node plugged into it."""
+class Network(netns.Network):
+    """The shared LAN (tests/support/netns.py) with the origin's address on the switch's bridge,
+    one host per node, and each node's cable to the switch that the test can pull."""
 
     def __init__(self, n: int) -> None:
-        prefix = f"cached-pt-{secrets.token_hex(3)}-"
-        self.switch = prefix + "sw"
-        self.nodes = [f"{prefix}n{i}" for i in range(1, n + 1)]
-        self.made: list[str] = []
+        super().__init__(NET)
+        self._n = n
+        self.nodes: list[str] = []
 
-    @staticmethod
-    def ip(i: int) -> str:
+    def ip(self, i: int) -> str:  # type: ignore[override]
         return f"{NET}.{10 + i}"
 
-    @staticmethod
-    def port_of(i: int) -> str:
-        return f"s-n{i}"  # the switch-side veth of node i
-
     def build(self) -> None:
-        sh("ip", "netns", "add", self.switch)
-        self.made.append(self.switch)
-        sw = self.switch
-        sh("ip", "-n", sw, "link", "add", "br0", "type", "bridge")
-        sh("ip", "-n", sw, "addr", "add", f"{ORIGIN_IP}/24", "dev", "br0")
-        sh("ip", "-n", sw, "link", "set", "br0", "up")
-        sh("ip", "-n", sw, "link", "set", "lo", "up")
-        for i, ns in enumerate(self.nodes, start=1):
-            sh("ip", "netns", "add", ns)
-            self.made.append(ns)
-            # Created inside the switch namespace, the peer end goes straight into the node's:
-            # neither end ever exists in the host's namespace.
-            sh("ip", "-n", sw, "link", "add", self.port_of(i), "type", "veth", "peer", "name", "eth0", "netns", ns)
-            sh("ip", "-n", sw, "link", "set", self.port_of(i), "master", "br0")
-            sh("ip", "-n", sw, "link", "set", self.port_of(i), "up")
-            sh("ip", "-n", ns, "addr", "add", f"{self.ip(i)}/24", "dev", "eth0")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-            sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        super().build()
+        sh("ip", "-n", self.switch, "addr", "add", f"{ORIGIN_IP}/24", "dev", "br0")
+        self.nodes = [self.add_host(f"n{i}", 10 + i) for i in range(1, self._n + 1)]
 
     def set_link(self, i: int, up: bool) -> None:
-        sh("ip", "-n", self.switch, "link", "set", self.port_of(i), "up" if up else "down")
-
-    def teardown(self) -> None:
-        """Kill what still runs in our namespaces (by pid: only processes this test started), delete them.
-        The bridge and the veths live inside these namespaces and go with them."""
-        for ns in self.made:
-            for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
-                with contextlib.suppress(ProcessLookupError, ValueError):
-                    os.kill(int(pid), signal.SIGKILL)
-        for ns in reversed(self.made):
-            sh("ip", "netns", "del", ns, check=False)
-        left = set(sh("ip", "netns", "list", check=False).stdout.split()) & set(self.made)
-        assert not left, f"namespaces left behind: {left}"
-
-
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost", timeout=10)
-        self._path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(10)
-        self.sock.connect(self._path)
+        sh("ip", "-n", self.switch, "link", "set", netns.port_of(f"n{i}"), "up" if up else "down")
 
 
 class Node:
@@ -199,7 +146,7 @@ class Node:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env, cwd=REPO)
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
-        conn = _UnixHTTPConnection(str(self.socket))
+        conn = netns.UnixHTTPConnection(str(self.socket))
         try:
             conn.request(
                 method,
@@ -284,10 +231,7 @@ class Watch:
 
 @pytest.fixture
 def network() -> Iterator[Network]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create network namespaces (ip netns add)")
-    if shutil.which("ip") is None:
-        pytest.skip("needs the ip command (iproute2)")
+    netns.require_netns()
     net = Network(3)
     try:
         try:
