@@ -76,6 +76,9 @@ EVENTS_KEEPALIVE_S = 15.0
 # every prefetch. A revoked permission is honoured within this time (the store's own files are
 # readable by the cached group regardless; docs/security.md).
 FILE_DECISION_TTL_S = 5.0
+# ...and is still taken, for this long past that, by requests that arrive while another request of
+# the same caller re-checks it.
+FILE_DECISION_STALE_S = 30.0
 MAX_FILE_DECISIONS = 4096
 # Destructive or cluster-wide: need an admin credential (evict needs one only with force).
 ADMIN_ROUTES = frozenset(
@@ -155,6 +158,7 @@ class LocalApi:
         self._callers: weakref.WeakKeyDictionary[Any, Caller] = weakref.WeakKeyDictionary()
         # (uid, gids, ref) -> until when a positive file:// check of a ready model stands.
         self._file_decisions: collections.OrderedDict[tuple[Any, ...], float] = collections.OrderedDict()
+        self._file_checks: dict[tuple[Any, ...], tuple[asyncio.Lock, int]] = {}  # key -> (lock, waiters)
         self._peers = peers
         self._catalog = catalog
         self._reconciler = reconciler
@@ -363,14 +367,35 @@ class LocalApi:
             raise FileNotAllowed(f"{ref}: file:// imports are off on this daemon")
         caller = self._caller(request)
         key = (caller.uid, caller.gids, ref.canonical)
-        now = time.monotonic()
-        if ready and self._file_decisions.get(key, 0.0) > now:
-            return
-        await self._files.authorize(ref, uid=caller.uid, gids=caller.gids)
-        self._file_decisions[key] = now + FILE_DECISION_TTL_S
-        self._file_decisions.move_to_end(key)
-        while len(self._file_decisions) > MAX_FILE_DECISIONS:
-            self._file_decisions.popitem(last=False)
+        until = self._file_decisions.get(key)
+        if ready and until is not None:
+            now = time.monotonic()
+            # Fresh; or just run out while another request of this caller re-checks it: that one
+            # waits for the walk, the others go on (under load a walk on worker threads takes
+            # hundreds of ms, and two hundred launchers must not all stop for it every 5 s).
+            if until > now or (key in self._file_checks and until + FILE_DECISION_STALE_S > now):
+                return
+        lock, users = self._file_checks.get(key, (asyncio.Lock(), 0))
+        self._file_checks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                if ready and self._file_decisions.get(key, 0.0) > time.monotonic():
+                    return
+                try:
+                    await self._files.authorize(ref, uid=caller.uid, gids=caller.gids)
+                except CachedError:
+                    self._file_decisions.pop(key, None)  # revoked: nobody goes on with the old answer
+                    raise
+                self._file_decisions[key] = time.monotonic() + FILE_DECISION_TTL_S
+                self._file_decisions.move_to_end(key)
+                while len(self._file_decisions) > MAX_FILE_DECISIONS:
+                    self._file_decisions.popitem(last=False)
+        finally:
+            lock, users = self._file_checks[key]
+            if users <= 1:
+                del self._file_checks[key]
+            else:
+                self._file_checks[key] = (lock, users - 1)
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response([self._model(r) for r in self._status.known()])
