@@ -18,25 +18,14 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from cached.api.client import ApiClient
+from tests.support.contract import MODEL_FIELDS as CONTRACT_FIELDS
 from tests.support.node import running_daemon
 from tests.support.origin import Origin, write_random_file
 from tests.support.wait import wait_until
 
 PIECE = 64 * 1024
 FLAGS = {"store.piece_size_bytes": "64K"}
-MODEL_FIELDS = {
-    "ref",
-    "state",
-    "bytes_total",
-    "bytes_done",
-    "path",
-    "hf_path",
-    "manifest",
-    "pinned",
-    "leases",
-    "error",
-    "sources",
-}
+MODEL_FIELDS = set(CONTRACT_FIELDS)
 
 
 def manifest_blobs(cache: Path, model: dict[str, Any]) -> dict[str, Path]:

@@ -117,11 +117,12 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock.connect(self._path)
 
 
-class NsNode:
-    """``python -m cached`` inside a namespace, API on a unix socket, mDNS on, no seeds."""
+class NsDaemon:
+    """``python -m cached`` inside a namespace with its API on a unix socket the test reads
+    directly (no network involved); the flags that differ are the caller's."""
 
-    def __init__(self, ns: str, workdir: Path, node_id: str, host: str, cluster: str) -> None:
-        self.ns, self.node_id, self.host, self.cluster = ns, node_id, host, cluster
+    def __init__(self, ns: str, workdir: Path, node_id: str) -> None:
+        self.ns, self.node_id = ns, node_id
         self.dir = workdir / node_id
         self.dir.mkdir(parents=True)
         self.socket = self.dir / "api.sock"
@@ -132,37 +133,51 @@ class NsNode:
     def api(self) -> str:
         return f"unix:{self.socket}"
 
-    def start(self, token_file: Path, config: Path) -> None:
+    def launch(self, config: Path, *flags: str) -> None:
         argv = [
-            "ip",
-            "netns",
-            "exec",
-            self.ns,
-            sys.executable,
-            "-m",
-            "cached",
-            "--config",
-            str(config),
-            "--node-id",
-            self.node_id,
-            "--cache-dir",
-            str(self.dir / "cache"),
-            "--api-listen",
-            self.api,
-            "--peer-listen",
-            f"{self.host}:0",
-            "--cluster",
-            self.cluster,
-            "--cluster-token-file",
-            str(token_file),
-            "--mdns",
-            "--hf-endpoint",
-            "http://127.0.0.1:9",
+            *("ip", "netns", "exec", self.ns, sys.executable, "-m", "cached"),
+            *("--config", str(config), "--node-id", self.node_id, "--cache-dir", str(self.dir / "cache")),
+            *("--api-listen", self.api, "--hf-endpoint", "http://127.0.0.1:9"),
+            *flags,
         ]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         env.pop("NOTIFY_SOCKET", None)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env, cwd=REPO)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        return self.proc.returncode
+
+    def tail(self) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else "(none)"
+        return f"--- {self.node_id} log ---\n" + "\n".join(text.splitlines()[-25:])
+
+
+class NsNode(NsDaemon):
+    """A daemon that finds its peers by mDNS alone: no seeds."""
+
+    def __init__(self, ns: str, workdir: Path, node_id: str, host: str, cluster: str) -> None:
+        super().__init__(ns, workdir, node_id)
+        self.host, self.cluster = host, cluster
+
+    def start(self, token_file: Path, config: Path) -> None:
+        self.launch(
+            config,
+            *("--peer-listen", f"{self.host}:0", "--cluster", self.cluster),
+            *("--cluster-token-file", str(token_file), "--mdns"),
+        )
 
     def cachectl(self, *args: str) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -192,26 +207,6 @@ class NsNode:
                 if sample.name == name and sample.labels == labels:
                     return sample.value
         return 0.0
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        return self.proc.returncode
-
-    def tail(self) -> str:
-        return f"--- {self.node_id} log ---\n" + (
-            self.log.read_text(errors="replace")[-3000:] if self.log.exists() else "(none)"
-        )
 
 
 def poll(pred: Callable[[], Any], what: str, nodes: list[NsNode], timeout_s: float = 40.0) -> Any:

@@ -22,24 +22,13 @@ from typing import Any
 
 import pytest
 
+from tests.support.contract import MODEL_FIELDS
 from tests.support.node import ADMIN_TOKEN_FILE, REPO, TEST_FILE_ROOT, DaemonProcess
 from tests.support.origin import Origin, write_random_file
 
 pytestmark = pytest.mark.system
 
-MODEL_KEYS = {
-    "ref",
-    "state",
-    "bytes_total",
-    "bytes_done",
-    "path",
-    "hf_path",
-    "manifest",
-    "pinned",
-    "leases",
-    "error",
-    "sources",
-}
+MODEL_KEYS = set(MODEL_FIELDS)
 
 
 # --- helpers --------------------------------------------------------------------------------------

@@ -92,58 +92,25 @@ class Network(netns.Network):
         sh("ip", "-n", self.switch, "link", "set", netns.port_of(f"n{i}"), "up" if up else "down")
 
 
-class Node:
-    """``python -m cached`` in its namespace; its local API on a unix socket the test reads directly."""
+class Node(netns.NsDaemon):
+    """A daemon with a fixed peer address and static seeds (no mDNS)."""
 
     def __init__(self, ns: str, workdir: Path, node_id: str, ip: str) -> None:
-        self.ns, self.node_id, self.ip = ns, node_id, ip
-        self.dir = workdir / node_id
-        self.dir.mkdir(parents=True)
-        self.socket = self.dir / "api.sock"
-        self.log = self.dir / "daemon.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(ns, workdir, node_id)
+        self.ip = ip
 
     @property
     def peer(self) -> str:
         return f"{self.ip}:{PEER_PORT}"
 
     def start(self, token: Path, config: Path, seeds: list[str]) -> None:
-        argv = [
-            "ip",
-            "netns",
-            "exec",
-            self.ns,
-            sys.executable,
-            "-m",
-            "cached",
-            "--config",
-            str(config),
-            "--node-id",
-            self.node_id,
-            "--cache-dir",
-            str(self.dir / "cache"),
-            "--api-listen",
-            f"unix:{self.socket}",
-            "--peer-listen",
-            self.peer,
-            "--advertise",
-            self.peer,
-            "--cluster-token-file",
-            str(token),
-            "--no-mdns",
-            "--hf-endpoint",
-            "http://127.0.0.1:9",
-            "--max-cache-bytes",
-            "1G",  # the same capacity everywhere: equal HRW weights
-            "--piece-size",
-            "256K",
-        ]
-        for s in seeds:
-            argv += ["--seed", s]
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        env.pop("NOTIFY_SOCKET", None)
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env, cwd=REPO)
+        self.launch(
+            config,
+            *("--peer-listen", self.peer, "--advertise", self.peer, "--cluster-token-file", str(token), "--no-mdns"),
+            *("--max-cache-bytes", "1G"),  # the same capacity everywhere: equal HRW weights
+            *("--piece-size", "256K"),
+            *(a for s in seeds for a in ("--seed", s)),
+        )
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         conn = netns.UnixHTTPConnection(str(self.socket))
@@ -179,25 +146,6 @@ class Node:
             if e["ref"] == ref:
                 return list(e["owners"])
         return None
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        return self.proc.returncode
-
-    def tail(self) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else "(none)"
-        return f"--- {self.node_id} log ---\n" + "\n".join(text.splitlines()[-25:])
 
 
 class Watch:

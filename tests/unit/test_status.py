@@ -12,21 +12,10 @@ from cached.peers.holdings import NodeHoldings
 from cached.status import Copy, ModelStatus, Replicas, Revision, SourceBytes
 from cached.store.claims import Lease
 from cached.types import BlobId, FileEntry, JobState, Manifest, OriginFile
+from tests.support.contract import MODEL_FIELDS
 
 D1, D2 = "1" * 64, "2" * 64
-BASE_KEYS = [
-    "ref",
-    "state",
-    "bytes_total",
-    "bytes_done",
-    "path",
-    "hf_path",
-    "manifest",
-    "pinned",
-    "leases",
-    "error",
-    "sources",
-]
+BASE_KEYS = list(MODEL_FIELDS)
 
 
 def test_an_absent_model_has_the_base_keys_only_in_contract_order() -> None:
