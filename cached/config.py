@@ -177,11 +177,43 @@ class HfOriginConfig:
     refresh_interval_s: float = 0.0
 
 
+S3_ADDRESSING_STYLES = ("auto", "path", "virtual")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class S3OriginConfig:
+    """s3:// refs. Empty values fall back to the AWS environment (AWS_ENDPOINT_URL_S3,
+    AWS_ENDPOINT_URL, AWS_REGION, AWS_PROFILE, ...), read by the origin, not here."""
+
+    endpoint_url: str = ""
+    region: str = ""
+    addressing_style: str = "auto"  # auto, path or virtual
+    profile: str = ""  # a profile of the shared AWS config/credentials files
+    anonymous: bool = False  # unsigned requests (public buckets)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelScopeOriginConfig:
+    endpoint: str = "https://www.modelscope.cn"
+    token_file: Path | None = None  # else MODELSCOPE_API_TOKEN
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OciOriginConfig:
+    plain_http: tuple[str, ...] = ()  # HOST:PORT of registries spoken to over plain HTTP
+    default_registry: str = ""  # upstream of /v2 mirror requests that carry no ?ns=
+    auth_file: Path | None = None  # a Docker-style config.json with registry credentials
+    tag_ttl_s: float = 30.0  # how long the mirror reuses a tag's upstream answer
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OriginsConfig:
     http: HttpOriginConfig = field(default_factory=HttpOriginConfig)
     hf: HfOriginConfig = field(default_factory=HfOriginConfig)
     file: FileOriginConfig = field(default_factory=FileOriginConfig)
+    s3: S3OriginConfig = field(default_factory=S3OriginConfig)
+    modelscope: ModelScopeOriginConfig = field(default_factory=ModelScopeOriginConfig)
+    oci: OciOriginConfig = field(default_factory=OciOriginConfig)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -414,6 +446,50 @@ def _allowed_roots(value: Any) -> tuple[Path, ...]:
     return tuple(roots)
 
 
+def _url(value: Any, key: str, *, empty: bool = False) -> str:
+    url = _typed(value, str, key, "a URL")
+    if not (empty and not url) and not url.startswith(("http://", "https://")):
+        raise ConfigError(key, f"must be an http(s) URL, got {url!r}")
+    return url.rstrip("/")
+
+
+def _s3(t: Mapping[str, Any]) -> S3OriginConfig:
+    style = _typed(t["addressing_style"], str, "origins.s3.addressing_style", "auto, path or virtual")
+    if style not in S3_ADDRESSING_STYLES:
+        raise ConfigError("origins.s3.addressing_style", f"must be auto, path or virtual, got {style!r}")
+    return S3OriginConfig(
+        endpoint_url=_url(t["endpoint_url"], "origins.s3.endpoint_url", empty=True),
+        region=_typed(t["region"], str, "origins.s3.region", "a region name"),
+        addressing_style=style,
+        profile=_typed(t["profile"], str, "origins.s3.profile", "a profile name"),
+        anonymous=_typed(t["anonymous"], bool, "origins.s3.anonymous", "true or false"),
+    )
+
+
+def _modelscope(t: Mapping[str, Any]) -> ModelScopeOriginConfig:
+    return ModelScopeOriginConfig(
+        endpoint=_url(t["endpoint"], "origins.modelscope.endpoint"),
+        token_file=_optional_path(t["token_file"], "origins.modelscope.token_file"),
+    )
+
+
+def _oci(t: Mapping[str, Any]) -> OciOriginConfig:
+    plain = _strings(t["plain_http"], "origins.oci.plain_http", "a list of HOST:PORT")
+    for v in plain:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ConfigError("origins.oci.plain_http", f"expected HOST:PORT, got {v!r}")
+    registry = _typed(t["default_registry"], str, "origins.oci.default_registry", "a registry HOST[:PORT]")
+    if "/" in registry or registry.startswith(("http:", "https:")):
+        raise ConfigError("origins.oci.default_registry", f"expected a registry HOST[:PORT], got {registry!r}")
+    return OciOriginConfig(
+        plain_http=plain,
+        default_registry=registry,
+        auth_file=_optional_path(t["auth_file"], "origins.oci.auth_file"),
+        tag_ttl_s=_number(t["tag_ttl_s"], "origins.oci.tag_ttl_s", lo=0, hi=86400),
+    )
+
+
 def _lend_token_to(value: Any) -> tuple[str, ...]:
     out = _strings(value, "origins.hf.lend_token_to", "a list of 'org' or 'org/name'")
     for v in out:
@@ -570,6 +646,9 @@ def _build(t: dict[str, Any], spelled: Mapping[str, str] | None = None) -> Confi
                 lend_token_to=_lend_token_to(t["origins"]["hf"]["lend_token_to"]),
             ),
             file=FileOriginConfig(allowed_roots=_allowed_roots(t["origins"]["file"]["allowed_roots"])),
+            s3=_s3(t["origins"]["s3"]),
+            modelscope=_modelscope(t["origins"]["modelscope"]),
+            oci=_oci(t["origins"]["oci"]),
         ),
         transfer=_transfer(t["transfer"], spelled or {}),
         store=StoreConfig(

@@ -103,6 +103,23 @@ class RefKind(enum.StrEnum):
     HF = "hf"
     HTTP = "http"
     FILE = "file"
+    S3 = "s3"
+    MODELSCOPE = "modelscope"
+    OCI = "oci"
+    OLLAMA = "ollama"
+
+
+# S3 bucket names (the AWS rules, which MinIO and Ceph RGW also enforce for new buckets).
+_S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+# The OCI distribution spec's repository name and tag grammar.
+_OCI_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+_OCI_REPOSITORY = re.compile(rf"^{_OCI_COMPONENT}(?:/{_OCI_COMPONENT})*$")
+_OCI_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+_OCI_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+OLLAMA_DEFAULT_REGISTRY = "registry.ollama.ai"
+OCI_DEFAULT_PATH = "/models"
+# Kinds whose ref names a set of files, so that include/exclude patterns narrow it.
+_DIRECTORY_KINDS = frozenset({RefKind.HF, RefKind.MODELSCOPE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,9 +134,15 @@ class ModelRef:
     # http / file
     url: str = ""
     path: str = ""
-    # hf: which files of the repo (fnmatch patterns); empty include means all
+    # hf, modelscope, s3 prefix: which files (fnmatch patterns); empty include means all
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    # s3: bucket and key; a key ending in "/" (or empty) is a prefix, every object under it
+    bucket: str = ""
+    key: str = ""
+    # oci / ollama: registry host[:port]; ``repo`` is the repository, ``revision`` the tag or
+    # sha256 digest; oci ``path`` is the directory of a modelcar image whose files make the model
+    registry: str = ""
 
     @classmethod
     def parse(cls, text: str) -> ModelRef:
@@ -136,7 +159,11 @@ class ModelRef:
             raise RefError(raw.encode("utf-8", "replace").decode(), "is not valid Unicode (lone surrogate)")
         scheme, sep, _ = raw.partition("://")
         if not sep:
-            raise RefError(raw, "expected hf://org/name[@revision], http(s)://host/file or file:///path")
+            raise RefError(
+                raw,
+                "expected hf://org/name[@revision], http(s)://host/file, file:///path, s3://bucket/key, "
+                "modelscope://org/name, oci://registry/repo[:tag] or ollama://name[:tag]",
+            )
         scheme = scheme.lower()
         if scheme == "hf":
             return cls._parse_hf(raw)
@@ -144,16 +171,36 @@ class ModelRef:
             return cls._parse_http(raw)
         if scheme == "file":
             return cls._parse_file(raw)
-        raise RefError(raw, f"unknown scheme {scheme!r} (use hf://, http://, https:// or file://)")
+        if scheme == "s3":
+            return cls._parse_s3(raw)
+        if scheme == "modelscope":
+            return cls._parse_modelscope(raw)
+        if scheme == "oci":
+            return cls._parse_oci(raw)
+        if scheme == "ollama":
+            return cls._parse_ollama(raw)
+        raise RefError(
+            raw,
+            f"unknown scheme {scheme!r} (use hf://, http(s)://, file://, s3://, modelscope://, oci:// or ollama://)",
+        )
 
     @classmethod
     def _parse_hf(cls, raw: str) -> ModelRef:
-        body, _, query = raw[len("hf://") :].partition("?")
+        return cls._parse_hub(raw, RefKind.HF, default_revision="main")
+
+    @classmethod
+    def _parse_modelscope(cls, raw: str) -> ModelRef:
+        # ModelScope model ids follow the hub's own shape (org/name); its default branch is master.
+        return cls._parse_hub(raw, RefKind.MODELSCOPE, default_revision="master")
+
+    @classmethod
+    def _parse_hub(cls, raw: str, kind: RefKind, *, default_revision: str) -> ModelRef:
+        body, _, query = raw[len(kind.value) + len("://") :].partition("?")
         include, exclude = _parse_patterns(raw, query)
         repo, at, revision = body.partition("@")
         if at and not revision:
             raise RefError(raw, "empty revision after '@'")
-        revision = revision or "main"
+        revision = revision or default_revision
         parts = repo.split("/")
         if len(parts) not in (1, 2) or not all(parts):
             raise RefError(raw, "repo must be 'org/name' or 'name'")
@@ -175,28 +222,106 @@ class ModelRef:
         ):
             raise RefError(raw, f"invalid revision {revision!r}")
         return cls(
-            kind=RefKind.HF,
-            canonical=_hf_canonical(repo, revision, include, exclude),
+            kind=kind,
+            canonical=_with_query(f"{kind.value}://{repo}@{revision}", include, exclude),
             repo=repo,
             revision=revision,
             include=include,
             exclude=exclude,
         )
 
+    @classmethod
+    def _parse_s3(cls, raw: str) -> ModelRef:
+        body, _, query = raw[len("s3://") :].partition("?")
+        bucket, slash, key_text = body.partition("/")
+        if not _S3_BUCKET.match(bucket) or ".." in bucket:
+            raise RefError(raw, f"invalid bucket name {bucket!r} (3-63 lower-case letters, digits, '.' and '-')")
+        key = unquote(key_text)
+        prefix = not key or key.endswith("/")
+        if not slash or (not key and not prefix):
+            raise RefError(raw, "expected s3://BUCKET/KEY or s3://BUCKET/PREFIX/ (a trailing '/' names a prefix)")
+        include, exclude = _parse_patterns(raw, query)
+        if (include or exclude) and not prefix:
+            raise RefError(raw, "include/exclude apply to a prefix (s3://BUCKET/PREFIX/), not to one object")
+        if "\0" in key or len(key.encode()) > MAX_FILE_PATH_BYTES:
+            raise RefError(raw, f"object key must be at most {MAX_FILE_PATH_BYTES} bytes, without NUL")
+        segments = key.rstrip("/").split("/") if key.rstrip("/") else []
+        if any(s in ("", ".", "..") for s in segments):
+            # Keys become file names in the model's directory: '.', '..' and '//' have no file.
+            raise RefError(raw, "object key must not contain '.', '..' or empty segments")
+        canonical = _with_query(f"s3://{bucket}/{quote(key, safe=_KEY_SAFE)}", include, exclude)
+        return cls(kind=RefKind.S3, canonical=canonical, bucket=bucket, key=key, include=include, exclude=exclude)
+
+    @classmethod
+    def _parse_oci(cls, raw: str) -> ModelRef:
+        body, _, query = raw[len("oci://") :].partition("?")
+        registry, slash, name = body.partition("/")
+        _check_registry(raw, registry)
+        if not slash:
+            raise RefError(raw, "expected oci://REGISTRY/REPOSITORY[:TAG|@sha256:DIGEST]")
+        repo, revision = _split_oci_reference(raw, name)
+        path = OCI_DEFAULT_PATH
+        for part in filter(None, query.split("&")):
+            k, eq, v = part.partition("=")
+            if k != "path" or not eq:
+                raise RefError(raw, f"unknown ref option {part!r} (oci refs take path=/dir)")
+            path = "/" + "/".join(s for s in unquote(v).split("/") if s)
+            if any(s in (".", "..") for s in path.split("/")) or "\0" in path:
+                raise RefError(raw, f"path must be an absolute directory without '.' or '..': {v!r}")
+        sep = "@" if revision.startswith("sha256:") else ":"
+        canonical = f"oci://{registry}/{repo}{sep}{revision}"
+        if path != OCI_DEFAULT_PATH:
+            canonical += "?path=" + quote(path, safe="/")
+        return cls(kind=RefKind.OCI, canonical=canonical, registry=registry, repo=repo, revision=revision, path=path)
+
+    @classmethod
+    def _parse_ollama(cls, raw: str) -> ModelRef:
+        body = raw[len("ollama://") :]
+        if "?" in body:
+            raise RefError(raw, "ollama refs take no options")
+        first, slash, rest = body.partition("/")
+        # Docker's rule: the first component names a registry when it looks like a host.
+        if slash and ("." in first or ":" in first or first == "localhost"):
+            registry, name = first, rest
+        else:
+            registry, name = OLLAMA_DEFAULT_REGISTRY, body
+        _check_registry(raw, registry)
+        repo, revision = _split_oci_reference(raw, name)
+        if revision.startswith("sha256:"):
+            raise RefError(raw, "ollama refs name a tag (NAME[:TAG]), not a digest")
+        if "/" not in repo:
+            repo = "library/" + repo
+        return cls(
+            kind=RefKind.OLLAMA,
+            canonical=f"ollama://{registry}/{repo}:{revision}",
+            registry=registry,
+            repo=repo,
+            revision=revision,
+        )
+
+    @property
+    def is_directory(self) -> bool:
+        """Whether include/exclude patterns can narrow this ref (it names a set of files)."""
+        return self.kind in _DIRECTORY_KINDS or (self.kind is RefKind.S3 and (not self.key or self.key.endswith("/")))
+
     def with_patterns(self, include: Iterable[str] = (), exclude: Iterable[str] = ()) -> ModelRef:
-        """This hf ref narrowed by more include/exclude patterns (a prefetch request's)."""
-        if self.kind is not RefKind.HF:
-            raise RefError(self.canonical, "include/exclude patterns apply to hf:// refs only")
+        """This ref narrowed by more include/exclude patterns (a prefetch request's)."""
+        if not self.is_directory:
+            raise RefError(
+                self.canonical, "include/exclude patterns apply to hf://, modelscope:// and s3://BUCKET/PREFIX/ refs"
+            )
         inc = tuple(sorted(set(self.include) | set(include)))
         exc = tuple(sorted(set(self.exclude) | set(exclude)))
         for p in inc + exc:
             _check_pattern(self.canonical, p)
-        return ModelRef.parse(_hf_canonical(self.repo, self.revision, inc, exc))
+        return ModelRef.parse(_with_query(self.base.canonical, inc, exc))
 
     @property
     def base(self) -> ModelRef:
-        """The ref without include/exclude patterns (the whole repo at that revision)."""
-        return self if not (self.include or self.exclude) else ModelRef.parse(f"hf://{self.repo}@{self.revision}")
+        """The ref without include/exclude patterns (the whole repo or prefix at that revision)."""
+        if not (self.include or self.exclude):
+            return self
+        return ModelRef.parse(self.canonical.partition("?")[0])
 
     @classmethod
     def _parse_http(cls, raw: str) -> ModelRef:
@@ -264,14 +389,44 @@ def _parse_patterns(raw: str, query: str) -> tuple[tuple[str, ...], tuple[str, .
     for part in filter(None, query.split("&")):
         key, eq, value = part.partition("=")
         if key not in found or not eq:
-            raise RefError(raw, f"unknown ref option {part!r} (hf refs take include= and exclude=)")
+            raise RefError(raw, f"unknown ref option {part!r} (this ref takes include= and exclude=)")
         found[key].update(_check_pattern(raw, unquote(p)) for p in value.split(","))
     return tuple(sorted(found["include"])), tuple(sorted(found["exclude"]))
 
 
-def _hf_canonical(repo: str, revision: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> str:
+def _with_query(base: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> str:
     opts = [f"{k}={','.join(v)}" for k, v in (("include", include), ("exclude", exclude)) if v]
-    return f"hf://{repo}@{revision}" + ("?" + "&".join(opts) if opts else "")
+    return base + ("?" + "&".join(opts) if opts else "")
+
+
+# What an S3 key keeps unescaped in a canonical ref: everything but '?', '#', '%' and spaces,
+# so that the ref reads like the key and still parses back to it.
+_KEY_SAFE = "/-._~!$'()*+,;=:@"
+
+
+def _check_registry(raw: str, registry: str) -> None:
+    host, colon, port = registry.rpartition(":") if registry.count(":") == 1 else (registry, "", "")
+    if colon and not (port.isdigit() and 0 < int(port) < 65536):
+        raise RefError(raw, f"invalid registry port in {registry!r}")
+    if not host or not (_HOST.match(host) or _is_ip(host)):
+        raise RefError(raw, f"invalid registry host {registry!r}")
+
+
+def _split_oci_reference(raw: str, name: str) -> tuple[str, str]:
+    """``repo[:tag|@sha256:digest]`` -> (repo, tag or digest); the tag defaults to latest."""
+    repo, at, digest = name.partition("@")
+    if at:
+        if not _OCI_DIGEST.match(digest):
+            raise RefError(raw, f"invalid digest {digest!r} (sha256:<64 lower-case hex>)")
+        revision = digest
+    else:
+        repo, colon, tag = name.rpartition(":") if ":" in name else (name, "", "")
+        if colon and not _OCI_TAG.match(tag):
+            raise RefError(raw, f"invalid tag {tag!r}")
+        revision = tag or "latest"
+    if not _OCI_REPOSITORY.match(repo) or len(repo) > 255:
+        raise RefError(raw, f"invalid repository name {repo!r} (lower-case components joined by '/')")
+    return repo, revision
 
 
 def _is_ip(host: str) -> bool:

@@ -131,7 +131,7 @@ MALFORMED = [
     pytest.param({**raw(), "labels": "gpu=h100"}, id="labels-a-string"),
     pytest.param(raw(ref=""), id="ref-empty"),
     pytest.param(raw(ref="not a ref"), id="ref-unparsable"),
-    pytest.param(raw(ref="s3://bucket/model"), id="ref-unknown-scheme"),  # e.g. from a newer peer
+    pytest.param(raw(ref="gopher://bucket/model"), id="ref-unknown-scheme"),  # e.g. from a newer peer
     pytest.param({**raw(), "updated_at": float("nan")}, id="updated_at-nan"),  # never replaced again
     pytest.param({**raw(), "updated_at": float("inf")}, id="updated_at-inf"),  # wins forever
 ]

@@ -185,7 +185,8 @@ def test_invalid_toml_is_an_error_naming_the_file(tmp_path: Path) -> None:
         ('cache_directory = "/srv/cache"\n', "cache_directory"),
         ("[store]\nmax_byte = 1\n", "store.max_byte"),
         ("[origins.http]\nretry = 3\n", "origins.http.retry"),
-        ("[origins.s3]\nbucket = 'x'\n", "origins.s3"),
+        ("[origins.s3]\nbucket = 'x'\n", "origins.s3.bucket"),
+        ("[origins.gopher]\nurl = 'x'\n", "origins.gopher"),
         ("[nosuch]\na = 1\n", "nosuch"),
     ],
 )
@@ -426,3 +427,13 @@ def test_labels_past_what_peers_accept_are_a_config_error() -> None:
         assert e.value.key == "labels"
     cfg = load(None, {"cache_dir": "/tmp/c", "labels": {"gpu": "h100", "zone": "a"}}, default_file=Path("/nonexistent"))
     assert cfg.labels == {"gpu": "h100", "zone": "a"}
+
+
+def test_the_new_origins_sections_are_validated_and_named(tmp_path: Path) -> None:
+    assert config_error(tmp_path, "[origins.s3]\naddressing_style = 'sideways'\n").key == "origins.s3.addressing_style"
+    assert config_error(tmp_path, "[origins.s3]\nendpoint_url = 'minio:9000'\n").key == "origins.s3.endpoint_url"
+    assert config_error(tmp_path, "[origins.oci]\nplain_http = ['nohost']\n").key == "origins.oci.plain_http"
+    assert (
+        config_error(tmp_path, "[origins.oci]\ndefault_registry = 'https://r'\n").key == "origins.oci.default_registry"
+    )
+    assert config_error(tmp_path, "[origins.modelscope]\nendpoint = 'ftp://x'\n").key == "origins.modelscope.endpoint"

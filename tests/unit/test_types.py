@@ -68,7 +68,21 @@ any_char = chars((0, 0x7F), (0x80, 0xFFFF), (0xD800, 0xDFFF), (0x10000, 0x10FFFF
 unicode_char = chars((0, 0x7F), (0x80, 0xD7FF), (0xE000, 0x10FFFF))  # no lone surrogates
 ref_alphabet = st.one_of(st.sampled_from(list("/.@%:?#~-_ aZ09\\")), any_char)
 schemes = st.sampled_from(
-    ["hf://", "HF://", "http://", "https://", "HTTPS://", "file://", "file:///", "file://localhost/", ""]
+    [
+        "hf://",
+        "HF://",
+        "http://",
+        "https://",
+        "HTTPS://",
+        "file://",
+        "file:///",
+        "file://localhost/",
+        "s3://bucket/",
+        "modelscope://",
+        "oci://reg.example:5000/",
+        "ollama://",
+        "",
+    ]
 )
 ref_like = st.builds(str.__add__, schemes, st.text(ref_alphabet, max_size=60))
 # The same without lone surrogates, for properties of refs that do parse.
@@ -87,8 +101,18 @@ path_segment = st.text(
 
 @st.composite
 def valid_refs(draw: st.DrawFn) -> ModelRef:
-    kind = draw(st.sampled_from(["hf", "http", "file"]))
-    if kind == "hf":
+    kind = draw(st.sampled_from(["hf", "http", "file", "s3", "oci"]))
+    if kind == "s3":
+        key = "/".join(draw(st.lists(path_segment, min_size=0, max_size=4)))
+        text = "s3://bucket-1/" + quote(key) + draw(st.sampled_from(["", "/"]))
+    elif kind == "oci":
+        repo = "/".join(
+            draw(st.lists(st.text(st.sampled_from("abc019"), min_size=1, max_size=6), min_size=1, max_size=3))
+        )
+        text = f"oci://reg.example:5000/{repo}" + draw(
+            st.sampled_from(["", ":v1", "@sha256:" + "0" * 64, "?path=/x/y"])
+        )
+    elif kind == "hf":
         repo = "/".join(draw(st.lists(hf_part, min_size=1, max_size=2)))
         rev = draw(st.none() | hf_revision)
         text = f"hf://{repo}" + (f"@{rev}" if rev is not None else "")
@@ -135,6 +159,51 @@ def valid_refs(draw: st.DrawFn) -> ModelRef:
         ("file://localhost/srv/m.gguf", RefKind.FILE, "file:///srv/m.gguf", {"path": "/srv/m.gguf"}),
         ("file:///srv//models/", RefKind.FILE, "file:///srv/models", {"path": "/srv/models"}),
         ("file:///srv/my%20model", RefKind.FILE, "file:///srv/my%20model", {"path": "/srv/my model"}),
+        (
+            "s3://models/llama/m.gguf",
+            RefKind.S3,
+            "s3://models/llama/m.gguf",
+            {"bucket": "models", "key": "llama/m.gguf"},
+        ),
+        ("s3://models/llama/", RefKind.S3, "s3://models/llama/", {"key": "llama/"}),
+        ("s3://models/", RefKind.S3, "s3://models/", {"key": ""}),
+        ("s3://models/a%3Fb", RefKind.S3, "s3://models/a%3Fb", {"key": "a?b"}),
+        ("s3://models/d/?include=*.json", RefKind.S3, "s3://models/d/?include=*.json", {"include": ("*.json",)}),
+        (
+            "modelscope://Qwen/Qwen2-0.5B",
+            RefKind.MODELSCOPE,
+            "modelscope://Qwen/Qwen2-0.5B@master",
+            {"repo": "Qwen/Qwen2-0.5B"},
+        ),
+        (
+            "modelscope://org/m@v1?exclude=*.bin",
+            RefKind.MODELSCOPE,
+            "modelscope://org/m@v1?exclude=*.bin",
+            {"revision": "v1"},
+        ),
+        (
+            "oci://127.0.0.1:5000/models/llama",
+            RefKind.OCI,
+            "oci://127.0.0.1:5000/models/llama:latest",
+            {"revision": "latest"},
+        ),
+        ("oci://ghcr.io/o/m:v2", RefKind.OCI, "oci://ghcr.io/o/m:v2", {"registry": "ghcr.io", "repo": "o/m"}),
+        ("oci://r.example/m@sha256:" + "ab" * 32, RefKind.OCI, "oci://r.example/m@sha256:" + "ab" * 32, {"repo": "m"}),
+        ("oci://r.example/m?path=/data/", RefKind.OCI, "oci://r.example/m:latest?path=/data", {"path": "/data"}),
+        ("oci://r.example/m", RefKind.OCI, "oci://r.example/m:latest", {"path": "/models"}),
+        (
+            "ollama://llama3",
+            RefKind.OLLAMA,
+            "ollama://registry.ollama.ai/library/llama3:latest",
+            {"repo": "library/llama3"},
+        ),
+        ("ollama://u/m:7b", RefKind.OLLAMA, "ollama://registry.ollama.ai/u/m:7b", {"revision": "7b"}),
+        (
+            "ollama://localhost:11434/x/y",
+            RefKind.OLLAMA,
+            "ollama://localhost:11434/x/y:latest",
+            {"registry": "localhost:11434"},
+        ),
     ],
 )
 def test_parse_accepts_each_documented_form(text: str, kind: RefKind, canonical: str, fields: dict[str, str]) -> None:
@@ -196,6 +265,36 @@ HOSTILE_REFS = [
     "http://host/a\x7fb",
     "https://host/a\rb.gguf",
     "hf://" + "a" * 5000,
+    # s3: bucket names, traversal in keys, patterns on one object
+    "s3://",
+    "s3://bucket",
+    "s3://b/key",
+    "s3://Bucket/key",
+    "s3://bucket/a/../b",
+    "s3://bucket/a//b",
+    "s3://bucket/./b",
+    "s3://bucket/key?include=*",
+    "s3://bucket/d/?color=red",
+    # modelscope: same shape rules as hf
+    "modelscope://",
+    "modelscope://a/b/c",
+    "modelscope://org/name@",
+    "modelscope://org/name@../x",
+    # oci / ollama: registry, repository grammar, tags, digests, options
+    "oci://",
+    "oci://registry.example",
+    "oci://registry.example/",
+    "oci://registry.example/Upper",
+    "oci://registry.example/a/../b",
+    "oci://registry.example/m@sha256:short",
+    "oci://registry.example/m@md5:" + "a" * 32,
+    "oci://registry.example/m:bad/tag",
+    "oci://registry.example:99999/m",
+    "oci://registry.example/m?path=/a/../b",
+    "oci://registry.example/m?other=1",
+    "ollama://",
+    "ollama://m@sha256:" + "a" * 64,
+    "ollama://m?x=1",
 ]
 
 
