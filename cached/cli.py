@@ -7,6 +7,8 @@ Admin commands (``evict --force``, ``pin``, ``unpin``, ``replicate``, ``gc``, ``
 admin token from ``--admin-token-file``, else ``$CACHED_ADMIN_TOKEN_FILE``, else the daemon's
 ``api.admin_token_file`` in /etc/cached/config.toml when this user can read it. Without one the
 daemon answers 401/403 (exit 1, with its message), unless the unix socket admits the caller.
+
+``run`` (prefetch, lease, launch an engine) is split out: ``cached.cli_run`` runs the command.
 """
 
 from __future__ import annotations
@@ -15,11 +17,16 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
+import socket
 import sys
 import time
 import tomllib
 from typing import Any, NoReturn
 
+import yarl
+
+from cached import __version__, cli_run
 from cached.api.client import ADMIN_TOKEN_ENV, ApiClient, ApiError, parse_address, read_token_file
 from cached.config import DEFAULT_API_LISTEN, DEFAULT_CONFIG_FILE
 from cached.errors import DaemonUnreachable, RefError
@@ -51,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         "user and api.admin_group need none)",
     )
     p = _Parser(prog="cachectl", description="Control the cached daemon on this node.", parents=[common])
+    p.add_argument("--version", action="version", version=f"cachectl (cached) {__version__}")
     p.add_argument("--api", help="http://HOST:PORT, HOST:PORT or unix:/path (default $CACHED_API, then 127.0.0.1:7470)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -59,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = cmd("status", "one model, or the node summary")
     c.add_argument("ref", nargs="?")
-    cmd("ls", "models known on this node")
+    c = cmd("ls", "models known on this node")
+    c.add_argument("--all", action="store_true", help="also failed prefetches the daemon no longer lists")
     c = cmd("prefetch", "make REF ready on this node")
     c.add_argument("ref")
     c.add_argument("--wait", action="store_true", help="return when the model is ready; print its path")
@@ -97,7 +106,24 @@ def build_parser() -> argparse.ArgumentParser:
     c = cmd("verify", "re-hash stored blobs; repair bad pieces (admin)")
     c.add_argument("ref", nargs="?")
     cmd("gc", "run eviction now (admin)")
+    c = cmd("run", "make REF ready, lease it, and run a command on it: cachectl run REF [options] -- CMD [ARG...]")
+    c.add_argument("ref")
+    c.add_argument("--holder", default=None, help="who holds the lease (default: the command, host and pid)")
+    c.add_argument(
+        "--ttl",
+        type=float,
+        default=RUN_TTL_S,
+        metavar="S",
+        help=f"lease TTL, renewed every TTL/3 while the command runs (default {RUN_TTL_S:g})",
+    )
+    c.add_argument("--timeout", type=float, default=None, metavar="S", help="give up waiting for REF after S seconds")
+    c.add_argument("--priority", choices=["high", "normal", "low"], default="normal")
     return p
+
+
+# `cachectl run`'s lease: renewed while the command runs, so it can be short; if cachectl itself
+# is killed (SIGKILL), the model is free again within this time.
+RUN_TTL_S = 120.0
 
 
 def _check_ref(text: str) -> str:
@@ -130,14 +156,53 @@ def admin_token(flag: str | None) -> str | None:
     return None
 
 
+def split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """(cachectl's own arguments, the command after the first ``--`` or None). The command is
+    never parsed by cachectl: its options (``--help``, ``--port``) are its own."""
+    if "--" not in argv:
+        return argv, None
+    i = argv.index("--")
+    return argv[:i], argv[i + 1 :]
+
+
+def check_api_address(addr: str, source: str) -> None:
+    """A usage error naming ``addr`` and what is wrong with it, before any connection."""
+    hint = "use http://HOST:PORT, HOST:PORT or unix:/path"
+    try:
+        base, unix = parse_address(addr)
+    except ValueError:
+        raise UsageError(f"{source} {addr!r} is not an API address; {hint}") from None
+    if unix is not None:
+        if not unix:
+            raise UsageError(f"{source} {addr!r} names no socket path; {hint}")
+        return
+    try:
+        url = yarl.URL(base)
+        port = url.port
+    except ValueError as e:
+        raise UsageError(f"{source} {addr!r} is not an API address ({e}); {hint}") from None
+    if not url.host or port is None or url.path not in ("", "/"):
+        raise UsageError(f"{source} {addr!r} is not an API address (it needs a host and port and no path); {hint}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    own, command = split_command(sys.argv[1:] if argv is None else list(argv))
+    args = parser.parse_args(own)
     args.json = getattr(args, "json", False)
     args.admin_token_file = getattr(args, "admin_token_file", None)
+    if args.command == "run":
+        if not command:
+            parser.error("run needs a command after '--': cachectl run REF [options] -- CMD [ARG...]")
+        args.run_command = command
+    elif command is not None:
+        parser.error(f"{args.command} takes no command after '--' (only run does)")
     addr = args.api or os.environ.get("CACHED_API") or DEFAULT_API_LISTEN
+    source = "--api" if args.api else ("$CACHED_API" if os.environ.get("CACHED_API") else "the default address")
     try:
-        parse_address(addr)
+        check_api_address(addr, source)
+        if args.command == "run":
+            _check_run_args(args)
         code = asyncio.run(_run(args, addr))
     except UsageError as e:
         print(f"cachectl: error: {e}", file=sys.stderr)
@@ -185,28 +250,57 @@ async def _cmd_status(api: ApiClient, args: argparse.Namespace) -> int:
 
 
 async def _cmd_ls(api: ApiClient, args: argparse.Namespace) -> int:
-    models = await api.request("GET", "/v1/models")
+    # --all: the daemon also lists failed prefetches it has stopped listing (issue 17).
+    models = await api.request("GET", "/v1/models", params={"all": "1"} if args.all else None)
     if args.json:
         _out(args, models, "")
         return EXIT_OK
-    from rich.console import Console
-    from rich.table import Table
+    width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+    print(ls_table(models, width) if models else "no models")
+    return EXIT_OK
 
-    table = Table(box=None, pad_edge=False)
-    for col in ("REF", "STATE", "SIZE", "DONE", "PIN", "LEASES"):
-        table.add_column(col)
-    for m in models:
-        pct = f"{100 * m['bytes_done'] / m['bytes_total']:.0f}%" if m["bytes_total"] else "-"
-        table.add_row(
+
+LS_COLUMNS = ("REF", "STATE", "SIZE", "DONE", "PIN", "LEASES")
+MIN_REF_WIDTH = 24
+
+
+def ls_table(models: list[dict[str, Any]], width: int | None) -> str:
+    """``ls`` as aligned columns. With ``width`` (a terminal) refs too long for it are shortened
+    to their scheme and their tail, where refs of one repo differ (``@rev``, ``?include=``);
+    without (a pipe or file) nothing is cut, so scripts see whole refs."""
+    rows = [
+        [
             m["ref"],
             m["state"],
             format_size(m["bytes_total"]),
-            pct,
+            f"{100 * m['bytes_done'] / m['bytes_total']:.0f}%" if m["bytes_total"] else "-",
             "yes" if m["pinned"] else "",
             str(len(m["leases"])),
-        )
-    Console(highlight=False).print(table) if models else print("no models")
-    return EXIT_OK
+        ]
+        for m in models
+    ]
+    widths = [max(len(r[i]) for r in [list(LS_COLUMNS), *rows]) for i in range(len(LS_COLUMNS))]
+    if width is not None:
+        room = max(MIN_REF_WIDTH, width - sum(w + 2 for w in widths[1:]))
+        if widths[0] > room:
+            widths[0] = room
+            for r in rows:
+                r[0] = shorten_ref(r[0], room)
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip() for cells in [LS_COLUMNS, *rows]
+    ]
+    return "\n".join(lines)
+
+
+def shorten_ref(ref: str, width: int) -> str:
+    """``ref`` in ``width`` characters: the scheme, an ellipsis, and as much of the tail as fits."""
+    if len(ref) <= width:
+        return ref
+    scheme = ref[: ref.index("://") + 3] if "://" in ref else ""
+    keep = width - len(scheme) - 1
+    if keep < 8:
+        scheme, keep = "", width - 1
+    return f"{scheme}…{ref[-keep:]}"
 
 
 async def _cmd_prefetch(api: ApiClient, args: argparse.Namespace) -> int:
@@ -215,18 +309,16 @@ async def _cmd_prefetch(api: ApiClient, args: argparse.Namespace) -> int:
         body["refresh"] = True
     if args.include or args.exclude:
         body.update(include=args.include, exclude=args.exclude)
-        args.ref = ModelRef.parse(args.ref).with_patterns(args.include, args.exclude).canonical
+        try:
+            args.ref = ModelRef.parse(args.ref).with_patterns(args.include, args.exclude).canonical
+        except RefError as e:
+            # The daemon would answer 400 bad_ref with the same reason: a usage error, exit 2.
+            raise UsageError(f"--include/--exclude: {e.message}") from None
     if not args.wait:
         model = await api.request("POST", "/v1/prefetch", body=body)
         _out(args, model, f"{model['ref']}: {model['state']}")
         return EXIT_OK
-    if sys.stderr.isatty() and not args.json:
-        model = await _prefetch_with_bar(api, args, body)
-    else:
-        body.update(wait=True)
-        if args.timeout is not None:
-            body["timeout_s"] = args.timeout
-        model = await api.request("POST", "/v1/prefetch", body=body)
+    model = await _prefetch_and_wait(api, args, body)
     if model["state"] != "ready":
         _out(
             args,
@@ -239,16 +331,33 @@ async def _cmd_prefetch(api: ApiClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _prefetch_and_wait(api: ApiClient, args: argparse.Namespace, body: dict[str, Any]) -> dict[str, Any]:
+    """The model once ready (or once waiting ended): a bar on a terminal, quiet otherwise."""
+    if sys.stderr.isatty() and not args.json:
+        return await _prefetch_with_bar(api, args, body)
+    body = {**body, "wait": True}
+    if args.timeout is not None:
+        body["timeout_s"] = args.timeout
+    return await api.request("POST", "/v1/prefetch", body=body)
+
+
 async def _prefetch_with_bar(api: ApiClient, args: argparse.Namespace, body: dict[str, Any]) -> dict[str, Any]:
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+    from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class BinarySpeedColumn(ProgressColumn):
+        # rich's TransferSpeedColumn speaks MB/s; `status` and the bar's sizes speak MiB.
+        def render(self, task: Any) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text("?" if speed is None else f"{format_size(speed)}/s", style="progress.data.speed")
 
     deadline = time.monotonic() + args.timeout if args.timeout else None
     await api.request("POST", "/v1/prefetch", body=body)
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
+        DownloadColumn(binary_units=True),
+        BinarySpeedColumn(),
         TimeRemainingColumn(),
     )
     from rich.console import Console
@@ -369,6 +478,11 @@ def _human_model(m: dict[str, Any]) -> str:
         lines.append(f"manifest: {m['manifest']}")
     lines.append(f"pinned:   {'yes' if m['pinned'] else 'no'}")
     lines.append(f"leases:   {', '.join(lease['holder'] for lease in m['leases']) or 'none'}")
+    if m.get("replicas"):
+        r = m["replicas"]
+        owners = ", ".join(r.get("owners") or []) or "none alive"
+        spare = "; this copy is spare" if r.get("spare") else ""
+        lines.append(f"replicas: {r['target']} wanted, owners {owners}{spare}")
     src = m.get("sources") or {}
     if any(src.values()):
         lines.append(f"sources:  origin {format_size(src.get('origin', 0))}, peers {format_size(src.get('peer', 0))}")
@@ -395,6 +509,36 @@ def _human_node(n: dict[str, Any]) -> str:
             lines.append(f"  {t['ref']}  {t['state']}  {pct:.0f}%  {format_size(t['rate_bps'])}/s")
     lines.append(f"peers:     {len(n['peers'])}")
     return "\n".join(lines)
+
+
+def _check_run_args(args: argparse.Namespace) -> None:
+    """Everything ``run`` can refuse before it prefetches anything (exit 2)."""
+    if not 1 <= args.ttl <= 7 * 24 * 3600:
+        raise UsageError("--ttl must be between 1 and 604800 seconds")
+    if args.timeout is not None and args.timeout <= 0:
+        raise UsageError("--timeout must be more than 0 seconds")
+    program = args.run_command[0]
+    if shutil.which(program) is None:
+        raise UsageError(f"run: command not found or not executable: {program}")
+    if args.holder is None:
+        args.holder = f"{os.path.basename(program)}@{socket.gethostname()} (cachectl run, pid {os.getpid()})"
+    if not args.holder or len(args.holder) > 256:
+        raise UsageError("--holder must be 1 to 256 characters")
+
+
+async def _cmd_run(api: ApiClient, args: argparse.Namespace) -> int:
+    model = await _prefetch_and_wait(api, args, {"ref": args.ref, "priority": args.priority})
+    if model["state"] != "ready":
+        why = f": {model['error']}" if model.get("error") else ""
+        print(
+            f"cachectl: {args.ref} is not ready ({model['state']}{why}); not starting {args.run_command[0]}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    lease = await api.request("POST", "/v1/leases", body={"ref": args.ref, "holder": args.holder, "ttl_s": args.ttl})
+    return await cli_run.run_command(
+        api, ref=args.ref, holder=args.holder, ttl_s=args.ttl, command=args.run_command, lease=lease
+    )
 
 
 if __name__ == "__main__":

@@ -191,6 +191,7 @@ class LocalApi:
         r.add_get("/v1/leases", self.leases)
         r.add_post("/v1/leases", self.take_lease)
         r.add_delete("/v1/leases/{lease_id}", self.release_lease)
+        r.add_post("/v1/leases/{lease_id}/renew", self.renew_lease)
         r.add_post("/v1/verify", self.verify)
         r.add_post("/v1/gc", self.gc)
         r.add_get("/v1/node", self.node)
@@ -449,6 +450,13 @@ class LocalApi:
         return web.json_response(
             {**lease.to_json(), "path": str(path), "hf_path": str(self._store.hf_dir) if snapshot else None}, status=201
         )
+
+    async def renew_lease(self, request: web.Request) -> web.Response:
+        # The heartbeat of a launcher (`cachectl run`): a short TTL kept alive while the engine runs.
+        body = await self._body(request)
+        ttl_s = self._opt(body, "ttl_s", (int, float), 3600)
+        lease = await self._store.claims.renew(request.match_info["lease_id"], float(ttl_s))
+        return web.json_response(lease.to_json())
 
     async def release_lease(self, request: web.Request) -> web.Response:
         lease = await self._store.claims.release(request.match_info["lease_id"])

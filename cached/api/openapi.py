@@ -131,6 +131,14 @@ def document() -> dict[str, Any]:
                     "responses": {"200": _ok("released", {"type": "object"}), **ERRORS},
                 }
             },
+            "/v1/leases/{lease_id}/renew": {
+                "post": {
+                    "summary": "extend a live lease to ttl_s from now (a launcher's heartbeat); 404 once it is gone",
+                    "parameters": [{"name": "lease_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                    "requestBody": _body({"ttl_s": {"type": "number", "minimum": 1, "maximum": 604800}}, []),
+                    "responses": {"200": _ok("lease", {"type": "object"}), **ERRORS},
+                }
+            },
             "/v1/verify": {
                 "post": _admin(
                     {

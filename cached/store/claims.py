@@ -12,7 +12,7 @@ import json
 import logging
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cached.errors import NotFoundError, RequestError
@@ -117,6 +117,24 @@ class Claims:
         )
         self._leases[lease.lease_id] = lease
         return lease
+
+    async def renew(self, lease_id: str, ttl_s: float) -> Lease:
+        """Move a live lease's expiry to ``ttl_s`` from now (a launcher's heartbeat). A lease that
+        was released or has expired is gone: the holder must take a new one."""
+        if not 1 <= ttl_s <= MAX_LEASE_TTL_S:
+            raise RequestError(f"ttl_s must be between 1 and {MAX_LEASE_TTL_S} seconds, got {ttl_s}")
+        lease = self._leases.get(lease_id)
+        if lease is None or lease.expires_at <= self._clock():
+            raise NotFoundError(f"no lease {lease_id!r} (released or expired)")
+        renewed = replace(lease, expires_at=self._clock() + ttl_s)
+        path = self._leases_dir / f"{lease_id}.json"
+        await asyncio.to_thread(durable.atomic_write, path, json.dumps(renewed.to_json()).encode())
+        if lease_id not in self._leases:
+            # Released while the file was being written: do not bring it back.
+            await asyncio.to_thread(path.unlink, True)
+            raise NotFoundError(f"no lease {lease_id!r} (released)")
+        self._leases[lease_id] = renewed
+        return renewed
 
     async def release(self, lease_id: str) -> Lease:
         lease = self._leases.pop(lease_id, None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pty
 import re
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 
 from tests.support.contract import MODEL_FIELDS
+from tests.support.hub import Hub
 from tests.support.node import ADMIN_TOKEN_FILE, REPO, TEST_FILE_ROOT, DaemonProcess
 from tests.support.origin import Origin, write_random_file
 
@@ -480,3 +482,155 @@ async def test_admin_commands_over_tcp_need_the_admin_token(tcp_node: TcpDaemon,
     assert r.returncode == 0, r.stderr
     r = await cachectl("--json", "status", ref, api=tcp_node.address, env=bare)
     assert one_json(r)["state"] == "absent"
+
+
+# --- issue 17: what a new user trips on -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["file", "http"])
+async def test_include_on_a_non_hf_ref_is_one_line_and_exit_2(kind: str, node: DaemonProcess, sources: Path) -> None:
+    ref = f"file://{sources}/some-model" if kind == "file" else "http://127.0.0.1:9/m.gguf"
+    r = await cachectl("prefetch", ref, "--include", "*.json", "--exclude", "*.bin", api=node.api)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "hf://" in r.stderr and "--include" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("addr", ["bogus:::", "http://:80", "http://127.0.0.1:7470/v1", "unix:", "host:port"])
+async def test_a_malformed_api_address_is_named(addr: str) -> None:
+    r = await cachectl("status", api=addr)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert f"--api {addr!r} " in r.stderr, r.stderr
+    assert "not an API address" in r.stderr or "names no socket path" in r.stderr, r.stderr
+    assert "/v1/node" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+    r = await cachectl("status", api=None, env={"CACHED_API": addr})
+    assert r.returncode == 2 and "$CACHED_API" in r.stderr, r.stderr
+
+
+async def test_version_of_cachectl_and_cached_is_the_package_version() -> None:
+    from importlib.metadata import version
+
+    r = await cachectl("--version", api=None)
+    assert r.returncode == 0 and r.stdout.split() == ["cachectl", "(cached)", version("cached")], r
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cached",
+        "--version",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0 and out.decode().split() == ["cached", version("cached")], err
+
+
+@pytest.fixture(scope="module")
+def long_refs(node: DaemonProcess, sources: Path) -> list[str]:
+    """Four ready models whose refs are longer than a terminal and differ only at the end."""
+    base = sources / ("a-rather-long-directory-name-for-models-" * 2).rstrip("-")
+    refs = []
+    for tail in ("variant-q4", "variant-q5", "variant-q8", "variant-f16"):
+        src = make_model_dir(base, f"llama-3-70b-instruct-{tail}", size=10_000)
+        refs.append(f"file://{src}")
+        node.cachectl("prefetch", refs[-1], "--wait")
+    return refs
+
+
+async def test_ls_in_a_pipe_prints_whole_refs(node: DaemonProcess, long_refs: list[str]) -> None:
+    r = await cachectl("ls", api=node.api, env={"COLUMNS": "80"})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["REF", "STATE", "SIZE", "DONE", "PIN", "LEASES"]
+    for ref in long_refs:
+        assert len(ref) > 80
+        assert [line.split()[0] for line in lines if line.startswith(ref)] == [ref], r.stdout
+    assert "…" not in r.stdout
+
+
+async def test_ls_on_a_terminal_keeps_the_distinguishing_tail(node: DaemonProcess, long_refs: list[str]) -> None:
+    master, slave = pty.openpty()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "90", "TERM": "xterm"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cached.cli", "--api", node.api, "ls", stdout=slave, stderr=slave, env=env
+    )
+    os.close(slave)
+    chunks = bytearray()
+
+    def drain() -> None:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO once the child closed its end
+                return
+            if not chunk:
+                return
+            chunks.extend(chunk)
+
+    await asyncio.wait_for(asyncio.gather(proc.wait(), asyncio.to_thread(drain)), 60)
+    os.close(master)
+    assert proc.returncode == 0
+    lines = chunks.decode().replace("\r", "").splitlines()
+    assert all(len(line) <= 90 for line in lines), lines
+    for ref in long_refs:
+        tail = ref.rsplit("-", 1)[1]  # q4, q5, q8, f16
+        shown = [line.split()[0] for line in lines if line.startswith("file://…") and f"-variant-{tail} " in line + " "]
+        assert len(shown) == 1 and ref.endswith(shown[0].removeprefix("file://…")), (ref, lines)
+
+
+async def test_plain_status_shows_replicas_and_binary_units(tmp_path: Path) -> None:
+    """A node in a cluster (of one) with a catalog entry for an hf ref: plain `status` shows the
+    replica plan `--json` has, and sizes in the binary units of the progress bar."""
+    (tmp_path / "d").mkdir()
+    token = tmp_path / "cluster.token"
+    token.write_text("cluster-token-for-the-replicas-test-0123456789")
+    token.chmod(0o600)
+    async with Hub() as hub:
+        hub.add_repo("acme/replicated", {"model.safetensors": b"\x01" * (1536 * 1024 + 5), "config.json": b"{}"})
+        daemon = DaemonProcess(tmp_path / "d", "--hf-endpoint", hub.url, "--cluster-token-file", str(token))
+        await asyncio.to_thread(daemon.start)
+        try:
+            ref = "hf://acme/replicated"
+            r = await cachectl("prefetch", ref, "--wait", api=daemon.api)
+            assert r.returncode == 0, r.stderr
+            r = await cachectl("replicate", ref, "--replicas", "1", api=daemon.api)
+            assert r.returncode == 0, r.stderr
+            doc = one_json(await cachectl("--json", "status", ref, api=daemon.api))
+            human = await cachectl("status", ref, api=daemon.api)
+        finally:
+            await asyncio.to_thread(daemon.stop)
+    assert human.returncode == 0, human.stderr
+    replicas = doc["replicas"]
+    line = next(x for x in human.stdout.splitlines() if x.startswith("replicas:"))
+    assert f"{replicas['target']} wanted" in line, line
+    assert replicas["owners"] == ["proc-node"] and "owners proc-node" in line, (line, replicas)
+    assert "progress: 1.5 MiB / 1.5 MiB" in human.stdout, human.stdout
+
+
+async def test_ls_all_is_accepted_and_sent_as_all_1(node: DaemonProcess, ready_model: tuple[str, Path]) -> None:
+    r = await cachectl("ls", "--all", "--json", api=node.api)
+    assert r.returncode == 0, r.stderr
+    assert any(m["ref"] == ready_model[0] for m in one_json(r))
+
+    # What goes over the wire: a loopback server in the daemon's place records the query.
+    from aiohttp import web
+
+    seen: list[dict[str, str]] = []
+
+    async def models(request: web.Request) -> web.Response:
+        seen.append(dict(request.query))
+        return web.json_response([])
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        addr = "127.0.0.1:%d" % runner.addresses[0][1]
+        assert (await cachectl("ls", "--all", api=addr)).returncode == 0
+        assert (await cachectl("ls", api=addr)).returncode == 0
+    finally:
+        await runner.cleanup()
+    assert seen == [{"all": "1"}, {}]

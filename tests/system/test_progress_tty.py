@@ -64,4 +64,6 @@ async def test_progress_bar_goes_to_the_terminal_and_the_path_to_stdout(tmp_path
     assert "\n" not in path and "\x1b" not in path, f"stdout must hold only the path, got {stdout!r}"
     assert (Path(path) / "m.bin").read_bytes() == src.read_bytes()
     drawn = terminal.decode(errors="replace")
-    assert "m.bin" in drawn and "MB" in drawn, f"no progress bar drawn on the terminal: {drawn[:300]!r}"
+    assert "m.bin" in drawn and "MiB" in drawn and " MB" not in drawn, (
+        f"no binary-unit progress bar drawn on the terminal: {drawn[:300]!r}"
+    )
