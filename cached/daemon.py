@@ -43,6 +43,8 @@ from cached.origins import Origins
 from cached.origins.hf import HfOrigin
 from cached.origins.http import HttpOrigin
 from cached.origins.local import FilePolicy, LocalOrigin
+from cached.origins.oci import OciOrigin
+from cached.origins.registry import RegistryClient
 from cached.peers.auth import ClusterKey
 from cached.peers.client import PeerClient, client_ssl
 from cached.peers.directory import GossipDirectory
@@ -140,12 +142,16 @@ class Daemon:
         session, reader = self._http_clients()
         self.hf_origin = HfOrigin(session, cfg.origins.hf, cfg.origins.http, reader, token=hf_token(cfg, self._env))
         self.file_origin = LocalOrigin(file_policy(cfg))
+        self.oci_registry = RegistryClient(session, reader, cfg.origins.oci, cfg.origins.http)
+        self.oci_origin = OciOrigin(self.oci_registry, self.store.tmp_dir / "oci-spool")
         self._stack.callback(self.file_origin.close)
         origins = Origins(
             {
                 RefKind.FILE: self.file_origin,
                 RefKind.HTTP: HttpOrigin(session, cfg.origins.http, reader),
                 RefKind.HF: self.hf_origin,
+                RefKind.OCI: self.oci_origin,
+                RefKind.OLLAMA: self.oci_origin,
             }
         )
         token = cluster_token(cfg)
