@@ -33,6 +33,7 @@ from cached.api.hf import HfEndpoint
 from cached.api.listener import ListenerGuard, listener_guards
 from cached.api.local import LocalApi
 from cached.api.peer import PeerApi
+from cached.api.registry import RegistryMirror
 from cached.cluster import Catalog, CatalogStatus, GossipMembers, Locator, Reconciler, ReplicaGuard
 from cached.config import DEFAULT_CONFIG_FILE, MIN_TOKEN_CHARS, Config, load, read_secret
 from cached.errors import CachedError, ConfigError
@@ -251,6 +252,9 @@ class Daemon:
             files=self.file_origin,
             admin=AdminPolicy(token=read_admin_token(cfg.api.admin_token_file), group=cfg.api.admin_group),
             hosts=HostPolicy(listen_host=cfg.api.listen.host, allowed_hosts=cfg.api.allowed_hosts),
+            mirror=RegistryMirror(
+                store=self.store, jobs=self.jobs, client=self.oci_registry, cfg=cfg.origins.oci, metrics=self.metrics
+            ),
         )
         # handler_cancellation: a client that hangs up (a launcher killed while it waits for
         # --wait, a closed event stream) must not leave its handler running.

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -281,7 +282,10 @@ class OciOrigin:
                 hexes.setdefault(c.digest, c.size)
             for layer in _layers(doc, str(ref)):
                 hexes.setdefault(layer.digest, layer.size)
-        return [self._raw_file(ref, f"blobs/sha256/{d.removeprefix('sha256:')}", d, n) for d, n in hexes.items()]
+        files = [self._raw_file(ref, f"blobs/sha256/{d.removeprefix('sha256:')}", d, n) for d, n in hexes.items()]
+        # The manifest is read from /manifests/<digest>: registries need not serve it as a blob.
+        files[0] = dataclasses.replace(files[0], checksums={**files[0].checksums, "manifest": "1"})
+        return files
 
     async def _model_files(self, ref: ModelRef, image: FetchedManifest) -> list[OriginFile]:
         layers = _layers(image.json(), str(ref))
@@ -362,7 +366,10 @@ class OciOrigin:
         if not is_digest("sha256:" + sha):
             raise OriginError(f"{ref}: {path!r} has no valid sha256", retryable=False)
         if "layer" not in checksums:
-            return self._raw_file(ref, path, "sha256:" + sha, size)
+            raw = self._raw_file(ref, path, "sha256:" + sha, size)
+            if checksums.get("manifest") == "1":
+                raw = dataclasses.replace(raw, checksums={**raw.checksums, "manifest": "1"})
+            return raw
         layer_digest, member = str(checksums["layer"]), str(checksums.get("member", ""))
         layer_size = str(checksums.get("layer_size", ""))
         if not is_digest(layer_digest) or not layer_size.isdigit() or _member_name(member) != member:
@@ -453,6 +460,12 @@ class OciOrigin:
             return
         registry, repo = _registry_repo(file.locator)
         digest = "sha256:" + file.checksums["sha256"]
+        if file.checksums.get("manifest") == "1":
+            m = await self._client.manifest(registry, repo, digest)  # checked against the digest
+            if offset + length > len(m.data):
+                raise OriginError(f"{file.locator}: manifest shorter than {offset + length} bytes", retryable=False)
+            sink(memoryview(m.data)[offset : offset + length], offset)
+            return
         await self._client.read_into(registry, repo, digest, file.size, offset, length, sink)
 
     async def stream(self, file: OriginFile) -> AsyncIterator[bytes]:
