@@ -33,6 +33,7 @@ from cached.api.hf import HfEndpoint
 from cached.api.listener import ListenerGuard, listener_guards
 from cached.api.local import LocalApi
 from cached.api.peer import PeerApi
+from cached.api.registry import RegistryMirror
 from cached.cluster import Catalog, CatalogStatus, GossipMembers, Locator, Reconciler, ReplicaGuard
 from cached.config import DEFAULT_CONFIG_FILE, MIN_TOKEN_CHARS, Config, load, read_secret
 from cached.errors import CachedError, ConfigError
@@ -43,6 +44,8 @@ from cached.origins import Origins
 from cached.origins.hf import HfOrigin
 from cached.origins.http import HttpOrigin
 from cached.origins.local import FilePolicy, LocalOrigin
+from cached.origins.oci import OciOrigin
+from cached.origins.registry import RegistryClient
 from cached.peers.auth import ClusterKey
 from cached.peers.client import PeerClient, client_ssl
 from cached.peers.directory import GossipDirectory
@@ -140,12 +143,16 @@ class Daemon:
         session, reader = self._http_clients()
         self.hf_origin = HfOrigin(session, cfg.origins.hf, cfg.origins.http, reader, token=hf_token(cfg, self._env))
         self.file_origin = LocalOrigin(file_policy(cfg))
+        self.oci_registry = RegistryClient(session, reader, cfg.origins.oci, cfg.origins.http)
+        self.oci_origin = OciOrigin(self.oci_registry, self.store.tmp_dir / "oci-spool")
         self._stack.callback(self.file_origin.close)
         origins = Origins(
             {
                 RefKind.FILE: self.file_origin,
                 RefKind.HTTP: HttpOrigin(session, cfg.origins.http, reader),
                 RefKind.HF: self.hf_origin,
+                RefKind.OCI: self.oci_origin,
+                RefKind.OLLAMA: self.oci_origin,
             }
         )
         token = cluster_token(cfg)
@@ -245,6 +252,9 @@ class Daemon:
             files=self.file_origin,
             admin=AdminPolicy(token=read_admin_token(cfg.api.admin_token_file), group=cfg.api.admin_group),
             hosts=HostPolicy(listen_host=cfg.api.listen.host, allowed_hosts=cfg.api.allowed_hosts),
+            mirror=RegistryMirror(
+                store=self.store, jobs=self.jobs, client=self.oci_registry, cfg=cfg.origins.oci, metrics=self.metrics
+            ),
         )
         # handler_cancellation: a client that hangs up (a launcher killed while it waits for
         # --wait, a closed event stream) must not leave its handler running.

@@ -20,6 +20,12 @@ class Metrics:
             "cached_fetched_bytes", "Bytes fetched into the store, by source.", ["source"], registry=r
         )
         self.served_bytes = Counter("cached_served_bytes", "Bytes this node uploaded to peers.", registry=r)
+        self.local_served_bytes = Counter(
+            "cached_local_served_bytes",
+            "Bytes served to local clients, by API (v2: the registry mirror).",
+            ["api"],
+            registry=r,
+        )
         self.piece_verify_failures = Counter(
             "cached_piece_verify_failures", "Pieces whose BLAKE3 did not match, by source.", ["source"], registry=r
         )

@@ -44,6 +44,7 @@ from cached.api.access import (
 from cached.api.body import read_object
 from cached.api.hf import HfEndpoint
 from cached.api.k8s import K8sExtender
+from cached.api.registry import RegistryMirror
 from cached.cluster import Catalog, Locator, Reconciler, local_only
 from cached.errors import (
     CachedError,
@@ -147,8 +148,10 @@ class LocalApi:
         files: LocalOrigin | None = None,
         admin: AdminPolicy | None = None,
         hosts: HostPolicy | None = None,
+        mirror: RegistryMirror | None = None,
     ) -> None:
         self._hf = hf
+        self._mirror = mirror
         self._files = files
         self._admin = admin if admin is not None else AdminPolicy(token=None)
         self._hosts = hosts if hosts is not None else HostPolicy()
@@ -207,6 +210,8 @@ class LocalApi:
         self._k8s.add_routes(app)
         if self._hf is not None:
             self._hf.add_routes(app)
+        if self._mirror is not None:
+            self._mirror.add_routes(app)
         return app
 
     # --- plumbing ------------------------------------------------------------------------------

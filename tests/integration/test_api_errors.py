@@ -199,7 +199,7 @@ async def test_unknown_routes_methods_and_oversized_bodies(tmp_path: Path) -> No
         huge = js({"ref": f"file://{tmp_path}/origin", "pad": "x" * (1 << 20)})
         cases = [
             Case("GET", "/v1/nope", status=404, code="not_found"),
-            Case("POST", "/v2/prefetch", js({"ref": "hf://a/b"}), 404, "not_found"),
+            Case("POST", "/v9/prefetch", js({"ref": "hf://a/b"}), 404, "not_found"),
             Case("GET", "/", status=404, code="not_found"),
             Case("GET", "/v1/prefetch", status=405, code="method_not_allowed"),
             Case("DELETE", "/v1/models", status=405, code="method_not_allowed"),
