@@ -465,6 +465,12 @@ class Locator:
             )
         return sorted(out, key=lambda n: (n["state"] != "ready", -n["bytes_done"], n["node_id"]))
 
+    def refs(self) -> set[str]:
+        """The refs live members hold ready, as gossip says (canonical spellings, unchecked: a
+        peer's holdings are its word; parse before use)."""
+        alive = {m.info.node_id for m in self._membership.alive()}
+        return {ref for node_id, h in self._view.nodes() if node_id in alive for ref in h.refs}
+
     async def holders(self, ref: ModelRef) -> dict[str, Holding]:
         """Node id -> its copy of ``ref`` (ready or in flight), this node and live members."""
         out: dict[str, Holding] = {}
