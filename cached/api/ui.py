@@ -12,7 +12,9 @@ if it ever did not.
 ``/v1/cluster`` joins what this node knows of the cluster: every member with its state, and for
 each model this node or a live member holds (from gossip) or the catalog names, which nodes hold
 it ready or are fetching it (``cached.cluster.Locator.holders``). It lags the truth by a gossip
-round, like the scheduler extender's view. Bounded: at most ``MAX_NODES`` members and
+round, like the scheduler extender's view, and sends no request to any peer (an open page polls
+it): a copy in flight elsewhere shows once this node has or remembers the model's manifest, as it
+does for a model it holds. Bounded: at most ``MAX_NODES`` members and
 ``MAX_MODELS`` models, with ``truncated`` set when more exist.
 
 This module serves and reads; it changes nothing and needs no admin credential. The local API's
@@ -22,7 +24,6 @@ every other.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
@@ -54,7 +55,6 @@ HEADERS = {
 }
 MAX_NODES = 256
 MAX_MODELS = 200
-HOLDERS_CONCURRENCY = 8  # Locator.holders may ask a peer for a manifest once per digest
 
 
 def _load_assets() -> dict[str, bytes]:
@@ -138,18 +138,12 @@ class StatusPage:
         return [out[k] for k in sorted(out)]
 
     async def _rows(self, refs: list[ModelRef]) -> list[dict[str, Any]]:
-        gate = asyncio.Semaphore(HOLDERS_CONCURRENCY)
-
-        async def row(ref: ModelRef) -> dict[str, Any]:
-            async with gate:
-                return await self._row(ref)
-
-        return list(await asyncio.gather(*(row(r) for r in refs)))
+        return [await self._row(r) for r in refs]
 
     async def _row(self, ref: ModelRef) -> dict[str, Any]:
         holders: dict[str, dict[str, Any]] = {}
         if self._locator is not None:
-            for node_id, h in (await self._locator.holders(ref)).items():
+            for node_id, h in (await self._locator.holders(ref, ask_peers=False)).items():
                 holders[node_id] = {
                     "node_id": node_id,
                     "state": h.state.value,
