@@ -25,9 +25,10 @@ import pytest
 from cached.api.client import ApiClient
 from cached.daemon import Daemon
 from cached.types import ModelRef
-from tests.support.cluster import cluster, token_file  # noqa: F401 - a fixture
+from tests.support.cluster import all_see_all, cluster, node_flags, token_file  # noqa: F401 - a fixture
 from tests.support.node import running_daemon
 from tests.support.origin import Origin, write_random_file
+from tests.support.wait import wait_until
 
 MIB = 1 << 20
 CHROMIUM = "/usr/bin/chromium"
@@ -45,6 +46,8 @@ CHROMIUM_ARGS = [
 # pattern is not percent-encoded); fetching it fails (the test daemons' hub is a closed loopback
 # port), so it stays on the page as a failed model with an error that repeats it.
 HOSTILE = ModelRef.parse("hf://org/name?include=<script>window.__pwned++</script>").canonical
+# A node id may hold markup too (no spaces is all config asks); it reaches a's page by gossip.
+HOSTILE_NODE = "c<script>window.__pwned++</script>"
 WAIT_MS = 60_000
 
 
@@ -153,8 +156,13 @@ async def test_status_page_follows_a_model_across_three_nodes_in_chromium(
         # Slow enough that progress is visible (8 connections at 128 KiB/s: several seconds), and
         # a's uploads slow enough that b's copy is seen in flight from a's grid.
         origin.faults.rate_bps = 128 * 1024
-        nodes = await cluster(stack, tmp_path, token_file, "abc", piece="256K", **{"peer.serve_rate_bps": "512K"})
+        flags = {"piece": "256K", "peer.serve_rate_bps": "512K"}
+        nodes = await cluster(stack, tmp_path, token_file, "ab", **flags)
         a, b = nodes["a"], nodes["b"]
+        nodes[HOSTILE_NODE] = await stack.enter_async_context(
+            running_daemon(tmp_path / "c", node_id=HOSTILE_NODE, **node_flags(token_file, a, **flags))
+        )
+        await wait_until(lambda: all_see_all(nodes), timeout_s=15, what="three nodes alive in every view")
         browser = await stack.enter_async_context(chromium())
         page = await browser.new_page(viewport={"width": 1280, "height": 900})
         problems: list[str] = []
@@ -174,7 +182,7 @@ async def test_status_page_follows_a_model_across_three_nodes_in_chromium(
             page,
             """(names) => names.every((n) => [...document.querySelectorAll("#members li")].some(
                  (li) => li.dataset.node === n && li.dataset.state === "alive"))""",
-            ["a", "b", "c"],
+            ["a", "b", HOSTILE_NODE],
         )
         assert await page.text_content("#node-id") == "a"
         await _wait(page, """() => document.querySelector("#live").classList.contains("on")""", None)
@@ -199,7 +207,7 @@ async def test_status_page_follows_a_model_across_three_nodes_in_chromium(
         # 2. a -> b: the grid on a's page shows b's copy in flight, then ready; c holds nothing.
         await _prefetch(b, ref)
         await _wait(page, GRID_CELL_IS, [ref, "b", "ready"])
-        assert await _cell(page, ref, "c") == "none"
+        assert await _cell(page, ref, HOSTILE_NODE) == "none"
         cells = set(await page.evaluate("() => [...window.__seen]"))
         assert "b|fetching" in cells, f"b's copy was never seen in flight in a's grid: {sorted(cells)}"
 
@@ -213,6 +221,10 @@ async def test_status_page_follows_a_model_across_three_nodes_in_chromium(
             HOSTILE,
         )
         assert shown == [HOSTILE, True]
+        columns = await page.evaluate(
+            "() => [...document.querySelectorAll('#grid-head th')].map((th) => th.textContent)"
+        )
+        assert columns == ["model", "a", "b", HOSTILE_NODE]
         assert await page.evaluate("() => typeof window.__pwned") == "undefined"
         assert await page.evaluate("() => document.querySelectorAll('script').length") == 1
         assert "&lt;script&gt;window.__pwned++&lt;/script&gt;" in await page.evaluate("() => document.body.innerHTML")
