@@ -465,8 +465,16 @@ class Locator:
             )
         return sorted(out, key=lambda n: (n["state"] != "ready", -n["bytes_done"], n["node_id"]))
 
-    async def holders(self, ref: ModelRef) -> dict[str, Holding]:
-        """Node id -> its copy of ``ref`` (ready or in flight), this node and live members."""
+    def refs(self) -> set[str]:
+        """The refs live members hold ready, as gossip says (canonical spellings, unchecked: a
+        peer's holdings are its word; parse before use)."""
+        alive = {m.info.node_id for m in self._membership.alive()}
+        return {ref for node_id, h in self._view.nodes() if node_id in alive for ref in h.refs}
+
+    async def holders(self, ref: ModelRef, *, ask_peers: bool = True) -> dict[str, Holding]:
+        """Node id -> its copy of ``ref`` (ready or in flight), this node and live members.
+        ``ask_peers`` False: no request at all; copies in flight elsewhere show only when this
+        node already has or remembers the model's manifest (the status page's grid)."""
         out: dict[str, Holding] = {}
         local = self._status.of(ref)
         if local.state is JobState.READY or local.in_flight:
@@ -478,7 +486,7 @@ class Locator:
         alive = {m.info.node_id: m.info.address for m in self._membership.alive()}
         nodes = [(n, h) for n, h in self._view.nodes() if n in alive]
         manifest = await self._manifest(
-            ref, [(alive[n], h.refs[ref.canonical]) for n, h in nodes if ref.canonical in h.refs]
+            ref, [(alive[n], h.refs[ref.canonical]) for n, h in nodes if ref.canonical in h.refs], ask_peers
         )
         for node_id, h in nodes:
             held = holding_in(node_id, ref.canonical, h, manifest)
@@ -486,7 +494,7 @@ class Locator:
                 out[node_id] = held
         return out
 
-    async def _manifest(self, ref: ModelRef, ready: list[tuple[str, str]]) -> Manifest | None:
+    async def _manifest(self, ref: ModelRef, ready: list[tuple[str, str]], ask_peers: bool = True) -> Manifest | None:
         """The model's manifest as ready holders name it ((address, digest) pairs): one this node
         has or remembers, else one fetched from a holder; None when nobody can say."""
         own = self._store.ref_digest(ref)
@@ -494,6 +502,8 @@ class Locator:
             found = self._store.manifest(digest) or self._manifests.get(digest)
             if found is not None:
                 return found
+        if not ask_peers:
+            return None
         for address, digest in ready[:MANIFEST_ASKS]:
             try:
                 manifest = Manifest.from_bytes(

@@ -45,6 +45,7 @@ from cached.api.body import read_object
 from cached.api.hf import HfEndpoint
 from cached.api.k8s import K8sExtender
 from cached.api.registry import RegistryMirror
+from cached.api.ui import StatusPage
 from cached.cluster import Catalog, Locator, Reconciler, local_only
 from cached.errors import (
     CachedError,
@@ -168,6 +169,7 @@ class LocalApi:
         self._locator = locator
         self._status = status
         self._k8s = K8sExtender(node_id=node_id, status=status, locator=locator)
+        self._ui = StatusPage(node_id=node_id, status=status, peers=peers, catalog=catalog, locator=locator)
         self._node_id = node_id
         self._store = store
         self._jobs = jobs
@@ -208,6 +210,7 @@ class LocalApi:
         r.add_get("/healthz", self.healthz)
         r.add_get("/readyz", self.readyz)
         self._k8s.add_routes(app)
+        self._ui.add_routes(app)  # GET /ui, /ui/{name}, /v1/cluster
         if self._hf is not None:
             self._hf.add_routes(app)
         if self._mirror is not None:

@@ -187,6 +187,12 @@ def document() -> dict[str, Any]:
                     "responses": {"200": _ok("entries", {"type": "array"}), **ERRORS},
                 }
             },
+            "/v1/cluster": {
+                "get": {
+                    "summary": "the cluster as this node sees it: members, and which nodes hold or fetch each model",
+                    "responses": {"200": _ok("members and models", {"$ref": "#/components/schemas/Cluster"})},
+                }
+            },
             "/v1/k8s/filter": {
                 "post": {
                     "summary": "scheduler extender filter",
@@ -224,6 +230,55 @@ def document() -> dict[str, Any]:
                     "type": "object",
                     "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
                     "required": ["error", "message"],
+                },
+                "Cluster": {
+                    "type": "object",
+                    "description": "GET /v1/cluster (what the status page draws); from gossip, a round behind",
+                    "properties": {
+                        "node_id": {"type": "string"},
+                        "members": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "node_id": {"type": "string"},
+                                    "address": {"type": "string", "nullable": True},
+                                    "state": {"type": "string", "enum": ["alive", "suspect", "dead"]},
+                                    "self": {"type": "boolean"},
+                                },
+                                "required": ["node_id", "address", "state", "self"],
+                            },
+                        },
+                        "models": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "ref": {"type": "string"},
+                                    "replicas": {"type": "integer", "nullable": True},
+                                    "holders": {
+                                        "type": "array",
+                                        "items": {
+                                            "type": "object",
+                                            "properties": {
+                                                "node_id": {"type": "string"},
+                                                "state": {
+                                                    "type": "string",
+                                                    "enum": ["queued", "fetching", "ready", "failed"],
+                                                },
+                                                "bytes_done": {"type": "integer"},
+                                                "bytes_total": {"type": "integer"},
+                                            },
+                                            "required": ["node_id", "state", "bytes_done", "bytes_total"],
+                                        },
+                                    },
+                                },
+                                "required": ["ref", "replicas", "holders"],
+                            },
+                        },
+                        "truncated": {"type": "boolean"},
+                    },
+                    "required": ["node_id", "members", "models", "truncated"],
                 },
                 "Model": {
                     "type": "object",

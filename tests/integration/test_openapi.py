@@ -56,6 +56,8 @@ NOT_DOCUMENTED = {
     "GET /v1/events": "an NDJSON event stream",
     "GET /v1/openapi.json": "the document itself",
     "GET /metrics": "Prometheus text exposition",
+    "GET /ui": "the status page (HTML)",
+    "GET /ui/{name}": "the status page's script, styles and icon",
 }
 CHECKS = [not_a_server_error, response_schema_conformance, content_type_conformance]
 ADMIN_OPERATIONS = sorted(
