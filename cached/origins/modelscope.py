@@ -79,7 +79,7 @@ def modelscope_error(status: int, body: Any, what: str, *, token_sent: bool) -> 
             status=status,
             upstream_code=upstream,
         )
-    err = status_error(status, what)
+    err = status_error(status, what, f"({str(message)[:200]})" if message else "")
     err.upstream_code = upstream
     return err
 

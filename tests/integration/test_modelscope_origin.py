@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import subprocess
@@ -230,3 +231,68 @@ async def test_cachectl_prefetch_modelscope_end_to_end(tmp_path: Path) -> None:
             assert bad.returncode != 0 and "404" in bad.stderr, bad.stderr
         finally:
             await asyncio.to_thread(node.stop)
+
+
+async def test_file_reads_follow_the_storage_redirect_without_the_token(tmp_path: Path) -> None:
+    token = tmp_path / "ms.token"
+    token.write_text(TOKEN)
+    token.chmod(0o600)
+    async with ModelScopeHub(token=TOKEN, storage_redirect=True) as hub:
+        hub.add_model(PRIVATE, model_files(), private=True)
+        async with (
+            daemon(tmp_path, hub, **{"origins.modelscope.token_file": str(token)}) as d,
+            ApiClient(d.api_address) as api,
+        ):
+            model = await prefetch(api, f"modelscope://{PRIVATE}")
+            assert view_files(model) == model_files()
+        assert hub.counters.requests["storage"] >= len(model_files())
+        seen = {kind: set() for kind, _, _ in hub.counters.auth_seen}
+        for kind, bearer, cookie in hub.counters.auth_seen:
+            seen[kind].add((bearer, cookie))
+        # The hub got the token; the storage behind the redirect never did.
+        assert seen["file"] == {(TOKEN, TOKEN)} and seen["storage"] == {("", "")}, seen
+
+
+async def test_server_errors_are_retried_and_counted(tmp_path: Path) -> None:
+    async with ModelScopeHub() as hub:
+        hub.add_model(MODEL, model_files())
+        hub.fail_file.extend([503, 500])
+        async with daemon(tmp_path, hub) as d, ApiClient(d.api_address) as api:
+            model = await prefetch(api, f"modelscope://{MODEL}")
+            assert view_files(model) == model_files()
+            assert not hub.fail_file
+            assert await metric(d, "cached_origin_errors_total", kind="5xx") == 2
+
+
+def _listing(*entries: dict[str, Any]) -> bytes:
+    return json.dumps({"Code": 200, "Data": {"Files": list(entries)}, "Success": True}).encode()
+
+
+_OK = {"Path": "a.bin", "Name": "a.bin", "Size": 3, "Sha256": "a" * 64, "Type": "blob", "Revision": "b" * 40}
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (b"<html>busy</html>", "not a JSON object"),
+        (json.dumps({"Code": 200, "Data": {"Files": "x"}, "Success": True}).encode(), "Data.Files is not a list"),
+        (_listing({**_OK, "Sha256": "not-hex"}), "malformed Sha256"),
+        (_listing({**_OK, "Size": -1}), "bad size"),
+        (_listing({**_OK, "Revision": "HEAD~1", "Sha256": ""}), "neither a Sha256 nor a commit"),
+        (json.dumps({"Code": 10010205, "Message": "model gone", "Success": False}).encode(), "model gone"),
+    ],
+)
+async def test_hostile_listing_fails_clearly_and_the_daemon_lives_on(tmp_path: Path, body: bytes, why: str) -> None:
+    async with ModelScopeHub() as hub:
+        hub.add_model(MODEL, model_files())
+        hub.listing_body = body
+        async with daemon(tmp_path, hub) as d, ApiClient(d.api_address) as api:
+            status, answer = await prefetch_fails(api, f"modelscope://{MODEL}")
+            assert status < 500 or status == 502, answer
+            assert why in answer["message"] and "Traceback" not in answer["message"], answer
+            assert await metric(d, "cached_prefetch_jobs_total", result="failed") == 1
+            kinds = ("4xx", "5xx", "connection", "other", "throttled")
+            assert sum([await metric(d, "cached_origin_errors_total", kind=k) for k in kinds]) >= 1
+            hub.listing_body = None
+            model = await prefetch(api, f"modelscope://{MODEL}@master?include=config.json")
+            assert view_files(model) == {"config.json": model_files()["config.json"]}

@@ -17,7 +17,9 @@ same URLs and JSON):
 Every answer is the hub's envelope ``{"Code", "Data", "Message", "RequestId", "Success"}``. R is a
 branch, a tag or a commit id. A private model wants the token as ``Authorization: Bearer`` or the
 ``m_session_id`` cookie (the SDK sends both): none is 401, a wrong one 403. ``lie_sha256`` makes the
-listing give a wrong ``Sha256`` for one path. Counters record what the hub was asked and served.
+listing give a wrong ``Sha256`` for one path, ``fail_file`` answers the next file reads with an error
+status, ``storage_redirect`` answers file reads with a 302 to "object storage" on 127.0.0.2 (as the
+public hub does). Counters record what the hub (and the storage) was asked and served.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any
 from aiohttp import web
 
 HOST = "127.0.0.1"
+STORAGE_HOST = "127.0.0.2"  # "object storage" the public hub redirects file reads to
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 _EPOCH = 1_700_000_000
 
@@ -69,15 +72,21 @@ class _Error(Exception):
 
 
 class ModelScopeHub:
-    def __init__(self, *, token: str | None = None, commit_ids: bool = False) -> None:
+    def __init__(self, *, token: str | None = None, commit_ids: bool = False, storage_redirect: bool = False) -> None:
         self.token = token
         self.commit_ids = commit_ids
+        self.storage_redirect = storage_redirect  # file reads answered 302 to STORAGE_HOST
+        self.fail_file: list[int] = []  # statuses answered to the next file reads, one each
+        self.listing_body: bytes | None = None  # a raw answer to every listing (hostile-input tests)
         self.models: dict[str, MsModel] = {}
         self.lie_sha256: dict[tuple[str, str], str] = {}
         self.after_listing: list[Any] = []  # callables run once each, right after a listing is answered
         self.counters = Counters()
         self._runner: web.AppRunner | None = None
+        self._storage: web.AppRunner | None = None
         self._port = 0
+        self._storage_port = 0
+        self._blobs: dict[str, bytes] = {}  # sha256 -> bytes, for the storage
         self._seq = 0
 
     @property
@@ -95,9 +104,19 @@ class ModelScopeHub:
         site = web.TCPSite(self._runner, HOST, 0)
         await site.start()
         self._port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        if self.storage_redirect:
+            storage = web.Application()
+            storage.router.add_get("/oss/{sha256}", self._storage_get)
+            self._storage = web.AppRunner(storage, access_log=None)
+            await self._storage.setup()
+            ssite = web.TCPSite(self._storage, STORAGE_HOST, 0)
+            await ssite.start()
+            self._storage_port = ssite._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         return self
 
     async def stop(self) -> None:
+        if self._storage is not None:
+            await self._storage.cleanup()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -212,6 +231,8 @@ class ModelScopeHub:
         except _Error as e:
             return self._fail(e)
         repo = f"{request.match_info['org']}/{request.match_info['name']}"
+        if self.listing_body is not None:
+            return web.Response(body=self.listing_body, content_type="application/json")
         recursive = request.query.get("Recursive", "False").lower() == "true"
         root = request.query.get("Root", "").strip("/")
         files = m.commits[commit]
@@ -265,6 +286,25 @@ class ModelScopeHub:
         except _Error as e:
             return self._fail(e)
         self.counters.file_revisions.append(request.query.get("Revision", ""))
+        if self.fail_file:
+            return self._fail(_Error(self.fail_file.pop(0), 10050001, "injected failure"))
+        if self.storage_redirect:
+            sha = hashlib.sha256(data).hexdigest()
+            self._blobs[sha] = data
+            where = f"http://{STORAGE_HOST}:{self._storage_port}/oss/{sha}?Expires=1&Signature=x"
+            return web.Response(status=302, headers={"Location": where})
+        return self._serve(request, data)
+
+    async def _storage_get(self, request: web.Request) -> web.StreamResponse:
+        self.counters.requests["storage"] += 1
+        bearer = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        self.counters.auth_seen.append(("storage", bearer, request.cookies.get("m_session_id", "")))
+        data = self._blobs.get(request.match_info["sha256"])
+        if data is None:
+            return web.Response(status=404)
+        return self._serve(request, data)
+
+    def _serve(self, request: web.Request, data: bytes) -> web.Response:
         start, end, status = 0, len(data), 200
         headers = {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
         match = _RANGE.match(request.headers.get("Range", ""))
