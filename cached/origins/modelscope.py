@@ -6,6 +6,9 @@ The protocol is the one the ModelScope SDK itself speaks (``modelscope_hub._lega
 * ``GET /api/v1/models/{org}/{name}/revisions`` -> ``Data.RevisionMap.{Branches,Tags}[]``, each
   with ``Revision`` (the name) and ``CreatedAt``. Used to refuse an unknown revision clearly and,
   where an entry carries a 40-hex ``CommitId``, to pin the revision to that commit.
+* ``GET /api/v1/models/{org}/{name}/commits?Ref=R&PageNumber=1&PageSize=1`` -> ``Data.Commit[0].Id``,
+  the newest commit of R (``HubApi.list_repo_commits`` of the 1.2x-1.37 SDK): the commit the
+  revision is pinned to when the revisions answer has none.
 * ``GET /api/v1/models/{org}/{name}/repo/files?Revision=R&Recursive=True`` ->
   ``Data.Files[]`` with ``Path``, ``Name``, ``Size``, ``Sha256``, ``Type`` (``blob``/``tree``)
   and ``Revision`` (the commit that last changed the file). The hub truncates one listing at
@@ -15,9 +18,10 @@ The protocol is the one the ModelScope SDK itself speaks (``modelscope_hub._lega
   honoured; the public hub may answer with a redirect to object storage, followed without the
   token).
 
-Pinning: the SDK has no call that turns a branch into a commit, so the model's revision is the
-revisions entry's ``CommitId`` when the hub gives one, else the revision as listed. Each file is
-additionally read at its own listed commit (``Revision`` of the entry, when it is a 40-hex id):
+Pinning: the model's revision is the commit the branch or tag names at resolve time (``CommitId``,
+else the newest of ``/commits``); a hub without the commits call leaves the revision name as
+listed (then ``--refresh`` of a moved branch keeps the old copy). Each file is also read at its
+own listed commit (``Revision`` of the entry, when it is a 40-hex id):
 the branch moving after resolve cannot change what is fetched. Each file's ``Sha256`` from the
 listing is its identity and is checked over the complete file before it may become a blob.
 
@@ -140,8 +144,9 @@ class ModelScopeOrigin:
         return body.get("Data")
 
     async def revision_of(self, repo: str, revision: str) -> str:
-        """The revision pinned for ``revision``: its CommitId where the hub lists one, else the
-        name as listed. A 40-hex revision is a commit already and is taken as is."""
+        """The commit ``revision`` names now: a 40-hex revision as is; else the revisions entry's
+        ``CommitId`` where the hub gives one, else the newest commit of ``/commits?Ref=``; a hub
+        without that call (404) leaves the revision name as listed."""
         if _HEX40.match(revision):
             return revision
         data = await self.api_json(self._model_url(repo, "/revisions"))
@@ -149,14 +154,30 @@ class ModelScopeOrigin:
         if not isinstance(rmap, dict):
             raise OriginError(f"{self.endpoint}: revisions of {repo}: no RevisionMap in the answer", retryable=False)
         entries = [e for kind in ("Tags", "Branches") for e in (rmap.get(kind) or []) if isinstance(e, dict)]
-        for e in entries:
-            if e.get("Revision") == revision:
-                commit = e.get("CommitId")
-                return commit if isinstance(commit, str) and _HEX40.match(commit) else revision
-        known = sorted({str(e.get("Revision")) for e in entries})[:20]
-        raise OriginNotFound(
-            f"modelscope://{repo}: no revision {revision!r} (the hub lists {', '.join(known) or 'none'})"
-        )
+        entry = next((e for e in entries if e.get("Revision") == revision), None)
+        if entry is None:
+            known = sorted({str(e.get("Revision")) for e in entries})[:20]
+            raise OriginNotFound(
+                f"modelscope://{repo}: no revision {revision!r} (the hub lists {', '.join(known) or 'none'})"
+            )
+        commit = entry.get("CommitId")
+        if isinstance(commit, str) and _HEX40.match(commit):
+            return commit
+        return await self.head_commit(repo, revision) or revision
+
+    async def head_commit(self, repo: str, revision: str) -> str | None:
+        """The newest commit of ``revision`` (``GET /commits?Ref=``), None if the hub has no such call."""
+        url = self._model_url(repo, "/commits", {"Ref": revision, "PageNumber": "1", "PageSize": "1"})
+        try:
+            data = await self.api_json(url)
+        except OriginNotFound:
+            return None  # a mirror without the commits API: the files are still pinned one by one
+        commits = data.get("Commit") if isinstance(data, dict) else None
+        first = commits[0] if isinstance(commits, list) and commits and isinstance(commits[0], dict) else {}
+        commit = first.get("Id")
+        if not isinstance(commit, str) or not _HEX40.match(commit):
+            raise OriginError(f"{url}: the newest commit has no 40-hex Id", retryable=False)
+        return commit
 
     async def listing(self, repo: str, revision: str) -> list[dict[str, Any]]:
         url = self._model_url(repo, "/repo/files", {"Revision": revision, "Recursive": "True"})

@@ -7,8 +7,7 @@ which ``modelscope`` >= 1.38 delegates to)::
 
     <cache_dir>/modelscope/models/<org>--<name>/snapshots/<revision>/<path>
 
-``<revision>`` is what the ref named (``master`` unless ``@REV``), plus the pinned commit id when
-the hub gave one; the SDK, offline, takes ``snapshots/<revision>`` when asked for a revision and
+``<revision>`` is what the ref named (``master`` unless ``@REV``), plus the pinned commit id; the SDK, offline, takes ``snapshots/<revision>`` when asked for a revision and
 ``snapshots/master`` (then ``main``) when not. Files are hardlinks to the store's blobs (no second
 copy; the read-only inode keeps a launcher from changing the cache through the view).
 

@@ -78,9 +78,9 @@ async def test_model_with_include_exclude_fetched_byte_identical(tmp_path: Path)
             total = sum(len(b) for b in want.values())
             assert (model["bytes_total"], hub.counters.file_bytes, model["sources"]["origin"]) == (total,) * 3
             # The revisions and listing calls of the SDK, then ranged reads of the files only.
-            assert hub.counters.requests["revisions"] == 1 and hub.counters.requests["files"] == 1
+            assert [hub.counters.requests[k] for k in ("revisions", "commits", "files")] == [1, 1, 1]
             assert hub.counters.requests["file"] > len(want)  # the 300 KB file came in 64 KiB pieces
-            assert model["revision"] == "master"  # the double lists no CommitId: the name, as listed
+            assert model["revision"] == hub.models[MODEL].branches["master"]  # the newest of /commits
 
             # Ready is ready: a second prefetch asks the hub nothing.
             hub.reset()
@@ -100,6 +100,22 @@ async def test_revision_pinned_at_resolve_branch_moving_changes_nothing(tmp_path
             assert view_files(model) == model_files()
             # Every read named the commit the listing gave for the file, never the branch.
             assert hub.counters.file_revisions and set(hub.counters.file_revisions) == {first}
+
+            # Asked to, the node re-resolves the branch and takes the new files.
+            body = {"ref": f"modelscope://{MODEL}", "wait": True, "refresh": True}
+            fresh = await api.request("POST", "/v1/prefetch", body=body)
+            assert fresh["state"] == "ready" and view_files(fresh) == newer, fresh
+
+
+async def test_a_hub_without_the_commits_call_pins_files_one_by_one(tmp_path: Path) -> None:
+    async with ModelScopeHub(commits_api=False) as hub:
+        first = hub.add_model(MODEL, model_files())
+        hub.after_listing.append(lambda: hub.commit(MODEL, {**model_files(), "config.json": b"{}"}))
+        async with daemon(tmp_path, hub) as d, ApiClient(d.api_address) as api:
+            model = await prefetch(api, f"modelscope://{MODEL}")
+            assert model["revision"] == "master"  # no commit to pin to: the name, as listed
+            assert view_files(model) == model_files()
+            assert set(hub.counters.file_revisions) == {first}
 
 
 async def test_commit_id_from_revisions_pins_the_model(tmp_path: Path) -> None:
@@ -278,7 +294,7 @@ _OK = {"Path": "a.bin", "Name": "a.bin", "Size": 3, "Sha256": "a" * 64, "Type": 
         (json.dumps({"Code": 200, "Data": {"Files": "x"}, "Success": True}).encode(), "Data.Files is not a list"),
         (_listing({**_OK, "Sha256": "not-hex"}), "malformed Sha256"),
         (_listing({**_OK, "Size": -1}), "bad size"),
-        (_listing({**_OK, "Revision": "HEAD~1", "Sha256": ""}), "neither a Sha256 nor a commit"),
+        (_listing({**_OK, "Path": "../escape"}), "no files at revision"),  # a path with no place on disk
         (json.dumps({"Code": 10010205, "Message": "model gone", "Success": False}).encode(), "model gone"),
     ],
 )

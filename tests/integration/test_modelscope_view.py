@@ -32,7 +32,7 @@ FILES = {
 
 LOAD = """
 import json, sys
-from modelscope.hub.snapshot_download import snapshot_download
+from modelscope import snapshot_download
 from modelscope.hub.file_download import model_file_download
 model_id, revision = sys.argv[1], sys.argv[2] or None
 root = snapshot_download(model_id, revision=revision, local_files_only=True)
@@ -47,7 +47,6 @@ def sdk_load(cache: str, model_id: str, revision: str | None, home: Path) -> dic
         "HOME": str(home),
         "MODELSCOPE_CACHE": cache,
         "MODELSCOPE_ENDPOINT": "http://127.0.0.1:9",  # never the public hub
-        "MODELSCOPE_CREDENTIALS_PATH": str(home / "creds"),
     }
     r = subprocess.run(
         [sys.executable, "-c", LOAD, model_id, revision or ""], capture_output=True, text=True, env=env, timeout=120

@@ -7,6 +7,9 @@ same URLs and JSON):
 * ``GET /api/v1/models/{org}/{name}`` -> ``Data`` with ``Id``, ``Path``, ``Name``, ``Private``.
 * ``GET /api/v1/models/{org}/{name}/revisions`` -> ``Data.RevisionMap.{Branches,Tags}[]`` with
   ``Revision`` and ``CreatedAt`` (and ``CommitId`` when ``commit_ids=True``).
+* ``GET /api/v1/models/{org}/{name}/commits?Ref=R&PageNumber=1&PageSize=N`` -> ``Data.Commit[]``
+  (``Id``, ``ShortId``, ``Title``, ``CommittedDate``), newest first, and ``TotalCount``
+  (``HubApi.list_repo_commits`` of the 1.2x-1.37 SDK); ``commits_api=False`` makes it a 404.
 * ``GET /api/v1/models/{org}/{name}/repo/files?Revision=R&Recursive=True[&Root=D]`` ->
   ``Data.Files[]`` with ``Path``, ``Name``, ``Size``, ``Sha256``, ``Type`` (``blob``/``tree``),
   ``Revision`` (the commit that last changed the file), ``CommitMessage``, ``CommittedDate``,
@@ -48,6 +51,7 @@ class MsModel:
     commits: dict[str, dict[str, bytes]] = field(default_factory=dict)  # commit -> path -> bytes
     last_change: dict[str, dict[str, str]] = field(default_factory=dict)  # commit -> path -> commit
     created: dict[str, int] = field(default_factory=dict)  # revision name -> CreatedAt
+    parent: dict[str, str | None] = field(default_factory=dict)  # commit -> its parent
 
     def resolve(self, rev: str) -> str | None:
         if rev in self.tags:
@@ -72,9 +76,17 @@ class _Error(Exception):
 
 
 class ModelScopeHub:
-    def __init__(self, *, token: str | None = None, commit_ids: bool = False, storage_redirect: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        token: str | None = None,
+        commit_ids: bool = False,
+        commits_api: bool = True,
+        storage_redirect: bool = False,
+    ) -> None:
         self.token = token
         self.commit_ids = commit_ids
+        self.commits_api = commits_api  # False: a mirror without /commits (404)
         self.storage_redirect = storage_redirect  # file reads answered 302 to STORAGE_HOST
         self.fail_file: list[int] = []  # statuses answered to the next file reads, one each
         self.listing_body: bytes | None = None  # a raw answer to every listing (hostile-input tests)
@@ -98,6 +110,7 @@ class ModelScopeHub:
         app.router.add_get("/api/v1/models/{org}/{name}", self._info)
         app.router.add_get("/api/v1/models/{org}/{name}/revisions", self._revisions)
         app.router.add_get("/api/v1/models/{org}/{name}/repo/files", self._files)
+        app.router.add_get("/api/v1/models/{org}/{name}/commits", self._commits)
         app.router.add_get("/api/v1/models/{org}/{name}/repo", self._file)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -145,6 +158,7 @@ class ModelScopeHub:
         m.commits[commit] = dict(files)
         m.last_change[commit] = {p: old_change[p] if old.get(p) == data else commit for p, data in files.items()}
         m.branches[branch] = commit
+        m.parent[commit] = parent
         m.created.setdefault(branch, _EPOCH + self._seq)
         return commit
 
@@ -223,6 +237,32 @@ class ModelScopeHub:
             return out
 
         return self._ok({"RevisionMap": {"Branches": entries(m.branches), "Tags": entries(m.tags)}})
+
+    async def _commits(self, request: web.Request) -> web.Response:
+        """The branch's history, newest first, paged (``Ref``, ``PageNumber``, ``PageSize``)."""
+        try:
+            if not self.commits_api:
+                raise _Error(404, 10010404, "no such API")
+            m = self._model(request, "commits")
+            rev = request.query.get("Ref") or "master"
+            commit = m.resolve(rev)
+            if commit is None:
+                raise _Error(404, 10010206, f"revision {rev} does not exist")
+        except _Error as e:
+            return self._fail(e)
+        history: list[str] = []
+        at: str | None = commit
+        while at is not None:
+            history.append(at)
+            at = m.parent.get(at)
+        number = max(1, int(request.query.get("PageNumber", "1")))
+        size = max(1, min(100, int(request.query.get("PageSize", "50"))))
+        page = history[(number - 1) * size : number * size]
+        entries = [
+            {"Id": c, "ShortId": c[:8], "Title": "update", "Message": "update", "CommittedDate": _EPOCH} for c in page
+        ]
+        body = {"Code": 200, "Data": {"Commit": entries}, "TotalCount": len(history), "Success": True}
+        return web.json_response(body)
 
     async def _files(self, request: web.Request) -> web.Response:
         try:
