@@ -46,6 +46,7 @@ from cached.origins.http import HttpOrigin
 from cached.origins.local import FilePolicy, LocalOrigin
 from cached.origins.oci import OciOrigin
 from cached.origins.registry import RegistryClient
+from cached.origins.modelscope import ModelScopeOrigin
 from cached.peers.auth import ClusterKey
 from cached.peers.client import PeerClient, client_ssl
 from cached.peers.directory import GossipDirectory
@@ -153,6 +154,9 @@ class Daemon:
                 RefKind.HF: self.hf_origin,
                 RefKind.OCI: self.oci_origin,
                 RefKind.OLLAMA: self.oci_origin,
+                RefKind.MODELSCOPE: ModelScopeOrigin(
+                    session, cfg.origins.modelscope, cfg.origins.http, reader, token=modelscope_token(cfg, self._env)
+                ),
             }
         )
         token = cluster_token(cfg)
@@ -501,6 +505,7 @@ def file_policy(cfg: Config) -> FilePolicy:
         cfg.cluster.token_file,
         cfg.api.admin_token_file,
         cfg.origins.hf.token_file,
+        cfg.origins.modelscope.token_file,
         cfg.peer.tls_cert_file,
         cfg.peer.tls_key_file,
         cfg.peer.tls_ca_file,
@@ -534,6 +539,14 @@ def hf_token(cfg: Config, env: dict[str, str]) -> str | None:
     if path is not None:
         return read_secret(path, "origins.hf.token_file") or None
     return env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or None
+
+
+def modelscope_token(cfg: Config, env: dict[str, str]) -> str | None:
+    """The ModelScope token: origins.modelscope.token_file, else $MODELSCOPE_API_TOKEN (as the SDK reads it)."""
+    path = cfg.origins.modelscope.token_file
+    if path is not None:
+        return read_secret(path, "origins.modelscope.token_file") or None
+    return env.get("MODELSCOPE_API_TOKEN") or None
 
 
 # --- entry point --------------------------------------------------------------------------------

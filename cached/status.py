@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from cached.jobs import Jobs
-from cached.store import Store
+from cached.store import Store, msview
 from cached.store.claims import Lease
 from cached.types import JobState, Manifest, ModelRef, RefKind
 
@@ -81,6 +81,7 @@ class Copy:
     hf_path: str | None = None  # hf refs: the hub-layout cache root and this commit's snapshot
     snapshot_path: str | None = None
     revisions: tuple[Revision, ...] = ()
+    modelscope_path: str | None = None  # modelscope refs: the MODELSCOPE_CACHE root of the SDK-layout view
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -134,6 +135,8 @@ class ModelStatus:
             out["last_used"] = c.last_used
             if c.hf_path is not None:
                 out["snapshot_path"] = c.snapshot_path
+            if c.modelscope_path is not None:
+                out["modelscope_path"] = c.modelscope_path
             out["revisions"] = [r.to_json() for r in c.revisions]
         return out
 
@@ -223,6 +226,7 @@ class StatusBoard:
             hf_path=str(self._store.hf_dir) if hf else None,
             snapshot_path=str(snapshot) if hf else None,
             revisions=(current, *older),
+            modelscope_path=str(msview.cache_root(self._store.layout)) if ref.kind is RefKind.MODELSCOPE else None,
         )
 
     def known(self) -> list[ModelRef]:

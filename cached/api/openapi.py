@@ -289,6 +289,10 @@ def document() -> dict[str, Any]:
                         "bytes_done": {"type": "integer"},
                         "path": {"type": "string", "nullable": True},
                         "hf_path": {"type": "string", "nullable": True},
+                        "modelscope_path": {
+                            "type": "string",
+                            "description": "modelscope refs: the MODELSCOPE_CACHE root",
+                        },
                         "manifest": {"type": "string", "nullable": True},
                         "pinned": {"type": "boolean"},
                         "leases": {"type": "array"},

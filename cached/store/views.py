@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 
 from cached.errors import CachedError
-from cached.store import durable, hfview
+from cached.store import durable, hfview, msview
 from cached.store.index import Index
 from cached.store.layout import Layout
 from cached.types import Manifest, ModelRef
@@ -33,6 +33,7 @@ class Views:
         self._index = index
         self._hf_lock = threading.Lock()
         self._hf_sync_lock = asyncio.Lock()
+        self.modelscope = msview.ModelScopeView(layout, index)  # modelscope/: the SDK's cache layout
 
     # --- models/ -------------------------------------------------------------------------------
 
@@ -78,6 +79,7 @@ class Views:
         """At start: both views made to match the freshly loaded index."""
         self._sweep_models()
         self._sweep_hf()
+        self.modelscope.sweep_sync()
 
     def _sweep_models(self) -> None:
         index, lay = self._index, self._layout
@@ -166,6 +168,7 @@ class Views:
             raise durable.wrap_os_error(e, f"building the hf view of {repo}") from e
 
     async def sync_hf(self, manifest: Manifest | None) -> None:
+        await self.modelscope.sync(manifest)  # the modelscope/ view follows the same index changes
         if manifest is None or not manifest.ref.startswith("hf://"):
             return
         repo = ModelRef.parse(manifest.ref).repo
