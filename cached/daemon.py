@@ -44,9 +44,9 @@ from cached.origins import Origins
 from cached.origins.hf import HfOrigin
 from cached.origins.http import HttpOrigin
 from cached.origins.local import FilePolicy, LocalOrigin
+from cached.origins.modelscope import ModelScopeOrigin
 from cached.origins.oci import OciOrigin
 from cached.origins.registry import RegistryClient
-from cached.origins.modelscope import ModelScopeOrigin
 from cached.peers.auth import ClusterKey
 from cached.peers.client import PeerClient, client_ssl
 from cached.peers.directory import GossipDirectory
