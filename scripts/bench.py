@@ -546,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="PIECE:CONN",
-        help="extra daemon setting to measure, e.g. 4M:8 (piece size : origins.http.connections); repeatable",
+        help="extra daemon setting to measure, e.g. 4M:8 (piece size : transfer.connections); repeatable",
     )
     p.add_argument("--sweep", action="store_true", help=f"add the variants {' '.join(SWEEP)}")
     p.add_argument(

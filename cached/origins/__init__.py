@@ -1,4 +1,5 @@
-"""Origins: where a ref's bytes come from first. One module per kind (file, http; hf later).
+"""Origins: where a ref's bytes come from first. One module per kind (file, http, hf,
+s3, modelscope, oci for oci:// and ollama://).
 
 An origin resolves a ref into a ``Resolution`` (files with sizes and exact content identities) and
 reads byte ranges of those files. ``file_for`` rebuilds one file's address (locator) and identity
