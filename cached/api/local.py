@@ -23,7 +23,7 @@ import os
 import socket
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -147,7 +147,9 @@ class LocalApi:
         files: LocalOrigin | None = None,
         admin: AdminPolicy | None = None,
         hosts: HostPolicy | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> None:
+        self._labels = dict(labels or {})  # this node's (labels.zone, labels.rack), shown by locate
         self._hf = hf
         self._files = files
         self._admin = admin if admin is not None else AdminPolicy(token=None)
@@ -537,6 +539,8 @@ class LocalApi:
                     "bytes_done": here.bytes_done,
                     "bytes_total": here.bytes_total,
                     "eta_s": eta,
+                    "zone": self._labels.get("zone"),
+                    "rack": self._labels.get("rack"),
                 }
             )
         return web.json_response({"ref": ref.canonical, "nodes": nodes})
