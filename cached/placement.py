@@ -61,7 +61,8 @@ def place(
     zone keeps its rank (its weight changes only a little), so its heir is the next member of the
     same zone, and no surviving owner loses its role -- the spread holds and only the dead node's
     copy moves. A member with no ``zone`` label is in the unnamed zone "" (likewise racks); when no
-    member is labelled this is exactly ``owners`` (plain HRW)."""
+    member is labelled this is exactly ``owners`` (plain HRW). The owners are listed in plain HRW
+    order whatever their zones."""
     w = weights or {}
     zones: dict[str, dict[str, list[str]]] = {}
     for m, labels in members.items():
@@ -75,7 +76,9 @@ def place(
         racks = zones[zone]
         rack_order = _ranked(key, {r: weight(ms) for r, ms in racks.items()}, f"rack\0{zone}")
         zone_lists.append(_deal([rank(key, racks[r], w) for r in rack_order]))
-    return _deal(zone_lists)[: max(0, replicas)]
+    chosen = set(_deal(zone_lists)[: max(0, replicas)])
+    # Listed in plain HRW order, as ``owners`` lists them: the order says nothing about zones.
+    return [m for m in rank(key, members, w) if m in chosen]
 
 
 def _ranked(key: str, groups: Mapping[str, float], kind: str) -> list[str]:

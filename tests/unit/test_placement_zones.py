@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from cached.api.k8s import score
 from cached.cluster import CatalogEntry, Holding, Member, owners_of
-from cached.placement import owners, place
+from cached.placement import owners, place, rank
 from cached.types import JobState
 
 KEYS = [f"http://origin.test/models/m-{i}.gguf" for i in range(1500)]
@@ -75,6 +75,8 @@ def test_placement_does_not_depend_on_member_order(
     got = place(key, members, replicas)
     assert place(key, shuffled, replicas) == got
     assert len(got) == len(set(got)) == min(replicas, len(members))
+    # Listed in plain HRW order, whatever the zones (the order says nothing about topology).
+    assert got == [m for m in rank(key, list(members)) if m in got]
 
 
 def test_two_copies_land_in_two_zones_for_every_key() -> None:
