@@ -5,7 +5,8 @@ Four nodes in two zones (``labels.zone``; zone east also has ``labels.rack``). `
 the labelled members -- and ``locate`` names each holder's zone and rack. When an owner dies its
 heir is its zone-mate, the other owner keeps its copy, and the heir pulls from the survivor, not
 the origin. The Kubernetes extender scores a node with no copy 1 when its zone holds one, so with
-no ready copy on a candidate the scheduler leans to the zone the bytes are in.
+no ready copy on a candidate the scheduler leans to the zone the bytes are in. A node outside any
+cluster names its own zone and rack in ``locate`` too.
 """
 
 from __future__ import annotations
@@ -209,3 +210,24 @@ async def test_the_extender_leans_to_the_zone_that_holds_the_model(zones: Zones,
     # extender asks no peer over HTTP).
     for name, asked in zones.nodes.items():
         await wait_until(lambda asked=asked: _eq(scores(asked), want), timeout_s=10, what=f"{name} scores {want}")
+
+
+async def test_locate_on_a_node_outside_any_cluster_names_its_own_zone(tmp_path: Path, origin: Origin) -> None:
+    ref = origin.file_url("single.gguf")
+    cfg = dataclasses.replace(
+        node_config(tmp_path / "alone", node_id="alone", **{"store.piece_size_bytes": "1M"}),
+        labels={"zone": "east", "rack": "r9"},
+    )
+    async with Daemon(cfg) as d:
+        model = await call(d, "POST", "/v1/prefetch", {"ref": ref, "wait": True})
+        assert model["state"] == "ready", model
+        (only,) = (await call(d, "GET", "/v1/locate", ref=ref))["nodes"]
+        assert only == {
+            "node_id": "alone",
+            "state": "ready",
+            "bytes_done": SIZE,
+            "bytes_total": SIZE,
+            "eta_s": 0,
+            "zone": "east",
+            "rack": "r9",
+        }
