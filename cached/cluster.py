@@ -443,6 +443,19 @@ class Locator:
         self._timeout_s = timeout_s
         self._manifests: OrderedDict[str, Manifest] = OrderedDict()  # digest -> a peer's manifest
 
+    def labels(self) -> dict[str, Mapping[str, str]]:
+        """Node id -> its labels (``zone``, ``rack``, ...) as gossip carries them: this node and
+        every member not yet dead."""
+        out: dict[str, Mapping[str, str]] = {self._node_id: self._membership.me.labels}
+        for m in self._membership.members():
+            if m.status is not Status.DEAD:
+                out[m.info.node_id] = m.info.labels
+        return out
+
+    def zones(self) -> dict[str, str]:
+        """Node id -> its zone, for the nodes ``labels`` knows that have one."""
+        return {n: z for n, labels in self.labels().items() if (z := labels.get(ZONE_LABEL))}
+
     async def locate(self, ref: ModelRef) -> list[dict[str, Any]]:
         async def ask(node_id: str, address: str) -> dict[str, Any] | None:
             try:
@@ -479,19 +492,6 @@ class Locator:
                 }
             )
         return sorted(out, key=lambda n: (n["state"] != "ready", -n["bytes_done"], n["node_id"]))
-
-    def labels(self) -> dict[str, Mapping[str, str]]:
-        """Node id -> its labels (``zone``, ``rack``, ...) as gossip carries them: this node and
-        every member not yet dead."""
-        out: dict[str, Mapping[str, str]] = {self._node_id: self._membership.me.labels}
-        for m in self._membership.members():
-            if m.status is not Status.DEAD:
-                out[m.info.node_id] = m.info.labels
-        return out
-
-    def zones(self) -> dict[str, str]:
-        """Node id -> its zone, for the nodes ``labels`` knows that have one."""
-        return {n: z for n, labels in self.labels().items() if (z := labels.get(ZONE_LABEL))}
 
     async def holders(self, ref: ModelRef) -> dict[str, Holding]:
         """Node id -> its copy of ``ref`` (ready or in flight), this node and live members."""

@@ -231,6 +231,7 @@ class Daemon:
         )
         self.api = LocalApi(
             node_id=cfg.node_id,
+            labels=cfg.labels,
             store=self.store,
             jobs=self.jobs,
             status=self.status,
@@ -245,7 +246,6 @@ class Daemon:
             files=self.file_origin,
             admin=AdminPolicy(token=read_admin_token(cfg.api.admin_token_file), group=cfg.api.admin_group),
             hosts=HostPolicy(listen_host=cfg.api.listen.host, allowed_hosts=cfg.api.allowed_hosts),
-            labels=cfg.labels,
         )
         # handler_cancellation: a client that hangs up (a launcher killed while it waits for
         # --wait, a closed event stream) must not leave its handler running.

@@ -133,6 +133,7 @@ class LocalApi:
         self,
         *,
         node_id: str,
+        labels: Mapping[str, str] | None = None,
         store: Store,
         jobs: Jobs,
         status: StatusSource,
@@ -147,7 +148,6 @@ class LocalApi:
         files: LocalOrigin | None = None,
         admin: AdminPolicy | None = None,
         hosts: HostPolicy | None = None,
-        labels: Mapping[str, str] | None = None,
     ) -> None:
         self._labels = dict(labels or {})  # this node's (labels.zone, labels.rack), shown by locate
         self._hf = hf
