@@ -435,6 +435,8 @@ async def _cmd_locate(api: ApiClient, args: argparse.Namespace) -> int:
     loc = await api.request("GET", "/v1/locate", params={"ref": args.ref})
     lines = [
         f"{n['node_id']}\t{n['state']}\t{format_size(n['bytes_done'])}/{format_size(n['bytes_total'])}"
+        + (f"\tzone={n['zone']}" if n.get("zone") else "")
+        + (f"\track={n['rack']}" if n.get("rack") else "")
         for n in loc["nodes"]
     ]
     _out(args, loc, "\n".join(lines) or f"no node holds {args.ref}")

@@ -7,7 +7,9 @@ the ref everywhere.
 
 Every node runs the same reconcile loop over the same inputs (catalog, live members, holdings):
 the owners of a ref are the first ``replicas`` live members in rendezvous-hash order (weighted by
-capacity, filtered by labels). An owner without the model fetches it at background priority,
+capacity, filtered by labels), spread across zones and then racks (``labels.zone``,
+``labels.rack``) when members carry them: with two zones, two copies land one in each, and the
+heir of a dead owner is a member of its zone while that zone has one. An owner without the model fetches it at background priority,
 peers first; when an owner dies, the next node in that order becomes an owner and pulls from the
 survivors -- no operator action. A copy on a non-owner is kept but evictable (demoted, never
 deleted on the spot). Eviction never takes a copy that would leave the cluster below the count.
@@ -45,7 +47,7 @@ from cached.peers.client import PeerClient
 from cached.peers.holdings import HoldingsView, NodeHoldings
 from cached.peers.membership import MemberInfo, Membership, Status
 from cached.periodic import every
-from cached.placement import rank
+from cached.placement import RACK_LABEL, ZONE_LABEL, place
 from cached.status import ModelStatus, Replicas, StatusSource
 from cached.store import Store
 from cached.types import FileEntry, JobState, Manifest, ModelRef, OriginFile, Priority, RefKind
@@ -209,10 +211,12 @@ class Member:
 
 
 def owners_of(entry: CatalogEntry, members: list[Member]) -> list[str]:
-    """The ``replicas`` live members that should hold ``entry``, in HRW order."""
+    """The ``replicas`` live members that should hold ``entry``: HRW weighted by capacity, the
+    copies spread across the members' ``zone`` labels first and ``rack`` labels second
+    (``placement.place``; with no such labels, plain HRW order)."""
     eligible = [m for m in members if all(m.labels.get(k) == v for k, v in entry.labels.items())]
     weights = {m.node_id: max(1.0, m.capacity_bytes / (1 << 30)) for m in eligible}
-    return rank(entry.ref, [m.node_id for m in eligible], weights)[: entry.replicas]
+    return place(entry.ref, {m.node_id: m.labels for m in eligible}, entry.replicas, weights)
 
 
 class GossipMembers:
@@ -415,7 +419,8 @@ class Locator:
     copy is a ref in a node's holdings; a copy in flight is a partial of one of the model's files
     (the manifest, when this node does not hold it, is fetched once from a ready holder and kept
     by digest). It lags the truth by a gossip round. ``locate`` asks every live member for its
-    status instead, for the rate behind an ETA.
+    status instead, for the rate behind an ETA, and names each node's zone and rack (from its
+    gossiped labels; null when it has none).
     """
 
     def __init__(
@@ -438,6 +443,19 @@ class Locator:
         self._timeout_s = timeout_s
         self._manifests: OrderedDict[str, Manifest] = OrderedDict()  # digest -> a peer's manifest
 
+    def labels(self) -> dict[str, Mapping[str, str]]:
+        """Node id -> its labels (``zone``, ``rack``, ...) as gossip carries them: this node and
+        every member not yet dead."""
+        out: dict[str, Mapping[str, str]] = {self._node_id: self._membership.me.labels}
+        for m in self._membership.members():
+            if m.status is not Status.DEAD:
+                out[m.info.node_id] = m.info.labels
+        return out
+
+    def zones(self) -> dict[str, str]:
+        """Node id -> its zone, for the nodes ``labels`` knows that have one."""
+        return {n: z for n, labels in self.labels().items() if (z := labels.get(ZONE_LABEL))}
+
     async def locate(self, ref: ModelRef) -> list[dict[str, Any]]:
         async def ask(node_id: str, address: str) -> dict[str, Any] | None:
             try:
@@ -447,6 +465,7 @@ class Locator:
                 log.debug("locate: no answer node=%s error=%s", node_id, e)
                 return None
 
+        labels = self.labels()
         answers = [{**self._status.of(ref).to_json(), "node_id": self._node_id}]
         if ref.kind is not RefKind.FILE:  # a file:// ref names a path on this node only
             answers += await asyncio.gather(*(ask(m.info.node_id, m.info.address) for m in self._membership.alive()))
@@ -460,8 +479,17 @@ class Locator:
                 float(a.get("rate_bps") or 0),
             )
             eta = 0.0 if a["state"] == "ready" else (round((total - done) / rate, 1) if rate > 0 and total else None)
+            where = labels.get(a["node_id"], {})
             out.append(
-                {"node_id": a["node_id"], "state": a["state"], "bytes_done": done, "bytes_total": total, "eta_s": eta}
+                {
+                    "node_id": a["node_id"],
+                    "state": a["state"],
+                    "bytes_done": done,
+                    "bytes_total": total,
+                    "eta_s": eta,
+                    "zone": where.get(ZONE_LABEL),
+                    "rack": where.get(RACK_LABEL),
+                }
             )
         return sorted(out, key=lambda n: (n["state"] != "ready", -n["bytes_done"], n["node_id"]))
 

@@ -242,6 +242,7 @@ class Daemon:
         )
         self.api = LocalApi(
             node_id=cfg.node_id,
+            labels=cfg.labels,
             store=self.store,
             jobs=self.jobs,
             status=self.status,

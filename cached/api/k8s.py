@@ -3,7 +3,12 @@
 kube-scheduler sends ExtenderArgs (Go field names: ``Pod``, ``Nodes`` as a NodeList, or
 ``NodeNames`` when the extender is node-cache-capable); node names are node ids. A pod names its
 model in the annotation ``cached.io/model``. Prioritize answers a HostPriorityList: 10 for a
-node with a ready copy, 1..9 by progress for one with a copy in flight, 0 else. Filter lets
+node with a ready copy, 1..9 by progress for one with a copy in flight, 1 for a node with no copy
+whose zone (``labels.zone``) holds one (ready or in flight, on another node), 0 else. The zone
+point matters when no candidate holds the model ready: the scheduler then leans to a zone the
+bytes are already in, so the pod's node pulls them over the zone's own links instead of across
+the thin link between zones (and a copy half-way in flight here still ranks at least as high).
+A node without a zone label never gets it. Filter lets
 every node through unless the pod says ``cached.io/require-local: "true"``; then only ready
 holders pass, and every node left out gets a reason.
 
@@ -60,7 +65,11 @@ class K8sExtender:
         args = await read_object(request)
         ref, _ = _pod_model(args.get("Pod"))
         holders = await self._holders(ref)
-        return web.json_response([{"Host": n, "Score": score(holders.get(n))} for n in _node_names(args)])
+        zones = self._locator.zones() if self._locator is not None and holders else {}
+        held_in = {zones[n] for n in holders if n in zones}
+        return web.json_response(
+            [{"Host": n, "Score": score(holders.get(n), zone_holds=zones.get(n) in held_in)} for n in _node_names(args)]
+        )
 
     async def _holders(self, ref: ModelRef | None) -> dict[str, Holding]:
         if ref is None:
@@ -77,10 +86,11 @@ class K8sExtender:
         }
 
 
-def score(holding: Holding | None) -> int:
-    """10 for a ready copy, 1..9 by progress for one in flight, 0 for none."""
+def score(holding: Holding | None, *, zone_holds: bool = False) -> int:
+    """10 for a ready copy, 1..9 by progress for one in flight; for none, 1 when another node of
+    this node's zone holds a copy (``zone_holds``), else 0."""
     if holding is None:
-        return 0
+        return 1 if zone_holds else 0
     if holding.ready:
         return 10
     frac = holding.bytes_done / holding.bytes_total if holding.bytes_total else 0.0

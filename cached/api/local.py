@@ -23,7 +23,7 @@ import os
 import socket
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -135,6 +135,7 @@ class LocalApi:
         self,
         *,
         node_id: str,
+        labels: Mapping[str, str] | None = None,
         store: Store,
         jobs: Jobs,
         status: StatusSource,
@@ -151,6 +152,7 @@ class LocalApi:
         hosts: HostPolicy | None = None,
         mirror: RegistryMirror | None = None,
     ) -> None:
+        self._labels = dict(labels or {})  # this node's (labels.zone, labels.rack), shown by locate
         self._hf = hf
         self._mirror = mirror
         self._files = files
@@ -553,6 +555,8 @@ class LocalApi:
                     "bytes_done": here.bytes_done,
                     "bytes_total": here.bytes_total,
                     "eta_s": eta,
+                    "zone": self._labels.get("zone"),
+                    "rack": self._labels.get("rack"),
                 }
             )
         return web.json_response({"ref": ref.canonical, "nodes": nodes})

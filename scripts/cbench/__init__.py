@@ -45,8 +45,26 @@ detection (dead) + model size / node link rate. ``--cached-src head`` runs the c
 ``cached/`` (a ``git archive`` copy) instead of the working tree. Output: a table on stdout, one
 JSON line, WORKDIR/results/failover.{md,jsonl}, failover-STAMP.{json,png}.
 
+Issue 16's scenarios (scale and topology):
+
+  --gossip-interval 0   the daemons at their own default gossip interval (the key is left out).
+  --scenario scale      the swarm at every node count of ``--curve`` (default 4,8,16), one cluster
+                        per point, in one run: time over the lower bound and origin bytes for
+                        cached and libtorrent at each point; WORKDIR/results/scale.{md,json,svg}.
+  --zones 2             two bridges, one per zone (nodes 1..N/2 in zone a with the origin, the
+                        rest in zone b), joined by one veth pair shaped to ``--zone-link-rate``;
+                        the daemons get ``labels.zone``; the report adds the bytes that crossed
+                        the link into each zone.
+  --scenario shards     the project's Hub double (``_hub``) serves the model as one file and as
+                        ``--shards`` files; cached fetches ``hf://bench/one`` then
+                        ``hf://bench/sharded``, libtorrent a one-file and a multi-file torrent.
+
+``CBENCH_PREFIX`` (default ``cbench-``) names the namespaces, so two runs on one machine do not
+remove each other's. The lower bound is the model through the slowest link it must cross whole
+(origin, node, or the zone link).
+
 Internal roles (run inside a namespace by this script): ``_origin``, ``_seed``, ``_leech``,
-``_direct``. Run as root through ``scripts/bench-cluster`` (it builds the bench venv); the entry
+``_direct``, ``_hub``. Run as root through ``scripts/bench-cluster`` (it builds the bench venv); the entry
 point is ``scripts/bench_cluster.py``, a shim that runs ``cbench.__main__``.
 
 The modules, from the bottom up:
@@ -62,7 +80,9 @@ The modules, from the bottom up:
     measure       MethodResult and the origin-link sampler
     daemons       cached daemons: cluster files, launch, API sessions, membership
     method_*      the three swarm methods: cached, torrent, direct
-    swarm         the swarm scenario: the methods in order
+    swarm         the swarm scenario: the methods in order (``timed``: one method from a common start)
+    scale         the scale scenario: the swarm at each node count; report_scale: its table and SVG
+    shards        the shards scenario; role_hub: _hub, the Hub double with the one-file and sharded repos
     failover*     the failover scenario (run, watchers, figures)
     report        swarm tables, JSON and plot; failover_report: the failover's
     __main__      the command line, the role dispatch, signals and teardown

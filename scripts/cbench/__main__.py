@@ -22,9 +22,13 @@ from cbench.failover import run_failover_scenario
 from cbench.failover_report import finish_failover
 from cbench.netns import teardown_network
 from cbench.report import finish_swarm
+from cbench.report_scale import finish_scale
 from cbench.role_direct import role_direct
+from cbench.role_hub import role_hub
 from cbench.role_origin import role_origin
 from cbench.role_torrent import role_leech, role_seed
+from cbench.scale import run_scale
+from cbench.shards import run_shards
 from cbench.source import daemon_code, git_info
 from cbench.swarm import run_swarm
 
@@ -33,6 +37,7 @@ ROLES: dict[str, Callable[[list[str]], None]] = {
     "_seed": role_seed,
     "_leech": role_leech,
     "_direct": role_direct,
+    "_hub": role_hub,
 }
 
 
@@ -67,7 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--stall-timeout", type=float, default=0, help="cached peer.stall_timeout_s (default: the daemon's own)"
     )
-    p.add_argument("--gossip-interval", type=float, default=0.5, help="cached peer.gossip_interval_s (default 0.5)")
+    p.add_argument(
+        "--gossip-interval",
+        type=float,
+        default=0.5,
+        help="cached peer.gossip_interval_s (default 0.5; 0: left out of the config, the daemon's own default)",
+    )
     p.add_argument("--timeout", type=float, default=1200, help="global deadline in seconds (default 1200)")
     p.add_argument(
         "--workdir",
@@ -98,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds one method may take (default: 4x lower bound + 60 s; direct: 1.5x nodes x lower bound + 60 s)",
     )
     add_failover_flags(p)
+    add_issue16_flags(p)
     p.add_argument(
         "--cached-variant",
         action="append",
@@ -113,10 +124,12 @@ def add_failover_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("failover scenario (--scenario failover)")
     g.add_argument(
         "--scenario",
-        choices=("swarm", "failover"),
+        choices=("swarm", "failover", "scale", "shards"),
         default="swarm",
         help="swarm (default): N nodes want the model at once, cached vs torrent vs direct; "
-        "failover: replicate --replicas R, kill a holder, time the replacement copy",
+        "failover: replicate --replicas R, kill a holder, time the replacement copy; "
+        "scale: the swarm at each node count of --curve; "
+        "shards: one file vs --shards files of the same bytes from a hub origin (cached and torrent)",
     )
     g.add_argument("--replicas", type=int, default=2, help="catalog replicas (default 2)")
     g.add_argument(
@@ -145,6 +158,28 @@ def add_failover_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dead-after", type=float, default=0, help="cached peer.dead_after_s (default: the daemon's own)")
 
 
+def add_issue16_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("scale and topology (--scenario scale, --scenario shards, --zones 2)")
+    g.add_argument(
+        "--curve",
+        type=lambda t: [int(x) for x in t.split(",") if x.strip()],
+        default=[4, 8, 16],
+        help="--scenario scale: the node counts, in order (default 4,8,16)",
+    )
+    g.add_argument(
+        "--zones",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="2: two bridges (zones a and b, half the nodes each, the origin on a's) joined by one link of "
+        "--zone-link-rate; nodes get labels.zone (default 1: one switch)",
+    )
+    g.add_argument("--zone-link-rate", type=parse_rate, default=parse_rate("200mbit"))
+    g.add_argument(
+        "--shards", type=int, default=16, help="--scenario shards: files the sharded model is cut into (default 16)"
+    )
+
+
 def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
     """LABEL=[PYTHONPATH][;piece_size=4M][;connections=2][;stall_timeout=60] -> (label, settings)."""
     label, _, rest = spec.partition("=")
@@ -171,6 +206,12 @@ def check(a: argparse.Namespace) -> str | None:
         return "--methods takes cached,torrent,direct; --nodes 1..200"
     if a.scenario == "failover" and not 1 <= a.replicas < a.nodes:
         return "failover needs 1 <= --replicas < --nodes (a survivor must be free to take over)"
+    if a.scenario == "scale" and (not a.curve or not all(2 <= n <= 200 for n in a.curve)):
+        return "--curve takes node counts of 2..200, like 4,8,16"
+    if a.zones == 2 and (a.nodes < 2 or a.scenario in ("failover", "scale")):
+        return "--zones 2 needs --nodes >= 2 and the swarm or shards scenario"
+    if a.scenario == "shards" and not 2 <= a.shards <= 256:
+        return "--shards takes 2..256"
     if os.geteuid() != 0:
         return "needs root (ip netns, tc)"
     for tool in ("ip", "tc", "curl"):
@@ -196,7 +237,13 @@ def run_guarded(bench: Bench) -> Any:
     teardown_network()  # leftovers of an earlier run (only names with our prefix)
     signal.alarm(int(a.timeout) + 60)  # a hard stop beyond the per-step deadlines
     try:
-        return asyncio.run(run_failover_scenario(bench) if a.scenario == "failover" else run_swarm(bench))
+        scenarios = {
+            "failover": run_failover_scenario,
+            "scale": run_scale,
+            "shards": run_shards,
+            "swarm": run_swarm,
+        }
+        return asyncio.run(scenarios[a.scenario](bench))
     finally:
         signal.alarm(0)
         bench.procs.kill_all_sync()
@@ -226,6 +273,9 @@ def main() -> int:
     outcome = run_guarded(Bench.create(a))
     if a.scenario == "failover":
         return finish_failover(outcome, a, out)
+    if a.scenario == "scale":
+        return finish_scale(outcome, a, out)
+    a.plot = a.plot or (out / f"{a.scenario}.png" if a.scenario == "shards" or a.zones > 1 else None)
     a.plot = a.plot or REPO / "docs" / "bench-cluster.png"
     return finish_swarm(outcome, a, out)
 

@@ -114,3 +114,46 @@ def write_model(path: Path, size: int) -> None:
             f.write((i.to_bytes(8, "little") + block[8:])[:n])  # every MiB differs
             left -= n
             i += 1
+
+
+def model_matches(path: Path, model: Model) -> bool:
+    """The model's bytes are at ``path``: the file, ``path/model.bin``, or (an hf:// model of the
+    shards scenario) its ``.safetensors`` files in name order, which are the model cut in order."""
+    if path.is_file():
+        return blake3_file(path) == model.digest
+    if (path / MODEL_NAME).is_file():
+        return blake3_file(path / MODEL_NAME) == model.digest
+    parts = sorted(path.glob("*.safetensors"))
+    if not parts:
+        return False
+    import blake3
+
+    h = blake3.blake3()
+    for part in parts:
+        with open(part, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest() == model.digest
+
+
+def prepare_shards(work: Path, model: Model, shards: int) -> tuple[Path, Path | None]:
+    """The model cut into ``shards`` files (as the hub's ``bench/sharded`` serves them), in
+    WORKDIR/model/SIZE/shards-N/bench-sharded/, and a multi-file .torrent of that directory
+    (None without libtorrent); reused."""
+    from cbench.role_hub import shard_bounds, shard_name
+    from cbench.role_torrent import make_torrent
+
+    top = model.path.parent / f"shards-{shards}"
+    content = top / "bench-sharded"
+    torrent = top / "sharded.torrent"
+    size = model.path.stat().st_size
+    if not (content / shard_name(shards - 1, shards)).exists():
+        content.mkdir(parents=True, exist_ok=True)
+        with open(model.path, "rb") as src:
+            for k, (off, n) in enumerate(shard_bounds(size, shards)):
+                src.seek(off)
+                (content / shard_name(k, shards)).write_bytes(src.read(n))
+        torrent.unlink(missing_ok=True)
+    if not torrent.exists():
+        make_torrent(content, torrent)
+    return content, torrent if torrent.exists() else None

@@ -31,8 +31,12 @@ async def cluster(bench: Bench) -> AsyncIterator[Cluster]:
     (bench.work / "cwd").mkdir(parents=True, exist_ok=True)
     model = await asyncio.to_thread(prepare_model, bench.work, a.size)
     log(f"model {fmt_size(a.size)} blake3={model.digest[:16]}..")
-    log(f"network: origin {a.origin_rate / 1e6:.0f} Mbit/s, {a.nodes} nodes at {a.node_rate / 1e6:.0f} Mbit/s")
-    await asyncio.to_thread(setup_network, a.nodes, a.origin_rate, a.node_rate)
+    zones = getattr(a, "zones", 1)
+    log(
+        f"network: origin {a.origin_rate / 1e6:.0f} Mbit/s, {a.nodes} nodes at {a.node_rate / 1e6:.0f} Mbit/s"
+        + (f", {zones} zones joined at {a.zone_link_rate / 1e6:.0f} Mbit/s" if zones > 1 else "")
+    )
+    await asyncio.to_thread(setup_network, a.nodes, a.origin_rate, a.node_rate, zones, a.zone_link_rate)
     stats_file = bench.work / "origin-stats.json"
     origin = await bench.start_origin(model, stats_file)
     yield Cluster(model, stats_file)

@@ -5,6 +5,7 @@ and BLAKE3 of a file. Nothing here touches the network or starts a process."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -14,7 +15,11 @@ from cached.types import format_size, parse_size
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "bench_cluster.py"  # the entry point the roles are started with
-PREFIX = "cbench-"
+# Every namespace this run creates (and the leftovers it removes) starts with this. CBENCH_PREFIX
+# gives a concurrent run on the same machine its own names, so neither tears down the other's.
+PREFIX = os.environ.get("CBENCH_PREFIX", "cbench-")
+if not re.fullmatch(r"[a-z][a-z0-9]{1,8}-", PREFIX):
+    raise SystemExit(f"CBENCH_PREFIX={PREFIX!r}: 2-9 lowercase letters or digits and a final '-' (like cbench-)")
 SWITCH = PREFIX + "sw"
 ORIGIN_NS = PREFIX + "origin"
 NET = "198.18.0"  # /24 inside 198.18.0.0/15
@@ -27,6 +32,17 @@ MODEL_URL = f"http://{ORIGIN_IP}:{HTTP_PORT}/{MODEL_NAME}"
 METHODS = ("cached", "torrent", "direct")
 SAMPLE_S = 0.25
 FAILOVER_POLL_S = 0.1  # how often the failover scenario asks every survivor for its member list
+
+
+ZONES = "ab"  # --zones 2: nodes 1..N/2 in zone a, the rest in zone b (the origin is on zone a's bridge)
+HUB_PORT = 8081  # the hub origin of --scenario shards
+
+
+def zone_of(i: int, nodes: int, zones: int) -> str:
+    """Node ``i``'s zone label ("" when the run has no zones): equal blocks of consecutive nodes."""
+    if zones <= 1:
+        return ""
+    return ZONES[min(zones - 1, (i - 1) * zones // nodes)]
 
 
 def node_ns(i: int) -> str:

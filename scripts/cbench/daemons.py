@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cbench.bench import Bench
-from cbench.common import PEER_PORT, node_ip, node_ns
+from cbench.common import HUB_PORT, ORIGIN_IP, PEER_PORT, ZONES, node_ip, node_ns, zone_of
 from cbench.processes import Child
 
 
@@ -26,24 +26,33 @@ class ClusterFiles:
     base: Path  # node data, sockets, token and config live here
     conf: Path
     token: Path
+    zones: int = 1  # > 1: each zone's nodes read cached-ZONE.toml (the config plus labels.zone)
+
+    def conf_of(self, i: int, nodes: int) -> Path:
+        zone = zone_of(i, nodes, self.zones)
+        return self.base / f"cached-{zone}.toml" if zone else self.conf
 
 
-def write_cluster_files(base: Path, peer: dict[str, Any], connections: int) -> ClusterFiles:
+def write_cluster_files(base: Path, peer: dict[str, Any], connections: int, zones: int = 1) -> ClusterFiles:
     """A fresh ``base`` with a cluster token and a config: ``[peer]`` as given, the origin's
-    connections, info logging (the failover scenario reads the log lines)."""
+    connections, info logging (the failover scenario reads the log lines); with ``zones``, one
+    config per zone that adds ``[labels] zone``."""
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
     token = base / "token"
     token.write_text(hashlib.sha256(os.urandom(32)).hexdigest() + "\n")
     token.chmod(0o600)
     conf = base / "cached.toml"
-    conf.write_text(
+    text = (
         "[peer]\n"
         + "".join(f"{k} = {v}\n" for k, v in peer.items())
         + f"[origins.http]\nconnections = {connections}\n"
         + '[log]\nlevel = "info"\n'
     )
-    return ClusterFiles(base, conf, token)
+    conf.write_text(text)
+    for zone in ZONES[:zones] if zones > 1 else "":
+        (base / f"cached-{zone}.toml").write_text(text + f'[labels]\nzone = "{zone}"\n')
+    return ClusterFiles(base, conf, token, zones)
 
 
 def daemon_cmd(bench: Bench, files: ClusterFiles, i: int, piece_size: int) -> list[str]:
@@ -53,7 +62,7 @@ def daemon_cmd(bench: Bench, files: ClusterFiles, i: int, piece_size: int) -> li
         "-m",
         "cached",
         "--config",
-        str(files.conf),
+        str(files.conf_of(i, bench.args.nodes)),
         "--node-id",
         f"n{i}",
         "--cache-dir",
@@ -69,6 +78,9 @@ def daemon_cmd(bench: Bench, files: ClusterFiles, i: int, piece_size: int) -> li
         "--no-mdns",
         "--piece-size",
         str(piece_size),
+        # The hub of --scenario shards, in the origin namespace (never the public hub).
+        "--hf-endpoint",
+        f"http://{ORIGIN_IP}:{HUB_PORT}",
     ]
     if i != 1:
         cmd += ["--seed", f"{node_ip(1)}:{PEER_PORT}"]

@@ -64,7 +64,8 @@ async def peer_settings(bench: Bench, r: dict[str, Any]) -> tuple[dict[str, floa
     """The [peer] keys the config file sets, and the dead timeout in force (config or default)."""
     a = bench.args
     defaults = await asyncio.to_thread(daemon_peer_defaults, bench, a.pythonpath)
-    peer: dict[str, float] = {"gossip_interval_s": a.gossip_interval}
+    # --gossip-interval 0: the daemon's own default (the key is left out of the config).
+    peer: dict[str, float] = {"gossip_interval_s": a.gossip_interval} if a.gossip_interval else {}
     for key, val in (
         ("suspect_after_s", a.suspect_after),
         ("dead_after_s", a.dead_after),

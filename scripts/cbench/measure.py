@@ -59,6 +59,12 @@ async def measuring(res: MethodResult, timeout: float) -> AsyncIterator[None]:
         res.samples = [(t - t0, c.get("s-origin", (0, 0))[0] - base) for t, c in samples]
         if samples:
             res.origin_wire = res.samples[-1][1]
+            first, last = samples[0][1], samples[-1][1]
+            # Every switch-side link's (rx, tx) bytes over the method: the zone link's tx is what
+            # crossed it, in each direction.
+            res.extra["links"] = {
+                dev: (rx - first.get(dev, (0, 0))[0], tx - first.get(dev, (0, 0))[1]) for dev, (rx, tx) in last.items()
+            }
 
 
 def record_done(res: MethodResult, msgs: list[Any], t_go: float) -> None:

@@ -2,7 +2,8 @@
 by a veth pair, ``tc tbf`` shaping in both directions, the switch-side link counters, and the
 teardown. Only names with the ``cbench-`` prefix are ever touched; nothing is configured in the
 host's own namespace (the veths are created inside the switch namespace and moved straight into
-the host namespaces), the namespaces have no default route, every address is in 198.18.0.0/15."""
+the host namespaces), the namespaces have no default route, every address is in 198.18.0.0/15.
+With two zones, two bridges joined by one rate-limited veth pair (``ZONE_LINK``)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import os
 import signal
 import subprocess
 
-from cbench.common import ORIGIN_IP, ORIGIN_NS, PREFIX, SWITCH, log, node_ip, node_ns
+from cbench.common import ORIGIN_IP, ORIGIN_NS, PREFIX, SWITCH, log, node_ip, node_ns, zone_of
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -69,13 +70,13 @@ def tbf(ns: str, dev: str, rate_bps: int) -> None:
     )
 
 
-def add_host(ns: str, ip: str, rate: int, sw_dev: str) -> None:
-    """Namespace ``ns`` with ``eth0`` at ``ip``/24, joined to the bridge by ``sw_dev``, shaped to
+def add_host(ns: str, ip: str, rate: int, sw_dev: str, bridge: str = "br0") -> None:
+    """Namespace ``ns`` with ``eth0`` at ``ip``/24, joined to ``bridge`` by ``sw_dev``, shaped to
     ``rate`` bits/s both ways, IPv6 off."""
     sh("ip", "netns", "add", ns)
     # Created inside the switch namespace, the peer end goes straight into the host's.
     sh("ip", "-n", SWITCH, "link", "add", sw_dev, "type", "veth", "peer", "name", "eth0", "netns", ns)
-    sh("ip", "-n", SWITCH, "link", "set", sw_dev, "master", "br0")
+    sh("ip", "-n", SWITCH, "link", "set", sw_dev, "master", bridge)
     sh("ip", "-n", SWITCH, "link", "set", sw_dev, "up")
     sh("ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1")
     sh("ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1")
@@ -86,15 +87,29 @@ def add_host(ns: str, ip: str, rate: int, sw_dev: str) -> None:
     tbf(SWITCH, sw_dev, rate)  # what the host receives
 
 
-def setup_network(nodes: int, origin_bps: int, node_bps: int) -> None:
-    hosts = [(ORIGIN_NS, ORIGIN_IP, origin_bps, "s-origin")] + [
-        (node_ns(i), node_ip(i), node_bps, f"s-n{i}") for i in range(1, nodes + 1)
-    ]
+ZONE_LINK = ("s-zone-a", "s-zone-b")  # the two ends of the link between the zones' bridges
+
+
+def setup_network(nodes: int, origin_bps: int, node_bps: int, zones: int = 1, zone_link_bps: int = 0) -> None:
+    """One bridge (``br0``) for everyone; with ``zones`` = 2, a bridge per zone (``br0`` for zone
+    a, with the origin, ``br1`` for zone b) joined by one veth pair shaped to ``zone_link_bps``
+    each way: the thin link between two zones. Still one L2 segment (198.18.0.0/24)."""
+    bridges = ["br0", "br1"][: max(1, zones)]
     sh("ip", "netns", "add", SWITCH)
-    sh("ip", "-n", SWITCH, "link", "add", "br0", "type", "bridge")
-    sh("ip", "-n", SWITCH, "link", "set", "br0", "up")
-    for ns, ip, rate, sw_dev in hosts:
-        add_host(ns, ip, rate, sw_dev)
+    for br in bridges:
+        sh("ip", "-n", SWITCH, "link", "add", br, "type", "bridge")
+        sh("ip", "-n", SWITCH, "link", "set", br, "up")
+    add_host(ORIGIN_NS, ORIGIN_IP, origin_bps, "s-origin", "br0")
+    for i in range(1, nodes + 1):
+        zone = zone_of(i, nodes, zones)
+        add_host(node_ns(i), node_ip(i), node_bps, f"s-n{i}", "br1" if zone == "b" else "br0")
+    if zones == 2:
+        a, b = ZONE_LINK
+        sh("ip", "-n", SWITCH, "link", "add", a, "type", "veth", "peer", "name", b)
+        for dev, br in ((a, "br0"), (b, "br1")):
+            sh("ip", "-n", SWITCH, "link", "set", dev, "master", br)
+            sh("ip", "-n", SWITCH, "link", "set", dev, "up")
+            tbf(SWITCH, dev, zone_link_bps)  # egress of s-zone-a: zone a -> b; of s-zone-b: b -> a
     sh("ip", "netns", "exec", SWITCH, "sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1")
 
 

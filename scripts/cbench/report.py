@@ -13,13 +13,22 @@ from cbench.common import SAMPLE_S, fmt_size, log
 from cbench.measure import MethodResult
 
 
+def lower_bound(a: argparse.Namespace) -> float:
+    """Seconds no method can beat: the model through the slowest link it must cross whole (the
+    origin's; a node's own; with two zones, the link between them, which zone b's copy crosses)."""
+    rates = [a.origin_rate, a.node_rate] + ([a.zone_link_rate] if getattr(a, "zones", 1) > 1 else [])
+    return a.size * 8 / min(rates)
+
+
 def report(results: list[MethodResult], a: argparse.Namespace) -> str:
-    bound = a.size * 8 / a.origin_rate
+    bound = lower_bound(a)
+    zones = getattr(a, "zones", 1)
     lines = [
         f"{a.nodes} nodes at {a.node_rate / 1e6:.0f} Mbit/s, origin at {a.origin_rate / 1e6:.0f} Mbit/s, "
-        f"model {fmt_size(a.size)}; lower bound (model size / origin rate) = {bound:.1f} s",
+        + (f"{zones} zones joined at {a.zone_link_rate / 1e6:.0f} Mbit/s, " if zones > 1 else "")
+        + f"model {fmt_size(a.size)}; lower bound (model size / slowest link it must cross) = {bound:.1f} s",
         f"cached: git {a.git}, --piece-size {fmt_size(a.piece_size)}, origins.http.connections={a.origin_connections}, "
-        f"peer.gossip_interval_s={a.gossip_interval}"
+        f"peer.gossip_interval_s={a.gossip_interval or 'daemon default'}"
         + (f", peer.stall_timeout_s={a.stall_timeout}" if a.stall_timeout else "")
         + f"; {os.cpu_count()} CPUs",
         "",
@@ -28,6 +37,10 @@ def report(results: list[MethodResult], a: argparse.Namespace) -> str:
     ]
     lines += [table_row(r, a, bound) for r in results]
     lines += ["", "Targets:"] + targets(results, a, bound)
+    if zones > 1:
+        lines += ["", "Across the zone link (wire bytes, TCP/IP headers included):"] + zone_lines(results, a, bound)
+    if getattr(a, "scenario", "") == "shards":
+        lines += ["", "One file vs shards (same bytes, same origin, same run):"] + shard_lines(results)
     for r in results:
         if r.name.startswith("cached") and "config" in r.extra:
             cfg = "; ".join(line for line in r.extra["config"].splitlines() if "=" in line or "--" in line)
@@ -77,6 +90,41 @@ def targets(results: list[MethodResult], a: argparse.Namespace, bound: float) ->
     return lines
 
 
+def zone_lines(results: list[MethodResult], a: argparse.Namespace, bound: float) -> list[str]:
+    """Per method: the bytes that crossed into each zone (the zone link's tx, each end) against
+    the model size, and the time against the bound."""
+    out = []
+    for r in results:
+        links = r.extra.get("links")
+        if r.skipped or not links:
+            continue
+        into_b, into_a = links.get("s-zone-a", (0, 0))[1], links.get("s-zone-b", (0, 0))[1]
+        t = f"{r.all_done_s:.1f} s ({r.all_done_s / bound:.2f}x)" if r.all_done_s is not None else "not all done"
+        ok = "met" if into_b <= 1.05 * a.size and into_a <= 1.05 * a.size else "MISSED"
+        out.append(
+            f"- {r.name}: into zone b {fmt_size(into_b)} ({into_b / a.size:.3f}x model), into zone a "
+            f"{fmt_size(into_a)} ({into_a / a.size:.3f}x); all done {t}; <= 1.05x per zone -> {ok}"
+        )
+        r.extra["zone_bytes"] = {"into_b": into_b, "into_a": into_a}
+    return out
+
+
+def shard_lines(results: list[MethodResult]) -> list[str]:
+    """Each method family's sharded time against its one-file time (target: within 5%)."""
+    out = []
+    for family in ("cached", "torrent"):
+        one = next((r for r in results if r.name == f"{family} (1 file)"), None)
+        many = next((r for r in results if r.name.startswith(f"{family} (") and r is not one), None)
+        if one is None or many is None or one.all_done_s is None or many.all_done_s is None:
+            continue
+        ratio = many.all_done_s / one.all_done_s
+        out.append(
+            f"- {many.name}: {many.all_done_s:.1f} s vs {one.all_done_s:.1f} s for one file ({ratio:.3f}x)"
+            + (f" -> {'met' if ratio <= 1.05 else 'MISSED'} (within 5%)" if family == "cached" else "")
+        )
+    return out
+
+
 def write_results(results: list[MethodResult], a: argparse.Namespace, text: str, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(text + "\n")
@@ -91,6 +139,9 @@ def write_results(results: list[MethodResult], a: argparse.Namespace, text: str,
                 "origin_connections": a.origin_connections,
                 "variants": a.variants,
                 "gossip_interval_s": a.gossip_interval,
+                "zones": getattr(a, "zones", 1),
+                "zone_link_rate": getattr(a, "zone_link_rate", 0),
+                "scenario": getattr(a, "scenario", "swarm"),
                 "cpus": os.cpu_count(),
                 "git": a.git,
                 "results": [r.__dict__ for r in results],
@@ -125,7 +176,7 @@ def method_colors(results: list[MethodResult]) -> dict[str, str]:
 
 def draw_completion(ax: Any, shown: list[MethodResult], colors: dict[str, str], a: argparse.Namespace) -> None:
     """Per node: seconds until its verified copy (hatched: not done within the method's budget)."""
-    bound = a.size * 8 / a.origin_rate
+    bound = lower_bound(a)
     width = 0.8 / max(1, len(shown))
     for k, r in enumerate(shown):
         xs = [i + 1 + (k - (len(shown) - 1) / 2) * width for i in range(len(r.node_s))]

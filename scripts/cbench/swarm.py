@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Awaitable, Callable
 
 from cbench.bench import Bench
 from cbench.cluster import Cluster, cluster, sync_disks
@@ -21,14 +22,20 @@ async def run_swarm(bench: Bench) -> list[MethodResult]:
 
 
 async def run_one(bench: Bench, c: Cluster, name: str) -> MethodResult:
+    return await timed(bench, name, lambda: run_method(bench, c, name))
+
+
+async def timed(bench: Bench, name: str, method: Callable[[], Awaitable[MethodResult]]) -> MethodResult:
+    """One method from a common start (disks synced first): its result with ``all_done_s`` set
+    when every node finished, a failure turned into a result that says why, and a log line."""
     a = bench.args
-    if name == "torrent" and a.skip_torrent:
-        return MethodResult("torrent", skipped="--skip-torrent")
+    if name.startswith("torrent") and a.skip_torrent:
+        return MethodResult(name, skipped="--skip-torrent")
     await sync_disks()
     log(f"--- {name}: {a.nodes} nodes fetch {fmt_size(a.size)} at once")
     t = time.monotonic()
     try:
-        r = await run_method(bench, c, name)
+        r = await method()
     except (RuntimeError, TimeoutError, OSError) as e:
         r = MethodResult(name, notes=[f"failed: {e}"])
         log(f"{name}: FAILED: {e}")
