@@ -452,6 +452,13 @@ async def test_config_example_lists_every_key_with_its_default(tmp_path: Path) -
         "api.admin_token_file",
         "api.admin_group",
         "origins.file.allowed_roots",
+        "origins.s3.endpoint_url",
+        "origins.s3.region",
+        "origins.s3.profile",
+        "origins.modelscope.token_file",
+        "origins.oci.plain_http",
+        "origins.oci.default_registry",
+        "origins.oci.auth_file",
     }
     assert {k: v for k, v in example.items() if k not in unset} == {k: v for k, v in defaults.items() if k not in unset}
     for key in unset:
