@@ -81,6 +81,11 @@ class Copy:
     hf_path: str | None = None  # hf refs: the hub-layout cache root and this commit's snapshot
     snapshot_path: str | None = None
     revisions: tuple[Revision, ...] = ()
+    # A model /hf pulled file by file: the files it holds and, when the hub's listing is known,
+    # those it does not hold yet. ``partial`` False: every file of the ref is here.
+    partial: bool = False
+    held: tuple[str, ...] = ()
+    missing: tuple[str, ...] | None = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -135,6 +140,11 @@ class ModelStatus:
             if c.hf_path is not None:
                 out["snapshot_path"] = c.snapshot_path
             out["revisions"] = [r.to_json() for r in c.revisions]
+            if c.partial:
+                # Ready for the files it holds (its path and hf view serve them); not all of the repo.
+                out["partial"] = True
+                out["files_held"] = list(c.held)
+                out["files_missing"] = list(c.missing) if c.missing is not None else None
         return out
 
 
@@ -144,7 +154,7 @@ class StatusSource(Protocol):
 
     def of(self, ref: ModelRef) -> ModelStatus: ...
 
-    def known(self) -> list[ModelRef]: ...
+    def known(self, *, all: bool = False) -> list[ModelRef]: ...  # noqa: A002
 
     def counts(self) -> dict[JobState, int]: ...
 
@@ -214,6 +224,7 @@ class StatusBoard:
             )
             for m in self._store.retained_for(ref)
         )
+        missing = self._store.pulled_missing(ref, manifest)
         return Copy(
             path=path,
             manifest=manifest.digest,
@@ -223,12 +234,19 @@ class StatusBoard:
             hf_path=str(self._store.hf_dir) if hf else None,
             snapshot_path=str(snapshot) if hf else None,
             revisions=(current, *older),
+            partial=missing != (),
+            held=tuple(sorted(f.path for f in manifest.files)) if missing != () else (),
+            missing=missing,
         )
 
-    def known(self) -> list[ModelRef]:
-        """Every ref with a ready copy, an active job or a remembered failure, sorted."""
+    def known(self, *, all: bool = False) -> list[ModelRef]:  # noqa: A002 - the API's ?all=1
+        """Every ref with a ready copy, an active job or a remembered failure, sorted. A failure
+        older than ``jobs.failed_ttl_s`` is left out unless ``all``."""
+        now = self._clock()
         refs = {r.ref for r in self._store.models()} | {
-            j.ref.canonical for j in self._jobs.all() if j.active or j.state is JobState.FAILED
+            j.ref.canonical
+            for j in self._jobs.all()
+            if j.active or (j.state is JobState.FAILED and (all or not self._jobs.expired(j, now)))
         }
         return [ModelRef.parse(r) for r in sorted(refs)]
 

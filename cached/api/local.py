@@ -236,6 +236,12 @@ class LocalApi:
             return resp
         except asyncio.CancelledError:
             raise
+        except ConnectionResetError as e:
+            # The client closed or reset its connection mid-answer (aria2c drops its extra
+            # connections, a download is cancelled): normal, and nothing can be sent any more.
+            log.debug("client closed the connection path=%s error=%s", request.path, e)
+            self._metrics.api_errors.labels("client_closed").inc()
+            return web.Response(status=499)
         except Exception as e:  # noqa: BLE001 - a bug answers 500 with no traceback, and is logged
             log.exception("unhandled error path=%s", request.path)
             self._metrics.api_errors.labels("internal").inc()
@@ -340,7 +346,10 @@ class LocalApi:
         if ref.kind is RefKind.FILE:
             await self._authorize_file(request, ref, ready=self._store.model(ref) is not None)
         current = self._jobs.get(ref)
-        if not refresh and self._store.model(ref) is not None and (current is None or not current.active):
+        rec = self._store.model(ref)
+        # A model /hf pulled file by file is ready only for what it holds: a prefetch fetches the rest.
+        whole = rec is not None and self._store.pulled_missing(ref, rec.manifest) == ()
+        if not refresh and whole and (current is None or not current.active):
             # Ready here: answer at once, whatever queue the download jobs are in.
             await self._store.touch(ref)
             self._metrics.prefetch_jobs.labels("ok").inc()  # a prefetch that found it ready is one that succeeded
@@ -398,7 +407,9 @@ class LocalApi:
                 self._file_checks[key] = (lock, users - 1)
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response([self._model(r) for r in self._status.known()])
+        # ?all=1: failed prefetches past jobs.failed_ttl_s too (cachectl ls --all).
+        every = request.query.get("all", "").lower() in ("1", "true", "yes")
+        return web.json_response([self._model(r) for r in self._status.known(all=every)])
 
     async def status(self, request: web.Request) -> web.Response:
         ref = self._ref(request.query.get("ref"))

@@ -37,6 +37,7 @@ from cached.store.index import Index, ref_record
 from cached.store.layout import Layout
 from cached.store.partial import PartialBlob, read_piece_log
 from cached.store.protection import Protector
+from cached.store.pulls import Pulls
 from cached.store.space import Reservation, Space
 from cached.store.verified import VerifiedFile
 from cached.store.views import Views
@@ -93,7 +94,9 @@ class Store:
         # Told of every change peers may care about; called on the event loop only.
         self._on_event = on_event
         self._index = Index(self.layout, self.claims)
-        self._views = Views(self.layout, self._index)
+        # What /hf pulled: branch -> commit and each pulled commit's listing (``pulls``).
+        self.pulls = Pulls(self.root)
+        self._views = Views(self.layout, self._index, self.pulls)
         self._space = Space(
             cfg, root=self.root, index=self._index, claims=self.claims, removal=self, protector=protector
         )
@@ -115,6 +118,7 @@ class Store:
 
     def _open_sync(self) -> None:
         self._index.load_sync()
+        self.pulls.load_sync()
         self._space.load_sync()
         self._views.sweep_sync()
         if self.claims.skipped:
@@ -351,6 +355,31 @@ class Store:
     async def rebuild_views_for_blob(self, blob_hex: str) -> None:
         """After a blob was replaced (repair), re-point every view at the new inode."""
         await self._views.rebuild_for_blob(blob_hex)
+
+    # --- what /hf pulled (``pulls``) ------------------------------------------------------------
+
+    async def note_hf_branch(self, repo: str, revision: str, commit: str) -> None:
+        """The hub resolved ``revision`` of ``repo`` to ``commit``: remembered, and the hf view's
+        ``refs/<revision>`` follows if the node holds that commit."""
+        if self.pulls.note_branch(repo, revision, commit, self._clock()):
+            await asyncio.to_thread(self.pulls.save_sync, repo)
+            await self._views.sync_hf(_stub_manifest(ModelRef.parse(f"hf://{repo}")))
+
+    async def note_hf_listing(self, repo: str, commit: str, paths: tuple[str, ...] | None) -> None:
+        """``paths``: every file of the commit (a pulled model is partial until it holds them
+        all); None: the commit is complete here (a whole-repo fetch committed it)."""
+        changed = (
+            self.pulls.forget_listing(repo, commit) if paths is None else self.pulls.note_listing(repo, commit, paths)
+        )
+        if changed:
+            await asyncio.to_thread(self.pulls.save_sync, repo)
+
+    def pulled_missing(self, ref: ModelRef, manifest: Manifest) -> tuple[str, ...] | None:
+        """Files an hf model pulled through /hf does not hold yet: () when complete (or not a
+        pull), None when not known (it then counts as partial)."""
+        if ref.kind is not RefKind.HF or ref.include or ref.exclude or manifest.revision != ref.revision:
+            return ()
+        return self.pulls.missing(ref.repo, ref.revision, {f.path for f in manifest.files})
 
     # --- publishing ----------------------------------------------------------------------------
 
