@@ -235,6 +235,10 @@ class LocalApi:
                     resp.headers[k] = v  # the HF endpoint's error codes
             return resp
         except asyncio.CancelledError:
+            if request.transport is None:
+                # handler_cancellation: the client hung up (reset) while we answered. Normal.
+                log.debug("client closed the connection path=%s", request.path)
+                self._metrics.api_errors.labels("client_closed").inc()
             raise
         except ConnectionResetError as e:
             # The client closed or reset its connection mid-answer (aria2c drops its extra
