@@ -508,6 +508,8 @@ class LocalApi:
             "cache_dir": str(self._store.root),
             "used_bytes": self._store.used_bytes,
             "capacity_bytes": self._store.capacity_bytes,
+            # Set when store.max_bytes is larger than the filesystem (null otherwise).
+            "capacity_warning": self._store.capacity_warning,
             "reserved_bytes": self._store.reserved_bytes,
             "blobs": self._store.blob_count(),
             "models": {state.value: n for state, n in self._status.counts().items()},

@@ -69,8 +69,8 @@ class Pulls:
     """Loaded at open (``load_sync``); read and changed on the event loop; each write replaces
     the repo's file atomically (``save_sync`` on a worker thread)."""
 
-    def __init__(self, root: Path) -> None:
-        self._dir = root / "pulls"
+    def __init__(self, pulls_dir: Path) -> None:
+        self._dir = pulls_dir
         self._repos: dict[str, RepoPulls] = {}
 
     def load_sync(self) -> None:

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -95,17 +96,19 @@ class Store:
         self._on_event = on_event
         self._index = Index(self.layout, self.claims)
         # What /hf pulled: branch -> commit and each pulled commit's listing (``pulls``).
-        self.pulls = Pulls(self.root)
+        self.pulls = Pulls(self.layout.pulls_dir)
         self._views = Views(self.layout, self._index, self.pulls)
         self._space = Space(
             cfg, root=self.root, index=self._index, claims=self.claims, removal=self, protector=protector
         )
         self._assembly = Assembly(self.layout, self._index, on_event)
+        self.capacity_warning: str | None = None  # set by open: max_bytes above the disk's size
 
     # --- start ---------------------------------------------------------------------------------
 
     async def open(self) -> None:
         await asyncio.to_thread(self._open_sync)
+        self._check_capacity()
         log.info(
             "store indexed dir=%s blobs=%d models=%d partials=%d used=%s capacity=%s",
             self.root,
@@ -124,6 +127,27 @@ class Store:
         if self.claims.skipped:
             self._index.bad_entries["claim"] += self.claims.skipped
 
+    def _check_capacity(self) -> None:
+        """A ``max_bytes`` above the filesystem's size is a promise the disk cannot keep: the
+        store would fill the disk before it ever evicts. Warned at start and on reload, and
+        shown in the node status (``capacity_warning``)."""
+        self.capacity_warning = None
+        try:
+            fs = shutil.disk_usage(self.root).total
+        except OSError:
+            return
+        if self.cfg.max_bytes and self.cfg.max_bytes > fs:
+            self.capacity_warning = (
+                f"store.max_bytes ({format_size(self.cfg.max_bytes)}) is larger than the filesystem "
+                f"holding {self.root} ({format_size(fs)}): the disk fills before eviction starts"
+            )
+            log.warning(
+                "capacity larger than the filesystem max_bytes=%d filesystem_bytes=%d dir=%s",
+                self.cfg.max_bytes,
+                fs,
+                self.root,
+            )
+
     @property
     def bad_entries(self) -> Counter[str]:
         """Entries found on disk at open that were skipped (each logged), by kind."""
@@ -133,6 +157,7 @@ class Store:
         """SIGHUP: new capacity and watermarks (the directory and piece size need a restart)."""
         self.cfg = cfg
         self._space.reconfigure(cfg)
+        self._check_capacity()
 
     def state_events(self) -> list[StoreEvent]:
         """The whole current state as events: what a listener that starts now must hear first."""
