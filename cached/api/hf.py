@@ -137,7 +137,11 @@ class HfEndpoint:
             r.add_get(api + "/tree/{rev}", self.tree)
             r.add_get(api + "/tree/{rev}/{path:.*}", self.tree)
             r.add_post(api + "/paths-info/{rev}", self.paths_info)
+            r.add_get(api + "/refs", self.refs)  # llama.cpp -hf (current)
             r.add_get(f"{prefix}/{repo}/resolve/{{rev}}/{{path:.+}}", self.resolve)  # and HEAD
+        # llama.cpp -hf (older releases): the hub's Ollama-style GGUF manifest. Only under /hf:
+        # the top-level /v2/ is the OCI registry mirror's.
+        r.add_get(prefix + "/v2/{org}/{name}/manifests/{tag}", self.gguf_manifest)
         r.add_route("*", prefix + "/{tail:.*}", self.not_found)
 
     # --- helpers -------------------------------------------------------------------------------
@@ -402,7 +406,65 @@ class HfEndpoint:
             sha = doc.get("sha") if isinstance(doc, dict) else None
             if note_rev is not None and not _COMMIT.match(note_rev) and isinstance(sha, str) and _COMMIT.match(sha):
                 await self._store.note_hf_branch(repo, note_rev, sha)
+            if tail == "/refs":
+                for name, commit in _branches_of(doc).items():
+                    await self._store.note_hf_branch(repo, name, commit)
         return web.Response(status=status, body=body, headers=out, content_type=content_type or "application/json")
+
+    # --- llama.cpp -------------------------------------------------------------------------------
+
+    async def refs(self, request: web.Request) -> web.Response:
+        """``GET /api/models/{repo}/refs``: relayed; while the hub is unreachable, the branches
+        whose last resolved commit this node holds."""
+        repo = self._repo(request)
+        try:
+            return await self._passthrough(request, repo, "/refs")
+        except OriginError as e:
+            held = self._held_branches(repo) if _unreachable(e) else {}
+            if not held:
+                return hf_error(502, None, e.message)
+        branches = [{"name": n, "ref": f"refs/heads/{n}", "targetCommit": c} for n, c in sorted(held.items())]
+        return web.json_response({"branches": branches, "tags": [], "converts": []}, headers=_offline_headers(True))
+
+    def _held_branches(self, repo: str) -> dict[str, str]:
+        held = {m.revision for _, m in self._manifests(repo) if m.revision}
+        out = {r: c for r, (c, _) in self._store.pulls.branches(repo).items() if c in held and "/" not in r}
+        for ref, m in self._manifests(repo):
+            if m.revision and not _COMMIT.match(ref.revision) and "/" not in ref.revision:
+                out.setdefault(ref.revision, m.revision)
+        return out
+
+    async def gguf_manifest(self, request: web.Request) -> web.Response:
+        """``GET /v2/{repo}/manifests/{tag}`` as older llama.cpp asks it (``-hf org/m[:tag]``):
+        ``ggufFile``/``mmprojFile`` named from the listing of ``main`` -- the node's own when it
+        holds the commit (or the hub is down), else the hub's tree. The files then come through
+        ``/resolve/main/...`` like any other."""
+        repo = self._repo(request)
+        tag = request.match_info["tag"]
+        if not _GGUF_TAG.match(tag):
+            return hf_error(400, None, f"invalid tag {tag[:100]!r}")
+        try:
+            commit, offline = await self._commit(request, repo, "main")
+        except OriginError as e:
+            return origin_error_response(e)
+        whole = self._whole_manifest(repo, commit)
+        if whole is not None or offline:
+            m = whole if whole is not None else self._held_manifest(repo, commit)
+            entries = [_tree_entry(f) for f in (m.files if m is not None else ())]
+        else:
+            origin, token = self._upstream(request, repo)
+            try:
+                entries = await origin.tree(repo, commit, token=token)
+            except OriginError as e:
+                return origin_error_response(e)
+        by_path = {e["path"]: e for e in entries if isinstance(e.get("path"), str)}
+        model, mmproj = pick_gguf(sorted(by_path), tag)
+        if model is None:
+            return hf_error(404, None, f"no GGUF file for tag {tag!r} in {repo}@{commit}", commit)
+        out = {"ggufFile": _gguf_file(by_path[model])}
+        if mmproj is not None:
+            out["mmprojFile"] = _gguf_file(by_path[mmproj])
+        return web.json_response(out, headers=_offline_headers(offline))
 
     # --- /resolve ------------------------------------------------------------------------------
 
@@ -600,6 +662,70 @@ class HfEndpoint:
                 self._metrics.local_served_bytes.labels("hf").inc(len(chunk))
             pos += len(chunk)
             last_progress = time.monotonic()
+
+
+_GGUF_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
+DEFAULT_GGUF_TAGS = ("Q4_K_M", "Q8_0")  # llama.cpp's own preference when no tag is given
+
+
+def _is_model_gguf(path: str) -> bool:
+    name = path.rsplit("/", 1)[-1].lower()
+    if not name.endswith(".gguf") or "mmproj" in name or "imatrix" in name:
+        return False
+    split = _SPLIT.search(name)
+    return split is None or int(split.group(1)) == 1  # a split model is named by its first part
+
+
+def pick_gguf(paths: list[str], tag: str) -> tuple[str | None, str | None]:
+    """(the model file, its mmproj file) for ``org/m:tag``, as llama.cpp chooses: the first GGUF
+    whose name has ``<tag>.`` or ``<tag>-`` (any case); with no tag (``latest``) Q4_K_M, then
+    Q8_0, then the first GGUF. The mmproj file is one in the model's folder, else any."""
+    models = [p for p in paths if _is_model_gguf(p)]
+    tags = DEFAULT_GGUF_TAGS if tag.lower() == "latest" else (tag,)
+    model = None
+    for t in tags:
+        pattern = re.compile(re.escape(t) + r"[.-]", re.IGNORECASE)
+        model = next((p for p in models if pattern.search(p)), None)
+        if model is not None:
+            break
+    if model is None and tag.lower() == "latest" and models:
+        model = models[0]
+    if model is None:
+        return None, None
+    folder = model.rsplit("/", 1)[0] if "/" in model else ""
+    projs = [p for p in paths if p.lower().endswith(".gguf") and "mmproj" in p.rsplit("/", 1)[-1].lower()]
+    same = [p for p in projs if (p.rsplit("/", 1)[0] if "/" in p else "") == folder]
+    return model, (same or projs or [None])[0]
+
+
+def _gguf_file(entry: dict[str, Any]) -> dict[str, Any]:
+    lfs = entry.get("lfs") if isinstance(entry.get("lfs"), dict) else None
+    out: dict[str, Any] = {"rfilename": entry["path"], "size": entry.get("size", 0)}
+    if lfs:
+        out["blobId"] = lfs.get("oid", "")
+        out["lfs"] = {
+            "sha256": lfs.get("oid", ""),
+            "size": lfs.get("size", 0),
+            "pointerSize": lfs.get("pointerSize", 0),
+        }
+    else:
+        out["blobId"] = entry.get("oid", "")
+    return out
+
+
+def _branches_of(doc: Any) -> dict[str, str]:
+    """``{name: commit}`` of a ``/refs`` answer's branches (bounded, validated)."""
+    out: dict[str, str] = {}
+    branches = doc.get("branches") if isinstance(doc, dict) else None
+    for b in branches[:64] if isinstance(branches, list) else ():
+        name, commit = (b.get("name"), b.get("targetCommit")) if isinstance(b, dict) else (None, None)
+        if isinstance(name, str) and isinstance(commit, str) and _COMMIT.match(commit):
+            try:
+                out[ModelRef.parse(f"hf://x/y@{name}").revision] = commit
+            except CachedError:
+                continue
+    return out
 
 
 def _unreachable(e: OriginError) -> bool:
