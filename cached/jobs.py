@@ -139,6 +139,17 @@ class Jobs:
     def active(self) -> list[Job]:
         return [j for j in self._jobs.values() if j.active]
 
+    def in_flight(self, job: Job) -> int:
+        """Bytes of a running fetch that arrived and are not verified yet: progress between two
+        verified pieces (``bytes_done`` counts only verified bytes, and never goes back)."""
+        if job.state is not JobState.FETCHING:
+            return 0
+        total = 0
+        for key in job.progress.partial_keys:
+            partial = self._store.open_partial(key)
+            total += partial.bytes_arriving if partial is not None else 0
+        return total
+
     # --- commands ------------------------------------------------------------------------------
 
     def submit(
@@ -344,6 +355,7 @@ class Jobs:
                             "state": job.state.value,
                             "bytes_total": job.progress.bytes_total,
                             "bytes_done": job.progress.bytes_done,
+                            "bytes_in_flight": self.in_flight(job),
                             "rate_bps": round(job.rate_bps(now)),
                             "time": now,
                         }

@@ -104,6 +104,7 @@ class ModelStatus:
     error_code: str | None = None
     sources: SourceBytes = SourceBytes()
     rate_bps: float | None = None
+    bytes_in_flight: int = 0  # arrived, not verified yet (a fetching job only)
     copy: Copy | None = None
     replicas: Replicas | None = None
 
@@ -129,6 +130,8 @@ class ModelStatus:
         }
         if self.rate_bps is not None:
             out["rate_bps"] = round(self.rate_bps)
+        if self.state is JobState.FETCHING:
+            out["bytes_in_flight"] = self.bytes_in_flight
         if self.state is JobState.FAILED:
             out["error_code"] = self.error_code
         if self.replicas is not None:
@@ -194,6 +197,7 @@ class StatusBoard:
                 bytes_done=p.bytes_done,
                 sources=SourceBytes(peer=p.sources["peer"], origin=p.sources["origin"]),
                 rate_bps=job.rate_bps(self._clock()),
+                bytes_in_flight=self._jobs.in_flight(job) if state is JobState.FETCHING else 0,
                 error=job.error if failed else None,
                 error_code=job.error_code if failed else None,
             )
