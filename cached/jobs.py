@@ -3,8 +3,13 @@
 A second prefetch of a ref that is queued or fetching joins the existing job (and may raise its
 priority); the origin is therefore read once however many launchers ask at the same time. At most
 ``max_concurrent`` jobs fetch at once; the rest wait in priority order. A failed job is remembered
-(state and error) until the ref is prefetched again or evicted. Every job task is owned by this
+(state and error) until the ref is prefetched again or evicted; after ``jobs.failed_ttl_s`` it is
+no longer listed (``expired``) unless the caller asks for all. Every job task is owned by this
 component's TaskGroup and catches its own failures: one bad model never stops the daemon.
+
+A job may carry ``on_ready`` hooks, run in its task once the model is committed (how ``/hf``
+folds a one-file fetch into the repo's model). A prefetch of a model ``/hf`` pulled only in part
+re-lists the commit and fetches the rest. ``in_flight`` is the progress between verified pieces.
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ leases still keep) and the claims on it (pin, leases). The local API serialises 
 cluster-wide locate, and the Kubernetes extender scores this node by it. The cluster's replica
 plan for a ref (``replicas``) is not known here: ``cached.cluster`` fills it in.
 
+A ready model pulled through ``/hf`` that lacks some of its commit's files says so (``partial``,
+``files_held``, ``files_missing``); a fetching one carries ``bytes_in_flight``, the bytes that
+arrived and are not verified yet, apart from ``bytes_done``.
+
 The precedence, in one place: an active job wins (a refresh of a ready model shows its
 progress); else a ready copy; else a failed job; else absent -- a finished job of a model since
 evicted says nothing any more. Nothing here does I/O or changes state.

@@ -1,13 +1,27 @@
 """The HF-compatible endpoint: ``HF_ENDPOINT=http://HOST:PORT/hf`` for unmodified clients.
 
 Answers the hub protocol that huggingface_hub 0.36, 1.x and 2.x speak (HF.md §4): revision and
-tree calls from local manifests when this node holds the repo (passed to the upstream hub on a
-miss), and ``/resolve`` with exactly the headers the client needs -- X-Repo-Commit, ETag,
+tree calls from local manifests when this node holds the whole repo (passed to the upstream hub
+otherwise), and ``/resolve`` with exactly the headers the client needs -- X-Repo-Commit, ETag,
 X-Linked-Etag/Size for LFS files, Content-Length, Range -- never a redirect and never any Xet
 header. A file this node does not hold yet is fetched as a one-file prefetch job and streamed to
 the client piece by piece as each verified piece lands, so a cold miss never stalls the client.
 Errors carry X-Error-Code so the client raises EntryNotFound, RepositoryNotFound,
 RevisionNotFound or GatedRepo rather than a connection error.
+
+Pulled files become models: each file fetched (or found already here under another repo's
+content) for ``org/m`` at a commit is folded into one model ``hf://org/m@<commit>``
+(``Store.merge_model``; the one-file job's own ref goes), partial until it holds every file the
+commit's listing names (``store.pulls``). The commit each branch resolved to is remembered, for
+the hf view's ``refs/<branch>`` and for outages: while the hub cannot be reached (no connection, a
+timeout, a 5xx), revision, tree, paths-info, refs and resolve calls for what the node holds are
+answered from the store, marked ``X-Cached-Offline: 1``. llama.cpp's ``-hf`` calls are answered
+too: ``/api/models/{repo}/refs`` (current releases) and ``/v2/{repo}/manifests/{tag}`` (older
+ones; only under this prefix -- the top-level ``/v2/`` is the OCI mirror's).
+
+A client that closes or resets its connection mid-body is normal: logged at debug and counted as
+``cached_api_errors_total{code="client_closed"}``. Bytes sent are counted in
+``cached_local_served_bytes_total{api="hf"}``.
 
 Trust boundary: whoever can reach the local API can read every file this node holds, including
 files of gated repos fetched with the daemon's token. The API listens on loopback (or a unix
@@ -124,8 +138,6 @@ class HfEndpoint:
         self._lend = frozenset(lend_token_to)
         self._metrics = metrics
         self._prefetch_on_pull = prefetch_on_pull
-        # Folding files into a repo's model is read-modify-commit: one at a time.
-        self._absorbing = asyncio.Lock()
 
     def add_routes(self, app: web.Application, prefix: str = "/hf") -> None:
         r = app.router
@@ -593,24 +605,12 @@ class HfEndpoint:
         """Fold files into the model ``hf://repo@commit`` (made if new): one model per repo and
         commit, known to ls/status/path/evict/eviction/leases, and to the hf view."""
         ref = ModelRef.parse(f"hf://{repo}@{commit}")
-        async with self._absorbing:
-            rec = self._store.model(ref)
-            files = {f.path: f for f in rec.manifest.files} if rec is not None else {}
-            new = [e for e in entries if e.path not in files]
-            if not new:
-                return
-            if rec is None and not self._store.pulls.is_pulled(repo, commit):
-                await self._store.note_hf_listing(repo, commit, ())
-            files.update({e.path: e for e in new})
-            piece_size = rec.manifest.piece_size if rec is not None else self._store.cfg.piece_size_bytes
-            merged = dict(rec.sources) if rec is not None else {}
-            for k, v in sources.items():
-                merged[k] = merged.get(k, 0) + v
-            manifest = Manifest(ref=ref.canonical, revision=commit, piece_size=piece_size, files=tuple(files.values()))
-            await self._store.commit_model(ref, manifest, sources=merged)
-            log.info(
-                "hf pull added files ref=%s files=%d added=%s", ref, len(files), ",".join(e.path for e in new)[:200]
-            )
+        if self._store.model(ref) is None and not self._store.pulls.is_pulled(repo, commit):
+            await self._store.note_hf_listing(repo, commit, ())  # listing not known: partial
+        rec = await self._store.merge_model(ref, entries, revision=commit, sources=sources)
+        if rec is not None:
+            added = ",".join(sorted({e.path for e in entries}))
+            log.info("hf pull added files ref=%s files=%d added=%.200s", ref, len(rec.manifest.files), added)
 
     async def _absorb_job(self, job: Job) -> None:
         """A one-file fetch finished: its file joins the repo's model, the one-file ref goes."""

@@ -85,6 +85,13 @@ class Pulls:
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
                 log.warning("skipping damaged pulls record file=%s reason=%s", path, e)
 
+    def prune_sync(self, held_repos: set[str]) -> None:
+        """At open: forget repos the store holds nothing of (their files are gone, or they were
+        only ever asked about), so the records stay as many as the repos held."""
+        for repo in [r for r in self._repos if r not in held_repos]:
+            del self._repos[repo]
+            (self._dir / (folder(repo) + ".json")).unlink(missing_ok=True)
+
     def save_sync(self, repo: str) -> None:
         rec = self._repos.get(repo)
         path = self._dir / (folder(repo) + ".json")

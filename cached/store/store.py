@@ -24,7 +24,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,12 +41,13 @@ from cached.store.protection import Protector
 from cached.store.pulls import Pulls
 from cached.store.space import Reservation, Space
 from cached.store.verified import VerifiedFile
-from cached.store.views import Views
+from cached.store.views import Views, hf_repo
 from cached.types import (
     DEFAULT_PIECE_SIZE,
     BlobAdded,
     BlobId,
     BlobRemoved,
+    FileEntry,
     Manifest,
     ManifestAdded,
     ManifestRemoved,
@@ -103,6 +104,7 @@ class Store:
         )
         self._assembly = Assembly(self.layout, self._index, on_event)
         self.capacity_warning: str | None = None  # set by open: max_bytes above the disk's size
+        self._ref_locks: dict[str, tuple[asyncio.Lock, int]] = {}  # one commit of a ref at a time
 
     # --- start ---------------------------------------------------------------------------------
 
@@ -122,6 +124,9 @@ class Store:
     def _open_sync(self) -> None:
         self._index.load_sync()
         self.pulls.load_sync()
+        # What /hf noted of repos this node holds nothing of (evicted, or only asked about).
+        held = {views_repo for views_repo in (hf_repo(m.ref) for m in self._index.manifests.values()) if views_repo}
+        self.pulls.prune_sync(held)
         self._space.load_sync()
         self._views.sweep_sync()
         if self.claims.skipped:
@@ -412,6 +417,45 @@ class Store:
         self, ref: ModelRef, manifest: Manifest, *, sources: dict[str, int] | None = None
     ) -> ModelRecord:
         """Manifest, then view, then ref (last): the model is visible only once all is in place."""
+        async with self._ref_lock(ref):
+            return await self._commit(ref, manifest, sources)
+
+    async def merge_model(
+        self, ref: ModelRef, files: list[FileEntry], *, revision: str, sources: dict[str, int]
+    ) -> ModelRecord | None:
+        """Add ``files`` (by path) to ``ref``'s model, made if new; None if it had them all.
+        Read and commit under the ref's lock, so a whole-model commit of the same ref running
+        meanwhile (a prefetch of a commit /hf pulls file by file) is never overwritten by a
+        manifest with fewer files."""
+        async with self._ref_lock(ref):
+            rec = self.model(ref)
+            have = {f.path: f for f in rec.manifest.files} if rec is not None else {}
+            new = [f for f in files if f.path not in have]
+            if not new:
+                return None
+            have.update({f.path: f for f in new})
+            merged = dict(rec.sources) if rec is not None else {}
+            for k, v in sources.items():
+                merged[k] = merged.get(k, 0) + v
+            piece_size = rec.manifest.piece_size if rec is not None else self.cfg.piece_size_bytes
+            manifest = Manifest(ref=ref.canonical, revision=revision, piece_size=piece_size, files=tuple(have.values()))
+            return await self._commit(ref, manifest, merged)
+
+    @contextlib.asynccontextmanager
+    async def _ref_lock(self, ref: ModelRef) -> AsyncIterator[None]:
+        lock, users = self._ref_locks.get(ref.canonical, (asyncio.Lock(), 0))
+        self._ref_locks[ref.canonical] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._ref_locks[ref.canonical]
+            if users <= 1:
+                del self._ref_locks[ref.canonical]
+            else:
+                self._ref_locks[ref.canonical] = (lock, users - 1)
+
+    async def _commit(self, ref: ModelRef, manifest: Manifest, sources: dict[str, int] | None) -> ModelRecord:
         index = self._index
         missing = [f.path for f in manifest.files if f.blob.hex not in index.blobs]
         if missing:

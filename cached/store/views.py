@@ -2,7 +2,8 @@
 
 Both are built from hardlinks to blobs and follow the index: ``models/<escaped ref>`` is swapped
 in whole (built under ``tmp/``, then renamed over the old one) before the ref file is written, and
-``hf/<repo>`` is re-synced after each change of the repo's manifests. Neither is a source of truth:
+``hf/<repo>`` is re-synced after each change of the repo's manifests (and of the branches ``/hf``
+last resolved, ``pulls``: a pulled model is named by its commit, its branch gets ``refs/``). Neither is a source of truth:
 at start ``sweep_sync`` rebuilds what a crash left behind or half-built, and removes what no ref
 names. The hub-cache layout itself is ``hfview``'s; this module decides when and from what.
 
