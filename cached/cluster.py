@@ -357,8 +357,8 @@ class CatalogStatus:
         )
         return dataclasses.replace(status, replicas=plan)
 
-    def known(self) -> list[ModelRef]:
-        return self._local.known()
+    def known(self, *, all: bool = False) -> list[ModelRef]:  # noqa: A002 - the API's ?all=1
+        return self._local.known(all=all)
 
     def counts(self) -> dict[JobState, int]:
         return self._local.counts()

@@ -175,6 +175,9 @@ class HfOriginConfig:
     lend_token_to: tuple[str, ...] = ()
     # Re-resolve branch/tag hf:// models this often and fetch what changed; 0 = only on --refresh.
     refresh_interval_s: float = 0.0
+    # A first request through /hf for a commit of a repo also prefetches the whole commit in the
+    # background (low priority); off: /hf fetches only the files clients ask for.
+    prefetch_on_pull: bool = False
 
 
 S3_ADDRESSING_STYLES = ("auto", "path", "virtual")
@@ -230,6 +233,9 @@ class StoreConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class JobsConfig:
     max_concurrent: int = 4
+    # A failed prefetch leaves `ls` (GET /v1/models) this long after it failed; ?all=1 still
+    # lists it. 0 = listed until prefetched again or evicted.
+    failed_ttl_s: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -644,6 +650,9 @@ def _build(t: dict[str, Any], spelled: Mapping[str, str] | None = None) -> Confi
                     t["origins"]["hf"]["refresh_interval_s"], "origins.hf.refresh_interval_s", lo=0, hi=30 * 86400
                 ),
                 lend_token_to=_lend_token_to(t["origins"]["hf"]["lend_token_to"]),
+                prefetch_on_pull=_typed(
+                    t["origins"]["hf"]["prefetch_on_pull"], bool, "origins.hf.prefetch_on_pull", "true or false"
+                ),
             ),
             file=FileOriginConfig(allowed_roots=_allowed_roots(t["origins"]["file"]["allowed_roots"])),
             s3=_s3(t["origins"]["s3"]),
@@ -661,7 +670,8 @@ def _build(t: dict[str, Any], spelled: Mapping[str, str] | None = None) -> Confi
             scrub_rate_bps=_size(s["scrub_rate_bps"], "store.scrub_rate_bps"),
         ),
         jobs=JobsConfig(
-            max_concurrent=_number(t["jobs"]["max_concurrent"], "jobs.max_concurrent", lo=1, hi=64, integer=True)
+            max_concurrent=_number(t["jobs"]["max_concurrent"], "jobs.max_concurrent", lo=1, hi=64, integer=True),
+            failed_ttl_s=_number(t["jobs"]["failed_ttl_s"], "jobs.failed_ttl_s", lo=0, hi=365 * 86400),
         ),
         log=LogConfig(format=fmt, level=level),
     )

@@ -239,6 +239,8 @@ class Daemon:
             origin=self.hf_origin,
             lend_token_to=cfg.origins.hf.lend_token_to,
             anonymous=HfOrigin(session, cfg.origins.hf, cfg.origins.http, reader, token=None),
+            metrics=self.metrics,
+            prefetch_on_pull=cfg.origins.hf.prefetch_on_pull,
         )
         self.api = LocalApi(
             node_id=cfg.node_id,

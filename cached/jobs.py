@@ -3,8 +3,13 @@
 A second prefetch of a ref that is queued or fetching joins the existing job (and may raise its
 priority); the origin is therefore read once however many launchers ask at the same time. At most
 ``max_concurrent`` jobs fetch at once; the rest wait in priority order. A failed job is remembered
-(state and error) until the ref is prefetched again or evicted. Every job task is owned by this
+(state and error) until the ref is prefetched again or evicted; after ``jobs.failed_ttl_s`` it is
+no longer listed (``expired``) unless the caller asks for all. Every job task is owned by this
 component's TaskGroup and catches its own failures: one bad model never stops the daemon.
+
+A job may carry ``on_ready`` hooks, run in its task once the model is committed (how ``/hf``
+folds a one-file fetch into the repo's model). A prefetch of a model ``/hf`` pulled only in part
+re-lists the commit and fetches the rest. ``in_flight`` is the progress between verified pieces.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import heapq
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +29,7 @@ from cached.errors import CachedError, ConflictError, FetchCancelled, NotFoundEr
 from cached.metrics import Metrics
 from cached.store import Store
 from cached.transfer.model import ModelFetcher, Progress
-from cached.types import JobState, ModelRef, Priority
+from cached.types import JobState, ModelRef, Priority, RefKind
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,9 @@ class Job:
     finished_at: float | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    # Run (in the job's task, before it reports ready) once the model is committed: how /hf
+    # folds a one-file fetch into the repo's model. A failing hook is logged, never fatal.
+    on_ready: list[Callable[[Job], Awaitable[None]]] = field(default_factory=list)
 
     @property
     def active(self) -> bool:
@@ -136,10 +144,35 @@ class Jobs:
     def active(self) -> list[Job]:
         return [j for j in self._jobs.values() if j.active]
 
+    def in_flight(self, job: Job) -> int:
+        """Bytes of a running fetch that arrived and are not verified yet: progress between two
+        verified pieces (``bytes_done`` counts only verified bytes, and never goes back)."""
+        if job.state is not JobState.FETCHING:
+            return 0
+        total = 0
+        for key in job.progress.partial_keys:
+            partial = self._store.open_partial(key)
+            total += partial.bytes_arriving if partial is not None else 0
+        return total
+
     # --- commands ------------------------------------------------------------------------------
 
-    def submit(self, ref: ModelRef, priority: Priority = Priority.NORMAL, *, refresh: bool = False) -> Job:
+    def submit(
+        self,
+        ref: ModelRef,
+        priority: Priority = Priority.NORMAL,
+        *,
+        refresh: bool = False,
+        on_ready: Callable[[Job], Awaitable[None]] | None = None,
+    ) -> Job:
         job = self._jobs.get(ref.canonical)
+        if job is not None and job.active and on_ready is not None and on_ready not in job.on_ready:
+            job.on_ready.append(on_ready)
+        rec = self._store.model(ref)
+        if not refresh and rec is not None and self._store.pulled_missing(ref, rec.manifest) != ():
+            # A model /hf pulled file by file holds only part of the repo: a prefetch of it
+            # re-lists the commit and fetches the rest (the files held are reused).
+            refresh = True
         if job is not None and job.active:
             # A running fetch of a missing model resolves the newest revision anyway; a queued
             # one just takes the refresh along.
@@ -152,6 +185,8 @@ class Jobs:
                     heapq.heapify(self._waiting)
             return job
         job = Job(id=next(self._seq), ref=ref, priority=priority, created_at=self._clock(), refresh=refresh)
+        if on_ready is not None:
+            job.on_ready.append(on_ready)
         self._jobs[ref.canonical] = job
         heapq.heappush(self._waiting, (int(priority), job.id, job))
         self._emit(job, "queued")
@@ -239,7 +274,8 @@ class Jobs:
         self._emit(job, "fetching")
         started = time.monotonic()
         try:
-            await self._fetcher.fetch(job.ref, job.progress, refresh=job.refresh)
+            rec = await self._fetcher.fetch(job.ref, job.progress, refresh=job.refresh)
+            await self._after_ready(job, rec.manifest.revision)
         except asyncio.CancelledError:
             self._finish(
                 job, JobState.FAILED, FetchCancelled("cancelled (the model was evicted or the daemon is stopping)")
@@ -268,6 +304,25 @@ class Jobs:
             self._running -= 1
             with contextlib.suppress(RuntimeError):
                 self._pump()
+
+    async def _after_ready(self, job: Job, commit: str | None) -> None:
+        ref = job.ref
+        if ref.kind is RefKind.HF and not (ref.include or ref.exclude) and ref.revision == commit:
+            # The whole commit is here: a model /hf pulled at it is complete and ordinary now.
+            await self._store.note_hf_listing(ref.repo, commit, None)
+        for hook in job.on_ready:
+            try:
+                await hook(job)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the model is ready whatever a hook does
+                log.exception("after-ready step failed ref=%s", ref)
+
+    def expired(self, job: Job, now: float) -> bool:
+        """A failed job older than ``jobs.failed_ttl_s``: no longer listed (``GET /v1/models?all=1``
+        still shows it; status of its ref still answers failed until it is prefetched again)."""
+        ttl = self._cfg.failed_ttl_s
+        return job.state is JobState.FAILED and ttl > 0 and job.finished_at is not None and now - job.finished_at > ttl
 
     def _finish(self, job: Job, state: JobState, error: CachedError | None) -> None:
         job.state = state
@@ -305,6 +360,7 @@ class Jobs:
                             "state": job.state.value,
                             "bytes_total": job.progress.bytes_total,
                             "bytes_done": job.progress.bytes_done,
+                            "bytes_in_flight": self.in_flight(job),
                             "rate_bps": round(job.rate_bps(now)),
                             "time": now,
                         }

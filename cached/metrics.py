@@ -19,10 +19,16 @@ class Metrics:
         self.fetched_bytes = Counter(
             "cached_fetched_bytes", "Bytes fetched into the store, by source.", ["source"], registry=r
         )
-        self.served_bytes = Counter("cached_served_bytes", "Bytes this node uploaded to peers.", registry=r)
+        self.served_bytes = Counter(
+            "cached_served_bytes",
+            "Bytes this node uploaded to peers (peer API only; see cached_local_served_bytes for local clients).",
+            registry=r,
+        )
+        # Bytes of files sent to clients on this node through a compatibility API, by API (a fixed
+        # set: "hf" for /hf, "v2" for the OCI mirror); never the peer uploads above.
         self.local_served_bytes = Counter(
             "cached_local_served_bytes",
-            "Bytes served to local clients, by API (v2: the registry mirror).",
+            "Bytes of files served to local clients, by API (hf: the /hf endpoint, v2: the OCI mirror).",
             ["api"],
             registry=r,
         )

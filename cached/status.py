@@ -7,6 +7,10 @@ leases still keep) and the claims on it (pin, leases). The local API serialises 
 cluster-wide locate, and the Kubernetes extender scores this node by it. The cluster's replica
 plan for a ref (``replicas``) is not known here: ``cached.cluster`` fills it in.
 
+A ready model pulled through ``/hf`` that lacks some of its commit's files says so (``partial``,
+``files_held``, ``files_missing``); a fetching one carries ``bytes_in_flight``, the bytes that
+arrived and are not verified yet, apart from ``bytes_done``.
+
 The precedence, in one place: an active job wins (a refresh of a ready model shows its
 progress); else a ready copy; else a failed job; else absent -- a finished job of a model since
 evicted says nothing any more. Nothing here does I/O or changes state.
@@ -82,6 +86,11 @@ class Copy:
     snapshot_path: str | None = None
     revisions: tuple[Revision, ...] = ()
     modelscope_path: str | None = None  # modelscope refs: the MODELSCOPE_CACHE root of the SDK-layout view
+    # A model /hf pulled file by file: the files it holds and, when the hub's listing is known,
+    # those it does not hold yet. ``partial`` False: every file of the ref is here.
+    partial: bool = False
+    held: tuple[str, ...] = ()
+    missing: tuple[str, ...] | None = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -100,6 +109,7 @@ class ModelStatus:
     error_code: str | None = None
     sources: SourceBytes = SourceBytes()
     rate_bps: float | None = None
+    bytes_in_flight: int = 0  # arrived, not verified yet (a fetching job only)
     copy: Copy | None = None
     replicas: Replicas | None = None
 
@@ -125,6 +135,8 @@ class ModelStatus:
         }
         if self.rate_bps is not None:
             out["rate_bps"] = round(self.rate_bps)
+        if self.state is JobState.FETCHING:
+            out["bytes_in_flight"] = self.bytes_in_flight
         if self.state is JobState.FAILED:
             out["error_code"] = self.error_code
         if self.replicas is not None:
@@ -138,6 +150,11 @@ class ModelStatus:
             if c.modelscope_path is not None:
                 out["modelscope_path"] = c.modelscope_path
             out["revisions"] = [r.to_json() for r in c.revisions]
+            if c.partial:
+                # Ready for the files it holds (its path and hf view serve them); not all of the repo.
+                out["partial"] = True
+                out["files_held"] = list(c.held)
+                out["files_missing"] = list(c.missing) if c.missing is not None else None
         return out
 
 
@@ -147,7 +164,7 @@ class StatusSource(Protocol):
 
     def of(self, ref: ModelRef) -> ModelStatus: ...
 
-    def known(self) -> list[ModelRef]: ...
+    def known(self, *, all: bool = False) -> list[ModelRef]: ...  # noqa: A002
 
     def counts(self) -> dict[JobState, int]: ...
 
@@ -187,6 +204,7 @@ class StatusBoard:
                 bytes_done=p.bytes_done,
                 sources=SourceBytes(peer=p.sources["peer"], origin=p.sources["origin"]),
                 rate_bps=job.rate_bps(self._clock()),
+                bytes_in_flight=self._jobs.in_flight(job) if state is JobState.FETCHING else 0,
                 error=job.error if failed else None,
                 error_code=job.error_code if failed else None,
             )
@@ -217,6 +235,7 @@ class StatusBoard:
             )
             for m in self._store.retained_for(ref)
         )
+        missing = self._store.pulled_missing(ref, manifest)
         return Copy(
             path=path,
             manifest=manifest.digest,
@@ -227,12 +246,19 @@ class StatusBoard:
             snapshot_path=str(snapshot) if hf else None,
             revisions=(current, *older),
             modelscope_path=str(msview.cache_root(self._store.layout)) if ref.kind is RefKind.MODELSCOPE else None,
+            partial=missing != (),
+            held=tuple(sorted(f.path for f in manifest.files)) if missing != () else (),
+            missing=missing,
         )
 
-    def known(self) -> list[ModelRef]:
-        """Every ref with a ready copy, an active job or a remembered failure, sorted."""
+    def known(self, *, all: bool = False) -> list[ModelRef]:  # noqa: A002 - the API's ?all=1
+        """Every ref with a ready copy, an active job or a remembered failure, sorted. A failure
+        older than ``jobs.failed_ttl_s`` is left out unless ``all``."""
+        now = self._clock()
         refs = {r.ref for r in self._store.models()} | {
-            j.ref.canonical for j in self._jobs.all() if j.active or j.state is JobState.FAILED
+            j.ref.canonical
+            for j in self._jobs.all()
+            if j.active or (j.state is JobState.FAILED and (all or not self._jobs.expired(j, now)))
         }
         return [ModelRef.parse(r) for r in sorted(refs)]
 

@@ -1,13 +1,27 @@
 """The HF-compatible endpoint: ``HF_ENDPOINT=http://HOST:PORT/hf`` for unmodified clients.
 
 Answers the hub protocol that huggingface_hub 0.36, 1.x and 2.x speak (HF.md §4): revision and
-tree calls from local manifests when this node holds the repo (passed to the upstream hub on a
-miss), and ``/resolve`` with exactly the headers the client needs -- X-Repo-Commit, ETag,
+tree calls from local manifests when this node holds the whole repo (passed to the upstream hub
+otherwise), and ``/resolve`` with exactly the headers the client needs -- X-Repo-Commit, ETag,
 X-Linked-Etag/Size for LFS files, Content-Length, Range -- never a redirect and never any Xet
 header. A file this node does not hold yet is fetched as a one-file prefetch job and streamed to
 the client piece by piece as each verified piece lands, so a cold miss never stalls the client.
 Errors carry X-Error-Code so the client raises EntryNotFound, RepositoryNotFound,
 RevisionNotFound or GatedRepo rather than a connection error.
+
+Pulled files become models: each file fetched (or found already here under another repo's
+content) for ``org/m`` at a commit is folded into one model ``hf://org/m@<commit>``
+(``Store.merge_model``; the one-file job's own ref goes), partial until it holds every file the
+commit's listing names (``store.pulls``). The commit each branch resolved to is remembered, for
+the hf view's ``refs/<branch>`` and for outages: while the hub cannot be reached (no connection, a
+timeout, a 5xx), revision, tree, paths-info, refs and resolve calls for what the node holds are
+answered from the store, marked ``X-Cached-Offline: 1``. llama.cpp's ``-hf`` calls are answered
+too: ``/api/models/{repo}/refs`` (current releases) and ``/v2/{repo}/manifests/{tag}`` (older
+ones; only under this prefix -- the top-level ``/v2/`` is the OCI mirror's).
+
+A client that closes or resets its connection mid-body is normal: logged at debug and counted as
+``cached_api_errors_total{code="client_closed"}``. Bytes sent are counted in
+``cached_local_served_bytes_total{api="hf"}``.
 
 Trust boundary: whoever can reach the local API can read every file this node holds, including
 files of gated repos fetched with the daemon's token. The API listens on loopback (or a unix
@@ -32,17 +46,29 @@ from urllib.parse import quote, unquote, urlencode
 from aiohttp import web
 
 from cached.errors import CachedError, OriginError, RefError
-from cached.jobs import Jobs
+from cached.jobs import Job, Jobs
+from cached.metrics import Metrics
 from cached.origins.hf import HfOrigin
 from cached.ranges import parse_range, unsatisfiable
 from cached.store import Store
-from cached.types import FileEntry, JobState, Manifest, ModelRef, OriginFile, Priority, RefKind, validate_file_path
+from cached.types import (
+    BlobId,
+    FileEntry,
+    JobState,
+    Manifest,
+    ModelRef,
+    OriginFile,
+    Priority,
+    RefKind,
+    validate_file_path,
+)
 
 log = logging.getLogger(__name__)
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 CHUNK = 1 << 20
 STALL_LIMIT_S = 120.0  # give up on a miss whose bytes stopped arriving
+OFFLINE_HEADER = "X-Cached-Offline"  # "1": answered from the store because the hub is unreachable
 
 
 def _lfs_pointer_size(sha256: str, size: int) -> int:
@@ -102,12 +128,16 @@ class HfEndpoint:
         origin: HfOrigin,
         anonymous: HfOrigin | None = None,
         lend_token_to: tuple[str, ...] = (),
+        metrics: Metrics | None = None,
+        prefetch_on_pull: bool = False,
     ) -> None:
         self._store = store
         self._jobs = jobs
         self._origin = origin
         self._anonymous = anonymous if anonymous is not None else origin
         self._lend = frozenset(lend_token_to)
+        self._metrics = metrics
+        self._prefetch_on_pull = prefetch_on_pull
 
     def add_routes(self, app: web.Application, prefix: str = "/hf") -> None:
         r = app.router
@@ -119,7 +149,11 @@ class HfEndpoint:
             r.add_get(api + "/tree/{rev}", self.tree)
             r.add_get(api + "/tree/{rev}/{path:.*}", self.tree)
             r.add_post(api + "/paths-info/{rev}", self.paths_info)
+            r.add_get(api + "/refs", self.refs)  # llama.cpp -hf (current)
             r.add_get(f"{prefix}/{repo}/resolve/{{rev}}/{{path:.+}}", self.resolve)  # and HEAD
+        # llama.cpp -hf (older releases): the hub's Ollama-style GGUF manifest. Only under /hf:
+        # the top-level /v2/ is the OCI registry mirror's.
+        r.add_get(prefix + "/v2/{org}/{name}/manifests/{tag}", self.gguf_manifest)
         r.add_route("*", prefix + "/{tail:.*}", self.not_found)
 
     # --- helpers -------------------------------------------------------------------------------
@@ -164,8 +198,12 @@ class HfEndpoint:
         out = []
         for rec in self._store.models():
             ref = ModelRef.parse(rec.ref)
-            if ref.kind is RefKind.HF and ref.repo == repo and (not whole or not (ref.include or ref.exclude)):
-                out.append((ref, rec.manifest))
+            if ref.kind is not RefKind.HF or ref.repo != repo:
+                continue
+            # A model pulled file by file is not the whole repo until it holds every file.
+            if whole and (ref.include or ref.exclude or self._store.pulled_missing(ref, rec.manifest) != ()):
+                continue
+            out.append((ref, rec.manifest))
         return out
 
     def _local_commit(self, repo: str, rev: str) -> str | None:
@@ -190,13 +228,44 @@ class HfEndpoint:
                         return f
         return None
 
-    async def _commit(self, request: web.Request, repo: str, rev: str) -> str:
+    async def _commit(self, request: web.Request, repo: str, rev: str) -> tuple[str, bool]:
+        """(the commit ``rev`` names, whether it came from the store because the hub is down)."""
         local = self._local_commit(repo, rev)
         if local is not None:
-            return local
+            return local, False
         origin, token = self._upstream(request, repo)
-        sha, _ = await origin.commit_of(repo, rev, token=token)
-        return sha
+        try:
+            sha, _ = await origin.commit_of(repo, rev, token=token)
+        except OriginError as e:
+            held = self._offline_commit(repo, rev) if _unreachable(e) else None
+            if held is None:
+                raise
+            return held, True
+        await self._store.note_hf_branch(repo, rev, sha)
+        return sha, False
+
+    def _offline_commit(self, repo: str, rev: str) -> str | None:
+        """While the hub is unreachable: the commit ``rev`` last resolved to, if any of it is here."""
+        commit = rev if _COMMIT.match(rev) else self._store.pulls.branch(repo, rev)
+        if commit is None:
+            return None
+        return commit if any(m.revision == commit for _, m in self._manifests(repo)) else None
+
+    def _held_manifest(self, repo: str, rev: str) -> Manifest | None:
+        """Every file of ``repo`` at the commit ``rev`` last resolved to that this node holds,
+        whichever refs hold them: what is answered while the hub is unreachable."""
+        commit = self._offline_commit(repo, rev)
+        if commit is None:
+            return None
+        files: dict[str, FileEntry] = {}
+        piece_size = 0
+        for _, m in self._manifests(repo):
+            if m.revision == commit:
+                files.update({f.path: f for f in m.files})
+                piece_size = m.piece_size
+        return Manifest(
+            ref=f"hf://{repo}@{commit}", revision=commit, piece_size=piece_size, files=tuple(files.values())
+        )
 
     # --- API routes ----------------------------------------------------------------------------
 
@@ -207,9 +276,16 @@ class HfEndpoint:
         repo = self._repo(request)
         rev = self._rev(request, repo)
         m = self._whole_manifest(repo, rev)
+        offline = False
         if m is None:
             tail = f"/revision/{quote(rev, safe='')}" if "rev" in request.match_info else ""
-            return await self._passthrough(request, repo, tail)
+            try:
+                return await self._passthrough(request, repo, tail, note_rev=rev)
+            except OriginError as e:
+                m = self._held_manifest(repo, rev) if _unreachable(e) else None
+                if m is None:
+                    return hf_error(502, None, e.message)
+                offline = True
         blobs = request.query.get("blobs", "").lower() == "true"
         siblings = []
         for f in sorted(m.files, key=lambda f: f.path):
@@ -235,7 +311,8 @@ class HfEndpoint:
                 "gated": False,
                 "tags": [],
                 "siblings": siblings,
-            }
+            },
+            headers=_offline_headers(offline),
         )
 
     def _listing(self, m: Manifest, prefix: str, recursive: bool) -> list[dict[str, Any]] | None:
@@ -263,10 +340,17 @@ class HfEndpoint:
         repo = self._repo(request)
         rev = self._rev(request, repo)
         m = self._whole_manifest(repo, rev)
+        offline = False
         if m is None:
             path = request.match_info.get("path", "").strip("/")
             tail = f"/tree/{quote(rev, safe='')}" + (f"/{_encoded_path(path)}" if path else "")
-            return await self._passthrough(request, repo, tail)
+            try:
+                return await self._passthrough(request, repo, tail)
+            except OriginError as e:
+                m = self._held_manifest(repo, rev) if _unreachable(e) else None
+                if m is None:
+                    return hf_error(502, None, e.message)
+                offline = True
         listing = self._listing(
             m, request.match_info.get("path", ""), request.query.get("recursive", "").lower() == "true"
         )
@@ -274,14 +358,21 @@ class HfEndpoint:
             return hf_error(
                 404, "EntryNotFound", f"{request.match_info.get('path')} not found in {repo}@{m.revision}", m.revision
             )
-        return web.json_response(listing)
+        return web.json_response(listing, headers=_offline_headers(offline))
 
     async def paths_info(self, request: web.Request) -> web.Response:
         repo = self._repo(request)
         rev = self._rev(request, repo)
         m = self._whole_manifest(repo, rev)
+        offline = False
         if m is None:
-            return await self._passthrough(request, repo, f"/paths-info/{quote(rev, safe='')}")
+            try:
+                return await self._passthrough(request, repo, f"/paths-info/{quote(rev, safe='')}")
+            except OriginError as e:
+                m = self._held_manifest(repo, rev) if _unreachable(e) else None
+                if m is None:
+                    return hf_error(502, None, e.message)
+                offline = True
         form = await request.post()
         out: list[dict[str, Any]] = []
         for path in form.getall("paths", []):
@@ -292,35 +383,100 @@ class HfEndpoint:
                 continue
             exact = [e for e in listing if e["path"] == path.strip("/")]
             out.extend(exact or [_dir_entry(path.strip("/"))])
-        return web.json_response(out)
+        return web.json_response(out, headers=_offline_headers(offline))
 
-    async def _passthrough(self, request: web.Request, repo: str, tail: str) -> web.Response:
+    async def _passthrough(
+        self, request: web.Request, repo: str, tail: str, *, note_rev: str | None = None
+    ) -> web.Response:
         """Relay an API call to the upstream hub (a repo this node does not hold), on a path
-        rebuilt from validated parts: ``/api/models/{repo}{tail}``."""
+        rebuilt from validated parts: ``/api/models/{repo}{tail}``. OriginError when the hub
+        cannot be reached (the caller may answer from the store). ``note_rev``: a revision
+        call, whose answer's ``sha`` is remembered as what that branch resolved to."""
         path = f"/api/models/{quote(repo, safe='/')}{tail}"
         query = urlencode(list(request.query.items()))
         data = await request.read() if request.method == "POST" else None
         origin, token = self._upstream(request, repo)
-        try:
-            status, headers, content_type, body = await origin.relay(
-                request.method,
-                path + ("?" + query if query else ""),
-                token=token,
-                data=data,
-                content_type=request.headers.get("Content-Type"),
-            )
-        except OriginError as e:
-            return hf_error(502, None, e.message)
+        status, headers, content_type, body = await origin.relay(
+            request.method,
+            path + ("?" + query if query else ""),
+            token=token,
+            data=data,
+            content_type=request.headers.get("Content-Type"),
+        )
+        if status >= 500:
+            raise OriginError(f"the hub answered {status} for {path}", status=status, retryable=True)
         out = {k: v for k, v in headers.items() if k.lower() in ("x-error-code", "x-error-message", "x-repo-commit")}
         if "Link" in headers:
             # Pagination links name the upstream host; the client must come back to us.
             out["Link"] = headers["Link"].replace(self._origin.endpoint, str(request.url.origin()) + "/hf")
         if status == 200 and content_type == "application/json":
             try:
-                body = json.dumps(_strip_xet(json.loads(body))).encode()
+                doc = json.loads(body)
+                body = json.dumps(_strip_xet(doc)).encode()
             except ValueError:
-                pass
+                doc = None
+            sha = doc.get("sha") if isinstance(doc, dict) else None
+            if note_rev is not None and not _COMMIT.match(note_rev) and isinstance(sha, str) and _COMMIT.match(sha):
+                await self._store.note_hf_branch(repo, note_rev, sha)
+            if tail == "/refs":
+                for name, commit in _branches_of(doc).items():
+                    await self._store.note_hf_branch(repo, name, commit)
         return web.Response(status=status, body=body, headers=out, content_type=content_type or "application/json")
+
+    # --- llama.cpp -------------------------------------------------------------------------------
+
+    async def refs(self, request: web.Request) -> web.Response:
+        """``GET /api/models/{repo}/refs``: relayed; while the hub is unreachable, the branches
+        whose last resolved commit this node holds."""
+        repo = self._repo(request)
+        try:
+            return await self._passthrough(request, repo, "/refs")
+        except OriginError as e:
+            held = self._held_branches(repo) if _unreachable(e) else {}
+            if not held:
+                return hf_error(502, None, e.message)
+        branches = [{"name": n, "ref": f"refs/heads/{n}", "targetCommit": c} for n, c in sorted(held.items())]
+        return web.json_response({"branches": branches, "tags": [], "converts": []}, headers=_offline_headers(True))
+
+    def _held_branches(self, repo: str) -> dict[str, str]:
+        held = {m.revision for _, m in self._manifests(repo) if m.revision}
+        out = {r: c for r, (c, _) in self._store.pulls.branches(repo).items() if c in held and "/" not in r}
+        for ref, m in self._manifests(repo):
+            if m.revision and not _COMMIT.match(ref.revision) and "/" not in ref.revision:
+                out.setdefault(ref.revision, m.revision)
+        return out
+
+    async def gguf_manifest(self, request: web.Request) -> web.Response:
+        """``GET /v2/{repo}/manifests/{tag}`` as older llama.cpp asks it (``-hf org/m[:tag]``):
+        ``ggufFile``/``mmprojFile`` named from the listing of ``main`` -- the node's own when it
+        holds the commit (or the hub is down), else the hub's tree. The files then come through
+        ``/resolve/main/...`` like any other."""
+        repo = self._repo(request)
+        tag = request.match_info["tag"]
+        if not _GGUF_TAG.match(tag):
+            return hf_error(400, None, f"invalid tag {tag[:100]!r}")
+        try:
+            commit, offline = await self._commit(request, repo, "main")
+        except OriginError as e:
+            return origin_error_response(e)
+        whole = self._whole_manifest(repo, commit)
+        if whole is not None or offline:
+            m = whole if whole is not None else self._held_manifest(repo, commit)
+            entries = [_tree_entry(f) for f in (m.files if m is not None else ())]
+        else:
+            origin, token = self._upstream(request, repo)
+            try:
+                entries = await origin.tree(repo, commit, token=token)
+            except OriginError as e:
+                return origin_error_response(e)
+        by_path = {e["path"]: e for e in entries if isinstance(e.get("path"), str)}
+        model, mmproj = pick_gguf(sorted(by_path), tag)
+        if model is None:
+            return hf_error(404, None, f"no GGUF file for tag {tag!r} in {repo}@{commit}", commit)
+        out = {"ggufFile": _gguf_file(by_path[model])}
+        if mmproj is not None:
+            out["mmprojFile"] = _gguf_file(by_path[mmproj])
+        return web.json_response(out, headers=_offline_headers(offline))
 
     # --- /resolve ------------------------------------------------------------------------------
 
@@ -333,17 +489,17 @@ class HfEndpoint:
         except ValueError:
             return hf_error(400, None, f"invalid file path {path[:300]!r}")
         try:
-            commit = await self._commit(request, repo, rev)
+            commit, offline = await self._commit(request, repo, rev)
         except OriginError as e:
             return origin_error_response(e)
         local = self._local_file(repo, commit, path)
+        ofile: OriginFile | None = None
         if local is not None:
             meta = {
                 "size": local.size,
                 "git_sha1": local.origin.get("git_sha1", ""),
                 "sha256": local.origin.get("sha256"),
             }
-            ofile = None
         else:
             whole = self._whole_manifest(repo, commit)
             if whole is not None:
@@ -359,6 +515,7 @@ class HfEndpoint:
                 "git_sha1": ofile.checksums.get("git_sha1", ""),
                 "sha256": ofile.checksums.get("sha256"),
             }
+            await self._begin_pull(request, repo, commit)
 
         size = meta["size"]
         headers = {
@@ -366,6 +523,7 @@ class HfEndpoint:
             "ETag": f'"{meta["sha256"] or meta["git_sha1"]}"',
             "Accept-Ranges": "bytes",
             "Content-Type": "application/octet-stream",
+            **_offline_headers(offline),
         }
         if meta["sha256"]:
             headers["X-Linked-Etag"] = f'"{meta["sha256"]}"'
@@ -381,23 +539,31 @@ class HfEndpoint:
             headers["Content-Range"] = span.content_range
         length = max(0, end - start + 1)
         headers["Content-Length"] = str(length)
-        if request.method == "HEAD":
-            resp = web.StreamResponse(status=status, headers=headers)
-            await resp.prepare(request)
-            return resp
-        if local is not None:
-            key = None
-            blob_hex = local.blob.hex
-        else:
-            assert ofile is not None
+        key = None
+        blob_hex = local.blob.hex if local is not None else None
+        if ofile is not None:
             key = ofile.key
             blob_hex = self._store.blob_for_identity(key)
-            if blob_hex is None:
+            if blob_hex is not None:
+                # The bytes are here already (another repo or commit has the same content):
+                # the file joins this repo's model without a fetch.
+                entry = FileEntry(path=path, size=ofile.size, blob=BlobId(blob_hex), origin=_origin_meta(ofile))
+                await self._absorb(repo, commit, [entry], {})
+            elif request.method != "HEAD":
                 self._start_fetch(repo, commit, path)
         resp = web.StreamResponse(status=status, headers=headers)
-        await resp.prepare(request)
         try:
+            await resp.prepare(request)
+            if request.method == "HEAD":
+                return resp
             await self._send(resp, blob_hex, key, start, length, ModelRef.parse(self._file_ref(repo, commit, path)))
+            await resp.write_eof()
+        except ConnectionResetError as e:
+            # The client went away (aria2c closing its extra connections, a cancelled
+            # download): normal, not an error of ours.
+            log.debug("hf client closed the connection repo=%s path=%s error=%s", repo, path, e)
+            if self._metrics is not None:
+                self._metrics.api_errors.labels("client_closed").inc()
         except ConnectionAbortedError as e:
             # Headers are gone already: cut the connection so the client sees a short body and
             # retries (1.x/2.x resume with Range) instead of keeping wrong or missing bytes.
@@ -405,8 +571,6 @@ class HfEndpoint:
             resp.force_close()
             if request.transport is not None:
                 request.transport.close()
-            return resp
-        await resp.write_eof()
         return resp
 
     async def _remote_file(self, request: web.Request, repo: str, commit: str, path: str) -> OriginFile | None:
@@ -418,6 +582,44 @@ class HfEndpoint:
                 return self._origin.origin_file(repo, commit, e)
         return None
 
+    # --- pulled files become one model per repo and commit -------------------------------------
+
+    async def _begin_pull(self, request: web.Request, repo: str, commit: str) -> None:
+        """The first file of ``repo@commit`` this node does not hold: learn the commit's whole
+        listing (so the model knows what it still lacks), and optionally prefetch all of it."""
+        if self._store.pulls.is_pulled(repo, commit) or self._store.model(ModelRef.parse(f"hf://{repo}@{commit}")):
+            return
+        origin, token = self._upstream(request, repo)
+        try:
+            entries = await origin.tree(repo, commit, token=token)
+            paths = tuple(sorted(str(e["path"]) for e in entries if isinstance(e.get("path"), str)))
+        except OriginError as e:
+            # Not fatal: the model is then partial until a prefetch of it lists the commit.
+            log.info("hf pull without the commit's listing repo=%s commit=%s error=%s", repo, commit, e)
+            paths = ()
+        await self._store.note_hf_listing(repo, commit, paths)
+        if self._prefetch_on_pull:
+            self._jobs.submit(ModelRef.parse(f"hf://{repo}@{commit}"), Priority.LOW)
+
+    async def _absorb(self, repo: str, commit: str, entries: list[FileEntry], sources: dict[str, int]) -> None:
+        """Fold files into the model ``hf://repo@commit`` (made if new): one model per repo and
+        commit, known to ls/status/path/evict/eviction/leases, and to the hf view."""
+        ref = ModelRef.parse(f"hf://{repo}@{commit}")
+        if self._store.model(ref) is None and not self._store.pulls.is_pulled(repo, commit):
+            await self._store.note_hf_listing(repo, commit, ())  # listing not known: partial
+        rec = await self._store.merge_model(ref, entries, revision=commit, sources=sources)
+        if rec is not None:
+            added = ",".join(sorted({e.path for e in entries}))
+            log.info("hf pull added files ref=%s files=%d added=%.200s", ref, len(rec.manifest.files), added)
+
+    async def _absorb_job(self, job: Job) -> None:
+        """A one-file fetch finished: its file joins the repo's model, the one-file ref goes."""
+        rec = self._store.model(job.ref)
+        if rec is None or rec.manifest.revision is None:
+            return
+        await self._absorb(job.ref.repo, rec.manifest.revision, list(rec.manifest.files), rec.sources)
+        await self._store.remove_model(job.ref)
+
     @staticmethod
     def _file_ref(repo: str, commit: str, path: str) -> str:
         # fnmatch treats [ ] * ? specially; wrap them so the pattern names exactly this path.
@@ -426,7 +628,7 @@ class HfEndpoint:
 
     def _start_fetch(self, repo: str, commit: str, path: str) -> None:
         ref = ModelRef.parse(self._file_ref(repo, commit, path))
-        self._jobs.submit(ref, Priority.HIGH)
+        self._jobs.submit(ref, Priority.HIGH, on_ready=self._absorb_job)
 
     async def _send(
         self, resp: web.StreamResponse, blob_hex: str | None, key: str | None, start: int, length: int, ref: ModelRef
@@ -456,8 +658,89 @@ class HfEndpoint:
             if not chunk:
                 raise ConnectionAbortedError("file ended early")
             await resp.write(chunk)
+            if self._metrics is not None:
+                self._metrics.local_served_bytes.labels("hf").inc(len(chunk))
             pos += len(chunk)
             last_progress = time.monotonic()
+
+
+_GGUF_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
+DEFAULT_GGUF_TAGS = ("Q4_K_M", "Q8_0")  # llama.cpp's own preference when no tag is given
+
+
+def _is_model_gguf(path: str) -> bool:
+    name = path.rsplit("/", 1)[-1].lower()
+    if not name.endswith(".gguf") or "mmproj" in name or "imatrix" in name:
+        return False
+    split = _SPLIT.search(name)
+    return split is None or int(split.group(1)) == 1  # a split model is named by its first part
+
+
+def pick_gguf(paths: list[str], tag: str) -> tuple[str | None, str | None]:
+    """(the model file, its mmproj file) for ``org/m:tag``, as llama.cpp chooses: the first GGUF
+    whose name has ``<tag>.`` or ``<tag>-`` (any case); with no tag (``latest``) Q4_K_M, then
+    Q8_0, then the first GGUF. The mmproj file is one in the model's folder, else any."""
+    models = [p for p in paths if _is_model_gguf(p)]
+    tags = DEFAULT_GGUF_TAGS if tag.lower() == "latest" else (tag,)
+    model = None
+    for t in tags:
+        pattern = re.compile(re.escape(t) + r"[.-]", re.IGNORECASE)
+        model = next((p for p in models if pattern.search(p)), None)
+        if model is not None:
+            break
+    if model is None and tag.lower() == "latest" and models:
+        model = models[0]
+    if model is None:
+        return None, None
+    folder = model.rsplit("/", 1)[0] if "/" in model else ""
+    projs = [p for p in paths if p.lower().endswith(".gguf") and "mmproj" in p.rsplit("/", 1)[-1].lower()]
+    same = [p for p in projs if (p.rsplit("/", 1)[0] if "/" in p else "") == folder]
+    return model, (same or projs or [None])[0]
+
+
+def _gguf_file(entry: dict[str, Any]) -> dict[str, Any]:
+    lfs = entry.get("lfs") if isinstance(entry.get("lfs"), dict) else None
+    out: dict[str, Any] = {"rfilename": entry["path"], "size": entry.get("size", 0)}
+    if lfs:
+        out["blobId"] = lfs.get("oid", "")
+        out["lfs"] = {
+            "sha256": lfs.get("oid", ""),
+            "size": lfs.get("size", 0),
+            "pointerSize": lfs.get("pointerSize", 0),
+        }
+    else:
+        out["blobId"] = entry.get("oid", "")
+    return out
+
+
+def _branches_of(doc: Any) -> dict[str, str]:
+    """``{name: commit}`` of a ``/refs`` answer's branches (bounded, validated)."""
+    out: dict[str, str] = {}
+    branches = doc.get("branches") if isinstance(doc, dict) else None
+    for b in branches[:64] if isinstance(branches, list) else ():
+        name, commit = (b.get("name"), b.get("targetCommit")) if isinstance(b, dict) else (None, None)
+        if isinstance(name, str) and isinstance(commit, str) and _COMMIT.match(commit):
+            try:
+                out[ModelRef.parse(f"hf://x/y@{name}").revision] = commit
+            except CachedError:
+                continue
+    return out
+
+
+def _unreachable(e: OriginError) -> bool:
+    """The hub could not answer (no connection, a timeout, a 5xx): the store may answer instead.
+    A 4xx is the hub's answer and is relayed."""
+    return e.status is None or e.status >= 500
+
+
+def _offline_headers(offline: bool) -> dict[str, str]:
+    return {OFFLINE_HEADER: "1"} if offline else {}
+
+
+def _origin_meta(f: OriginFile) -> dict[str, str]:
+    # What ModelFetcher records per file: identity and address, then the hub's checksums.
+    return {"identity": f.identity, "locator": f.locator, **f.checksums}
 
 
 def _bad_request(message: str) -> web.HTTPBadRequest:

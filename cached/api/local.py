@@ -246,7 +246,17 @@ class LocalApi:
                     resp.headers[k] = v  # the HF endpoint's error codes
             return resp
         except asyncio.CancelledError:
+            if request.transport is None:
+                # handler_cancellation: the client hung up (reset) while we answered. Normal.
+                log.debug("client closed the connection path=%s", request.path)
+                self._metrics.api_errors.labels("client_closed").inc()
             raise
+        except ConnectionResetError as e:
+            # The client closed or reset its connection mid-answer (aria2c drops its extra
+            # connections, a download is cancelled): normal, and nothing can be sent any more.
+            log.debug("client closed the connection path=%s error=%s", request.path, e)
+            self._metrics.api_errors.labels("client_closed").inc()
+            return web.Response(status=499)
         except Exception as e:  # noqa: BLE001 - a bug answers 500 with no traceback, and is logged
             log.exception("unhandled error path=%s", request.path)
             self._metrics.api_errors.labels("internal").inc()
@@ -351,7 +361,10 @@ class LocalApi:
         if ref.kind is RefKind.FILE:
             await self._authorize_file(request, ref, ready=self._store.model(ref) is not None)
         current = self._jobs.get(ref)
-        if not refresh and self._store.model(ref) is not None and (current is None or not current.active):
+        rec = self._store.model(ref)
+        # A model /hf pulled file by file is ready only for what it holds: a prefetch fetches the rest.
+        whole = rec is not None and self._store.pulled_missing(ref, rec.manifest) == ()
+        if not refresh and whole and (current is None or not current.active):
             # Ready here: answer at once, whatever queue the download jobs are in.
             await self._store.touch(ref)
             self._metrics.prefetch_jobs.labels("ok").inc()  # a prefetch that found it ready is one that succeeded
@@ -409,7 +422,9 @@ class LocalApi:
                 self._file_checks[key] = (lock, users - 1)
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response([self._model(r) for r in self._status.known()])
+        # ?all=1: failed prefetches past jobs.failed_ttl_s too (cachectl ls --all).
+        every = request.query.get("all", "").lower() in ("1", "true", "yes")
+        return web.json_response([self._model(r) for r in self._status.known(all=every)])
 
     async def status(self, request: web.Request) -> web.Response:
         ref = self._ref(request.query.get("ref"))
@@ -511,6 +526,8 @@ class LocalApi:
             "cache_dir": str(self._store.root),
             "used_bytes": self._store.used_bytes,
             "capacity_bytes": self._store.capacity_bytes,
+            # Set when store.max_bytes is larger than the filesystem (null otherwise).
+            "capacity_warning": self._store.capacity_warning,
             "reserved_bytes": self._store.reserved_bytes,
             "blobs": self._store.blob_count(),
             "models": {state.value: n for state, n in self._status.counts().items()},

@@ -78,6 +78,15 @@ def document() -> dict[str, Any]:
             "/v1/models": {
                 "get": {
                     "summary": "models known here",
+                    "parameters": [
+                        {
+                            "name": "all",
+                            "in": "query",
+                            "required": False,
+                            "description": "1: also failed prefetches older than jobs.failed_ttl_s",
+                            "schema": {"type": "string", "enum": ["0", "1"]},
+                        }
+                    ],
                     "responses": {"200": _ok("models", {"type": "array", "items": MODEL})},
                 }
             },
@@ -287,6 +296,16 @@ def document() -> dict[str, Any]:
                         "state": {"type": "string", "enum": ["absent", "queued", "fetching", "ready", "failed"]},
                         "bytes_total": {"type": "integer"},
                         "bytes_done": {"type": "integer"},
+                        "bytes_in_flight": {
+                            "type": "integer",
+                            "description": "fetching only: bytes arrived and not verified yet (not in bytes_done)",
+                        },
+                        "partial": {
+                            "type": "boolean",
+                            "description": "a model pulled through /hf that holds only some of the repo's files",
+                        },
+                        "files_held": {"type": "array", "items": {"type": "string"}},
+                        "files_missing": {"type": "array", "items": {"type": "string"}, "nullable": True},
                         "path": {"type": "string", "nullable": True},
                         "hf_path": {"type": "string", "nullable": True},
                         "modelscope_path": {

@@ -2,7 +2,8 @@
 
 ``blobs/<2 hex>/<hex>`` (0440) with its ``.pieces`` sidecar, ``partial/<key>`` with its ``.pieces``
 log, ``manifests/<digest>.json``, ``refs/<escaped ref>``, ``models/<escaped ref>/`` (the launcher
-view), ``hf/`` (the hub-cache view), ``claims/`` and ``tmp/`` (per-attempt files, swept at start).
+view), ``hf/`` (the hub-cache view), ``pulls/`` (what /hf pulled: branch commits, listings),
+``claims/`` and ``tmp/`` (per-attempt files, swept at start).
 Pure: paths only, no I/O.
 """
 
@@ -41,6 +42,10 @@ class Layout:
     @property
     def hf_dir(self) -> Path:
         return self.root / "hf"
+
+    @property
+    def pulls_dir(self) -> Path:
+        return self.root / "pulls"
 
     @property
     def tmp_dir(self) -> Path:

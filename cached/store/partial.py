@@ -110,6 +110,9 @@ class PartialBlob:
         # still streaming into the same piece (endgame) takes the piece's lock for each write and
         # stops once the piece is done; recording takes the same lock.
         self._piece_locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+        # Bytes of each piece written by its current attempt and not verified yet (progress as
+        # bytes arrive; never counted as done). An attempt starts at its piece's first byte.
+        self._arriving: dict[int, int] = {}
 
     @contextlib.contextmanager
     def _op(self) -> Iterator[None]:
@@ -139,6 +142,12 @@ class PartialBlob:
     @property
     def bytes_done(self) -> int:
         return sum(piece_span(i, self.size, self.piece_size)[1] for i in self.done)
+
+    @property
+    def bytes_arriving(self) -> int:
+        """Bytes written by pieces' current attempts, not verified yet (each capped at its piece)."""
+        pending = list(self._arriving.items())  # a copy: worker threads change it meanwhile
+        return sum(min(n, piece_span(i, self.size, self.piece_size)[1]) for i, n in pending if i not in self.done)
 
     def missing(self) -> list[int]:
         return [i for i in range(self.pieces) if i not in self.done]
@@ -218,6 +227,8 @@ class PartialBlob:
             if index in self.done:
                 return False
             self._pwrite_all(data, offset)
+            start = index * self.piece_size
+            self._arriving[index] = len(data) + (0 if offset == start else self._arriving.get(index, 0))
             return True
 
     def record_sync(self, index: int, digest: bytes) -> bool:
@@ -256,6 +267,7 @@ class PartialBlob:
                 return False  # the other copy of an endgame pair got here first
             os.write(self._log_fd, _RECORD.pack(index, digest))
             self.done[index] = digest
+            self._arriving.pop(index, None)
         self._on_piece(index, digest)
         return True
 

@@ -21,9 +21,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,14 +38,16 @@ from cached.store.index import Index, ref_record
 from cached.store.layout import Layout
 from cached.store.partial import PartialBlob, read_piece_log
 from cached.store.protection import Protector
+from cached.store.pulls import Pulls
 from cached.store.space import Reservation, Space
 from cached.store.verified import VerifiedFile
-from cached.store.views import Views
+from cached.store.views import Views, hf_repo
 from cached.types import (
     DEFAULT_PIECE_SIZE,
     BlobAdded,
     BlobId,
     BlobRemoved,
+    FileEntry,
     Manifest,
     ManifestAdded,
     ManifestRemoved,
@@ -93,16 +96,21 @@ class Store:
         # Told of every change peers may care about; called on the event loop only.
         self._on_event = on_event
         self._index = Index(self.layout, self.claims)
-        self._views = Views(self.layout, self._index)
+        # What /hf pulled: branch -> commit and each pulled commit's listing (``pulls``).
+        self.pulls = Pulls(self.layout.pulls_dir)
+        self._views = Views(self.layout, self._index, self.pulls)
         self._space = Space(
             cfg, root=self.root, index=self._index, claims=self.claims, removal=self, protector=protector
         )
         self._assembly = Assembly(self.layout, self._index, on_event)
+        self.capacity_warning: str | None = None  # set by open: max_bytes above the disk's size
+        self._ref_locks: dict[str, tuple[asyncio.Lock, int]] = {}  # one commit of a ref at a time
 
     # --- start ---------------------------------------------------------------------------------
 
     async def open(self) -> None:
         await asyncio.to_thread(self._open_sync)
+        self._check_capacity()
         log.info(
             "store indexed dir=%s blobs=%d models=%d partials=%d used=%s capacity=%s",
             self.root,
@@ -115,10 +123,35 @@ class Store:
 
     def _open_sync(self) -> None:
         self._index.load_sync()
+        self.pulls.load_sync()
+        # What /hf noted of repos this node holds nothing of (evicted, or only asked about).
+        held = {views_repo for views_repo in (hf_repo(m.ref) for m in self._index.manifests.values()) if views_repo}
+        self.pulls.prune_sync(held)
         self._space.load_sync()
         self._views.sweep_sync()
         if self.claims.skipped:
             self._index.bad_entries["claim"] += self.claims.skipped
+
+    def _check_capacity(self) -> None:
+        """A ``max_bytes`` above the filesystem's size is a promise the disk cannot keep: the
+        store would fill the disk before it ever evicts. Warned at start and on reload, and
+        shown in the node status (``capacity_warning``)."""
+        self.capacity_warning = None
+        try:
+            fs = shutil.disk_usage(self.root).total
+        except OSError:
+            return
+        if self.cfg.max_bytes and self.cfg.max_bytes > fs:
+            self.capacity_warning = (
+                f"store.max_bytes ({format_size(self.cfg.max_bytes)}) is larger than the filesystem "
+                f"holding {self.root} ({format_size(fs)}): the disk fills before eviction starts"
+            )
+            log.warning(
+                "capacity larger than the filesystem max_bytes=%d filesystem_bytes=%d dir=%s",
+                self.cfg.max_bytes,
+                fs,
+                self.root,
+            )
 
     @property
     def bad_entries(self) -> Counter[str]:
@@ -129,6 +162,7 @@ class Store:
         """SIGHUP: new capacity and watermarks (the directory and piece size need a restart)."""
         self.cfg = cfg
         self._space.reconfigure(cfg)
+        self._check_capacity()
 
     def state_events(self) -> list[StoreEvent]:
         """The whole current state as events: what a listener that starts now must hear first."""
@@ -352,12 +386,76 @@ class Store:
         """After a blob was replaced (repair), re-point every view at the new inode."""
         await self._views.rebuild_for_blob(blob_hex)
 
+    # --- what /hf pulled (``pulls``) ------------------------------------------------------------
+
+    async def note_hf_branch(self, repo: str, revision: str, commit: str) -> None:
+        """The hub resolved ``revision`` of ``repo`` to ``commit``: remembered, and the hf view's
+        ``refs/<revision>`` follows if the node holds that commit."""
+        if self.pulls.note_branch(repo, revision, commit, self._clock()):
+            await asyncio.to_thread(self.pulls.save_sync, repo)
+            await self._views.sync_hf(_stub_manifest(ModelRef.parse(f"hf://{repo}")))
+
+    async def note_hf_listing(self, repo: str, commit: str, paths: tuple[str, ...] | None) -> None:
+        """``paths``: every file of the commit (a pulled model is partial until it holds them
+        all); None: the commit is complete here (a whole-repo fetch committed it)."""
+        changed = (
+            self.pulls.forget_listing(repo, commit) if paths is None else self.pulls.note_listing(repo, commit, paths)
+        )
+        if changed:
+            await asyncio.to_thread(self.pulls.save_sync, repo)
+
+    def pulled_missing(self, ref: ModelRef, manifest: Manifest) -> tuple[str, ...] | None:
+        """Files an hf model pulled through /hf does not hold yet: () when complete (or not a
+        pull), None when not known (it then counts as partial)."""
+        if ref.kind is not RefKind.HF or ref.include or ref.exclude or manifest.revision != ref.revision:
+            return ()
+        return self.pulls.missing(ref.repo, ref.revision, {f.path for f in manifest.files})
+
     # --- publishing ----------------------------------------------------------------------------
 
     async def commit_model(
         self, ref: ModelRef, manifest: Manifest, *, sources: dict[str, int] | None = None
     ) -> ModelRecord:
         """Manifest, then view, then ref (last): the model is visible only once all is in place."""
+        async with self._ref_lock(ref):
+            return await self._commit(ref, manifest, sources)
+
+    async def merge_model(
+        self, ref: ModelRef, files: list[FileEntry], *, revision: str, sources: dict[str, int]
+    ) -> ModelRecord | None:
+        """Add ``files`` (by path) to ``ref``'s model, made if new; None if it had them all.
+        Read and commit under the ref's lock, so a whole-model commit of the same ref running
+        meanwhile (a prefetch of a commit /hf pulls file by file) is never overwritten by a
+        manifest with fewer files."""
+        async with self._ref_lock(ref):
+            rec = self.model(ref)
+            have = {f.path: f for f in rec.manifest.files} if rec is not None else {}
+            new = [f for f in files if f.path not in have]
+            if not new:
+                return None
+            have.update({f.path: f for f in new})
+            merged = dict(rec.sources) if rec is not None else {}
+            for k, v in sources.items():
+                merged[k] = merged.get(k, 0) + v
+            piece_size = rec.manifest.piece_size if rec is not None else self.cfg.piece_size_bytes
+            manifest = Manifest(ref=ref.canonical, revision=revision, piece_size=piece_size, files=tuple(have.values()))
+            return await self._commit(ref, manifest, merged)
+
+    @contextlib.asynccontextmanager
+    async def _ref_lock(self, ref: ModelRef) -> AsyncIterator[None]:
+        lock, users = self._ref_locks.get(ref.canonical, (asyncio.Lock(), 0))
+        self._ref_locks[ref.canonical] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._ref_locks[ref.canonical]
+            if users <= 1:
+                del self._ref_locks[ref.canonical]
+            else:
+                self._ref_locks[ref.canonical] = (lock, users - 1)
+
+    async def _commit(self, ref: ModelRef, manifest: Manifest, sources: dict[str, int] | None) -> ModelRecord:
         index = self._index
         missing = [f.path for f in manifest.files if f.blob.hex not in index.blobs]
         if missing:

@@ -2,7 +2,8 @@
 
 Both are built from hardlinks to blobs and follow the index: ``models/<escaped ref>`` is swapped
 in whole (built under ``tmp/``, then renamed over the old one) before the ref file is written, and
-``hf/<repo>`` is re-synced after each change of the repo's manifests. Neither is a source of truth:
+``hf/<repo>`` is re-synced after each change of the repo's manifests (and of the branches ``/hf``
+last resolved, ``pulls``: a pulled model is named by its commit, its branch gets ``refs/``). Neither is a source of truth:
 at start ``sweep_sync`` rebuilds what a crash left behind or half-built, and removes what no ref
 names. The hub-cache layout itself is ``hfview``'s; this module decides when and from what.
 
@@ -22,15 +23,17 @@ from cached.errors import CachedError
 from cached.store import durable, hfview, msview
 from cached.store.index import Index
 from cached.store.layout import Layout
+from cached.store.pulls import Pulls
 from cached.types import Manifest, ModelRef
 
 log = logging.getLogger(__name__)
 
 
 class Views:
-    def __init__(self, layout: Layout, index: Index) -> None:
+    def __init__(self, layout: Layout, index: Index, pulls: Pulls | None = None) -> None:
         self._layout = layout
         self._index = index
+        self._pulls = pulls
         self._hf_lock = threading.Lock()
         self._hf_sync_lock = asyncio.Lock()
         self.modelscope = msview.ModelScopeView(layout, index)  # modelscope/: the SDK's cache layout
@@ -128,15 +131,14 @@ class Views:
     # --- hf/ -----------------------------------------------------------------------------------
 
     def _hf_revisions(self, repo: str) -> list[hfview.HfRevision]:
-        """What ``hf/<repo>`` should show: every live manifest of the repo. Event loop only."""
+        """What ``hf/<repo>`` should show: every live manifest of the repo, and ``refs/<branch>``
+        for each branch /hf last resolved to a commit held here. Event loop only."""
         index = self._index
         current = {canonical: d for canonical, (d, _) in index.refs.items()}
         manifests = {d: index.manifests[d] for d in index.live_digests() if d in index.manifests}
         touched = {canonical: t for canonical, (_, t) in index.refs.items()}
-        out = []
-        # Oldest first: when two refs name one branch (say with different include patterns) and
-        # resolved it at different times, refs/<branch> ends up at the most recent commit.
-        for digest, m in sorted(manifests.items(), key=lambda kv: touched.get(kv[1].ref, 0.0)):
+        timed: list[tuple[float, hfview.HfRevision]] = []
+        for digest, m in manifests.items():
             if m.revision is None or hf_repo(m.ref) != repo:
                 continue
             ref = ModelRef.parse(m.ref)
@@ -151,12 +153,20 @@ class Views:
                 for f in m.files
             )
             # Retained old revisions (named=False) keep their snapshot but no refs/ entry.
-            out.append(
-                hfview.HfRevision(
-                    revision=ref.revision, commit=m.revision, files=files, named=current.get(m.ref) == digest
-                )
+            rev = hfview.HfRevision(
+                revision=ref.revision, commit=m.revision, files=files, named=current.get(m.ref) == digest
             )
-        return out
+            timed.append((touched.get(m.ref, 0.0), rev))
+        held = {r.commit for _, r in timed}
+        if self._pulls is not None:
+            # A pulled model is named by its commit; the branch the client asked for is here.
+            for revision, (commit, when) in self._pulls.branches(repo).items():
+                if commit in held:
+                    timed.append((when, hfview.HfRevision(revision=revision, commit=commit, files=())))
+        # Oldest first: when two refs name one branch (say with different include patterns, or a
+        # prefetch and a pull) and resolved it at different times, refs/<branch> ends up at the
+        # most recent commit.
+        return [r for _, r in sorted(timed, key=lambda tr: tr[0])]
 
     def _sync_hf_sync(self, repo: str, revisions: list[hfview.HfRevision]) -> None:
         """Runs in a worker thread. ``revisions`` were computed on the event loop (which owns the

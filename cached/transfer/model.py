@@ -119,6 +119,9 @@ class ModelFetcher:
             existing is not None
             and resolution.revision is not None
             and resolution.revision == existing.manifest.revision
+            # A copy holding only part of what the origin lists (a model pulled file by file
+            # through /hf) is not current: the rest is fetched.
+            and {f.path for f in resolution.files} <= {f.path for f in existing.manifest.files}
         ):
             await self._store.touch(ref)
             progress.bytes_total = progress.bytes_done = existing.manifest.total_bytes

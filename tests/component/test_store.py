@@ -355,7 +355,7 @@ async def test_the_hf_view_leaves_out_a_commit_that_is_not_a_safe_name(tmp_path:
     assert not (top / "refs" / "v1").exists()
     assert sorted(p.name for p in (top / "snapshots").iterdir()) == ["d" * 40]
     assert sorted(p.name for p in root.iterdir()) == sorted(
-        ["blobs", "partial", "manifests", "refs", "models", "hf", "tmp", "claims"]
+        ["blobs", "partial", "manifests", "refs", "models", "hf", "tmp", "claims", "pulls"]
     )
 
 

@@ -582,6 +582,8 @@ class Hub:
             return "tree", lambda r: self._tree(r, rtype, repo_id, unquote(args[0]), sub)
         if action == "paths-info" and len(args) == 1:
             return "paths-info", lambda r: self._paths_info(r, rtype, repo_id, unquote(args[0]))
+        if action == "refs" and not args:
+            return "refs", lambda r: self._refs(r, rtype, repo_id)
         if action == "xet-read-token":
             return "xet-token", self._not_found
         return "other", self._not_found
@@ -797,6 +799,19 @@ class Hub:
         if blobs:
             body["usedStorage"] = sum(b.size for b in commit.files.values())
         return web.json_response(body)
+
+    async def _refs(self, request: web.Request, rtype: str, repo_id: str) -> web.Response:
+        """``GET /api/models/{repo}/refs`` (HfApi.list_repo_refs; llama.cpp's first call)."""
+        repo = self._repo_for(request, rtype, repo_id)
+        return web.json_response(
+            {
+                "branches": [
+                    {"name": n, "ref": f"refs/heads/{n}", "targetCommit": c} for n, c in sorted(repo.branches.items())
+                ],
+                "tags": [{"name": n, "ref": f"refs/tags/{n}", "targetCommit": c} for n, c in sorted(repo.tags.items())],
+                "converts": [],
+            }
+        )
 
     async def _tree(self, request: web.Request, rtype: str, repo_id: str, rev: str, sub: str) -> web.Response:
         repo = self._repo_for(request, rtype, repo_id)

@@ -43,9 +43,11 @@ def test_a_fetching_model_adds_its_rate_rounded() -> None:
         bytes_total=100,
         bytes_done=40,
         rate_bps=1234.6,
+        bytes_in_flight=7,
         sources=SourceBytes(peer=30, origin=10),
     ).to_json()
-    assert list(got) == BASE_KEYS + ["rate_bps"]
+    assert list(got) == BASE_KEYS + ["rate_bps", "bytes_in_flight"]
+    assert got["bytes_in_flight"] == 7  # arrived, not verified: apart from bytes_done
     assert got["rate_bps"] == 1235 and got["sources"] == {"peer": 30, "origin": 10}
 
 
