@@ -132,3 +132,18 @@ async def test_zstd_layers_unpack_for_an_image_and_a_modelpack_artifact(tmp_path
             assert view(model) == {"w.bin": big, "sub/c.json": b"{}"}
             model = await prefetch(d, f"oci://{reg.host}/models/zst:v1")
             assert view(model) == {"w.bin": big, "config.json": b"{}"}
+
+
+async def test_a_modelcar_layer_whose_bytes_do_not_match_its_digest_is_never_unpacked(tmp_path: Path) -> None:
+    layer = tar_of({"models/w.bin": weights(MIB, 4)}, gz=True)
+    async with Registry(tmp_path / "reg") as reg:
+        await push_modelcar(reg, "kserve/bad", [(layer, GZ)])
+        stored = reg.blob_file((await reg.push_blob("kserve/bad", layer))["digest"])
+        bad = bytearray(stored.read_bytes())
+        bad[len(bad) // 2] ^= 0xFF  # same size: only the digest can tell
+        stored.write_bytes(bytes(bad))
+        async with running_daemon(tmp_path / "node", **{"origins.oci.plain_http": [reg.host]}) as d:
+            error = await failed_prefetch(d, f"oci://{reg.host}/kserve/bad:v1")
+            assert "sha256" in error, error
+            assert not list((tmp_path / "node" / "models").rglob("w.bin"))
+            assert not spool_entries(tmp_path / "node")
