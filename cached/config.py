@@ -207,6 +207,10 @@ class OciOriginConfig:
     default_registry: str = ""  # upstream of /v2 mirror requests that carry no ?ns=
     auth_file: Path | None = None  # a Docker-style config.json with registry credentials
     tag_ttl_s: float = 30.0  # how long the mirror reuses a tag's upstream answer
+    # Unpacking an archive layer (a modelcar) may write at most this many times the layer's size
+    # (0: no ratio cap) and at most max_unpacked_bytes (0: none); always within the store's room.
+    max_unpack_ratio: float = 100.0
+    max_unpacked_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -493,6 +497,8 @@ def _oci(t: Mapping[str, Any]) -> OciOriginConfig:
         default_registry=registry,
         auth_file=_optional_path(t["auth_file"], "origins.oci.auth_file"),
         tag_ttl_s=_number(t["tag_ttl_s"], "origins.oci.tag_ttl_s", lo=0, hi=86400),
+        max_unpack_ratio=_number(t["max_unpack_ratio"], "origins.oci.max_unpack_ratio", lo=0, hi=1e6),
+        max_unpacked_bytes=_size(t["max_unpacked_bytes"], "origins.oci.max_unpacked_bytes"),
     )
 
 

@@ -59,6 +59,7 @@ from cached.status import StatusBoard, StatusSource
 from cached.store import Store
 from cached.store.housekeeping import Housekeeping
 from cached.systemd import Watchdog, notify, watchdog_interval_s
+from cached.transfer.artifacts import SwarmArtifacts
 from cached.transfer.blob import BlobFetcher
 from cached.transfer.model import ModelFetcher
 from cached.transfer.refresh import HfRefresh
@@ -145,7 +146,7 @@ class Daemon:
         self.hf_origin = HfOrigin(session, cfg.origins.hf, cfg.origins.http, reader, token=hf_token(cfg, self._env))
         self.file_origin = LocalOrigin(file_policy(cfg))
         self.oci_registry = RegistryClient(session, reader, cfg.origins.oci, cfg.origins.http)
-        self.oci_origin = OciOrigin(self.oci_registry, self.store.tmp_dir / "oci-spool")
+        self.oci_origin = OciOrigin(self.oci_registry, self.store.tmp_dir / "oci-spool", cfg.origins.oci)
         self._stack.callback(self.file_origin.close)
         origins = Origins(
             {
@@ -175,6 +176,8 @@ class Daemon:
             stall_timeout_s=cfg.peer.stall_timeout_s,
             names_from_peers=cfg.cluster.names_from_peers,
         )
+        # A modelcar's archive layers come through the swarm, not from the registry per node.
+        self.oci_origin.use_artifacts(SwarmArtifacts(self.fetcher, self.store))
         self.jobs = await self._stack.enter_async_context(
             Jobs(self.fetcher, self.store, self.metrics, cfg.jobs, clock=self.clock)
         )

@@ -28,7 +28,7 @@ from cached.config import OciOriginConfig
 from cached.errors import CachedError, IntegrityError, OriginDenied, OriginError, OriginNotFound, RefError
 from cached.jobs import Jobs
 from cached.metrics import Metrics
-from cached.origins.oci import MIRROR_PATH
+from cached.origins.oci import MIRROR_PATH, blob_path, mirror_ref
 from cached.origins.registry import FetchedManifest, RegistryClient, is_digest
 from cached.ranges import parse_range, unsatisfiable
 from cached.store import Store
@@ -269,14 +269,6 @@ class RegistryMirror:
             if time.monotonic() > deadline:
                 raise MirrorError(503, "TOOMANYREQUESTS", "the blob did not arrive in time")
             await self._jobs.wait(job, 0.25)
-
-
-def mirror_ref(registry: str, name: str, digest: str) -> ModelRef:
-    return ModelRef.parse(f"oci://{registry}/{name}@{digest}?path={MIRROR_PATH}")
-
-
-def blob_path(digest: str) -> str:
-    return "blobs/sha256/" + digest.removeprefix("sha256:")
 
 
 def _split(tail: str) -> tuple[str, str, str]:

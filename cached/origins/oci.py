@@ -16,12 +16,19 @@ chooses the entry for this platform (linux/amd64 on x86-64) or its only entry. W
 A raw layer is a file whose identity is its sha256 (``sha256|<hex>|<size>``, the hf LFS scheme, so
 the same bytes from any origin are one blob); ``check_content`` proves the bytes against the layer
 digest before the blob exists, and its pieces may come from peers. An archive layer cannot be read
-file by file: it is downloaded whole into a spool under ``cache_dir/tmp`` (checked against its
-digest before it is opened), its files extracted there with their sha256 computed, and each file
-then enters the store like any other (pieces hashed, ``check_content`` against that sha256). The
-derived files are only as trusted as the layer they came from, which was verified first. The spool
-is a work area: swept at start and after ``SPOOL_TTL_S``. This module does not speak HTTP itself
-(``origins.registry``) and does not write to the store.
+file by file: it must be whole first. With ``use_artifacts`` (the daemon) it comes as a blob of the
+artifact model ``oci://R/N@<image digest>?path=/.oci`` through the normal fetch path -- peers
+first, so a cluster reads it from the registry about once, and checked against its digest before
+the blob exists; without it, it is downloaded into the spool and checked the same way. Its files
+are then extracted into a spool under ``cache_dir/tmp`` with their sha256 computed, and each file
+enters the store like any other (pieces hashed, ``check_content`` against that sha256). The
+derived files are only as trusted as the layer they came from, which was verified first.
+Extraction is bounded (``unpack_limit``: the store's room, ``origins.oci.max_unpack_ratio`` x the
+layer, ``origins.oci.max_unpacked_bytes``, ``MAX_MEMBERS`` files): a compression bomb fails naming
+the layer and leaves nothing in the spool. Compression: none, gzip, zstd (several frames allowed).
+The spool is a work area: swept at start and after ``SPOOL_TTL_S``. This module does not speak
+HTTP itself (``origins.registry``), does not write to the store and does not fetch models
+(``transfer.artifacts``).
 """
 
 from __future__ import annotations
@@ -38,18 +45,21 @@ import platform
 import shutil
 import tarfile
 import time
+import zlib
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
+import zstandard
 from yarl import URL
 
+from cached.config import OciOriginConfig
 from cached.errors import IntegrityError, OriginError, OriginNotFound
 from cached.origins import Resolution
 from cached.origins.registry import INDEX_TYPES, FetchedManifest, RegistryClient, is_digest
 from cached.rangeio import Sink
-from cached.types import ModelRef, OriginFile, RefKind, validate_file_path
+from cached.types import ModelRef, OriginFile, RefKind, format_size, validate_file_path
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +68,8 @@ FILEPATH_ANNOTATIONS = ("org.cncf.model.filepath", "org.cnai.model.filepath")
 OLLAMA_PREFIX = "application/vnd.ollama.image."
 OLLAMA_NAMES = {"model": "model.gguf", "projector": "projector.gguf", "adapter": "adapter.gguf"}
 MAX_LAYERS = 10_000
+MAX_MEMBERS = 100_000  # regular files one archive layer may unpack (each is an inode in the spool)
+UNPACK_SLACK = 1 << 20  # what even a tiny layer may unpack to, whatever the ratio says
 SPOOL_TTL_S = 3600.0
 _READ_CHUNK = 1 << 20
 
@@ -93,6 +105,57 @@ class Member:
     name: str
     size: int
     sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class UnpackLimit:
+    """The most bytes one archive layer may unpack to, and which rule set it (for the error)."""
+
+    nbytes: int
+    why: str
+
+
+class ArtifactBlobs(Protocol):
+    """How the origin gets an artifact's own blobs into this node: as the model
+    ``oci://REGISTRY/NAME@DIGEST?path=/.oci`` through the normal fetch path (peers first, every
+    piece verified, each whole blob checked against its sha256), so a cluster reads a modelcar's
+    layers from the registry about once. The composition root provides it (``transfer``)."""
+
+    def blobs(self, ref: ModelRef) -> contextlib.AbstractAsyncContextManager[Mapping[str, Path]]:
+        """``blobs/sha256/<hex>`` -> a verified file in the store, held (not evicted) while open."""
+        ...
+
+    async def unpack_room(self, spool: Path) -> int:
+        """Bytes unpacking into ``spool`` may write: the store's free space, what is reserved kept."""
+        ...
+
+
+def mirror_ref(registry: str, repo: str, digest: str) -> ModelRef:
+    """The model that holds an artifact's own blobs (what the ``/v2`` mirror serves from)."""
+    return ModelRef.parse(f"oci://{registry}/{repo}@{digest}?path={MIRROR_PATH}")
+
+
+def blob_path(digest: str) -> str:
+    return "blobs/sha256/" + digest.removeprefix("sha256:")
+
+
+def unpack_limit(layer: Layer, cfg: OciOriginConfig, room: int) -> UnpackLimit:
+    """The tightest of: the store's room, ``max_unpack_ratio`` x the layer, ``max_unpacked_bytes``."""
+    limits = [UnpackLimit(max(0, room), f"the store's free space ({format_size(max(0, room))})")]
+    if cfg.max_unpack_ratio > 0:
+        limits.append(
+            UnpackLimit(
+                int(layer.size * cfg.max_unpack_ratio) + UNPACK_SLACK,
+                f"{cfg.max_unpack_ratio:g}x the layer's {format_size(layer.size)} (origins.oci.max_unpack_ratio)",
+            )
+        )
+    if cfg.max_unpacked_bytes > 0:
+        limits.append(
+            UnpackLimit(
+                cfg.max_unpacked_bytes, f"{format_size(cfg.max_unpacked_bytes)} (origins.oci.max_unpacked_bytes)"
+            )
+        )
+    return min(limits, key=lambda lim: lim.nbytes)
 
 
 def host_platform() -> tuple[str, str]:
@@ -177,18 +240,29 @@ def _decompressed(f: IO[bytes], compression: str) -> IO[bytes]:
     if compression == "gzip":
         return gzip.GzipFile(fileobj=f, mode="rb")  # type: ignore[return-value]
     if compression == "zstd":
-        try:
-            import zstandard  # type: ignore[import-not-found]
-        except ImportError:
-            raise OriginError("a +zstd layer needs the Python package zstandard", retryable=False) from None
-        return zstandard.ZstdDecompressor().stream_reader(f)  # type: ignore[no-any-return]
+        # A layer may be several concatenated frames (pigz-style parallel writers make them).
+        return zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)  # type: ignore[no-any-return]
     return f
 
 
-def extract_sync(layer_file: Path, compression: str, dest: Path) -> list[Member]:
+def extract_sync(
+    layer_file: Path, compression: str, dest: Path, limit: UnpackLimit | None = None, what: str = ""
+) -> list[Member]:
     """Every regular file of the archive under ``dest`` with its sha256; links, devices and names
-    that would leave ``dest`` are skipped. A later member of the same name wins, as in a layer."""
+    that would leave ``dest`` are skipped. A later member of the same name wins, as in a layer.
+    Writing more than ``limit`` (or more than ``MAX_MEMBERS`` files) stops with an OriginError
+    naming the layer (``what``) -- checked against each member's declared size before a byte of it
+    is written, and against the bytes actually written; the caller removes what was written."""
     members: dict[str, Member] = {}
+    what = what or layer_file.name
+    written = 0
+    files = 0
+
+    def refuse(detail: str) -> OriginError:
+        return OriginError(
+            f"layer {what}: {detail}; refused as a possible compression bomb, nothing of it kept", retryable=False
+        )
+
     with open(layer_file, "rb") as raw, _decompressed(raw, compression) as stream:
         try:
             with tarfile.open(fileobj=stream, mode="r|") as tar:
@@ -211,15 +285,26 @@ def extract_sync(layer_file: Path, compression: str, dest: Path) -> list[Member]
                     target = dest / name
                     if target.parent.exists() and not target.parent.is_dir():
                         continue
+                    files += 1
+                    if files > MAX_MEMBERS:
+                        raise refuse(f"more than {MAX_MEMBERS} files")
+                    if limit is not None and written + info.size > limit.nbytes:
+                        raise refuse(
+                            f"unpacks to more than {format_size(limit.nbytes)} ({limit.why});"
+                            f" {name!r} alone is {format_size(info.size)}"
+                        )
                     target.parent.mkdir(parents=True, exist_ok=True)
                     h = hashlib.sha256()
                     with open(target, "wb") as out:
                         while chunk := src.read(_READ_CHUNK):
+                            written += len(chunk)
+                            if limit is not None and written > limit.nbytes:
+                                raise refuse(f"unpacks to more than {format_size(limit.nbytes)} ({limit.why})")
                             h.update(chunk)
                             out.write(chunk)
                     members[name] = Member(name=name, size=info.size, sha256=h.hexdigest())
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise OriginError(f"{layer_file.name}: not a readable tar archive: {e}", retryable=False) from None
+        except (tarfile.TarError, OSError, EOFError, zlib.error, zstandard.ZstdError) as e:
+            raise OriginError(f"layer {what}: not a readable tar archive: {e}", retryable=False) from None
     return list(members.values())
 
 
@@ -242,11 +327,18 @@ def apply_layer(files: dict[str, tuple[Layer, Member]], layer: Layer, members: l
 class OciOrigin:
     """The origin of ``oci://`` and ``ollama://`` refs (one registry client, one spool)."""
 
-    def __init__(self, client: RegistryClient, spool: Path) -> None:
+    def __init__(self, client: RegistryClient, spool: Path, cfg: OciOriginConfig | None = None) -> None:
         self._client = client
         self._spool = spool
+        self._cfg = cfg or OciOriginConfig()
+        self._artifacts: ArtifactBlobs | None = None
         self._layer_locks: dict[str, asyncio.Lock] = {}
         shutil.rmtree(spool, ignore_errors=True)  # a previous run's work area
+
+    def use_artifacts(self, artifacts: ArtifactBlobs) -> None:
+        """Archive layers come through ``artifacts`` (the swarm) from now on, not straight from
+        the registry (the composition root calls this once the fetch path exists)."""
+        self._artifacts = artifacts
 
     # --- resolve -------------------------------------------------------------------------------
 
@@ -304,7 +396,7 @@ class OciOrigin:
                     raise OriginError(f"{ref}: layer {layer.digest} names a bad path {filepath!r}") from None
                 named[filepath] = self._raw_file(ref, filepath, layer.digest, layer.size)
                 continue
-            members = await self._extracted(ref.registry, ref.repo, layer)
+            members = await self._extracted(ref.registry, ref.repo, layer, image.digest)
             apply_layer(merged, layer, members)
         prefix = ref.path.strip("/")  # a modelcar's directory; a ModelPack archive's names are the model's
         for name, (layer, m) in merged.items():
@@ -320,7 +412,7 @@ class OciOrigin:
                 validate_file_path(rel)
             except ValueError:
                 continue
-            named[rel] = self._member_file(ref, rel, layer, m)
+            named[rel] = self._member_file(ref, rel, layer, m, image.digest)
         return list(named.values())
 
     # --- files ---------------------------------------------------------------------------------
@@ -335,18 +427,21 @@ class OciOrigin:
             locator=self._client.blob_url(ref.registry, ref.repo, digest),
         )
 
-    def _member_file(self, ref: ModelRef, path: str, layer: Layer, m: Member) -> OriginFile:
+    def _member_file(self, ref: ModelRef, path: str, layer: Layer, m: Member, image: str | None) -> OriginFile:
+        checksums = {
+            "sha256": m.sha256,
+            "layer": layer.digest,
+            "layer_size": str(layer.size),
+            "layer_type": layer.media_type,
+            "member": m.name,
+        }
+        if image:
+            checksums["image"] = image  # the manifest that lists the layer: its blobs come as one model
         return OriginFile(
             path=path,
             size=m.size,
             identity=f"sha256|{m.sha256}|{m.size}",
-            checksums={
-                "sha256": m.sha256,
-                "layer": layer.digest,
-                "layer_size": str(layer.size),
-                "layer_type": layer.media_type,
-                "member": m.name,
-            },
+            checksums=checksums,
             locator=self._client.blob_url(ref.registry, ref.repo, layer.digest),
         )
 
@@ -377,15 +472,18 @@ class OciOrigin:
         layer = Layer(
             digest=layer_digest, size=int(layer_size), media_type=str(checksums.get("layer_type", "")), annotations={}
         )
-        return self._member_file(ref, path, layer, Member(name=member, size=size, sha256=sha))
+        image = str(checksums.get("image", "")) or None
+        if image is not None and not is_digest(image):
+            raise OriginError(f"{ref}: {path!r} names a bad image manifest digest", retryable=False)
+        return self._member_file(ref, path, layer, Member(name=member, size=size, sha256=sha), image)
 
     # --- the spool of archive layers -----------------------------------------------------------
 
     def _layer_dir(self, digest: str) -> Path:
         return self._spool / digest.removeprefix("sha256:")
 
-    async def _extracted(self, registry: str, repo: str, layer: Layer) -> list[Member]:
-        """The layer's files in the spool (downloaded, verified, extracted once)."""
+    async def _extracted(self, registry: str, repo: str, layer: Layer, image: str | None) -> list[Member]:
+        """The layer's files in the spool (fetched, verified, extracted once)."""
         lock = self._layer_locks.setdefault(layer.digest, asyncio.Lock())
         async with lock:
             self._sweep(keep=layer.digest)
@@ -397,17 +495,44 @@ class OciOrigin:
                 return [Member(**m) for m in doc]
             shutil.rmtree(where, ignore_errors=True)
             (where / "files").mkdir(parents=True)
-            blob = where / "layer"
             try:
-                await self._client.download(registry, repo, layer.digest, layer.size, blob)
-                members = await asyncio.to_thread(extract_sync, blob, layer.compression or "", where / "files")
+                async with self._layer_file(registry, repo, layer, image, where) as blob:
+                    room = await self._unpack_room()
+                    limit = unpack_limit(layer, self._cfg, room)
+                    members = await asyncio.to_thread(
+                        extract_sync, blob, layer.compression or "", where / "files", limit, layer.digest
+                    )
             except BaseException:
                 shutil.rmtree(where, ignore_errors=True)
                 raise
-            finally:
-                blob.unlink(missing_ok=True)
             index.write_text(json.dumps([{"name": m.name, "size": m.size, "sha256": m.sha256} for m in members]))
             return members
+
+    @contextlib.asynccontextmanager
+    async def _layer_file(
+        self, registry: str, repo: str, layer: Layer, image: str | None, where: Path
+    ) -> AsyncIterator[Path]:
+        """The layer's bytes in a file, verified against its digest before anyone opens it: the
+        store's blob of the artifact model (through the swarm), or without that a download."""
+        if self._artifacts is not None and image is not None:
+            async with self._artifacts.blobs(mirror_ref(registry, repo, image)) as blobs:
+                path = blobs.get(blob_path(layer.digest))
+                if path is None:
+                    raise OriginNotFound(f"oci://{registry}/{repo}@{image}: the manifest lists no {layer.digest}")
+                yield path
+            return
+        blob = where / "layer"
+        try:
+            await self._client.download(registry, repo, layer.digest, layer.size, blob)
+            yield blob
+        finally:
+            blob.unlink(missing_ok=True)
+
+    async def _unpack_room(self) -> int:
+        if self._artifacts is not None:
+            return await self._artifacts.unpack_room(self._spool)
+        st = await asyncio.to_thread(os.statvfs, self._spool)
+        return st.f_bavail * st.f_frsize
 
     def _sweep(self, keep: str) -> None:
         """Spool entries unused for ``SPOOL_TTL_S`` go: their files are in the store by now."""
@@ -427,7 +552,7 @@ class OciOrigin:
             annotations={},
         )
         registry, repo = _registry_repo(file.locator)
-        members = await self._extracted(registry, repo, layer)
+        members = await self._extracted(registry, repo, layer, file.checksums.get("image") or None)
         m = next((m for m in members if m.name == file.checksums["member"]), None)
         if m is None or m.sha256 != file.checksums["sha256"]:
             raise OriginNotFound(f"{file.locator}: layer has no member {file.checksums['member']!r} with that content")

@@ -199,6 +199,8 @@ class RegistryClient:
                     if resp.status == 401 and attempt == 0:
                         await self._answer_challenge(registry, repo, resp.headers.get("WWW-Authenticate", ""), url)
                         continue
+                    if method == "HEAD":
+                        return resp.status, dict(resp.headers), b""  # a blob's HEAD names its full size
                     if resp.content_length is not None and resp.content_length > MAX_MANIFEST_BYTES:
                         raise OriginError(f"{url}: answer of {resp.content_length} bytes is too large", retryable=False)
                     body = await resp.content.read(MAX_MANIFEST_BYTES + 1)

@@ -124,12 +124,13 @@ def add_failover_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("failover scenario (--scenario failover)")
     g.add_argument(
         "--scenario",
-        choices=("swarm", "failover", "scale", "shards"),
+        choices=("swarm", "failover", "scale", "shards", "oci"),
         default="swarm",
         help="swarm (default): N nodes want the model at once, cached vs torrent vs direct; "
         "failover: replicate --replicas R, kill a holder, time the replacement copy; "
         "scale: the swarm at each node count of --curve; "
-        "shards: one file vs --shards files of the same bytes from a hub origin (cached and torrent)",
+        "shards: one file vs --shards files of the same bytes from a hub origin (cached and torrent); "
+        "oci: every node pulls one artifact with skopeo through its /v2 mirror vs from the registry",
     )
     g.add_argument("--replicas", type=int, default=2, help="catalog replicas (default 2)")
     g.add_argument(
@@ -264,6 +265,10 @@ def main() -> int:
         print(f"bench-cluster: {problem}", file=sys.stderr)
         return 2
     a.workdir.mkdir(parents=True, exist_ok=True)
+    if a.scenario == "oci":  # cbench/oci_bench.py: skopeo through the /v2 mirror vs from the registry
+        from cbench.oci_bench import run_oci
+
+        return run_oci(a)
     try:
         a.pythonpath, a.git = daemon_code(a.scenario, a.cached_src, a.workdir, git_info())  # as of the start
     except ValueError as e:
