@@ -43,6 +43,7 @@ from cached.origins import Origins
 from cached.origins.hf import HfOrigin
 from cached.origins.http import HttpOrigin
 from cached.origins.local import FilePolicy, LocalOrigin
+from cached.origins.s3 import S3Origin
 from cached.peers.auth import ClusterKey
 from cached.peers.client import PeerClient, client_ssl
 from cached.peers.directory import GossipDirectory
@@ -141,11 +142,14 @@ class Daemon:
         self.hf_origin = HfOrigin(session, cfg.origins.hf, cfg.origins.http, reader, token=hf_token(cfg, self._env))
         self.file_origin = LocalOrigin(file_policy(cfg))
         self._stack.callback(self.file_origin.close)
+        s3_origin = S3Origin(cfg.origins.s3, cfg.origins.http, reader, env=self._env)
+        self._stack.callback(s3_origin.close)
         origins = Origins(
             {
                 RefKind.FILE: self.file_origin,
                 RefKind.HTTP: HttpOrigin(session, cfg.origins.http, reader),
                 RefKind.HF: self.hf_origin,
+                RefKind.S3: s3_origin,
             }
         )
         token = cluster_token(cfg)
