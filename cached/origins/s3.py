@@ -105,6 +105,7 @@ class _Refused(Exception):
 class _Signed:
     url: str
     headers: dict[str, str]
+    region: str  # signed for
     expires: float  # monotonic
 
 
@@ -204,6 +205,7 @@ class S3Origin:
             self.addressing_style = "path" if self.endpoint else "virtual"
         self._lock = threading.Lock()  # the session and clients are built on worker threads
         self._session: botocore.session.Session | None = None
+        self._default_region = self.region or DEFAULT_REGION  # the profile's region, once read
         self._clients: dict[str, Any] = {}  # region -> botocore S3 client
         self._bucket_region: dict[str, str] = {}  # learned from a redirect or a HEAD
         self._signed: dict[tuple[str, str, str, str], _Signed] = {}
@@ -219,8 +221,20 @@ class S3Origin:
     def _session_sync(self) -> botocore.session.Session:
         with self._lock:
             if self._session is None:
-                self._session = botocore.session.Session(profile=self._cfg.profile or None)
+                session = botocore.session.Session(profile=self._cfg.profile or None)
+                if not self.region:
+                    # The profile's own region (``region =`` in the shared config file).
+                    try:
+                        self._default_region = session.get_config_variable("region") or DEFAULT_REGION
+                    except botocore.exceptions.ProfileNotFound:
+                        pass  # named in the first call's error
+                self._session = session
             return self._session
+
+    async def _ready(self) -> None:
+        """The botocore session exists (built on a worker thread: it reads the shared files)."""
+        if self._session is None:
+            await asyncio.to_thread(self._session_sync)
 
     def _client_sync(self, region: str) -> Any:
         with self._lock:
@@ -241,13 +255,25 @@ class S3Origin:
             return self._clients.setdefault(region, client)
 
     def _region_of(self, bucket: str) -> str:
-        return self._bucket_region.get(bucket) or self.region or DEFAULT_REGION
+        return self._bucket_region.get(bucket) or self._default_region
 
     async def _control(self, bucket: str, where: str, call: Callable[[Any], T]) -> T:
         """``call(client)`` on a worker thread; botocore failures become typed OriginErrors."""
 
         def run() -> T:
-            return call(self._client_sync(self._region_of(bucket)))
+            region = self._region_of(bucket)
+            try:
+                return call(self._client_sync(region))
+            except botocore.exceptions.ClientError as e:
+                # botocore follows most region redirects itself; where it does not (a HEAD after
+                # the bucket's region was cached, an S3-compatible store), ask again once, in the
+                # region the answer names.
+                there = _region_named(e)
+                if not there or there == region:
+                    raise
+                log.info("bucket is in another region bucket=%s region=%s", bucket, there)
+                self._bucket_region[bucket] = there
+                return call(self._client_sync(there))
 
         try:
             return await asyncio.to_thread(run)
@@ -289,6 +315,7 @@ class S3Origin:
     # --- origin protocol -----------------------------------------------------------------------
 
     async def resolve(self, ref: ModelRef) -> Resolution:
+        await self._ready()
         if not ref.is_directory:
             head = await self._head(ref.bucket, ref.key, str(ref))
             return Resolution(files=(self._from_head(ref, ref.key, head),))
@@ -403,7 +430,7 @@ class S3Origin:
             signed = await self._sign(bucket, key, file.checksums.get("version_id", ""))
             headers = {**signed.headers, "If-Match": file.checksums["etag"]}
             try:
-                return await request(signed.url, self._checker(file), headers)
+                return await request(signed.url, self._checker(file, signed.region), headers)
             except _WrongRegion as w:
                 log.info("bucket is in another region; re-signing bucket=%s region=%s", bucket, w.region)
                 self._bucket_region[bucket] = w.region
@@ -435,6 +462,7 @@ class S3Origin:
         )
 
     async def _sign(self, bucket: str, key: str, version: str) -> _Signed:
+        await self._ready()
         region = self._region_of(bucket)
         k = (bucket, key, version, region)
         signed = self._signed.get(k)
@@ -462,7 +490,7 @@ class S3Origin:
             req = botocore.awsrequest.AWSRequest(method="GET", url=url)
             botocore.auth.S3SigV4Auth(creds.get_frozen_credentials(), "s3", region).add_auth(req)
             headers = {k: v for k, v in req.headers.items() if k.lower() != "host"}
-        return _Signed(url=url, headers=headers, expires=time.monotonic() + SIGN_TTL_S)
+        return _Signed(url=url, headers=headers, region=region, expires=time.monotonic() + SIGN_TTL_S)
 
     def _object_url(self, client: Any, bucket: str, key: str, version: str) -> str:
         base = urlsplit(self.endpoint or client.meta.endpoint_url)
@@ -473,7 +501,7 @@ class S3Origin:
             url = f"{base.scheme}://{base.netloc}{base.path.rstrip('/')}/{bucket}/{path}"
         return url + (f"?versionId={quote(version, safe='')}" if version else "")
 
-    def _checker(self, file: OriginFile) -> Check:
+    def _checker(self, file: OriginFile, signed_for: str) -> Check:
         def check(status: int, headers: Message) -> None:
             if status in (200, 206):
                 etag, version = headers.get("ETag"), headers.get("x-amz-version-id")
@@ -493,7 +521,7 @@ class S3Origin:
             if status == 404:
                 raise OriginChanged(f"{file.locator}: the object is gone from the origin", status=404)
             region = headers.get("x-amz-bucket-region")
-            if status in (301, 307, 400) and region and region != self._region_of(_bucket_key(file)[0]):
+            if status in (301, 307, 400) and region and region != signed_for:
                 raise _WrongRegion(region)
             if status in (400, 401, 403):
                 raise _Refused(status)
@@ -523,6 +551,13 @@ class S3Origin:
             raise IntegrityError(
                 f"{file.locator}: sha256 {got} does not match the store's checksum {want}; the file was discarded"
             )
+
+
+def _region_named(e: botocore.exceptions.ClientError) -> str:
+    """The bucket's region as a refusal names it (x-amz-bucket-region, or <Region> in the body)."""
+    headers = e.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+    region = headers.get("x-amz-bucket-region") or e.response.get("Error", {}).get("Region") or ""
+    return region if isinstance(region, str) and re.fullmatch(r"[a-z0-9-]{1,64}", region) else ""
 
 
 def _path_of(ref: ModelRef, key: str) -> str:

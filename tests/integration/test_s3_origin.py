@@ -269,6 +269,27 @@ async def test_slow_down_503_is_backed_off_and_retried(
             assert await metric(d, "cached_origin_errors_total", kind="5xx") >= 3
 
 
+async def test_a_bucket_in_another_region_is_followed_there(
+    tmp_path: Path, store: tuple[MotoS3, Keys], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, keys = store
+    s3 = server.client(keys)
+    s3.create_bucket(Bucket="far-models")
+    # At the bucket's root: moto miscomputes eu-west-1 signatures of a listing with a '/' prefix.
+    data = await asyncio.to_thread(put_random, s3, "far-models", "m.bin", 2 * MIB, 55)
+    use_keys(monkeypatch, keys)  # AWS_REGION is us-east-1; the bucket answers from eu-west-1
+    async with s3_proxy(server.url) as proxy:
+        proxy.bucket_regions["far-models"] = "eu-west-1"
+        async with running_daemon(tmp_path / "n", **flags(proxy.url)) as d:
+            model = await prefetch(d, "s3://far-models/")
+            assert await asyncio.to_thread(digest_tree, Path(model["path"])) == {"m.bin": sha(data)}
+            assert proxy.counters.redirects >= 1, "the store redirected at least once"
+            redirects = proxy.counters.redirects
+            # Learned once: the bucket's later requests are signed for its region from the start.
+            await prefetch(d, "s3://far-models/m.bin")
+            assert proxy.counters.redirects == redirects
+
+
 async def test_an_object_overwritten_mid_download_never_yields_a_mixed_file(
     tmp_path: Path, store: tuple[MotoS3, Keys], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -226,6 +226,8 @@ class ProxyCounters:
     heads: int = 0
     bytes_sent: int = 0  # object bytes of GET bodies
     authorized: int = 0  # requests that carried an Authorization header
+    redirects: int = 0  # answered 301: signed for another region than the bucket's
+    bodies: int = 0  # object GET bodies sent to the end
     paths: list[str] = field(default_factory=list)
 
 
@@ -238,6 +240,9 @@ class S3Proxy:
         self.rate_bps: int | None = None  # throttle each GET body to about this
         self.slow_down_gets = 0  # answer this many object GETs 503 SlowDown, as a busy S3 does
         self.head_headers: dict[str, str] = {}  # replace these headers of HEAD answers
+        # bucket -> its region: a request signed for another region is answered 301
+        # PermanentRedirect with x-amz-bucket-region, as AWS answers it
+        self.bucket_regions: dict[str, str] = {}
         self.port = 0
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -263,6 +268,21 @@ class S3Proxy:
         if self._session is not None:
             await self._session.close()
 
+    def _wrong_region(self, request: web.Request) -> web.Response | None:
+        bucket = request.path.lstrip("/").split("/", 1)[0]
+        region = self.bucket_regions.get(bucket)
+        scope = request.headers.get("Authorization", "").partition("Credential=")[2].split("/")
+        if region is None or len(scope) < 3 or scope[2] == region:
+            return None
+        body = (
+            '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>PermanentRedirect</Code>'
+            f"<Message>The bucket is in this region: {region}.</Message><Region>{region}</Region></Error>"
+        )
+        headers = {"x-amz-bucket-region": region}
+        if request.method == "HEAD":
+            return web.Response(status=301, headers=headers)
+        return web.Response(status=301, headers=headers, text=body, content_type="application/xml")
+
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         assert self._session is not None
         c = self.counters
@@ -272,6 +292,10 @@ class S3Proxy:
         c.authorized += "Authorization" in request.headers
         c.paths.append(request.path_qs)
         body = await request.read()
+        wrong = self._wrong_region(request)
+        if wrong is not None:
+            c.redirects += 1
+            return wrong
         if request.method == "GET" and "Range" in request.headers and self.slow_down_gets > 0:
             self.slow_down_gets -= 1
             return web.Response(status=503, text=SLOW_DOWN, content_type="application/xml")
@@ -300,6 +324,7 @@ class S3Proxy:
                     if request.method == "GET" and up.status in (200, 206):
                         c.bytes_sent += len(chunk)
                 await resp.write_eof()
+                c.bodies += request.method == "GET" and up.status in (200, 206)
             except (ConnectionResetError, aiohttp.ClientConnectionResetError):
                 pass  # the daemon went away mid-body (a cancelled endgame copy, a kill)
             return resp
