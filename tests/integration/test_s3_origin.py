@@ -24,7 +24,14 @@ import pytest
 from cached.api.client import ApiClient, ApiError
 from cached.daemon import Daemon
 from cached.types import ModelRef
-from tests.support.cluster import MIB, cluster, metric, prefetch, token_file  # noqa: F401 - fixture
+from tests.support.cluster import (  # noqa: F401 - token_file is a fixture
+    MIB,
+    cluster,
+    knows_ref_from,
+    metric,
+    prefetch,
+    token_file,
+)
 from tests.support.node import running_daemon
 from tests.support.s3 import Keys, MotoS3, isolate_aws, moto_s3, put_random, s3_proxy
 from tests.support.wait import wait_until
@@ -275,18 +282,17 @@ async def test_a_bucket_in_another_region_is_followed_there(
     server, keys = store
     s3 = server.client(keys)
     s3.create_bucket(Bucket="far-models")
-    # At the bucket's root: moto miscomputes eu-west-1 signatures of a listing with a '/' prefix.
-    data = await asyncio.to_thread(put_random, s3, "far-models", "m.bin", 2 * MIB, 55)
+    data = await asyncio.to_thread(put_random, s3, "far-models", "llm/m.bin", 2 * MIB, 55)
     use_keys(monkeypatch, keys)  # AWS_REGION is us-east-1; the bucket answers from eu-west-1
     async with s3_proxy(server.url) as proxy:
         proxy.bucket_regions["far-models"] = "eu-west-1"
         async with running_daemon(tmp_path / "n", **flags(proxy.url)) as d:
-            model = await prefetch(d, "s3://far-models/")
+            model = await prefetch(d, "s3://far-models/llm/")
             assert await asyncio.to_thread(digest_tree, Path(model["path"])) == {"m.bin": sha(data)}
             assert proxy.counters.redirects >= 1, "the store redirected at least once"
             redirects = proxy.counters.redirects
             # Learned once: the bucket's later requests are signed for its region from the start.
-            await prefetch(d, "s3://far-models/m.bin")
+            await prefetch(d, "s3://far-models/llm/m.bin")
             assert proxy.counters.redirects == redirects
 
 
@@ -332,6 +338,32 @@ async def _finished(d: Daemon, ref: str) -> dict[str, Any] | None:
 
 
 # --- a cluster ----------------------------------------------------------------------------------
+
+
+async def test_an_object_one_node_fetched_reaches_another_from_the_peer(
+    tmp_path: Path, token_file: Path, store: tuple[MotoS3, Keys], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, keys = store
+    s3 = server.client(keys)
+    s3.create_bucket(Bucket="shared-models")
+    size = 6 * MIB + 3
+    data = await asyncio.to_thread(put_random, s3, "shared-models", "m/model.safetensors", size, 65)
+    use_keys(monkeypatch, keys)
+    async with contextlib.AsyncExitStack() as stack:
+        proxy = await stack.enter_async_context(s3_proxy(server.url))
+        nodes = await cluster(stack, tmp_path, token_file, "ab", **{"origins.s3.endpoint_url": proxy.url})
+        a, b = nodes["a"], nodes["b"]
+        ref = "s3://shared-models/m/"
+        model_a = await prefetch(a, ref)
+        assert model_a["sources"] == {"peer": 0, "origin": size}
+        await wait_until(lambda: knows_ref_from(b, ref, {"a"}), timeout_s=10, what="b learns a holds the model")
+        sent = proxy.counters.bytes_sent
+
+        model_b = await prefetch(b, ref)
+        assert model_b["sources"] == {"peer": size, "origin": 0}, model_b["sources"]
+        assert proxy.counters.bytes_sent == sent, "b read nothing from the store: it resolved, then asked a"
+        got = await asyncio.to_thread(digest_tree, Path(model_b["path"]))
+        assert got == {"model.safetensors": sha(data)}
 
 
 async def test_four_daemons_wanting_one_256_mib_object_read_the_store_about_once(

@@ -34,6 +34,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from yarl import URL
 
 REGION = "us-east-1"
 # Setup calls run before auth mode is on; these keys are only ever sent to loopback moto.
@@ -224,7 +225,7 @@ class ProxyCounters:
     requests: int = 0
     gets: int = 0
     heads: int = 0
-    bytes_sent: int = 0  # object bytes of GET bodies
+    bytes_sent: int = 0  # object bytes of GET bodies (listings not counted)
     authorized: int = 0  # requests that carried an Authorization header
     redirects: int = 0  # answered 301: signed for another region than the bucket's
     bodies: int = 0  # object GET bodies sent to the end
@@ -290,7 +291,7 @@ class S3Proxy:
         c.gets += request.method == "GET"
         c.heads += request.method == "HEAD"
         c.authorized += "Authorization" in request.headers
-        c.paths.append(request.path_qs)
+        c.paths.append(request.raw_path)
         body = await request.read()
         wrong = self._wrong_region(request)
         if wrong is not None:
@@ -302,7 +303,7 @@ class S3Proxy:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("content-length", "transfer-encoding")}
         async with self._session.request(
             request.method,
-            self.upstream + request.path_qs,
+            URL(self.upstream + request.raw_path, encoded=True),  # exactly as signed: no re-quoting
             headers=headers,
             data=body or None,
             allow_redirects=False,
@@ -315,16 +316,18 @@ class S3Proxy:
             await resp.prepare(request)
             if request.method == "HEAD":
                 return resp
+            # Path-style: /bucket/key is an object; /bucket?list-type=2 is a listing (not counted).
+            counted = request.method == "GET" and up.status in (200, 206) and "/" in request.path.lstrip("/")
             step = 1 << 20 if not self.rate_bps else max(4096, min(1 << 20, self.rate_bps // 20))
             try:
                 async for chunk in up.content.iter_chunked(step):
                     if self.rate_bps:
                         await asyncio.sleep(len(chunk) / self.rate_bps)
                     await resp.write(chunk)
-                    if request.method == "GET" and up.status in (200, 206):
+                    if counted:
                         c.bytes_sent += len(chunk)
                 await resp.write_eof()
-                c.bodies += request.method == "GET" and up.status in (200, 206)
+                c.bodies += counted
             except (ConnectionResetError, aiohttp.ClientConnectionResetError):
                 pass  # the daemon went away mid-body (a cancelled endgame copy, a kill)
             return resp
