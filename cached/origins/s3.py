@@ -252,7 +252,10 @@ class S3Origin:
         )
         client = self._session_sync().create_client("s3", endpoint_url=self.endpoint or None, config=config)
         with self._lock:
-            return self._clients.setdefault(region, client)
+            kept = self._clients.setdefault(region, client)
+        if kept is not client:
+            client.close()  # another thread built one first
+        return kept
 
     def _region_of(self, bucket: str) -> str:
         return self._bucket_region.get(bucket) or self._default_region
@@ -291,7 +294,9 @@ class S3Origin:
             if e.retryable or e.upstream_code not in ("400", "401", "403", "404"):
                 raise
             # A HEAD answer has no body, so no error code: a one-byte GET names the problem.
-            await self._control(bucket, where, lambda c: c.get_object(Bucket=bucket, Key=key, Range="bytes=0-0"))
+            await self._control(
+                bucket, where, lambda c: c.get_object(Bucket=bucket, Key=key, Range="bytes=0-0")["Body"].close()
+            )
             raise
         region = head.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("x-amz-bucket-region")
         if isinstance(region, str) and region:

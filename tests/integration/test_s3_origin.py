@@ -168,6 +168,35 @@ async def test_keys_from_a_profile_of_the_shared_files(
         assert await asyncio.to_thread(digest_tree, Path(model["path"])) == {"m.bin": sha(data)}
 
 
+async def test_a_web_identity_token_is_exchanged_for_temporary_credentials(
+    tmp_path: Path, open_store: MotoS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Kubernetes service-account path (IRSA): AWS_ROLE_ARN + AWS_WEB_IDENTITY_TOKEN_FILE.
+    botocore asks STS (moto's, through AWS_ENDPOINT_URL_STS) for temporary credentials and the
+    daemon signs with them. On the server without auth mode: moto answers STS's unsigned
+    AssumeRoleWithWebIdentity with a 500 in auth mode."""
+    s3 = open_store.client()
+    s3.create_bucket(Bucket="irsa-models")
+    data = await asyncio.to_thread(put_random, s3, "irsa-models", "m.bin", MIB, 23)
+    token = tmp_path / "sa-token"
+    token.write_text("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6Y2FjaGVkIn0.c2lnbmF0dXJl")
+    monkeypatch.setenv("AWS_ROLE_ARN", open_store.make_role())
+    monkeypatch.setenv("AWS_WEB_IDENTITY_TOKEN_FILE", str(token))
+    monkeypatch.setenv("AWS_ENDPOINT_URL_STS", open_store.url)
+    # Fail closed: a call that would leave loopback goes to a dead proxy instead.
+    for var in ("HTTPS_PROXY", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    async with s3_proxy(open_store.url) as proxy:
+        async with running_daemon(tmp_path / "n", **flags(proxy.url)) as d:
+            model = await prefetch(d, "s3://irsa-models/m.bin")
+            assert await asyncio.to_thread(digest_tree, Path(model["path"])) == {"m.bin": sha(data)}
+    assert proxy.counters.requests == proxy.counters.authorized == proxy.counters.session_tokens > 0
+    assert proxy.counters.key_ids and all(k.startswith("ASIA") for k in proxy.counters.key_ids), (
+        "signed with STS's temporary keys"
+    )
+
+
 async def test_anonymous_reads_a_public_bucket_unsigned_and_a_private_one_refuses(
     tmp_path: Path, open_store: MotoS3
 ) -> None:

@@ -192,6 +192,25 @@ class MotoS3:
         with urllib.request.urlopen(req, timeout=10) as resp:
             assert resp.status == 200
 
+    def make_role(self, name: str = "web-reader") -> str:
+        """An IAM role allowed S3 that a web identity (a Kubernetes service account) may assume;
+        its ARN."""
+        trust = {
+            "Version": "2012-10-17",
+            "Statement": [
+                {
+                    "Effect": "Allow",
+                    "Principal": {"Federated": "arn:aws:iam::123456789012:oidc-provider/oidc.cluster.invalid"},
+                    "Action": "sts:AssumeRoleWithWebIdentity",
+                }
+            ],
+        }
+        iam = self.iam()
+        arn = iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
+        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+        iam.put_role_policy(RoleName=name, PolicyName="s3-all", PolicyDocument=json.dumps(policy))
+        return arn
+
     def make_public(self, bucket: str) -> None:
         """A bucket policy letting anyone (unsigned requests too) read and list."""
         policy = {
@@ -227,6 +246,8 @@ class ProxyCounters:
     heads: int = 0
     bytes_sent: int = 0  # object bytes of GET bodies (listings not counted)
     authorized: int = 0  # requests that carried an Authorization header
+    key_ids: set[str] = field(default_factory=set)  # access key ids that signed requests
+    session_tokens: int = 0  # requests that carried X-Amz-Security-Token (temporary credentials)
     redirects: int = 0  # answered 301: signed for another region than the bucket's
     bodies: int = 0  # object GET bodies sent to the end
     paths: list[str] = field(default_factory=list)
@@ -291,6 +312,10 @@ class S3Proxy:
         c.gets += request.method == "GET"
         c.heads += request.method == "HEAD"
         c.authorized += "Authorization" in request.headers
+        c.session_tokens += "X-Amz-Security-Token" in request.headers
+        key_id = request.headers.get("Authorization", "").partition("Credential=")[2].split("/")[0]
+        if key_id:
+            c.key_ids.add(key_id)
         c.paths.append(request.raw_path)
         body = await request.read()
         wrong = self._wrong_region(request)
