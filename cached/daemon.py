@@ -47,6 +47,7 @@ from cached.origins.local import FilePolicy, LocalOrigin
 from cached.origins.modelscope import ModelScopeOrigin
 from cached.origins.oci import OciOrigin
 from cached.origins.registry import RegistryClient
+from cached.origins.s3 import S3Origin
 from cached.peers.auth import ClusterKey
 from cached.peers.client import PeerClient, client_ssl
 from cached.peers.directory import GossipDirectory
@@ -148,6 +149,8 @@ class Daemon:
         self.oci_registry = RegistryClient(session, reader, cfg.origins.oci, cfg.origins.http)
         self.oci_origin = OciOrigin(self.oci_registry, self.store.tmp_dir / "oci-spool", cfg.origins.oci)
         self._stack.callback(self.file_origin.close)
+        s3_origin = S3Origin(cfg.origins.s3, cfg.origins.http, reader, env=self._env)
+        self._stack.callback(s3_origin.close)
         origins = Origins(
             {
                 RefKind.FILE: self.file_origin,
@@ -158,6 +161,7 @@ class Daemon:
                 RefKind.MODELSCOPE: ModelScopeOrigin(
                     session, cfg.origins.modelscope, cfg.origins.http, reader, token=modelscope_token(cfg, self._env)
                 ),
+                RefKind.S3: s3_origin,
             }
         )
         token = cluster_token(cfg)

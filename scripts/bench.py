@@ -521,6 +521,180 @@ def evict(d: Daemon, url: str) -> None:
         raise RuntimeError(f"evict left blobs behind: {left[:3]}")
 
 
+# --- s3:// from an S3 server on loopback (--s3) -------------------------------------------------
+
+S3_BUCKET = "bench"
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "S3RVER", "AWS_SECRET_ACCESS_KEY": "S3RVER"}  # s3rver's built-in key
+S3RVER_VERSION = "3.7.1"
+
+
+def s3rver_bin(explicit: str | None) -> str:
+    """The s3rver binary: --s3rver-bin, else the one scripts/bench installed under $REPO/.bench-tools."""
+    path = explicit or str(REPO / ".bench-tools" / "node_modules" / ".bin" / "s3rver")
+    if not Path(path).exists():
+        raise SystemExit(f"bench: {path} missing; run through scripts/bench --s3 (it installs s3rver with npm)")
+    return path
+
+
+def start_s3rver(work: Path, binary: str) -> tuple[subprocess.Popen, str]:
+    """s3rver (an S3-compatible server on Node.js, objects as files under ``work``) on 127.0.0.1.
+    moto's server is what the tests use, but it copies a whole object into memory for every
+    ranged GET, so it cannot serve gigabytes; s3rver streams ranges from its files."""
+    data = work / "s3rver"
+    data.mkdir()
+    port = free_port()
+    logf = open(work / "s3rver.log", "ab")
+    proc = subprocess.Popen(
+        [binary, "-d", str(data), "-a", "127.0.0.1", "-p", str(port), "--silent", "--configure-bucket", S3_BUCKET],
+        stdout=logf,
+        stderr=logf,
+        stdin=subprocess.DEVNULL,
+    )
+    logf.close()
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    wait_for(up, 30.0, "s3rver", proc, work / "s3rver.log")
+    return proc, url
+
+
+def boto3_client(url: str):
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", endpoint_url=url, region_name="us-east-1", config=Config(s3={"addressing_style": "path"}))
+
+
+def run_boto3(url: str, out: Path) -> tuple[float, float]:
+    """boto3's own download (``download_file``, default TransferConfig: 8 MiB parts, 10 threads),
+    as ``aws s3 cp`` does it: (seconds alone, seconds + fsync of the output)."""
+    client = boto3_client(url)
+    out.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    client.download_file(S3_BUCKET, FILE_NAME, str(out))
+    t1 = time.perf_counter()
+    fsync_path(out)
+    t2 = time.perf_counter()
+    client.close()
+    return t1 - t0, t2 - t0
+
+
+def main_s3(args: argparse.Namespace, size: int) -> int:
+    """cached's ``prefetch --wait s3://bench/file.bin`` vs boto3's ``download_file`` of the same
+    object from the same loopback S3 server into the same disk, alternating, medians."""
+    os.environ.update({**S3_KEYS, "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"})
+    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        os.environ.pop(k, None)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    parent = Path(args.tmpdir)
+    parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-s3-", dir=parent))
+    server: subprocess.Popen | None = None
+    daemon: Daemon | None = None
+    try:
+        src = work / FILE_NAME
+        log(f"work dir {work}; writing {fmt_size(size)} of random bytes")
+        src_b3 = make_source(src, size)
+        server, url = start_s3rver(work, s3rver_bin(args.s3rver_bin))
+        log(f"s3rver at {url}; uploading the object")
+        client = boto3_client(url)
+        client.upload_file(str(src), S3_BUCKET, FILE_NAME)
+        client.close()
+        src.unlink()  # the server's copy is the source now
+        ref = f"s3://{S3_BUCKET}/{FILE_NAME}"
+        daemon = Daemon(Variant("cached (defaults)", None, None), work / "daemon")
+        daemon.cluster = f'\n[origins.s3]\nendpoint_url = "{url}"\n'
+        daemon.start()
+        out = work / "boto3.out"
+        pids = [server.pid, daemon.proc.pid]  # type: ignore[union-attr]
+        boto_alone: list[float] = []
+        boto_sync: list[float] = []
+        cached_t: list[float] = []
+        verified = False
+        for run in range(-args.warmup, args.runs):
+            tag = "warm-up" if run < 0 else f"run {run + 1}"
+            order = ["boto3", "cached"] if run % 2 == 0 else ["cached", "boto3"]
+            for c in order:
+                os.sync()
+                time.sleep(args.pause)
+                watch = OtherWork(pids)
+                if c == "boto3":
+                    with watch:
+                        a, b = run_boto3(url, out)
+                    if out.stat().st_size != size:
+                        raise RuntimeError(f"boto3 wrote {out.stat().st_size} bytes, expected {size}")
+                    out.unlink()
+                    log(f"{tag}: boto3 download_file {a:.2f}s, +fsync {b:.2f}s (other work: {watch.cores:.2f} CPUs)")
+                    if run >= 0:
+                        boto_alone.append(a)
+                        boto_sync.append(b)
+                    continue
+                with watch:
+                    t, path = run_cached(daemon, ref, args.timeout, None, None)
+                if not verified:
+                    got = blake3_file(path / FILE_NAME)
+                    if got != src_b3:
+                        raise RuntimeError(f"{path}: BLAKE3 {got} != source {src_b3}")
+                    verified = True
+                    log(f"verified: the view has the source's BLAKE3 {src_b3[:16]}...")
+                evict(daemon, ref)
+                log(f"{tag}: cached prefetch {t:.2f}s (other work: {watch.cores:.2f} CPUs)")
+                if run >= 0:
+                    cached_t.append(t)
+        mb = size / 1e6
+        print()
+        print(
+            f"object {fmt_size(size)} ({size} bytes) from s3rver {S3RVER_VERSION} on loopback, {args.runs} runs "
+            f"(+{args.warmup} warm-up), medians; {os.cpu_count()} CPUs; Python {platform.python_version()}"
+        )
+        print(f"{'method':<34} {'median s':>9} {'MB/s':>8}   runs (s)")
+        for name, xs in (
+            ("boto3 download_file", boto_alone),
+            ("boto3 download_file + fsync", boto_sync),
+            ("cached prefetch s3:// (BLAKE3, fsync)", cached_t),
+        ):
+            print(f"{name:<34} {median(xs):>9.2f} {mb / median(xs):>8.0f}   " + " ".join(f"{x:.2f}" for x in xs))
+        ratio = median(boto_sync) / median(cached_t)
+        print(
+            f"s3 ratio (cached vs boto3 download_file + fsync): {ratio:.3f} -> "
+            f"{'target met' if ratio >= 1.0 else 'target missed'} (target >= 1.0); "
+            f"vs boto3 alone: {median(boto_alone) / median(cached_t):.3f}"
+        )
+        if args.json:
+            Path(args.json).write_text(
+                json.dumps(
+                    {
+                        "command": " ".join(["scripts/bench", *sys.argv[1:]]),
+                        "size_bytes": size,
+                        "server": f"s3rver {S3RVER_VERSION}",
+                        "boto3_s": boto_alone,
+                        "boto3_fsync_s": boto_sync,
+                        "cached_s": cached_t,
+                        "ratio_vs_boto3_fsync": ratio,
+                    },
+                    indent=2,
+                )
+                + "\n"
+            )
+        return 0
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        stop_proc(server)
+        if args.keep:
+            log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+
+
 # --- main ---------------------------------------------------------------------------------------
 
 
@@ -593,11 +767,19 @@ def main(argv: list[str] | None = None) -> int:
         "(root) keeps other work on a shared machine from skewing the figures",
     )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument(
+        "--s3",
+        action="store_true",
+        help="instead: an s3:// object from an S3 server on loopback (s3rver) vs boto3's download_file (target >= 1.0)",
+    )
+    p.add_argument("--s3rver-bin", metavar="PATH", help="s3rver binary (default: the one scripts/bench --s3 installs)")
     args = p.parse_args(argv)
 
     size = parse_size(args.size)
     if size <= 0 or args.runs < 1 or args.warmup < 0:
         p.error("--size and --runs must be positive, --warmup not negative")
+    if args.s3:
+        return main_s3(args, size)
     variants = [Variant("cached (defaults)", None, None)]
     if args.peer:
         variants.append(Variant("cached from 1 peer", None, None, from_peer=True))
