@@ -473,7 +473,14 @@ async def _cmd_gc(api: ApiClient, args: argparse.Namespace) -> int:
 def _human_model(m: dict[str, Any]) -> str:
     lines = [f"ref:      {m['ref']}", f"state:    {m['state']}"]
     if m["bytes_total"]:
-        lines.append(f"progress: {format_size(m['bytes_done'])} / {format_size(m['bytes_total'])}")
+        arriving = f" (+{format_size(m['bytes_in_flight'])} arriving)" if m.get("bytes_in_flight") else ""
+        lines.append(f"progress: {format_size(m['bytes_done'])} / {format_size(m['bytes_total'])}{arriving}")
+    if m.get("partial"):
+        # A repo pulled file by file through /hf: which of its files are here, which are not.
+        missing = m.get("files_missing")
+        lines.append(f"partial:  {len(m['files_held'])} files held" + (", listing unknown" if missing is None else ""))
+        lines.extend(f"  held     {f}" for f in m["files_held"])
+        lines.extend(f"  missing  {f}" for f in missing or ())
     if m.get("path"):
         lines.append(f"path:     {m['path']}")
     if m.get("manifest"):
@@ -499,6 +506,7 @@ def _human_node(n: dict[str, Any]) -> str:
         f"node:      {n['node_id']} (cached {n['version']}, pid {n['pid']})",
         f"cache:     {n['cache_dir']}",
         f"used:      {format_size(n['used_bytes'])} of {format_size(n['capacity_bytes'])} ({100 * n['used_bytes'] / cap:.1f}%)",
+        *([f"warning:   {n['capacity_warning']}"] if n.get("capacity_warning") else []),
         "models:    " + ", ".join(f"{k} {v}" for k, v in n["models"].items() if v)
         if any(n["models"].values())
         else "models:    none",

@@ -67,6 +67,7 @@ from cached.origins.local import FileNotAllowed, LocalOrigin
 from cached.status import StatusSource
 from cached.store import Store
 from cached.transfer.model import ModelFetcher
+from cached.transfer.refresh import COMMIT
 from cached.types import JobState, ModelRef, Priority, RefKind
 
 log = logging.getLogger(__name__)
@@ -426,8 +427,24 @@ class LocalApi:
         every = request.query.get("all", "").lower() in ("1", "true", "yes")
         return web.json_response([self._model(r) for r in self._status.known(all=every)])
 
+    def _held_ref(self, value: Any) -> ModelRef:
+        """The ref that a read or a claim names. A branch ref whose repo this node only holds
+        as a pull through /hf (``hf://org/m`` while /hf pulled ``hf://org/m@<commit>``) stands
+        for that commit, the one the branch last resolved to; a prefetch never goes through
+        here (it resolves the branch at the hub)."""
+        ref = self._ref(value)
+        if ref.kind is not RefKind.HF or ref.include or ref.exclude or COMMIT.fullmatch(ref.revision):
+            return ref
+        if self._store.model(ref) is not None or self._jobs.get(ref) is not None:
+            return ref
+        commit = self._store.pulls.branch(ref.repo, ref.revision)
+        if commit is None:
+            return ref
+        pulled = ModelRef.parse(f"hf://{ref.repo}@{commit}")
+        return pulled if self._store.model(pulled) is not None else ref
+
     async def status(self, request: web.Request) -> web.Response:
-        ref = self._ref(request.query.get("ref"))
+        ref = self._held_ref(request.query.get("ref"))
         return web.json_response(self._model(ref))
 
     async def evict(self, request: web.Request) -> web.Response:
@@ -435,17 +452,17 @@ class LocalApi:
         force = self._opt(body, "force", bool, False)
         if force:
             self._require_admin(request)
-        ref = self._ref(body.get("ref"))
+        ref = self._held_ref(body.get("ref"))
         freed = await self._jobs.evict(ref, force=force)
         return web.json_response({**self._model(ref), "freed_bytes": freed})
 
     async def pin(self, request: web.Request) -> web.Response:
-        ref = self._ref((await self._body(request)).get("ref"))
+        ref = self._held_ref((await self._body(request)).get("ref"))
         await self._store.claims.pin(ref)
         return web.json_response(self._model(ref))
 
     async def unpin(self, request: web.Request) -> web.Response:
-        ref = self._ref((await self._body(request)).get("ref"))
+        ref = self._held_ref((await self._body(request)).get("ref"))
         await self._store.claims.unpin(ref)
         return web.json_response(self._model(ref))
 
@@ -456,7 +473,7 @@ class LocalApi:
 
     async def take_lease(self, request: web.Request) -> web.Response:
         body = await self._body(request)
-        ref = self._ref(body.get("ref"))
+        ref = self._held_ref(body.get("ref"))
         holder = self._opt(body, "holder", str, "")
         if not holder or len(holder) > 256:
             raise RequestError("'holder' must be a non-empty string (who runs the model, e.g. 'vllm@pod-1')")
@@ -556,7 +573,7 @@ class LocalApi:
         return web.json_response(self._peers())
 
     async def locate(self, request: web.Request) -> web.Response:
-        ref = self._ref(request.query.get("ref"))
+        ref = self._held_ref(request.query.get("ref"))
         if self._locator is not None:
             return web.json_response({"ref": ref.canonical, "nodes": await self._locator.locate(ref)})
         here = self._status.of(ref)

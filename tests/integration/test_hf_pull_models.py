@@ -117,6 +117,18 @@ async def test_a_repo_pulled_through_hf_is_one_model(tmp_path: Path, version: st
             rc, out, err = await cachectl(d.api_address, "path", ref)
             assert rc == 0, err
             assert sorted(p.name for p in Path(out.strip()).iterdir()) == pulled
+            # The name a user knows the repo by answers for the commit /hf pulled (the branch's
+            # last resolution), in status, path and locate; plain status lists what it holds.
+            for name in (f"hf://{TINY}", f"hf://{TINY}@main"):
+                assert (await api.request("GET", "/v1/models/status", params={"ref": name}))["ref"] == ref
+                rc, branch_path, err = await cachectl(d.api_address, "path", name)
+                assert (rc, branch_path) == (0, out), err
+                assert (await api.request("GET", "/v1/locate", params={"ref": name}))["ref"] == ref
+            rc, plain, err = await cachectl(d.api_address, "status", f"hf://{TINY}")
+            assert rc == 0, err
+            assert "partial" in plain and all(f in plain for f in pulled + [".gitattributes", "nested/notes.txt"]), (
+                plain
+            )
 
             # The hub-cache view: refs/main (the branch the client asked for) and both files.
             hf_root = Path(m["hf_path"])
