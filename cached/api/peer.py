@@ -1,6 +1,6 @@
 """The peer API (``/p2p/v1`` on ``--peer-listen``): what other nodes of the cluster may ask.
 
-Routes: gossip, holdings deltas, complete blobs by id with Range (sendfile), partial blobs with
+Routes: gossip, wants (origin single-flight, ``transfer.wants``), holdings deltas, complete blobs by id with Range (sendfile), partial blobs with
 Range but only over verified pieces (416 otherwise), piece tables, manifests by digest, and
 ref -> manifest digest. Every request must be signed with the cluster key (``peers.auth`` states
 the wire format: node id, time, nonce, body digest, MAC); anything else (no signature, a wrong or
@@ -15,6 +15,7 @@ another source; ``serve_rate_bps`` caps upload bandwidth. Nothing here decides w
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import re
@@ -40,7 +41,8 @@ from cached.status import StatusSource
 from cached.store import Store
 from cached.store.verified import VerifiedFile
 from cached.transfer.budget import TokenBucket
-from cached.types import ModelRef, RefKind
+from cached.transfer.wants import WantMessage, Wants
+from cached.types import ModelRef, RefKind, piece_count
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,7 @@ class PeerApi:
         serve_rate_bps: int,
         status: StatusSource,
         verifier: RequestVerifier | None = None,
+        wants: Wants | None = None,
     ) -> None:
         self._store = store
         self._gossip = gossip
@@ -98,12 +101,14 @@ class PeerApi:
         self._bucket = TokenBucket(serve_rate_bps)
         self._rate_limited = serve_rate_bps > 0
         self._status = status
+        self._wants = wants if wants is not None else Wants()
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._auth])
         app.on_response_prepare.append(self._sign_answer)
         r = app.router
         r.add_post("/p2p/v1/gossip", self.gossip)
+        r.add_post("/p2p/v1/wants", self.wants)
         r.add_get("/p2p/v1/holdings", self.holdings)
         r.add_get("/p2p/v1/blobs/{id}", self.blob)
         r.add_get("/p2p/v1/blobs/{id}/pieces", self.piece_table)
@@ -181,6 +186,29 @@ class PeerApi:
         except (ValueError, UnicodeDecodeError, RecursionError, OverflowError, TypeError, AttributeError) as e:
             self._metrics.gossip_errors.labels("malformed").inc()
             return web.json_response({"error": "bad_request", "message": str(e)[:200]}, status=400)
+
+    async def wants(self, request: web.Request) -> web.Response:
+        """Origin single-flight (``transfer.wants``): record the sender's want and answer ours,
+        in one step."""
+        try:
+            msg = WantMessage.from_json(json.loads(await request.read()))
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            self._metrics.gossip_errors.labels("malformed").inc()
+            return web.json_response({"error": "bad_request", "message": str(e)[:200]}, status=400)
+        answer = self._wants.receive(request[_SIGNED].node_id, msg)
+        if not answer.wants:
+            # Not fetching it, but it may hold it (finished a moment ago): the asker must not read
+            # those pieces from the origin while gossip has not told it yet.
+            answer = dataclasses.replace(answer, claimed=self._held(msg))
+        return web.json_response(answer.to_json())
+
+    def _held(self, msg: WantMessage) -> frozenset[int]:
+        if self._store.blob_for_identity(msg.key) is not None and msg.piece_size > 0:
+            return frozenset(range(piece_count(msg.size, msg.piece_size)))
+        partial = self._store.open_partial(msg.key)
+        if partial is None or (partial.size, partial.piece_size) != (msg.size, msg.piece_size):
+            return frozenset()
+        return frozenset(partial.done)
 
     async def holdings(self, request: web.Request) -> web.Response:
         since = int(request.query.get("since", "0"))

@@ -184,6 +184,7 @@ class BlobFetcher:
         banned: set[str] = set()
         cooling: dict[str, float] = {}  # source -> monotonic time until which it is skipped (429)
         bad_from: dict[int, set[str]] = {}  # piece -> peers that sent it wrong
+        idle_since = time.monotonic()  # since when nothing has been in flight
         try:
             while True:
                 missing = partial.missing()
@@ -217,9 +218,9 @@ class BlobFetcher:
                     )
                     for p in peers
                 ]
-                origin_ok = [
-                    i for i in missing if swarm is None or swarm.origin_allowed(i, out | bad_from.get(i, set()))
-                ]
+                if swarm is not None:
+                    swarm.plan_round(out)
+                origin_ok = [i for i in missing if swarm is None or swarm.origin_allowed(i, bad_from.get(i, set()))]
                 # Sharing the origin with others who want the same file: ask it for few pieces at a
                 # time, so each finishes early and can be relayed while the next ones come in
                 # (all pieces in flight at once would all land at the very end).
@@ -248,6 +249,8 @@ class BlobFetcher:
                     stream = a.piece not in streaming
                     streaming.add(a.piece)
                     if a.source == ORIGIN:
+                        if swarm is not None:
+                            swarm.claim(a.piece)  # told to wanters that ask from now on
                         coro = self._piece(partial, file, origin, a.piece, on_bytes, expected, stream=stream)
                     else:
                         coro = self._peer_piece(partial, by_name[a.source], a.piece, on_bytes, stream=stream)
@@ -256,8 +259,13 @@ class BlobFetcher:
                 if not tasks:
                     # Nothing to ask anyone right now (pieces owned by a peer still fetching them):
                     # look again shortly, as the peers' holdings move on.
+                    if swarm is not None and time.monotonic() - idle_since > swarm.stall_timeout_s:
+                        # Waited long with nothing to do: ask the owners whether they still want it.
+                        await swarm.recheck()
+                        idle_since = time.monotonic()
                     await asyncio.sleep(WAIT_TICK_S)
                     continue
+                idle_since = time.monotonic()
                 done, _ = await asyncio.wait(
                     tasks, timeout=WAIT_TICK_S * 5 if swarm else None, return_when=asyncio.FIRST_COMPLETED
                 )

@@ -5,18 +5,22 @@ root builds over gossip: which live peers hold the blob complete (any piece, che
 piece table verified against the blob id), which hold some verified pieces of the same origin file
 (checked against the digests they published), and which pieces this node may take from the origin.
 
-Origin single-flight: among the nodes that want the same origin file (they hold a partial of it),
-piece ``i`` is fetched from the origin by its rendezvous-hash owner only; the others take it from
-that owner once it is verified. A node falls back to the origin for a piece whose owner is gone
-or has made no progress for ``stall_timeout_s``. The origin is therefore read about once per piece
-for the whole cluster. This module holds no sockets of its own; reads go through ``PeerClient``.
+Origin single-flight (``transfer.wants``): before its first origin read, ``join`` registers this
+node's want of the file and asks every live peer directly who else wants it and what they already
+claimed (hold or are reading from the origin). Piece ``i`` is then read from the origin only by
+its rendezvous owner among the live wanters, and never when another wanter claimed it; the
+others take it from peers once it is verified. Nothing waits on a clock: a node that is alone
+starts at once. A wanter that dies is dropped by membership, one that gives up says so; when this
+node has waited ``stall_timeout_s`` with nothing to do, it asks the owners again (``recheck``)
+rather than guessing from their progress. This module holds no sockets of its own; reads go
+through ``PeerClient``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-import time
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,7 +29,11 @@ from cached.peers.client import PeerClient
 from cached.peers.holdings import HoldingsView
 from cached.placement import rank
 from cached.store.partial import decode_piece_log
+from cached.transfer.wants import Want, WantAnswer, Wants
 from cached.types import BlobId, piece_count
+
+ASK_TICK_S = 0.1  # how often a want exchange looks whether a silent peer turned suspect
+LEAVE_TIMEOUT_S = 2.0
 
 
 class PeerDirectory(Protocol):
@@ -39,6 +47,10 @@ class PeerDirectory(Protocol):
 
     def suspect(self) -> set[str]:
         """The members among ``alive()`` whose heartbeat has stopped (not dead yet)."""
+        ...
+
+    def zone(self, node_id: str) -> str:
+        """A member's ``labels.zone`` ("" when it has none)."""
         ...
 
 
@@ -55,6 +67,7 @@ class PeerSource:
     name: str  # blob hex or partial key
     pieces: frozenset[int] | None  # None: every piece (a complete blob)
     digests: dict[int, bytes]  # what each served piece must hash to
+    cross_zone: bool = False  # in another zone than this node (``labels.zone``)
 
 
 class Swarm:
@@ -66,24 +79,103 @@ class Swarm:
         piece_size: int,
         size: int,
         stall_timeout_s: float = 10.0,
-        grace_s: float = 0.0,
-        clock: Callable[[], float] = time.monotonic,
+        wants: Wants | None = None,
     ) -> None:
         self._dir = directory
-        self._start = clock()
-        self._grace_s = grace_s
+        self._wants = wants
+        self._want: Want | None = None
         self.key = key
         self._piece_size = piece_size
         self._size = size
         self._stall_timeout_s = stall_timeout_s
-        self._clock = clock
         self.blob_hex: str | None = None
         self.table: list[bytes] | None = None  # piece digests of the finished blob, once known
-        self._progress: dict[str, tuple[int, float]] = {}  # node -> (pieces held, when it last grew)
+        self._round: _Round | None = None  # who is alive and wants the file, as of this planning round
 
     @property
     def client(self) -> PeerClient:
         return self._dir.client
+
+    @property
+    def stall_timeout_s(self) -> float:
+        return self._stall_timeout_s
+
+    # --- the want exchange -------------------------------------------------------------------------
+
+    async def join(self, held: Iterable[int]) -> None:
+        """Register this node's want and ask every live peer who else wants the file; returns once
+        each answered, failed, or turned suspect (a node alone returns at once)."""
+        if self._wants is None:
+            return
+        self._want = self._wants.register(self.key, self._size, self._piece_size, held)
+        await self._ask([(n, a) for n, a in self._dir.alive() if n != self._dir.me])
+
+    async def leave(self, held: Iterable[int]) -> None:
+        """This node no longer wants the file: tell the wanters it knows, with the pieces it holds
+        (best effort; gossip says the same a little later)."""
+        if self._wants is None or self._want is None:
+            return
+        self._want = None
+        tell = set(self._wants.release(self.key))
+        if not tell:
+            return
+        msg = self._wants.message(self.key, want=False, held=held).to_json()
+        addresses = [a for n, a in self._dir.alive() if n in tell]
+        await asyncio.gather(
+            *(asyncio.wait_for(self._dir.client.want(a, msg), LEAVE_TIMEOUT_S) for a in addresses),
+            return_exceptions=True,
+        )
+
+    async def recheck(self) -> None:
+        """Ask the other wanters again whether they still want the file (one may have given up
+        without being able to say so): exact, where judging by their progress would guess."""
+        if self._want is None:
+            return
+        alive = dict(self._dir.alive())
+        ask = [n for n in {*self._want.others, *self._want.holders} if n in alive]
+        self._want.holders.clear()  # re-learned from the answers (a holder that gave up may serve nothing)
+        await self._ask([(n, alive[n]) for n in ask], drop_silent=True)
+
+    async def _ask(self, peers: list[tuple[str, str]], *, drop_silent: bool = False) -> None:
+        assert self._wants is not None
+        if not peers:
+            return
+        msg = self._wants.message(self.key)
+        asked_at = self._wants.clock()
+        body = msg.to_json()
+        tasks = {asyncio.create_task(self._dir.client.want(a, body), name=f"want:{n}"): n for n, a in peers}
+        pending = set(tasks)
+        deadline = asyncio.get_running_loop().time() + self._stall_timeout_s
+        try:
+            while pending:
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    break
+                done, pending = await asyncio.wait(pending, timeout=min(left, ASK_TICK_S))
+                for t in done:
+                    try:
+                        answer = WantAnswer.from_json(t.result())
+                    except Exception:  # noqa: BLE001 - a peer that cannot answer does not count as a wanter
+                        continue
+                    if answer.key == self.key:
+                        self._wants.take_answer(tasks[t], answer, asked_at)
+                # A peer that turned suspect (or died) while we asked costs no further wait.
+                gone = self._dir.suspect() | ({tasks[t] for t in pending} - {n for n, _ in self._dir.alive()})
+                pending = {t for t in pending if tasks[t] not in gone}
+        finally:
+            for t in tasks:
+                t.cancel()
+        if drop_silent and self._want is not None:
+            for t, n in tasks.items():
+                if not t.done() or t.cancelled() or t.exception() is not None:
+                    self._want.others.pop(n, None)
+
+    def claim(self, index: int) -> None:
+        """This node starts reading piece ``index`` from the origin (told to later askers)."""
+        if self._want is not None:
+            self._want.claimed.add(index)
+
+    # --- sources -------------------------------------------------------------------------------------
 
     async def learn_table(self) -> bool:
         """If some peer finished this file, fetch and verify its piece table. True when known."""
@@ -121,6 +213,7 @@ class Swarm:
                     continue  # a different piece size: its pieces do not line up with ours
                 digests = {i: bytes.fromhex(d) for i, d in info.pieces.items() if _is_hex32(d)}
                 out.append(PeerSource(node_id, alive[node_id], "partials", self.key, frozenset(digests), digests))
+        out = self._zoned(out, alive)
         suspect = self._dir.suspect()
         if not suspect:
             return out
@@ -138,35 +231,92 @@ class Swarm:
         ]
         return healthy + [p for p in rest if p.pieces]
 
+    def _zoned(self, sources: list[PeerSource], alive: dict[str, str]) -> list[PeerSource]:
+        """Zone single-flight: a piece held only outside this node's zone is pulled across by one
+        wanter of the zone (its rendezvous owner there); the others take it inside the zone."""
+        zone = self._dir.zone(self._dir.me)
+        if not any(self._dir.zone(p.node_id) != zone for p in sources):
+            return sources
+        mates = [self._dir.me] + [n for n in self._other_wanters(set(alive)) if self._dir.zone(n) == zone]
+        every = frozenset(range(piece_count(self._size, self._piece_size)))
+        inside = frozenset().union(
+            *((every if p.pieces is None else p.pieces) for p in sources if self._dir.zone(p.node_id) == zone)
+        )
+        mine = frozenset(i for i in every - inside if rank(f"{self.key}:{i}:zone", mates)[0] == self._dir.me)
+        out = []
+        for p in sources:
+            if self._dir.zone(p.node_id) == zone:
+                out.append(p)
+                continue
+            pieces = (every if p.pieces is None else p.pieces) & mine
+            if pieces:
+                out.append(dataclasses.replace(p, pieces=pieces, cross_zone=True))
+        return out
+
+    # --- origin single-flight ----------------------------------------------------------------------
+
+    def plan_round(self, refused: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+        """Take one look at who is alive and who wants the file, for this planning round's
+        ``origin_allowed`` calls (``refused``: peers not to count on: banned)."""
+        alive = {n for n, _ in self._dir.alive()} - set(refused)
+        complete = (
+            frozenset(n for n in self._dir.view.with_blob(self.blob_hex) if n in alive)
+            if self.blob_hex is not None
+            else frozenset()
+        )
+        wanters = self._other_wanters(alive)
+        claimed: set[int] = set()
+        if self._want is not None:
+            for n in wanters:
+                claimed |= self._want.others[n].claimed
+            for n, held in self._want.holders.items():
+                if n in alive:
+                    claimed |= held
+        self._round = _Round(complete=complete, wanters=[*wanters, self._dir.me], claimed=frozenset(claimed))
+
     def origin_allowed(self, index: int, refused: set[str] = frozenset()) -> bool:  # type: ignore[assignment]
         """Single-flight: may this node ask the origin for piece ``index`` now? ``refused``:
-        peers not to count on for it (banned, or they sent bad bytes for this piece)."""
-        alive = {n for n, _ in self._dir.alive()} - set(refused)
-        if alive and self._clock() - self._start < self._grace_s:
-            # Others may want this file too; give gossip a moment to tell us before anyone
-            # reads the origin, or every node would fetch the first pieces itself.
-            return False
-        wanting = [n for n, _ in self._dir.view.with_partial(self.key) if n in alive]
-        if self.blob_hex is not None and any(n in alive for n in self._dir.view.with_blob(self.blob_hex)):
+        peers not to count on for it (they sent bad bytes for this piece)."""
+        if self._wants is not None and self._want is None:
+            return False  # not joined: the others do not know of us yet
+        r = self._round
+        if r is None:
+            self.plan_round()
+            r = self._round
+            assert r is not None
+        if r.complete - refused:
             return False  # a live peer has it all: no reason to touch the origin
-        owner = rank(f"{self.key}:{index}", wanting + [self._dir.me])[0]
-        if owner == self._dir.me:
-            return True
-        return self._stalled(owner)
+        wanters = [n for n in r.wanters if n not in refused]
+        if index in r.claimed and not (refused and self._claimed_only_by(index, refused)):
+            return False  # another wanter holds it or is reading it from the origin
+        return rank(f"{self.key}:{index}", wanters)[0] == self._dir.me
+
+    def _claimed_only_by(self, index: int, refused: set[str]) -> bool:
+        if self._want is None:
+            return False
+        return all(n in refused for n, w in self._want.others.items() if index in w.claimed) and all(
+            n in refused for n, held in self._want.holders.items() if index in held
+        )
+
+    def _other_wanters(self, alive: set[str]) -> list[str]:
+        """Live nodes besides this one that want the file: from the exchange, or, without a want
+        registry (a repair), from the partials they announce."""
+        if self._want is not None:
+            return sorted(n for n in self._want.others if n in alive and n != self._dir.me)
+        if self._wants is not None:
+            return []
+        return [n for n, _ in self._dir.view.with_partial(self.key) if n in alive and n != self._dir.me]
 
     def wanting(self) -> int:
         """How many live nodes, this one included, are fetching this same file."""
-        alive = {n for n, _ in self._dir.alive()}
-        return 1 + sum(1 for n, _ in self._dir.view.with_partial(self.key) if n in alive and n != self._dir.me)
+        return 1 + len(self._other_wanters({n for n, _ in self._dir.alive()}))
 
-    def _stalled(self, node_id: str) -> bool:
-        held = next((len(p.pieces) for n, p in self._dir.view.with_partial(self.key) if n == node_id), 0)
-        now = self._clock()
-        count, since = self._progress.get(node_id, (-1, now))
-        if held != count:
-            self._progress[node_id] = (held, now)
-            return False
-        return now - since > self._stall_timeout_s
+
+@dataclass(frozen=True, slots=True)
+class _Round:
+    complete: frozenset[str]  # live peers that hold the whole blob
+    wanters: list[str]  # live wanters, this node included
+    claimed: frozenset[int]  # pieces other live wanters hold or are reading from the origin
 
 
 def _is_hex32(d: str) -> bool:
