@@ -8,18 +8,19 @@ stale one, a replayed nonce, a body that does not match, a bare ``Authorization:
 garbage headers) is 401 and counted by reason, and nothing of it reaches a handler. Every answer
 to an accepted request is signed in turn (``X-Cached-Answer``), so the caller knows a token holder
 answered. Request bodies are capped at ``MAX_BODY_BYTES``. Serving is bounded: past
-``max_uploads`` concurrent transfers the answer is 429 with Retry-After, so the puller moves to
+``max_uploads`` concurrent transfers (or half of them to one peer) the answer is 429 with Retry-After, so the puller moves to
 another source; ``serve_rate_bps`` caps upload bandwidth. Nothing here decides what to fetch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import ClientConnectionResetError, web
 
@@ -67,12 +68,14 @@ def _unsatisfiable(size: int) -> web.Response:
 class _SlottedFile(web.FileResponse):
     """A FileResponse that holds an upload slot while the kernel sends it."""
 
-    def __init__(self, path: str, slots: asyncio.Semaphore, **kw: object) -> None:
+    def __init__(
+        self, path: str, slot: Callable[[], contextlib.AbstractAsyncContextManager[None]], **kw: object
+    ) -> None:
         super().__init__(path, **kw)  # type: ignore[arg-type]
-        self._slots = slots
+        self._slot = slot
 
     async def prepare(self, request: web.BaseRequest):  # type: ignore[override]
-        async with self._slots:
+        async with self._slot():
             return await super().prepare(request)
 
 
@@ -98,6 +101,10 @@ class PeerApi:
         self._node_id = node_id
         self._verifier = verifier if verifier is not None else RequestVerifier(key)
         self._uploads = asyncio.Semaphore(max_uploads)
+        # One peer may hold at most half the upload slots (and the reader work behind them), so a
+        # puller that stops reading cannot starve the others.
+        self._per_peer_uploads = max(1, max_uploads // 2)
+        self._uploading: dict[str, int] = {}
         self._bucket = TokenBucket(serve_rate_bps)
         self._rate_limited = serve_rate_bps > 0
         self._status = status
@@ -290,14 +297,15 @@ class PeerApi:
         span = rng.span(size)
         if span is None:
             return _unsatisfiable(size)
+        node = request[_SIGNED].node_id
         if blob_hex is not None and not self._rate_limited:
             # A complete, immutable blob (every byte verified) with no bandwidth cap: the kernel
             # copies it (sendfile). aiohttp prepares the response after we return, so the upload
             # slot is held there.
-            if self._uploads.locked():
+            if self._full(node):
                 return self._busy()
             self._metrics.served_bytes.inc(span.length)
-            return _SlottedFile(str(self._store.blob_path(blob_hex)), self._uploads, chunk_size=CHUNK)
+            return _SlottedFile(str(self._store.blob_path(blob_hex)), lambda: self._slot(node), chunk_size=CHUNK)
         source = await self._store.open_verified(blob_hex=blob_hex, partial_key=partial_key)
         if source is None:
             # The partial was finalized (or dropped) a moment ago; holdings will say so.
@@ -308,10 +316,25 @@ class PeerApi:
                 return web.json_response(
                     {"error": "not_verified", "message": "range covers pieces not verified here"}, status=416
                 )
-            if self._uploads.locked():
+            if self._full(node):
                 return self._busy()
-            async with self._uploads:
+            async with self._slot(node):
                 return await self._stream(request, source, span)
+
+    def _full(self, node: str) -> bool:
+        return self._uploads.locked() or self._uploading.get(node, 0) >= self._per_peer_uploads
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, node: str) -> AsyncIterator[None]:
+        """One upload slot, counted against the peer it serves."""
+        self._uploading[node] = self._uploading.get(node, 0) + 1
+        try:
+            async with self._uploads:
+                yield
+        finally:
+            self._uploading[node] -= 1
+            if not self._uploading[node]:
+                del self._uploading[node]
 
     def _busy(self) -> web.Response:
         self._metrics.peer_throttled.inc()

@@ -41,6 +41,7 @@ from cached.types import OriginFile, piece_span
 log = logging.getLogger(__name__)
 
 WAIT_TICK_S = 0.05
+PEER_NODE_LIMIT = 8  # requests (and reader threads) in flight to one peer, all blobs together
 PEER_FAULT_LIMIT = 3  # bad or failed answers from one peer before it is dropped
 BAN_S = 300.0  # how long a banned peer stays out of every fetch
 
@@ -80,6 +81,10 @@ class BlobFetcher:
         self.retry = retry or OriginRetry(cfg, metrics, rng=rng)
         self._origin_slots = asyncio.Semaphore(cfg.connections * 2)
         self._peer_limit = peer_limit  # requests in flight to one peer for one blob
+        # Requests in flight to each peer from every blob of this node: a peer that stops
+        # answering holds at most PEER_NODE_LIMIT of them (and of the reader threads).
+        self._peer_load: dict[str, int] = {}
+        self.peer_peak: dict[str, int] = {}  # the most ever in flight to each peer (for tests and debugging)
         self.peer_client = peer_client
         self._bans: dict[str, float] = {}  # node -> monotonic time its ban ends
         self._origin_budget = TokenBucket(cfg.max_rate_bps)  # bytes/s from origins, node-wide
@@ -202,16 +207,25 @@ class BlobFetcher:
                 by_name = {p.node_id: p for p in peers}
                 inflight: dict[int, set[str]] = {}
                 load: dict[str, int] = {}
+                streaming = {index for index, _ in tasks.values()}
+                # A request to a suspect peer (its heartbeat stopped) does not hold its piece: the
+                # piece is asked of another source now, not after the read timeout.
+                suspect = swarm.suspects() if swarm is not None else set()
                 for index, src in tasks.values():
-                    inflight.setdefault(index, set()).add(src)
                     load[src] = load.get(src, 0) + 1
+                    if src not in suspect:
+                        inflight.setdefault(index, set()).add(src)
                 every = frozenset(range(partial.pieces))
                 views = [
                     SourceView(
                         name=p.node_id,
                         is_origin=False,
-                        limit=self._peer_limit,
+                        limit=min(
+                            self._peer_limit,
+                            PEER_NODE_LIMIT - self._peer_load.get(p.node_id, 0) + load.get(p.node_id, 0),
+                        ),
                         inflight=load.get(p.node_id, 0),
+                        near=not p.cross_zone,
                         # never ask a peer again for a piece it already sent wrong
                         pieces=(every if p.pieces is None else p.pieces)
                         - frozenset(i for i, bad in bad_from.items() if p.node_id in bad),
@@ -219,7 +233,7 @@ class BlobFetcher:
                     for p in peers
                 ]
                 if swarm is not None:
-                    swarm.plan_round(out)
+                    swarm.plan_round(out, missing)
                 origin_ok = [i for i in missing if swarm is None or swarm.origin_allowed(i, bad_from.get(i, set()))]
                 # Sharing the origin with others who want the same file: ask it for few pieces at a
                 # time, so each finishes early and can be relayed while the next ones come in
@@ -241,7 +255,6 @@ class BlobFetcher:
                     global_free=origin_limit + len(peers) * self._peer_limit - len(tasks),
                     endgame_pieces=2 if swarm is not None else 0,
                 )
-                streaming = set(inflight)
                 for a in plan:
                     # One copy of a piece streams into place; a second one (endgame) is read into
                     # memory and written only once verified, so the bytes on disk are always the
@@ -253,7 +266,9 @@ class BlobFetcher:
                             swarm.claim(a.piece)  # told to wanters that ask from now on
                         coro = self._piece(partial, file, origin, a.piece, on_bytes, expected, stream=stream)
                     else:
-                        coro = self._peer_piece(partial, by_name[a.source], a.piece, on_bytes, stream=stream)
+                        coro = self._counted(
+                            a.source, self._peer_piece(partial, by_name[a.source], a.piece, on_bytes, stream=stream)
+                        )
                     t = group.create_task(_outcome(coro), name=f"piece:{a.piece}:{a.source}")
                     tasks[t] = (a.piece, a.source)
                 if not tasks:
@@ -301,6 +316,17 @@ class BlobFetcher:
             for t in tasks:
                 t.cancel()  # the group awaits them
 
+    async def _counted(self, node_id: str, coro: Awaitable[bool]) -> bool:
+        """``coro``, a request to ``node_id``, counted in the node-wide load of that peer."""
+        n = self._peer_load[node_id] = self._peer_load.get(node_id, 0) + 1
+        self.peer_peak[node_id] = max(self.peer_peak.get(node_id, 0), n)
+        try:
+            return await coro
+        finally:
+            self._peer_load[node_id] -= 1
+            if not self._peer_load[node_id]:
+                del self._peer_load[node_id]
+
     async def _peer_piece(
         self, partial: PartialBlob, src: PeerSource, index: int, on_bytes: OnBytes, *, stream: bool
     ) -> bool:
@@ -333,6 +359,7 @@ class BlobFetcher:
         if not recorded:
             return False
         self._count("peer", length, on_bytes)
+        self._metrics.peer_bytes.labels("cross_zone" if src.cross_zone else "zone").inc(length)
         return True
 
     def _count(self, source: str, n: int, on_bytes: OnBytes) -> None:

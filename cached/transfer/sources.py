@@ -19,6 +19,7 @@ through ``PeerClient``.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from cached.types import BlobId, piece_count
 
 ASK_TICK_S = 0.1  # how often a want exchange looks whether a silent peer turned suspect
 LEAVE_TIMEOUT_S = 2.0
+ORIGIN_WINDOW = 4  # pieces of one file in flight from the origin, cluster-wide, while several nodes want it
 
 
 class PeerDirectory(Protocol):
@@ -170,6 +172,9 @@ class Swarm:
                 if not t.done() or t.cancelled() or t.exception() is not None:
                     self._want.others.pop(n, None)
 
+    def suspects(self) -> set[str]:
+        return self._dir.suspect()
+
     def claim(self, index: int) -> None:
         """This node starts reading piece ``index`` from the origin (told to later askers)."""
         if self._want is not None:
@@ -255,10 +260,18 @@ class Swarm:
 
     # --- origin single-flight ----------------------------------------------------------------------
 
-    def plan_round(self, refused: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    def plan_round(self, refused: set[str] = frozenset(), missing: Iterable[int] = ()) -> None:  # type: ignore[assignment]
         """Take one look at who is alive and who wants the file, for this planning round's
-        ``origin_allowed`` calls (``refused``: peers not to count on: banned)."""
+        ``origin_allowed`` calls (``refused``: peers not to count on: banned; ``missing``: the
+        pieces this node lacks)."""
         alive = {n for n, _ in self._dir.alive()} - set(refused)
+        held = frozenset().union(
+            *(
+                frozenset(info.pieces)
+                for n, info in self._dir.view.with_partial(self.key)
+                if n in alive and (info.size, info.piece_size) == (self._size, self._piece_size)
+            )
+        )
         complete = (
             frozenset(n for n in self._dir.view.with_blob(self.blob_hex) if n in alive)
             if self.blob_hex is not None
@@ -269,10 +282,16 @@ class Swarm:
         if self._want is not None:
             for n in wanters:
                 claimed |= self._want.others[n].claimed
-            for n, held in self._want.holders.items():
+            for n, theirs in self._want.holders.items():
                 if n in alive:
-                    claimed |= held
-        self._round = _Round(complete=complete, wanters=[*wanters, self._dir.me], claimed=frozenset(claimed))
+                    claimed |= theirs
+                    held |= theirs
+        self._round = _Round(
+            complete=complete,
+            wanters=[*wanters, self._dir.me],
+            claimed=frozenset(claimed),
+            unfinished=sorted(i for i in missing if i not in held),
+        )
 
     def origin_allowed(self, index: int, refused: set[str] = frozenset()) -> bool:  # type: ignore[assignment]
         """Single-flight: may this node ask the origin for piece ``index`` now? ``refused``:
@@ -289,7 +308,13 @@ class Swarm:
         wanters = [n for n in r.wanters if n not in refused]
         if index in r.claimed and not (refused and self._claimed_only_by(index, refused)):
             return False  # another wanter holds it or is reading it from the origin
-        return rank(f"{self.key}:{index}", wanters)[0] == self._dir.me
+        if rank(f"{self.key}:{index}", wanters)[0] != self._dir.me:
+            return False
+        # The cluster's origin window: a piece starts only while fewer than ORIGIN_WINDOW pieces
+        # before it are unfinished everywhere, so the origin's bandwidth goes to a few pieces at a
+        # time, each finishes early and is relayed while the next ones come in (with every piece
+        # in flight at once, all would land at the very end and only then spread).
+        return len(wanters) < 2 or bisect.bisect_left(r.unfinished, index) < ORIGIN_WINDOW
 
     def _claimed_only_by(self, index: int, refused: set[str]) -> bool:
         if self._want is None:
@@ -317,6 +342,7 @@ class _Round:
     complete: frozenset[str]  # live peers that hold the whole blob
     wanters: list[str]  # live wanters, this node included
     claimed: frozenset[int]  # pieces other live wanters hold or are reading from the origin
+    unfinished: list[int] = dataclasses.field(default_factory=list)  # sorted: missing here and at every live peer
 
 
 def _is_hex32(d: str) -> bool:
