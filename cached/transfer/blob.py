@@ -266,6 +266,8 @@ class BlobFetcher:
                             swarm.claim(a.piece)  # told to wanters that ask from now on
                         coro = self._piece(partial, file, origin, a.piece, on_bytes, expected, stream=stream)
                     else:
+                        if swarm is not None and by_name[a.source].cross_zone:
+                            swarm.claim(a.piece)  # zone single-flight: this node brings it into the zone
                         coro = self._counted(
                             a.source, self._peer_piece(partial, by_name[a.source], a.piece, on_bytes, stream=stream)
                         )
@@ -291,6 +293,8 @@ class BlobFetcher:
                     outcome = t.result()
                     exc = outcome.error
                     if exc is None:
+                        if outcome.recorded and swarm is not None and index in partial.done:
+                            swarm.announce(index, partial.done[index])
                         for other, (i, _) in list(tasks.items()):
                             # Only the copy that recorded the piece cancels the other: a loser that
                             # found it done must not cancel the winner before it counted its bytes.

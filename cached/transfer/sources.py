@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from cached.errors import StoreError
 from cached.peers.client import PeerClient
@@ -35,6 +36,7 @@ from cached.types import BlobId, piece_count
 
 ASK_TICK_S = 0.1  # how often a want exchange looks whether a silent peer turned suspect
 LEAVE_TIMEOUT_S = 2.0
+TELL_AT_ONCE = 16  # "piece done" messages in flight from one fetch
 ORIGIN_WINDOW = 4  # pieces of one file in flight from the origin, cluster-wide, while several nodes want it
 
 
@@ -93,6 +95,8 @@ class Swarm:
         self.blob_hex: str | None = None
         self.table: list[bytes] | None = None  # piece digests of the finished blob, once known
         self._round: _Round | None = None  # who is alive and wants the file, as of this planning round
+        self._telling: set[asyncio.Task[None]] = set()  # "piece done" messages on their way
+        self._tell_slots = asyncio.Semaphore(TELL_AT_ONCE)
 
     @property
     def client(self) -> PeerClient:
@@ -115,6 +119,8 @@ class Swarm:
     async def leave(self, held: Iterable[int]) -> None:
         """This node no longer wants the file: tell the wanters it knows, with the pieces it holds
         (best effort; gossip says the same a little later)."""
+        for t in self._telling:
+            t.cancel()
         if self._wants is None or self._want is None:
             return
         self._want = None
@@ -172,11 +178,31 @@ class Swarm:
                 if not t.done() or t.cancelled() or t.exception() is not None:
                     self._want.others.pop(n, None)
 
+    def announce(self, index: int, digest: bytes) -> None:
+        """Tell the other wanters that piece ``index`` is verified here (fire and forget, a few
+        at a time): the origin window moves on and the piece spreads without waiting for gossip."""
+        if self._wants is None or self._want is None or not self._want.others:
+            return
+        body = self._wants.message(self.key, done={index: digest}).to_json()
+        alive = dict(self._dir.alive())
+        suspect = self._dir.suspect()
+        for n in self._want.others:
+            if n in alive and n not in suspect:
+                t = asyncio.create_task(self._tell(alive[n], body), name=f"want-done:{n}")
+                self._telling.add(t)
+                t.add_done_callback(self._telling.discard)
+
+    async def _tell(self, address: str, body: dict[str, Any]) -> None:
+        async with self._tell_slots:
+            with contextlib.suppress(Exception):  # best effort: gossip tells the same a little later
+                await asyncio.wait_for(self._dir.client.want(address, body), LEAVE_TIMEOUT_S)
+
     def suspects(self) -> set[str]:
         return self._dir.suspect()
 
     def claim(self, index: int) -> None:
-        """This node starts reading piece ``index`` from the origin (told to later askers)."""
+        """This node starts bringing piece ``index`` in from the origin or from another zone
+        (told to later askers)."""
         if self._want is not None:
             self._want.claimed.add(index)
 
@@ -218,6 +244,7 @@ class Swarm:
                     continue  # a different piece size: its pieces do not line up with ours
                 digests = {i: bytes.fromhex(d) for i, d in info.pieces.items() if _is_hex32(d)}
                 out.append(PeerSource(node_id, alive[node_id], "partials", self.key, frozenset(digests), digests))
+        out = self._with_told(out, alive, banned)
         out = self._zoned(out, alive)
         suspect = self._dir.suspect()
         if not suspect:
@@ -236,6 +263,23 @@ class Swarm:
         ]
         return healthy + [p for p in rest if p.pieces]
 
+    def _with_told(self, sources: list[PeerSource], alive: dict[str, str], banned: set[str]) -> list[PeerSource]:
+        """Add the pieces other wanters told us they verified, which gossip may not show yet."""
+        if self._want is None:
+            return sources
+        by_node = {p.node_id: p for p in sources}
+        for n, w in self._want.others.items():
+            if not w.done or n not in alive or n in banned:
+                continue
+            cur = by_node.get(n)
+            if cur is None:
+                by_node[n] = PeerSource(n, alive[n], "partials", self.key, frozenset(w.done), dict(w.done))
+            elif cur.pieces is not None and not w.done.keys() <= cur.pieces:
+                by_node[n] = dataclasses.replace(
+                    cur, pieces=cur.pieces | frozenset(w.done), digests={**w.done, **cur.digests}
+                )
+        return list(by_node.values())
+
     def _zoned(self, sources: list[PeerSource], alive: dict[str, str]) -> list[PeerSource]:
         """Zone single-flight: a piece held only outside this node's zone is pulled across by one
         wanter of the zone (its rendezvous owner there); the others take it inside the zone."""
@@ -245,7 +289,9 @@ class Swarm:
         mates = [self._dir.me] + [n for n in self._other_wanters(set(alive)) if self._dir.zone(n) == zone]
         every = frozenset(range(piece_count(self._size, self._piece_size)))
         inside = frozenset().union(
-            *((every if p.pieces is None else p.pieces) for p in sources if self._dir.zone(p.node_id) == zone)
+            *((every if p.pieces is None else p.pieces) for p in sources if self._dir.zone(p.node_id) == zone),
+            # and what a zone mate is bringing in already (from the origin or across)
+            *(self._want.others[n].claimed for n in mates[1:] if self._want is not None),
         )
         mine = frozenset(i for i in every - inside if rank(f"{self.key}:{i}:zone", mates)[0] == self._dir.me)
         out = []
@@ -282,6 +328,7 @@ class Swarm:
         if self._want is not None:
             for n in wanters:
                 claimed |= self._want.others[n].claimed
+                held |= frozenset(self._want.others[n].done)
             for n, theirs in self._want.holders.items():
                 if n in alive:
                     claimed |= theirs

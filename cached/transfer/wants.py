@@ -9,8 +9,11 @@ reaches B after B registered (B answers "I want it too") or before (B records A 
 later, asks A, who is registered by then). No clock is involved: a node that is alone asks nobody
 and starts at once; a node with peers waits one round trip.
 
+A wanter also tells the others of each piece it verifies (``done``, with its digest), so the
+next pieces start from the origin and the finished one spreads without waiting for gossip.
+
 Each message and answer carries the sender's *claims*: the pieces it holds or has started reading
-from the origin. A node reads piece ``i`` from the origin only if no live wanter claimed it and it
+from the origin (or pulling across a zone boundary, which zone mates treat the same way). A node reads piece ``i`` from the origin only if no live wanter claimed it and it
 is the rendezvous owner of ``i`` among the live wanters it knows (``placement.rank``). A wanter
 that learns of a newcomer does so atomically with telling it its claims, and from then on starts
 only pieces it owns in a set that includes the newcomer; adding a node to a rendezvous set only
@@ -42,6 +45,7 @@ class PeerWant:
 
     since: float  # when we learned it (our clock): an older "not wanting" answer cannot undo it
     claimed: set[int] = field(default_factory=set)
+    done: dict[int, bytes] = field(default_factory=dict)  # pieces it verified and told us of (digests)
 
 
 @dataclass(slots=True)
@@ -66,15 +70,19 @@ class WantMessage:
     size: int
     piece_size: int
     claimed: frozenset[int]
+    done: Mapping[int, bytes] = field(default_factory=dict)  # pieces just verified: index -> BLAKE3
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "key": self.key,
             "want": self.want,
             "size": self.size,
             "piece_size": self.piece_size,
             "claimed": sorted(self.claimed),
         }
+        if self.done:
+            out["done"] = {str(i): d.hex() for i, d in self.done.items()}
+        return out
 
     @classmethod
     def from_json(cls, d: Any) -> WantMessage:
@@ -89,7 +97,7 @@ class WantMessage:
         for name, n in (("size", size), ("piece_size", piece_size)):
             if type(n) is not int or not 0 <= n < 2**63:
                 raise ValueError(f"want message: {name} must be a non-negative integer")
-        return cls(key, want, size, piece_size, _claims(d.get("claimed")))
+        return cls(key, want, size, piece_size, _claims(d.get("claimed")), _done(d.get("done")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +114,19 @@ class WantAnswer:
         if not isinstance(d, Mapping) or not isinstance(d.get("key"), str) or not isinstance(d.get("wants"), bool):
             raise ValueError("want answer: expected {key, wants, claimed}")
         return cls(d["key"], d["wants"], _claims(d.get("claimed")))
+
+
+def _done(raw: Any) -> dict[int, bytes]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping) or len(raw) > MAX_PIECES:
+        raise ValueError(f"want message: done must be an object of at most {MAX_PIECES} pieces")
+    out = {}
+    for i, d in raw.items():
+        if not (isinstance(i, str) and i.isdigit() and len(i) <= 7 and isinstance(d, str) and _KEY.match(d)):
+            raise ValueError("want message: done maps piece indices to 64 hex digit BLAKE3 digests")
+        out[int(i)] = bytes.fromhex(d)
+    return out
 
 
 def _claims(raw: Any) -> frozenset[int]:
@@ -158,12 +179,15 @@ class Wants:
     def get(self, key: str) -> Want | None:
         return self._mine.get(key)
 
-    def message(self, key: str, *, want: bool = True, held: Iterable[int] = ()) -> WantMessage:
-        """Our message about ``key``: our claims while we want it, else what we hold."""
+    def message(
+        self, key: str, *, want: bool = True, held: Iterable[int] = (), done: Mapping[int, bytes] | None = None
+    ) -> WantMessage:
+        """Our message about ``key``: our claims while we want it (and ``done``, pieces just
+        verified), else what we hold."""
         w = self._mine.get(key)
         if w is None:
             return WantMessage(key, want, 0, 0, frozenset(held))
-        return WantMessage(key, want, w.size, w.piece_size, frozenset(w.claimed))
+        return WantMessage(key, want, w.size, w.piece_size, frozenset(w.claimed), dict(done or {}))
 
     def take_answer(self, sender: str, answer: WantAnswer, asked_at: float) -> None:
         """``sender``'s answer to the message we sent at ``asked_at``."""
@@ -195,9 +219,10 @@ class Wants:
         if msg.want:
             cur = others.get(sender)
             if cur is None:
-                others[sender] = PeerWant(since=now, claimed=set(msg.claimed))
+                others[sender] = PeerWant(since=now, claimed=set(msg.claimed), done=dict(msg.done))
             else:
                 cur.since, cur.claimed = now, cur.claimed | msg.claimed
+                cur.done.update(msg.done)
         else:
             others.pop(sender, None)
             if w is not None and msg.claimed:
