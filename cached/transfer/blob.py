@@ -268,10 +268,10 @@ class BlobFetcher:
                     else:
                         if swarm is not None and by_name[a.source].cross_zone:
                             swarm.claim(a.piece)  # zone single-flight: this node brings it into the zone
-                        coro = self._counted(
-                            a.source, self._peer_piece(partial, by_name[a.source], a.piece, on_bytes, stream=stream)
-                        )
+                        coro = self._peer_piece(partial, by_name[a.source], a.piece, on_bytes, stream=stream)
                     t = group.create_task(_outcome(coro), name=f"piece:{a.piece}:{a.source}")
+                    if a.source != ORIGIN:
+                        self._count_peer_request(a.source, t)
                     tasks[t] = (a.piece, a.source)
                 if not tasks:
                     # Nothing to ask anyone right now (pieces owned by a peer still fetching them):
@@ -320,16 +320,19 @@ class BlobFetcher:
             for t in tasks:
                 t.cancel()  # the group awaits them
 
-    async def _counted(self, node_id: str, coro: Awaitable[bool]) -> bool:
-        """``coro``, a request to ``node_id``, counted in the node-wide load of that peer."""
+    def _count_peer_request(self, node_id: str, task: asyncio.Task[_Outcome]) -> None:
+        """``task``, a request to ``node_id``, counted in that peer's node-wide load from now until
+        it ends (counted here, not when it starts running, so that the piece loops of other blobs
+        planning in the same moment see it)."""
         n = self._peer_load[node_id] = self._peer_load.get(node_id, 0) + 1
         self.peer_peak[node_id] = max(self.peer_peak.get(node_id, 0), n)
-        try:
-            return await coro
-        finally:
+
+        def done(_: asyncio.Task[_Outcome]) -> None:
             self._peer_load[node_id] -= 1
             if not self._peer_load[node_id]:
                 del self._peer_load[node_id]
+
+        task.add_done_callback(done)
 
     async def _peer_piece(
         self, partial: PartialBlob, src: PeerSource, index: int, on_bytes: OnBytes, *, stream: bool

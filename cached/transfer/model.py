@@ -27,7 +27,7 @@ from cached.peers.client import PeerError
 from cached.store import ModelRecord, Reservation, Store
 from cached.transfer.blob import BlobFetcher, first_error
 from cached.transfer.plan import ORIGIN
-from cached.transfer.sources import PeerDirectory, Swarm
+from cached.transfer.sources import PeerDirectory, Swarm, unless_suspect
 from cached.transfer.wants import Wants
 from cached.types import BlobId, FileEntry, Manifest, ModelRef, OriginFile, RefKind
 
@@ -323,7 +323,7 @@ class ModelFetcher:
             if local is not None and local.ref == ref.canonical:
                 return node_id, local  # the same manifest is here already: no need to ask
             try:
-                data = await self._peers.client.manifest(alive[node_id], digest)
+                data = await unless_suspect(self._peers, node_id, self._peers.client.manifest(alive[node_id], digest))
                 manifest = Manifest.from_bytes(data, expect_digest=digest)
             except (PeerError, IntegrityError) as e:
                 log.warning("manifest from peer refused peer=%s ref=%s error=%s", node_id, ref, e)

@@ -22,12 +22,12 @@ import asyncio
 import bisect
 import contextlib
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from cached.errors import StoreError
-from cached.peers.client import PeerClient
+from cached.peers.client import PeerClient, PeerError
 from cached.peers.holdings import HoldingsView
 from cached.placement import rank
 from cached.store.partial import decode_piece_log
@@ -36,6 +36,7 @@ from cached.types import BlobId, piece_count
 
 ASK_TICK_S = 0.1  # how often a want exchange looks whether a silent peer turned suspect
 LEAVE_TIMEOUT_S = 2.0
+T = TypeVar("T")
 TELL_AT_ONCE = 16  # "piece done" messages in flight from one fetch
 ORIGIN_WINDOW = 4  # pieces of one file in flight from the origin, cluster-wide, while several nodes want it
 
@@ -61,6 +62,21 @@ class PeerDirectory(Protocol):
 def healthy_first(node_ids: list[str], suspect: set[str]) -> list[str]:
     """Suspect members last: a request to a host that vanished waits out the connect timeout."""
     return sorted(node_ids, key=lambda n: n in suspect)
+
+
+async def unless_suspect(directory: PeerDirectory, node_id: str, aw: Awaitable[T]) -> T:
+    """``aw`` (a request to ``node_id``), given up with a ``PeerError`` as soon as that peer turns
+    suspect or dead: a peer that stopped answering costs no read timeout."""
+    task = asyncio.ensure_future(aw)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=ASK_TICK_S)
+            if done:
+                return task.result()
+            if node_id in directory.suspect() or node_id not in dict(directory.alive()):
+                raise PeerError(f"peer {node_id} stopped answering (suspect)")
+    finally:
+        task.cancel()
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,7 +236,7 @@ class Swarm:
             if node_id not in alive:
                 continue
             try:
-                raw = await self._dir.client.piece_table(alive[node_id], blob_hex)
+                raw = await unless_suspect(self._dir, node_id, self._dir.client.piece_table(alive[node_id], blob_hex))
                 table = parse_piece_table(raw, blob_hex)
             except Exception:  # noqa: BLE001 - a bad table from one peer: try the next
                 continue
