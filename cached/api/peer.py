@@ -8,7 +8,8 @@ stale one, a replayed nonce, a body that does not match, a bare ``Authorization:
 garbage headers) is 401 and counted by reason, and nothing of it reaches a handler. Every answer
 to an accepted request is signed in turn (``X-Cached-Answer``), so the caller knows a token holder
 answered. Request bodies are capped at ``MAX_BODY_BYTES``. Serving is bounded: past
-``max_uploads`` concurrent transfers (or half of them to one peer) the answer is 429 with Retry-After, so the puller moves to
+``max_uploads`` concurrent transfers (or half of them to one peer, or ``SAME_SPAN_UPLOADS`` of the
+same piece) the answer is 429 with Retry-After, so the puller moves to
 another source; ``serve_rate_bps`` caps upload bandwidth. Nothing here decides what to fetch.
 """
 
@@ -52,6 +53,10 @@ CHUNK = 1 << 20
 # The largest request is a gossip message: members (capped by bytes in ``Gossip.message``) and
 # the catalog; the client caps a gossip answer at the same size.
 MAX_BODY_BYTES = 8 << 20
+# Uploads of one span (a piece) at once. A piece that just arrived is wanted by every other node
+# at the same moment; sent to all of them at once, each gets 1/N of the uplink and nobody can pass
+# it on before all are done. Sent to a few, those finish early and serve it in turn (a tree).
+SAME_SPAN_UPLOADS = 3
 _SIGNED = web.RequestKey("signed", SignedRequest)
 
 
@@ -105,6 +110,7 @@ class PeerApi:
         # puller that stops reading cannot starve the others.
         self._per_peer_uploads = max(1, max_uploads // 2)
         self._uploading: dict[str, int] = {}
+        self._fanout: dict[tuple[str, int], int] = {}  # (blob or partial, span start) -> uploads of it
         self._bucket = TokenBucket(serve_rate_bps)
         self._rate_limited = serve_rate_bps > 0
         self._status = status
@@ -302,10 +308,12 @@ class PeerApi:
             # A complete, immutable blob (every byte verified) with no bandwidth cap: the kernel
             # copies it (sendfile). aiohttp prepares the response after we return, so the upload
             # slot is held there.
-            if self._full(node):
+            if self._full(node, (blob_hex, span.start)):
                 return self._busy()
             self._metrics.served_bytes.inc(span.length)
-            return _SlottedFile(str(self._store.blob_path(blob_hex)), lambda: self._slot(node), chunk_size=CHUNK)
+            return _SlottedFile(
+                str(self._store.blob_path(blob_hex)), lambda: self._slot(node, (blob_hex, span.start)), chunk_size=CHUNK
+            )
         source = await self._store.open_verified(blob_hex=blob_hex, partial_key=partial_key)
         if source is None:
             # The partial was finalized (or dropped) a moment ago; holdings will say so.
@@ -316,25 +324,32 @@ class PeerApi:
                 return web.json_response(
                     {"error": "not_verified", "message": "range covers pieces not verified here"}, status=416
                 )
-            if self._full(node):
+            span_key = (blob_hex or partial_key or "", span.start)
+            if self._full(node, span_key):
                 return self._busy()
-            async with self._slot(node):
+            async with self._slot(node, span_key):
                 return await self._stream(request, source, span)
 
-    def _full(self, node: str) -> bool:
-        return self._uploads.locked() or self._uploading.get(node, 0) >= self._per_peer_uploads
+    def _full(self, node: str, span_key: tuple[str, int]) -> bool:
+        return (
+            self._uploads.locked()
+            or self._uploading.get(node, 0) >= self._per_peer_uploads
+            or self._fanout.get(span_key, 0) >= SAME_SPAN_UPLOADS
+        )
 
     @contextlib.asynccontextmanager
-    async def _slot(self, node: str) -> AsyncIterator[None]:
-        """One upload slot, counted against the peer it serves."""
+    async def _slot(self, node: str, span_key: tuple[str, int]) -> AsyncIterator[None]:
+        """One upload slot, counted against the peer it serves and the span it sends."""
         self._uploading[node] = self._uploading.get(node, 0) + 1
+        self._fanout[span_key] = self._fanout.get(span_key, 0) + 1
         try:
             async with self._uploads:
                 yield
         finally:
-            self._uploading[node] -= 1
-            if not self._uploading[node]:
-                del self._uploading[node]
+            for counts, k in ((self._uploading, node), (self._fanout, span_key)):
+                counts[k] -= 1  # type: ignore[index]
+                if not counts[k]:  # type: ignore[index]
+                    del counts[k]  # type: ignore[arg-type]
 
     def _busy(self) -> web.Response:
         self._metrics.peer_throttled.inc()

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 WAIT_TICK_S = 0.05
 PEER_NODE_LIMIT = 8  # requests (and reader threads) in flight to one peer, all blobs together
+BUSY_COOL_S = 0.25  # a peer that answered 429 is skipped this long
 PEER_FAULT_LIMIT = 3  # bad or failed answers from one peer before it is dropped
 BAN_S = 300.0  # how long a banned peer stays out of every fetch
 
@@ -305,7 +306,8 @@ class BlobFetcher:
                         raise exc  # retries are inside _piece: this one is final
                     if isinstance(exc, PeerBusy) or (isinstance(exc, PeerError) and exc.status == 404):
                         # Busy, or its holdings moved on (a partial just became a blob): not a fault.
-                        cooling[src] = time.monotonic() + (1.0 if isinstance(exc, PeerBusy) else 0.2)
+                        # Busy is short-lived (a piece being fanned out to others, who serve it next).
+                        cooling[src] = time.monotonic() + (BUSY_COOL_S if isinstance(exc, PeerBusy) else 0.2)
                     elif isinstance(exc, (PeerError, IntegrityError)):
                         if isinstance(exc, IntegrityError):
                             bad_from.setdefault(index, set()).add(src)

@@ -27,6 +27,7 @@ from tests.support.cluster import (  # noqa: F401 - token_file is a fixture
     tree_digests,
     view_digests,
 )
+from tests.support.hub import Hub, random_bytes
 from tests.support.origin import Origin, write_random_file
 
 BUSY = "import time\nend = time.monotonic() + 300\nwhile time.monotonic() < end:\n    pass\n"
@@ -93,3 +94,61 @@ async def test_a_node_nobody_else_wants_the_file_with_starts_before_its_next_gos
         assert model["sources"] == {"peer": 0, "origin": size}
         assert origin.counters.bytes_sent == size
         assert a.gossip.rounds == rounds, "the fetch waited for a gossip round"
+
+
+# --- many files: a sharded model ----------------------------------------------------------------
+
+SHARDS = 16
+
+
+def sharded_model(shard_size: int, seed: int) -> dict[str, bytes]:
+    files = {
+        f"model-{i + 1:05d}-of-{SHARDS:05d}.safetensors": random_bytes(shard_size + i, seed=seed + i)
+        for i in range(SHARDS)
+    }
+    files["config.json"] = b'{"model_type": "test"}'
+    return files
+
+
+async def test_four_nodes_fetch_a_sixteen_shard_model_reading_the_origin_once(tmp_path: Path, token_file: Path) -> None:
+    files = sharded_model(MIB + 1234, seed=300)
+    total = sum(len(b) for b in files.values())
+    async with contextlib.AsyncExitStack() as stack:
+        hub = await stack.enter_async_context(Hub())
+        hub.add_repo("acme/sharded", files)
+        steady = {"peer.suspect_after_s": 3.0, "peer.dead_after_s": 6.0, "origins.hf.endpoint": hub.url}
+        nodes = await cluster(stack, tmp_path, token_file, "abcd", piece="256K", **steady)
+
+        with busy_loops(2):
+            models = await asyncio.gather(*(prefetch(d, "hf://acme/sharded@main") for d in nodes.values()))
+
+        ratio = hub.counters.file_bytes / total
+        assert ratio <= 1.02, f"the hub sent {ratio:.3f}x the model for four nodes"
+        for name, m in zip(nodes, models):
+            view = Path(m["path"])
+            assert {p: (view / p).read_bytes() for p in files} == files, name
+
+
+async def test_a_sixteen_shard_model_alone_starts_every_file_at_once(tmp_path: Path, token_file: Path) -> None:
+    """No per-file start-up wait: sixteen files, each with its own want exchange, all done before
+    the node's next gossip round (the old grace cost 2.5 rounds per wave of four files)."""
+    files = sharded_model(256 * 1024, seed=400)
+    async with contextlib.AsyncExitStack() as stack:
+        hub = await stack.enter_async_context(Hub())
+        hub.add_repo("acme/sharded", files)
+        slow = {
+            "peer.gossip_interval_s": 60.0,
+            "peer.suspect_after_s": 200.0,
+            "peer.dead_after_s": 400.0,
+            "origins.hf.endpoint": hub.url,
+        }
+        nodes = await cluster(stack, tmp_path, token_file, "ab", **slow)
+        a = nodes["a"]
+        assert a.gossip is not None
+        rounds = a.gossip.rounds
+
+        model = await prefetch(a, "hf://acme/sharded@main")
+
+        assert model["sources"] == {"peer": 0, "origin": model["bytes_total"]}
+        assert model["bytes_total"] >= sum(len(b) for b in files.values())
+        assert a.gossip.rounds == rounds, "a file of the model waited for a gossip round"
