@@ -387,13 +387,12 @@ class Swarm:
         )
 
     def _other_wanters(self, alive: set[str]) -> list[str]:
-        """Live nodes besides this one that want the file: from the exchange, or, without a want
-        registry (a repair), from the partials they announce."""
-        if self._want is not None:
-            return sorted(n for n in self._want.others if n in alive and n != self._dir.me)
-        if self._wants is not None:
+        """Live nodes besides this one that want the file, as the want exchange told us. Without
+        a registry (a repair of this node's own blob) nobody else counts: a partial someone
+        announces says nothing about whether it is still being fetched."""
+        if self._want is None:
             return []
-        return [n for n, _ in self._dir.view.with_partial(self.key) if n in alive and n != self._dir.me]
+        return sorted(n for n in self._want.others if n in alive and n != self._dir.me)
 
     def wanting(self) -> int:
         """How many live nodes, this one included, are fetching this same file."""
