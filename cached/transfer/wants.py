@@ -218,6 +218,10 @@ class Wants:
         others = w.others if w is not None else self._heard_for(msg.key, now)
         if msg.want:
             cur = others.get(sender)
+            if cur is None and msg.done:
+                # News of a finished piece from a node we no longer count: it left (its "no
+                # longer wanting" overtook this message), so this must not make it a wanter again.
+                return WantAnswer(msg.key, w is not None, frozenset(w.claimed) if w is not None else frozenset())
             if cur is None:
                 others[sender] = PeerWant(since=now, claimed=set(msg.claimed), done=dict(msg.done))
             else:
