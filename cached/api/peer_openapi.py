@@ -295,6 +295,12 @@ def schemas() -> dict[str, Any]:
                 "size": COUNT,
                 "piece_size": COUNT,
                 "claimed": _CLAIMS,
+                "done": {
+                    "type": "object",
+                    "maxProperties": MAX_PIECES,
+                    "additionalProperties": {"type": "string", "pattern": HEX64},
+                    "description": "pieces the sender just verified: decimal piece index -> BLAKE3 hex",
+                },
             },
             "required": ["key", "want", "size", "piece_size"],
         },
