@@ -65,6 +65,7 @@ from cached.transfer.blob import BlobFetcher
 from cached.transfer.model import ModelFetcher
 from cached.transfer.refresh import HfRefresh
 from cached.transfer.scrub import Scrub
+from cached.transfer.wants import Wants
 from cached.types import RefKind
 
 log = logging.getLogger("cached")
@@ -106,6 +107,7 @@ class Daemon:
         # seeded with the store's whole state once it is open (_build_peers); with peer
         # networking off nobody reads it.
         self.holdings = LocalHoldings()
+        self.wants = Wants()  # who else wants the files this node fetches (transfer.wants)
         self.store = Store(cfg.store, clock=clock, protector=self.replicas, on_event=self.holdings.record)
         self._stack = contextlib.AsyncExitStack()
         self._runner: web.AppRunner | None = None
@@ -176,7 +178,7 @@ class Daemon:
             blobs,
             self.metrics,
             peers=directory,
-            grace_s=2.5 * cfg.peer.gossip_interval_s,
+            wants=self.wants,  # origin single-flight: an exchange with the peers, no timed grace
             stall_timeout_s=cfg.peer.stall_timeout_s,
             names_from_peers=cfg.cluster.names_from_peers,
         )
@@ -389,6 +391,7 @@ class Daemon:
             max_uploads=cfg.peer.max_uploads,
             serve_rate_bps=cfg.peer.serve_rate_bps,
             status=self.status,
+            wants=self.wants,
         )
         guard = self._guards["peer"]
         runner = web.AppRunner(

@@ -32,6 +32,12 @@ class Metrics:
             ["api"],
             registry=r,
         )
+        self.peer_bytes = Counter(
+            "cached_peer_bytes",
+            "Bytes fetched from peers, by whether they crossed a zone boundary (labels.zone).",
+            ["scope"],
+            registry=r,
+        )
         self.piece_verify_failures = Counter(
             "cached_piece_verify_failures", "Pieces whose BLAKE3 did not match, by source.", ["source"], registry=r
         )
@@ -144,6 +150,8 @@ class Metrics:
         for source in ("origin", "peer"):
             self.fetched_bytes.labels(source)
             self.piece_verify_failures.labels(source)
+        for scope in ("zone", "cross_zone"):
+            self.peer_bytes.labels(scope)
         for state in ("queued", "fetching", "ready", "failed"):
             self.models.labels(state)
         for state in ("alive", "suspect", "dead"):

@@ -1,6 +1,6 @@
 """The peer API (``/p2p/v1`` on ``--peer-listen``): what other nodes of the cluster may ask.
 
-Routes: gossip, holdings deltas, complete blobs by id with Range (sendfile), partial blobs with
+Routes: gossip, wants (origin single-flight, ``transfer.wants``), holdings deltas, complete blobs by id with Range (sendfile), partial blobs with
 Range but only over verified pieces (416 otherwise), piece tables, manifests by digest, and
 ref -> manifest digest. Every request must be signed with the cluster key (``peers.auth`` states
 the wire format: node id, time, nonce, body digest, MAC); anything else (no signature, a wrong or
@@ -8,17 +8,20 @@ stale one, a replayed nonce, a body that does not match, a bare ``Authorization:
 garbage headers) is 401 and counted by reason, and nothing of it reaches a handler. Every answer
 to an accepted request is signed in turn (``X-Cached-Answer``), so the caller knows a token holder
 answered. Request bodies are capped at ``MAX_BODY_BYTES``. Serving is bounded: past
-``max_uploads`` concurrent transfers the answer is 429 with Retry-After, so the puller moves to
+``max_uploads`` concurrent transfers (or half of them to one peer, or ``SAME_SPAN_UPLOADS`` of the
+same piece) the answer is 429 with Retry-After, so the puller moves to
 another source; ``serve_rate_bps`` caps upload bandwidth. Nothing here decides what to fetch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import ClientConnectionResetError, web
 
@@ -40,7 +43,8 @@ from cached.status import StatusSource
 from cached.store import Store
 from cached.store.verified import VerifiedFile
 from cached.transfer.budget import TokenBucket
-from cached.types import ModelRef, RefKind
+from cached.transfer.wants import WantMessage, Wants
+from cached.types import ModelRef, RefKind, piece_count
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,10 @@ CHUNK = 1 << 20
 # The largest request is a gossip message: members (capped by bytes in ``Gossip.message``) and
 # the catalog; the client caps a gossip answer at the same size.
 MAX_BODY_BYTES = 8 << 20
+# Uploads of one span (a piece) at once. A piece that just arrived is wanted by every other node
+# at the same moment; sent to all of them at once, each gets 1/N of the uplink and nobody can pass
+# it on before all are done. Sent to a few, those finish early and serve it in turn (a tree).
+SAME_SPAN_UPLOADS = 3
 _SIGNED = web.RequestKey("signed", SignedRequest)
 
 
@@ -65,12 +73,14 @@ def _unsatisfiable(size: int) -> web.Response:
 class _SlottedFile(web.FileResponse):
     """A FileResponse that holds an upload slot while the kernel sends it."""
 
-    def __init__(self, path: str, slots: asyncio.Semaphore, **kw: object) -> None:
+    def __init__(
+        self, path: str, slot: Callable[[], contextlib.AbstractAsyncContextManager[None]], **kw: object
+    ) -> None:
         super().__init__(path, **kw)  # type: ignore[arg-type]
-        self._slots = slots
+        self._slot = slot
 
     async def prepare(self, request: web.BaseRequest):  # type: ignore[override]
-        async with self._slots:
+        async with self._slot():
             return await super().prepare(request)
 
 
@@ -87,6 +97,7 @@ class PeerApi:
         serve_rate_bps: int,
         status: StatusSource,
         verifier: RequestVerifier | None = None,
+        wants: Wants | None = None,
     ) -> None:
         self._store = store
         self._gossip = gossip
@@ -95,15 +106,22 @@ class PeerApi:
         self._node_id = node_id
         self._verifier = verifier if verifier is not None else RequestVerifier(key)
         self._uploads = asyncio.Semaphore(max_uploads)
+        # One peer may hold at most half the upload slots (and the reader work behind them), so a
+        # puller that stops reading cannot starve the others.
+        self._per_peer_uploads = max(1, max_uploads // 2)
+        self._uploading: dict[str, int] = {}
+        self._fanout: dict[tuple[str, int], int] = {}  # (blob or partial, span start) -> uploads of it
         self._bucket = TokenBucket(serve_rate_bps)
         self._rate_limited = serve_rate_bps > 0
         self._status = status
+        self._wants = wants if wants is not None else Wants()
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._auth])
         app.on_response_prepare.append(self._sign_answer)
         r = app.router
         r.add_post("/p2p/v1/gossip", self.gossip)
+        r.add_post("/p2p/v1/wants", self.wants)
         r.add_get("/p2p/v1/holdings", self.holdings)
         r.add_get("/p2p/v1/blobs/{id}", self.blob)
         r.add_get("/p2p/v1/blobs/{id}/pieces", self.piece_table)
@@ -181,6 +199,29 @@ class PeerApi:
         except (ValueError, UnicodeDecodeError, RecursionError, OverflowError, TypeError, AttributeError) as e:
             self._metrics.gossip_errors.labels("malformed").inc()
             return web.json_response({"error": "bad_request", "message": str(e)[:200]}, status=400)
+
+    async def wants(self, request: web.Request) -> web.Response:
+        """Origin single-flight (``transfer.wants``): record the sender's want and answer ours,
+        in one step."""
+        try:
+            msg = WantMessage.from_json(json.loads(await request.read()))
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            self._metrics.gossip_errors.labels("malformed").inc()
+            return web.json_response({"error": "bad_request", "message": str(e)[:200]}, status=400)
+        answer = self._wants.receive(request[_SIGNED].node_id, msg)
+        if not answer.wants:
+            # Not fetching it, but it may hold it (finished a moment ago): the asker must not read
+            # those pieces from the origin while gossip has not told it yet.
+            answer = dataclasses.replace(answer, claimed=self._held(msg))
+        return web.json_response(answer.to_json())
+
+    def _held(self, msg: WantMessage) -> frozenset[int]:
+        if self._store.blob_for_identity(msg.key) is not None and msg.piece_size > 0:
+            return frozenset(range(piece_count(msg.size, msg.piece_size)))
+        partial = self._store.open_partial(msg.key)
+        if partial is None or (partial.size, partial.piece_size) != (msg.size, msg.piece_size):
+            return frozenset()
+        return frozenset(partial.done)
 
     async def holdings(self, request: web.Request) -> web.Response:
         since = int(request.query.get("since", "0"))
@@ -262,14 +303,17 @@ class PeerApi:
         span = rng.span(size)
         if span is None:
             return _unsatisfiable(size)
+        node = request[_SIGNED].node_id
         if blob_hex is not None and not self._rate_limited:
             # A complete, immutable blob (every byte verified) with no bandwidth cap: the kernel
             # copies it (sendfile). aiohttp prepares the response after we return, so the upload
             # slot is held there.
-            if self._uploads.locked():
+            if self._full(node, (blob_hex, span.start)):
                 return self._busy()
             self._metrics.served_bytes.inc(span.length)
-            return _SlottedFile(str(self._store.blob_path(blob_hex)), self._uploads, chunk_size=CHUNK)
+            return _SlottedFile(
+                str(self._store.blob_path(blob_hex)), lambda: self._slot(node, (blob_hex, span.start)), chunk_size=CHUNK
+            )
         source = await self._store.open_verified(blob_hex=blob_hex, partial_key=partial_key)
         if source is None:
             # The partial was finalized (or dropped) a moment ago; holdings will say so.
@@ -280,10 +324,32 @@ class PeerApi:
                 return web.json_response(
                     {"error": "not_verified", "message": "range covers pieces not verified here"}, status=416
                 )
-            if self._uploads.locked():
+            span_key = (blob_hex or partial_key or "", span.start)
+            if self._full(node, span_key):
                 return self._busy()
-            async with self._uploads:
+            async with self._slot(node, span_key):
                 return await self._stream(request, source, span)
+
+    def _full(self, node: str, span_key: tuple[str, int]) -> bool:
+        return (
+            self._uploads.locked()
+            or self._uploading.get(node, 0) >= self._per_peer_uploads
+            or self._fanout.get(span_key, 0) >= SAME_SPAN_UPLOADS
+        )
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, node: str, span_key: tuple[str, int]) -> AsyncIterator[None]:
+        """One upload slot, counted against the peer it serves and the span it sends."""
+        self._uploading[node] = self._uploading.get(node, 0) + 1
+        self._fanout[span_key] = self._fanout.get(span_key, 0) + 1
+        try:
+            async with self._uploads:
+                yield
+        finally:
+            for counts, k in ((self._uploading, node), (self._fanout, span_key)):
+                counts[k] -= 1  # type: ignore[index]
+                if not counts[k]:  # type: ignore[index]
+                    del counts[k]  # type: ignore[arg-type]
 
     def _busy(self) -> web.Response:
         self._metrics.peer_throttled.inc()

@@ -31,6 +31,7 @@ from cached.peers.membership import (
     MAX_LABEL_VALUE_CHARS,
     MAX_LABELS,
 )
+from cached.transfer.wants import MAX_PIECES
 
 HEX64 = "^[0-9a-f]{64}$"
 BLOB_ID = "^(blake3:)?[0-9a-f]{64}$"
@@ -285,7 +286,42 @@ def schemas() -> dict[str, Any]:
             "required": ["ref", "manifest"],
         },
         "Model": local_openapi.document()["components"]["schemas"]["Model"],
+        "Want": {
+            "type": "object",
+            "description": "the sender wants (or no longer wants) an origin file; recorded as it is answered",
+            "properties": {
+                "key": {"type": "string", "pattern": HEX64, "description": "the origin file's identity key"},
+                "want": {"type": "boolean"},
+                "size": COUNT,
+                "piece_size": COUNT,
+                "claimed": _CLAIMS,
+                "done": {
+                    "type": "object",
+                    "maxProperties": MAX_PIECES,
+                    "additionalProperties": {"type": "string", "pattern": HEX64},
+                    "description": "pieces the sender just verified: decimal piece index -> BLAKE3 hex",
+                },
+            },
+            "required": ["key", "want", "size", "piece_size"],
+        },
+        "WantAnswer": {
+            "type": "object",
+            "properties": {
+                "key": {"type": "string", "pattern": HEX64},
+                "wants": {"type": "boolean", "description": "this node is fetching the same file"},
+                "claimed": _CLAIMS,
+            },
+            "required": ["key", "wants", "claimed"],
+        },
     }
+
+
+_CLAIMS = {
+    "type": "array",
+    "maxItems": MAX_PIECES,
+    "items": {"type": "integer", "minimum": 0, "maximum": MAX_PIECES - 1},
+    "description": "pieces held, or being read from the origin, by that node",
+}
 
 
 def peer_document() -> dict[str, Any]:
@@ -306,6 +342,19 @@ def peer_document() -> dict[str, Any]:
                         **COMMON,
                         "200": _signed("this node's message", _json({"$ref": "#/components/schemas/Gossip"})),
                         "403": _error("a message of another cluster (not merged)"),
+                        "413": _error(f"a body over {MAX_BODY_BYTES} bytes"),
+                    },
+                }
+            },
+            "/p2p/v1/wants": {
+                "post": {
+                    "summary": "origin single-flight: the sender wants an origin file; answer whether we do too",
+                    "requestBody": {"required": True, "content": _json({"$ref": "#/components/schemas/Want"})},
+                    "responses": {
+                        **COMMON,
+                        "200": _signed(
+                            "this node's want of the same file", _json({"$ref": "#/components/schemas/WantAnswer"})
+                        ),
                         "413": _error(f"a body over {MAX_BODY_BYTES} bytes"),
                     },
                 }

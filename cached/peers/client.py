@@ -35,6 +35,7 @@ MIB = 1 << 20
 # bytes a piece (64 MiB covers 1.8 M pieces: 28 TiB at the default piece size).
 CAPS = {
     "gossip": 8 * MIB,
+    "wants": 16 * MIB,
     "holdings": 32 * MIB,
     "manifests": 16 * MIB,
     "pieces": 64 * MIB,
@@ -171,6 +172,10 @@ class PeerClient:
 
     async def gossip(self, address: str, payload: dict[str, Any]) -> dict[str, Any]:
         return await self._json("POST", address, "/gossip", "gossip", json.dumps(payload).encode())
+
+    async def want(self, address: str, message: dict[str, Any]) -> dict[str, Any]:
+        """Origin single-flight: tell a peer we want (or no longer want) a file; its answer."""
+        return await self._json("POST", address, "/wants", "wants", json.dumps(message).encode())
 
     async def holdings(self, address: str, since: int) -> dict[str, Any]:
         return await self._json("GET", address, f"/holdings?since={int(since)}", "holdings")

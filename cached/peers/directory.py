@@ -27,3 +27,11 @@ class GossipDirectory:
     def suspect(self) -> set[str]:
         # Asked last, and only for what no healthy peer has (see Swarm.peer_sources).
         return {m.info.node_id for m in self._membership.members() if m.status is Status.SUSPECT}
+
+    def zone(self, node_id: str) -> str:
+        """A member's ``labels.zone`` as gossiped ("" when it has none, or is unknown)."""
+        me = self._membership.me
+        if node_id == me.node_id:
+            return me.labels.get("zone", "")
+        m = self._membership.get(node_id)
+        return "" if m is None else m.info.labels.get("zone", "")

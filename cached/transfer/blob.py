@@ -41,6 +41,8 @@ from cached.types import OriginFile, piece_span
 log = logging.getLogger(__name__)
 
 WAIT_TICK_S = 0.05
+PEER_NODE_LIMIT = 8  # requests (and reader threads) in flight to one peer, all blobs together
+BUSY_COOL_S = 0.25  # a peer that answered 429 is skipped this long
 PEER_FAULT_LIMIT = 3  # bad or failed answers from one peer before it is dropped
 BAN_S = 300.0  # how long a banned peer stays out of every fetch
 
@@ -80,6 +82,10 @@ class BlobFetcher:
         self.retry = retry or OriginRetry(cfg, metrics, rng=rng)
         self._origin_slots = asyncio.Semaphore(cfg.connections * 2)
         self._peer_limit = peer_limit  # requests in flight to one peer for one blob
+        # Requests in flight to each peer from every blob of this node: a peer that stops
+        # answering holds at most PEER_NODE_LIMIT of them (and of the reader threads).
+        self._peer_load: dict[str, int] = {}
+        self.peer_peak: dict[str, int] = {}  # the most ever in flight to each peer (for tests and debugging)
         self.peer_client = peer_client
         self._bans: dict[str, float] = {}  # node -> monotonic time its ban ends
         self._origin_budget = TokenBucket(cfg.max_rate_bps)  # bytes/s from origins, node-wide
@@ -184,6 +190,7 @@ class BlobFetcher:
         banned: set[str] = set()
         cooling: dict[str, float] = {}  # source -> monotonic time until which it is skipped (429)
         bad_from: dict[int, set[str]] = {}  # piece -> peers that sent it wrong
+        idle_since = time.monotonic()  # since when nothing has been in flight
         try:
             while True:
                 missing = partial.missing()
@@ -201,25 +208,34 @@ class BlobFetcher:
                 by_name = {p.node_id: p for p in peers}
                 inflight: dict[int, set[str]] = {}
                 load: dict[str, int] = {}
+                streaming = {index for index, _ in tasks.values()}
+                # A request to a suspect peer (its heartbeat stopped) does not hold its piece: the
+                # piece is asked of another source now, not after the read timeout.
+                suspect = swarm.suspects() if swarm is not None else set()
                 for index, src in tasks.values():
-                    inflight.setdefault(index, set()).add(src)
                     load[src] = load.get(src, 0) + 1
+                    if src not in suspect:
+                        inflight.setdefault(index, set()).add(src)
                 every = frozenset(range(partial.pieces))
                 views = [
                     SourceView(
                         name=p.node_id,
                         is_origin=False,
-                        limit=self._peer_limit,
+                        limit=min(
+                            self._peer_limit,
+                            PEER_NODE_LIMIT - self._peer_load.get(p.node_id, 0) + load.get(p.node_id, 0),
+                        ),
                         inflight=load.get(p.node_id, 0),
+                        near=not p.cross_zone,
                         # never ask a peer again for a piece it already sent wrong
                         pieces=(every if p.pieces is None else p.pieces)
                         - frozenset(i for i, bad in bad_from.items() if p.node_id in bad),
                     )
                     for p in peers
                 ]
-                origin_ok = [
-                    i for i in missing if swarm is None or swarm.origin_allowed(i, out | bad_from.get(i, set()))
-                ]
+                if swarm is not None:
+                    swarm.plan_round(out, missing)
+                origin_ok = [i for i in missing if swarm is None or swarm.origin_allowed(i, bad_from.get(i, set()))]
                 # Sharing the origin with others who want the same file: ask it for few pieces at a
                 # time, so each finishes early and can be relayed while the next ones come in
                 # (all pieces in flight at once would all land at the very end).
@@ -240,7 +256,6 @@ class BlobFetcher:
                     global_free=origin_limit + len(peers) * self._peer_limit - len(tasks),
                     endgame_pieces=2 if swarm is not None else 0,
                 )
-                streaming = set(inflight)
                 for a in plan:
                     # One copy of a piece streams into place; a second one (endgame) is read into
                     # memory and written only once verified, so the bytes on disk are always the
@@ -248,16 +263,27 @@ class BlobFetcher:
                     stream = a.piece not in streaming
                     streaming.add(a.piece)
                     if a.source == ORIGIN:
+                        if swarm is not None:
+                            swarm.claim(a.piece)  # told to wanters that ask from now on
                         coro = self._piece(partial, file, origin, a.piece, on_bytes, expected, stream=stream)
                     else:
+                        if swarm is not None and by_name[a.source].cross_zone:
+                            swarm.claim(a.piece)  # zone single-flight: this node brings it into the zone
                         coro = self._peer_piece(partial, by_name[a.source], a.piece, on_bytes, stream=stream)
                     t = group.create_task(_outcome(coro), name=f"piece:{a.piece}:{a.source}")
+                    if a.source != ORIGIN:
+                        self._count_peer_request(a.source, t)
                     tasks[t] = (a.piece, a.source)
                 if not tasks:
                     # Nothing to ask anyone right now (pieces owned by a peer still fetching them):
                     # look again shortly, as the peers' holdings move on.
+                    if swarm is not None and time.monotonic() - idle_since > swarm.stall_timeout_s:
+                        # Waited long with nothing to do: ask the owners whether they still want it.
+                        await swarm.recheck()
+                        idle_since = time.monotonic()
                     await asyncio.sleep(WAIT_TICK_S)
                     continue
+                idle_since = time.monotonic()
                 done, _ = await asyncio.wait(
                     tasks, timeout=WAIT_TICK_S * 5 if swarm else None, return_when=asyncio.FIRST_COMPLETED
                 )
@@ -268,6 +294,8 @@ class BlobFetcher:
                     outcome = t.result()
                     exc = outcome.error
                     if exc is None:
+                        if outcome.recorded and swarm is not None and index in partial.done:
+                            swarm.announce(index, partial.done[index])
                         for other, (i, _) in list(tasks.items()):
                             # Only the copy that recorded the piece cancels the other: a loser that
                             # found it done must not cancel the winner before it counted its bytes.
@@ -278,7 +306,8 @@ class BlobFetcher:
                         raise exc  # retries are inside _piece: this one is final
                     if isinstance(exc, PeerBusy) or (isinstance(exc, PeerError) and exc.status == 404):
                         # Busy, or its holdings moved on (a partial just became a blob): not a fault.
-                        cooling[src] = time.monotonic() + (1.0 if isinstance(exc, PeerBusy) else 0.2)
+                        # Busy is short-lived (a piece being fanned out to others, who serve it next).
+                        cooling[src] = time.monotonic() + (BUSY_COOL_S if isinstance(exc, PeerBusy) else 0.2)
                     elif isinstance(exc, (PeerError, IntegrityError)):
                         if isinstance(exc, IntegrityError):
                             bad_from.setdefault(index, set()).add(src)
@@ -292,6 +321,20 @@ class BlobFetcher:
         finally:
             for t in tasks:
                 t.cancel()  # the group awaits them
+
+    def _count_peer_request(self, node_id: str, task: asyncio.Task[_Outcome]) -> None:
+        """``task``, a request to ``node_id``, counted in that peer's node-wide load from now until
+        it ends (counted here, not when it starts running, so that the piece loops of other blobs
+        planning in the same moment see it)."""
+        n = self._peer_load[node_id] = self._peer_load.get(node_id, 0) + 1
+        self.peer_peak[node_id] = max(self.peer_peak.get(node_id, 0), n)
+
+        def done(_: asyncio.Task[_Outcome]) -> None:
+            self._peer_load[node_id] -= 1
+            if not self._peer_load[node_id]:
+                del self._peer_load[node_id]
+
+        task.add_done_callback(done)
 
     async def _peer_piece(
         self, partial: PartialBlob, src: PeerSource, index: int, on_bytes: OnBytes, *, stream: bool
@@ -325,6 +368,7 @@ class BlobFetcher:
         if not recorded:
             return False
         self._count("peer", length, on_bytes)
+        self._metrics.peer_bytes.labels("cross_zone" if src.cross_zone else "zone").inc(length)
         return True
 
     def _count(self, source: str, n: int, on_bytes: OnBytes) -> None:

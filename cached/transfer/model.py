@@ -27,7 +27,8 @@ from cached.peers.client import PeerError
 from cached.store import ModelRecord, Reservation, Store
 from cached.transfer.blob import BlobFetcher, first_error
 from cached.transfer.plan import ORIGIN
-from cached.transfer.sources import PeerDirectory, Swarm
+from cached.transfer.sources import PeerDirectory, Swarm, unless_suspect
+from cached.transfer.wants import Wants
 from cached.types import BlobId, FileEntry, Manifest, ModelRef, OriginFile, RefKind
 
 log = logging.getLogger(__name__)
@@ -70,14 +71,14 @@ class ModelFetcher:
         metrics: Metrics,
         *,
         peers: PeerDirectory | None = None,
-        grace_s: float = 0.0,
+        wants: Wants | None = None,
         stall_timeout_s: float = 10.0,
         names_from_peers: bool = False,
     ) -> None:
         self._names_from_peers = names_from_peers  # trust every token holder for names when the origin is down
         self._stall_timeout_s = stall_timeout_s
         self._peers = peers
-        self._grace_s = grace_s  # how long a new fetch waits to learn who else wants the same file
+        self._wants = wants  # who else wants the same file: origin single-flight (transfer.wants)
         self._store = store
         self._origins = origins
         self._blobs = blobs
@@ -232,12 +233,18 @@ class ModelFetcher:
                         key=f.key,
                         piece_size=job.piece_size,
                         size=f.size,
-                        grace_s=self._grace_s,
+                        wants=self._wants,
                         stall_timeout_s=self._stall_timeout_s,
                     )
                     swarm.blob_hex = job.blob_hex
                 try:
-                    await self._blobs.fetch_blob(partial, f, origin, on_bytes=on_bytes, swarm=swarm)
+                    if swarm is not None:
+                        await swarm.join(held=list(partial.done))
+                    try:
+                        await self._blobs.fetch_blob(partial, f, origin, on_bytes=on_bytes, swarm=swarm)
+                    finally:
+                        if swarm is not None:
+                            await swarm.leave(held=list(partial.done))
                     job.peer_bytes = counted[PEER] > 0 or job.blob_hex is not None
                     if (
                         job.blob_hex is not None
@@ -319,7 +326,7 @@ class ModelFetcher:
             if local is not None and local.ref == ref.canonical:
                 return node_id, local  # the same manifest is here already: no need to ask
             try:
-                data = await self._peers.client.manifest(alive[node_id], digest)
+                data = await unless_suspect(self._peers, node_id, self._peers.client.manifest(alive[node_id], digest))
                 manifest = Manifest.from_bytes(data, expect_digest=digest)
             except (PeerError, IntegrityError) as e:
                 log.warning("manifest from peer refused peer=%s ref=%s error=%s", node_id, ref, e)

@@ -2,7 +2,7 @@
 
 Rules, in order: a piece already in flight is not asked again (except in endgame, where the last
 pieces may go to a second source); among the rest, rarest first (held by the fewest peers); each
-goes to the least-loaded peer that holds it and has a free slot; the origin is the last resort,
+goes to the nearest (same zone), then least-loaded, peer that holds it and has a free slot; the origin is the last resort,
 used only for pieces no peer holds. Per-source limits and a global limit bound what is in flight.
 The blob fetcher (``transfer.blob``) calls ``assign`` every time a request finishes and runs what it returns.
 """
@@ -23,6 +23,7 @@ class SourceView:
     inflight: int = 0
     # Piece indices this source can serve; None means every piece (an origin, a complete blob).
     pieces: frozenset[int] | None = None
+    near: bool = True  # in this node's zone: preferred over a peer across a zone boundary
 
     def holds(self, index: int) -> bool:
         return self.pieces is None or index in self.pieces
@@ -92,7 +93,11 @@ def _pick(index: int, candidates: Sequence[SourceView], free: dict[str, int]) ->
     for s in candidates:
         if free[s.name] <= 0 or not s.holds(index):
             continue
-        load = (s.limit - free[s.name]) / s.limit
-        if best is None or load < (best.limit - free[best.name]) / best.limit:
+        if best is None or _rank(s, free) < _rank(best, free):
             best = s
     return best.name if best else None
+
+
+def _rank(s: SourceView, free: dict[str, int]) -> tuple[bool, float]:
+    """Nearer first (same zone), then the least loaded."""
+    return (not s.near, (s.limit - free[s.name]) / max(1, s.limit))
