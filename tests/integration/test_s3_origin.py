@@ -403,7 +403,7 @@ async def test_four_daemons_wanting_one_256_mib_object_read_the_store_about_once
     s3.create_bucket(Bucket="big-models")
     size = 256 * MIB
     data = await asyncio.to_thread(put_random, s3, "big-models", "big.safetensors", size, 71)
-    want = sha(data)
+    want = await asyncio.to_thread(sha, data)
     del data
     use_keys(monkeypatch, keys)
     async with contextlib.AsyncExitStack() as stack:
