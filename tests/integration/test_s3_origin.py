@@ -33,7 +33,7 @@ from tests.support.cluster import (  # noqa: F401 - token_file is a fixture
     token_file,
 )
 from tests.support.node import running_daemon
-from tests.support.s3 import Keys, MotoS3, isolate_aws, moto_s3, put_random, s3_proxy
+from tests.support.s3 import Keys, MotoS3, isolate_aws, moto_s3, put_random, put_random_elsewhere, s3_proxy
 from tests.support.wait import wait_until
 
 PIECE = "256K"
@@ -111,8 +111,8 @@ async def test_one_object_and_a_prefix_arrive_byte_for_byte_with_keys_from_the_e
     tmp_path: Path, store: tuple[MotoS3, Keys], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     server, keys = store
-    s3 = server.client(keys)
-    s3.create_bucket(Bucket="env-models")
+    s3 = await asyncio.to_thread(server.client, keys)  # building a boto3 client parses its service model
+    await asyncio.to_thread(s3.create_bucket, Bucket="env-models")
     weights = await asyncio.to_thread(put_random, s3, "env-models", "llama/model.safetensors", 3 * MIB + 17, 1)
     small = await asyncio.to_thread(put_random, s3, "env-models", "llama/config.json", 999, 2)
     nested = await asyncio.to_thread(put_random, s3, "env-models", "llama/tok/tokenizer.json", 5000, 3)
@@ -144,8 +144,8 @@ async def test_keys_from_a_profile_of_the_shared_files(
     tmp_path: Path, store: tuple[MotoS3, Keys], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     server, keys = store
-    s3 = server.client(keys)
-    s3.create_bucket(Bucket="profile-models")
+    s3 = await asyncio.to_thread(server.client, keys)  # building a boto3 client parses its service model
+    await asyncio.to_thread(s3.create_bucket, Bucket="profile-models")
     data = await asyncio.to_thread(put_random, s3, "profile-models", "m.bin", MIB + 5, 11)
     config, creds = tmp_path / "aws-config", tmp_path / "aws-credentials"
     config.write_text("[profile team]\nregion = us-east-1\n")
@@ -175,8 +175,8 @@ async def test_a_web_identity_token_is_exchanged_for_temporary_credentials(
     botocore asks STS (moto's, through AWS_ENDPOINT_URL_STS) for temporary credentials and the
     daemon signs with them. On the server without auth mode: moto answers STS's unsigned
     AssumeRoleWithWebIdentity with a 500 in auth mode."""
-    s3 = open_store.client()
-    s3.create_bucket(Bucket="irsa-models")
+    s3 = await asyncio.to_thread(open_store.client)
+    await asyncio.to_thread(s3.create_bucket, Bucket="irsa-models")
     data = await asyncio.to_thread(put_random, s3, "irsa-models", "m.bin", MIB, 23)
     token = tmp_path / "sa-token"
     token.write_text("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6Y2FjaGVkIn0.c2lnbmF0dXJl")
@@ -200,9 +200,9 @@ async def test_a_web_identity_token_is_exchanged_for_temporary_credentials(
 async def test_anonymous_reads_a_public_bucket_unsigned_and_a_private_one_refuses(
     tmp_path: Path, open_store: MotoS3
 ) -> None:
-    s3 = open_store.client()
-    s3.create_bucket(Bucket="public-models")
-    s3.create_bucket(Bucket="private-models")
+    s3 = await asyncio.to_thread(open_store.client)
+    await asyncio.to_thread(s3.create_bucket, Bucket="public-models")
+    await asyncio.to_thread(s3.create_bucket, Bucket="private-models")
     data = await asyncio.to_thread(put_random, s3, "public-models", "tiny/model.bin", MIB, 21)
     await asyncio.to_thread(put_random, s3, "private-models", "tiny/model.bin", MIB, 22)
     open_store.make_public("public-models")
@@ -226,8 +226,8 @@ async def test_a_wrong_secret_is_a_clear_403_and_leaves_nothing(
     tmp_path: Path, store: tuple[MotoS3, Keys], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     server, keys = store
-    s3 = server.client(keys)
-    s3.create_bucket(Bucket="secret-models")
+    s3 = await asyncio.to_thread(server.client, keys)  # building a boto3 client parses its service model
+    await asyncio.to_thread(s3.create_bucket, Bucket="secret-models")
     await asyncio.to_thread(put_random, s3, "secret-models", "m.bin", MIB, 31)
     use_keys(monkeypatch, Keys(keys.access_key, "not-the-secret"))
     async with running_daemon(tmp_path / "n", **flags(server.url)) as d:
@@ -254,7 +254,8 @@ async def test_missing_bucket_and_key_are_named(
     tmp_path: Path, store: tuple[MotoS3, Keys], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     server, keys = store
-    server.client(keys).create_bucket(Bucket="named-models")
+    s3 = await asyncio.to_thread(server.client, keys)
+    await asyncio.to_thread(s3.create_bucket, Bucket="named-models")
     use_keys(monkeypatch, keys)
     async with running_daemon(tmp_path / "n", **flags(server.url)) as d:
         err = await failed_prefetch(d, "s3://no-such-bucket-here/m.bin")
@@ -269,8 +270,8 @@ async def test_a_wrong_full_object_sha256_is_caught_before_the_blob_exists(
     tmp_path: Path, store: tuple[MotoS3, Keys], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     server, keys = store
-    s3 = server.client(keys)
-    s3.create_bucket(Bucket="sum-models")
+    s3 = await asyncio.to_thread(server.client, keys)  # building a boto3 client parses its service model
+    await asyncio.to_thread(s3.create_bucket, Bucket="sum-models")
     good = await asyncio.to_thread(put_random, s3, "sum-models", "good.bin", MIB + 1, 41, sha256=True)
     await asyncio.to_thread(put_random, s3, "sum-models", "bad.bin", MIB + 1, 42, sha256=True)
     use_keys(monkeypatch, keys)
@@ -292,8 +293,8 @@ async def test_slow_down_503_is_backed_off_and_retried(
     tmp_path: Path, store: tuple[MotoS3, Keys], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     server, keys = store
-    s3 = server.client(keys)
-    s3.create_bucket(Bucket="busy-models")
+    s3 = await asyncio.to_thread(server.client, keys)  # building a boto3 client parses its service model
+    await asyncio.to_thread(s3.create_bucket, Bucket="busy-models")
     data = await asyncio.to_thread(put_random, s3, "busy-models", "m.bin", 2 * MIB, 51)
     use_keys(monkeypatch, keys)
     async with s3_proxy(server.url) as proxy:
@@ -309,8 +310,8 @@ async def test_a_bucket_in_another_region_is_followed_there(
     tmp_path: Path, store: tuple[MotoS3, Keys], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     server, keys = store
-    s3 = server.client(keys)
-    s3.create_bucket(Bucket="far-models")
+    s3 = await asyncio.to_thread(server.client, keys)  # building a boto3 client parses its service model
+    await asyncio.to_thread(s3.create_bucket, Bucket="far-models")
     data = await asyncio.to_thread(put_random, s3, "far-models", "llm/m.bin", 2 * MIB, 55)
     use_keys(monkeypatch, keys)  # AWS_REGION is us-east-1; the bucket answers from eu-west-1
     async with s3_proxy(server.url) as proxy:
@@ -329,8 +330,8 @@ async def test_an_object_overwritten_mid_download_never_yields_a_mixed_file(
     tmp_path: Path, store: tuple[MotoS3, Keys], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     server, keys = store
-    s3 = server.client(keys)
-    s3.create_bucket(Bucket="moving-models")
+    s3 = await asyncio.to_thread(server.client, keys)  # building a boto3 client parses its service model
+    await asyncio.to_thread(s3.create_bucket, Bucket="moving-models")
     size = 8 * MIB
     old = await asyncio.to_thread(put_random, s3, "moving-models", "m.bin", size, 61)
     use_keys(monkeypatch, keys)
@@ -373,8 +374,8 @@ async def test_an_object_one_node_fetched_reaches_another_from_the_peer(
     tmp_path: Path, token_file: Path, store: tuple[MotoS3, Keys], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     server, keys = store
-    s3 = server.client(keys)
-    s3.create_bucket(Bucket="shared-models")
+    s3 = await asyncio.to_thread(server.client, keys)  # building a boto3 client parses its service model
+    await asyncio.to_thread(s3.create_bucket, Bucket="shared-models")
     size = 6 * MIB + 3
     data = await asyncio.to_thread(put_random, s3, "shared-models", "m/model.safetensors", size, 65)
     use_keys(monkeypatch, keys)
@@ -399,12 +400,8 @@ async def test_four_daemons_wanting_one_256_mib_object_read_the_store_about_once
     tmp_path: Path, token_file: Path, store: tuple[MotoS3, Keys], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     server, keys = store
-    s3 = server.client(keys)
-    s3.create_bucket(Bucket="big-models")
     size = 256 * MIB
-    data = await asyncio.to_thread(put_random, s3, "big-models", "big.safetensors", size, 71)
-    want = await asyncio.to_thread(sha, data)
-    del data
+    want = await asyncio.to_thread(put_random_elsewhere, server, keys, "big-models", "big.safetensors", size, 71)
     use_keys(monkeypatch, keys)
     async with contextlib.AsyncExitStack() as stack:
         proxy = await stack.enter_async_context(s3_proxy(server.url))

@@ -372,6 +372,35 @@ def put_random(client: Any, bucket: str, key: str, size: int, seed: int, *, sha2
     return data
 
 
+def put_random_elsewhere(server: MotoS3, keys: Keys, bucket: str, key: str, size: int, seed: int) -> str:
+    """``put_random`` in a child process; the object's SHA-256. For objects of hundreds of MiB:
+    botocore's checksum of a PUT body holds the GIL long enough to stall the test's event loop."""
+    import concurrent.futures
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        return pool.submit(_put_and_hash, server.url, keys, bucket, key, size, seed).result()
+
+
+def _put_and_hash(url: str, keys: Keys, bucket: str, key: str, size: int, seed: int) -> str:
+    import hashlib
+
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=url,
+        region_name=REGION,
+        aws_access_key_id=keys.access_key,
+        aws_secret_access_key=keys.secret_key,
+        config=Config(s3={"addressing_style": "path"}, retries={"total_max_attempts": 1}),
+    )
+    client.create_bucket(Bucket=bucket)
+    return hashlib.sha256(put_random(client, bucket, key, size, seed)).hexdigest()
+
+
 def random_bytes(size: int, seed: int) -> bytes:
     import hashlib
 
