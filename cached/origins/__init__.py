@@ -64,6 +64,16 @@ class Origin(Protocol):
         ...
 
 
+async def stream_by_ranges(origin: Origin, file: OriginFile, chunk: int = 8 << 20) -> AsyncIterator[bytes]:
+    """``file`` whole, as consecutive ``read_range`` calls: the ``stream`` of every origin whose
+    reads are ranged (only http's may be one plain GET, for servers without Range)."""
+    offset = 0
+    while offset < file.size:
+        data = await origin.read_range(file, offset, min(chunk, file.size - offset))
+        offset += len(data)
+        yield bytes(data)
+
+
 class Origins:
     """The origins of one daemon, chosen by ref kind."""
 

@@ -30,7 +30,7 @@ from yarl import URL
 
 from cached.config import HfOriginConfig, HttpOriginConfig
 from cached.errors import IntegrityError, OriginChanged, OriginDenied, OriginError, OriginNotFound
-from cached.origins import Resolution
+from cached.origins import Resolution, stream_by_ranges
 from cached.origins.http import MAX_REDIRECTS, client_error, range_error, status_error
 from cached.rangeio import Check, RangeIOError, Redirected, Sink, ThreadedRangeReader
 from cached.ranges import content_range
@@ -333,12 +333,8 @@ class HfOrigin:
 
         return check
 
-    async def stream(self, file: OriginFile) -> AsyncIterator[bytes]:
-        offset = 0
-        while offset < file.size:
-            chunk = await self.read_range(file, offset, min(_READ_CHUNK, file.size - offset))
-            offset += len(chunk)
-            yield chunk
+    def stream(self, file: OriginFile) -> AsyncIterator[bytes]:
+        return stream_by_ranges(self, file, _READ_CHUNK)
 
     async def check_unchanged(self, file: OriginFile) -> None:
         return None  # the commit pins the content; check_content proves the bytes

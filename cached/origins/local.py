@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cached.errors import CachedError, OriginChanged, OriginDenied, OriginError, OriginNotFound
-from cached.origins import Resolution
+from cached.origins import Resolution, stream_by_ranges
 from cached.rangeio import Sink
 from cached.types import ModelRef, OriginFile, validate_file_path
 
@@ -300,12 +300,8 @@ class LocalOrigin:
             raise OriginChanged(f"{path}: file shrank during import")
         return data
 
-    async def stream(self, file: OriginFile) -> AsyncIterator[bytes]:
-        offset = 0
-        while offset < file.size:
-            chunk = await self.read_range(file, offset, min(8 << 20, file.size - offset))
-            offset += len(chunk)
-            yield chunk
+    def stream(self, file: OriginFile) -> AsyncIterator[bytes]:
+        return stream_by_ranges(self, file)
 
     async def check_unchanged(self, file: OriginFile) -> None:
         try:

@@ -48,7 +48,7 @@ from yarl import URL
 
 from cached.config import HttpOriginConfig, ModelScopeOriginConfig
 from cached.errors import IntegrityError, OriginChanged, OriginDenied, OriginError, OriginNotFound
-from cached.origins import Resolution
+from cached.origins import Resolution, stream_by_ranges
 from cached.origins.hf import sha256_sync
 from cached.origins.http import MAX_REDIRECTS, client_error, range_error, status_error
 from cached.rangeio import Check, RangeIOError, Redirected, Sink, ThreadedRangeReader
@@ -313,12 +313,8 @@ class ModelScopeOrigin:
 
         return check
 
-    async def stream(self, file: OriginFile) -> AsyncIterator[bytes]:
-        offset = 0
-        while offset < file.size:
-            chunk = await self.read_range(file, offset, min(_READ_CHUNK, file.size - offset))
-            offset += len(chunk)
-            yield chunk
+    def stream(self, file: OriginFile) -> AsyncIterator[bytes]:
+        return stream_by_ranges(self, file, _READ_CHUNK)
 
     async def check_unchanged(self, file: OriginFile) -> None:
         return None  # the commit or the Sha256 pins the content; check_content proves the bytes

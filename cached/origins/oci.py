@@ -56,7 +56,7 @@ from yarl import URL
 
 from cached.config import OciOriginConfig
 from cached.errors import IntegrityError, OriginError, OriginNotFound
-from cached.origins import Resolution
+from cached.origins import Resolution, stream_by_ranges
 from cached.origins.registry import INDEX_TYPES, FetchedManifest, RegistryClient, is_digest
 from cached.rangeio import Sink
 from cached.types import ModelRef, OriginFile, RefKind, format_size, validate_file_path
@@ -593,12 +593,8 @@ class OciOrigin:
             return
         await self._client.read_into(registry, repo, digest, file.size, offset, length, sink)
 
-    async def stream(self, file: OriginFile) -> AsyncIterator[bytes]:
-        offset = 0
-        while offset < file.size:
-            chunk = await self.read_range(file, offset, min(_READ_CHUNK, file.size - offset))
-            offset += len(chunk)
-            yield bytes(chunk)
+    def stream(self, file: OriginFile) -> AsyncIterator[bytes]:
+        return stream_by_ranges(self, file, _READ_CHUNK)
 
     async def check_unchanged(self, file: OriginFile) -> None:
         return None  # a digest names the bytes; check_content proves them

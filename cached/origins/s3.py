@@ -46,7 +46,7 @@ from botocore import UNSIGNED
 
 from cached.config import HttpOriginConfig, S3OriginConfig
 from cached.errors import IntegrityError, OriginChanged, OriginDenied, OriginError, OriginNotFound
-from cached.origins import Resolution
+from cached.origins import Resolution, stream_by_ranges
 from cached.origins.http import range_error, status_error
 from cached.rangeio import Check, RangeIOError, Sink, ThreadedRangeReader
 from cached.ranges import content_range
@@ -536,12 +536,8 @@ class S3Origin:
 
         return check
 
-    async def stream(self, file: OriginFile) -> AsyncIterator[bytes]:
-        offset = 0
-        while offset < file.size:
-            chunk = await self.read_range(file, offset, min(_READ_CHUNK, file.size - offset))
-            offset += len(chunk)
-            yield chunk
+    def stream(self, file: OriginFile) -> AsyncIterator[bytes]:
+        return stream_by_ranges(self, file, _READ_CHUNK)
 
     async def check_unchanged(self, file: OriginFile) -> None:
         return None  # every GET carried If-Match, and S3 serves each GET from one version

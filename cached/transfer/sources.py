@@ -38,7 +38,9 @@ ASK_TICK_S = 0.1  # how often a want exchange looks whether a silent peer turned
 LEAVE_TIMEOUT_S = 2.0
 T = TypeVar("T")
 TELL_AT_ONCE = 16  # "piece done" messages in flight from one fetch
-ORIGIN_WINDOW = 4  # pieces of one file in flight from the origin, cluster-wide, while several nodes want it
+ORIGIN_WINDOW = (
+    4  # pieces of one file in flight from the origin per zone (cluster-wide in one zone), while several nodes want it
+)
 
 
 class PeerDirectory(Protocol):
@@ -349,12 +351,24 @@ class Swarm:
                 if n in alive:
                     claimed |= theirs
                     held |= theirs
+        everyone = [*wanters, self._dir.me]
+        unfinished = sorted(i for i in missing if i not in held)
         self._round = _Round(
             complete=complete,
-            wanters=[*wanters, self._dir.me],
+            wanters=everyone,
             claimed=frozenset(claimed),
-            unfinished=sorted(i for i in missing if i not in held),
+            unfinished=self._owned_in_zone(unfinished, everyone),
         )
+
+    def _owned_in_zone(self, unfinished: list[int], wanters: list[str]) -> list[int]:
+        """The unfinished pieces whose origin owner is in this node's zone: each zone has its own
+        origin window. A piece read across a busy zone link is slow, and with one window for the
+        cluster it held every other zone's origin reads back behind it (the two-zone run's origin
+        link idled in bursts: 1.27x its bound)."""
+        zone = self._dir.zone(self._dir.me)
+        if all(self._dir.zone(n) == zone for n in wanters):
+            return unfinished
+        return [i for i in unfinished if self._dir.zone(rank(f"{self.key}:{i}", wanters)[0]) == zone]
 
     def origin_allowed(self, index: int, refused: set[str] = frozenset()) -> bool:  # type: ignore[assignment]
         """Single-flight: may this node ask the origin for piece ``index`` now? ``refused``:
@@ -373,8 +387,8 @@ class Swarm:
             return False  # another wanter holds it or is reading it from the origin
         if rank(f"{self.key}:{index}", wanters)[0] != self._dir.me:
             return False
-        # The cluster's origin window: a piece starts only while fewer than ORIGIN_WINDOW pieces
-        # before it are unfinished everywhere, so the origin's bandwidth goes to a few pieces at a
+        # The origin window (per zone): a piece starts only while fewer than ORIGIN_WINDOW pieces
+        # before it, owned in this zone, are unfinished everywhere, so the origin's bandwidth goes to a few pieces at a
         # time, each finishes early and is relayed while the next ones come in (with every piece
         # in flight at once, all would land at the very end and only then spread).
         return len(wanters) < 2 or bisect.bisect_left(r.unfinished, index) < ORIGIN_WINDOW
@@ -404,7 +418,8 @@ class _Round:
     complete: frozenset[str]  # live peers that hold the whole blob
     wanters: list[str]  # live wanters, this node included
     claimed: frozenset[int]  # pieces other live wanters hold or are reading from the origin
-    unfinished: list[int] = dataclasses.field(default_factory=list)  # sorted: missing here and at every live peer
+    # sorted: missing here and at every live peer, and owned (origin) by a wanter of this node's zone
+    unfinished: list[int] = dataclasses.field(default_factory=list)
 
 
 def _is_hex32(d: str) -> bool:

@@ -187,6 +187,20 @@ def test_the_origin_window_lets_a_few_pieces_in_at_a_time_while_several_want_the
     assert all(alone.origin_allowed(i) for i in range(PIECES)), "alone: no window"
 
 
+def test_each_zone_has_its_own_origin_window() -> None:
+    # A piece read across a busy zone link is slow; with one window for the cluster it held the
+    # other zone's origin reads back (the origin idled in bursts).
+    zones = {"n0": "a", "n1": "a", "n2": "b", "n3": "b"}
+    swarm, directory = swarm_of("n0", NODES)
+    directory.zones = zones
+    swarm.plan_round(missing=range(PIECES))
+    owner = {i: rank(f"{KEY}:{i}", NODES)[0] for i in range(PIECES)}
+    zone_a = [i for i in range(PIECES) if zones[owner[i]] == "a"]
+    allowed = {i for i in range(PIECES) if swarm.origin_allowed(i)}
+    assert allowed == {i for i in zone_a[:4] if owner[i] == "n0"}, allowed
+    assert max(allowed) >= 4, "a piece past the first four: zone b's unfinished pieces do not hold it back"
+
+
 def test_peer_sources_list_live_partial_holders_with_their_verified_pieces_only() -> None:
     swarm, directory = swarm_of("n0", ["n0", "n1", "n2", "n3"], alive=["n1", "n2"])
     directory.view.update("n1", partial_snapshot({0: DIGEST, 3: DIGEST, 4: "not-a-digest"}, version=2))
