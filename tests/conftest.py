@@ -52,4 +52,8 @@ async def loop_guard(request: pytest.FixtureRequest):
         await asyncio.sleep(0.1)
         leftover = [t for t in leftover if not t.done()]
     assert not leftover, f"test left tasks running: {[t.get_name() for t in leftover]}"
-    assert worst[0] < BLOCK_LIMIT_S, f"the event loop was blocked for {worst[0]:.2f}s"
+    # A test that starves the CPU on purpose (busy loops beside it) names its own limit: there the
+    # scheduler, not a blocking call, keeps the loop waiting.
+    marker = request.node.get_closest_marker("cpu_starved")
+    limit = marker.args[0] if marker is not None else BLOCK_LIMIT_S
+    assert worst[0] < limit, f"the event loop was blocked for {worst[0]:.2f}s"

@@ -45,6 +45,7 @@ def busy_loops(n: int = 2) -> Iterator[list[subprocess.Popen[bytes]]]:
             p.wait(timeout=10)
 
 
+@pytest.mark.cpu_starved(5.0)
 @pytest.mark.parametrize(
     ("seed", "size", "piece"),
     [(51, 8 * MIB + 100, "256K"), (52, 16 * MIB, "1M"), (53, 24 * MIB - 7, "1M")],
@@ -110,6 +111,7 @@ def sharded_model(shard_size: int, seed: int) -> dict[str, bytes]:
     return files
 
 
+@pytest.mark.cpu_starved(5.0)
 async def test_four_nodes_fetch_a_sixteen_shard_model_reading_the_origin_once(tmp_path: Path, token_file: Path) -> None:
     files = sharded_model(MIB + 1234, seed=300)
     total = sum(len(b) for b in files.values())
