@@ -29,11 +29,10 @@ import aiohttp
 from yarl import URL
 
 from cached.config import HfOriginConfig, HttpOriginConfig
-from cached.errors import IntegrityError, OriginChanged, OriginDenied, OriginError, OriginNotFound
+from cached.errors import IntegrityError, OriginDenied, OriginError, OriginNotFound
 from cached.origins import Resolution, stream_by_ranges
-from cached.origins.http import MAX_REDIRECTS, client_error, range_error, status_error
+from cached.origins.http import MAX_REDIRECTS, check_pinned_range, client_error, range_error, status_error
 from cached.rangeio import Check, RangeIOError, Redirected, Sink, ThreadedRangeReader
-from cached.ranges import content_range
 from cached.types import ModelRef, OriginFile, validate_file_path
 
 MAX_TREE_PAGES = 1000
@@ -323,13 +322,7 @@ class HfOrigin:
                     status=status,
                     retryable=True,
                 )
-            if status == 200:
-                return  # the reader takes a 200 only as the whole file (offset 0, exact length)
-            if status != 206:
-                raise hf_error(status, headers, file.locator)
-            span = content_range(headers)
-            if span is not None and span[2] is not None and span[2] != file.size:
-                raise OriginChanged(f"{file.locator}: size changed at the hub ({file.size} -> {span[2]})")
+            check_pinned_range(status, headers, file, lambda: hf_error(status, headers, file.locator))
 
         return check
 

@@ -44,6 +44,19 @@ def status_error(status: int, url: str, reason: str = "") -> OriginError:
     return OriginError(where, status=status, retryable=retryable)
 
 
+def check_pinned_range(status: int, headers: Message, file: OriginFile, refused: Callable[[], OriginError]) -> None:
+    """A ranged answer for a file pinned by its content (a hub commit): 200 is the whole file
+    (the reader takes it only at offset 0, exact length), 206 must report the same total size;
+    any other status is ``refused()``."""
+    if status == 200:
+        return
+    if status != 206:
+        raise refused()
+    span = content_range(headers)
+    if span is not None and span[2] is not None and span[2] != file.size:
+        raise OriginChanged(f"{file.locator}: size changed at the hub ({file.size} -> {span[2]})")
+
+
 def client_error(e: BaseException, url: str) -> OriginError:
     u = URL(url)
     host = f"{u.host}:{u.port}"
