@@ -21,7 +21,9 @@ ones; only under this prefix -- the top-level ``/v2/`` is the OCI mirror's).
 
 A client that closes or resets its connection mid-body is normal: logged at debug and counted as
 ``cached_api_errors_total{code="client_closed"}``. Bytes sent are counted in
-``cached_local_served_bytes_total{api="hf"}``.
+``cached_local_served_bytes_total{api="hf"}``. Bytes of a partial go out piece by piece as they
+verify; once the file is a complete blob the rest goes by the kernel (``cached.api.blobsend``),
+from the inode opened then, so an eviction meanwhile does not cut the body.
 
 Trust boundary: whoever can reach the local API can read every file this node holds, including
 files of gated repos fetched with the daemon's token. The API listens on loopback (or a unix
@@ -45,6 +47,7 @@ from urllib.parse import quote, unquote, urlencode
 
 from aiohttp import web
 
+from cached.api.blobsend import send_blob
 from cached.errors import CachedError, OriginError, RefError
 from cached.jobs import Job, Jobs
 from cached.metrics import Metrics
@@ -556,7 +559,8 @@ class HfEndpoint:
             await resp.prepare(request)
             if request.method == "HEAD":
                 return resp
-            await self._send(resp, blob_hex, key, start, length, ModelRef.parse(self._file_ref(repo, commit, path)))
+            ref = ModelRef.parse(self._file_ref(repo, commit, path))
+            await self._send(request, resp, blob_hex, key, start, length, ref)
             await resp.write_eof()
         except ConnectionResetError as e:
             # The client went away (aria2c closing its extra connections, a cancelled
@@ -631,18 +635,25 @@ class HfEndpoint:
         self._jobs.submit(ref, Priority.HIGH, on_ready=self._absorb_job)
 
     async def _send(
-        self, resp: web.StreamResponse, blob_hex: str | None, key: str | None, start: int, length: int, ref: ModelRef
+        self,
+        request: web.Request,
+        resp: web.StreamResponse,
+        blob_hex: str | None,
+        key: str | None,
+        start: int,
+        length: int,
+        ref: ModelRef,
     ) -> None:
-        """Stream bytes [start, start+length): from the blob, or from the partial as pieces verify."""
+        """Stream bytes [start, start+length): from the partial as pieces verify, and from the
+        complete blob (by the kernel) as soon as there is one."""
         pos, end = start, start + length
         last_progress = time.monotonic()
         while pos < end:
             if blob_hex is None and key is not None:
                 blob_hex = self._store.blob_for_identity(key)
             if blob_hex is not None:
-                chunk = await self._store.read_verified(blob_hex=blob_hex, offset=pos, length=min(CHUNK, end - pos))
-                if chunk is None:
-                    raise ConnectionAbortedError("the file left this node")
+                await self._send_blob(request, resp, blob_hex, pos, end - pos)
+                return
             else:
                 # None until the piece at ``pos`` verified (or the partial finalized meanwhile:
                 # the next round reads the blob).
@@ -662,6 +673,20 @@ class HfEndpoint:
                 self._metrics.local_served_bytes.labels("hf").inc(len(chunk))
             pos += len(chunk)
             last_progress = time.monotonic()
+
+    async def _send_blob(self, request: web.Request, resp: web.StreamResponse, blob_hex: str, pos: int, n: int) -> None:
+        source = await self._store.open_verified(blob_hex=blob_hex)
+        if source is None:
+            raise ConnectionAbortedError("the file left this node")
+        count = self._metrics.local_served_bytes.labels("hf").inc if self._metrics is not None else _uncounted
+        with source:
+            sent = await send_blob(request, resp, source, pos, n, count)
+        if sent < n:
+            raise ConnectionAbortedError("file ended early")
+
+
+def _uncounted(n: int) -> None:
+    pass
 
 
 _GGUF_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")

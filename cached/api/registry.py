@@ -8,9 +8,9 @@ or fetched upstream and checked against the digest. Serving a manifest starts th
 artifact's blobs as the model ``oci://REGISTRY/NAME@DIGEST?path=/.oci`` (``origins.oci``'s
 ``MIRROR_PATH``), so they come through the swarm: peers first, the registry about once per
 cluster. A blob is served only once it is complete in the store -- every piece verified and the
-whole checked against its sha256 -- with ``Range``. Push verbs answer 405; every error is the
-spec's JSON (``{"errors": [{"code", "message", "detail"}]}``) with a 4xx (5xx only for an
-upstream that cannot be reached). It does not speak to the registry itself (``origins.registry``)
+whole checked against its sha256 -- with ``Range``, by the kernel (sendfile, ``cached.api.blobsend``).
+Push verbs answer 405; every error is the spec's JSON (``{"errors": [{"code", "message",
+"detail"}]}``) with a 4xx (5xx only for an upstream that cannot be reached). It does not speak to the registry itself (``origins.registry``)
 or fetch bytes (the jobs do).
 """
 
@@ -24,6 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
+from cached.api.blobsend import send_blob
 from cached.config import OciOriginConfig
 from cached.errors import CachedError, IntegrityError, OriginDenied, OriginError, OriginNotFound, RefError
 from cached.jobs import Jobs
@@ -32,11 +33,11 @@ from cached.origins.oci import MIRROR_PATH, blob_path, mirror_ref
 from cached.origins.registry import FetchedManifest, RegistryClient, is_digest
 from cached.ranges import parse_range, unsatisfiable
 from cached.store import Store
+from cached.store.verified import VerifiedFile
 from cached.types import JobState, ModelRef, OriginFile, Priority
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
 MAX_MANIFESTS = 512  # manifests kept in memory (by digest); the store keeps the rest
 BLOB_WAIT_S = 3600.0  # how long a blob request waits for its fetch before giving up
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
@@ -221,23 +222,41 @@ class RegistryMirror:
             headers["Content-Range"] = span.content_range
         headers["Content-Length"] = str(length)
         blob_hex = await self._verified_blob(ref, key)
+        # Opened before the headers go: a blob evicted while it streams still sends this inode.
+        source = await self._store.open_verified(blob_hex=blob_hex)
+        if source is None:
+            # It left the node between the check and the open (evicted): the fetch brings it back.
+            source = await self._store.open_verified(blob_hex=await self._verified_blob(ref, key))
+            if source is None:
+                raise MirrorError(503, "TOOMANYREQUESTS", "the blob left this node; retry")
+        with source:
+            return await self._send(request, source, digest, headers, status, start, length)
+
+    async def _send(
+        self,
+        request: web.Request,
+        source: VerifiedFile,
+        digest: str,
+        headers: dict[str, str],
+        status: int,
+        start: int,
+        length: int,
+    ) -> web.StreamResponse:
         resp = web.StreamResponse(status=status, headers=headers)
-        await resp.prepare(request)
-        if request.method == "HEAD":
-            return resp
-        pos, end = start, start + length
-        while pos < end:
-            chunk = await self._store.read_verified(blob_hex=blob_hex, offset=pos, length=min(CHUNK, end - pos))
-            if not chunk:
+        try:
+            await resp.prepare(request)
+            if request.method == "HEAD":
+                return resp
+            count = self._metrics.local_served_bytes.labels("v2").inc
+            if await send_blob(request, resp, source, start, length, count) < length:
                 # The headers are gone: cut the connection so the client sees a short body.
-                log.warning("v2 blob left the node mid-stream digest=%s", digest)
+                log.warning("v2 blob shorter than its entry digest=%s", digest)
                 if request.transport is not None:
                     request.transport.close()
                 return resp
-            await resp.write(chunk)
-            self._metrics.local_served_bytes.labels("v2").inc(len(chunk))
-            pos += len(chunk)
-        await resp.write_eof()
+            await resp.write_eof()
+        except ConnectionResetError:
+            pass  # the client went away (a cancelled pull): nothing of ours to report
         return resp
 
     def _stored_blob(self, registry: str, name: str, digest: str) -> tuple[ModelRef, int] | None:

@@ -6,8 +6,9 @@ partial blob's piece counts once its digest was recorded (``PartialBlob.done``);
 piece's bytes never change again, so a check made before a read still holds during it.
 
 A ``VerifiedFile`` holds its own descriptor: a partial that is finalized (its inode becomes the
-blob) or discarded while a reader streams from it still reads the same bytes. Reads block (pread)
-and run in a worker thread. This module does not parse Range headers (``cached.ranges``) or decide
+blob) or discarded while a reader streams from it still reads the same bytes, and so does one of a
+blob evicted meanwhile. Reads block (pread) and run in a worker thread; a complete blob's descriptor
+may also go to sendfile (``fileno``). This module does not parse Range headers (``cached.ranges``) or decide
 what to send (the API does).
 """
 
@@ -80,6 +81,16 @@ class VerifiedFile:
 
     async def read(self, pos: int, n: int) -> bytes:
         return await asyncio.to_thread(self.read_sync, pos, n)
+
+    def fileno(self) -> int:
+        """The descriptor of a complete blob, for the kernel to send from (``loop.sendfile``, which
+        runs on the event loop thread, so no worker read can outlive a close). A partial's is never
+        handed out: only its verified pieces may be read, and the kernel would not check."""
+        if self._done is not None:
+            raise StoreError("a partial blob is read through its verified pieces, not sent whole")
+        if self._fd < 0 or self._closing:
+            raise StoreError("verified file is closed")
+        return self._fd
 
     def close(self) -> None:
         with self._lock:

@@ -21,6 +21,7 @@ from yarl import URL
 from cached.types import ModelRef
 from tests.support.cluster import cluster, knows_ref_from, token_file  # noqa: F401 - token_file is a fixture
 from tests.support.node import running_daemon
+from tests.support.registry import OCI_MANIFEST as OCI
 from tests.support.registry import Registry, TokenProxy
 from tests.support.wait import wait_until
 
@@ -169,3 +170,74 @@ async def test_bad_requests_get_oci_errors_never_a_500(tmp_path: Path) -> None:
                 "GET", "/v2/models/tiny/manifests/v1", headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}
             )
             assert status == 200 and body["layers"][0]["size"] == len(WEIGHTS)
+
+
+async def test_a_blob_goes_out_by_the_kernel_byte_identical_with_its_headers_and_counted_exactly(
+    tmp_path: Path,
+) -> None:
+    async with Registry(tmp_path / "reg") as reg:
+        await push(reg)
+        layer = "sha256:" + hashlib.sha256(WEIGHTS).hexdigest()
+        flags = {"origins.oci.plain_http": [reg.host], "origins.oci.default_registry": reg.host}
+        async with running_daemon(tmp_path / "node", **flags) as d, aiohttp.ClientSession() as s:
+            api, blob = d.api_address, f"{d.api_address}/v2/models/tiny/blobs/{layer}"
+            async with s.get(f"{api}/v2/models/tiny/manifests/v1", headers={"Accept": OCI}) as r:
+                assert r.status == 200  # the mirror learns the layer and starts its fetch
+
+            before = await served(api)
+            async with s.get(blob) as r:
+                body, headers = await r.read(), r.headers
+            assert r.status == 200 and body == WEIGHTS
+            assert headers["Docker-Content-Digest"] == layer and headers["ETag"] == f'"{layer}"'
+            assert headers["Content-Type"] == "application/octet-stream" and headers["Accept-Ranges"] == "bytes"
+            assert headers["Docker-Distribution-API-Version"] == "registry/2.0"
+            assert headers["Content-Length"] == str(len(WEIGHTS))
+            assert await served(api) - before == len(WEIGHTS)
+
+            before = await served(api)
+            async with s.get(blob, headers={"Range": "bytes=1000-2100000"}) as r:
+                part, headers = await r.read(), r.headers
+            assert r.status == 206 and part == WEIGHTS[1000:2100001]
+            assert headers["Content-Range"] == f"bytes 1000-2100000/{len(WEIGHTS)}"
+            assert headers["Content-Length"] == str(len(part)) and headers["ETag"] == f'"{layer}"'
+            assert await served(api) - before == len(part)
+
+            async with s.get(blob, headers={"Range": "bytes=-5"}) as r:  # a suffix: the last five bytes
+                assert r.status == 206 and await r.read() == WEIGHTS[-5:]
+            async with s.head(blob) as r:
+                assert r.status == 200 and r.headers["Content-Length"] == str(len(WEIGHTS)) and not await r.read()
+            async with s.get(blob, headers={"Range": f"bytes={len(WEIGHTS)}-"}) as r:
+                assert r.status == 416 and r.headers["Content-Range"] == f"bytes */{len(WEIGHTS)}"
+            before = await served(api)
+            async with s.head(blob) as r:
+                assert r.status == 200
+            assert await served(api) == before  # a HEAD sends no bytes
+
+
+async def test_a_blob_evicted_while_it_streams_still_sends_its_own_bytes(tmp_path: Path) -> None:
+    # Larger than what the kernel's socket buffers and the client's reader hold between them, so
+    # the server is still sending when the blob leaves the store.
+    big = hashlib.sha256(b"seed").digest() * (40 << 15)  # 40 MiB
+    async with Registry(tmp_path / "reg") as reg:
+        digest, _ = await reg.push_artifact("models/big", "v1", [(big, RAW, {"org.cncf.model.filepath": "m.bin"})])
+        layer = "sha256:" + hashlib.sha256(big).hexdigest()
+        flags = {"origins.oci.plain_http": [reg.host], "origins.oci.default_registry": reg.host}
+        async with running_daemon(tmp_path / "node", **flags) as d, aiohttp.ClientSession() as s:
+            api = d.api_address
+            async with s.get(f"{api}/v2/models/big/manifests/v1", headers={"Accept": OCI}) as r:
+                assert r.status == 200
+            ref = ModelRef.parse(f"oci://{reg.host}/models/big@{digest}?path=/.oci")
+            before = await served(api)
+            async with s.get(f"{api}/v2/models/big/blobs/{layer}") as r:
+                assert r.status == 200
+                head = await r.content.readexactly(1 << 20)
+                rec = d.store.model(ref)
+                assert rec is not None
+                blob_hex = next(f.blob.hex for f in rec.manifest.files if f.size == len(big))
+                async with s.post(f"{api}/v1/evict", json={"ref": ref.canonical}) as e:
+                    assert e.status == 200, await e.text()
+                assert not d.store.blob_path(blob_hex).exists() and d.store.model(ref) is None
+                assert await served(api) - before < len(big)  # the body was still on its way
+                rest = await r.read()
+            assert head + rest == big
+            assert await served(api) - before == len(big)
