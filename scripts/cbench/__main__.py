@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         default="cached,torrent,direct",
-        help="which methods, in this order (default cached,torrent,direct)",
+        help="which methods, in this order (default cached,torrent,direct; --scenario oci: cached is the "
+        "mirror, torrent is skipped, so --methods cached is a mirror-only run)",
     )
     p.add_argument("--origin-rate", type=parse_rate, default=parse_rate("200mbit"))
     p.add_argument("--node-rate", type=parse_rate, default=parse_rate("1gbit"))
