@@ -38,6 +38,11 @@ class Metrics:
             ["scope"],
             registry=r,
         )
+        self.origin_handovers = Counter(
+            "cached_origin_handovers",
+            "Origin pieces this node owned and handed, unstarted, to a node of another zone that asked.",
+            registry=r,
+        )
         self.piece_verify_failures = Counter(
             "cached_piece_verify_failures", "Pieces whose BLAKE3 did not match, by source.", ["source"], registry=r
         )

@@ -209,6 +209,8 @@ class PeerApi:
             self._metrics.gossip_errors.labels("malformed").inc()
             return web.json_response({"error": "bad_request", "message": str(e)[:200]}, status=400)
         answer = self._wants.receive(request[_SIGNED].node_id, msg)
+        if answer.granted:
+            self._metrics.origin_handovers.inc()
         if not answer.wants:
             # Not fetching it, but it may hold it (finished a moment ago): the asker must not read
             # those pieces from the origin while gossip has not told it yet.

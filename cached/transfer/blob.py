@@ -274,6 +274,11 @@ class BlobFetcher:
                     if a.source != ORIGIN:
                         self._count_peer_request(a.source, t)
                     tasks[t] = (a.piece, a.source)
+                if swarm is not None and load.get(ORIGIN, 0) == 0 and all(a.source != ORIGIN for a in plan):
+                    # Our origin slot is idle: with zones, the other zone's last pieces may be ours.
+                    candidate = swarm.steal_candidate(streaming)
+                    if candidate is not None and await swarm.steal(*candidate):
+                        continue  # plan again: the piece handed over is ours to read
                 if not tasks:
                     # Nothing to ask anyone right now (pieces owned by a peer still fetching them):
                     # look again shortly, as the peers' holdings move on.

@@ -12,8 +12,9 @@ its rendezvous owner among the live wanters, and never when another wanter claim
 others take it from peers once it is verified. Nothing waits on a clock: a node that is alone
 starts at once. A wanter that dies is dropped by membership, one that gives up says so; when this
 node has waited ``stall_timeout_s`` with nothing to do, it asks the owners again (``recheck``)
-rather than guessing from their progress. This module holds no sockets of its own; reads go
-through ``PeerClient``.
+rather than guessing from their progress. With zones, a node whose zone has no origin piece
+left to start asks another zone's owner to hand one over (``steal_candidate``, ``steal``). This
+module holds no sockets of its own; reads go through ``PeerClient``.
 """
 
 from __future__ import annotations
@@ -115,6 +116,8 @@ class Swarm:
         self._round: _Round | None = None  # who is alive and wants the file, as of this planning round
         self._telling: set[asyncio.Task[None]] = set()  # "piece done" messages on their way
         self._tell_slots = asyncio.Semaphore(TELL_AT_ONCE)
+        self._granted: set[int] = set()  # pieces another zone's owner handed to this node
+        self._not_granted: set[int] = set()  # asked for and refused (or no answer): not asked again
 
     @property
     def client(self) -> PeerClient:
@@ -358,6 +361,7 @@ class Swarm:
             wanters=everyone,
             claimed=frozenset(claimed),
             unfinished=self._owned_in_zone(unfinished, everyone),
+            unheld=unfinished,
         )
 
     def _owned_in_zone(self, unfinished: list[int], wanters: list[str]) -> list[int]:
@@ -382,6 +386,8 @@ class Swarm:
             assert r is not None
         if r.complete - refused:
             return False  # a live peer has it all: no reason to touch the origin
+        if index in self._granted:
+            return True  # its owner handed it over: nobody else starts it
         wanters = [n for n in r.wanters if n not in refused]
         if index in r.claimed and not (refused and self._claimed_only_by(index, refused)):
             return False  # another wanter holds it or is reading it from the origin
@@ -392,6 +398,51 @@ class Swarm:
         # time, each finishes early and is relayed while the next ones come in (with every piece
         # in flight at once, all would land at the very end and only then spread).
         return len(wanters) < 2 or bisect.bisect_left(r.unfinished, index) < ORIGIN_WINDOW
+
+    def steal_candidate(self, busy: Iterable[int] = ()) -> tuple[int, str] | None:
+        """A piece to ask another zone's owner for, and that owner: only once every origin piece
+        owned in this node's zone is started or done (so each zone reads its own share first), the
+        last unstarted piece of another zone's share (its owner reads from the front, so the two
+        rarely want the same one). None without zones, or when nothing is left to take."""
+        r = self._round
+        if r is None or self._want is None or r.complete or len(r.wanters) < 2:
+            return None
+        zone = self._dir.zone(self._dir.me)
+        if all(self._dir.zone(n) == zone for n in r.wanters):
+            return None
+        mine = self._want.claimed
+        if any(i not in r.claimed and i not in mine for i in r.unfinished):
+            return None  # this zone still has pieces of its own to start
+        skip = r.claimed | mine | self._not_granted | frozenset(busy)
+        for i in reversed(r.unheld):
+            if i in skip:
+                continue
+            owner = rank(f"{self.key}:{i}", r.wanters)[0]
+            if self._dir.zone(owner) != zone:
+                return i, owner
+        return None
+
+    async def steal(self, index: int, owner: str) -> bool:
+        """Ask ``owner`` to hand piece ``index`` over (``transfer.wants``). True: it is this node's
+        to read from the origin now."""
+        address = dict(self._dir.alive()).get(owner)
+        if self._wants is None or self._want is None or address is None:
+            return False
+        self._not_granted.add(index)  # one question per piece, whatever the answer
+        asked_at = self._wants.clock()
+        body = self._wants.message(self.key, steal=index).to_json()
+        try:
+            answer = WantAnswer.from_json(await asyncio.wait_for(self._dir.client.want(address, body), LEAVE_TIMEOUT_S))
+        except Exception:  # noqa: BLE001 - no answer is no: the owner keeps its piece
+            return False
+        if answer.key != self.key:
+            return False
+        self._wants.take_answer(owner, answer, asked_at)
+        if not answer.granted or self._want is None:
+            return False
+        self._granted.add(index)
+        self.claim(index)
+        return True
 
     def _claimed_only_by(self, index: int, refused: set[str]) -> bool:
         if self._want is None:
@@ -420,6 +471,7 @@ class _Round:
     claimed: frozenset[int]  # pieces other live wanters hold or are reading from the origin
     # sorted: missing here and at every live peer, and owned (origin) by a wanter of this node's zone
     unfinished: list[int] = dataclasses.field(default_factory=list)
+    unheld: list[int] = dataclasses.field(default_factory=list)  # the same, whoever owns them
 
 
 def _is_hex32(d: str) -> bool:

@@ -19,6 +19,15 @@ that learns of a newcomer does so atomically with telling it its claims, and fro
 only pieces it owns in a set that includes the newcomer; adding a node to a rendezvous set only
 moves pieces to that node; so two nodes never both start the same piece from the origin.
 
+A piece changes hands only with its owner's consent: a node whose own zone has no piece left to
+start may ask the owner of a piece nobody has started for it (``steal``, answered ``granted``). The
+owner decides when the message arrives, in one step: granted only if it has not started the piece
+and nobody it knows holds, reads or was handed it; from then on the piece is the asker's claim.
+With zones, the zone whose origin reads are faster (its link to the origin is not shared with the
+pulls across the zone boundary) thereby takes over the slower zone's last pieces instead of
+leaving the origin idle. One window is not covered: a newcomer that became the piece's owner in
+the same round trip may start it too (a piece read twice, never wrong bytes).
+
 A wanter leaves with ``want: false`` (its fetch ended); one that dies is dropped by membership.
 This module is bookkeeping only (no I/O, clock injected); ``transfer.sources.Swarm`` sends the
 messages through ``PeerClient`` and the peer API hands incoming ones to ``Wants.receive``.
@@ -71,9 +80,10 @@ class WantMessage:
     piece_size: int
     claimed: frozenset[int]
     done: Mapping[int, bytes] = field(default_factory=dict)  # pieces just verified: index -> BLAKE3
+    steal: int | None = None  # asks the receiver, the piece's origin owner, to hand this piece over
 
     def to_json(self) -> dict[str, Any]:
-        out = {
+        out: dict[str, Any] = {
             "key": self.key,
             "want": self.want,
             "size": self.size,
@@ -82,6 +92,8 @@ class WantMessage:
         }
         if self.done:
             out["done"] = {str(i): d.hex() for i, d in self.done.items()}
+        if self.steal is not None:
+            out["steal"] = self.steal
         return out
 
     @classmethod
@@ -97,7 +109,10 @@ class WantMessage:
         for name, n in (("size", size), ("piece_size", piece_size)):
             if type(n) is not int or not 0 <= n < 2**63:
                 raise ValueError(f"want message: {name} must be a non-negative integer")
-        return cls(key, want, size, piece_size, _claims(d.get("claimed")), _done(d.get("done")))
+        steal = d.get("steal")
+        if steal is not None and not (type(steal) is int and 0 <= steal < MAX_PIECES):
+            raise ValueError("want message: steal must be a piece index (an integer >= 0)")
+        return cls(key, want, size, piece_size, _claims(d.get("claimed")), _done(d.get("done")), steal)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,15 +120,22 @@ class WantAnswer:
     key: str
     wants: bool
     claimed: frozenset[int]
+    granted: bool | None = None  # the answer to a ``steal``; None when none was asked
 
     def to_json(self) -> dict[str, Any]:
-        return {"key": self.key, "wants": self.wants, "claimed": sorted(self.claimed)}
+        out: dict[str, Any] = {"key": self.key, "wants": self.wants, "claimed": sorted(self.claimed)}
+        if self.granted is not None:
+            out["granted"] = self.granted
+        return out
 
     @classmethod
     def from_json(cls, d: Any) -> WantAnswer:
         if not isinstance(d, Mapping) or not isinstance(d.get("key"), str) or not isinstance(d.get("wants"), bool):
             raise ValueError("want answer: expected {key, wants, claimed}")
-        return cls(d["key"], d["wants"], _claims(d.get("claimed")))
+        granted = d.get("granted")
+        if granted is not None and not isinstance(granted, bool):
+            raise ValueError("want answer: granted must be true or false")
+        return cls(d["key"], d["wants"], _claims(d.get("claimed")), granted)
 
 
 def _done(raw: Any) -> dict[int, bytes]:
@@ -180,14 +202,20 @@ class Wants:
         return self._mine.get(key)
 
     def message(
-        self, key: str, *, want: bool = True, held: Iterable[int] = (), done: Mapping[int, bytes] | None = None
+        self,
+        key: str,
+        *,
+        want: bool = True,
+        held: Iterable[int] = (),
+        done: Mapping[int, bytes] | None = None,
+        steal: int | None = None,
     ) -> WantMessage:
         """Our message about ``key``: our claims while we want it (and ``done``, pieces just
-        verified), else what we hold."""
+        verified; ``steal``, a piece we ask its owner for), else what we hold."""
         w = self._mine.get(key)
         if w is None:
             return WantMessage(key, want, 0, 0, frozenset(held))
-        return WantMessage(key, want, w.size, w.piece_size, frozenset(w.claimed), dict(done or {}))
+        return WantMessage(key, want, w.size, w.piece_size, frozenset(w.claimed), dict(done or {}), steal)
 
     def take_answer(self, sender: str, answer: WantAnswer, asked_at: float) -> None:
         """``sender``'s answer to the message we sent at ``asked_at``."""
@@ -234,8 +262,22 @@ class Wants:
         if w is None:
             if not others:
                 self._heard.pop(msg.key, None)
-            return WantAnswer(msg.key, False, frozenset())
-        return WantAnswer(msg.key, True, frozenset(w.claimed))
+            return WantAnswer(msg.key, False, frozenset(), None if msg.steal is None else False)
+        granted = None if msg.steal is None else (msg.want and self._hand_over(w, sender, msg.steal))
+        return WantAnswer(msg.key, True, frozenset(w.claimed), granted)
+
+    @staticmethod
+    def _hand_over(w: Want, sender: str, index: int) -> bool:
+        """``sender`` asks for piece ``index``, which it computed is ours to read from the origin.
+        Granted only if nobody we know holds, reads or was handed it; from then on it is the
+        sender's claim, so neither we nor a later asker start it. Deciding here, in one step of
+        the event loop, is what keeps a handed-over piece single-flight."""
+        if index in w.claimed or any(index in h for h in w.holders.values()):
+            return False
+        if any(index in p.claimed or index in p.done for n, p in w.others.items() if n != sender):
+            return False
+        w.others[sender].claimed.add(index)
+        return True
 
     def _heard_for(self, key: str, now: float) -> dict[str, PeerWant]:
         self._trim(now)

@@ -57,6 +57,10 @@ async def measuring(res: MethodResult, timeout: float) -> AsyncIterator[None]:
         t0 = res.extra.get("t_go", samples[0][0] if samples else 0.0)
         base = samples[0][1].get("s-origin", (0, 0))[0] if samples else 0
         res.samples = [(t - t0, c.get("s-origin", (0, 0))[0] - base) for t, c in samples]
+        if samples and "s-zone-a" in samples[0][1]:
+            # The zone link's egress towards zone b (tx of its zone-a end): what crossed into b.
+            zb = samples[0][1]["s-zone-a"][1]
+            res.extra["into_zone_b"] = [(t - t0, c.get("s-zone-a", (0, 0))[1] - zb) for t, c in samples]
         if samples:
             res.origin_wire = res.samples[-1][1]
             first, last = samples[0][1], samples[-1][1]

@@ -204,15 +204,21 @@ def draw_completion(ax: Any, shown: list[MethodResult], colors: dict[str, str], 
     ax.legend(fontsize=8)
 
 
+def rates_of(pts: list[tuple[float, int]]) -> tuple[list[float], list[float]]:
+    """(mid time, Mbit/s) between consecutive samples of a byte counter."""
+    ts, rates = [], []
+    for (t0, b0), (t1, b1) in zip(pts, pts[1:]):
+        if t1 > t0:
+            ts.append((t0 + t1) / 2)
+            rates.append((b1 - b0) * 8 / (t1 - t0) / 1e6)
+    return ts, rates
+
+
 def draw_throughput(ax: Any, shown: list[MethodResult], colors: dict[str, str], a: argparse.Namespace) -> None:
-    """The origin's sending rate over time, from the sampled link counter."""
+    """The origin's sending rate over time, from the sampled link counter (and, with zones, the
+    zone link's rate into zone b, dashed)."""
     for r in shown:
-        pts = r.samples
-        ts, rates = [], []
-        for (t0, b0), (t1, b1) in zip(pts, pts[1:]):
-            if t1 > t0:
-                ts.append((t0 + t1) / 2)
-                rates.append((b1 - b0) * 8 / (t1 - t0) / 1e6)
+        ts, rates = rates_of(r.samples)
         ax.plot(
             ts,
             rates,
@@ -220,6 +226,9 @@ def draw_throughput(ax: Any, shown: list[MethodResult], colors: dict[str, str], 
             lw=1.2,
             label=f"{r.name}: origin sent {r.origin_wire / a.size:.2f}x model (wire)",
         )
+        if r.extra.get("into_zone_b"):
+            ts, rates = rates_of(r.extra["into_zone_b"])
+            ax.plot(ts, rates, color=colors[r.name], lw=0.9, ls="--", label=f"{r.name}: zone link into zone b")
     ax.axhline(a.origin_rate / 1e6, color="black", ls="--", lw=1, label="origin link rate")
     ax.set_xlabel("s since start")
     ax.set_ylabel("origin throughput, Mbit/s")

@@ -91,6 +91,8 @@ def test_askers_are_remembered_for_a_file_not_wanted_yet_and_released_wants_are_
         {"key": KEY, "want": True, "size": 1, "piece_size": 1, "claimed": "all"},
         {"key": KEY, "want": True, "size": 1, "piece_size": 1, "done": {"0": "zz"}},
         {"key": KEY, "want": True, "size": 1, "piece_size": 1, "done": {"-1": "ab" * 32}},
+        {"key": KEY, "want": True, "size": 1, "piece_size": 1, "steal": -1},
+        {"key": KEY, "want": True, "size": 1, "piece_size": 1, "steal": "7"},
     ],
 )
 def test_malformed_messages_are_refused(body: dict) -> None:
@@ -101,3 +103,9 @@ def test_malformed_messages_are_refused(body: dict) -> None:
 def test_a_message_round_trips() -> None:
     m = WantMessage(KEY, True, SIZE, PIECE, frozenset({1, 2}), {3: b"\xab" * 32})
     assert WantMessage.from_json(m.to_json()) == m
+    asked = WantMessage(KEY, True, SIZE, PIECE, frozenset(), steal=9)
+    assert WantMessage.from_json(asked.to_json()) == asked
+    answer = WantAnswer(KEY, True, frozenset({1}), granted=True)
+    assert WantAnswer.from_json(answer.to_json()) == answer
+    with pytest.raises(ValueError):
+        WantAnswer.from_json({"key": KEY, "wants": True, "granted": "yes"})

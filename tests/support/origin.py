@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import hashlib
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,8 @@ class Faults:
     no_head: bool = False  # HEAD answers 405
     rate_bps: int | None = None  # throttle each body to about this many bytes per second
     change_after_gets: int | None = None  # after N GETs, pretend the file changed (new ETag)
+    # awaited with the range's first byte before a GET's body: a test holds back the ranges it chooses
+    gate: Callable[[int], Awaitable[None]] | None = None
 
 
 @dataclass
@@ -148,6 +151,8 @@ class Origin:
             return resp
         if f.delay_s:
             await asyncio.sleep(f.delay_s)
+        if f.gate is not None:
+            await f.gate(start)
         await resp.prepare(request)
         limit = length
         truncate = f.truncate_after is not None and f.truncate_times > 0

@@ -10,6 +10,7 @@ blob's piece table is accepted only if it hashes to the blob id.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from cached.peers.holdings import HoldingsView
 from cached.placement import rank
 from cached.store.partial import PartialBlob, PieceLogHeader, decode_piece_log, encode_piece_log
 from cached.transfer.sources import Swarm, parse_piece_table
-from cached.transfer.wants import WantAnswer, Wants
+from cached.transfer.wants import WantAnswer, WantMessage, Wants
 from cached.types import piece_count
 
 KEY = "k" * 64
@@ -241,6 +242,110 @@ def test_a_piece_held_only_in_another_zone_is_pulled_across_by_one_node_of_the_z
         assert src.cross_zone
         pulls[me] = src.pieces
     assert pulls["n0"] | pulls["n1"] == frozenset(range(8)) and not pulls["n0"] & pulls["n1"], pulls
+
+
+# --- hand-over across zones --------------------------------------------------------------------------
+
+
+class Exchange:
+    """``PeerClient.want`` between in-process registries: each node's ``Wants`` answers the
+    message it is sent, as the peer API does."""
+
+    def __init__(self, directory: FakeDirectory, registries: dict[str, Wants]) -> None:
+        self.directory = directory
+        self.registries = registries
+
+    async def want(self, address: str, body: dict) -> dict:
+        node = {a: n for n, a in self.directory.alive()}[address]
+        msg = WantMessage.from_json({**body, "key": "0" * 64})  # checked as the peer API does (KEY is not hex)
+        answer = self.registries[node].receive(self.directory.me, dataclasses.replace(msg, key=body["key"]))
+        return answer.to_json()
+
+
+ZONES = {"n0": "a", "n1": "a", "n2": "b", "n3": "b"}
+
+
+def zoned_swarms() -> dict[str, tuple[Swarm, FakeDirectory]]:
+    out = {}
+    for n in NODES:
+        swarm, directory = swarm_of(n, NODES)
+        directory.zones = ZONES
+        out[n] = (swarm, directory)
+    registries = {n: s._wants for n, (s, _) in out.items()}
+    for _, directory in out.values():
+        directory.client = Exchange(directory, registries)  # type: ignore[assignment]
+    return out
+
+
+def owners() -> dict[int, str]:
+    return {i: rank(f"{KEY}:{i}", NODES)[0] for i in range(PIECES)}
+
+
+def test_no_hand_over_while_the_zone_has_pieces_of_its_own_to_start_nor_without_zones() -> None:
+    swarm, _ = zoned_swarms()["n0"]
+    swarm.plan_round(missing=range(PIECES))
+    assert swarm.steal_candidate() is None, "zone a's own share is not started yet"
+    plain, _ = swarm_of("n0", NODES)
+    zone_a = [i for i, o in owners().items() if ZONES[o] == "a"]
+    plain._want.claimed.update(zone_a)  # type: ignore[union-attr]
+    plain.plan_round(missing=range(PIECES))
+    assert plain.steal_candidate() is None, "one zone: the origin window does the sharing"
+
+
+async def test_a_zone_done_with_its_share_takes_the_other_zones_last_piece_and_its_owner_never_reads_it() -> None:
+    swarms = zoned_swarms()
+    own = owners()
+    zone_a = {i for i, o in own.items() if ZONES[o] == "a"}
+    n0, _ = swarms["n0"]
+    n0._want.claimed.update(zone_a)  # type: ignore[union-attr] - every piece of zone a started
+    n0.plan_round(missing=range(PIECES))
+    candidate = n0.steal_candidate()
+    assert candidate is not None
+    index, owner = candidate
+    assert index == max(i for i in range(PIECES) if ZONES[own[i]] == "b"), "the last piece of zone b's share"
+    assert owner == own[index]
+    assert await n0.steal(index, owner)
+    n0.plan_round(missing=range(PIECES))
+    assert n0.origin_allowed(index), "handed over: n0 reads it"
+    theirs, _ = swarms[owner]
+    theirs.plan_round(missing=range(PIECES))
+    assert not theirs.origin_allowed(index), "the owner no longer does"
+    # A second asker is refused: the piece is n0's now.
+    n1, _ = swarms["n1"]
+    n1._want.claimed.update(zone_a)  # type: ignore[union-attr]
+    assert not await n1.steal(index, owner)
+    n1.plan_round(missing=range(PIECES))
+    assert not n1.origin_allowed(index)
+    assert n1.steal_candidate() != (index, owner), "a refused piece is not asked for again"
+
+
+async def test_an_owner_that_started_the_piece_refuses_to_hand_it_over() -> None:
+    swarms = zoned_swarms()
+    own = owners()
+    index = max(i for i in range(PIECES) if ZONES[own[i]] == "b")
+    theirs, _ = swarms[own[index]]
+    theirs.claim(index)  # the owner started it before the question arrived
+    n0, _ = swarms["n0"]
+    n0.plan_round(missing=range(PIECES))
+    assert not await n0.steal(index, own[index])
+    n0.plan_round(missing=range(PIECES))
+    assert not n0.origin_allowed(index)
+
+
+def test_a_hand_over_is_granted_once_and_never_for_a_piece_someone_holds() -> None:
+    owner = Wants()
+    owner.register(KEY, SIZE, PIECE, held=[0])
+    ask = lambda who, i: owner.receive(who, WantMessage(KEY, True, SIZE, PIECE, frozenset(), steal=i))  # noqa: E731
+    assert ask("x", 0).granted is False, "the owner holds it"
+    owner.receive("y", WantMessage(KEY, True, SIZE, PIECE, frozenset()))
+    owner.receive("y", WantMessage(KEY, True, SIZE, PIECE, frozenset(), {2: b"\x01" * 32}))
+    assert ask("x", 2).granted is False, "another wanter told us it verified it"
+    assert ask("x", 5).granted is True
+    assert ask("z", 5).granted is False, "already handed to x"
+    assert 5 in owner.get(KEY).others["x"].claimed  # type: ignore[union-attr]
+    assert owner.receive("y", WantMessage(KEY, True, SIZE, PIECE, frozenset())).granted is None, "nothing asked"
+    stranger = Wants()
+    assert stranger.receive("x", WantMessage(KEY, True, SIZE, PIECE, frozenset(), steal=5)).granted is False
 
 
 # --- piece tables ---------------------------------------------------------------------------------------
