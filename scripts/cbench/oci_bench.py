@@ -13,9 +13,11 @@ config -- is written as an OCI layout and pushed with ``skopeo copy`` from insid
            ``skopeo copy docker://127.0.0.1:7070/models/big:v1 oci:DIR`` at once.
   direct   every node runs ``skopeo copy docker://198.18.0.1:5000/models/big:v1 oci:DIR`` at once.
 
-  client floor  before either, with no server at all: every node namespace runs
-           ``skopeo copy oci:LAYOUT:v1 oci:DIR`` at once from the pushed layout on local disk;
-           its wall time is what N concurrent skopeo copies of the artifact cost this machine.
+  client floor  before either, with no network: every node namespace runs its own
+           ``docker-registry`` on its loopback (127.0.0.1:5001) over its own copy of the pushed
+           storage (N distinct files, as N mirrors serve N blobs), and every
+           node runs ``skopeo copy docker://127.0.0.1:5001/models/big:v1 oci:DIR`` at once: what N
+           concurrent pulls of the artifact from a local registry cost this machine's CPUs.
 
 ``--methods`` picks the methods (``cached`` = mirror, ``direct``; default both; ``torrent`` has no
 meaning here and is skipped): ``--methods cached`` is a quick run without the direct pull.
@@ -51,6 +53,7 @@ from cbench.common import ORIGIN_IP, ORIGIN_NS, PEER_PORT, REPO, fmt_size, log, 
 from cbench.netns import our_namespaces, setup_network, switch_counters, teardown_network
 
 REGISTRY = f"{ORIGIN_IP}:5000"
+LOCAL_REGISTRY = "127.0.0.1:5001"  # the client floor's registry, on each node's own loopback
 MIRROR = "127.0.0.1:7070"  # each node's own loopback, inside its namespace
 IMAGE = "models/big:v1"
 CONFIG = b'{"descriptor": {"name": "cbench"}}'
@@ -124,28 +127,33 @@ def write_layout(root: Path, size: int) -> str:
     return layer
 
 
-def start_registry(work: Path) -> subprocess.Popen[bytes]:
+def start_registry(
+    work: Path, ns: str = ORIGIN_NS, addr: str = REGISTRY, fresh: bool = True, name: str = "registry"
+) -> subprocess.Popen[bytes]:
+    """``docker-registry`` in namespace ``ns`` on ``addr``, storage under WORKDIR/``name`` (made
+    empty when ``fresh``; the client floor's registries serve copies of what the push stored)."""
     binary = shutil.which("docker-registry") or shutil.which("registry")
     if binary is None:
         raise SystemExit("bench-cluster oci: docker-registry not found (apt-get install docker-registry)")
-    root = work / "registry"
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
-    conf = root / "config.yml"
+    root = work / name
+    if fresh:
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+    conf = root / f"config-{ns}.yml"
     conf.write_text(
         "version: 0.1\nlog:\n  level: warn\n"
         f"storage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n"
-        f"http:\n  addr: {REGISTRY}\n"
+        f"http:\n  addr: {addr}\n"
     )
-    logf = open(work / "logs" / "registry.log", "wb")  # noqa: SIM115 - inherited by the child
-    proc = subprocess.Popen(["ip", "netns", "exec", ORIGIN_NS, binary, "serve", str(conf)], stdout=logf, stderr=logf)
+    logf = open(work / "logs" / f"registry-{ns}.log", "wb")  # noqa: SIM115 - inherited by the child
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, binary, "serve", str(conf)], stdout=logf, stderr=logf)
     for _ in range(200):  # 20 s at most
-        if ns_run(ORIGIN_NS, "curl", "-sf", f"http://{REGISTRY}/v2/", timeout=10).returncode == 0:
+        if ns_run(ns, "curl", "-sf", f"http://{addr}/v2/", timeout=10).returncode == 0:
             return proc
         if proc.poll() is not None:
             break
         time.sleep(0.1)
-    raise RuntimeError(f"the registry did not start; see {work / 'logs' / 'registry.log'}")
+    raise RuntimeError(f"the registry did not start; see {work / 'logs' / f'registry-{ns}.log'}")
 
 
 def push(layout: Path) -> None:
@@ -236,6 +244,9 @@ def pull_all(a: argparse.Namespace, source: str, out: Path, layer: str, res: Res
     method's times, bytes and verdict into ``res``."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    # What earlier steps wrote (the push, the floor's registry copies) is flushed first, so its
+    # writeback does not land in this measurement.
+    os.sync()
     before = origin_sent()
     t0 = time.monotonic()
     procs = []
@@ -316,8 +327,8 @@ def report(a: argparse.Namespace, results: list[Result], floor: Result | None = 
     rows.append("")
     if floor is not None:
         rows.append(
-            f"client floor: {a.nodes} concurrent `skopeo copy oci:LAYOUT oci:DIR` from one local layout, no "
-            f"network and no server: {floor.wall_s:.1f} s ({'ok' if floor.ok else 'FAILED'})"
+            f"client floor: {a.nodes} concurrent `skopeo copy` pulls, each from a docker-registry on its "
+            f"node's own loopback (no network): {floor.wall_s:.1f} s ({'ok' if floor.ok else 'FAILED'})"
         )
         rows.append(
             "second bound (mirror): network bound + client floor. The mirror serves a blob only once it is "
@@ -363,12 +374,26 @@ def run_oci(a: argparse.Namespace) -> int:
         setup_network(a.nodes, a.origin_rate, a.node_rate)
         registry = start_registry(a.workdir)
         push(work / "layout")
-        if "mirror" in methods:
-            # The same N concurrent copies with neither network nor server: the clients' own cost.
-            floor = Result("client floor (local layout)")
-            log("oci: client floor (every node copies the local layout at once)")
-            pull_all(a, f"oci:{work / 'layout'}:{IMAGE.split(':')[1]}", work / "out", layer, floor)
         shutil.rmtree(work / "layout", ignore_errors=True)
+        if "mirror" in methods:
+            # The same N concurrent pulls, each from a registry on its node's own loopback: what the
+            # clients (and a fast local server) cost this machine, with no network in the way.
+            local = []
+            try:
+                for i in range(1, a.nodes + 1):
+                    # Each node serves its own copy, as each mirror serves its own store's blob:
+                    # N distinct files in the page cache, not one shared file.
+                    copy = a.workdir / f"registry-n{i}"
+                    shutil.rmtree(copy, ignore_errors=True)
+                    shutil.copytree(a.workdir / "registry" / "data", copy / "data")
+                    local.append(start_registry(a.workdir, node_ns(i), LOCAL_REGISTRY, fresh=False, name=copy.name))
+                floor = Result("client floor (local registries)")
+                log("oci: client floor (every node pulls from a registry on its own loopback, at once)")
+                pull_all(a, f"docker://{LOCAL_REGISTRY}/{IMAGE}", work / "out", layer, floor)
+            finally:
+                stop(local)
+                for i in range(1, a.nodes + 1):
+                    shutil.rmtree(a.workdir / f"registry-n{i}", ignore_errors=True)
         for method in methods:
             if method == "mirror":
                 log("oci: starting cached daemons")

@@ -23,7 +23,7 @@ def args(methods: list[str]) -> argparse.Namespace:
 
 
 def test_the_mirror_row_has_both_bounds_and_the_direct_row_only_the_network_one() -> None:
-    floor = Result("client floor (local layout)", ok=True, wall_s=26.3)
+    floor = Result("client floor (local registries)", ok=True, wall_s=26.3)
     mirror = Result("mirror (cached)", ok=True, wall_s=88.5, lower_bound_s=42.9, client_floor_s=26.3)
     mirror.registry_wire, mirror.node_s = GIB, [80.0, 88.5]
     direct = Result("direct (registry)", ok=True, wall_s=350.0, lower_bound_s=343.6, registry_wire=8 * GIB)
