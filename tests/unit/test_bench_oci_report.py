@@ -1,7 +1,7 @@
 """The OCI benchmark's report (``scripts/cbench/oci_bench.py``), without namespaces or daemons.
 
-The mirror row carries a second bound, network bound + client floor (N concurrent local skopeo
-copies), and the direct row keeps the network bound alone; ``--methods`` picks mirror and direct.
+The mirror row carries a second bound, network bound + client floor (N concurrent skopeo pulls,
+each from a registry on its node's own loopback), and the direct row keeps the network bound alone; ``--methods`` picks mirror and direct.
 """
 
 from __future__ import annotations
