@@ -568,9 +568,10 @@ class HfEndpoint:
             log.debug("hf client closed the connection repo=%s path=%s error=%s", repo, path, e)
             if self._metrics is not None:
                 self._metrics.api_errors.labels("client_closed").inc()
-        except ConnectionAbortedError as e:
-            # Headers are gone already: cut the connection so the client sees a short body and
-            # retries (1.x/2.x resume with Range) instead of keeping wrong or missing bytes.
+        except OSError as e:
+            # Ours (ConnectionAbortedError: the fetch failed, the file left) or a socket or disk
+            # error mid-body. Headers are gone already: cut the connection so the client sees a
+            # short body and retries (1.x/2.x resume with Range) instead of keeping wrong or missing bytes.
             log.warning("hf stream aborted repo=%s path=%s error=%s", repo, path, e)
             resp.force_close()
             if request.transport is not None:

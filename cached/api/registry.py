@@ -256,7 +256,16 @@ class RegistryMirror:
                 return resp
             await resp.write_eof()
         except ConnectionResetError:
-            pass  # the client went away (a cancelled pull): nothing of ours to report
+            # The client went away (a cancelled pull): normal, not an error of ours.
+            resp.force_close()
+            self._metrics.api_errors.labels("client_closed").inc()
+        except OSError as e:
+            # A socket or disk error after the headers went: cut the connection so the client sees
+            # a short body (and its digest check fails) rather than a 500 it cannot have any more.
+            log.warning("v2 blob stream failed digest=%s error=%s", digest, e)
+            resp.force_close()
+            if request.transport is not None:
+                request.transport.close()
         return resp
 
     def _stored_blob(self, registry: str, name: str, digest: str) -> tuple[ModelRef, int] | None:

@@ -191,6 +191,7 @@ class BlobFetcher:
         cooling: dict[str, float] = {}  # source -> monotonic time until which it is skipped (429)
         bad_from: dict[int, set[str]] = {}  # piece -> peers that sent it wrong
         idle_since = time.monotonic()  # since when nothing has been in flight
+        asking: asyncio.Task[bool] | None = None  # a hand-over question to another zone's owner
         try:
             while True:
                 missing = partial.missing()
@@ -274,11 +275,19 @@ class BlobFetcher:
                     if a.source != ORIGIN:
                         self._count_peer_request(a.source, t)
                     tasks[t] = (a.piece, a.source)
-                if swarm is not None and load.get(ORIGIN, 0) == 0 and all(a.source != ORIGIN for a in plan):
+                if asking is not None and asking.done():
+                    asking = None  # a piece granted is in the swarm's plan from this round on
+                if (
+                    swarm is not None
+                    and asking is None
+                    and load.get(ORIGIN, 0) == 0
+                    and all(a.source != ORIGIN for a in plan)
+                ):
                     # Our origin slot is idle: with zones, the other zone's last pieces may be ours.
+                    # Asked in the background: finished peer requests are collected meanwhile.
                     candidate = swarm.steal_candidate(streaming)
-                    if candidate is not None and await swarm.steal(*candidate):
-                        continue  # plan again: the piece handed over is ours to read
+                    if candidate is not None:
+                        asking = group.create_task(swarm.steal(*candidate), name=f"steal:{candidate[0]}")
                 if not tasks:
                     # Nothing to ask anyone right now (pieces owned by a peer still fetching them):
                     # look again shortly, as the peers' holdings move on.
@@ -290,9 +299,13 @@ class BlobFetcher:
                     continue
                 idle_since = time.monotonic()
                 done, _ = await asyncio.wait(
-                    tasks, timeout=WAIT_TICK_S * 5 if swarm else None, return_when=asyncio.FIRST_COMPLETED
+                    [*tasks, *([asking] if asking is not None else [])],
+                    timeout=WAIT_TICK_S * 5 if swarm else None,
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
                 for t in done:
+                    if t is asking:
+                        continue  # its answer counts at the top of the loop
                     index, src = tasks.pop(t)
                     if t.cancelled():
                         continue
@@ -324,6 +337,8 @@ class BlobFetcher:
                     else:
                         raise exc
         finally:
+            if asking is not None:
+                asking.cancel()
             for t in tasks:
                 t.cancel()  # the group awaits them
 

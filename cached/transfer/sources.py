@@ -135,6 +135,7 @@ class Swarm:
         if self._wants is None:
             return
         self._want = self._wants.register(self.key, self._size, self._piece_size, held)
+        self._want.owns = self._owns
         await self._ask([(n, a) for n, a in self._dir.alive() if n != self._dir.me])
 
     async def leave(self, held: Iterable[int]) -> None:
@@ -428,21 +429,35 @@ class Swarm:
         address = dict(self._dir.alive()).get(owner)
         if self._wants is None or self._want is None or address is None:
             return False
-        self._not_granted.add(index)  # one question per piece, whatever the answer
         asked_at = self._wants.clock()
         body = self._wants.message(self.key, steal=index).to_json()
         try:
             answer = WantAnswer.from_json(await asyncio.wait_for(self._dir.client.want(address, body), LEAVE_TIMEOUT_S))
-        except Exception:  # noqa: BLE001 - no answer is no: the owner keeps its piece
+        except Exception:  # noqa: BLE001 - no answer: the owner may have granted it, so ask again later
             return False
         if answer.key != self.key:
             return False
         self._wants.take_answer(owner, answer, asked_at)
         if not answer.granted or self._want is None:
+            self._not_granted.add(index)  # refused: not asked again
             return False
         self._granted.add(index)
         self.claim(index)
+        # Tell the other wanters now, not at the next piece done: if the owner leaves, the piece's
+        # next owner must already know it is taken.
+        body = self._wants.message(self.key).to_json()
+        alive = dict(self._dir.alive())
+        for n in self._want.others:
+            if n != owner and n in alive:
+                t = asyncio.create_task(self._tell(alive[n], body), name=f"want-claim:{n}")
+                self._telling.add(t)
+                t.add_done_callback(self._telling.discard)
         return True
+
+    def _owns(self, index: int) -> bool:
+        """Whether this node is piece ``index``'s origin owner among the live wanters it knows."""
+        alive = {n for n, _ in self._dir.alive()}
+        return rank(f"{self.key}:{index}", [*self._other_wanters(alive), self._dir.me])[0] == self._dir.me
 
     def _claimed_only_by(self, index: int, refused: set[str]) -> bool:
         if self._want is None:

@@ -25,8 +25,11 @@ owner decides when the message arrives, in one step: granted only if it has not 
 and nobody it knows holds, reads or was handed it; from then on the piece is the asker's claim.
 With zones, the zone whose origin reads are faster (its link to the origin is not shared with the
 pulls across the zone boundary) thereby takes over the slower zone's last pieces instead of
-leaving the origin idle. One window is not covered: a newcomer that became the piece's owner in
-the same round trip may start it too (a piece read twice, never wrong bytes).
+leaving the origin idle. Only the owner grants (as it sees the live wanters), and a
+granted asker tells the other wanters its claims at once, so a node that inherits the piece's
+ownership (the owner left) knows it is taken. An asker that got no answer asks again later (the
+owner answers the same). One window is not covered: a node that becomes the piece's owner within
+that round trip may start it too (a piece read twice, never wrong bytes).
 
 A wanter leaves with ``want: false`` (its fetch ended); one that dies is dropped by membership.
 This module is bookkeeping only (no I/O, clock injected); ``transfer.sources.Swarm`` sends the
@@ -70,6 +73,9 @@ class Want:
     # says so as it leaves, before gossip shows its blob.
     holders: dict[str, frozenset[int]] = field(default_factory=dict)
     users: int = 1
+    # Whether this node is piece i's origin owner among the live wanters it knows (set by the
+    # fetch, ``transfer.sources``): only the owner may hand a piece over.
+    owns: Callable[[int], bool] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,6 +278,8 @@ class Wants:
         Granted only if nobody we know holds, reads or was handed it; from then on it is the
         sender's claim, so neither we nor a later asker start it. Deciding here, in one step of
         the event loop, is what keeps a handed-over piece single-flight."""
+        if w.owns is not None and not w.owns(index):
+            return False  # the asker's view of the wanters is not ours: the owner it meant may read it
         if index in w.claimed or any(index in h for h in w.holders.values()):
             return False
         if any(index in p.claimed or index in p.done for n, p in w.others.items() if n != sender):

@@ -76,10 +76,21 @@ async def server(blob: Path, counted: list[int], tls: ssl.SSLContext | None) -> 
 
 
 @pytest.mark.parametrize("use_tls", [False, True], ids=["sendfile", "tls-reads"])
-async def test_a_span_arrives_byte_identical_and_counted_exactly(tmp_path: Path, use_tls: bool) -> None:
+async def test_a_span_arrives_byte_identical_and_counted_exactly(
+    tmp_path: Path, use_tls: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     blob = tmp_path / "blob"
     blob.write_bytes(DATA)
     counted: list[int] = []
+    # A spy, not a stand-in: the real os.sendfile runs; we only see whether the kernel path was taken.
+    kernel_calls: list[int] = []
+    real_sendfile = os.sendfile
+
+    def spy(out_fd: int, in_fd: int, offset: int | None, count: int) -> int:
+        kernel_calls.append(count)
+        return real_sendfile(out_fd, in_fd, offset, count)
+
+    monkeypatch.setattr(os, "sendfile", spy)
     tls = tls_context(tmp_path) if use_tls else None
     async with server(blob, counted, tls) as url, aiohttp.ClientSession() as s:
         for start, end in ((0, len(DATA)), (12345, SLICE + 99), (len(DATA) - 5, len(DATA))):
@@ -90,6 +101,10 @@ async def test_a_span_arrives_byte_identical_and_counted_exactly(tmp_path: Path,
             n = end - start
             await wait_until(lambda n=n: sum(counted) >= n, timeout_s=10, what="the span counted")
             assert sum(counted) == n
+    if use_tls:
+        assert not kernel_calls, "TLS: asyncio cannot sendfile; the span went through reads"
+    else:
+        assert kernel_calls, "plain TCP: the kernel sent the span"
 
 
 def test_a_partial_blob_does_not_hand_out_its_descriptor(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ blob's piece table is accepted only if it hashes to the blob id.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 from pathlib import Path
@@ -254,11 +255,14 @@ class Exchange:
     def __init__(self, directory: FakeDirectory, registries: dict[str, Wants]) -> None:
         self.directory = directory
         self.registries = registries
+        self.lose_answers = False  # the owner handles the message; its answer never arrives
 
     async def want(self, address: str, body: dict) -> dict:
         node = {a: n for n, a in self.directory.alive()}[address]
         msg = WantMessage.from_json({**body, "key": "0" * 64})  # checked as the peer API does (KEY is not hex)
         answer = self.registries[node].receive(self.directory.me, dataclasses.replace(msg, key=body["key"]))
+        if self.lose_answers:
+            raise ConnectionResetError("the answer was lost")
         return answer.to_json()
 
 
@@ -272,8 +276,9 @@ def zoned_swarms() -> dict[str, tuple[Swarm, FakeDirectory]]:
         directory.zones = ZONES
         out[n] = (swarm, directory)
     registries = {n: s._wants for n, (s, _) in out.items()}
-    for _, directory in out.values():
+    for swarm, directory in out.values():
         directory.client = Exchange(directory, registries)  # type: ignore[assignment]
+        swarm._want.owns = swarm._owns  # type: ignore[union-attr] - what join() sets
     return out
 
 
@@ -330,6 +335,42 @@ async def test_an_owner_that_started_the_piece_refuses_to_hand_it_over() -> None
     assert not await n0.steal(index, own[index])
     n0.plan_round(missing=range(PIECES))
     assert not n0.origin_allowed(index)
+
+
+async def test_an_asker_whose_answer_was_lost_asks_again_and_gets_the_same_grant() -> None:
+    # The owner granted, the answer never arrived: the piece is the asker's at the owner, so the
+    # asker must not give up on it (nobody else would read it: the fetch would stall).
+    swarms = zoned_swarms()
+    own = owners()
+    n0, d0 = swarms["n0"]
+    n0._want.claimed.update(i for i, o in own.items() if ZONES[o] == "a")  # type: ignore[union-attr]
+    n0.plan_round(missing=range(PIECES))
+    index, owner = n0.steal_candidate()  # type: ignore[misc]
+    d0.client.lose_answers = True  # type: ignore[attr-defined]
+    assert not await n0.steal(index, owner)
+    n0.plan_round(missing=range(PIECES))
+    assert n0.steal_candidate() == (index, owner), "asked again"
+    d0.client.lose_answers = False  # type: ignore[attr-defined]
+    assert await n0.steal(index, owner)
+    n0.plan_round(missing=range(PIECES))
+    assert n0.origin_allowed(index)
+
+
+async def test_only_the_owner_hands_a_piece_over_and_the_grant_reaches_the_other_wanters() -> None:
+    swarms = zoned_swarms()
+    own = owners()
+    n0, _ = swarms["n0"]
+    index = max(i for i in range(PIECES) if ZONES[own[i]] == "b")
+    other = next(n for n in ("n2", "n3") if n != own[index])
+    assert not await n0.steal(index, other), "not its owner: it cannot know who else may read it"
+    assert await n0.steal(index, own[index])
+    await asyncio.gather(*n0._telling)
+    for n in NODES:
+        if n not in ("n0", own[index]):
+            theirs, _ = swarms[n]
+            assert index in theirs._want.others["n0"].claimed, f"{n} learned n0 reads it"  # type: ignore[union-attr]
+            theirs.plan_round(missing=range(PIECES))
+            assert not theirs.origin_allowed(index)
 
 
 def test_a_hand_over_is_granted_once_and_never_for_a_piece_someone_holds() -> None:
