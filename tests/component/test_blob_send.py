@@ -11,7 +11,6 @@ import contextlib
 import os
 import shutil
 import ssl
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from aiohttp import web
 from cached.api.blobsend import SLICE, send_blob
 from cached.errors import StoreError
 from cached.store.verified import VerifiedFile
+from tests.support.tls import self_signed
 from tests.support.wait import wait_until
 
 DATA = os.urandom(SLICE + (3 << 20) + 7)  # more than one sendfile slice, not a multiple of a chunk
@@ -30,24 +30,9 @@ DATA = os.urandom(SLICE + (3 << 20) + 7)  # more than one sendfile slice, not a 
 def tls_context(d: Path) -> ssl.SSLContext:
     if shutil.which("openssl") is None:
         pytest.skip("needs the openssl command to make a test certificate (Debian package openssl)")
-    subj = ["-subj", "/CN=node", "-addext", "subjectAltName=IP:127.0.0.1"]
-    cmd = [
-        "openssl",
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "k.pem",
-        "-out",
-        "c.pem",
-        "-days",
-        "2",
-    ]
-    subprocess.run([*cmd, *subj], check=True, capture_output=True, cwd=d)
+    cert, key = self_signed(d)
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(d / "c.pem", d / "k.pem")
+    ctx.load_cert_chain(cert, key)
     return ctx
 
 

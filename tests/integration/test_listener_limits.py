@@ -17,7 +17,6 @@ import logging
 import shutil
 import socket
 import ssl
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from cached.api.listener import RESERVE_FDS, clamp
 from cached.config import ListenerLimits
 from cached.daemon import Daemon
 from tests.support.node import DaemonProcess, running_daemon
+from tests.support.tls import self_signed
 from tests.support.wait import wait_until
 
 TOKEN = "listener-limits-cluster-token-0123"
@@ -278,30 +278,7 @@ async def test_a_tls_connection_that_never_handshakes_is_closed(
 ) -> None:
     caplog.set_level(logging.INFO)
     d_ = tmp_path / "pki"
-    d_.mkdir()
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "k.pem",
-            "-out",
-            "c.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=node",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-        cwd=d_,
-    )
+    self_signed(d_)
     flags = {
         "peer.tls_cert_file": str(d_ / "c.pem"),
         "peer.tls_key_file": str(d_ / "k.pem"),
