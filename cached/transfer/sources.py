@@ -117,7 +117,7 @@ class Swarm:
         self._telling: set[asyncio.Task[None]] = set()  # "piece done" messages on their way
         self._tell_slots = asyncio.Semaphore(TELL_AT_ONCE)
         self._granted: set[int] = set()  # pieces another zone's owner handed to this node
-        self._not_granted: set[int] = set()  # asked for and refused (or no answer): not asked again
+        self._not_granted: set[int] = set()  # asked for and refused: not asked again (no answer: asked again)
 
     @property
     def client(self) -> PeerClient:
