@@ -153,6 +153,8 @@ class Origin:
             await asyncio.sleep(f.delay_s)
         if f.gate is not None:
             await f.gate(start)
+            if request.transport is None or request.transport.is_closing():
+                return resp  # the client gave up while the range was held
         await resp.prepare(request)
         limit = length
         truncate = f.truncate_after is not None and f.truncate_times > 0
