@@ -8,10 +8,10 @@ or fetched upstream and checked against the digest. Serving a manifest starts th
 artifact's blobs as the model ``oci://REGISTRY/NAME@DIGEST?path=/.oci`` (``origins.oci``'s
 ``MIRROR_PATH``), so they come through the swarm: peers first, the registry about once per
 cluster. A blob is served only once it is complete in the store -- every piece verified and the
-whole checked against its sha256 -- with ``Range``, by the kernel (sendfile, ``cached.api.blobsend``).
-Push verbs answer 405; every error is the spec's JSON (``{"errors": [{"code", "message",
-"detail"}]}``) with a 4xx (5xx only for an upstream that cannot be reached). It does not speak to the registry itself (``origins.registry``)
-or fetch bytes (the jobs do).
+whole checked against its sha256 -- with ``Range``, by the kernel (sendfile,
+``cached.api.blobsend``). Push verbs answer 405; every error is the spec's JSON (``{"errors":
+[{"code", "message", "detail"}]}``) with a 4xx (5xx only for an upstream that cannot be reached).
+It does not speak to the registry itself (``origins.registry``) or fetch bytes (the jobs do).
 """
 
 from __future__ import annotations

@@ -205,12 +205,17 @@ class Swarm:
         at a time): the origin window moves on and the piece spreads without waiting for gossip."""
         if self._wants is None or self._want is None or not self._want.others:
             return
-        body = self._wants.message(self.key, done={index: digest}).to_json()
+        self._tell_wanters(
+            self._wants.message(self.key, done={index: digest}).to_json(), "want-done", self._dir.suspect()
+        )
+
+    def _tell_wanters(self, body: dict[str, Any], name: str, skip: set[str]) -> None:
+        """Send ``body`` to every live wanter we know but ``skip`` (fire and forget, a few at a time)."""
+        assert self._want is not None
         alive = dict(self._dir.alive())
-        suspect = self._dir.suspect()
         for n in self._want.others:
-            if n in alive and n not in suspect:
-                t = asyncio.create_task(self._tell(alive[n], body), name=f"want-done:{n}")
+            if n in alive and n not in skip:
+                t = asyncio.create_task(self._tell(alive[n], body), name=f"{name}:{n}")
                 self._telling.add(t)
                 t.add_done_callback(self._telling.discard)
 
@@ -445,13 +450,7 @@ class Swarm:
         self.claim(index)
         # Tell the other wanters now, not at the next piece done: if the owner leaves, the piece's
         # next owner must already know it is taken.
-        body = self._wants.message(self.key).to_json()
-        alive = dict(self._dir.alive())
-        for n in self._want.others:
-            if n != owner and n in alive:
-                t = asyncio.create_task(self._tell(alive[n], body), name=f"want-claim:{n}")
-                self._telling.add(t)
-                t.add_done_callback(self._telling.discard)
+        self._tell_wanters(self._wants.message(self.key).to_json(), "want-claim", {owner})
         return True
 
     def _owns(self, index: int) -> bool:

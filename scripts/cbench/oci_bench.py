@@ -67,7 +67,7 @@ class Result:
     node_s: list[float | None] = field(default_factory=list)
     registry_wire: int = 0
     lower_bound_s: float = 0.0
-    client_floor_s: float = 0.0  # the mirror's: N concurrent local skopeo copies (0: not measured)
+    client_floor_s: float = 0.0  # the mirror's: N concurrent pulls from local registries (0: not measured)
     notes: list[str] = field(default_factory=list)
 
 
@@ -240,8 +240,8 @@ def origin_sent() -> int:
 
 
 def pull_all(a: argparse.Namespace, source: str, out: Path, layer: str, res: Result) -> None:
-    """Every node's skopeo copy of ``source`` (``docker://...`` or ``oci:LAYOUT:TAG``) at once; the
-    method's times, bytes and verdict into ``res``."""
+    """Every node's skopeo copy of ``source`` (``docker://...``) at once; the method's times, bytes
+    and verdict into ``res``."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     # What earlier steps wrote (the push, the floor's registry copies) is flushed first, so its
@@ -251,8 +251,7 @@ def pull_all(a: argparse.Namespace, source: str, out: Path, layer: str, res: Res
     t0 = time.monotonic()
     procs = []
     for i in range(1, a.nodes + 1):
-        tls = ["--src-tls-verify=false"] if source.startswith("docker://") else []
-        cmd = ["skopeo", "--insecure-policy", "copy", *tls, source, f"oci:{out / f'n{i}'}"]
+        cmd = ["skopeo", "--insecure-policy", "copy", "--src-tls-verify=false", source, f"oci:{out / f'n{i}'}"]
         procs.append(
             subprocess.Popen(["ip", "netns", "exec", node_ns(i), *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         )
@@ -348,6 +347,28 @@ def oci_methods(a: argparse.Namespace) -> list[str]:
     return list(dict.fromkeys(picked)) or ["mirror", "direct"]
 
 
+def client_floor(a: argparse.Namespace, out: Path, layer: str) -> Result:
+    """The same N concurrent pulls, each from a registry on its node's own loopback: what the
+    clients (and a fast local server) cost this machine, with no network in the way."""
+    local: list[subprocess.Popen[bytes]] = []
+    copies = [a.workdir / f"registry-n{i}" for i in range(1, a.nodes + 1)]
+    try:
+        for i, copy in enumerate(copies, 1):
+            # Each node serves its own copy, as each mirror serves its own store's blob: N distinct
+            # files in the page cache, not one shared file.
+            shutil.rmtree(copy, ignore_errors=True)
+            shutil.copytree(a.workdir / "registry" / "data", copy / "data")
+            local.append(start_registry(a.workdir, node_ns(i), LOCAL_REGISTRY, fresh=False, name=copy.name))
+        floor = Result("client floor (local registries)")
+        log("oci: client floor (every node pulls from a registry on its own loopback, at once)")
+        pull_all(a, f"docker://{LOCAL_REGISTRY}/{IMAGE}", out, layer, floor)
+        return floor
+    finally:
+        stop(local)
+        for copy in copies:
+            shutil.rmtree(copy, ignore_errors=True)
+
+
 def run_oci(a: argparse.Namespace) -> int:
     """The scenario, its safety net (namespaces and children removed on every exit) and report."""
     for tool in ("skopeo",):
@@ -376,24 +397,7 @@ def run_oci(a: argparse.Namespace) -> int:
         push(work / "layout")
         shutil.rmtree(work / "layout", ignore_errors=True)
         if "mirror" in methods:
-            # The same N concurrent pulls, each from a registry on its node's own loopback: what the
-            # clients (and a fast local server) cost this machine, with no network in the way.
-            local = []
-            try:
-                for i in range(1, a.nodes + 1):
-                    # Each node serves its own copy, as each mirror serves its own store's blob:
-                    # N distinct files in the page cache, not one shared file.
-                    copy = a.workdir / f"registry-n{i}"
-                    shutil.rmtree(copy, ignore_errors=True)
-                    shutil.copytree(a.workdir / "registry" / "data", copy / "data")
-                    local.append(start_registry(a.workdir, node_ns(i), LOCAL_REGISTRY, fresh=False, name=copy.name))
-                floor = Result("client floor (local registries)")
-                log("oci: client floor (every node pulls from a registry on its own loopback, at once)")
-                pull_all(a, f"docker://{LOCAL_REGISTRY}/{IMAGE}", work / "out", layer, floor)
-            finally:
-                stop(local)
-                for i in range(1, a.nodes + 1):
-                    shutil.rmtree(a.workdir / f"registry-n{i}", ignore_errors=True)
+            floor = client_floor(a, work / "out", layer)
         for method in methods:
             if method == "mirror":
                 log("oci: starting cached daemons")
